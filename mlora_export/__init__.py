@@ -1,0 +1,37 @@
+"""mlora-export: one MatryoshkaLoRA run, every rank a deployment needs.
+
+The public API is imported lazily so that ``import mlora_export`` (and the CLI's ``--help``)
+stays fast: torch, transformers and PEFT load only when a function that needs them runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS: dict[str, str] = {
+    "NestedAdapter": "mlora_export.adapter",
+    "MatryoshkaConfig": "mlora_export.adapter",
+    "save_nested": "mlora_export.adapter",
+    "scale": "mlora_export.method",
+    "matryoshka_diagonal": "mlora_export.method",
+    "training_diagonal": "mlora_export.method",
+    "aurac": "mlora_export.method",
+    "slice_adapter": "mlora_export.converters.slice",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mlora_export' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
+
+__all__ = ["__version__", *_EXPORTS]

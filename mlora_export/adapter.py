@@ -1,0 +1,563 @@
+"""The nested adapter on disk (DESIGN.md §2): load, validate, read slices, save.
+
+A nested adapter is a folder that is a valid PEFT LoRA adapter at the full rank ``r`` plus a
+``matryoshka_config.json``. :class:`NestedAdapter` also opens plain PEFT LoRA folders (a slice
+written by :mod:`mlora_export.converters.slice`, or any LoRA adapter): they load as a ``lora``
+adapter whose only train rank is their rank, so every converter accepts them too.
+
+Orientation (PEFT): ``lora_A`` is ``[r, in]``, ``lora_B`` is ``[out, r]``; for a ``Conv1D``
+target (``fan_in_fan_out``) the delta is transposed to the base weight's ``[in, out]`` in
+:func:`orient_delta`, the one place that knows about it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import __version__
+from .errors import ConfigError, InvalidAdapterError, RankError
+from .method import (
+    check_method,
+    check_scaling,
+    check_train_ranks,
+    lora_diagonal,
+    matryoshka_diagonal,
+    peft_alpha_for,
+    scale,
+)
+from .safetensors_io import DTYPE_SIZES, TensorInfo, read_header, save_tensors
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+NESTED_FORMAT = "mlora-nested/1"
+SLICE_FORMAT = "mlora-slice/1"
+CONFIG_NAME = "matryoshka_config.json"
+PEFT_CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_WEIGHTS_NAME = "adapter_model.bin"
+KEY_PREFIX = "base_model.model."
+REQUIRED_FIELDS = ("format", "method", "max_rank", "train_ranks", "scaling", "alpha")
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
+
+_KEY_RE = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<part>lora_A|lora_B)\.weight$")
+
+
+@dataclass(frozen=True)
+class MatryoshkaConfig:
+    """The contents of ``matryoshka_config.json`` (required fields plus kept optional ones).
+
+    ``extra`` holds every other field found on disk (``base_model``, ``created_by``, evaluation
+    results…) so that a load/save round trip keeps them.
+    """
+
+    method: str
+    max_rank: int
+    train_ranks: tuple[int, ...]
+    scaling: str = "sqrt"
+    alpha: float = 1.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_method(self.method)
+        check_scaling(self.scaling)
+        object.__setattr__(self, "train_ranks", check_train_ranks(self.train_ranks, self.max_rank))
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) or self.alpha <= 0:
+            raise ConfigError(f"alpha must be a positive finite number, got {self.alpha!r}")
+        object.__setattr__(self, "alpha", float(self.alpha))
+
+    @property
+    def p(self) -> list[float] | None:
+        """The fixed training diagonal (``None`` for ``dylora``, whose diagonal is sampled per step)."""
+        if self.method == "matryoshka":
+            return matryoshka_diagonal(self.max_rank, self.train_ranks, self.scaling, self.alpha)
+        if self.method == "lora":
+            return lora_diagonal(self.max_rank, self.scaling, self.alpha)
+        return None
+
+    def scale(self, k: int) -> float:
+        """``s(k)`` for this adapter's scaling and alpha."""
+        return scale(k, self.scaling, self.alpha)
+
+    @property
+    def base_model(self) -> str | None:
+        value = self.extra.get("base_model")
+        return str(value) if value is not None else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form: required fields, ``p`` recomputed, then the kept optional fields."""
+        out: dict[str, Any] = {
+            "format": NESTED_FORMAT,
+            "method": self.method,
+            "max_rank": self.max_rank,
+            "train_ranks": list(self.train_ranks),
+            "scaling": self.scaling,
+            "alpha": self.alpha,
+        }
+        if self.p is not None:
+            out["p"] = self.p
+        for k, v in self.extra.items():
+            if k not in out and k not in ("p", "format"):
+                out[k] = v
+        out.setdefault("created_by", f"mlora-export {__version__}")
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = CONFIG_NAME) -> "MatryoshkaConfig":
+        """Validate a parsed ``matryoshka_config.json``; raise :class:`InvalidAdapterError` naming ``source``."""
+        if not isinstance(data, Mapping):
+            raise InvalidAdapterError(f"{source}: expected a JSON object, found {type(data).__name__}")
+        missing = [k for k in REQUIRED_FIELDS if k not in data]
+        if missing:
+            raise InvalidAdapterError(f"{source}: missing required field(s) {', '.join(missing)} (see DESIGN.md §2)")
+        if data["format"] != NESTED_FORMAT:
+            raise InvalidAdapterError(f"{source}: format is {data['format']!r}, expected {NESTED_FORMAT!r}")
+        max_rank, train_ranks = data["max_rank"], data["train_ranks"]
+        if isinstance(max_rank, bool) or not isinstance(max_rank, int):
+            raise InvalidAdapterError(f"{source}: max_rank must be an integer, found {max_rank!r}")
+        if not isinstance(train_ranks, list):
+            raise InvalidAdapterError(f"{source}: train_ranks must be a list of integers, found {train_ranks!r}")
+        extra = {k: v for k, v in data.items() if k not in REQUIRED_FIELDS and k != "p"}
+        try:
+            cfg = cls(
+                method=data["method"],
+                max_rank=max_rank,
+                train_ranks=tuple(train_ranks),
+                scaling=data["scaling"],
+                alpha=data["alpha"],
+                extra=extra,
+            )
+        except (ConfigError, RankError) as e:
+            raise InvalidAdapterError(f"{source}: {e}") from e
+        stored_p = data.get("p")
+        if stored_p is not None:
+            expected = cfg.p
+            if expected is None:
+                logger.warning("%s: ignoring stored p for method %r (its diagonal is sampled per step)", source, cfg.method)
+            elif (
+                not isinstance(stored_p, list)
+                or len(stored_p) != len(expected)
+                or not all(isinstance(a, (int, float)) and math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9) for a, b in zip(stored_p, expected))
+            ):
+                raise InvalidAdapterError(
+                    f"{source}: stored p does not match the value recomputed from method, max_rank, train_ranks, "
+                    f"scaling and alpha ({expected[:8]}{'…' if len(expected) > 8 else ''}); the file was edited or "
+                    "written by another tool: remove 'p' or fix the other fields"
+                )
+        return cfg
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One adapted module: its name in the base model and the shapes of its LoRA factors."""
+
+    name: str
+    in_features: int
+    out_features: int
+
+    @property
+    def key_a(self) -> str:
+        return f"{KEY_PREFIX}{self.name}.lora_A.weight"
+
+    @property
+    def key_b(self) -> str:
+        return f"{KEY_PREFIX}{self.name}.lora_B.weight"
+
+    def params_at(self, k: int) -> int:
+        """Parameter count of this module's rank-``k`` adapter."""
+        return k * (self.in_features + self.out_features)
+
+
+def orient_delta(delta: "torch.Tensor", fan_in_fan_out: bool) -> "torch.Tensor":
+    """Return ``delta`` (``[out, in]``) in the layout of the base weight: transposed for ``Conv1D``."""
+    return delta.T if fan_in_fan_out else delta
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise InvalidAdapterError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); fix or re-create the file") from e
+    except UnicodeDecodeError as e:
+        raise InvalidAdapterError(f"{path}: not UTF-8 text; fix or re-create the file") from e
+
+
+def _check_peft_config(cfg: Any, path: Path) -> None:
+    if not isinstance(cfg, dict):
+        raise InvalidAdapterError(f"{path}: expected a JSON object")
+    peft_type = cfg.get("peft_type")
+    if peft_type != "LORA":
+        raise InvalidAdapterError(f"{path}: peft_type is {peft_type!r}; only LoRA adapters (peft_type 'LORA') are supported")
+    if cfg.get("use_dora"):
+        raise InvalidAdapterError(f"{path}: use_dora is true; DoRA adapters are not supported (their magnitude vector does not slice)")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if cfg.get(key):
+            raise InvalidAdapterError(f"{path}: {key} is set; per-module ranks or alphas are not supported, use one r and lora_alpha")
+    if cfg.get("lora_bias"):
+        raise InvalidAdapterError(f"{path}: lora_bias is true; LoRA adapters with a bias on lora_B are not supported")
+    r = cfg.get("r")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise InvalidAdapterError(f"{path}: r must be a positive integer, found {r!r}")
+    alpha = cfg.get("lora_alpha", 8)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        raise InvalidAdapterError(f"{path}: lora_alpha must be a positive number, found {alpha!r}")
+
+
+def peft_scaling(peft_config: Mapping[str, Any]) -> float:
+    """PEFT's own scaling of an adapter config: ``lora_alpha / r`` or ``lora_alpha / sqrt(r)`` (rsLoRA)."""
+    r = peft_config["r"]
+    alpha = float(peft_config.get("lora_alpha", 8))
+    return alpha / math.sqrt(r) if peft_config.get("use_rslora") else alpha / r
+
+
+class NestedAdapter:
+    """A validated nested adapter folder (or plain PEFT LoRA folder) opened for reading.
+
+    Use :meth:`load`; read factors with :meth:`reader`. Nothing but headers and configs is held
+    in memory: tensors are read on demand, prefixes only (``safe_open(...).get_slice``).
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        config: MatryoshkaConfig,
+        peft_config: dict[str, Any],
+        modules: dict[str, LoraModule],
+        dtype: str,
+        *,
+        is_nested: bool,
+        slice_info: dict[str, Any] | None = None,
+    ) -> None:
+        self.path = path
+        self.config = config
+        self.peft_config = peft_config
+        self.modules = modules
+        self.dtype = dtype
+        self.is_nested = is_nested
+        self.slice_info = slice_info
+
+    # -- loading --------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], *, check_finite: bool = True) -> "NestedAdapter":
+        """Open and validate an adapter folder.
+
+        Raises:
+            InvalidAdapterError: missing or corrupt files, pickle-only weights, non-LoRA or DoRA
+                configs, shape or rank disagreement, a lone ``lora_A`` or ``lora_B``,
+                non-finite weights, or an invalid ``matryoshka_config.json``.
+        """
+        root = Path(path)
+        if not root.exists():
+            raise InvalidAdapterError(f"adapter folder {str(root)!r} does not exist")
+        if not root.is_dir():
+            raise InvalidAdapterError(f"adapter path {str(root)!r} is a file; pass the adapter folder")
+        weights = root / WEIGHTS_NAME
+        if not weights.exists():
+            if (root / PICKLE_WEIGHTS_NAME).exists():
+                raise InvalidAdapterError(
+                    f"{root / PICKLE_WEIGHTS_NAME}: pickle weights are refused (unpickling runs arbitrary code); "
+                    "in a trusted environment load the adapter with PEFT and call save_pretrained(..., safe_serialization=True)"
+                )
+            raise InvalidAdapterError(f"{root}: no {WEIGHTS_NAME} found; is this a PEFT LoRA adapter folder?")
+        peft_path = root / PEFT_CONFIG_NAME
+        if not peft_path.exists():
+            raise InvalidAdapterError(f"{root}: no {PEFT_CONFIG_NAME} found; is this a PEFT LoRA adapter folder?")
+        peft_config = _read_json(peft_path)
+        _check_peft_config(peft_config, peft_path)
+
+        cfg_path = root / CONFIG_NAME
+        slice_info: dict[str, Any] | None = None
+        raw_cfg = _read_json(cfg_path) if cfg_path.exists() else None
+        if isinstance(raw_cfg, dict) and raw_cfg.get("format") == SLICE_FORMAT:
+            slice_info, raw_cfg = raw_cfg, None
+        if raw_cfg is not None:
+            config = MatryoshkaConfig.from_dict(raw_cfg, str(cfg_path))
+            is_nested = True
+            if peft_config["r"] != config.max_rank:
+                raise InvalidAdapterError(
+                    f"{peft_path}: r = {peft_config['r']} but {CONFIG_NAME} says max_rank = {config.max_rank}; they must agree"
+                )
+            expected = config.scale(config.max_rank)
+            found = peft_scaling(peft_config)
+            if not math.isclose(found, expected, rel_tol=1e-6):
+                alpha, rslora = peft_alpha_for(config.max_rank, config.scaling, config.alpha)
+                raise InvalidAdapterError(
+                    f"{peft_path}: PEFT's scaling is {found:g} but s(r) = {expected:g} for scaling {config.scaling!r}; "
+                    f"set lora_alpha = {alpha:g} and use_rslora = {str(rslora).lower()}"
+                )
+        else:
+            r = peft_config["r"]
+            alpha = float(peft_config.get("lora_alpha", 8))
+            scaling = "sqrt" if peft_config.get("use_rslora") else "rank"
+            config = MatryoshkaConfig("lora", r, (r,), scaling, alpha, extra={"base_model": peft_config.get("base_model_name_or_path")})
+            is_nested = False
+
+        modules, dtype = cls._scan_weights(weights, config.max_rank, check_finite)
+        return cls(root, config, peft_config, modules, dtype, is_nested=is_nested, slice_info=slice_info)
+
+    @staticmethod
+    def _scan_weights(weights: Path, r: int, check_finite: bool) -> tuple[dict[str, LoraModule], str]:
+        header = read_header(weights)
+        parts: dict[str, dict[str, TensorInfo]] = {}
+        for key, info in header.tensors.items():
+            m = _KEY_RE.match(key)
+            if m is None:
+                hint = ""
+                if "lora_magnitude_vector" in key:
+                    hint = " (a DoRA magnitude vector: DoRA is not supported)"
+                elif "lora_embedding" in key:
+                    hint = " (an embedding LoRA: only linear and Conv1D targets are supported)"
+                elif ".bias" in key:
+                    hint = " (a LoRA bias: not supported)"
+                raise InvalidAdapterError(f"{weights}: unexpected tensor {key!r}{hint}; expected only {KEY_PREFIX}<module>.lora_A/lora_B.weight")
+            parts.setdefault(m["module"], {})[m["part"]] = info
+        if not parts:
+            raise InvalidAdapterError(f"{weights}: holds no LoRA tensors")
+        modules: dict[str, LoraModule] = {}
+        dtypes = set()
+        for name, p in parts.items():
+            for need in ("lora_A", "lora_B"):
+                if need not in p:
+                    other = "lora_B" if need == "lora_A" else "lora_A"
+                    raise InvalidAdapterError(f"{weights}: module {name!r} has {other} but no {need}; the file is incomplete")
+            a, b = p["lora_A"], p["lora_B"]
+            for info in (a, b):
+                if info.dtype not in FLOAT_DTYPES:
+                    raise InvalidAdapterError(f"{weights}: tensor {info.name!r} has dtype {info.dtype}; expected a float type")
+                if len(info.shape) != 2:
+                    raise InvalidAdapterError(f"{weights}: tensor {info.name!r} has shape {list(info.shape)}; expected 2 dimensions")
+            if a.shape[0] != r:
+                raise InvalidAdapterError(f"{weights}: {a.name!r} has shape {list(a.shape)} but the adapter rank is {r}; expected [{r}, in_features]")
+            if b.shape[1] != r:
+                raise InvalidAdapterError(f"{weights}: {b.name!r} has shape {list(b.shape)} but the adapter rank is {r}; expected [out_features, {r}]")
+            dtypes.update((a.dtype, b.dtype))
+            modules[name] = LoraModule(name, in_features=a.shape[1], out_features=b.shape[0])
+        if len(dtypes) != 1:
+            raise InvalidAdapterError(f"{weights}: LoRA tensors mix dtypes {sorted(dtypes)}; save them in one dtype")
+        if check_finite:
+            from safetensors import safe_open
+            import torch
+
+            with safe_open(str(weights), framework="pt") as f:
+                for key in header.tensors:
+                    t = f.get_tensor(key)
+                    if not bool(torch.isfinite(t).all()):
+                        raise InvalidAdapterError(f"{weights}: tensor {key!r} has NaN or infinite values; the training diverged or the file is corrupt")
+        return modules, dtypes.pop()
+
+    # -- properties -----------------------------------------------------------------------
+    @property
+    def max_rank(self) -> int:
+        return self.config.max_rank
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        """True when the targets are ``Conv1D`` layers whose weight is ``[in, out]`` (GPT-2 style)."""
+        return bool(self.peft_config.get("fan_in_fan_out", False))
+
+    @property
+    def weights_path(self) -> Path:
+        return self.path / WEIGHTS_NAME
+
+    @property
+    def base_model(self) -> str | None:
+        return self.config.base_model or self.peft_config.get("base_model_name_or_path")
+
+    @property
+    def itemsize(self) -> int:
+        return DTYPE_SIZES[self.dtype]
+
+    def torch_dtype(self) -> "torch.dtype":
+        from .safetensors_io import torch_dtype
+
+        return torch_dtype(self.dtype)
+
+    def scale(self, k: int) -> float:
+        """``s(k)``."""
+        return self.config.scale(k)
+
+    def check_rank(self, k: int) -> int:
+        """Return ``k`` if ``1 <= k <= r``; warn when it is not a train rank.
+
+        Raises:
+            RankError: ``k`` is outside ``[1, r]``.
+        """
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.max_rank:
+            raise RankError(f"rank {k!r} is outside [1, {self.max_rank}] for adapter {str(self.path)!r} (max rank {self.max_rank})")
+        if k not in self.config.train_ranks:
+            logger.warning("rank %d was not trained; the trained ranks are %s", k, list(self.config.train_ranks))
+        return k
+
+    def params_at(self, k: int) -> int:
+        """Parameter count of the rank-``k`` adapter."""
+        return sum(m.params_at(k) for m in self.modules.values())
+
+    def bytes_at(self, k: int) -> int:
+        """Bytes of the rank-``k`` tensors on disk (headers excluded)."""
+        return self.params_at(k) * self.itemsize
+
+    def target_modules(self) -> list[str]:
+        """Names of the adapted modules, in file order."""
+        return list(self.modules)
+
+    # -- reading --------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def reader(self) -> Iterator["AdapterReader"]:
+        """Open the weights file memory-mapped for prefix reads; see :class:`AdapterReader`."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.weights_path), framework="pt") as f:
+            yield AdapterReader(self, f)
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-able description: method, ranks, scaling, ``p``, targets, per-rank size."""
+        ranks = sorted(set(self.config.train_ranks) | {self.max_rank})
+        return {
+            "path": str(self.path),
+            "nested": self.is_nested,
+            "method": self.config.method,
+            "max_rank": self.max_rank,
+            "train_ranks": list(self.config.train_ranks),
+            "scaling": self.config.scaling,
+            "alpha": self.config.alpha,
+            "p": self.config.p,
+            "dtype": self.dtype,
+            "fan_in_fan_out": self.fan_in_fan_out,
+            "base_model": self.base_model,
+            "target_modules": self.target_modules(),
+            "ranks": [
+                {"rank": k, "scale": self.scale(k), "params": self.params_at(k), "bytes": self.bytes_at(k)} for k in ranks
+            ],
+        }
+
+
+class AdapterReader:
+    """Reads rank-``k`` prefixes of LoRA factors from an open, memory-mapped weights file."""
+
+    def __init__(self, adapter: NestedAdapter, handle: Any) -> None:
+        self.adapter = adapter
+        self._f = handle
+
+    def lora_A(self, module: str, k: int) -> "torch.Tensor":
+        """``A[:k, :]`` of ``module`` (``[k, in]``, source dtype); reads only those rows."""
+        return self._f.get_slice(self.adapter.modules[module].key_a)[:k]
+
+    def lora_B(self, module: str, k: int) -> "torch.Tensor":
+        """``B[:, :k]`` of ``module`` (``[out, k]``, source dtype, contiguous)."""
+        return self._f.get_slice(self.adapter.modules[module].key_b)[:, :k].contiguous()
+
+    def delta(self, module: str, k: int, dtype: "torch.dtype | None" = None) -> "torch.Tensor":
+        """``ΔW_k = s(k) · B[:, :k] · A[:k, :]``, ``[out, in]``, computed in float32 (DESIGN.md §1).
+
+        Returns float32 unless ``dtype`` is given (then rounded once to it).
+        """
+        import torch
+
+        a = self.lora_A(module, k).to(torch.float32)
+        b = self.lora_B(module, k).to(torch.float32)
+        d = (b * self.adapter.scale(k)) @ a
+        return d if dtype is None else d.to(dtype)
+
+    def delta_weight(self, module: str, k: int, dtype: "torch.dtype | None" = None) -> "torch.Tensor":
+        """:meth:`delta` oriented like the base weight (transposed for ``Conv1D`` targets)."""
+        return orient_delta(self.delta(module, k, dtype), self.adapter.fan_in_fan_out)
+
+
+def build_peft_config(
+    *,
+    r: int,
+    lora_alpha: float,
+    use_rslora: bool,
+    target_modules: list[str] | str,
+    fan_in_fan_out: bool = False,
+    base_model: str | None = None,
+    task_type: str | None = "CAUSAL_LM",
+    lora_dropout: float = 0.0,
+    modules_to_save: list[str] | None = None,
+) -> dict[str, Any]:
+    """A minimal ``adapter_config.json`` that every PEFT release since 0.6 reads.
+
+    Only the keys PEFT needs: unknown keys break older PEFT releases (DESIGN.md §2).
+    """
+    cfg: dict[str, Any] = {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model,
+        "r": int(r),
+        "lora_alpha": int(lora_alpha) if float(lora_alpha).is_integer() else float(lora_alpha),
+        "lora_dropout": lora_dropout,
+        "target_modules": sorted(target_modules) if isinstance(target_modules, list) else target_modules,
+        "fan_in_fan_out": bool(fan_in_fan_out),
+        "bias": "none",
+        "inference_mode": True,
+        "modules_to_save": modules_to_save,
+        "init_lora_weights": True,
+    }
+    if use_rslora:
+        cfg["use_rslora"] = True
+    return cfg
+
+
+def save_nested(
+    path: str | os.PathLike[str],
+    factors: Mapping[str, tuple["torch.Tensor", "torch.Tensor"]],
+    config: MatryoshkaConfig,
+    *,
+    fan_in_fan_out: bool = False,
+    task_type: str | None = "CAUSAL_LM",
+    peft_extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a nested adapter into the existing folder ``path`` (callers make it atomic).
+
+    ``factors`` maps module name → ``(A [r, in], B [out, r])``. The result loads with
+    :meth:`NestedAdapter.load` and with ``PeftModel.from_pretrained`` at rank ``r``.
+
+    Raises:
+        InvalidAdapterError: a factor has the wrong shape for ``config.max_rank``.
+    """
+    r = config.max_rank
+    tensors: dict[str, Any] = {}
+    for name, (a, b) in factors.items():
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r:
+            raise InvalidAdapterError(f"module {name!r}: factors {list(a.shape)} / {list(b.shape)} do not have rank {r}")
+        tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = a.detach().cpu().contiguous()
+        tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = b.detach().cpu().contiguous()
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    save_tensors(root / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
+    lora_alpha, rslora = peft_alpha_for(r, config.scaling, config.alpha)
+    peft_cfg = build_peft_config(
+        r=r,
+        lora_alpha=lora_alpha,
+        use_rslora=rslora,
+        target_modules=sorted({n.rsplit(".", 1)[-1] for n in factors}),
+        fan_in_fan_out=fan_in_fan_out,
+        base_model=config.base_model,
+        task_type=task_type,
+    )
+    if peft_extra:
+        peft_cfg.update(peft_extra)
+    _write_json(root / PEFT_CONFIG_NAME, peft_cfg)
+    _write_json(root / CONFIG_NAME, config.to_dict())
+    return root
+
+
+def _write_json(path: Path, data: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+
+
+write_json = _write_json

@@ -1,0 +1,5 @@
+"""The ``mlora-export`` command line: a thin click layer over the library (DESIGN.md §4)."""
+
+from .main import main
+
+__all__ = ["main"]

@@ -1,0 +1,87 @@
+"""Shared click parameter types, options and output helpers for the commands."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+
+class RankList(click.ParamType):
+    """``--ranks 8,16`` → ``(8, 16)`` sorted and de-duplicated; ``all`` passes through when allowed."""
+
+    name = "ranks"
+
+    def __init__(self, allow_all: bool = True) -> None:
+        self.allow_all = allow_all
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[int, ...] | str:
+        if isinstance(value, tuple):
+            return value
+        text = str(value).strip()
+        if self.allow_all and text == "all":
+            return "all"
+        ranks = []
+        for part in text.split(","):
+            part = part.strip()
+            try:
+                k = int(part)
+            except ValueError:
+                self.fail(f"{part!r} in {text!r} is not an integer; give ranks like 8,16" + (" or 'all'" if self.allow_all else ""), param, ctx)
+            if k < 1:
+                self.fail(f"rank {k} in {text!r} must be at least 1", param, ctx)
+            ranks.append(k)
+        if not ranks:
+            self.fail("no ranks given", param, ctx)
+        return tuple(sorted(set(ranks)))
+
+
+def force_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--force", is_flag=True, help="Replace an existing output.")(func)
+
+
+def json_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")(func)
+
+
+def echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+def echo_table(headers: list[str], rows: list[list[Any]]) -> None:
+    """Print a plain aligned table on stdout."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    for j, row in enumerate(cells):
+        click.echo("  ".join(c.rjust(w) if j and c[:1].isdigit() else c.ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+class BarProgress:
+    """A ``progress(done, total)`` callback that draws a tqdm bar on stderr (hidden when not a TTY)."""
+
+    def __init__(self, desc: str, unit: str = "B") -> None:
+        self.desc = desc
+        self.unit = unit
+        self._bar: Any = None
+
+    def __call__(self, done: int, total: int) -> None:
+        from tqdm.auto import tqdm
+
+        if self._bar is None:
+            self._bar = tqdm(total=total, desc=self.desc, unit=self.unit, unit_scale=self.unit == "B", leave=False, disable=None)
+        self._bar.total = total
+        self._bar.n = done
+        self._bar.refresh()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def __enter__(self) -> "BarProgress":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

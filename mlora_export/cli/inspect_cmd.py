@@ -1,0 +1,44 @@
+"""``mlora-export inspect``: describe a nested adapter."""
+
+from __future__ import annotations
+
+import click
+
+from ._errors import handle_errors
+from ._options import echo_json, echo_table, json_option
+
+
+@click.command("inspect")
+@click.argument("adapter", type=click.Path(path_type=str))
+@json_option
+@handle_errors
+def inspect(adapter: str, as_json: bool) -> None:
+    """Show a nested ADAPTER's method, ranks, scaling, p, targets and per-rank size.
+
+    \b
+    Example:
+      mlora-export inspect ./nested --json
+    """
+    from ..adapter import NestedAdapter
+
+    info = NestedAdapter.load(adapter).summary()
+    if as_json:
+        echo_json(info)
+        return
+    p = info["p"]
+    p_text = "sampled per step" if p is None else ", ".join(f"{x:.4g}" for x in p[:16]) + (f", … ({len(p)} values)" if len(p) > 16 else "")
+    for label, value in (
+        ("adapter", info["path"]),
+        ("kind", "nested (MatryoshkaLoRA format)" if info["nested"] else "plain PEFT LoRA"),
+        ("method", info["method"]),
+        ("max rank", info["max_rank"]),
+        ("train ranks", ", ".join(map(str, info["train_ranks"]))),
+        ("scaling", f"{info['scaling']} (alpha {info['alpha']:g})"),
+        ("p", p_text),
+        ("dtype", info["dtype"]),
+        ("base model", info["base_model"] or "(not recorded)"),
+        ("targets", f"{len(info['target_modules'])} modules" + (" (Conv1D, fan_in_fan_out)" if info["fan_in_fan_out"] else "")),
+    ):
+        click.echo(f"{label:>12}: {value}")
+    click.echo()
+    echo_table(["rank", "scale", "params", "bytes"], [[r["rank"], f"{r['scale']:.6g}", r["params"], r["bytes"]] for r in info["ranks"]])

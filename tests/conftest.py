@@ -1,0 +1,50 @@
+"""Pytest configuration: isolated HF folders, a --runslow switch, session-scoped pico models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--runslow", action="store_true", help="run tests marked slow")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    skip_slow = pytest.mark.skip(reason="slow: pass --runslow")
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    import torch
+
+    for item in items:
+        if "slow" in item.keywords and not config.getoption("--runslow"):
+            item.add_marker(skip_slow)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_hf_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Point HF_HOME and the token at a temporary folder so no test sees a real login or cache."""
+    home = tmp_path_factory.mktemp("hf_home")
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("MLORA_DEBUG", "0")
+
+
+@pytest.fixture(scope="session")
+def base_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Pico base models saved as HF folders (safetensors, float32): llama, gpt2, bert."""
+    from tests.common import build_model
+
+    out = {}
+    for arch in ("llama", "gpt2", "bert"):
+        d = tmp_path_factory.mktemp(f"base-{arch}")
+        build_model(arch).save_pretrained(d)
+        out[arch] = d
+    return out
