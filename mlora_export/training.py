@@ -1,0 +1,241 @@
+"""Put nested adapters on a transformers model and train them (DESIGN.md §1).
+
+Built on PEFT's own LoRA layers, so PEFT's module matching (``all-linear``, names, regexes),
+quantised base layers (QLoRA), gradient checkpointing and ``save_pretrained`` keep working. The one
+addition is a forward hook on every ``lora_A`` that multiplies ``A·x`` by a diagonal ``d`` before
+``B``, with PEFT's own scaling held at 1, so a layer computes ``W x + B · diag(d) · A x``:
+
+- ``matryoshka``: ``d = p``, ``p_i = Σ_{t ∈ T, t ≥ i} s(t)`` (trains every nested rank at once);
+- ``lora``: ``d = s(r)·1`` (plain LoRA);
+- ``dylora``: ``d_i = s(b)`` for ``i ≤ b``, 0 above, ``b ∈ T`` resampled every optimisation step;
+- inference at rank ``k`` (:meth:`NestedLoraModel.set_rank`): ``d_i = s(k)`` for ``i ≤ k``, 0 above,
+  which is exactly ``ΔW_k = s(k)·B[:, :k]·A[:k, :]`` — rank switching in place, no reload.
+
+The diagonal lives in a non-persistent buffer of each ``lora_A`` module owned by one
+:class:`NestedLoraModel`; nothing is global, and it never reaches the saved state dict.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .adapter import MatryoshkaConfig, NestedAdapter, save_nested
+from .errors import ConfigError, RankError
+from .fs import atomic_output_dir
+from .method import training_diagonal
+
+if TYPE_CHECKING:
+    import torch
+    from peft import PeftModel
+
+logger = logging.getLogger(__name__)
+
+_BUFFER = "mlora_diag"
+
+
+def _diag_hook(module: Any, args: Any, output: "torch.Tensor") -> "torch.Tensor":
+    return output * getattr(module, _BUFFER).to(output.dtype)
+
+
+class NestedLoraModel:
+    """A PEFT model whose LoRA layers carry a nested-adapter diagonal; the handle to train, switch rank and save.
+
+    Create it with :func:`add_nested_adapter` (new adapter) or :func:`load_nested_adapter`
+    (an adapter on disk). ``model`` is the :class:`peft.PeftModel` to train or run.
+    """
+
+    def __init__(self, model: "PeftModel", config: MatryoshkaConfig, *, adapter_name: str = "default", seed: int = 0) -> None:
+        import torch
+        from peft.tuners.lora import LoraLayer
+
+        self.model = model
+        self.config = config
+        self.adapter_name = adapter_name
+        self.seed = seed
+        self.sampled_rank: int | None = None
+        self._handles: list[Any] = []
+        self.module_names: list[str] = []
+        r = config.max_rank
+        prefix = "base_model.model."
+        for name, layer in model.named_modules():
+            if not isinstance(layer, LoraLayer) or adapter_name not in layer.lora_A:
+                continue
+            if layer.r[adapter_name] != r:
+                raise RankError(f"LoRA layer {name!r} has rank {layer.r[adapter_name]}, expected {r}")
+            layer.scaling[adapter_name] = 1.0  # the diagonal carries all scaling
+            lora_a = layer.lora_A[adapter_name]
+            if not hasattr(lora_a, _BUFFER):
+                lora_a.register_buffer(_BUFFER, torch.ones(r, device=lora_a.weight.device), persistent=False)
+                self._handles.append(lora_a.register_forward_hook(_diag_hook))
+            self.module_names.append(name[len(prefix):] if name.startswith(prefix) else name)
+        if not self.module_names:
+            raise ConfigError("the model has no LoRA layers for adapter {adapter_name!r}")
+        self.train_diagonal(step=0)
+
+    # -- diagonals ------------------------------------------------------------------------
+    def _lora_a_modules(self) -> list[Any]:
+        from peft.tuners.lora import LoraLayer
+
+        return [m.lora_A[self.adapter_name] for m in self.model.modules() if isinstance(m, LoraLayer) and self.adapter_name in m.lora_A]
+
+    def set_diagonal(self, values: Sequence[float] | "torch.Tensor") -> None:
+        """Set ``d`` in every layer (length ``r``)."""
+        import torch
+
+        d = torch.as_tensor(values, dtype=torch.float32)
+        if d.shape != (self.config.max_rank,):
+            raise RankError(f"diagonal has shape {list(d.shape)}, expected [{self.config.max_rank}]")
+        with torch.no_grad():
+            for mod in self._lora_a_modules():
+                buf = getattr(mod, _BUFFER)
+                buf.copy_(d.to(buf.device, buf.dtype))
+
+    def sample_rank(self, step: int) -> int:
+        """DyLoRA's ``b`` for optimisation step ``step``: uniform over ``T``, a function of ``(seed, step)``
+        only, so every process of a distributed run draws the same ``b``."""
+        return random.Random(self.seed * 1_000_003 + step).choice(self.config.train_ranks)
+
+    def train_diagonal(self, step: int = 0) -> list[float]:
+        """Install the method's training diagonal for optimisation step ``step``; return it."""
+        c = self.config
+        b = self.sample_rank(step) if c.method == "dylora" else None
+        self.sampled_rank = b
+        d = training_diagonal(c.method, c.max_rank, c.train_ranks, c.scaling, c.alpha, sampled_rank=b)
+        self.set_diagonal(d)
+        return d
+
+    def set_rank(self, k: int) -> None:
+        """Run as the rank-``k`` adapter (``ΔW_k = s(k)·B[:, :k]·A[:k, :]``), in place; ``k = 0`` disables it."""
+        r = self.config.max_rank
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= r:
+            raise RankError(f"rank {k!r} is outside [0, {r}]")
+        s = self.config.scale(k) if k else 0.0
+        self.set_diagonal([s] * k + [0.0] * (r - k))
+
+    # -- saving ---------------------------------------------------------------------------
+    def factors(self) -> dict[str, tuple["torch.Tensor", "torch.Tensor"]]:
+        """Module name → ``(A [r, in], B [out, r])`` detached on CPU, in model order."""
+        from peft.tuners.lora import LoraLayer
+
+        out = {}
+        for name, layer in self.model.named_modules():
+            if isinstance(layer, LoraLayer) and self.adapter_name in layer.lora_A:
+                short = name[len("base_model.model."):] if name.startswith("base_model.model.") else name
+                out[short] = (
+                    layer.lora_A[self.adapter_name].weight.detach().cpu().clone(),
+                    layer.lora_B[self.adapter_name].weight.detach().cpu().clone(),
+                )
+        return out
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        cfg = self.model.peft_config[self.adapter_name]
+        return bool(getattr(cfg, "fan_in_fan_out", False))
+
+    def save(self, path: str | os.PathLike[str], *, force: bool = False, extra: dict[str, Any] | None = None) -> Path:
+        """Write the nested adapter format (DESIGN.md §2) atomically; returns the folder."""
+        cfg = self.config
+        if extra:
+            cfg = MatryoshkaConfig(cfg.method, cfg.max_rank, cfg.train_ranks, cfg.scaling, cfg.alpha, {**cfg.extra, **extra})
+        peft_cfg = self.model.peft_config[self.adapter_name]
+        task_type = getattr(peft_cfg, "task_type", None)
+        task_type = getattr(task_type, "value", task_type)
+        targets = peft_cfg.target_modules
+        with atomic_output_dir(path, force) as tmp:
+            save_nested(
+                tmp,
+                self.factors(),
+                cfg,
+                fan_in_fan_out=self.fan_in_fan_out,
+                task_type=task_type,
+                peft_extra={"target_modules": sorted(targets) if isinstance(targets, (set, list, tuple)) else targets},
+            )
+        return Path(path)
+
+    def remove(self) -> None:
+        """Remove the hooks (the LoRA layers stay, with PEFT's scaling still at 1)."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+def add_nested_adapter(
+    model: Any,
+    config: MatryoshkaConfig,
+    *,
+    target_modules: str | Sequence[str] = "all-linear",
+    dropout: float = 0.0,
+    task_type: str | None = "CAUSAL_LM",
+    seed: int = 0,
+    adapter_name: str = "default",
+    **lora_kwargs: Any,
+) -> NestedLoraModel:
+    """Wrap a transformers ``model`` with a new trainable nested adapter of rank ``config.max_rank``.
+
+    ``target_modules`` is PEFT's: ``"all-linear"`` (every Linear/Conv1D but the output head) or
+    module names. ``lora_kwargs`` pass through to :class:`peft.LoraConfig` (e.g. ``layers_to_transform``).
+
+    Raises:
+        ConfigError: no module matched, or targets mix ``nn.Linear`` and ``Conv1D``.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
+
+    targets: str | list[str] = target_modules if isinstance(target_modules, str) else list(target_modules)
+    if not targets:
+        raise ConfigError("no target modules given: use 'all-linear' or module names like q_proj,v_proj")
+    kinds = _target_kinds(model, targets, task_type)
+    if not kinds:
+        raise ConfigError(f"target modules {targets!r} match no Linear or Conv1D layer of the model")
+    if len(kinds) > 1:
+        raise ConfigError("targets mix nn.Linear and Conv1D layers; PEFT's fan_in_fan_out is one flag: target one kind")
+    r = config.max_rank
+    lcfg = LoraConfig(
+        r=r,
+        lora_alpha=r,  # PEFT's scaling = 1; the diagonal carries s(·)
+        lora_dropout=dropout,
+        target_modules=targets,
+        fan_in_fan_out=kinds == {Conv1D},
+        task_type=task_type,
+        bias="none",
+        **lora_kwargs,
+    )
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, lcfg, adapter_name=adapter_name)
+    return NestedLoraModel(peft_model, config, adapter_name=adapter_name, seed=seed)
+
+
+def _target_kinds(model: Any, targets: str | list[str], task_type: str | None) -> set[type]:
+    import torch
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_target_module_exists
+    from transformers.pytorch_utils import Conv1D
+
+    cfg = _maybe_include_all_linear_layers(LoraConfig(target_modules=targets, task_type=task_type), model)
+    kinds: set[type] = set()
+    for name, mod in model.named_modules():
+        if isinstance(mod, (torch.nn.Linear, Conv1D)) and check_target_module_exists(cfg, name):
+            kinds.add(Conv1D if isinstance(mod, Conv1D) else torch.nn.Linear)
+    return kinds
+
+
+def load_nested_adapter(
+    model: Any, adapter: NestedAdapter | str | os.PathLike[str], *, is_trainable: bool = False, adapter_name: str = "default"
+) -> NestedLoraModel:
+    """Put an adapter from disk on ``model`` through PEFT; switch ranks with :meth:`NestedLoraModel.set_rank`.
+
+    Starts at the full rank ``r`` (``set_rank(r)``), i.e. what ``PeftModel.from_pretrained`` computes.
+    """
+    from peft import PeftModel
+
+    nested = adapter if isinstance(adapter, NestedAdapter) else NestedAdapter.load(adapter)
+    peft_model = PeftModel.from_pretrained(model, str(nested.path), adapter_name=adapter_name, is_trainable=is_trainable)
+    handle = NestedLoraModel(peft_model, nested.config, adapter_name=adapter_name)
+    handle.set_rank(nested.max_rank)
+    return handle
