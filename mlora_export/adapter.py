@@ -16,12 +16,16 @@ import contextlib
 import json
 import logging
 import math
+import mmap
 import os
 import re
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from . import __version__
 from .errors import ConfigError, InvalidAdapterError, RankError
@@ -34,7 +38,7 @@ from .method import (
     peft_alpha_for,
     scale,
 )
-from .safetensors_io import DTYPE_SIZES, TensorInfo, read_header, save_tensors
+from .safetensors_io import DTYPE_SIZES, FileRange, SafetensorsHeader, TensorInfo, read_header, save_tensors
 
 if TYPE_CHECKING:
     import torch
@@ -179,6 +183,13 @@ class LoraModule:
         return k * (self.in_features + self.out_features)
 
 
+def _bf16_bits(x: "np.ndarray") -> "np.ndarray":
+    """float32 → bfloat16 bit patterns (as int16), rounding to nearest even like torch."""
+    u = x.view(np.uint32)
+    u = (u + (((u >> 16) & 1) + np.uint32(0x7FFF))) >> 16
+    return u.astype(np.uint16).view(np.int16)
+
+
 def orient_delta(delta: "torch.Tensor", fan_in_fan_out: bool) -> "torch.Tensor":
     """Return ``delta`` (``[out, in]``) in the layout of the base weight: transposed for ``Conv1D``."""
     return delta.T if fan_in_fan_out else delta
@@ -238,6 +249,7 @@ class NestedAdapter:
         dtype: str,
         *,
         is_nested: bool,
+        header: SafetensorsHeader,
         slice_info: dict[str, Any] | None = None,
     ) -> None:
         self.path = path
@@ -246,6 +258,7 @@ class NestedAdapter:
         self.modules = modules
         self.dtype = dtype
         self.is_nested = is_nested
+        self.header = header
         self.slice_info = slice_info
 
     # -- loading --------------------------------------------------------------------------
@@ -304,11 +317,11 @@ class NestedAdapter:
             config = MatryoshkaConfig("lora", r, (r,), scaling, alpha, extra={"base_model": peft_config.get("base_model_name_or_path")})
             is_nested = False
 
-        modules, dtype = cls._scan_weights(weights, config.max_rank, check_finite)
-        return cls(root, config, peft_config, modules, dtype, is_nested=is_nested, slice_info=slice_info)
+        header, modules, dtype = cls._scan_weights(weights, config.max_rank, check_finite)
+        return cls(root, config, peft_config, modules, dtype, is_nested=is_nested, header=header, slice_info=slice_info)
 
     @staticmethod
-    def _scan_weights(weights: Path, r: int, check_finite: bool) -> tuple[dict[str, LoraModule], str]:
+    def _scan_weights(weights: Path, r: int, check_finite: bool) -> tuple[SafetensorsHeader, dict[str, LoraModule], str]:
         header = read_header(weights)
         parts: dict[str, dict[str, TensorInfo]] = {}
         for key, info in header.tensors.items():
@@ -353,9 +366,11 @@ class NestedAdapter:
             with safe_open(str(weights), framework="pt") as f:
                 for key in header.tensors:
                     t = f.get_tensor(key)
-                    if not bool(torch.isfinite(t).all()):
+                    # A NaN or inf anywhere makes the sum non-finite; a finite sum proves every
+                    # element finite. Only a non-finite sum (rare: overflow) needs the exact check.
+                    if not math.isfinite(float(t.sum())) and not bool(torch.isfinite(t).all()):
                         raise InvalidAdapterError(f"{weights}: tensor {key!r} has NaN or infinite values; the training diverged or the file is corrupt")
-        return modules, dtypes.pop()
+        return header, modules, dtypes.pop()
 
     # -- properties -----------------------------------------------------------------------
     @property
@@ -416,10 +431,12 @@ class NestedAdapter:
     @contextlib.contextmanager
     def reader(self) -> Iterator["AdapterReader"]:
         """Open the weights file memory-mapped for prefix reads; see :class:`AdapterReader`."""
-        from safetensors import safe_open
-
-        with safe_open(str(self.weights_path), framework="pt") as f:
-            yield AdapterReader(self, f)
+        fd = os.open(self.weights_path, os.O_RDONLY)
+        try:
+            with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as mm:
+                yield AdapterReader(self, mm, fd)
+        finally:
+            os.close(fd)
 
     def summary(self) -> dict[str, Any]:
         """A JSON-able description: method, ranks, scaling, ``p``, targets, per-rank size."""
@@ -444,19 +461,60 @@ class NestedAdapter:
 
 
 class AdapterReader:
-    """Reads rank-``k`` prefixes of LoRA factors from an open, memory-mapped weights file."""
+    """Reads rank-``k`` prefixes of LoRA factors from the memory-mapped weights file.
 
-    def __init__(self, adapter: NestedAdapter, handle: Any) -> None:
+    Tensors are zero-copy views of the file's pages until sliced: ``A[:k]`` reads only its
+    first ``k`` rows, ``B[:, :k]`` gathers ``k`` columns into a new contiguous tensor.
+    """
+
+    def __init__(self, adapter: NestedAdapter, mm: "mmap.mmap", fd: int) -> None:
         self.adapter = adapter
-        self._f = handle
+        self._mm = mm
+        self._fd = fd
+
+    def _view(self, key: str) -> "torch.Tensor":
+        import torch
+
+        from .safetensors_io import torch_dtype
+
+        info = self.adapter.header.tensors[key]
+        dtype = torch_dtype(info.dtype)
+        numel = info.nbytes // DTYPE_SIZES[info.dtype]
+        with warnings.catch_warnings():  # the map is read-only; we never write through it
+            warnings.simplefilter("ignore", UserWarning)
+            flat = torch.frombuffer(self._mm, dtype=dtype, count=numel, offset=self.adapter.header.data_start + info.begin)
+        return flat.view(info.shape)
+
+    def lora_A_range(self, module: str, k: int) -> FileRange:
+        """The file bytes of ``A[:k, :]`` (rows are contiguous), for a kernel-side copy."""
+        info = self.adapter.header.tensors[self.adapter.modules[module].key_a]
+        row = info.nbytes // info.shape[0]
+        return FileRange(self._fd, self.adapter.header.data_start + info.begin, row * k)
 
     def lora_A(self, module: str, k: int) -> "torch.Tensor":
-        """``A[:k, :]`` of ``module`` (``[k, in]``, source dtype); reads only those rows."""
-        return self._f.get_slice(self.adapter.modules[module].key_a)[:k]
+        """``A[:k, :]`` of ``module`` (``[k, in]``, source dtype), a copy of those rows only."""
+        return self._view(self.adapter.modules[module].key_a)[:k].clone()
 
     def lora_B(self, module: str, k: int) -> "torch.Tensor":
-        """``B[:, :k]`` of ``module`` (``[out, k]``, source dtype, contiguous)."""
-        return self._f.get_slice(self.adapter.modules[module].key_b)[:, :k].contiguous()
+        """``B[:, :k]`` of ``module`` (``[out, k]``, source dtype, contiguous copy)."""
+        return self._view(self.adapter.modules[module].key_b)[:, :k].contiguous()
+
+    def lora_B_scaled(self, module: str, k: int, factor: float) -> "torch.Tensor":
+        """``factor · B[:, :k]``, computed in float32 and rounded once to the source dtype, contiguous.
+
+        Done in numpy: a scalar product is memory-bound, and torch's intra-op threads only add
+        contention on a busy machine.
+        """
+        import torch
+
+        b = self._view(self.adapter.modules[module].key_b)[:, :k]
+        if b.dtype == torch.bfloat16:
+            f32 = (b.view(torch.int16).numpy().view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+            f32 *= np.float32(factor)
+            return torch.from_numpy(_bf16_bits(f32)).view(torch.bfloat16)
+        arr = b.numpy()
+        out = np.multiply(arr, np.float32(factor), dtype=np.float32)  # one pass, contiguous result
+        return torch.from_numpy(out if arr.dtype == np.float32 else out.astype(arr.dtype))
 
     def delta(self, module: str, k: int, dtype: "torch.dtype | None" = None) -> "torch.Tensor":
         """``ΔW_k = s(k) · B[:, :k] · A[:k, :]``, ``[out, in]``, computed in float32 (DESIGN.md §1).

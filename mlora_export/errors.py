@@ -61,3 +61,9 @@ class HubError(MloraError, RuntimeError):
 
 class IntegrityError(MloraError, ValueError):
     """A downloaded or stored file does not match its recorded checksum."""
+
+
+class RemoteIntegrityError(IntegrityError):
+    """A file fetched from the Hub does not match the bundle's manifest (corrupt or changed remote copy)."""
+
+    exit_code = 1

@@ -160,16 +160,52 @@ def tensor_bytes(t: "torch.Tensor") -> memoryview:
     return memoryview(t.view(torch.uint8).numpy())
 
 
+@dataclass(frozen=True)
+class FileRange:
+    """Bytes ``[offset, offset + length)`` of an open file, copied in the kernel (``copy_file_range``)."""
+
+    fd: int
+    offset: int
+    length: int
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    while data.nbytes:
+        n = os.write(fd, data)
+        data = data[n:]
+
+
+def _copy_range(src: FileRange, dst_fd: int) -> None:
+    offset, left = src.offset, src.length
+    if hasattr(os, "copy_file_range"):
+        try:
+            while left:
+                n = os.copy_file_range(src.fd, dst_fd, left, offset)
+                if n == 0:
+                    raise ValueError(f"source file ended {left} bytes early")
+                offset, left = offset + n, left - n
+            return
+        except OSError:  # cross-device on old kernels, unsupported file systems: fall back
+            pass
+    while left:
+        chunk = os.pread(src.fd, min(left, 64 * 2**20), offset)
+        if not chunk:
+            raise ValueError(f"source file ended {left} bytes early")
+        _write_all(dst_fd, memoryview(chunk))
+        offset, left = offset + len(chunk), left - len(chunk)
+
+
 def write_safetensors(
     path: str | os.PathLike[str],
     specs: list[tuple[str, str, tuple[int, ...]]],
-    tensors: Iterable["torch.Tensor | bytes | memoryview"],
+    tensors: Iterable["torch.Tensor | bytes | memoryview | FileRange"],
     metadata: Mapping[str, str] | None = None,
 ) -> int:
     """Write a safetensors file whose tensors are produced one at a time.
 
     ``specs`` lists ``(name, dtype name, shape)`` in the order the data is laid out; ``tensors``
-    yields each tensor (or its raw bytes) in that same order. Only one tensor is held at a time.
+    yields each tensor, its raw bytes, or a :class:`FileRange` to copy from another file (in the
+    kernel, without passing through Python), in that same order. Only one tensor is held at a time.
     Returns the number of bytes written.
 
     Raises:
@@ -177,8 +213,9 @@ def write_safetensors(
     """
     head, sizes = _header_bytes(specs, metadata)
     written = 0
-    with open(path, "wb") as f:
-        f.write(head)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        _write_all(fd, memoryview(head))
         written += len(head)
         it = iter(tensors)
         for (name, dtype, shape), nbytes in zip(specs, sizes):
@@ -186,6 +223,12 @@ def write_safetensors(
                 item = next(it)
             except StopIteration:
                 raise ValueError(f"write_safetensors: no data for tensor {name!r}") from None
+            if isinstance(item, FileRange):
+                if item.length != nbytes:
+                    raise ValueError(f"write_safetensors: tensor {name!r} has {item.length} bytes, expected {nbytes}")
+                _copy_range(item, fd)
+                written += nbytes
+                continue
             if isinstance(item, (bytes, bytearray, memoryview)):
                 data = memoryview(item).cast("B")
             else:
@@ -196,10 +239,12 @@ def write_safetensors(
                 data = tensor_bytes(item)
             if data.nbytes != nbytes:
                 raise ValueError(f"write_safetensors: tensor {name!r} has {data.nbytes} bytes, expected {nbytes}")
-            f.write(data)
+            _write_all(fd, data)
             written += nbytes
         if next(it, None) is not None:
             raise ValueError("write_safetensors: more tensors than specs")
+    finally:
+        os.close(fd)
     return written
 
 

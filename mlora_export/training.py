@@ -13,6 +13,23 @@ addition is a forward hook on every ``lora_A`` that multiplies ``A·x`` by a dia
 
 The diagonal lives in a non-persistent buffer of each ``lora_A`` module owned by one
 :class:`NestedLoraModel`; nothing is global, and it never reaches the saved state dict.
+
+Training loops. With ``transformers.Trainer`` pass ``callbacks=[NestedRankCallback(nested)]``
+(or ``nested.callback()``): it calls :meth:`NestedLoraModel.train_diagonal` with the optimiser
+step at the start of each optimisation step. In a plain PyTorch loop call
+``nested.train_diagonal(step)`` yourself before the forward passes of each optimisation step (once
+per step, not per micro-batch, when accumulating gradients)::
+
+    nested = add_nested_adapter(model, MatryoshkaConfig("matryoshka", 32, (1, 2, 4, 8, 16, 32)))
+    opt = torch.optim.AdamW([p for p in nested.model.parameters() if p.requires_grad], lr=1e-3)
+    for step, batch in enumerate(loader):
+        nested.train_diagonal(step)
+        loss = nested.model(**batch).loss
+        loss.backward(); opt.step(); opt.zero_grad()
+    nested.save("./nested")
+
+Under ``torchrun``/``accelerate launch`` (DDP) nothing changes: the diagonal depends on the step
+only, so every process uses the same one; save from the main process only.
 """
 
 from __future__ import annotations
@@ -74,7 +91,7 @@ class NestedLoraModel:
                 self._handles.append(lora_a.register_forward_hook(_diag_hook))
             self.module_names.append(name[len(prefix):] if name.startswith(prefix) else name)
         if not self.module_names:
-            raise ConfigError("the model has no LoRA layers for adapter {adapter_name!r}")
+            raise ConfigError(f"the model has no LoRA layers for adapter {adapter_name!r}")
         self.train_diagonal(step=0)
 
     # -- diagonals ------------------------------------------------------------------------
@@ -156,6 +173,12 @@ class NestedLoraModel:
                 peft_extra={"target_modules": sorted(targets) if isinstance(targets, (set, list, tuple)) else targets},
             )
         return Path(path)
+
+    def callback(self) -> Any:
+        """A :class:`~mlora_export.callbacks.NestedRankCallback` for ``transformers.Trainer``."""
+        from .callbacks import NestedRankCallback
+
+        return NestedRankCallback(self)
 
     def remove(self) -> None:
         """Remove the hooks (the LoRA layers stay, with PEFT's scaling still at 1)."""
@@ -239,3 +262,12 @@ def load_nested_adapter(
     handle = NestedLoraModel(peft_model, nested.config, adapter_name=adapter_name)
     handle.set_rank(nested.max_rank)
     return handle
+
+
+def __getattr__(name: str) -> Any:
+    # NestedRankCallback subclasses transformers.TrainerCallback: import transformers only when asked.
+    if name == "NestedRankCallback":
+        from .callbacks import NestedRankCallback
+
+        return NestedRankCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

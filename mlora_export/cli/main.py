@@ -8,6 +8,7 @@ import click
 
 from .. import __version__
 from . import inspect_cmd, slice_cmd
+from . import merge_cmd
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -22,9 +23,23 @@ def main(verbose: int) -> None:
       mlora-export slice ./nested --ranks 8,16 --output ./slices
     """
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(levelname)s: %(message)s")
-    logging.getLogger("mlora_export").setLevel(level)
+    logger = logging.getLogger("mlora_export")
+    logger.setLevel(level)
+    if not any(isinstance(h, _EchoHandler) for h in logger.handlers):
+        logger.addHandler(_EchoHandler())
+        logger.propagate = False
+
+
+class _EchoHandler(logging.Handler):
+    """Send library log records to stderr through click (so they follow click's stream handling)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            click.echo(f"{record.levelname.lower()}: {record.getMessage()}", err=True)
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
 
 
 main.add_command(inspect_cmd.inspect)
 main.add_command(slice_cmd.slice_)
+main.add_command(merge_cmd.merge)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ from ..adapter import (
 from ..errors import ConfigError, OutputExistsError, RankError
 from ..fs import atomic_output_dir, check_free_space, check_output_path
 from ..method import peft_alpha_for
-from ..safetensors_io import write_safetensors
+from ..safetensors_io import FileRange, write_safetensors
 
 if TYPE_CHECKING:
     import torch
@@ -102,19 +103,15 @@ def slice_peft_config(adapter: NestedAdapter, k: int, scale_mode: str) -> dict[s
     )
 
 
-def _slice_tensors(reader: AdapterReader, k: int, scale_mode: str, done: list[int], total: int, progress: Progress | None) -> Iterator["torch.Tensor"]:
-    import torch
-
+def _slice_tensors(reader: AdapterReader, k: int, scale_mode: str, done: list[int], total: int, progress: Progress | None) -> Iterator["torch.Tensor | FileRange"]:
     adapter = reader.adapter
     s = adapter.scale(k)
     for name in adapter.modules:
-        a = reader.lora_A(name, k)
+        a = reader.lora_A_range(name, k)  # A[:k] is a contiguous run of the source file
         yield a
-        b = reader.lora_B(name, k)
-        if scale_mode == "baked":
-            b = (b.to(torch.float32) * s).to(b.dtype)  # float32 product, rounded once
+        b = reader.lora_B_scaled(name, k, s) if scale_mode == "baked" else reader.lora_B(name, k)
         yield b
-        done[0] += (a.numel() + b.numel()) * adapter.itemsize
+        done[0] += a.length + b.numel() * adapter.itemsize
         if progress is not None:
             progress(done[0], total)
 
@@ -183,15 +180,19 @@ def slice_adapter(
     ks = resolve_ranks(nested, ranks if isinstance(ranks, str) else list(ranks))
     total = sum(nested.bytes_at(k) for k in ks)
     check_free_space(Path(output).absolute().parent, total)
-    results: list[SliceResult] = []
     done = [0]
     with atomic_output_dir(output, force) as tmp, nested.reader() as rd:
-        for k in ks:
-            folder = tmp / f"r{k}"
-            folder.mkdir()
-            res = write_slice(nested, k, folder, scale_mode, reader=rd, progress=progress, _done=done, _total=total)
-            results.append(res)
-            logger.info("wrote rank %d slice (%d params)", k, res.params)
+        # Ranks are independent files: write them from a few threads (the copies and writes
+        # release the GIL), largest first so the threads finish together.
+        with ThreadPoolExecutor(max_workers=max(1, min(len(ks), os.cpu_count() or 1, 4))) as pool:
+            futures = {}
+            for k in sorted(ks, reverse=True):
+                folder = tmp / f"r{k}"
+                folder.mkdir()
+                futures[k] = pool.submit(write_slice, nested, k, folder, scale_mode, reader=rd, progress=progress, _done=done, _total=total)
+            results = [futures[k].result() for k in ks]
+        for res in results:
+            logger.info("wrote rank %d slice (%d params)", res.rank, res.params)
     final = Path(output)
     return [SliceResult(r.rank, final / r.path.name, r.params, r.bytes, r.scale) for r in results]
 

@@ -1,0 +1,64 @@
+"""``transformers.Trainer`` callbacks for nested adapters (imports transformers; kept apart so that
+``import mlora_export.training`` stays light)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from transformers import TrainerCallback
+
+if TYPE_CHECKING:
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from .training import NestedLoraModel
+
+logger = logging.getLogger(__name__)
+
+
+class NestedRankCallback(TrainerCallback):
+    """Install the method's training diagonal at the start of every optimisation step.
+
+    ``Trainer`` calls ``on_step_begin`` once per optimisation step (on the first micro-batch of
+    each gradient-accumulation cycle), with ``state.global_step`` = the number of optimiser steps
+    done so far. That step number is all :meth:`NestedLoraModel.train_diagonal` needs: DyLoRA's
+    ``b`` is a function of ``(seed, step)``, so every process of a distributed run, and a run
+    resumed from a checkpoint, draws the same ``b``. For ``matryoshka`` and ``lora`` the diagonal
+    is fixed and re-installing it is a no-op in effect.
+
+    Example::
+
+        nested = add_nested_adapter(model, MatryoshkaConfig("dylora", 32, (1, 2, 4, 8, 16, 32)))
+        trainer = Trainer(model=nested.model, args=args, train_dataset=ds,
+                          callbacks=[NestedRankCallback(nested)])
+        trainer.train()
+        nested.save("./nested")
+    """
+
+    def __init__(self, nested: "NestedLoraModel") -> None:
+        self.nested = nested
+
+    def on_train_begin(self, args: "TrainingArguments", state: "TrainerState", control: "TrainerControl", **kwargs: Any) -> None:
+        self.nested.train_diagonal(state.global_step)
+
+    def on_step_begin(self, args: "TrainingArguments", state: "TrainerState", control: "TrainerControl", **kwargs: Any) -> None:
+        self.nested.train_diagonal(state.global_step)
+
+
+class StepProgressCallback(TrainerCallback):
+    """Report ``progress(done_steps, total_steps)`` after every optimisation step, on the main process only."""
+
+    def __init__(self, progress: Callable[[int, int], None]) -> None:
+        self.progress = progress
+
+    def on_train_begin(self, args: "TrainingArguments", state: "TrainerState", control: "TrainerControl", **kwargs: Any) -> None:
+        if state.is_world_process_zero:
+            self.progress(state.global_step, state.max_steps)
+
+    def on_step_end(self, args: "TrainingArguments", state: "TrainerState", control: "TrainerControl", **kwargs: Any) -> None:
+        if state.is_world_process_zero:
+            self.progress(state.global_step, state.max_steps)
+
+
+__all__ = ["NestedRankCallback", "StepProgressCallback"]

@@ -1,0 +1,197 @@
+"""The model card (``README.md``) of a variant bundle: Hub metadata, a table of ranks, snippets.
+
+The YAML front matter is built with :class:`huggingface_hub.ModelCardData` and the whole card is
+re-parsed with :class:`huggingface_hub.ModelCard` before it is written, so a card that the Hub
+would reject is caught locally (:func:`validate_card`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ...errors import ConfigError, ExportError
+
+logger = logging.getLogger(__name__)
+
+REQUIRED_TAGS = ("lora", "matryoshka-lora", "peft")
+#: PEFT ``task_type`` → Hub ``pipeline_tag``.
+PIPELINE_TAGS = {
+    "CAUSAL_LM": "text-generation",
+    "SEQ_2_SEQ_LM": "text2text-generation",
+    "SEQ_CLS": "text-classification",
+    "TOKEN_CLS": "token-classification",
+    "QUESTION_ANS": "question-answering",
+    "FEATURE_EXTRACTION": "feature-extraction",
+}
+#: Ranks vLLM accepts for ``--max-lora-rank``.
+VLLM_MAX_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+PLACEHOLDER_REPO = "<namespace>/<repo>"
+
+
+def hub_base_model(name: str | None) -> str | None:
+    """``name`` when it is a valid Hub repo id (``org/name`` or ``name``), else ``None`` (a local path)."""
+    if not name:
+        return None
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
+
+
+def check_license(license_id: str | None) -> str | None:
+    """Validate a ``--license`` value (a Hub license id such as ``apache-2.0``).
+
+    Raises:
+        ConfigError: the id has characters no Hub license id has.
+    """
+    if license_id is None:
+        return None
+    import re
+
+    if not re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", license_id):
+        raise ConfigError(f"--license {license_id!r} is not a Hub license id; use a lower-case id such as apache-2.0, mit or llama3.1")
+    return license_id
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return f"{n} B"
+
+
+def vllm_max_lora_rank(k: int) -> int:
+    """The smallest ``--max-lora-rank`` value vLLM accepts that fits rank ``k``."""
+    for v in VLLM_MAX_LORA_RANKS:
+        if v >= k:
+            return v
+    return k
+
+
+def render_card(manifest: Mapping[str, Any], *, repo_id: str | None = None, license_id: str | None = None) -> str:
+    """The ``README.md`` text for a bundle described by ``manifest`` (see :mod:`.bundle`).
+
+    Raises:
+        ExportError: the card does not parse as a Hub model card (a bug, not a user error).
+    """
+    from huggingface_hub import ModelCardData
+
+    repo = repo_id or PLACEHOLDER_REPO
+    base = manifest.get("base_model")
+    ranks: Sequence[Mapping[str, Any]] = manifest["ranks"]
+    metrics = sorted({m for r in ranks for m in (r.get("metrics") or {})})
+    tags = list(REQUIRED_TAGS) + [f"rank-{r['rank']}" for r in ranks]
+    data = ModelCardData(
+        base_model=base,
+        base_model_relation="adapter" if base else None,
+        library_name="peft",
+        tags=tags,
+        pipeline_tag=PIPELINE_TAGS.get(str(manifest.get("task_type"))),
+        license=license_id,
+    )
+    cfg = manifest["config"]
+    base_text = f"[`{base}`](https://huggingface.co/{base})" if base else "its base model (not recorded as a Hub id)"
+    lines = [
+        "---",
+        data.to_yaml(),
+        "---",
+        "",
+        f"# {repo.split('/')[-1]}: MatryoshkaLoRA variant bundle",
+        "",
+        f"One nested LoRA adapter for {base_text}, trained with **{cfg['method']}** "
+        f"(scaling `{cfg['scaling']}`, alpha {cfg['alpha']:g}, train ranks {', '.join(map(str, cfg['train_ranks']))}), "
+        f"published as one standard PEFT adapter per rank. Every rank is a prefix of the same factors: "
+        f"`ΔW_k = s(k) · B[:, :k] · A[:k, :]`. Pick the rank that fits your memory and latency budget.",
+        "",
+        "| rank | folder | parameters | size |" + "".join(f" {m} |" for m in metrics),
+        "|---:|---|---:|---:|" + "---:|" * len(metrics),
+    ]
+    for r in ranks:
+        row = f"| {r['rank']} | `{r['path']}/` | {r['params']:,} | {_human(r['bytes'])} |"
+        for m in metrics:
+            v = (r.get("metrics") or {}).get(m)
+            row += f" {v:.4g} |" if isinstance(v, (int, float)) else " – |"
+        lines.append(row)
+    nested = manifest["nested"]
+    lines += [
+        f"| {cfg['max_rank']} (nested) | `{nested['path']}/` | {nested['params']:,} | {_human(nested['bytes'])} |" + " |" * len(metrics),
+        "",
+    ]
+    for name, ev in (manifest.get("evaluation") or {}).items():
+        aurac = ev.get("aurac") or {}
+        if aurac:
+            lines.append(f"AURAC ({name}): " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(aurac.items()) if isinstance(v, (int, float))))
+            lines.append("")
+    k = ranks[len(ranks) // 2]["rank"] if ranks else cfg["max_rank"]
+    top = max((r["rank"] for r in ranks), default=cfg["max_rank"])
+    base_arg = base or "<base-model>"
+    lines += [
+        "## Load a rank with PEFT",
+        "",
+        "```python",
+        "from peft import PeftModel",
+        "from transformers import AutoModelForCausalLM" if manifest.get("task_type") in (None, "CAUSAL_LM") else "from transformers import AutoModel",
+        "",
+        f'base = {"AutoModelForCausalLM" if manifest.get("task_type") in (None, "CAUSAL_LM") else "AutoModel"}.from_pretrained("{base_arg}")',
+        f'model = PeftModel.from_pretrained(base, "{repo}", subfolder="r{k}")',
+        "```",
+        "",
+        "## Pull only one rank, sha256-verified",
+        "",
+        "```bash",
+        "pip install mlora-export",
+        f"mlora-export pull {repo} --rank {k} --output ./r{k}",
+        f"mlora-export pull {repo} --rank auto --max-bytes 50MB --output ./adapter   # the largest rank that fits",
+        "```",
+        "",
+        "## Serve with vLLM",
+        "",
+        "```bash",
+        f"mlora-export pull {repo} --rank {k} --output ./r{k}",
+        f"vllm serve {base_arg} --enable-lora --max-lora-rank {vllm_max_lora_rank(top)} --lora-modules r{k}=./r{k}",
+        "```",
+        "",
+        "## Files",
+        "",
+        "- `manifest.json`: every file's path, size and sha256; every rank's folder, parameter count and size.",
+        "- `matryoshka_config.json`: the nested adapter's method, ranks and scaling.",
+        f"- `{nested['path']}/`: the full nested adapter (any rank up to {cfg['max_rank']} can still be cut from it with `mlora-export slice`).",
+        "- `r{k}/`: one plain PEFT LoRA adapter per rank (`s(k)` folded into `lora_B`, so every runtime reads it alike).",
+    ]
+    if manifest.get("onnx"):
+        lines.append("- `onnx/`: ONNX export(s) of the adapter.")
+    lines += ["", f"Made with mlora-export ({manifest.get('created_by', 'mlora-export')}).", ""]
+    text = "\n".join(lines)
+    validate_card(text)
+    return text
+
+
+def validate_card(text: str) -> dict[str, Any]:
+    """Parse ``text`` as the Hub does and check our required metadata; return the metadata.
+
+    Raises:
+        ExportError: the YAML front matter is missing or invalid, or lacks ``library_name: peft``,
+            ``base_model_relation: adapter`` (when ``base_model`` is set) or the required tags.
+    """
+    from huggingface_hub import ModelCard
+
+    try:
+        card = ModelCard(text, ignore_metadata_errors=False)
+    except Exception as e:  # noqa: BLE001 - the card class raises ValueError or yaml errors
+        raise ExportError(f"model card: invalid YAML front matter ({e})") from e
+    meta = card.data.to_dict()
+    if meta.get("library_name") != "peft":
+        raise ExportError("model card: library_name must be 'peft'")
+    tags = meta.get("tags") or []
+    missing = [t for t in REQUIRED_TAGS if t not in tags]
+    if missing:
+        raise ExportError(f"model card: tags lack {', '.join(missing)}")
+    if meta.get("base_model") and meta.get("base_model_relation") != "adapter":
+        raise ExportError("model card: base_model_relation must be 'adapter'")
+    return meta

@@ -1,0 +1,544 @@
+"""Streaming merge: fold the rank-``k`` delta of a nested adapter into a base model, shard by shard.
+
+For every targeted linear layer the merged weight is ``W + s(k)·B[:, :k]·A[:k, :]`` (DESIGN.md §1),
+computed in float32 and rounded once to the output dtype (the base tensor's dtype, or ``dtype``
+when given). ``Conv1D`` targets (``fan_in_fan_out``) are handled by viewing the base weight and
+the output through :func:`~mlora_export.adapter.orient_delta`, so the orientation stays in one
+place.
+
+The output is a Hugging Face model folder with the base's layout: the same shard names, the same
+tensors in the same order, the same ``model.safetensors.index.json`` (rewritten only when
+``dtype`` changes ``total_size``), and every non-targeted tensor byte-identical (copied as raw
+bytes). Memory stays bounded by a few tensors plus the adapter, whatever the model size: each
+shard is read tensor by tensor with ``pread`` (no whole-shard mapping), merged in row blocks
+that stay in the CPU cache, and written as it is produced. A one-thread pool reads and merges the
+next tensor while the current one is being written.
+
+Everything is checked before any output is written: the base has safetensors weights (a
+``.bin``-only base is refused, nothing is unpickled), every adapter target exists in the base
+with the expected shape and a float dtype, and the disk has room. The output appears atomically
+(:func:`~mlora_export.fs.atomic_output_dir`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections import deque
+from collections.abc import Callable, Collection, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..adapter import AdapterReader, NestedAdapter, orient_delta
+from ..errors import BaseModelError, BaseModelMismatchError, ConfigError, InvalidAdapterError, OutputExistsError
+from ..fs import atomic_output_dir, check_free_space, check_output_path
+from ..safetensors_io import DTYPE_SIZES, SafetensorsHeader, TensorInfo, read_header, torch_dtype, write_safetensors
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+#: ``progress(done, total)`` in bytes written; called from the library, drawn by the CLI.
+Progress = Callable[[int, int], None]
+
+#: ``--dtype`` values and their safetensors names.
+OUTPUT_DTYPES: dict[str, str] = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+#: Base dtypes a targeted weight may have (a quantized base cannot be merged into exactly).
+MERGEABLE_DTYPES = ("F32", "F16", "BF16", "F64")
+#: Float dtypes that ``dtype`` casts (other tensors, e.g. integer buffers, are copied as they are).
+CASTABLE_DTYPES = ("F32", "F16", "BF16", "F64")
+
+SAFE_SINGLE = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+#: Files never copied from the base: weights in any format (they would be the un-merged ones).
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".onnx_data", ".npz")
+_WEIGHT_INDEX_SUFFIXES = (".bin.index.json", ".safetensors.index.json")
+
+#: Elements per row block of the merge (float32: 1 MiB), sized to stay in the CPU cache.
+_BLOCK_ELEMENTS = 256 * 1024
+#: Tensors read and merged ahead of the one being written.
+_LOOKAHEAD = 1
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """What :func:`merge_adapter` wrote."""
+
+    path: Path
+    rank: int
+    scale: float
+    dtype: str | None
+    shards: list[str]
+    merged_tensors: int
+    copied_tensors: int
+    bytes: int
+    seconds: float
+    key_prefix: dict[str, str] = field(default_factory=dict)
+    copied_files: list[str] = field(default_factory=list)
+    skipped_files: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able summary (what ``mlora-export merge --json`` prints)."""
+        return {
+            "path": str(self.path),
+            "rank": self.rank,
+            "scale": self.scale,
+            "dtype": self.dtype,
+            "shards": self.shards,
+            "merged_tensors": self.merged_tensors,
+            "copied_tensors": self.copied_tensors,
+            "bytes": self.bytes,
+            "seconds": round(self.seconds, 3),
+            "key_prefix": self.key_prefix,
+            "copied_files": self.copied_files,
+            "skipped_files": self.skipped_files,
+        }
+
+
+@dataclass(frozen=True)
+class _Shard:
+    name: str
+    path: Path
+    header: SafetensorsHeader
+
+
+@dataclass(frozen=True)
+class _BaseModel:
+    root: Path
+    shards: list[_Shard]
+    index_path: Path | None
+    index: dict[str, Any] | None
+    copy_files: list[Path]
+    skipped: list[str]
+
+    def locate(self) -> dict[str, tuple[_Shard, TensorInfo]]:
+        """Tensor name → (shard, header entry), over all shards."""
+        out: dict[str, tuple[_Shard, TensorInfo]] = {}
+        for shard in self.shards:
+            for name, info in shard.header.tensors.items():
+                out.setdefault(name, (shard, info))
+        return out
+
+
+# -- the base model ------------------------------------------------------------------------
+
+
+def _convert_hint(root: Path) -> str:
+    return (
+        "pickle weights are refused (unpickling runs arbitrary code); in a trusted environment convert them once with "
+        f"`python -c \"from transformers import AutoModelForCausalLM as M; M.from_pretrained('{root}').save_pretrained('{root}-safetensors')\"` "
+        "and pass the new folder"
+    )
+
+
+def _is_weight_file(name: str) -> bool:
+    return name.endswith(WEIGHT_SUFFIXES) or name.endswith(_WEIGHT_INDEX_SUFFIXES)
+
+
+def _scan_base(path: str | os.PathLike[str]) -> _BaseModel:
+    """Find and validate the safetensors weights of a base model folder.
+
+    Raises:
+        BaseModelError: the folder is missing, has only pickle weights, has no weights, or its
+            index or shards are corrupt or incomplete.
+    """
+    root = Path(path)
+    if not root.exists():
+        raise BaseModelError(f"base model folder {str(root)!r} does not exist")
+    if not root.is_dir():
+        raise BaseModelError(f"base model path {str(root)!r} is a file; pass the model folder (with config.json and the weights)")
+    index_path = root / SAFE_INDEX
+    index: dict[str, Any] | None = None
+    if index_path.exists():
+        try:
+            with open(index_path, encoding="utf-8") as f:
+                index = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BaseModelError(f"{index_path}: not valid JSON ({e}); re-download or re-save the base model") from e
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+            raise BaseModelError(f"{index_path}: expected a non-empty 'weight_map' of tensor name → shard file; re-download or re-save the base model")
+        names = list(dict.fromkeys(weight_map.values()))
+        for name in names:
+            if Path(name).name != name or name in (".", ".."):
+                raise BaseModelError(f"{index_path}: shard name {name!r} is not a plain file name")
+            if not (root / name).is_file():
+                raise BaseModelError(f"{index_path}: names shard {name!r}, which is missing from {str(root)!r}; re-download the base model")
+    elif (root / SAFE_SINGLE).is_file():
+        names = [SAFE_SINGLE]
+        weight_map = None
+    else:
+        if any((root / n).exists() for n in PICKLE_NAMES):
+            raise BaseModelError(f"base model {str(root)!r} has only pytorch_model*.bin weights: {_convert_hint(root)}")
+        raise BaseModelError(
+            f"base model {str(root)!r} has no {SAFE_SINGLE} or {SAFE_INDEX}; pass a Hugging Face model folder with safetensors weights"
+        )
+    shards = []
+    for name in names:
+        try:
+            header = read_header(root / name)
+        except InvalidAdapterError as e:  # read_header's error class; here it is the base model that is bad
+            raise BaseModelError(str(e)) from e
+        shards.append(_Shard(name, root / name, header))
+    if weight_map is not None:
+        by_name = {s.name: s for s in shards}
+        for key, shard_name in weight_map.items():
+            if key not in by_name[shard_name].header.tensors:
+                raise BaseModelError(
+                    f"{index_path}: tensor {key!r} is mapped to {shard_name!r} but that shard does not hold it; re-download the base model"
+                )
+    copy_files: list[Path] = []
+    skipped: list[str] = []
+    for entry in sorted(root.iterdir()):
+        if entry.name in names or entry.name == SAFE_INDEX:
+            continue
+        if entry.name.startswith(".") or not entry.is_file() or _is_weight_file(entry.name):
+            skipped.append(entry.name + ("/" if entry.is_dir() else ""))
+            continue
+        copy_files.append(entry)
+    if skipped:
+        logger.info("not copying from the base: %s (weights in other formats, sub-folders, hidden files)", ", ".join(skipped))
+    return _BaseModel(root, shards, index_path if index is not None else None, index, copy_files, skipped)
+
+
+def resolve_weight_keys(modules: Iterable[str], keys: Collection[str], *, where: str = "the base model") -> tuple[dict[str, str], str, str]:
+    """Map adapter module names to base weight keys: ``module`` → ``module + ".weight"``, up to a prefix.
+
+    Checkpoints do not always name tensors like the model class the adapter was trained on:
+    ``openai-community/gpt2`` stores ``h.0.attn.c_attn.weight`` where ``GPT2LMHeadModel`` (and so
+    the adapter) says ``transformer.h.0.attn.c_attn``; an adapter trained on a bare ``LlamaModel``
+    says ``layers.0…`` where the checkpoint has ``model.layers.0…``. One rule is found for all
+    modules: strip a leading prefix (up to two name components) from the module name and/or add
+    one found in ``keys``. The exact name wins; otherwise the smallest change that maps every
+    module; two equally small rules are an error.
+
+    Returns:
+        ``(mapping, strip, add)``: module → weight key, and the prefix removed and added.
+
+    Raises:
+        BaseModelMismatchError: no single rule maps every module (names the first missing one),
+            or the rule is ambiguous.
+    """
+    mods = list(modules)
+    keyset = keys if isinstance(keys, (set, frozenset, dict)) else set(keys)
+    if not mods:
+        return {}, "", ""
+
+    def works(strip: str, add: str) -> bool:
+        return all(m.startswith(strip) and f"{add}{m[len(strip):]}.weight" in keyset for m in mods)
+
+    if works("", ""):
+        return {m: f"{m}.weight" for m in mods}, "", ""
+    first = mods[0]
+    parts = first.split(".")
+    strips = [""] + [".".join(parts[:i]) + "." for i in range(1, min(3, len(parts)))]
+    candidates: dict[tuple[str, str], None] = {}
+    for strip in strips:
+        rest = f"{first[len(strip):]}.weight"
+        for key in keyset:
+            if key == rest or key.endswith("." + rest):
+                candidates[(strip, key[: len(key) - len(rest)])] = None
+    valid = sorted((c for c in candidates if works(*c)), key=lambda c: len(c[0]) + len(c[1]))
+    if valid and (len(valid) == 1 or len(valid[0][0]) + len(valid[0][1]) < len(valid[1][0]) + len(valid[1][1])):
+        strip, add = valid[0]
+        logger.info("base weight names: strip %r / add %r to the adapter's module names", strip, add)
+        return {m: f"{add}{m[len(strip):]}.weight" for m in mods}, strip, add
+    if valid:
+        rules = "; ".join(f"strip {s!r} add {a!r}" for s, a in valid[:4])
+        raise BaseModelMismatchError(
+            f"the adapter's module names map to the weights of {where} in more than one way ({rules}); "
+            "rename the base tensors to match the adapter's module names"
+        )
+    missing = [m for m in mods if f"{m}.weight" not in keyset]
+    example = next((k for k in sorted(keyset) if k.endswith(".weight")), None)
+    raise BaseModelMismatchError(
+        f"adapter target {missing[0]!r} has no weight {missing[0] + '.weight'!r} in {where} "
+        f"({len(missing)} of {len(mods)} targets missing, with no common prefix that would fix them"
+        + (f"; the base has names like {example!r}" if example else "")
+        + "); is this the base model the adapter was trained on?"
+    )
+
+
+def _expected_shape(out_features: int, in_features: int, fan_in_fan_out: bool) -> tuple[int, ...]:
+    import torch
+
+    return tuple(orient_delta(torch.empty(out_features, in_features, device="meta"), fan_in_fan_out).shape)
+
+
+# -- reading and merging one tensor --------------------------------------------------------
+
+
+def _pread(fd: int, nbytes: int, offset: int) -> "torch.Tensor":
+    """``nbytes`` from ``fd`` at ``offset`` into a new uint8 tensor (short reads retried)."""
+    import torch
+
+    buf = torch.empty(nbytes, dtype=torch.uint8)
+    view = memoryview(buf.numpy()) if nbytes else memoryview(b"")
+    done = 0
+    while done < nbytes:
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            raise BaseModelError(f"unexpected end of file while reading the base model at byte {offset + done}; re-download it")
+        done += n
+    return buf
+
+
+def _read_tensor(fd: int, data_start: int, info: TensorInfo) -> "torch.Tensor":
+    return _pread(fd, info.nbytes, data_start + info.begin).view(torch_dtype(info.dtype)).view(info.shape)
+
+
+def _merge_one(
+    fd: int, data_start: int, info: TensorInfo, module: str, rd: AdapterReader, k: int, out_dtype: str
+) -> "torch.Tensor":
+    """Read one base weight and return ``W + s(k)·B[:, :k]·A[:k]`` in ``out_dtype``.
+
+    The sum runs in float32 row blocks of :data:`_BLOCK_ELEMENTS` (``addmm_`` adds the block of
+    ``B·A`` to the block of ``W`` while both are in cache) and each block is rounded once.
+    """
+    import torch
+
+    adapter = rd.adapter
+    w = _read_tensor(fd, data_start, info)
+    cdt = torch.float64 if w.dtype == torch.float64 else torch.float32
+    odt = torch_dtype(out_dtype)
+    a = rd.lora_A(module, k).to(cdt)
+    bs = rd.lora_B(module, k).to(cdt) * adapter.scale(k)
+    out = w if w.dtype == odt == cdt else torch.empty(info.shape, dtype=odt)
+    w_o = orient_delta(w, adapter.fan_in_fan_out)  # [out, in] views of the base layout
+    out_o = orient_delta(out, adapter.fan_in_fan_out)
+    rows = max(1, _BLOCK_ELEMENTS // max(1, w_o.shape[1]))
+    for r0 in range(0, w_o.shape[0], rows):
+        blk = w_o[r0 : r0 + rows].to(cdt)  # a view of our own read buffer when already float32
+        blk.addmm_(bs[r0 : r0 + rows], a)
+        if out is not w:
+            out_o[r0 : r0 + rows].copy_(blk)
+    return out
+
+
+def _copy_one(fd: int, data_start: int, info: TensorInfo, out_dtype: str) -> "torch.Tensor | memoryview":
+    """A non-targeted tensor: its raw bytes, or the tensor cast to ``out_dtype``."""
+    buf = _pread(fd, info.nbytes, data_start + info.begin)
+    if out_dtype == info.dtype:
+        return memoryview(buf.numpy()) if info.nbytes else memoryview(b"")
+    return buf.view(torch_dtype(info.dtype)).view(info.shape).to(torch_dtype(out_dtype))
+
+
+def _lookahead(pool: ThreadPoolExecutor, jobs: Iterable[Callable[[], Any]], depth: int) -> Iterator[Any]:
+    """Run ``jobs`` on ``pool`` at most ``depth`` ahead of the consumer; yield results in order.
+
+    When the consumer stops early (an error while writing), queued jobs are cancelled and the
+    running one is waited for, so no job outlives the file it reads.
+    """
+    pending: deque[Future[Any]] = deque()
+    try:
+        for job in jobs:
+            pending.append(pool.submit(job))
+            if len(pending) > depth:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for fut in pending:
+            fut.cancel()
+        for fut in pending:
+            if not fut.cancelled():
+                fut.exception()  # wait; its error (if any) is superseded by the one being raised
+
+
+# -- the merge ------------------------------------------------------------------------------
+
+
+def _output_dtype(info: TensorInfo, dtype: str | None) -> str:
+    return dtype if dtype is not None and info.dtype in CASTABLE_DTYPES else info.dtype
+
+
+def _shard_specs(shard: _Shard, dtype: str | None) -> list[tuple[str, str, tuple[int, ...]]]:
+    return [(name, _output_dtype(info, dtype), info.shape) for name, info in shard.header.tensors.items()]
+
+
+def _data_bytes(specs: list[tuple[str, str, tuple[int, ...]]]) -> int:
+    total = 0
+    for _, dt, shape in specs:
+        n = DTYPE_SIZES[dt]
+        for s in shape:
+            n *= s
+        total += n
+    return total
+
+
+def _same_or_inside(a: Path, b: Path) -> bool:
+    """True when ``a`` is ``b`` or lies inside it."""
+    a, b = a.resolve(), b.resolve()
+    return a == b or b in a.parents
+
+
+def _write_config(src: Path, dst: Path, dtype_name: str | None) -> None:
+    if dtype_name is None:
+        shutil.copyfile(src, dst)
+        return
+    try:
+        with open(src, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BaseModelError(f"{src}: not valid JSON ({e}); fix the base model's config.json") from e
+    cfg["dtype"] = dtype_name
+    if "torch_dtype" in cfg:
+        cfg["torch_dtype"] = dtype_name
+    with open(dst, "w", encoding="utf-8") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def merge_adapter(
+    adapter: NestedAdapter | str | os.PathLike[str],
+    base_model_dir: str | os.PathLike[str],
+    rank: int,
+    output: str | os.PathLike[str],
+    *,
+    dtype: str | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> MergeResult:
+    """Merge the rank-``rank`` delta of ``adapter`` into the base model and write a full model folder.
+
+    ``adapter`` is a nested adapter or a plain PEFT LoRA folder (a slice works too); the base is
+    a Hugging Face model folder with safetensors weights. Each targeted weight becomes
+    ``W + s(k)·B[:, :k]·A[:k, :]`` (transposed for ``Conv1D``), computed in float32 and rounded
+    once; ``dtype`` (``"float32"``, ``"float16"`` or ``"bfloat16"``) casts every float tensor of
+    the output, else each tensor keeps the base's dtype and untouched tensors keep their bytes.
+
+    Raises:
+        InvalidAdapterError: the adapter folder is invalid.
+        RankError: ``rank`` is outside ``[1, r]``.
+        ConfigError: unknown ``dtype``.
+        BaseModelError: the base folder is missing, pickle-only, corrupt, or a target is not a
+            float tensor.
+        BaseModelMismatchError: a target module is missing from the base or has another shape.
+        OutputExistsError: ``output`` exists (without ``force``) or is the base or adapter folder.
+        InsufficientDiskError: not enough free disk for the output.
+    """
+    started = time.perf_counter()
+    if dtype is not None and dtype not in OUTPUT_DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}: expected one of {', '.join(OUTPUT_DTYPES)}")
+    out_dtype = OUTPUT_DTYPES[dtype] if dtype is not None else None
+    out_path = check_output_path(output, force)
+    nested = adapter if isinstance(adapter, NestedAdapter) else NestedAdapter.load(adapter)
+    k = nested.check_rank(rank)
+    base = _scan_base(base_model_dir)
+    for other, what in ((base.root, "base model"), (nested.path, "adapter")):
+        if _same_or_inside(other, out_path):
+            raise OutputExistsError(
+                f"output {str(out_path)!r} would replace the {what} folder {str(other)!r}; choose another output folder"
+            )
+
+    # -- every check before anything is written --------------------------------------------
+    located = base.locate()
+    mapping, strip, add = resolve_weight_keys(nested.modules, located, where=f"base model {str(base.root)!r}")
+    targets: dict[str, str] = {}  # weight key → module
+    for name, key in mapping.items():
+        shard, info = located[key]
+        mod = nested.modules[name]
+        expected = _expected_shape(mod.out_features, mod.in_features, nested.fan_in_fan_out)
+        if info.shape != expected:
+            hint = ""
+            if info.shape == expected[::-1] and len(expected) == 2:
+                hint = (
+                    " (the transpose: the adapter's fan_in_fan_out is "
+                    f"{str(nested.fan_in_fan_out).lower()}, which does not match this layer's type)"
+                )
+            raise BaseModelMismatchError(
+                f"adapter module {name!r} expects base weight {key!r} of shape {list(expected)} "
+                f"([out_features, in_features] = [{mod.out_features}, {mod.in_features}]{', transposed for Conv1D' if nested.fan_in_fan_out else ''}) "
+                f"but {shard.name} holds {list(info.shape)}{hint}; is this the base model the adapter was trained on?"
+            )
+        if info.dtype not in MERGEABLE_DTYPES:
+            raise BaseModelError(
+                f"base weight {key!r} in {shard.name} has dtype {info.dtype}; only float weights ({', '.join(MERGEABLE_DTYPES)}) "
+                "can be merged into exactly: merge into the unquantized base model and quantize afterwards"
+            )
+        targets[key] = name
+    if len(targets) != len(mapping):
+        raise BaseModelMismatchError("two adapter modules map to the same base weight; the adapter does not fit this base model")
+
+    plans = [(shard, _shard_specs(shard, out_dtype)) for shard in base.shards]
+    total = sum(_data_bytes(specs) for _, specs in plans)
+    needed = total + sum(s.header.data_start for s in base.shards) + sum(p.stat().st_size for p in base.copy_files)
+    check_free_space(out_path.absolute().parent, needed)
+    logger.info(
+        "merging rank %d (s = %g) of %d modules into %d shard(s) of %s", k, nested.scale(k), len(targets), len(base.shards), base.root
+    )
+
+    # -- write -------------------------------------------------------------------------------
+    done = [0]
+    written = 0
+    merged = copied = 0
+    with atomic_output_dir(out_path, force) as tmp, nested.reader() as rd, ThreadPoolExecutor(1, "mlora-merge") as pool:
+        for shard, specs in plans:
+            fd = os.open(shard.path, os.O_RDONLY)
+            try:
+                start = shard.header.data_start
+                jobs: list[Callable[[], Any]] = []
+                for (name, odt, _shape), info in zip(specs, shard.header.tensors.values()):
+                    if name in targets:
+                        jobs.append(lambda fd=fd, start=start, info=info, odt=odt, m=targets[name]: _merge_one(fd, start, info, m, rd, k, odt))
+                        merged += 1
+                    else:
+                        jobs.append(lambda fd=fd, start=start, info=info, odt=odt: _copy_one(fd, start, info, odt))
+                        copied += 1
+
+                def stream(jobs: list[Callable[[], Any]] = jobs, specs: list[tuple[str, str, tuple[int, ...]]] = specs) -> Iterator[Any]:
+                    for item, (_, odt, shape) in zip(_lookahead(pool, jobs, _LOOKAHEAD), specs):
+                        yield item
+                        n = DTYPE_SIZES[odt]
+                        for s in shape:
+                            n *= s
+                        done[0] += n
+                        if progress is not None:
+                            progress(done[0], total)
+
+                written += write_safetensors(tmp / shard.name, specs, stream(), shard.header.metadata)
+            finally:
+                os.close(fd)
+            logger.debug("wrote %s", shard.name)
+        if base.index_path is not None:
+            if out_dtype is None:
+                shutil.copyfile(base.index_path, tmp / SAFE_INDEX)
+            else:
+                index = dict(base.index or {})
+                meta = dict(index.get("metadata") or {})
+                meta["total_size"] = total
+                index["metadata"] = meta
+                with open(tmp / SAFE_INDEX, "w", encoding="utf-8") as f:
+                    json.dump(index, f, indent=2, sort_keys=True)
+                    f.write("\n")
+        for src in base.copy_files:
+            if src.name == "config.json":
+                _write_config(src, tmp / src.name, dtype)
+            else:
+                shutil.copyfile(src, tmp / src.name)
+    seconds = time.perf_counter() - started
+    logger.info("wrote %s (%d merged, %d copied tensors, %.1f s)", out_path, merged, copied, seconds)
+    return MergeResult(
+        path=out_path,
+        rank=k,
+        scale=nested.scale(k),
+        dtype=dtype,
+        shards=[s.name for s in base.shards],
+        merged_tensors=merged,
+        copied_tensors=copied,
+        bytes=written,
+        seconds=seconds,
+        key_prefix={"strip": strip, "add": add} if strip or add else {},
+        copied_files=[p.name for p in base.copy_files],
+        skipped_files=base.skipped,
+    )
+
+
+__all__ = ["MergeResult", "OUTPUT_DTYPES", "merge_adapter", "resolve_weight_keys"]

@@ -1,0 +1,459 @@
+"""Build the PyTorch module that becomes the ONNX graph, and export it.
+
+A targeted ``nn.Linear`` / ``Conv1D`` of the base model is replaced by a small wrapper:
+
+- ``_DynamicRankLora`` (``dynamic`` export): ``y = base(x) + B[:, :k] · (s(k) · A[:k, :] · x)``
+  with ``k = clamp(lora_rank, 0, r)`` read from the graph input ``lora_rank`` and ``s(k)`` computed
+  in the graph for the adapter's scaling (``none`` → ``alpha``, ``rank`` → ``alpha/k``, ``sqrt`` →
+  ``alpha/sqrt(k)``; ``max(k, 1)`` guards the division, and at ``k = 0`` the empty slices give a
+  zero delta). The factors are *sliced* by ``k`` (ONNX ``Slice`` with a runtime end), so a lower
+  rank does less work.
+- ``_FixedLora`` (``fixed``): the same with constant ``A[:k]`` and ``s(k)·B[:, :k]``.
+- ``_InputLora`` (``adapters``): ``A`` (``[k, in]``) and ``s(k)·B`` (``[out, k]``) are graph
+  inputs named ``<module>.lora_A`` / ``<module>.lora_B`` with a symbolic rank dimension, so that an
+  ONNX Runtime adapter file (``.onnx_adapter``) can supply them per run.
+
+``merged`` exports need no wrapper: the deltas are added to the float32 base weights.
+
+The rank travels from the top-level wrapper to the layer wrappers through one :class:`RankState`
+object per exported model (not a dict: ``torch.export`` snapshots and restores module attribute
+dicts, which would break the sharing).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ...adapter import NestedAdapter
+from ...errors import BaseModelError, BaseModelMismatchError, ExportError
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+#: Default ONNX opset: the lowest the dynamo exporter writes natively.
+DEFAULT_OPSET = 18
+#: Models whose weights exceed this many bytes are saved with external data (protobuf's 2 GB cap).
+EXTERNAL_DATA_BYTES = 1_800_000_000
+
+TASK_CAUSAL_LM = "causal-lm"
+TASK_SEQ_CLS = "sequence-classification"
+
+
+# -- the base model -------------------------------------------------------------------------
+
+
+def load_base_model(base_dir: str | os.PathLike[str]) -> tuple["torch.nn.Module", str]:
+    """Load a transformers model folder in float32, eval mode; return ``(model, task)``.
+
+    ``task`` is :data:`TASK_CAUSAL_LM` or :data:`TASK_SEQ_CLS`, read from ``config.json``'s
+    ``architectures``.
+
+    Raises:
+        BaseModelError: the folder is missing, has no ``config.json`` or no safetensors weights
+            (pickle-only weights are refused), is of an unsupported task, or fails to load.
+    """
+    import torch
+    import transformers
+
+    root = Path(base_dir)
+    if not root.is_dir():
+        raise BaseModelError(f"base model folder {str(root)!r} does not exist; pass a transformers model folder with --base-model")
+    if not (root / "config.json").exists():
+        raise BaseModelError(f"{root}: no config.json found; pass a transformers model folder (save_pretrained output) with --base-model")
+    if not any(root.glob("*.safetensors")):
+        if any(root.glob("*.bin")) or any(root.glob("*.pt")):
+            raise BaseModelError(
+                f"{root}: only pickle weights (.bin) found and unpickling is refused; in a trusted environment load the model "
+                "and call save_pretrained(..., safe_serialization=True)"
+            )
+        raise BaseModelError(f"{root}: no .safetensors weights found; is this a transformers model folder?")
+    try:
+        config = transformers.AutoConfig.from_pretrained(root)
+    except Exception as e:  # noqa: BLE001 - any parse failure is a bad input
+        raise BaseModelError(f"{root / 'config.json'}: cannot be read by transformers ({e})") from e
+    archs = list(getattr(config, "architectures", None) or [])
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        task, auto = TASK_SEQ_CLS, transformers.AutoModelForSequenceClassification
+    elif any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) or not archs:
+        task, auto = TASK_CAUSAL_LM, transformers.AutoModelForCausalLM
+    else:
+        raise BaseModelError(
+            f"{root / 'config.json'}: architectures {archs} are not supported; expected a causal LM (…ForCausalLM, …LMHeadModel) "
+            "or a sequence classifier (…ForSequenceClassification)"
+        )
+    try:
+        with _quiet():
+            model = auto.from_pretrained(root, dtype=torch.float32)
+    except Exception as e:  # noqa: BLE001
+        raise BaseModelError(f"{root}: transformers cannot load this model ({type(e).__name__}: {e})") from e
+    model.eval()
+    if hasattr(model.config, "use_cache"):
+        model.config.use_cache = False
+    return model, task
+
+
+def module_shape(module: "torch.nn.Module") -> tuple[int, int, bool]:
+    """``(in_features, out_features, is_conv1d)`` of a ``nn.Linear`` or transformers ``Conv1D``.
+
+    Raises:
+        BaseModelMismatchError: the module is neither.
+    """
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(module, Conv1D):
+        return int(module.weight.shape[0]), int(module.weight.shape[1]), True
+    if isinstance(module, torch.nn.Linear):
+        return module.in_features, module.out_features, False
+    raise BaseModelMismatchError(f"module is a {type(module).__name__}, not a Linear or Conv1D layer")
+
+
+def check_fits(model: "torch.nn.Module", adapter: NestedAdapter, base_dir: str | os.PathLike[str]) -> None:
+    """Check that every adapted module exists in ``model`` with matching shapes and orientation.
+
+    Raises:
+        BaseModelMismatchError: a module is missing, is not a Linear/Conv1D, has other shapes, or
+            is a Conv1D while the adapter lacks ``fan_in_fan_out`` (or the reverse).
+    """
+    mods = dict(model.named_modules())
+    where = f"adapter {str(adapter.path)!r} does not fit base model {str(base_dir)!r}"
+    missing = [n for n in adapter.modules if n not in mods]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise BaseModelMismatchError(
+            f"{where}: module {missing[0]!r}{more} not found in the base model; was the adapter trained on another architecture?"
+        )
+    for name, lm in adapter.modules.items():
+        try:
+            fan_in, fan_out, conv1d = module_shape(mods[name])
+        except BaseModelMismatchError as e:
+            raise BaseModelMismatchError(f"{where}: {name!r}: {e}") from e
+        if (fan_in, fan_out) != (lm.in_features, lm.out_features):
+            raise BaseModelMismatchError(
+                f"{where}: {name!r} is [in {fan_in}, out {fan_out}] in the base but [in {lm.in_features}, out {lm.out_features}] "
+                "in the adapter; use the base model the adapter was trained on"
+            )
+        if conv1d != adapter.fan_in_fan_out:
+            raise BaseModelMismatchError(
+                f"{where}: {name!r} is {'a Conv1D' if conv1d else 'a Linear'} layer but the adapter has "
+                f"fan_in_fan_out = {str(adapter.fan_in_fan_out).lower()}; use the base model the adapter was trained on"
+            )
+
+
+# -- the wrappers ---------------------------------------------------------------------------
+
+
+@dataclass
+class RankState:
+    """What the top-level wrapper hands to the layer wrappers during one forward pass."""
+
+    k: Any = None  # python int or SymInt: the clamped rank (dynamo path)
+    index: Any = None  # int64 tensor arange(k) (TorchScript path, which cannot trace a tensor-valued slice end)
+    scale: Any = None  # 0-d float32 tensor s(k)
+    weights: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # InputLora: name -> (A, B)
+
+
+def _wrappers() -> dict[str, type]:
+    """The wrapper classes (defined lazily so that importing this module does not import torch)."""
+    import torch
+    import torch.nn.functional as F
+
+    class _DynamicRankLora(torch.nn.Module):
+        """``base(x) + B[:, :k] · (s(k) · A[:k, :] · x)`` with ``k`` and ``s(k)`` from :class:`RankState`."""
+
+        def __init__(self, base: torch.nn.Module, a: torch.Tensor, b: torch.Tensor, state: RankState) -> None:
+            super().__init__()
+            self.base = base
+            self.register_buffer("lora_A", a.contiguous(), persistent=False)
+            self.register_buffer("lora_B", b.contiguous(), persistent=False)
+            self.state = state
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            st = self.state
+            if st.index is not None:
+                a = self.lora_A.index_select(0, st.index)
+                b = self.lora_B.index_select(1, st.index)
+            else:
+                a = self.lora_A[: st.k]
+                b = self.lora_B[:, : st.k]
+            return self.base(x) + F.linear(F.linear(x, a) * st.scale, b)
+
+    class _FixedLora(torch.nn.Module):
+        """``base(x) + B' · (A' · x)`` with constant ``A' = A[:k]`` and ``B' = s(k)·B[:, :k]``."""
+
+        def __init__(self, base: torch.nn.Module, a: torch.Tensor, b: torch.Tensor) -> None:
+            super().__init__()
+            self.base = base
+            self.register_buffer("lora_A", a.contiguous(), persistent=False)
+            self.register_buffer("lora_B", b.contiguous(), persistent=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.base(x) + F.linear(F.linear(x, self.lora_A), self.lora_B)
+
+    class _InputLora(torch.nn.Module):
+        """``base(x) + B · (A · x)`` with ``A``, ``B`` graph inputs taken from :class:`RankState`."""
+
+        def __init__(self, base: torch.nn.Module, name: str, state: RankState) -> None:
+            super().__init__()
+            self.base = base
+            self.name = name
+            self.state = state
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            a, b = self.state.weights[self.name]
+            return self.base(x) + F.linear(F.linear(x, a), b)
+
+    return {"dynamic": _DynamicRankLora, "fixed": _FixedLora, "input": _InputLora}
+
+
+def _replace_module(model: "torch.nn.Module", name: str, new: "torch.nn.Module") -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def scale_tensor(k: "torch.Tensor", scaling: str, alpha: float) -> "torch.Tensor":
+    """``s(k)`` as a 0-d float32 tensor, traceable; ``max(k, 1)`` guards the division at ``k = 0``."""
+    import torch
+
+    kf = torch.clamp(k, min=1).to(torch.float32)
+    if scaling == "none":
+        return torch.ones_like(kf) * alpha
+    if scaling == "rank":
+        return alpha / kf
+    return alpha / torch.sqrt(kf)
+
+
+def _factors(adapter: NestedAdapter, k: int | None = None, *, baked: bool) -> Iterator[tuple[str, "torch.Tensor", "torch.Tensor"]]:
+    """``(name, A[:k], B[:, :k])`` in float32 for every module; ``baked`` multiplies B by ``s(k)``."""
+    import torch
+
+    k = adapter.max_rank if k is None else k
+    s = adapter.scale(k) if k > 0 else 0.0
+    with adapter.reader() as rd:
+        for name in adapter.modules:
+            a = rd.lora_A(name, k).to(torch.float32)
+            b = rd.lora_B(name, k).to(torch.float32)
+            yield name, a.contiguous(), (b * s if baked else b).contiguous()
+
+
+class ExportModel:
+    """Factory of the top-level ``torch.nn.Module`` for each export kind (see module docstring)."""
+
+    @staticmethod
+    def build(
+        model: "torch.nn.Module", task: str, adapter: NestedAdapter, kind: str, rank: int | None
+    ) -> tuple["torch.nn.Module", RankState]:
+        """Wrap ``model`` in place for ``kind`` (``dynamic|fixed|merged|adapters``); return the top module.
+
+        The top module's forward is ``(input_ids, attention_mask[, lora_rank | *lora weights]) → logits``.
+        """
+        import torch
+
+        wrappers = _wrappers()
+        state = RankState()
+        r = adapter.max_rank
+        if kind == "dynamic":
+            for name, a, b in _factors(adapter, baked=False):
+                _replace_module(model, name, wrappers["dynamic"](model.get_submodule(name), a, b, state))
+        elif kind == "fixed":
+            for name, a, b in _factors(adapter, rank, baked=True):
+                _replace_module(model, name, wrappers["fixed"](model.get_submodule(name), a, b))
+        elif kind == "merged":
+            with adapter.reader() as rd, torch.no_grad():
+                for name in adapter.modules:
+                    w = model.get_submodule(name).weight
+                    w.add_(rd.delta_weight(name, int(rank)))  # float32 base + float32 delta
+        elif kind == "adapters":
+            for name in adapter.modules:
+                _replace_module(model, name, wrappers["input"](model.get_submodule(name), name, state))
+        else:
+            raise ValueError(f"unknown export kind {kind!r}")
+
+        scaling, alpha, names = adapter.config.scaling, adapter.config.alpha, list(adapter.modules)
+
+        def run(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return model(input_ids=ids, attention_mask=mask, use_cache=False).logits if task == TASK_CAUSAL_LM else model(
+                input_ids=ids, attention_mask=mask
+            ).logits
+
+        class DynamicTop(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.model = model
+                self.torchscript = False
+
+            def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, lora_rank: torch.Tensor) -> torch.Tensor:
+                kt = torch.clamp(lora_rank.reshape(()), 0, r)
+                state.scale = scale_tensor(kt, scaling, alpha)
+                if self.torchscript:
+                    state.k, state.index = None, torch.arange(kt, dtype=torch.int64)
+                else:
+                    k = kt.item()
+                    torch._check(k >= 0)
+                    torch._check(k <= r)
+                    state.k, state.index = k, None
+                return run(input_ids, attention_mask)
+
+        class PlainTop(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.model = model
+
+            def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+                return run(input_ids, attention_mask)
+
+        class AdapterTop(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.model = model
+
+            def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
+                state.weights = {n: (weights[2 * i], weights[2 * i + 1]) for i, n in enumerate(names)}
+                return run(input_ids, attention_mask)
+
+        top = {"dynamic": DynamicTop, "adapters": AdapterTop}.get(kind, PlainTop)()
+        return top.eval(), state
+
+
+def adapter_input_names(adapter: NestedAdapter) -> list[str]:
+    """Graph input names of the LoRA weights in an ``adapters`` export, in forward order."""
+    out = []
+    for name in adapter.modules:
+        out += [f"{name}.lora_A", f"{name}.lora_B"]
+    return out
+
+
+# -- export ---------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence the exporters' stdout chatter and warnings (the CLI owns stdout, e.g. for --json)."""
+    sink = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
+        warnings.simplefilter("ignore")
+        yield
+    for line in sink.getvalue().splitlines():
+        if line.strip():
+            logger.debug("%s", line)
+
+
+def _example_inputs(top: "torch.nn.Module", kind: str, adapter: NestedAdapter, vocab: int) -> tuple[Any, ...]:
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(min(3, vocab - 1), vocab, (2, 7), generator=gen)
+    mask = torch.ones_like(ids)
+    if kind == "dynamic":
+        return ids, mask, torch.tensor(adapter.max_rank, dtype=torch.int64)
+    if kind == "adapters":
+        return (ids, mask, *[t for _, a, b in _factors(adapter, baked=True) for t in (a, b)])
+    return ids, mask
+
+
+def export_graph(
+    top: "torch.nn.Module",
+    kind: str,
+    adapter: NestedAdapter,
+    vocab: int,
+    path: Path,
+    *,
+    opset: int = DEFAULT_OPSET,
+    external_data: bool = False,
+) -> str:
+    """Export ``top`` to ``path`` with dynamic batch and sequence; return the exporter used.
+
+    Tries the dynamo exporter (``torch.export`` + onnxscript) first and falls back to the
+    TorchScript exporter when it fails.
+
+    Raises:
+        ExportError: both exporters fail.
+    """
+    import torch
+
+    args = _example_inputs(top, kind, adapter, vocab)
+    names = ["input_ids", "attention_mask"]
+    if kind == "dynamic":
+        names.append("lora_rank")
+    elif kind == "adapters":
+        names += adapter_input_names(adapter)
+    errors = []
+
+    # dynamo exporter
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    dyn: list[Any] = [{0: batch, 1: seq}, {0: batch, 1: seq}]
+    if kind == "dynamic":
+        dyn.append(None)
+    elif kind == "adapters":
+        rank_dim = torch.export.Dim("lora_r", min=1, max=max(2, adapter.max_rank)) if adapter.max_rank > 1 else None
+        for _ in adapter.modules:
+            dyn += [{0: rank_dim} if rank_dim else None, {1: rank_dim} if rank_dim else None]
+    try:
+        with _quiet():
+            prog = torch.onnx.export(
+                top, args, dynamo=True, input_names=names, output_names=["logits"], dynamic_shapes=tuple(dyn),
+                opset_version=opset, optimize=True, verbose=False,
+            )
+            prog.save(str(path), external_data=external_data)
+        return "dynamo"
+    except Exception as e:  # noqa: BLE001 - fall back, report both failures below
+        logger.warning("dynamo exporter failed (%s: %s); trying the TorchScript exporter", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        errors.append(f"dynamo: {type(e).__name__}: {e}")
+        for p in path.parent.glob(path.name + "*"):
+            p.unlink()
+
+    # TorchScript exporter
+    axes: dict[str, dict[int, str]] = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}}
+    if kind == "adapters":
+        for n in names[2:]:
+            axes[n] = {0 if n.endswith("lora_A") else 1: "lora_r"}
+    axes["logits"] = {0: "batch", 1: "sequence"} if args[0].dim() == 2 and _is_lm(top, args) else {0: "batch"}
+    if hasattr(top, "torchscript"):
+        top.torchscript = True
+    try:
+        with _quiet():
+            torch.onnx.export(
+                top, args, str(path), dynamo=False, input_names=names, output_names=["logits"], dynamic_axes=axes,
+                opset_version=opset, do_constant_folding=True,
+            )
+        if external_data:
+            import onnx
+
+            m = onnx.load(str(path))
+            onnx.save_model(m, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + ".data")
+        return "torchscript"
+    except Exception as e:  # noqa: BLE001
+        errors.append(f"torchscript: {type(e).__name__}: {e}")
+        raise ExportError(f"ONNX export failed with both exporters: {' | '.join(x.splitlines()[0] for x in errors)}; run with MLORA_DEBUG=1 -vv for details") from e
+    finally:
+        if hasattr(top, "torchscript"):
+            top.torchscript = False
+
+
+def _is_lm(top: "torch.nn.Module", args: tuple[Any, ...]) -> bool:
+    import torch
+
+    with torch.no_grad():
+        return top(*args).dim() == 3
+
+
+def param_bytes(model: "torch.nn.Module") -> int:
+    """Bytes of all parameters and buffers (for the external-data decision)."""
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
+__all__ = [
+    "DEFAULT_OPSET", "EXTERNAL_DATA_BYTES", "TASK_CAUSAL_LM", "TASK_SEQ_CLS", "ExportModel", "RankState",
+    "adapter_input_names", "check_fits", "export_graph", "load_base_model", "module_shape", "param_bytes", "scale_tensor",
+]

@@ -1,0 +1,361 @@
+"""Train a nested adapter from a local model folder and a JSONL file: ``mlora-export train`` in Python.
+
+:func:`train` loads the base model (local folder, safetensors only, never a pickle), puts a nested
+adapter on it (:func:`~mlora_export.training.add_nested_adapter`), trains it with a stock
+``transformers.Trainer`` plus :class:`~mlora_export.callbacks.NestedRankCallback`, and writes the
+nested adapter format (DESIGN.md §2) atomically.
+
+It runs unchanged under ``torchrun``/``accelerate launch``: ``Trainer`` wraps the model in
+DistributedDataParallel and shards the batches; the training diagonal depends only on the step, so
+DyLoRA's ``b`` is the same on every process; only the main process writes the output, and the
+others wait for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .adapter import MatryoshkaConfig
+from .errors import BaseModelError, ConfigError, DataError
+from .fs import check_output_path
+
+logger = logging.getLogger(__name__)
+
+#: ``progress(done_steps, total_steps)``, called on the main process after each optimisation step.
+Progress = Callable[[int, int], None]
+
+DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16", "auto")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Everything :func:`train` needs besides the paths.
+
+    ``max_rank`` defaults to ``max(train_ranks)``; ``max_steps`` (when set) overrides ``epochs``.
+    ``batch_size`` is per process: the global batch is ``batch_size × grad_accum × processes``.
+    """
+
+    method: str = "matryoshka"
+    train_ranks: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    max_rank: int | None = None
+    scaling: str = "sqrt"
+    alpha: float = 1.0
+    target_modules: str | tuple[str, ...] = "all-linear"
+    epochs: float | None = 1.0
+    max_steps: int | None = None
+    lr: float = 1e-3
+    batch_size: int = 8
+    grad_accum: int = 1
+    seed: int = 0
+    max_length: int = 512
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    lr_scheduler: str = "linear"
+    max_grad_norm: float = 1.0
+    dropout: float = 0.0
+    dtype: str = "float32"
+    gradient_checkpointing: bool = False
+    logging_steps: int = 10
+    extra_training_args: dict[str, Any] = field(default_factory=dict)
+
+    def nested_config(self, base_model: str | None = None) -> MatryoshkaConfig:
+        """The adapter's :class:`MatryoshkaConfig` (validates method, scaling, alpha and ranks).
+
+        Raises:
+            ConfigError, RankError: an invalid method, scaling, alpha or rank set.
+        """
+        r = self.max_rank if self.max_rank is not None else (max(self.train_ranks) if self.train_ranks else 0)
+        extra = {"base_model": base_model} if base_model else {}
+        return MatryoshkaConfig(self.method, r, tuple(self.train_ranks), self.scaling, self.alpha, extra)
+
+    def validate(self) -> MatryoshkaConfig:
+        """Check every setting before any I/O; return the adapter config.
+
+        Raises:
+            ConfigError: a loop setting is out of range; RankError: bad ranks.
+        """
+        cfg = self.nested_config()
+        if self.max_steps is None and self.epochs is None:
+            raise ConfigError("give a number of epochs or --max-steps")
+        if self.max_steps is not None and (_not_int(self.max_steps) or self.max_steps < 1):
+            raise ConfigError(f"max steps must be a positive integer, got {self.max_steps!r}")
+        if self.max_steps is None and (not isinstance(self.epochs, (int, float)) or not math.isfinite(self.epochs) or self.epochs <= 0):
+            raise ConfigError(f"epochs must be a positive number, got {self.epochs!r}")
+        for name in ("batch_size", "grad_accum", "logging_steps"):
+            value = getattr(self, name)
+            if _not_int(value) or value < 1:
+                raise ConfigError(f"{name.replace('_', ' ')} must be a positive integer, got {value!r}")
+        if _not_int(self.max_length) or self.max_length < 2:
+            raise ConfigError(f"max length must be an integer of at least 2 tokens, got {self.max_length!r}")
+        if not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) or self.lr <= 0:
+            raise ConfigError(f"learning rate must be a positive number, got {self.lr!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"unknown dtype {self.dtype!r}: expected one of {', '.join(DTYPES)}")
+        if _not_int(self.seed) or self.seed < 0:
+            raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
+        targets = self.target_modules
+        if isinstance(targets, str):
+            if not targets.strip():
+                raise ConfigError("target modules are empty: use 'all-linear' or module names like q_proj,v_proj")
+        elif not targets or any(not isinstance(t, str) or not t.strip() for t in targets):
+            raise ConfigError(f"target modules {list(targets)!r} must be non-empty module names like q_proj,v_proj")
+        return cfg
+
+
+def _not_int(value: Any) -> bool:
+    return isinstance(value, bool) or not isinstance(value, int)
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced (on every process; only the main one wrote ``path``)."""
+
+    path: Path
+    method: str
+    max_rank: int
+    train_ranks: tuple[int, ...]
+    steps: int
+    seconds: float
+    train_loss: float
+    final_loss: float
+    examples: int
+    world_size: int
+    is_main_process: bool
+    trainable_params: int
+    losses: list[tuple[int, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["path"] = str(self.path)
+        d["train_ranks"] = list(self.train_ranks)
+        d["losses"] = [list(x) for x in self.losses]
+        return d
+
+
+def check_base_model_dir(path: str | os.PathLike[str]) -> Path:
+    """Check that ``path`` is a local transformers model folder with safetensors weights.
+
+    Raises:
+        BaseModelError: no folder, no ``config.json``, or pickle-only (``.bin``) weights.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise BaseModelError(f"base model folder {str(p)!r} does not exist; give a local transformers model folder (config.json + *.safetensors)")
+    if not p.is_dir():
+        raise BaseModelError(f"base model {str(p)!r} is not a folder; give a local transformers model folder (config.json + *.safetensors)")
+    if not (p / "config.json").is_file():
+        raise BaseModelError(f"base model folder {str(p)!r} has no config.json; save the model there with save_pretrained()")
+    if not any(p.glob("*.safetensors")):
+        pickles = sorted(q.name for q in p.iterdir() if q.name.endswith(_PICKLE_SUFFIXES))
+        if pickles:
+            raise BaseModelError(
+                f"base model folder {str(p)!r} has only pickle weights ({', '.join(pickles[:3])}), which are never loaded; "
+                "convert it once in a trusted environment: AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)"
+            )
+        raise BaseModelError(f"base model folder {str(p)!r} has no .safetensors weights; save the model there with save_pretrained()")
+    return p
+
+
+def load_base_model(path: str | os.PathLike[str], dtype: str = "float32") -> Any:
+    """Load a causal LM from a local folder: ``local_files_only``, safetensors only.
+
+    Raises:
+        BaseModelError: the folder fails :func:`check_base_model_dir` or transformers cannot load it.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    p = check_base_model_dir(path)
+    torch_dtype: Any = "auto" if dtype == "auto" else getattr(torch, dtype)
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True, use_safetensors=True, dtype=torch_dtype)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise BaseModelError(f"cannot load {str(p)!r} as a causal language model: {e}") from e
+
+
+def load_tokenizer(path: str | os.PathLike[str]) -> Any:
+    """Load the tokenizer saved in the model folder; fall back to EOS for padding.
+
+    Raises:
+        BaseModelError: no usable tokenizer in the folder.
+    """
+    from transformers import AutoTokenizer
+
+    from .data import ensure_pad_token
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise BaseModelError(f"no usable tokenizer in {str(path)!r} ({type(e).__name__}: {e}); save the tokenizer into the model folder") from e
+    if tok is None or isinstance(tok, bool):
+        raise BaseModelError(f"no usable tokenizer in {str(path)!r}; save the tokenizer into the model folder")
+    try:
+        ensure_pad_token(tok)
+    except DataError as e:
+        raise BaseModelError(f"tokenizer in {str(path)!r}: {e}") from e
+    return tok
+
+
+def heldout_loss(model: Any, features: Sequence[dict[str, list[int]]], pad_token_id: int, *, batch_size: int = 32) -> float:
+    """Mean cross-entropy per supervised token (labels ≠ -100) of ``model`` on tokenised ``features``."""
+    import torch
+
+    from .data import IGNORE_INDEX, CompletionCollator
+
+    collate = CompletionCollator(pad_token_id)
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(features), batch_size):
+            batch = collate(features[i : i + batch_size])
+            logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+            labels = batch["labels"].to(device)[:, 1:]
+            lg = logits[:, :-1].float()
+            total += float(torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"))
+            count += int((labels != IGNORE_INDEX).sum())
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def train(
+    base_model_dir: str | os.PathLike[str],
+    data_path: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    settings: TrainSettings | None = None,
+    *,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> TrainResult:
+    """Train a nested adapter on ``base_model_dir`` with the JSONL file ``data_path``; write it to ``output``.
+
+    Everything is validated before the model is loaded. Works in one process and under
+    ``torchrun``/``accelerate launch`` (DDP) alike; only the main process writes ``output``.
+
+    Raises:
+        ConfigError, RankError: invalid settings.
+        OutputExistsError: ``output`` exists and ``force`` is false.
+        BaseModelError: the base folder is missing, pickle-only or unloadable.
+        DataError: the data file is missing or malformed (the message names the line).
+    """
+    import torch
+    from transformers import Trainer, TrainingArguments
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from .callbacks import NestedRankCallback, StepProgressCallback
+    from .data import CompletionCollator, load_jsonl, tokenize_examples
+    from .training import add_nested_adapter
+
+    settings = settings or TrainSettings()
+    cfg = settings.validate()
+    check_output_path(output, force)
+    base = check_base_model_dir(base_model_dir)
+    examples = load_jsonl(data_path)
+
+    tokenizer = load_tokenizer(base)
+    features = tokenize_examples(examples, tokenizer, settings.max_length, source=str(data_path))
+    model = load_base_model(base, settings.dtype)
+    if getattr(model.config, "use_cache", None):
+        model.config.use_cache = False
+    cfg = settings.nested_config(base_model=str(base_model_dir))
+    targets = settings.target_modules if isinstance(settings.target_modules, str) else list(settings.target_modules)
+    nested = add_nested_adapter(model, cfg, target_modules=targets, dropout=settings.dropout, seed=settings.seed)
+    if settings.gradient_checkpointing:
+        nested.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        nested.model.enable_input_require_grads()
+    trainable = sum(p.numel() for p in nested.model.parameters() if p.requires_grad)
+
+    scratch = Path(tempfile.mkdtemp(prefix="mlora-train-"))
+    try:
+        args = TrainingArguments(
+            output_dir=str(scratch),
+            per_device_train_batch_size=settings.batch_size,
+            gradient_accumulation_steps=settings.grad_accum,
+            learning_rate=settings.lr,
+            num_train_epochs=float(settings.epochs or 1.0),
+            max_steps=settings.max_steps if settings.max_steps is not None else -1,
+            lr_scheduler_type=settings.lr_scheduler,
+            warmup_steps=settings.warmup_steps,
+            weight_decay=settings.weight_decay,
+            max_grad_norm=settings.max_grad_norm,
+            seed=settings.seed,
+            data_seed=settings.seed,
+            logging_steps=settings.logging_steps,
+            save_strategy="no",
+            eval_strategy="no",
+            report_to=[],
+            disable_tqdm=True,
+            remove_unused_columns=False,
+            ddp_find_unused_parameters=False,
+            dataloader_drop_last=False,
+            **settings.extra_training_args,
+        )
+        trainer = Trainer(
+            model=nested.model,
+            args=args,
+            train_dataset=features,
+            data_collator=CompletionCollator(tokenizer.pad_token_id),
+            callbacks=[NestedRankCallback(nested)],
+        )
+        # no log lines on stdout (the CLI's --json owns it); our own bar instead of Trainer's
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
+        if progress is not None:
+            trainer.add_callback(StepProgressCallback(progress))
+        t0 = time.perf_counter()
+        out = trainer.train()
+        seconds = time.perf_counter() - t0
+        losses = [(int(h["step"]), float(h["loss"])) for h in trainer.state.log_history if "loss" in h]
+        main = trainer.is_world_process_zero()
+        if main:
+            nested.model.eval()
+            nested.save(
+                output,
+                force=force,
+                extra={
+                    "training": {
+                        "data": Path(data_path).name,
+                        "steps": trainer.state.global_step,
+                        "lr": settings.lr,
+                        "seed": settings.seed,
+                        "batch_size": settings.batch_size * settings.grad_accum * args.world_size,
+                        "target_modules": targets,
+                    }
+                },
+            )
+            logger.info("wrote the nested adapter to %s", output)
+        trainer.accelerator.wait_for_everyone()
+        world = args.world_size
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return TrainResult(
+        path=Path(output),
+        method=cfg.method,
+        max_rank=cfg.max_rank,
+        train_ranks=cfg.train_ranks,
+        steps=trainer.state.global_step,
+        seconds=seconds,
+        train_loss=float(out.training_loss),
+        final_loss=losses[-1][1] if losses else float(out.training_loss),
+        examples=len(features),
+        world_size=world,
+        is_main_process=main,
+        trainable_params=trainable,
+        losses=losses,
+    )
+
+
+__all__ = ["TrainResult", "TrainSettings", "check_base_model_dir", "heldout_loss", "load_base_model", "load_tokenizer", "train"]

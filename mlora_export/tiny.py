@@ -1,0 +1,100 @@
+"""A tiny Llama-style causal LM and a character-level tokenizer, built locally (no download).
+
+The demo and the tests need a real ``transformers`` model folder that loads with
+``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained``: this module writes
+one from a :class:`transformers.LlamaConfig` and a ``tokenizers`` word-level model over single
+characters, wrapped in :class:`transformers.PreTrainedTokenizerFast`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import string
+from pathlib import Path
+from typing import Any
+
+from .fs import atomic_output_dir
+
+logger = logging.getLogger(__name__)
+
+PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
+SPECIAL_TOKENS: tuple[str, ...] = (PAD, BOS, EOS, UNK)
+#: Printable ASCII without the other whitespace, plus newline.
+CHARACTERS: str = "".join(c for c in string.printable if c not in "\t\r\x0b\x0c")
+
+#: The default shape: about 0.1 M parameters, fast on a CPU.
+TINY_SHAPE: dict[str, Any] = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 128,
+}
+
+
+def build_char_tokenizer() -> Any:
+    """A character-level ``PreTrainedTokenizerFast``: one token per character, ``<s>`` prepended.
+
+    Ids: ``<pad>`` 0, ``<s>`` 1, ``</s>`` 2, ``<unk>`` 3, then :data:`CHARACTERS`.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for ch in CHARACTERS:
+        vocab.setdefault(ch, len(vocab))
+    tok = Tokenizer(WordLevel(vocab=vocab, unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
+    )
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK, padding_side="right"
+    )
+
+
+def tiny_llama_config(vocab_size: int, **overrides: Any) -> Any:
+    """A :class:`transformers.LlamaConfig` of :data:`TINY_SHAPE` (``overrides`` replace any field)."""
+    from transformers import LlamaConfig
+
+    shape = {**TINY_SHAPE, **overrides}
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+        **shape,
+    )
+
+
+def build_tiny_model(
+    output: str | os.PathLike[str], *, seed: int = 0, force: bool = False, **overrides: Any
+) -> dict[str, Any]:
+    """Write a randomly initialised tiny causal LM and its tokenizer to ``output`` (safetensors).
+
+    Returns ``{"path", "params", "vocab_size", "config"}``.
+
+    Raises:
+        OutputExistsError: ``output`` exists and ``force`` is false.
+    """
+    import torch
+    from transformers import LlamaForCausalLM
+
+    tokenizer = build_char_tokenizer()
+    config = tiny_llama_config(len(tokenizer), **overrides)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    params = sum(p.numel() for p in model.parameters())
+    with atomic_output_dir(output, force) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    logger.info("wrote a tiny Llama-style model (%d parameters) to %s", params, output)
+    return {"path": str(output), "params": params, "vocab_size": len(tokenizer), "config": {**TINY_SHAPE, **overrides}}
+
+
+__all__ = ["build_char_tokenizer", "build_tiny_model", "tiny_llama_config", "CHARACTERS", "TINY_SHAPE"]

@@ -1,0 +1,155 @@
+"""The exactness contract of slicing: a slice loaded by real PEFT equals ΔW_k applied by hand.
+
+Tolerances: float32 logits within atol 2e-5 / rtol 1e-4 of the float32 reference; bfloat16 slices
+are checked bit-for-bit on their tensors (A prefix exact, baked B = bf16(float32(s(k)·B))) and
+their logits within atol 3e-2 / rtol 3e-2 of a float32 reference, the error of bf16 arithmetic.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from peft import PeftModel
+from safetensors.torch import load_file
+
+from mlora_export.adapter import NestedAdapter
+from mlora_export.cli import main
+from mlora_export.converters.slice import slice_adapter
+from tests.common import apply_delta_by_hand, build_model, random_nested, sample_ids
+
+RANKS = [1, 3, 8]
+
+
+def _reference_logits(arch: str, dtype: torch.dtype, adapter: NestedAdapter, k: int, ids: torch.Tensor) -> torch.Tensor:
+    """Base weights (as stored in ``dtype``) upcast to float32, plus ΔW_k in float32."""
+    base32 = build_model(arch, dtype).to(torch.float32)
+    return apply_delta_by_hand(base32, adapter, k)(ids).logits
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("scaling", ["none", "rank", "sqrt"])
+@pytest.mark.parametrize("scale_mode", ["baked", "native"])
+def test_slice_matches_definition(arch: str, dtype: torch.dtype, scaling: str, scale_mode: str, tmp_path: Path) -> None:
+    base = build_model(arch, dtype)
+    nested = random_nested(base, tmp_path / "nested", arch=arch, r=8, scaling=scaling, alpha=2.0, dtype=dtype)
+    results = slice_adapter(nested, RANKS, tmp_path / "slices", scale_mode=scale_mode)
+    assert [r.rank for r in results] == RANKS
+    src = load_file(str(nested.weights_path))
+    ids = sample_ids()
+    for k in RANKS:
+        folder = tmp_path / "slices" / f"r{k}"
+        cfg = json.loads((folder / "adapter_config.json").read_text())
+        assert cfg["r"] == k
+        if scale_mode == "baked":
+            assert cfg["lora_alpha"] == k and "use_rslora" not in cfg
+        assert "rank_pattern" not in cfg and "alpha_pattern" not in cfg
+        assert json.loads((folder / "matryoshka_config.json").read_text())["rank"] == k
+        # tensors: exact prefix of A; B prefix, baked = one rounding of s(k)·B in float32
+        out = load_file(str(folder / "adapter_model.safetensors"))
+        s = nested.scale(k)
+        for name in nested.modules:
+            ka, kb = f"base_model.model.{name}.lora_A.weight", f"base_model.model.{name}.lora_B.weight"
+            assert out[ka].dtype == dtype and out[ka].is_contiguous()
+            assert torch.equal(out[ka], src[ka][:k])
+            want_b = src[kb][:, :k]
+            if scale_mode == "baked":
+                want_b = (want_b.float() * s).to(dtype)
+            assert torch.equal(out[kb], want_b)
+        # logits through real PEFT
+        peft_model = PeftModel.from_pretrained(build_model(arch, dtype), str(folder)).eval()
+        with torch.no_grad():
+            got = peft_model(ids).logits.float()
+            ref = _reference_logits(arch, dtype, nested, k, ids)
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
+        else:
+            torch.testing.assert_close(got, ref, atol=3e-2, rtol=3e-2)
+
+
+def test_nested_folder_is_a_peft_adapter_at_full_rank(tmp_path: Path) -> None:
+    base = build_model("gpt2")
+    nested = random_nested(base, tmp_path / "nested", arch="gpt2", r=8, scaling="sqrt")
+    peft_model = PeftModel.from_pretrained(build_model("gpt2"), str(nested.path)).eval()
+    ids = sample_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(ids).logits, apply_delta_by_hand(base, nested, 8)(ids).logits, atol=2e-5, rtol=1e-4)
+
+
+def test_slice_of_slice_and_all(tmp_path: Path) -> None:
+    base = build_model("llama")
+    nested = random_nested(base, tmp_path / "nested", arch="llama", r=8, train_ranks=(2, 4, 8))
+    res = slice_adapter(nested.path, "all", tmp_path / "slices")
+    assert [r.rank for r in res] == [2, 4, 8]
+    assert sorted(p.name for p in (tmp_path / "slices").iterdir()) == ["r2", "r4", "r8"]
+    # a slice is a plain PEFT adapter: it loads as a one-rank "lora" adapter with the same delta
+    sl = NestedAdapter.load(tmp_path / "slices" / "r4")
+    assert sl.max_rank == 4 and not sl.is_nested
+    with sl.reader() as a, nested.reader() as b:
+        name = next(iter(nested.modules))
+        torch.testing.assert_close(a.delta(name, 4), b.delta(name, 4), atol=1e-6, rtol=1e-5)
+
+
+def test_cli_slice_and_inspect(tmp_path: Path) -> None:
+    base = build_model("llama")
+    random_nested(base, tmp_path / "nested", arch="llama", r=8, train_ranks=(1, 2, 4, 8))
+    runner = CliRunner()
+    res = runner.invoke(main, ["slice", str(tmp_path / "nested"), "--ranks", "8,2,2", "--output", str(tmp_path / "s"), "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert [d["rank"] for d in data] == [2, 8]
+    # existing output: refused without --force, replaced with it
+    res = runner.invoke(main, ["slice", str(tmp_path / "nested"), "--ranks", "4", "--output", str(tmp_path / "s")])
+    assert res.exit_code == 2 and "already exists" in res.output and "--force" in res.output
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["r2", "r8"]
+    res = runner.invoke(main, ["slice", str(tmp_path / "nested"), "--ranks", "4", "--output", str(tmp_path / "s"), "--force"])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["r4"]
+    # untrained rank: allowed with a warning naming the trained ones
+    res = runner.invoke(main, ["slice", str(tmp_path / "nested"), "--ranks", "3", "--output", str(tmp_path / "s3")])
+    assert res.exit_code == 0 and "[1, 2, 4, 8]" in res.output
+    # inspect
+    res = runner.invoke(main, ["inspect", str(tmp_path / "nested"), "--json"])
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.stdout)
+    assert info["method"] == "matryoshka" and info["max_rank"] == 8 and len(info["p"]) == 8
+    assert [r["rank"] for r in info["ranks"]] == [1, 2, 4, 8] and info["ranks"][0]["params"] * 4 == info["ranks"][-1]["bytes"] / 8
+    res = runner.invoke(main, ["inspect", str(tmp_path / "nested")])
+    assert res.exit_code == 0 and "matryoshka" in res.output and "train ranks: 1, 2, 4, 8" in res.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--ranks", "0"], "must be at least 1"), (["--ranks", "16"], r"outside \[1, 8\]"), (["--ranks", "a,b"], "not an integer"),
+     (["--ranks", "4", "--scale-mode", "fused"], "fused"), (["--ranks", "2,9"], r"\[9\] are outside")],
+)
+def test_cli_slice_bad_ranks(args: list[str], message: str, tmp_path: Path) -> None:
+    random_nested(build_model("llama"), tmp_path / "nested", arch="llama", r=8)
+    res = CliRunner().invoke(main, ["slice", str(tmp_path / "nested"), "--output", str(tmp_path / "s"), *args])
+    assert res.exit_code == 2, res.output
+    assert __import__("re").search(message, res.output), res.output
+    assert not (tmp_path / "s").exists()
+
+
+def test_failure_midway_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fault injection: the second slice fails while being written; no output folder remains."""
+    import mlora_export.converters.slice as slice_mod
+
+    nested = random_nested(build_model("llama"), tmp_path / "nested", arch="llama", r=8)
+    real = slice_mod.write_safetensors
+    calls = {"n": 0}
+
+    def flaky(*a, **kw):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError("disk full (injected)")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(slice_mod, "write_safetensors", flaky)
+    with pytest.raises(OSError, match="injected"):
+        slice_adapter(nested, [2, 4], tmp_path / "s")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nested"]
