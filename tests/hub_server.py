@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, quote, unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 LFS_THRESHOLD = 10 * 1024 * 1024
 DEFAULT_GITATTRIBUTES = (
@@ -638,4 +638,4 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, data, headers, "application/octet-stream")
 
 
-__all__ = ["HubServer", "git_blob_sha1", "lfs_pointer", "quote"]
+__all__ = ["HubServer", "git_blob_sha1", "lfs_pointer"]

@@ -234,3 +234,13 @@ def test_config_validation() -> None:
         MatryoshkaConfig("matryoshka", 4, (1, 4), "sqrt", -1.0)
     with pytest.raises(ValueError, match="unknown method"):
         MatryoshkaConfig("vera", 4, (4,))
+
+
+def test_debug_traceback_only_when_asked(llama_nested: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    d = _copy(llama_nested, tmp_path)
+    _break_dora(d)
+    res = CliRunner().invoke(main, ["inspect", str(d)])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    monkeypatch.setenv("MLORA_DEBUG", "1")
+    res = CliRunner().invoke(main, ["inspect", str(d)])
+    assert res.exit_code == 2 and "Traceback" in res.output and "DoRA" in res.output

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import logging
+import traceback
 
 import click
 
 from .. import __version__
 from . import inspect_cmd, slice_cmd
 from . import merge_cmd
+from . import hub_cmd
+from . import demo_cmd
+from . import train_cmd
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -35,7 +39,10 @@ class _EchoHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            click.echo(f"{record.levelname.lower()}: {record.getMessage()}", err=True)
+            message = f"{record.levelname.lower()}: {record.getMessage()}"
+            if record.exc_info:
+                message += "\n" + "".join(traceback.format_exception(*record.exc_info)).rstrip()
+            click.echo(message, err=True)
         except Exception:  # noqa: BLE001 - logging must never raise
             self.handleError(record)
 
@@ -43,3 +50,8 @@ class _EchoHandler(logging.Handler):
 main.add_command(inspect_cmd.inspect)
 main.add_command(slice_cmd.slice_)
 main.add_command(merge_cmd.merge)
+main.add_command(hub_cmd.bundle)
+main.add_command(hub_cmd.push_hub)
+main.add_command(hub_cmd.pull)
+main.add_command(demo_cmd.demo)
+main.add_command(train_cmd.train)

@@ -161,8 +161,11 @@ def slice_adapter(
     scale_mode: str = "baked",
     force: bool = False,
     progress: Progress | None = None,
+    workers: int | None = None,
 ) -> list[SliceResult]:
     """Slice ``adapter`` at each rank in ``ranks`` into ``output/r{k}``; ``"all"`` = the train ranks.
+
+    ``workers`` threads write rank files concurrently (default: up to 4, one per CPU).
 
     The whole ``output`` folder appears at once when every slice is written (written in a
     temporary sibling, then renamed), so a failure leaves nothing behind.
@@ -184,7 +187,7 @@ def slice_adapter(
     with atomic_output_dir(output, force) as tmp, nested.reader() as rd:
         # Ranks are independent files: write them from a few threads (the copies and writes
         # release the GIL), largest first so the threads finish together.
-        with ThreadPoolExecutor(max_workers=max(1, min(len(ks), os.cpu_count() or 1, 4))) as pool:
+        with ThreadPoolExecutor(max_workers=workers or max(1, min(len(ks), os.cpu_count() or 1, 4))) as pool:
             futures = {}
             for k in sorted(ks, reverse=True):
                 folder = tmp / f"r{k}"

@@ -1,0 +1,348 @@
+"""Variant bundles (DESIGN.md §2): one folder holding the nested adapter and a PEFT slice per rank.
+
+Layout (the same locally and in a Hub repo)::
+
+    README.md                 model card (see :mod:`.card`)
+    matryoshka_config.json    the nested adapter's config (byte copy)
+    manifest.json             every file's path, size, sha256; every rank's folder and numbers
+    nested/                   the full nested adapter (byte copies of its three files)
+    r{k}/                     one PEFT slice per requested rank (:func:`~..slice.write_slice`)
+    onnx/                     optional ONNX export(s)
+
+A bundle is deterministic: the same nested adapter and options give byte-identical files, so
+re-pushing an unchanged bundle uploads nothing (:mod:`.push`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ... import __version__
+from ...adapter import CONFIG_NAME, PEFT_CONFIG_NAME, WEIGHTS_NAME, NestedAdapter, write_json
+from ...errors import ConfigError, IntegrityError, InvalidAdapterError
+from ...fs import atomic_output_dir, check_free_space, check_output_path
+from ..slice import SCALE_MODES, resolve_ranks, write_slice
+from .card import check_license, hub_base_model, render_card
+
+logger = logging.getLogger(__name__)
+
+BUNDLE_FORMAT = "mlora-bundle/1"
+MANIFEST_NAME = "manifest.json"
+README_NAME = "README.md"
+NESTED_DIR = "nested"
+ONNX_DIR = "onnx"
+#: ``progress(done, total)`` in bytes.
+Progress = Callable[[int, int], None]
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def rank_dir(k: int) -> str:
+    """The bundle folder of rank ``k``: ``r{k}``."""
+    return f"r{k}"
+
+
+@dataclass(frozen=True)
+class BundleFile:
+    """One file of a bundle, as recorded in ``manifest.json``."""
+
+    path: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class BundleRank:
+    """One rank of a bundle: its folder, parameter count, download size and metrics."""
+
+    rank: int
+    path: str
+    params: int
+    bytes: int
+    metrics: dict[str, float]
+
+
+class Bundle:
+    """A bundle folder on disk with its parsed manifest; open one with :meth:`load`."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
+        self.path = path
+        self.manifest = manifest
+
+    @property
+    def files(self) -> list[BundleFile]:
+        """Every file but ``manifest.json`` itself, sorted by path."""
+        return [BundleFile(f["path"], f["size"], f["sha256"]) for f in self.manifest["files"]]
+
+    @property
+    def ranks(self) -> list[BundleRank]:
+        return [BundleRank(r["rank"], r["path"], r["params"], r["bytes"], dict(r.get("metrics") or {})) for r in self.manifest["ranks"]]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files) + (self.path / MANIFEST_NAME).stat().st_size
+
+    def all_paths(self) -> list[str]:
+        """Every path to upload, ``manifest.json`` included, sorted."""
+        return sorted([f.path for f in self.files] + [MANIFEST_NAME])
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], *, verify: bool = True) -> "Bundle":
+        """Open a bundle folder; with ``verify`` check every file's size and sha256 against the manifest.
+
+        Raises:
+            InvalidAdapterError: no or invalid ``manifest.json``.
+            IntegrityError: a listed file is missing or differs from the manifest.
+        """
+        root = Path(path)
+        manifest = read_manifest(root / MANIFEST_NAME)
+        if verify:
+            for f in manifest["files"]:
+                check_file(root / f["path"], f, label=f["path"])
+        return cls(root, manifest)
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """Read and validate a ``manifest.json``.
+
+    Raises:
+        InvalidAdapterError: missing, not JSON, another format, or missing fields.
+    """
+    if not path.exists():
+        raise InvalidAdapterError(f"{path}: not found; is {str(path.parent)!r} a bundle written by `mlora-export bundle`?")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InvalidAdapterError(f"{path}: not valid JSON ({e}); re-create the bundle") from e
+    return check_manifest(data, str(path))
+
+
+def check_manifest(data: Any, source: str) -> dict[str, Any]:
+    """Validate the structure of a parsed manifest; return it.
+
+    Raises:
+        InvalidAdapterError: another format or missing/ill-typed fields, naming ``source``.
+    """
+    if not isinstance(data, dict) or data.get("format") != BUNDLE_FORMAT:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise InvalidAdapterError(f"{source}: format is {found!r}, expected {BUNDLE_FORMAT!r}; this is not an mlora-export variant bundle")
+    for key, typ in (("files", list), ("ranks", list), ("nested", dict), ("config", dict)):
+        if not isinstance(data.get(key), typ):
+            raise InvalidAdapterError(f"{source}: field {key!r} is missing or not a {typ.__name__}; re-create the bundle")
+    for f in data["files"]:
+        if not (isinstance(f, dict) and isinstance(f.get("path"), str) and isinstance(f.get("size"), int) and isinstance(f.get("sha256"), str)):
+            raise InvalidAdapterError(f"{source}: file entry {f!r} needs path, size and sha256")
+        if f["path"].startswith("/") or ".." in f["path"].split("/"):
+            raise InvalidAdapterError(f"{source}: file path {f['path']!r} escapes the bundle folder")
+    for r in data["ranks"]:
+        if not (isinstance(r, dict) and isinstance(r.get("rank"), int) and isinstance(r.get("path"), str)
+                and isinstance(r.get("params"), int) and isinstance(r.get("bytes"), int)):
+            raise InvalidAdapterError(f"{source}: rank entry {r!r} needs rank, path, params and bytes")
+    return data
+
+
+def check_file(path: Path, entry: Mapping[str, Any], *, label: str, error: type[IntegrityError] = IntegrityError, hint: str = "re-create the bundle") -> None:
+    """Raise ``error`` naming ``label`` when ``path`` is missing or its size/sha256 differ from ``entry``."""
+    if not path.is_file():
+        raise error(f"{label}: listed in manifest.json but missing; {hint}")
+    size = path.stat().st_size
+    if size != entry["size"]:
+        raise error(f"{label}: size {size} bytes does not match manifest.json ({entry['size']} bytes); {hint}")
+    digest = sha256_file(path)
+    if digest != entry["sha256"]:
+        raise error(f"{label}: sha256 {digest[:12]}… does not match manifest.json ({entry['sha256'][:12]}…); {hint}")
+
+
+def _metrics_by_rank(evaluation: Any) -> dict[int, dict[str, float]]:
+    """``{rank: {metric: score}}`` from the ``evaluation`` section of a nested config (if any)."""
+    out: dict[int, dict[str, float]] = {}
+    if not isinstance(evaluation, dict):
+        return out
+    for metric, entry in evaluation.items():
+        if not isinstance(entry, dict):
+            continue
+        for point in entry.get("ranks") or []:
+            if isinstance(point, dict) and isinstance(point.get("rank"), int) and isinstance(point.get("score"), (int, float)):
+                out.setdefault(point["rank"], {})[str(metric)] = float(point["score"])
+    return out
+
+
+def _folder_files(root: Path, sub: str) -> list[Path]:
+    return sorted(p for p in (root / sub).rglob("*") if p.is_file())
+
+
+def write_bundle(
+    adapter: NestedAdapter | str | os.PathLike[str],
+    ranks: Iterable[int] | str,
+    output: str | os.PathLike[str],
+    *,
+    scale_mode: str = "baked",
+    base_model: str | None = None,
+    license_id: str | None = None,
+    repo_id: str | None = None,
+    onnx_dir: str | os.PathLike[str] | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+    warn_local_base: bool = True,
+) -> Bundle:
+    """Write the variant bundle of a nested ``adapter`` at ``ranks`` into the new folder ``output``.
+
+    ``base_model`` overrides the base model recorded in the adapter (the card's ``base_model``
+    must be a Hub repo id; a local path is left out of the card with a warning). ``repo_id`` is
+    only used in the card's snippets. ``onnx_dir``, when given, is copied into ``onnx/``.
+    ``warn_local_base=False`` silences the warning about a base model that is a local path.
+    The folder appears at once, complete (written in a temporary sibling, then renamed).
+
+    Raises:
+        InvalidAdapterError: the adapter is invalid or a plain PEFT LoRA adapter.
+        RankError: a rank is outside ``[1, r]``.
+        ConfigError: unknown ``scale_mode`` or an invalid license id.
+        OutputExistsError: ``output`` exists and ``force`` is false.
+    """
+    if scale_mode not in SCALE_MODES:
+        raise ConfigError(f"unknown scale mode {scale_mode!r}: expected one of {', '.join(SCALE_MODES)}")
+    check_license(license_id)
+    check_output_path(output, force)
+    nested = adapter if isinstance(adapter, NestedAdapter) else NestedAdapter.load(adapter)
+    if not nested.is_nested:
+        raise InvalidAdapterError(
+            f"{nested.path}: a plain PEFT LoRA adapter (no nested {CONFIG_NAME}); a bundle needs a nested adapter "
+            "written by mlora-export training, since only its prefixes are trained ranks"
+        )
+    ks = resolve_ranks(nested, ranks if isinstance(ranks, str) else list(ranks))
+    base = base_model or nested.base_model
+    hub_base = hub_base_model(base)
+    if base and hub_base is None and warn_local_base:
+        logger.warning("base model %r is not a Hub repo id, so the model card leaves base_model out; pass --base-model org/name", base)
+    src_files = [nested.path / n for n in (PEFT_CONFIG_NAME, WEIGHTS_NAME, CONFIG_NAME)]
+    slice_total = sum(nested.bytes_at(k) for k in ks)
+    onnx_src = Path(onnx_dir) if onnx_dir is not None else None
+    onnx_bytes = sum(p.stat().st_size for p in onnx_src.rglob("*") if p.is_file()) if onnx_src else 0
+    check_free_space(Path(output).absolute().parent, slice_total + sum(p.stat().st_size for p in src_files) * 2 + onnx_bytes)
+    raw_cfg = json.loads((nested.path / CONFIG_NAME).read_text(encoding="utf-8"))
+    metrics = _metrics_by_rank(raw_cfg.get("evaluation"))
+
+    with atomic_output_dir(output, force) as tmp:
+        (tmp / NESTED_DIR).mkdir()
+        for src in src_files:
+            shutil.copyfile(src, tmp / NESTED_DIR / src.name)
+        shutil.copyfile(nested.path / CONFIG_NAME, tmp / CONFIG_NAME)
+        done = [0]
+        rank_entries = []
+        with nested.reader() as rd:
+            for k in ks:
+                folder = tmp / rank_dir(k)
+                folder.mkdir()
+                res = write_slice(nested, k, folder, scale_mode, reader=rd, progress=progress, _done=done, _total=slice_total)
+                # record the source relative to the bundle (deterministic; no local path on the Hub)
+                slice_cfg = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+                slice_cfg["source"]["path"] = f"../{NESTED_DIR}"
+                write_json(folder / CONFIG_NAME, slice_cfg)
+                files = _folder_files(tmp, rank_dir(k))
+                rank_entries.append({
+                    "rank": k,
+                    "path": rank_dir(k),
+                    "params": res.params,
+                    "bytes": sum(p.stat().st_size for p in files),
+                    "scale": res.scale,
+                    "trained": k in nested.config.train_ranks,
+                    "metrics": metrics.get(k, {}),
+                })
+                logger.info("bundle: wrote rank %d (%d params)", k, res.params)
+        onnx_entries = []
+        if onnx_src is not None:
+            shutil.copytree(onnx_src, tmp / ONNX_DIR)
+            onnx_entries = [p.relative_to(tmp).as_posix() for p in _folder_files(tmp, ONNX_DIR)]
+        nested_files = _folder_files(tmp, NESTED_DIR)
+        manifest: dict[str, Any] = {
+            "format": BUNDLE_FORMAT,
+            "created_by": f"mlora-export {__version__}",
+            "base_model": hub_base,
+            "task_type": nested.peft_config.get("task_type"),
+            "dtype": nested.dtype,
+            "scale_mode": scale_mode,
+            "config": {
+                "method": nested.config.method,
+                "max_rank": nested.max_rank,
+                "train_ranks": list(nested.config.train_ranks),
+                "scaling": nested.config.scaling,
+                "alpha": nested.config.alpha,
+            },
+            "nested": {"path": NESTED_DIR, "rank": nested.max_rank, "params": nested.params_at(nested.max_rank),
+                       "bytes": sum(p.stat().st_size for p in nested_files)},
+            "ranks": rank_entries,
+        }
+        if isinstance(raw_cfg.get("evaluation"), dict):
+            manifest["evaluation"] = {
+                m: {"metric": e.get("metric", m), "higher_is_better": e.get("higher_is_better"), "aurac": e.get("aurac"), "data": e.get("data")}
+                for m, e in raw_cfg["evaluation"].items() if isinstance(e, dict)
+            }
+        if onnx_entries:
+            manifest["onnx"] = onnx_entries
+        (tmp / README_NAME).write_text(render_card(manifest, repo_id=repo_id, license_id=license_id), encoding="utf-8")
+        all_files = [p for p in tmp.rglob("*") if p.is_file() and p != tmp / MANIFEST_NAME]
+        manifest["files"] = [
+            {"path": p.relative_to(tmp).as_posix(), "size": p.stat().st_size, "sha256": sha256_file(p)}
+            for p in sorted(all_files, key=lambda p: p.relative_to(tmp).as_posix())
+        ]
+        write_json(tmp / MANIFEST_NAME, manifest)
+    logger.info("bundle: wrote %s (ranks %s)", output, list(ks))
+    return Bundle.load(output, verify=False)
+
+
+def is_bundle(path: str | os.PathLike[str]) -> bool:
+    """True when ``path`` is a folder with a ``manifest.json`` (a bundle, valid or not)."""
+    return (Path(path) / MANIFEST_NAME).is_file()
+
+
+def pick_rank(ranks: Sequence[BundleRank], max_bytes: int | None, max_params: int | None) -> BundleRank | None:
+    """The largest rank whose download size and parameter count fit the limits (``None`` if none fits)."""
+    fits = [r for r in ranks if (max_bytes is None or r.bytes <= max_bytes) and (max_params is None or r.params <= max_params)]
+    return max(fits, key=lambda r: r.rank) if fits else None
+
+
+def demo_stage(ctx: Any) -> Any:
+    """Demo stage ``bundle``: the demo's nested adapter as a Hub variant bundle in ``bundle/`` (no network).
+
+    Includes the demo's ONNX export in ``onnx/`` when an earlier ``onnx`` stage wrote one.
+    """
+    from ...demo import StageReport
+
+    def progress(done: int, total: int) -> None:
+        ctx.report_progress("bundling", done, total)
+
+    onnx = ctx.root / ONNX_DIR
+    b = write_bundle(ctx.nested_dir, ctx.slice_ranks, ctx.root / "bundle", onnx_dir=onnx if onnx.is_dir() else None,
+                     progress=progress, warn_local_base=False)
+    return StageReport(
+        lines=[
+            f"variant bundle (model card, manifest with sha256 of {len(b.files) + 1} files, nested/ + "
+            + ", ".join(f"{r.path}/" for r in b.ranks) + (", onnx/" if b.manifest.get("onnx") else "")
+            + f") -> {ctx.output / 'bundle'}; publish it with `mlora-export push-hub {ctx.output / 'bundle'} --repo-id <namespace>/<repo>`"
+        ],
+        headers=["rank", "folder", "params", "bytes"],
+        rows=[[r.rank, r.path + "/", f"{r.params:,}", r.bytes] for r in b.ranks],
+        data={"path": "bundle", "ranks": [r.__dict__ for r in b.ranks], "files": len(b.files) + 1, "bytes": b.total_bytes},
+    )
+
+
+__all__ = [
+    "BUNDLE_FORMAT", "MANIFEST_NAME", "README_NAME", "NESTED_DIR", "ONNX_DIR",
+    "Bundle", "BundleFile", "BundleRank", "check_file", "check_manifest", "is_bundle", "pick_rank",
+    "demo_stage", "rank_dir", "read_manifest", "sha256_file", "write_bundle",
+]

@@ -1,0 +1,161 @@
+"""Pull one rank of a variant bundle from the Hub, sha256-verified against the bundle's manifest.
+
+Only ``manifest.json`` is read first (to choose the rank: an explicit one, or with ``"auto"`` the
+largest that fits ``max_bytes``/``max_params``); then only that rank's folder and the bundle's
+``matryoshka_config.json`` are downloaded (``allow_patterns``), all at the one commit the
+revision pointed to when the pull started. Every file is checked against the manifest before
+the output folder appears; on any mismatch the error names the file and nothing is left behind.
+
+The output folder is a plain PEFT adapter (``adapter_config.json``, ``adapter_model.safetensors``,
+the slice's ``matryoshka_config.json``) with the bundle's manifest and config kept under
+``bundle/`` for provenance.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ...adapter import CONFIG_NAME, write_json
+from ...errors import ConfigError, HubError, InvalidAdapterError, RankError, RemoteIntegrityError
+from ...fs import atomic_output_dir, check_output_path
+from .bundle import MANIFEST_NAME, BundleRank, check_file, check_manifest, pick_rank
+from .remote import hub_errors, make_api, resolve_endpoint
+
+logger = logging.getLogger(__name__)
+
+PROVENANCE_DIR = "bundle"
+
+
+@dataclass(frozen=True)
+class PullResult:
+    """What :func:`pull_rank` wrote."""
+
+    repo_id: str
+    rank: int
+    path: Path
+    commit: str
+    params: int
+    bytes: int
+    files: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"repo_id": self.repo_id, "rank": self.rank, "path": str(self.path), "commit": self.commit,
+                "params": self.params, "bytes": self.bytes, "files": self.files}
+
+
+def _check_limit(name: str, value: int | None) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+def choose_rank(ranks: list[BundleRank], rank: int | str, max_bytes: int | None, max_params: int | None, repo_id: str) -> BundleRank:
+    """The bundle rank to pull: ``rank`` itself, or with ``"auto"`` the largest that fits the limits.
+
+    Raises:
+        RankError: the rank is not in the bundle, or no rank fits the limits.
+    """
+    available = ", ".join(str(r.rank) for r in ranks) or "none"
+    if rank == "auto":
+        chosen = pick_rank(ranks, max_bytes, max_params)
+        if chosen is None:
+            smallest = min(ranks, key=lambda r: r.rank) if ranks else None
+            limits = " and ".join(x for x in (f"--max-bytes {max_bytes}" if max_bytes is not None else "",
+                                              f"--max-params {max_params}" if max_params is not None else "") if x)
+            detail = f"; the smallest, rank {smallest.rank}, has {smallest.bytes} bytes and {smallest.params} parameters" if smallest else ""
+            raise RankError(f"no rank of {repo_id!r} fits {limits}{detail}; raise the limit")
+        return chosen
+    for r in ranks:
+        if r.rank == rank:
+            return r
+    raise RankError(f"rank {rank} is not in the bundle {repo_id!r}; it has ranks {available}")
+
+
+def pull_rank(
+    repo_id: str,
+    rank: int | str,
+    output: str | os.PathLike[str],
+    *,
+    revision: str = "main",
+    endpoint: str | None = None,
+    token: str | None = None,
+    max_bytes: int | None = None,
+    max_params: int | None = None,
+    force: bool = False,
+) -> PullResult:
+    """Download rank ``rank`` (or ``"auto"``) of the bundle ``repo_id`` into the new folder ``output``.
+
+    Raises:
+        ConfigError: ``"auto"`` without a limit, or an invalid limit or rank.
+        OutputExistsError: ``output`` exists and ``force`` is false.
+        RankError: the rank is not in the bundle, or none fits the limits.
+        InvalidAdapterError: the repo is not an mlora-export bundle (no or invalid ``manifest.json``).
+        RemoteIntegrityError: a downloaded file does not match the manifest (names the file).
+        HubError: unknown repo or revision, bad token, no permission, network down.
+    """
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import RemoteEntryNotFoundError
+
+    if rank == "auto":
+        if max_bytes is None and max_params is None:
+            raise ConfigError("--rank auto needs --max-bytes and/or --max-params to choose the largest rank that fits")
+    elif isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ConfigError(f"--rank must be a positive integer or 'auto', got {rank!r}")
+    _check_limit("--max-bytes", max_bytes)
+    _check_limit("--max-params", max_params)
+    check_output_path(output, force)
+    url_endpoint = resolve_endpoint(endpoint)
+    api = make_api(endpoint, token)
+    kw: dict[str, Any] = {"endpoint": url_endpoint, "token": token}
+
+    with hub_errors("pull", repo_id, url_endpoint, revision):
+        commit = api.repo_info(repo_id, revision=revision).sha
+    if not commit:
+        raise HubError(f"pull: the Hub at {url_endpoint} did not say which commit {revision!r} of {repo_id!r} is")
+    with atomic_output_dir(output, force) as tmp:
+        dl = tmp / ".download"
+        with hub_errors("pull", repo_id, url_endpoint, revision):
+            try:
+                manifest_path = Path(hf_hub_download(repo_id, MANIFEST_NAME, revision=commit, local_dir=dl, **kw))
+            except RemoteEntryNotFoundError as e:
+                raise InvalidAdapterError(f"{repo_id!r} has no {MANIFEST_NAME} at revision {revision!r}: it is not a variant bundle written by mlora-export push-hub") from e
+        try:
+            manifest = check_manifest(json.loads(manifest_path.read_text(encoding="utf-8")), f"{repo_id}/{MANIFEST_NAME}")
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise InvalidAdapterError(f"{repo_id}/{MANIFEST_NAME}: not valid JSON; it is not a variant bundle written by mlora-export") from e
+        ranks = [BundleRank(r["rank"], r["path"], r["params"], r["bytes"], dict(r.get("metrics") or {})) for r in manifest["ranks"]]
+        chosen = choose_rank(ranks, rank, max_bytes, max_params, repo_id)
+        prefix = chosen.path.rstrip("/") + "/"
+        entries = [f for f in manifest["files"] if f["path"].startswith(prefix) or f["path"] == CONFIG_NAME]
+        if not any(f["path"].startswith(prefix) for f in entries):
+            raise InvalidAdapterError(f"{repo_id}/{MANIFEST_NAME}: lists no files for rank {chosen.rank} ({prefix}); the bundle is broken")
+        logger.info("pulling rank %d of %s@%s (%d bytes)", chosen.rank, repo_id, commit[:10], chosen.bytes)
+        with hub_errors("pull", repo_id, url_endpoint, revision):
+            snapshot_download(repo_id, revision=commit, local_dir=dl, allow_patterns=[f"{prefix}*", CONFIG_NAME], **kw)
+        hint = f"the copy on the Hub is corrupt or was changed after the bundle was written; nothing was written to {str(output)!r}"
+        for entry in entries:
+            check_file(dl / entry["path"], entry, label=f"{repo_id}/{entry['path']}", error=RemoteIntegrityError, hint=hint)
+        files = []
+        for entry in entries:
+            if entry["path"] == CONFIG_NAME:
+                continue
+            rel = entry["path"][len(prefix):]
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(dl / entry["path"], tmp / rel)
+            files.append(rel)
+        prov = tmp / PROVENANCE_DIR
+        prov.mkdir()
+        shutil.move(manifest_path, prov / MANIFEST_NAME)
+        shutil.move(dl / CONFIG_NAME, prov / CONFIG_NAME)
+        write_json(prov / "source.json", {"repo_id": repo_id, "revision": revision, "commit": commit, "endpoint": url_endpoint, "rank": chosen.rank})
+        shutil.rmtree(dl)
+    logger.info("pulled rank %d of %s into %s", chosen.rank, repo_id, output)
+    return PullResult(repo_id, chosen.rank, Path(output), commit, chosen.params, chosen.bytes, sorted(files))
+
+
+__all__ = ["PROVENANCE_DIR", "PullResult", "choose_rank", "pull_rank"]

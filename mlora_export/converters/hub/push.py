@@ -1,0 +1,196 @@
+"""Push a variant bundle to the Hugging Face Hub (or a private deployment/mirror) as one commit.
+
+The remote tree is compared with the bundle first (LFS files by sha256, regular files by git
+blob id), and only new or changed files go into the commit; an unchanged bundle makes no
+request beyond the comparison: no upload and no commit. Files under the bundle's own folders
+(``nested/``, ``onnx/``, ``r{k}/``) that the bundle no longer has are deleted in the same commit;
+other files in the repo are left alone.
+
+With ``branches``, each rank ``k`` also gets a branch ``r{k}`` whose root holds that rank's
+adapter (plus the model card), for tools that take ``repo@revision`` and no subfolder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ...adapter import CONFIG_NAME, PEFT_CONFIG_NAME, WEIGHTS_NAME
+from ...errors import ConfigError
+from .bundle import README_NAME, Bundle, sha256_file
+from .card import PLACEHOLDER_REPO
+from .remote import hub_errors, make_api, resolve_endpoint
+
+if TYPE_CHECKING:
+    from huggingface_hub import HfApi
+
+logger = logging.getLogger(__name__)
+
+#: Remote paths the bundle owns: stale files there are deleted on push.
+OWNED_RE = re.compile(r"^(nested|onnx|r\d+)/")
+KEEP_ON_BRANCH = (".gitattributes",)
+
+
+@dataclass
+class RefUpdate:
+    """What one push did to one branch."""
+
+    branch: str
+    commit: str | None
+    uploaded: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.uploaded or self.deleted)
+
+
+@dataclass
+class PushResult:
+    """The outcome of :func:`push_bundle`: the main revision and each rank branch."""
+
+    repo_id: str
+    url: str
+    main: RefUpdate
+    branches: list[RefUpdate]
+
+    def to_dict(self) -> dict[str, Any]:
+        def ref(r: RefUpdate) -> dict[str, Any]:
+            return {"branch": r.branch, "commit": r.commit, "changed": r.changed, "uploaded": r.uploaded, "deleted": r.deleted}
+
+        return {"repo_id": self.repo_id, "url": self.url, "revision": ref(self.main), "branches": [ref(b) for b in self.branches]}
+
+
+def git_blob_id(path: Path) -> str:
+    """The git blob id of a file: ``sha1(b"blob <size>\\0" + content)``, streamed."""
+    h = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _matches(remote: Any, local: Path, sha256: str | None) -> bool:
+    """True when the remote ``RepoFile`` has the same content as ``local``."""
+    if remote.size != local.stat().st_size:
+        return False
+    if remote.lfs is not None:
+        return remote.lfs.sha256 == (sha256 or sha256_file(local))
+    return remote.blob_id == git_blob_id(local)
+
+
+def _remote_files(api: "HfApi", repo_id: str, revision: str) -> dict[str, Any]:
+    from huggingface_hub.hf_api import RepoFile
+
+    return {f.path: f for f in api.list_repo_tree(repo_id, revision=revision, recursive=True) if isinstance(f, RepoFile)}
+
+
+def _sync(api: "HfApi", repo_id: str, revision: str, wanted: dict[str, tuple[Path, str | None]], remote: dict[str, Any], stale: list[str], message: str) -> RefUpdate:
+    """Commit the files of ``wanted`` (repo path → local path, sha256) that differ from ``remote``, and delete ``stale``."""
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
+    uploads = sorted(p for p, (local, sha) in wanted.items() if p not in remote or not _matches(remote[p], local, sha))
+    deletes = sorted(p for p in stale if p in remote)
+    result = RefUpdate(revision, None, uploads, deletes)
+    if not uploads and not deletes:
+        result.commit = api.repo_info(repo_id, revision=revision).sha
+        logger.info("%s@%s is up to date: nothing to upload", repo_id, revision)
+        return result
+    ops: list[Any] = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(wanted[p][0])) for p in uploads]
+    ops += [CommitOperationDelete(path_in_repo=p) for p in deletes]
+    logger.info("%s@%s: uploading %d file(s), deleting %d", repo_id, revision, len(uploads), len(deletes))
+    info = api.create_commit(repo_id, ops, commit_message=message, revision=revision)
+    result.commit = info.oid
+    return result
+
+
+def check_repo_id(repo_id: str) -> str:
+    """Validate a ``namespace/name`` repo id before any I/O.
+
+    Raises:
+        ConfigError: not a valid Hub repo id, or no namespace.
+    """
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise ConfigError(f"--repo-id {repo_id!r} is not a valid Hub repo id; expected namespace/name, e.g. my-org/llama-1b-gsm8k-mlora") from e
+    if "/" not in repo_id:
+        raise ConfigError(f"--repo-id {repo_id!r} needs a namespace: give it as namespace/name, e.g. my-org/{repo_id}")
+    return repo_id
+
+
+def push_bundle(
+    bundle_dir: str | os.PathLike[str],
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str = "main",
+    branches: bool = False,
+    token: str | None = None,
+    endpoint: str | None = None,
+    commit_message: str | None = None,
+) -> PushResult:
+    """Push the bundle folder ``bundle_dir`` to ``repo_id`` (created if needed) as one commit on ``revision``.
+
+    Raises:
+        InvalidAdapterError, IntegrityError: the bundle folder is invalid or was modified.
+        ConfigError: ``repo_id`` is not a valid Hub repo id.
+        HubError: the Hub refused (token, permission) or could not be reached.
+    """
+    check_repo_id(repo_id)
+    bundle = Bundle.load(bundle_dir, verify=True)
+    if PLACEHOLDER_REPO in (bundle.path / README_NAME).read_text(encoding="utf-8"):
+        logger.warning("the model card's snippets show %s: rebuild the bundle with --repo-id %s to fill them in", PLACEHOLDER_REPO, repo_id)
+    root = bundle.path
+    sha = {f.path: f.sha256 for f in bundle.files}
+    wanted = {p: (root / p, sha.get(p)) for p in bundle.all_paths()}
+    ranks = [r.rank for r in bundle.ranks]
+    message = commit_message or f"Upload MatryoshkaLoRA bundle (ranks {', '.join(map(str, ranks))}) with mlora-export"
+    url_endpoint = resolve_endpoint(endpoint)
+    api = make_api(endpoint, token)
+
+    with hub_errors("push-hub", repo_id, url_endpoint, revision):
+        url = str(api.create_repo(repo_id, private=private, exist_ok=True))
+        refs = {b.name for b in api.list_repo_refs(repo_id).branches}
+        if revision not in refs:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        remote = _remote_files(api, repo_id, revision)
+        stale = [p for p in remote if OWNED_RE.match(p) and p not in wanted]
+        main = _sync(api, repo_id, revision, wanted, remote, stale, message)
+        updates = []
+        if branches:
+            for r in bundle.ranks:
+                branch = r.path
+                if branch not in refs:
+                    api.create_branch(repo_id, branch=branch, revision=main.commit, exist_ok=True)
+                    refs.add(branch)
+                branch_files = {
+                    README_NAME: (root / README_NAME, sha.get(README_NAME)),
+                    **{n: (root / r.path / n, sha.get(f"{r.path}/{n}")) for n in (PEFT_CONFIG_NAME, WEIGHTS_NAME, CONFIG_NAME)},
+                }
+                have = _remote_files(api, repo_id, branch)
+                stale_b = [p for p in have if p not in branch_files and p not in KEEP_ON_BRANCH]
+                updates.append(_sync(api, repo_id, branch, branch_files, have, stale_b, f"Rank {r.rank} adapter at the root ({message})"))
+    logger.info("pushed %s: %s", repo_id, "no change" if not main.changed else f"commit {main.commit}")
+    return PushResult(repo_id=repo_id, url=url, main=main, branches=updates)
+
+
+def dry_run_listing(bundle: Bundle, branches: bool = False) -> list[dict[str, Any]]:
+    """What a push would upload (path and size), with no network call; ``branches`` adds each rank branch's root files."""
+    out = [{"path": p, "size": (bundle.path / p).stat().st_size} for p in bundle.all_paths()]
+    if branches:
+        for r in bundle.ranks:
+            for n in (README_NAME, PEFT_CONFIG_NAME, WEIGHTS_NAME, CONFIG_NAME):
+                src = bundle.path / (n if n == README_NAME else f"{r.path}/{n}")
+                out.append({"path": f"{r.path}@{n}", "size": src.stat().st_size, "branch": r.path})
+    return out
+
+
+__all__ = ["PushResult", "RefUpdate", "check_repo_id", "dry_run_listing", "git_blob_id", "push_bundle"]

@@ -1,0 +1,124 @@
+"""Talking to the Hub: endpoint and token resolution, and huggingface_hub errors → one-line errors.
+
+The token comes from ``--token``, else ``HF_TOKEN``, else the ``hf auth login`` cache (the
+client's own lookup); it is passed to the client and never logged or put in a message. The
+endpoint comes from ``--endpoint``, else ``HF_ENDPOINT`` (read at call time, so it works even when
+set after ``huggingface_hub`` was imported), else the client's default.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from ...errors import HubError
+
+if TYPE_CHECKING:
+    from huggingface_hub import HfApi
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_endpoint(endpoint: str | None) -> str:
+    """``endpoint``, else ``$HF_ENDPOINT``, else huggingface_hub's default endpoint (no trailing slash)."""
+    from huggingface_hub import constants
+
+    value = endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+    return value.rstrip("/")
+
+
+def make_api(endpoint: str | None, token: str | None) -> "HfApi":
+    """An :class:`HfApi` for ``endpoint`` (see :func:`resolve_endpoint`); ``token=None`` uses the client's lookup."""
+    from huggingface_hub import HfApi
+
+    return HfApi(endpoint=resolve_endpoint(endpoint), token=token, library_name="mlora-export")
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    errs: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for mod in ("httpx2", "httpx", "requests"):
+        try:
+            m = __import__(mod)
+        except ImportError:
+            continue
+        for name in ("TransportError", "ConnectionError", "Timeout"):
+            cls = getattr(m, name, None)
+            if isinstance(cls, type) and issubclass(cls, BaseException):
+                errs.append(cls)
+    return tuple(errs)
+
+
+def _server_message(exc: Any) -> str:
+    msg = getattr(exc, "server_message", None)
+    return _one_line(msg) if msg else ""
+
+
+@contextlib.contextmanager
+def hub_errors(action: str, repo_id: str, endpoint: str, revision: str | None = None) -> Iterator[None]:
+    """Turn huggingface_hub and network errors raised inside the block into :class:`HubError` (exit 1).
+
+    ``action`` names what was being done ("push", "pull"...) for the message.
+    """
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RemoteEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    login_hint = "log in with `hf auth login`, set HF_TOKEN or pass --token"
+    try:
+        yield
+    except HubError:
+        raise
+    except RevisionNotFoundError as e:
+        raise HubError(f"{action}: revision {revision!r} not found in {repo_id!r} on {endpoint}; check --revision (a branch, tag or commit)") from e
+    except GatedRepoError as e:
+        raise HubError(f"{action}: {repo_id!r} on {endpoint} is gated; request access on its page, then {login_hint}") from e
+    except RepositoryNotFoundError as e:
+        raise HubError(
+            f"{action}: repository {repo_id!r} not found on {endpoint}, or it is private and "
+            f"{'your token cannot read it' if _has_auth(e) else 'no token was sent'}; check --repo-id, or {login_hint}"
+        ) from e
+    except RemoteEntryNotFoundError as e:
+        raise HubError(f"{action}: a file is missing in {repo_id!r} on {endpoint} ({_server_message(e) or 'entry not found'}); the bundle there is incomplete") from e
+    except HfHubHTTPError as e:
+        status = e.response.status_code if getattr(e, "response", None) is not None else None
+        server = _server_message(e)
+        if status == 401 and not _has_auth(e):
+            raise HubError(f"{action}: the Hub at {endpoint} needs a token for this (401{': ' + server if server else ''}); {login_hint}") from e
+        if status == 401:
+            raise HubError(f"{action}: the Hub at {endpoint} rejected the token (401{': ' + server if server else ''}); it is invalid or expired: {login_hint}") from e
+        if status == 403:
+            raise HubError(
+                f"{action}: permission denied for {repo_id!r} on {endpoint} (403{': ' + server if server else ''}); "
+                "use a token with write access to that namespace"
+            ) from e
+        raise HubError(f"{action}: the Hub at {endpoint} answered HTTP {status} for {repo_id!r}{': ' + server if server else ''}") from e
+    except (OfflineModeIsEnabled, LocalEntryNotFoundError) as e:
+        raise HubError(f"{action}: cannot reach the Hub at {endpoint} ({_one_line(e, 160)}); check the network, HF_HUB_OFFLINE and HF_ENDPOINT/--endpoint") from e
+    except _transport_errors() as e:
+        raise HubError(f"{action}: cannot reach the Hub at {endpoint} ({type(e).__name__}: {_one_line(e, 160)}); check the network and HF_ENDPOINT/--endpoint") from e
+    except RuntimeError as e:
+        # huggingface_hub wraps LFS upload failures: RuntimeError("Error while uploading 'x' to the Hub.") from cause
+        if "uploading" in str(e) and e.__cause__ is not None:
+            raise HubError(f"{action}: {_one_line(e)} ({type(e.__cause__).__name__}: {_one_line(e.__cause__, 200)})") from e
+        raise
+
+
+def _has_auth(exc: Any) -> bool:
+    try:
+        return "authorization" in {k.lower() for k in exc.response.request.headers.keys()}
+    except Exception:  # noqa: BLE001 - best effort for the message only
+        return False
