@@ -27,6 +27,10 @@ class NestedRankCallback(TrainerCallback):
     resumed from a checkpoint, draws the same ``b``. For ``matryoshka`` and ``lora`` the diagonal
     is fixed and re-installing it is a no-op in effect.
 
+    Evaluation inside ``Trainer`` (``eval_strategy``) runs with the current training diagonal,
+    which for ``matryoshka`` is no single rank: to score rank ``k``, call ``nested.set_rank(k)``
+    before ``trainer.evaluate()`` (the next training step re-installs the training diagonal).
+
     Example::
 
         nested = add_nested_adapter(model, MatryoshkaConfig("dylora", 32, (1, 2, 4, 8, 16, 32)))

@@ -19,12 +19,13 @@ finishes; the finished folder appears at once), reads what earlier stages left i
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -156,7 +157,7 @@ def stage_base(ctx: DemoContext) -> StageReport:
 
 def stage_train(ctx: DemoContext) -> StageReport:
     """Train a matryoshka nested adapter over ``ctx.train_ranks`` into ``ctx.nested_dir``."""
-    from .finetune import TrainSettings, train
+    from .finetune import train
 
     settings = demo_train_settings(ctx)
 
@@ -167,7 +168,7 @@ def stage_train(ctx: DemoContext) -> StageReport:
     return StageReport(
         lines=[
             f"matryoshka adapter, max rank {max(ctx.train_ranks)}, train ranks {list(ctx.train_ranks)}: "
-            f"{res.steps} steps in {res.seconds:.1f} s, final training loss {res.train_loss:.3f} -> {ctx.output / 'nested'}"
+            f"{res.steps} steps in {res.seconds:.1f} s -> {ctx.output / 'nested'}"
         ],
         data=res.to_dict(),
     )
@@ -179,27 +180,50 @@ def stage_slice(ctx: DemoContext) -> StageReport:
 
     results = slice_adapter(ctx.nested_dir, ctx.slice_ranks, ctx.slices_dir)
     return StageReport(
-        lines=[f"PEFT slices: " + ", ".join(f"r{r.rank} ({r.params:,} params)" for r in results) + f" -> {ctx.output / 'slices'}"],
+        lines=["PEFT slices: " + ", ".join(f"r{r.rank} ({r.params:,} params)" for r in results) + f" -> {ctx.output / 'slices'}"],
         data={"slices": [{"rank": r.rank, "path": f"slices/r{r.rank}", "params": r.params, "bytes": r.bytes} for r in results]},
     )
 
 
 def stage_evaluate(ctx: DemoContext) -> StageReport:
-    """Held-out loss at rank 0 (the base) and every train rank, switching ranks in place; each
-    slice is also loaded with plain ``PeftModel.from_pretrained`` and must give the same loss."""
-    from .evaluation_loss import heldout_losses
+    """Held-out loss at rank 0 (the base) and every train rank, switching ranks in place on one
+    model; each slice is also loaded with plain ``PeftModel.from_pretrained`` and scored."""
+    from peft import PeftModel
 
-    table = heldout_losses(ctx)
-    headers = ["rank", "params", "held-out loss", "PEFT slice loss"]
-    rows = [[t["rank"], t["params"], f"{t['loss']:.4f}", "" if t.get("slice_loss") is None else f"{t['slice_loss']:.4f}"] for t in table]
+    from .adapter import NestedAdapter
+    from .data import load_dataset
+    from .finetune import heldout_loss, load_base_model, load_tokenizer
+    from .training import _quiet_peft, load_nested_adapter
+
+    tokenizer = load_tokenizer(ctx.base_dir)
+    features = load_dataset(ctx.eval_path, tokenizer, demo_train_settings(ctx).max_length)
+    if ctx.quick:
+        features = features[:64]
+    adapter = NestedAdapter.load(ctx.nested_dir)
+    nested = load_nested_adapter(load_base_model(ctx.base_dir), adapter)
+    slice_losses: dict[int, float] = {}
+    for k in ctx.slice_ranks:
+        with _quiet_peft():
+            peft_model = PeftModel.from_pretrained(load_base_model(ctx.base_dir), str(ctx.slices_dir / f"r{k}"))
+        slice_losses[k] = heldout_loss(peft_model, features, tokenizer.pad_token_id)
+    table = []
+    ranks = (0, *adapter.config.train_ranks)
+    for i, k in enumerate(ranks):
+        nested.set_rank(k)
+        loss = heldout_loss(nested.model, features, tokenizer.pad_token_id)
+        table.append({"rank": k, "params": adapter.params_at(k) if k else 0, "loss": loss, "slice_loss": slice_losses.get(k)})
+        ctx.report_progress("evaluating", i + 1, len(ranks))
+    headers = ["rank", "adapter params", "held-out loss", "PEFT slice loss"]
+    rows = [[t["rank"], f"{t['params']:,}" if t["rank"] else "0 (base)", f"{t['loss']:.4f}",
+             "" if t["slice_loss"] is None else f"{t['slice_loss']:.4f}"] for t in table]
     losses = [t["loss"] for t in table]
-    lines = []
-    if len(losses) > 1 and all(math.isfinite(x) for x in losses):
-        better = all(x < losses[0] for x in losses[1:])
-        lines.append(
-            "every trained rank beats the base (rank 0)" if better else "warning: some trained ranks do not beat the base"
-        )
-    return StageReport(lines=lines, headers=headers, rows=rows, data={"ranks": table})
+    lines = [f"held-out set: {len(features)} examples of the built-in task ({ctx.eval_path.name}), loss per completion token"]
+    if all(math.isfinite(x) for x in losses):
+        if all(x < losses[0] for x in losses[1:]):
+            lines.append("every trained rank beats the base (rank 0); one training run, every rank usable")
+        else:
+            lines.append("warning: some trained ranks do not beat the base (rank 0)")
+    return StageReport(lines=lines, headers=headers, rows=rows, data={"ranks": table, "eval_examples": len(features)})
 
 
 #: The demo, in order. Add a stage with one line (see the module docstring).
@@ -208,6 +232,9 @@ STAGES: list[Stage] = [
     Stage("train", "train a nested adapter", stage_train),
     Stage("slice", "slice it into PEFT adapters", stage_slice),
     Stage("evaluate", "held-out loss per rank", stage_evaluate),
+    Stage("merge", "merge the largest sliced rank into the base", "mlora_export.converters.merge:demo_stage"),
+    Stage("onnx", "export to ONNX with the rank as an input, verify in ONNX Runtime", "mlora_export.converters.onnx.export:demo_stage"),
+    Stage("bundle", "write a Hub variant bundle (local, no network)", "mlora_export.converters.hub.bundle:demo_stage"),
 ]
 
 
@@ -221,12 +248,29 @@ def demo_train_settings(ctx: DemoContext) -> Any:
         scaling="sqrt",
         alpha=1.0,
         epochs=None,
-        max_steps=30 if ctx.quick else 600,
+        max_steps=20 if ctx.quick else 600,
         lr=3e-3,
         batch_size=32,
         seed=ctx.seed,
         max_length=48,
     )
+
+
+@contextlib.contextmanager
+def _single_thread() -> Iterator[None]:
+    """Run torch on one intra-op thread, restoring the previous setting afterwards.
+
+    The demo's matrices are tiny (64 wide): threads cannot speed them up, and on a busy machine
+    OpenMP's spinning threads make each small op up to 100× slower.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def run_demo(
@@ -251,7 +295,7 @@ def run_demo(
     check_output_path(output, force)
     chosen = list(STAGES if stages is None else stages)
     reports: list[tuple[Stage, StageReport]] = []
-    with atomic_output_dir(output, force) as tmp:
+    with _single_thread(), atomic_output_dir(output, force) as tmp:
         ctx = DemoContext(output=Path(output), root=tmp, quick=quick, seed=seed, progress=progress)
         for stage in chosen:
             fn = stage.resolve()

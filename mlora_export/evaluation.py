@@ -16,7 +16,8 @@ completion), one kind of record per file:
   is context. ``exact-match`` greedily generates from the prompt and counts the examples whose
   generated text equals the completion after ``strip()``. Generation stops at EOS or after
   ``max_new_tokens``; by default each example may generate as many tokens as its reference
-  completion has, plus one for EOS.
+  completion has (EOS not counted), so a model that has not learned to stop is not penalised for
+  running on, and one that stops early is wrong.
 
 Scores and AURAC: the per-rank ``score`` is the chosen metric; AURAC v1/v2 are the mean score over
 the rank axis (linear / ``log2``). For ``accuracy`` and ``exact-match`` higher is better; for
@@ -76,6 +77,8 @@ class EvalExample:
     first_target: int
     prompt: str | None = None
     completion: str | None = None
+    #: tokens of the completion without the appended EOS (the default generation budget)
+    completion_tokens: int = 0
 
     @property
     def n_targets(self) -> int:
@@ -130,7 +133,8 @@ def load_eval_data(
         first = max(1, next((i for i, t in enumerate(labels) if t != IGNORE_INDEX), len(ids)))
         if first >= len(ids):
             raise DataError(f"{p}, line {rec.line}: nothing to score (a text of one token or an empty completion)")
-        examples.append(EvalExample(tuple(ids), first, rec.prompt, rec.completion))
+        n_comp = len(ids) - first - int(tokenizer.eos_token_id is not None and ids[-1] == tokenizer.eos_token_id)
+        examples.append(EvalExample(tuple(ids), first, rec.prompt, rec.completion, max(1, n_comp)))
     digest = hashlib.sha256(p.read_bytes()).hexdigest()
     return EvalData(p, "prompt-completion" if records[0].is_completion else "text", tuple(examples), digest)
 
@@ -197,7 +201,8 @@ def greedy_completions(
 ) -> list[str]:
     """Greedy completion text of every example's prompt (in data order), stopped at EOS or the token budget.
 
-    The budget is ``max_new_tokens`` or, when ``None``, the length of the example's reference completion.
+    The budget is ``max_new_tokens`` or, when ``None``, the token length of the example's reference
+    completion (EOS not counted).
     """
     import torch
 
@@ -211,7 +216,7 @@ def greedy_completions(
     with torch.inference_mode():
         for batch in _batches(data.examples, batch_size):
             prompts = [e.input_ids[: e.first_target] for e in batch]
-            budgets = [max_new_tokens if max_new_tokens is not None else e.n_targets for e in batch]
+            budgets = [max_new_tokens if max_new_tokens is not None else e.completion_tokens for e in batch]
             width = max(len(p) for p in prompts)
             ids = torch.full((len(batch), width), pad, dtype=torch.long)
             att = torch.zeros((len(batch), width), dtype=torch.long)

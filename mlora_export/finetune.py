@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .adapter import MatryoshkaConfig
-from .errors import BaseModelError, ConfigError, DataError
+from .errors import BaseModelError, ConfigError, DataError, ExportError
 from .fs import check_output_path
 
 logger = logging.getLogger(__name__)
@@ -208,6 +208,15 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Any:
     return tok
 
 
+def _has_accelerator() -> bool:
+    import torch
+
+    acc = getattr(torch, "accelerator", None)
+    if acc is not None and hasattr(acc, "is_available"):
+        return bool(acc.is_available())
+    return bool(torch.cuda.is_available())
+
+
 def heldout_loss(model: Any, features: Sequence[dict[str, list[int]]], pad_token_id: int, *, batch_size: int = 32) -> float:
     """Mean cross-entropy per supervised token (labels ≠ -100) of ``model`` on tokenised ``features``."""
     import torch
@@ -301,6 +310,9 @@ def train(
             remove_unused_columns=False,
             ddp_find_unused_parameters=False,
             dataloader_drop_last=False,
+            dataloader_pin_memory=torch.cuda.is_available(),
+            # without an accelerator, accelerate only sets up multi-process (gloo) DDP when told "cpu"
+            use_cpu=not _has_accelerator(),
             **settings.extra_training_args,
         )
         trainer = Trainer(
@@ -320,25 +332,37 @@ def train(
         seconds = time.perf_counter() - t0
         losses = [(int(h["step"]), float(h["loss"])) for h in trainer.state.log_history if "loss" in h]
         main = trainer.is_world_process_zero()
+        world = args.world_size
+        failure: BaseException | None = None
         if main:
             nested.model.eval()
-            nested.save(
-                output,
-                force=force,
-                extra={
-                    "training": {
-                        "data": Path(data_path).name,
-                        "steps": trainer.state.global_step,
-                        "lr": settings.lr,
-                        "seed": settings.seed,
-                        "batch_size": settings.batch_size * settings.grad_accum * args.world_size,
-                        "target_modules": targets,
-                    }
-                },
-            )
-            logger.info("wrote the nested adapter to %s", output)
-        trainer.accelerator.wait_for_everyone()
-        world = args.world_size
+            try:
+                nested.save(
+                    output,
+                    force=force,
+                    extra={
+                        "training": {
+                            "data": Path(data_path).name,
+                            "steps": trainer.state.global_step,
+                            "lr": settings.lr,
+                            "seed": settings.seed,
+                            "batch_size": settings.batch_size * settings.grad_accum * world,
+                            "target_modules": targets,
+                        }
+                    },
+                )
+                logger.info("wrote the nested adapter to %s", output)
+            except Exception as e:  # noqa: BLE001 - re-raised below, after telling the other processes
+                failure = e
+        if world > 1:
+            # the other processes wait for the main one's write, and fail with it rather than hang
+            from accelerate.utils import broadcast_object_list
+
+            status = broadcast_object_list([None if failure is None else f"{type(failure).__name__}: {failure}"], from_process=0)[0]
+            if status is not None and failure is None:
+                raise ExportError(f"the main process failed to write {str(output)!r}: {status}")
+        if failure is not None:
+            raise failure
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return TrainResult(

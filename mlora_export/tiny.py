@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import string
-from pathlib import Path
 from typing import Any
 
 from .fs import atomic_output_dir
@@ -73,7 +72,7 @@ def tiny_llama_config(vocab_size: int, **overrides: Any) -> Any:
 
 
 def build_tiny_model(
-    output: str | os.PathLike[str], *, seed: int = 0, force: bool = False, **overrides: Any
+    output: str | os.PathLike[str], *, seed: int = 0, force: bool = False, head_std: float | None = None, **overrides: Any
 ) -> dict[str, Any]:
     """Write a randomly initialised tiny causal LM and its tokenizer to ``output`` (safetensors).
 
@@ -89,6 +88,10 @@ def build_tiny_model(
     config = tiny_llama_config(len(tokenizer), **overrides)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        # transformers' default init (std 0.02) leaves a frozen output head able to move the logits by
+        # about ±1 only, so an adapter could barely lower the loss; give the head unit-scale logits instead.
+        model.lm_head.weight.normal_(0.0, head_std if head_std is not None else config.hidden_size**-0.5)
     params = sum(p.numel() for p in model.parameters())
     with atomic_output_dir(output, force) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)

@@ -34,10 +34,12 @@ only, so every process uses the same one; save from the main process only.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -230,8 +232,17 @@ def add_nested_adapter(
         **lora_kwargs,
     )
     torch.manual_seed(seed)
-    peft_model = get_peft_model(model, lcfg, adapter_name=adapter_name)
+    with _quiet_peft():
+        peft_model = get_peft_model(model, lcfg, adapter_name=adapter_name)
     return NestedLoraModel(peft_model, config, adapter_name=adapter_name, seed=seed)
+
+
+@contextlib.contextmanager
+def _quiet_peft() -> Iterator[None]:
+    """Hide the transformers 5 deprecation warning that PEFT triggers (``is_gradient_checkpointing``)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def _target_kinds(model: Any, targets: str | list[str], task_type: str | None) -> set[type]:
@@ -258,7 +269,8 @@ def load_nested_adapter(
     from peft import PeftModel
 
     nested = adapter if isinstance(adapter, NestedAdapter) else NestedAdapter.load(adapter)
-    peft_model = PeftModel.from_pretrained(model, str(nested.path), adapter_name=adapter_name, is_trainable=is_trainable)
+    with _quiet_peft():
+        peft_model = PeftModel.from_pretrained(model, str(nested.path), adapter_name=adapter_name, is_trainable=is_trainable)
     handle = NestedLoraModel(peft_model, nested.config, adapter_name=adapter_name)
     handle.set_rank(nested.max_rank)
     return handle

@@ -8,17 +8,14 @@ import traceback
 import click
 
 from .. import __version__
-from . import inspect_cmd, slice_cmd
-from . import merge_cmd
-from . import hub_cmd
-from . import demo_cmd
-from . import train_cmd
+from . import demo_cmd, eval_cmd, hub_cmd, inspect_cmd, merge_cmd, onnx_cmd, slice_cmd, train_cmd
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="mlora-export")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
-def main(verbose: int) -> None:
+@click.pass_context
+def main(ctx: click.Context, verbose: int) -> None:
     """Turn one MatryoshkaLoRA fine-tuning run into every rank a deployment needs.
 
     \b
@@ -28,10 +25,19 @@ def main(verbose: int) -> None:
     """
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logger = logging.getLogger("mlora_export")
+    saved = (logger.level, logger.propagate)
+    handler = _EchoHandler()
     logger.setLevel(level)
-    if not any(isinstance(h, _EchoHandler) for h in logger.handlers):
-        logger.addHandler(_EchoHandler())
-        logger.propagate = False
+    logger.addHandler(handler)
+    logger.propagate = False
+
+    def restore() -> None:
+        # Leave the process as we found it (matters when the CLI is called in-process, e.g. by tests).
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+
+    ctx.call_on_close(restore)
 
 
 class _EchoHandler(logging.Handler):
@@ -55,3 +61,5 @@ main.add_command(hub_cmd.push_hub)
 main.add_command(hub_cmd.pull)
 main.add_command(demo_cmd.demo)
 main.add_command(train_cmd.train)
+main.add_command(onnx_cmd.onnx)
+main.add_command(eval_cmd.eval_)

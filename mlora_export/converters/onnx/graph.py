@@ -242,88 +242,85 @@ def _factors(adapter: NestedAdapter, k: int | None = None, *, baked: bool) -> It
     s = adapter.scale(k) if k > 0 else 0.0
     with adapter.reader() as rd:
         for name in adapter.modules:
-            a = rd.lora_A(name, k).to(torch.float32)
+            # clone: safetensors slices may view the memory map, which closes with the reader
+            a = rd.lora_A(name, k).to(torch.float32).clone()
             b = rd.lora_B(name, k).to(torch.float32)
-            yield name, a.contiguous(), (b * s if baked else b).contiguous()
+            yield name, a.contiguous(), (b * s if baked else b.clone()).contiguous()
 
 
-class ExportModel:
-    """Factory of the top-level ``torch.nn.Module`` for each export kind (see module docstring)."""
+def build_export_model(
+    model: "torch.nn.Module", task: str, adapter: NestedAdapter, kind: str, rank: int | None
+) -> tuple["torch.nn.Module", RankState]:
+    """Wrap ``model`` in place for ``kind`` (``dynamic|fixed|merged|adapters``); return the top module.
 
-    @staticmethod
-    def build(
-        model: "torch.nn.Module", task: str, adapter: NestedAdapter, kind: str, rank: int | None
-    ) -> tuple["torch.nn.Module", RankState]:
-        """Wrap ``model`` in place for ``kind`` (``dynamic|fixed|merged|adapters``); return the top module.
+    The top module's forward is ``(input_ids, attention_mask[, lora_rank | *lora weights]) → logits``.
+    """
+    import torch
 
-        The top module's forward is ``(input_ids, attention_mask[, lora_rank | *lora weights]) → logits``.
-        """
-        import torch
-
-        wrappers = _wrappers()
-        state = RankState()
-        r = adapter.max_rank
-        if kind == "dynamic":
-            for name, a, b in _factors(adapter, baked=False):
-                _replace_module(model, name, wrappers["dynamic"](model.get_submodule(name), a, b, state))
-        elif kind == "fixed":
-            for name, a, b in _factors(adapter, rank, baked=True):
-                _replace_module(model, name, wrappers["fixed"](model.get_submodule(name), a, b))
-        elif kind == "merged":
-            with adapter.reader() as rd, torch.no_grad():
-                for name in adapter.modules:
-                    w = model.get_submodule(name).weight
-                    w.add_(rd.delta_weight(name, int(rank)))  # float32 base + float32 delta
-        elif kind == "adapters":
+    wrappers = _wrappers()
+    state = RankState()
+    r = adapter.max_rank
+    if kind == "dynamic":
+        for name, a, b in _factors(adapter, baked=False):
+            _replace_module(model, name, wrappers["dynamic"](model.get_submodule(name), a, b, state))
+    elif kind == "fixed":
+        for name, a, b in _factors(adapter, rank, baked=True):
+            _replace_module(model, name, wrappers["fixed"](model.get_submodule(name), a, b))
+    elif kind == "merged":
+        with adapter.reader() as rd, torch.no_grad():
             for name in adapter.modules:
-                _replace_module(model, name, wrappers["input"](model.get_submodule(name), name, state))
-        else:
-            raise ValueError(f"unknown export kind {kind!r}")
+                w = model.get_submodule(name).weight
+                w.add_(rd.delta_weight(name, int(rank)))  # float32 base + float32 delta
+    elif kind == "adapters":
+        for name in adapter.modules:
+            _replace_module(model, name, wrappers["input"](model.get_submodule(name), name, state))
+    else:
+        raise ValueError(f"unknown export kind {kind!r}")
 
-        scaling, alpha, names = adapter.config.scaling, adapter.config.alpha, list(adapter.modules)
+    scaling, alpha, names = adapter.config.scaling, adapter.config.alpha, list(adapter.modules)
 
-        def run(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-            return model(input_ids=ids, attention_mask=mask, use_cache=False).logits if task == TASK_CAUSAL_LM else model(
-                input_ids=ids, attention_mask=mask
-            ).logits
+    extra = {"use_cache": False} if task == TASK_CAUSAL_LM else {}
 
-        class DynamicTop(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.model = model
-                self.torchscript = False
+    def run(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=ids, attention_mask=mask, **extra).logits
 
-            def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, lora_rank: torch.Tensor) -> torch.Tensor:
-                kt = torch.clamp(lora_rank.reshape(()), 0, r)
-                state.scale = scale_tensor(kt, scaling, alpha)
-                if self.torchscript:
-                    state.k, state.index = None, torch.arange(kt, dtype=torch.int64)
-                else:
-                    k = kt.item()
-                    torch._check(k >= 0)
-                    torch._check(k <= r)
-                    state.k, state.index = k, None
-                return run(input_ids, attention_mask)
+    class DynamicTop(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+            self.torchscript = False
 
-        class PlainTop(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.model = model
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, lora_rank: torch.Tensor) -> torch.Tensor:
+            kt = torch.clamp(lora_rank.reshape(()), 0, r)
+            state.scale = scale_tensor(kt, scaling, alpha)
+            if self.torchscript:
+                state.k, state.index = None, torch.arange(kt, dtype=torch.int64)
+            else:
+                k = kt.item()
+                torch._check(k >= 0)
+                torch._check(k <= r)
+                state.k, state.index = k, None
+            return run(input_ids, attention_mask)
 
-            def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-                return run(input_ids, attention_mask)
+    class PlainTop(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
 
-        class AdapterTop(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.model = model
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            return run(input_ids, attention_mask)
 
-            def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
-                state.weights = {n: (weights[2 * i], weights[2 * i + 1]) for i, n in enumerate(names)}
-                return run(input_ids, attention_mask)
+    class AdapterTop(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
 
-        top = {"dynamic": DynamicTop, "adapters": AdapterTop}.get(kind, PlainTop)()
-        return top.eval(), state
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
+            state.weights = {n: (weights[2 * i], weights[2 * i + 1]) for i, n in enumerate(names)}
+            return run(input_ids, attention_mask)
+
+    top = {"dynamic": DynamicTop, "adapters": AdapterTop}.get(kind, PlainTop)()
+    return top.eval(), state
 
 
 def adapter_input_names(adapter: NestedAdapter) -> list[str]:
@@ -339,11 +336,17 @@ def adapter_input_names(adapter: NestedAdapter) -> list[str]:
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """Silence the exporters' stdout chatter and warnings (the CLI owns stdout, e.g. for --json)."""
+    """Silence the exporters' and loaders' chatter, progress bars and warnings (the CLI owns both streams)."""
     sink = io.StringIO()
-    with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
-        warnings.simplefilter("ignore")
-        yield
+    torch_onnx_log = logging.getLogger("torch.onnx")  # "torchvision is not installed" warnings
+    level = torch_onnx_log.level
+    torch_onnx_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        torch_onnx_log.setLevel(level)
     for line in sink.getvalue().splitlines():
         if line.strip():
             logger.debug("%s", line)
@@ -402,7 +405,8 @@ def export_graph(
     try:
         with _quiet():
             prog = torch.onnx.export(
-                top, args, dynamo=True, input_names=names, output_names=["logits"], dynamic_shapes=tuple(dyn),
+                top, args, dynamo=True, input_names=names, output_names=["logits"],
+                dynamic_shapes=(dyn[0], dyn[1], tuple(dyn[2:])) if kind == "adapters" else tuple(dyn),
                 opset_version=opset, optimize=True, verbose=False,
             )
             prog.save(str(path), external_data=external_data)
@@ -454,6 +458,6 @@ def param_bytes(model: "torch.nn.Module") -> int:
 
 
 __all__ = [
-    "DEFAULT_OPSET", "EXTERNAL_DATA_BYTES", "TASK_CAUSAL_LM", "TASK_SEQ_CLS", "ExportModel", "RankState",
+    "DEFAULT_OPSET", "EXTERNAL_DATA_BYTES", "TASK_CAUSAL_LM", "TASK_SEQ_CLS", "RankState", "build_export_model",
     "adapter_input_names", "check_fits", "export_graph", "load_base_model", "module_shape", "param_bytes", "scale_tensor",
 ]

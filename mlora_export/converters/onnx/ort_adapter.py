@@ -54,4 +54,28 @@ def write_ort_adapter(adapter: NestedAdapter, k: int, path: str | os.PathLike[st
     return out
 
 
-__all__ = ["ADAPTER_SUFFIX", "adapter_file_name", "write_ort_adapter"]
+def add_empty_defaults(model_path: str | os.PathLike[str], adapter: NestedAdapter) -> int:
+    """Give every LoRA input of an ``adapters`` export a rank-0 default (``[0, in]`` / ``[out, 0]``).
+
+    ONNX Runtime then treats the inputs as optional: a run without an active adapter (and without
+    feeding them) is the base model, and an active adapter overrides the defaults. Returns how
+    many defaults were added. External data of the model is left in place.
+    """
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    present = {i.name for i in model.graph.initializer}
+    inputs = {i.name for i in model.graph.input}
+    added = 0
+    for name, m in adapter.modules.items():
+        for key, shape in ((f"{name}.lora_A", (0, m.in_features)), (f"{name}.lora_B", (m.out_features, 0))):
+            if key in inputs and key not in present:
+                model.graph.initializer.append(numpy_helper.from_array(np.zeros(shape, dtype=np.float32), key))
+                added += 1
+    onnx.save_model(model, str(model_path))
+    return added
+
+
+__all__ = ["ADAPTER_SUFFIX", "add_empty_defaults", "adapter_file_name", "write_ort_adapter"]

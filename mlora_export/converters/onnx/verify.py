@@ -12,7 +12,6 @@ import logging
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ...adapter import NestedAdapter
@@ -55,6 +54,21 @@ def sample_inputs(vocab: int, batch: int = 2, seq: int = 8, seed: int = 0) -> di
     return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
 
 
+def check_provider(provider: str) -> str:
+    """Return ``provider`` if this onnxruntime build has it.
+
+    Raises:
+        ConfigError: it does not (with the install hint for CUDA).
+    """
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if provider not in available:
+        hint = " (install the GPU build: pip install '.[gpu]')" if provider == "CUDAExecutionProvider" else ""
+        raise ConfigError(f"execution provider {provider!r} is not available{hint}; available: {', '.join(available)}")
+    return provider
+
+
 def make_session(path: str | os.PathLike[str], provider: str = "CPUExecutionProvider", threads: int | None = None) -> "onnxruntime.InferenceSession":
     """An ONNX Runtime session on ``provider``.
 
@@ -63,10 +77,7 @@ def make_session(path: str | os.PathLike[str], provider: str = "CPUExecutionProv
     """
     import onnxruntime as ort
 
-    available = ort.get_available_providers()
-    if provider not in available:
-        hint = " (install the GPU build: pip install '.[gpu]')" if provider == "CUDAExecutionProvider" else ""
-        raise ConfigError(f"execution provider {provider!r} is not available{hint}; available: {', '.join(available)}")
+    check_provider(provider)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     if threads:
@@ -144,4 +155,4 @@ def compare(rank: int, got: "np.ndarray", ref: "np.ndarray", atol: float = ATOL,
     return RankCheck(rank, diff, atol + rtol * float(np.max(np.abs(ref))) if ref.size else atol)
 
 
-__all__ = ["ATOL", "RTOL", "RankCheck", "compare", "make_session", "merged_at", "reference_logits", "run_adapter", "run_rank", "sample_inputs"]
+__all__ = ["ATOL", "RTOL", "RankCheck", "check_provider", "compare", "make_session", "merged_at", "reference_logits", "run_adapter", "run_rank", "sample_inputs"]

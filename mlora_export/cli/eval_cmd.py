@@ -1,0 +1,93 @@
+"""``mlora-export eval``: per-rank scores and AURAC of nested adapters (and LoRA grids) on a JSONL file."""
+
+from __future__ import annotations
+
+import click
+
+from ._errors import handle_errors
+from ._options import BarProgress, RankList, echo_json, echo_table, force_option, json_option
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+@click.command("eval")
+@click.argument("adapters", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option("--base-model", required=True, type=click.Path(path_type=str), help="Local transformers model folder (safetensors).")
+@click.option("--data", "data", required=True, type=click.Path(path_type=str),
+              help='JSONL file: {"text": ...} or {"prompt": ..., "completion": ...} per line.')
+@click.option("--ranks", type=RankList(), default="all", show_default=True,
+              help="Ranks for nested adapters, e.g. 1,2,4,8,16,32, or 'all' for each adapter's train ranks.")
+@click.option("--metric", type=click.Choice(["loss", "accuracy", "exact-match"]), default="loss", show_default=True,
+              help="loss: completion/text NLL (lower is better); accuracy: next-token accuracy; exact-match: greedy generation equals the completion.")
+@click.option("--output", "-o", required=True, type=click.Path(path_type=str), help="Folder to create with results.json and rank_curve.png.")
+@click.option("--record", is_flag=True, help="Also store the numbers in each nested adapter's matryoshka_config.json (key 'evaluation').")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Examples per forward pass.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=None,
+              help="exact-match generation budget (default: each reference completion's token length).")
+@click.option("--tokenizer", "tokenizer_dir", type=click.Path(path_type=str), default=None, help="Tokenizer folder (default: --base-model).")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True,
+              help="Dtype to load the base model in.")
+@click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
+@click.option("--with-base", is_flag=True, help="Also score the base model without adapter (rank 0, a dashed line in the plot).")
+@click.option("--max-examples", type=click.IntRange(min=1), default=None, help="Use only the first N records.")
+@force_option
+@json_option
+@handle_errors
+def eval_(
+    adapters: tuple[str, ...], base_model: str, data: str, ranks: tuple[int, ...] | str, metric: str, output: str,
+    record: bool, batch_size: int, max_new_tokens: int | None, tokenizer_dir: str | None, dtype: str, device: str | None,
+    with_base: bool, max_examples: int | None, force: bool, as_json: bool,
+) -> None:
+    """Evaluate ADAPTER(s) at every rank on --data; print a per-rank table and AURAC v1/v2.
+
+    An ADAPTER is a nested adapter folder (evaluated at --ranks, switching rank in place: the base is
+    loaded once), a plain PEFT LoRA folder or slice (evaluated at its own rank; several of them form
+    one curve), or a folder of adapter folders such as a slice output or a grid of LoRA runs
+    (one curve, each member at its own rank). For --metric loss, AURAC is a mean loss: lower is better.
+
+    \b
+    Example:
+      mlora-export eval ./nested --base-model ./my-model --data eval.jsonl \\
+          --ranks 1,2,4,8,16,32 --metric exact-match --output ./eval
+      mlora-export eval ./nested ./lora-grid --base-model ./my-model --data eval.jsonl --output ./cmp
+    """
+    from ..errors import ConfigError
+    from ..evaluation import evaluate, plan_curves, record_entry, record_evaluation, recordable, write_results
+    from ..fs import check_output_path
+
+    check_output_path(output, force)
+    if record and not any(recordable(c) for c in plan_curves(adapters, ranks)):
+        raise ConfigError("--record stores results in a nested adapter's matryoshka_config.json, but no ADAPTER is a nested adapter folder")
+    with BarProgress("evaluating", unit="rank") as bar:
+        result = evaluate(
+            list(adapters), base_model, data, ranks, metric=metric, batch_size=batch_size, max_new_tokens=max_new_tokens,
+            tokenizer_dir=tokenizer_dir, dtype=dtype, device=device, with_base=with_base, max_examples=max_examples,
+            progress=bar,
+        )
+    write_results(result, output, force=force)
+    recorded = []
+    if record:
+        for c in result.curves:
+            if recordable(c):
+                recorded.append(str(record_evaluation(c.path, record_entry(result, c))))
+            else:
+                click.echo(f"note: not recording for {c.label!r}: only nested adapter folders carry a matryoshka_config.json", err=True)
+    if as_json:
+        echo_json({**result.to_dict(), "output": output, "recorded": recorded})
+        return
+    rows = []
+    if result.base is not None:
+        b = result.base
+        rows.append(["base model", 0, _fmt(b.score), _fmt(b.loss), _fmt(b.token_accuracy), _fmt(b.exact_match)])
+    for c in result.curves:
+        for p in c.points:
+            rows.append([c.label, p.rank, _fmt(p.score), _fmt(p.loss), _fmt(p.token_accuracy), _fmt(p.exact_match)])
+    echo_table(["adapter", "rank", metric, "loss", "token acc", "exact match"], rows)
+    click.echo("")
+    better = "higher" if result.higher_is_better else "lower"
+    echo_table(["adapter", "method", "AURAC v1", "AURAC v2"], [[c.label, c.method, _fmt(c.aurac["v1"]), _fmt(c.aurac["v2"])] for c in result.curves])
+    click.echo(f"\nAURAC = mean {metric} over the rank axis (v1 linear, v2 log2); {better} is better. Wrote {output}/results.json and {output}/rank_curve.png")
+    for path in recorded:
+        click.echo(f"recorded in {path}")

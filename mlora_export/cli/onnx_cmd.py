@@ -1,0 +1,62 @@
+"""``mlora-export onnx``: export a nested adapter on its base model to ONNX, verified in ONNX Runtime."""
+
+from __future__ import annotations
+
+import click
+
+from ._errors import handle_errors
+from ._options import BarProgress, echo_json, echo_table, force_option, json_option
+
+
+@click.command("onnx")
+@click.argument("adapter", type=click.Path(path_type=str))
+@click.option("--base-model", required=True, type=click.Path(path_type=str), help="The base model folder (transformers, safetensors).")
+@click.option("--output", "-o", required=True, type=click.Path(path_type=str), help="Folder to create (model.onnx, export_info.json, …).")
+@click.option("--rank", type=click.IntRange(min=1), default=None, help="Fixed-rank export at rank K (default: the rank is a runtime input).")
+@click.option("--merged", is_flag=True, help="With --rank: merge the rank-K delta into the weights (no LoRA ops in the graph).")
+@click.option("--adapters-per-rank", is_flag=True,
+              help="One model with the LoRA weights as inputs, plus adapters/r{k}.onnx_adapter per train rank (onnxruntime.LoraAdapter).")
+@click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset to write.")
+@click.option("--no-verify", is_flag=True, help="Skip the ONNX Runtime vs PyTorch check at every train rank.")
+@click.option("--provider", default="CPUExecutionProvider", show_default=True,
+              help="ONNX Runtime execution provider for verification, e.g. CUDAExecutionProvider (needs pip install '.[gpu]').")
+@force_option
+@json_option
+@handle_errors
+def onnx(
+    adapter: str, base_model: str, output: str, rank: int | None, merged: bool, adapters_per_rank: bool, opset: int,
+    no_verify: bool, provider: str, force: bool, as_json: bool,
+) -> None:
+    """Export a nested ADAPTER on --base-model to ONNX and check it in ONNX Runtime.
+
+    By default the graph takes input_ids, attention_mask and an int64 scalar lora_rank
+    (clamped into [0, r]; 0 = the base model) and returns logits.
+
+    \b
+    Example:
+      mlora-export onnx ./nested --base-model ./my-model --output ./onnx-out                  # dynamic rank
+      mlora-export onnx ./nested --base-model ./my-model --rank 8 --output ./onnx-r8           # fixed rank 8
+      mlora-export onnx ./nested --base-model ./my-model --rank 8 --merged --output ./onnx-m8  # merged
+      mlora-export onnx ./nested --base-model ./my-model --adapters-per-rank --output ./ort    # ORT adapter files
+    """
+    from ..converters.onnx import export_onnx
+
+    with BarProgress("onnx export", unit="step") as bar:
+        res = export_onnx(
+            adapter, base_model, output, rank=rank, merged=merged, adapters_per_rank=adapters_per_rank, opset=opset,
+            verify=not no_verify, force=force, provider=provider, progress=bar,
+        )
+    if as_json:
+        echo_json(res.to_dict())
+        return
+    click.echo(f"{res.kind} export ({res.task}, {res.exporter} exporter, opset {res.opset}) -> {res.model_path}")
+    click.echo(f"inputs: {', '.join(res.inputs)}; output: logits" + ("; external data" if res.external_data else ""))
+    for k, path in res.adapter_files.items():
+        click.echo(f"rank {k}: {res.path / path}")
+    if res.checks:
+        echo_table(
+            ["rank", "max abs diff", "tolerance", "ok"],
+            [[c.rank, f"{c.max_abs_diff:.3g}", f"{c.tolerance:.3g}", "yes" if c.ok else "NO"] for c in res.checks],
+        )
+    else:
+        click.echo("not verified (--no-verify)")

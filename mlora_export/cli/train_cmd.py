@@ -1,0 +1,72 @@
+"""``mlora-export train``: train a nested adapter from a local model folder and a JSONL file."""
+
+from __future__ import annotations
+
+import click
+
+from ._errors import handle_errors
+from ._options import BarProgress, RankList, echo_json, force_option, json_option
+
+
+@click.command("train")
+@click.option("--base-model", required=True, type=click.Path(path_type=str), help="Local transformers model folder (config.json, *.safetensors, tokenizer).")
+@click.option("--data", "data", required=True, type=click.Path(path_type=str),
+              help='JSONL file: {"text": ...} or {"prompt": ..., "completion": ...} per line (loss on the completion only).')
+@click.option("--ranks", required=True, type=RankList(allow_all=False), help="Train ranks T, comma-separated (e.g. 1,2,4,8,16,32).")
+@click.option("--max-rank", type=int, default=None, help="Adapter rank r; must be one of --ranks.  [default: max of --ranks]")
+@click.option("--output", "-o", required=True, type=click.Path(path_type=str), help="Folder to create for the nested adapter.")
+@click.option("--method", type=click.Choice(["matryoshka", "lora", "dylora"]), default="matryoshka", show_default=True,
+              help="matryoshka: every train rank at once; lora: plain LoRA at r; dylora: one sampled rank per step.")
+@click.option("--scaling", type=click.Choice(["sqrt", "rank", "none"]), default="sqrt", show_default=True, help="s(k) = alpha/sqrt(k), alpha/k or alpha.")
+@click.option("--alpha", type=float, default=1.0, show_default=True, help="The alpha of s(k).")
+@click.option("--target-modules", default="all-linear", show_default=True,
+              help="'all-linear' (every Linear/Conv1D but the output head) or module names, e.g. q_proj,v_proj.")
+@click.option("--epochs", type=float, default=1.0, show_default=True, help="Passes over the data (ignored with --max-steps).")
+@click.option("--max-steps", type=int, default=None, help="Stop after this many optimisation steps.")
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="Peak learning rate (linear decay).")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Examples per step and process.")
+@click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimisation step.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the adapter init, the data order and DyLoRA's sampling.")
+@click.option("--max-length", type=int, default=512, show_default=True, help="Truncate examples to this many tokens.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16", "auto"]), default="float32", show_default=True, help="Dtype of the base model.")
+@force_option
+@json_option
+@handle_errors
+def train(
+    base_model: str, data: str, ranks: tuple[int, ...], max_rank: int | None, output: str, method: str, scaling: str,
+    alpha: float, target_modules: str, epochs: float, max_steps: int | None, lr: float, batch_size: int, grad_accum: int,
+    seed: int, max_length: int, dtype: str, force: bool, as_json: bool,
+) -> None:
+    """Train a nested (MatryoshkaLoRA) adapter on a local model and write it to --output.
+
+    Runs unchanged under several processes (DistributedDataParallel), e.g.
+    `torchrun --nproc_per_node 2 -m mlora_export train ...` or `accelerate launch -m mlora_export train ...`.
+
+    \b
+    Example:
+      mlora-export train --base-model ./my-model --data train.jsonl \\
+          --ranks 1,2,4,8,16,32 --output ./nested --max-steps 500
+    """
+    from ..finetune import TrainSettings
+    from ..finetune import train as run_train
+
+    targets: str | tuple[str, ...] = target_modules.strip()
+    if targets != "all-linear":
+        targets = tuple(t.strip() for t in target_modules.split(",") if t.strip())
+    settings = TrainSettings(
+        method=method, train_ranks=tuple(ranks), max_rank=max_rank, scaling=scaling, alpha=alpha, target_modules=targets,
+        epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum, seed=seed,
+        max_length=max_length, dtype=dtype,
+    )
+    with BarProgress("training", unit="step") as bar:
+        result = run_train(base_model, data, output, settings, force=force, progress=bar)
+    if not result.is_main_process:
+        return
+    if as_json:
+        echo_json(result.to_dict())
+        return
+    click.echo(
+        f"wrote {result.path}: {result.method} adapter, max rank {result.max_rank}, train ranks "
+        f"{', '.join(map(str, result.train_ranks))}; {result.steps} steps on {result.examples} examples "
+        f"({result.world_size} process{'es' if result.world_size > 1 else ''}, {result.seconds:.1f} s), final loss {result.final_loss:.4f}"
+    )

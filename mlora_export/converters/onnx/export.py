@@ -1,0 +1,290 @@
+"""``export_onnx``: one nested adapter + its base model → a verified ONNX export (four kinds).
+
+- ``dynamic`` (default): inputs ``input_ids``, ``attention_mask``, ``lora_rank`` (int64 scalar,
+  clamped into ``[0, r]``; ``0`` is the base model); output ``logits``.
+- ``fixed``: the rank-``k`` adapter as constants; inputs ``input_ids``, ``attention_mask``.
+- ``merged``: ``W + ΔW_k`` folded into the float32 weights; no LoRA ops at all.
+- ``adapters``: LoRA factors as graph inputs with a symbolic rank, plus ``adapters/r{k}.onnx_adapter``
+  per train rank for ``onnxruntime.LoraAdapter`` / ``RunOptions.add_active_adapter``.
+
+Every export is checked with ``onnx.checker`` and, unless ``verify=False``, run in ONNX Runtime
+against PyTorch (DESIGN.md §1 reference) at every train rank; a mismatch raises
+:class:`~mlora_export.errors.ExportError` and nothing is written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ... import __version__
+from ...adapter import NestedAdapter
+from ...errors import ConfigError, ExportError, OutputExistsError, RankError
+from ...fs import atomic_output_dir, check_free_space, check_output_path
+from .graph import (
+    DEFAULT_OPSET,
+    EXTERNAL_DATA_BYTES,
+    build_export_model,
+    adapter_input_names,
+    check_fits,
+    export_graph,
+    load_base_model,
+    param_bytes,
+)
+from .ort_adapter import add_empty_defaults, adapter_file_name, write_ort_adapter
+from .verify import ATOL, RTOL, RankCheck, check_provider, compare, make_session, reference_logits, run_adapter, run_rank, sample_inputs
+
+logger = logging.getLogger(__name__)
+
+EXPORT_KINDS: tuple[str, ...] = ("dynamic", "fixed", "merged", "adapters")
+MODEL_NAME = "model.onnx"
+INFO_NAME = "export_info.json"
+INFO_FORMAT = "mlora-onnx/1"
+MIN_OPSET = 14
+#: ``progress(done, total)`` in steps; called from the library, drawn by the CLI.
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class OnnxExportResult:
+    """What an export wrote and how it verified."""
+
+    kind: str
+    path: Path
+    task: str
+    exporter: str
+    opset: int
+    rank: int | None
+    inputs: list[str]
+    external_data: bool
+    checks: list[RankCheck] = field(default_factory=list)
+    adapter_files: dict[int, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / MODEL_NAME
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "path": str(self.path),
+            "model": str(self.model_path),
+            "task": self.task,
+            "exporter": self.exporter,
+            "opset": self.opset,
+            "rank": self.rank,
+            "inputs": self.inputs,
+            "outputs": ["logits"],
+            "external_data": self.external_data,
+            "adapter_files": {str(k): v for k, v in self.adapter_files.items()},
+            "verification": [c.to_dict() for c in self.checks],
+            "seconds": round(self.seconds, 2),
+        }
+
+
+def resolve_kind(rank: int | None, merged: bool, adapters_per_rank: bool) -> str:
+    """The export kind from the command-line flags.
+
+    Raises:
+        ConfigError: ``--merged`` without ``--rank``, or ``--adapters-per-rank`` with ``--rank``/``--merged``.
+    """
+    if adapters_per_rank:
+        if rank is not None or merged:
+            raise ConfigError("--adapters-per-rank writes one adapter file per train rank; do not combine it with --rank or --merged")
+        return "adapters"
+    if merged:
+        if rank is None:
+            raise ConfigError("--merged needs --rank K: the rank whose delta is merged into the base weights")
+        return "merged"
+    return "fixed" if rank is not None else "dynamic"
+
+
+def check_opset(opset: int) -> int:
+    """Return ``opset`` if this onnx build can write it and the exporters support it.
+
+    Raises:
+        ConfigError: outside ``[14, onnx.defs.onnx_opset_version()]``.
+    """
+    import onnx
+
+    top = onnx.defs.onnx_opset_version()
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= top:
+        raise ConfigError(f"--opset {opset!r} is not supported: expected an integer in [{MIN_OPSET}, {top}] (default {DEFAULT_OPSET})")
+    return opset
+
+
+def _check_output_parent(out: Path) -> None:
+    """Refuse an output whose nearest existing ancestor is a file or is not writable (before any work).
+
+    Raises:
+        OutputExistsError: naming the blocking path.
+    """
+    probe = out.absolute().parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise OutputExistsError(f"cannot create output {str(out)!r}: {str(probe)!r} is a file, not a folder; choose another --output")
+    if not os.access(probe, os.W_OK):
+        raise OutputExistsError(f"cannot create output {str(out)!r}: folder {str(probe)!r} is not writable; choose another --output")
+
+
+def export_onnx(
+    adapter: str | os.PathLike[str] | NestedAdapter,
+    base_model: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    *,
+    rank: int | None = None,
+    merged: bool = False,
+    adapters_per_rank: bool = False,
+    opset: int = DEFAULT_OPSET,
+    verify: bool = True,
+    force: bool = False,
+    provider: str = "CPUExecutionProvider",
+    atol: float = ATOL,
+    rtol: float = RTOL,
+    external_data: bool | None = None,
+    progress: Progress | None = None,
+) -> OnnxExportResult:
+    """Export ``adapter`` on ``base_model`` to the folder ``output`` (see the module docstring).
+
+    ``external_data``: store the weights in ``model.onnx.data``; ``None`` (default) does so when
+    they exceed :data:`EXTERNAL_DATA_BYTES` (protobuf caps one file at 2 GB).
+
+    Raises:
+        ConfigError: conflicting flags, a bad opset or an unavailable provider.
+        RankError: ``rank`` outside ``[1, r]``.
+        OutputExistsError: ``output`` exists without ``force`` or cannot be written.
+        InvalidAdapterError, BaseModelError, BaseModelMismatchError: bad inputs.
+        ExportError: the exporters fail, or ONNX Runtime disagrees with PyTorch beyond tolerance.
+    """
+    import onnx
+
+    t0 = time.perf_counter()
+    kind = resolve_kind(rank, merged, adapters_per_rank)
+    check_opset(opset)
+    check_output_path(output, force)
+    _check_output_parent(Path(output))
+    nested = adapter if isinstance(adapter, NestedAdapter) else NestedAdapter.load(adapter)
+    if rank is not None:
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= nested.max_rank:
+            raise RankError(f"--rank {rank!r} is outside [1, {nested.max_rank}] for adapter {str(nested.path)!r}; its train ranks are {list(nested.config.train_ranks)}")
+        nested.check_rank(rank)
+    if verify:
+        check_provider(provider)
+    train_ranks = list(nested.config.train_ranks)
+    adapter_ranks = train_ranks if kind == "adapters" else []
+    verify_ranks = ([0] + train_ranks if kind == "dynamic" else train_ranks if kind == "adapters" else [int(rank)]) if verify else []
+    total = 4 + len(adapter_ranks) + len(verify_ranks)
+    step = [0]
+
+    def tick(what: str) -> None:
+        step[0] += 1
+        logger.info("onnx export: %s", what)
+        if progress is not None:
+            progress(step[0], total)
+
+    model, task = load_base_model(base_model)
+    check_fits(model, nested, base_model)
+    vocab = int(getattr(model.config, "vocab_size"))
+    nbytes = param_bytes(model) + (4 * nested.params_at(nested.max_rank) if kind == "dynamic" else 0)
+    external = nbytes > EXTERNAL_DATA_BYTES if external_data is None else bool(external_data)
+    tick("base model loaded")
+    feeds = sample_inputs(vocab)
+    refs = reference_logits(model, task, nested, verify_ranks, feeds) if verify else {}
+
+    with atomic_output_dir(output, force) as tmp:
+        check_free_space(tmp, nbytes * (1 + len(adapter_ranks)) if kind == "adapters" else nbytes)
+        top, _ = build_export_model(model, task, nested, kind, rank)
+        tick("model wrapped")
+        path = tmp / MODEL_NAME
+        exporter = export_graph(top, kind, nested, vocab, path, opset=opset, external_data=external)
+        if kind == "adapters":
+            add_empty_defaults(path, nested)  # no active adapter = the base model
+        tick(f"exported with the {exporter} exporter")
+        try:
+            onnx.checker.check_model(str(path))
+        except Exception as e:  # noqa: BLE001 - onnx raises several types
+            raise ExportError(f"the exported model fails onnx.checker: {e}") from e
+        tick("onnx.checker passed")
+        files: dict[int, str] = {}
+        if adapter_ranks:
+            (tmp / "adapters").mkdir()
+            for k in adapter_ranks:
+                write_ort_adapter(nested, k, tmp / "adapters" / adapter_file_name(k))
+                files[k] = f"adapters/{adapter_file_name(k)}"
+                tick(f"wrote {files[k]}")
+        inputs = ["input_ids", "attention_mask"] + (["lora_rank"] if kind == "dynamic" else adapter_input_names(nested) if kind == "adapters" else [])
+        result = OnnxExportResult(kind, Path(output), task, exporter, opset, rank, inputs if kind != "adapters" else inputs[:2] + ["<module>.lora_A", "<module>.lora_B"], external)
+        result.adapter_files = files
+        if verify:
+            session = make_session(path, provider)
+            for k in verify_ranks:
+                if kind == "dynamic":
+                    got = run_rank(session, feeds, k)
+                elif kind == "adapters":
+                    got = run_adapter(session, feeds, tmp / files[k])
+                else:
+                    got = session.run(["logits"], feeds)[0]
+                check = compare(k, got, refs[k], atol, rtol)
+                logger.info("rank %d: max abs diff %.3g (tolerance %.3g)", k, check.max_abs_diff, check.tolerance)
+                result.checks.append(check)
+                tick(f"verified rank {k}")
+            del session
+            bad = [c for c in result.checks if not c.ok]
+            if bad:
+                raise ExportError(
+                    "ONNX Runtime disagrees with PyTorch: "
+                    + ", ".join(f"rank {c.rank} max abs diff {c.max_abs_diff:.3g} > {c.tolerance:.3g}" for c in bad)
+                    + f" ({provider}); nothing was written. Try another --opset, or report this with MLORA_DEBUG=1 -vv"
+                )
+        result.seconds = time.perf_counter() - t0
+        info = {
+            "format": INFO_FORMAT,
+            **{k: v for k, v in result.to_dict().items() if k not in ("path", "model", "seconds")},
+            "model": MODEL_NAME,
+            "inputs": inputs,
+            "lora_rank": (
+                {"dtype": "int64", "shape": [], "range": [0, nested.max_rank], "out_of_range": "clamped into [0, r]; 0 = base model"}
+                if kind == "dynamic" else None
+            ),
+            "adapter": {
+                "source": str(nested.path), "max_rank": nested.max_rank, "train_ranks": train_ranks,
+                "scaling": nested.config.scaling, "alpha": nested.config.alpha, "method": nested.config.method,
+            },
+            "base_model": str(base_model),
+            "created_by": f"mlora-export {__version__}",
+        }
+        with open(tmp / INFO_NAME, "w", encoding="utf-8") as f:
+            json.dump(info, f, indent=2)
+            f.write("\n")
+    return result
+
+
+def demo_stage(ctx: Any) -> Any:
+    """Demo stage ``onnx``: export the demo's nested adapter with a dynamic rank and verify it."""
+    from ...demo import StageReport
+
+    def progress(done: int, total: int) -> None:
+        ctx.report_progress("onnx export", done, total)
+
+    res = export_onnx(ctx.nested_dir, ctx.base_dir, ctx.root / "onnx", progress=progress)
+    worst = max((c.max_abs_diff for c in res.checks), default=0.0)
+    return StageReport(
+        lines=[
+            f"dynamic-rank ONNX model ({res.exporter} exporter, opset {res.opset}), inputs {', '.join(res.inputs)} -> "
+            f"{ctx.output / 'onnx' / MODEL_NAME}; ONNX Runtime matches PyTorch at every rank (worst max abs diff {worst:.2g})"
+        ],
+        headers=["lora_rank", "max abs diff vs PyTorch"],
+        rows=[[c.rank, f"{c.max_abs_diff:.2e}"] for c in res.checks],
+        data={**res.to_dict(), "path": "onnx"},
+    )
+
+
+__all__ = ["EXPORT_KINDS", "INFO_NAME", "MODEL_NAME", "OnnxExportResult", "check_opset", "demo_stage", "export_onnx", "resolve_kind"]

@@ -1,0 +1,128 @@
+"""JSONL data: validation messages, completion-only labels, padding, the built-in task, the tiny model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mlora_export.data import (
+    IGNORE_INDEX,
+    CompletionCollator,
+    Example,
+    builtin_dataset_path,
+    ensure_pad_token,
+    load_jsonl,
+    tokenize_example,
+    tokenize_examples,
+)
+from mlora_export.errors import DataError
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from mlora_export.tiny import build_char_tokenizer
+
+    return build_char_tokenizer()
+
+
+def _write(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_load_jsonl_both_formats_skips_blank_lines(tmp_path: Path) -> None:
+    p = _write(tmp_path / "d.jsonl", [json.dumps({"text": "abc"}), "", json.dumps({"prompt": "1+1=", "completion": "2", "id": 5})])
+    exs = load_jsonl(p)
+    assert exs == [Example(text="abc", line=1), Example(prompt="1+1=", completion="2", line=3)]
+
+
+@pytest.mark.parametrize(
+    "line, fragment",
+    [
+        ("{not json", "line 2: not valid JSON"),
+        ('["a list"]', "line 2: expected a JSON object"),
+        ('{"prompt": "x"}', "line 2: has prompt but no 'completion'"),
+        ('{"completion": "x"}', "line 2: has completion but no 'prompt'"),
+        ('{"prompt": "x", "completion": 3}', "line 2: 'completion' must be a string"),
+        ('{"prompt": "x", "completion": ""}', "line 2: 'completion' is empty"),
+        ('{"text": 1}', "line 2: 'text' must be a string"),
+        ('{"input": "x", "output": "y"}', "line 2: expected a \"text\" key or \"prompt\" and \"completion\" keys, found keys 'input', 'output'"),
+    ],
+)
+def test_bad_lines_name_file_and_line(tmp_path: Path, line: str, fragment: str) -> None:
+    p = _write(tmp_path / "bad.jsonl", [json.dumps({"text": "ok"}), line])
+    with pytest.raises(DataError) as e:
+        load_jsonl(p)
+    assert fragment in str(e.value) and str(p) in str(e.value)
+
+
+def test_missing_empty_and_non_utf8_files(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="does not exist"):
+        load_jsonl(tmp_path / "nope.jsonl")
+    with pytest.raises(DataError, match="is not a file"):
+        load_jsonl(tmp_path)
+    (tmp_path / "empty.jsonl").write_text("\n\n", encoding="utf-8")
+    with pytest.raises(DataError, match="has no examples"):
+        load_jsonl(tmp_path / "empty.jsonl")
+    (tmp_path / "latin.jsonl").write_bytes(b'{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match="not UTF-8"):
+        load_jsonl(tmp_path / "latin.jsonl")
+
+
+def test_completion_labels_mask_the_prompt(tok) -> None:
+    item = tokenize_example(Example(prompt="ab=", completion="ba"), tok, 64)
+    ids, labels = item["input_ids"], item["labels"]
+    assert ids == [tok.bos_token_id, *tok("ab=", add_special_tokens=False)["input_ids"], *tok("ba", add_special_tokens=False)["input_ids"], tok.eos_token_id]
+    assert labels == [IGNORE_INDEX] * 4 + ids[4:]
+    text = tokenize_example(Example(text="hi"), tok, 64)
+    assert text["labels"] == text["input_ids"] and text["input_ids"][-1] == tok.eos_token_id
+
+
+def test_truncation_drops_examples_without_completion_tokens(tok, caplog: pytest.LogCaptureFixture) -> None:
+    exs = [Example(prompt="x" * 20, completion="y", line=1), Example(prompt="a", completion="b", line=2)]
+    out = tokenize_examples(exs, tok, max_length=8)
+    assert len(out) == 1 and "lines 1" in caplog.text
+    with pytest.raises(DataError, match="raise --max-length"):
+        tokenize_examples(exs[:1], tok, max_length=8)
+
+
+def test_collator_pads_with_ignored_labels() -> None:
+    batch = CompletionCollator(pad_token_id=0)([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}])
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+
+
+def test_pad_token_falls_back_to_eos() -> None:
+    from mlora_export.tiny import build_char_tokenizer
+
+    t = build_char_tokenizer()
+    t.pad_token = None
+    ensure_pad_token(t)
+    assert t.pad_token == t.eos_token
+
+
+def test_builtin_task_ships_and_validates(tok) -> None:
+    train, held = load_jsonl(builtin_dataset_path("train")), load_jsonl(builtin_dataset_path("eval"))
+    assert len(train) >= 1000 and len(held) >= 100
+    assert not {e.prompt for e in train} & {e.prompt for e in held}  # held out means held out
+    ex = held[0]
+    word = ex.prompt.removeprefix("sort ").removesuffix(" =")
+    assert ex.completion == " " + "".join(sorted(word))
+    with pytest.raises(DataError, match="no split"):
+        builtin_dataset_path("nope")
+
+
+def test_tiny_model_folder_loads_with_auto_classes(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mlora_export.tiny import build_tiny_model
+
+    info = build_tiny_model(tmp_path / "m", seed=1)
+    assert (tmp_path / "m" / "model.safetensors").is_file() and not list((tmp_path / "m").glob("*.bin"))
+    t = AutoTokenizer.from_pretrained(tmp_path / "m", local_files_only=True)
+    m = AutoModelForCausalLM.from_pretrained(tmp_path / "m", local_files_only=True)
+    assert len(t) == info["vocab_size"] == m.config.vocab_size
+    assert t.decode(t("sort cab =")["input_ids"], skip_special_tokens=True) == "sort cab ="

@@ -1,0 +1,169 @@
+"""``mlora-export train`` and ``mlora-export demo`` through the CLI: a good run, and every bad input
+(exit code 2, one clear message, nothing written)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from mlora_export.cli import main
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from mlora_export.tiny import build_tiny_model
+
+    path = tmp_path_factory.mktemp("cli") / "base"
+    build_tiny_model(path, seed=0, hidden_size=32, intermediate_size=48)
+    return path
+
+
+@pytest.fixture()
+def data(tmp_path: Path) -> Path:
+    p = tmp_path / "train.jsonl"
+    rows = [{"prompt": f"sort {w} =", "completion": " " + "".join(sorted(w))} for w in ("cab", "fed", "hgi", "lkj", "onm", "rqp", "uts", "xwv")]
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return p
+
+
+def _run(args: list[str]):
+    return CliRunner().invoke(main, args, catch_exceptions=False)
+
+
+def _args(base: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--base-model", str(base), "--data", str(data), "--ranks", "1,2,4", "--output", str(out), "--max-steps", "3", "--batch-size", "4", *extra]
+
+
+def _nothing_written(parent: Path, out: Path) -> None:
+    assert not out.exists()
+    assert not [p.name for p in parent.iterdir() if p.name.startswith(f".{out.name}.")]  # no temp siblings left
+
+
+def test_train_cli_writes_a_nested_adapter(base: Path, data: Path, tmp_path: Path) -> None:
+    from mlora_export.adapter import NestedAdapter
+
+    out = tmp_path / "nested"
+    res = _run(_args(base, data, out, "--method", "dylora", "--scaling", "rank", "--alpha", "2", "--target-modules", "q_proj,v_proj", "--json"))
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.stdout)
+    assert info["steps"] == 3 and info["method"] == "dylora" and info["train_ranks"] == [1, 2, 4] and info["world_size"] == 1
+    adapter = NestedAdapter.load(out)
+    assert adapter.config.method == "dylora" and adapter.config.scaling == "rank" and adapter.config.alpha == 2.0
+    assert {n.rsplit(".", 1)[-1] for n in adapter.modules} == {"q_proj", "v_proj"}
+    # --force replaces; without it, exit 2 and the old adapter stays
+    before = (out / "adapter_model.safetensors").read_bytes()
+    res = _run(_args(base, data, out))
+    assert res.exit_code == 2 and "already exists" in res.stderr and "--force" in res.stderr
+    assert (out / "adapter_model.safetensors").read_bytes() == before
+    res = _run(_args(base, data, out, "--force", "--method", "lora"))
+    assert res.exit_code == 0, res.output
+    assert "wrote" in res.stdout and NestedAdapter.load(out).config.method == "lora"
+
+
+def _bad_json(tmp: Path) -> Path:
+    p = tmp / "bad.jsonl"
+    p.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": \n', encoding="utf-8")
+    return p
+
+
+def _missing_key(tmp: Path) -> Path:
+    p = tmp / "keys.jsonl"
+    p.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n', encoding="utf-8")
+    return p
+
+
+def _bin_only(tmp: Path) -> Path:
+    d = tmp / "binbase"
+    d.mkdir()
+    (d / "config.json").write_text('{"model_type": "llama"}', encoding="utf-8")
+    (d / "pytorch_model.bin").write_bytes(b"\x80\x02not a real pickle")
+    return d
+
+
+@pytest.mark.parametrize(
+    "case, expect",
+    [
+        ("missing-data", "does not exist"),
+        ("bad-json", "line 2: not valid JSON"),
+        ("missing-key", "line 2: has prompt but no 'completion'"),
+        ("missing-base", "base model folder"),
+        ("bin-only-base", "only pickle weights (pytorch_model.bin)"),
+        ("max-rank-not-trained", "max rank 8 is not among the train ranks"),
+        ("rank-zero", "rank 0 in '0,4' must be at least 1"),
+        ("unknown-method", "'sft' is not one of"),
+        ("unknown-scaling", "'log' is not one of"),
+        ("bad-steps", "max steps must be a positive integer"),
+    ],
+)
+def test_train_cli_bad_input_exit_2_nothing_written(case: str, expect: str, base: Path, data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    b, d, extra = base, data, []
+    if case == "missing-data":
+        d = tmp_path / "nope.jsonl"
+    elif case == "bad-json":
+        d = _bad_json(tmp_path)
+    elif case == "missing-key":
+        d = _missing_key(tmp_path)
+    elif case == "missing-base":
+        b = tmp_path / "no-model"
+    elif case == "bin-only-base":
+        b = _bin_only(tmp_path)
+    args = _args(b, d, out)
+    if case == "max-rank-not-trained":
+        args += ["--max-rank", "8"]
+    elif case == "rank-zero":
+        args[args.index("--ranks") + 1] = "0,4"
+    elif case == "unknown-method":
+        args += ["--method", "sft"]
+    elif case == "unknown-scaling":
+        args += ["--scaling", "log"]
+    elif case == "bad-steps":
+        args[args.index("--max-steps") + 1] = "0"
+    res = _run(args + extra)
+    assert res.exit_code == 2, res.output
+    assert expect in res.stderr, res.stderr
+    assert "Traceback" not in res.output
+    if not case.startswith(("rank-zero", "unknown")):  # click usage errors print usage + one error line
+        assert res.stderr.count("error:") == 1 and res.stderr.startswith("error:")
+    assert res.stdout == ""
+    _nothing_written(tmp_path, out)
+
+
+def test_demo_quick_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    res = _run(["demo", str(out), "--quick"])
+    assert res.exit_code == 0, res.output
+    text = res.stdout
+    assert "[train]" in text and "[slice]" in text and "[evaluate]" in text and "held-out loss" in text
+    assert "every trained rank beats the base" in text
+    for sub in ("base/model.safetensors", "base/tokenizer.json", "nested/matryoshka_config.json", "slices/r2/adapter_config.json", "slices/r8/adapter_model.safetensors"):
+        assert (out / sub).is_file(), sub
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".demo.")]
+    # again without --force: exit 2, nothing touched
+    res = _run(["demo", str(out), "--quick"])
+    assert res.exit_code == 2 and "already exists" in res.stderr
+
+
+def test_demo_json_rows_show_every_rank_and_slices_match(tmp_path: Path) -> None:
+    from mlora_export.demo import STAGES, run_demo
+
+    stages = [s for s in STAGES if s.name in ("base", "train", "slice", "evaluate")]
+    result = run_demo(tmp_path / "d", quick=True, stages=stages)
+    ranks = result.to_dict()["stages"][-1]["data"]["ranks"]
+    assert [r["rank"] for r in ranks] == [0, 1, 2, 4, 8, 16]
+    assert all(r["loss"] < ranks[0]["loss"] for r in ranks[1:])
+    for r in ranks:
+        if r["slice_loss"] is not None:  # plain PEFT on the slice == the nested adapter at that rank
+            assert r["slice_loss"] == pytest.approx(r["loss"], rel=1e-5)
