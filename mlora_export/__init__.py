@@ -20,6 +20,18 @@ _EXPORTS: dict[str, str] = {
     "training_diagonal": "mlora_export.method",
     "aurac": "mlora_export.method",
     "slice_adapter": "mlora_export.converters.slice",
+    "add_nested_adapter": "mlora_export.training",
+    "load_nested_adapter": "mlora_export.training",
+    "NestedRankCallback": "mlora_export.callbacks",
+    "TrainSettings": "mlora_export.finetune",
+    "train": "mlora_export.finetune",
+    "merge_adapter": "mlora_export.converters.merge",
+    "export_onnx": "mlora_export.converters.onnx",
+    "write_bundle": "mlora_export.converters.hub",
+    "push_bundle": "mlora_export.converters.hub",
+    "pull_rank": "mlora_export.converters.hub",
+    "evaluate": "mlora_export.evaluation",
+    "MloraError": "mlora_export.errors",
 }
 
 

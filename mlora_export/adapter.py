@@ -38,7 +38,7 @@ from .method import (
     peft_alpha_for,
     scale,
 )
-from .safetensors_io import DTYPE_SIZES, FileRange, SafetensorsHeader, TensorInfo, read_header, save_tensors
+from .safetensors_io import DTYPE_SIZES, FileRange, SafetensorsHeader, TensorInfo, find_non_finite, read_header, save_tensors
 
 if TYPE_CHECKING:
     import torch
@@ -188,6 +188,18 @@ def _bf16_bits(x: "np.ndarray") -> "np.ndarray":
     u = x.view(np.uint32)
     u = (u + (((u >> 16) & 1) + np.uint32(0x7FFF))) >> 16
     return u.astype(np.uint16).view(np.int16)
+
+
+def _find_non_finite_in_file(path: Path, header: SafetensorsHeader) -> str | None:
+    """:func:`~mlora_export.safetensors_io.find_non_finite` over the memory-mapped file."""
+    if os.path.getsize(path) <= header.data_start:
+        return None
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        return find_non_finite(mm, header)
+
+
+#: numpy type of each float dtype's elements; bfloat16 is handled as its uint16 bit patterns.
+_NUMPY_TYPES: dict[str, type[np.generic]] = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16}
 
 
 def orient_delta(delta: "torch.Tensor", fan_in_fan_out: bool) -> "torch.Tensor":
@@ -360,16 +372,9 @@ class NestedAdapter:
         if len(dtypes) != 1:
             raise InvalidAdapterError(f"{weights}: LoRA tensors mix dtypes {sorted(dtypes)}; save them in one dtype")
         if check_finite:
-            from safetensors import safe_open
-            import torch
-
-            with safe_open(str(weights), framework="pt") as f:
-                for key in header.tensors:
-                    t = f.get_tensor(key)
-                    # A NaN or inf anywhere makes the sum non-finite; a finite sum proves every
-                    # element finite. Only a non-finite sum (rare: overflow) needs the exact check.
-                    if not math.isfinite(float(t.sum())) and not bool(torch.isfinite(t).all()):
-                        raise InvalidAdapterError(f"{weights}: tensor {key!r} has NaN or infinite values; the training diverged or the file is corrupt")
+            bad = _find_non_finite_in_file(weights, header)
+            if bad is not None:
+                raise InvalidAdapterError(f"{weights}: tensor {bad!r} has NaN or infinite values; the training diverged or the file is corrupt")
         return header, modules, dtypes.pop()
 
     # -- properties -----------------------------------------------------------------------
@@ -499,22 +504,40 @@ class AdapterReader:
         """``B[:, :k]`` of ``module`` (``[out, k]``, source dtype, contiguous copy)."""
         return self._view(self.adapter.modules[module].key_b)[:, :k].contiguous()
 
-    def lora_B_scaled(self, module: str, k: int, factor: float) -> "torch.Tensor":
-        """``factor · B[:, :k]``, computed in float32 and rounded once to the source dtype, contiguous.
+    def _array(self, key: str) -> np.ndarray:
+        """A zero-copy numpy view of tensor ``key`` in the map (bfloat16 as uint16 bit patterns)."""
+        info = self.adapter.header.tensors[key]
+        count = info.nbytes // DTYPE_SIZES[info.dtype]
+        flat = np.frombuffer(self._mm, dtype=_NUMPY_TYPES[info.dtype], count=count, offset=self.adapter.header.data_start + info.begin)
+        return flat.reshape(info.shape)
 
+    def lora_B_data(self, module: str, k: int, factor: float | None = None) -> "np.ndarray | FileRange":
+        """``B[:, :k]`` (or ``factor · B[:, :k]``) as the raw bytes of a slice file, without torch.
+
+        Scaling is computed in float32 (float64 for a float64 adapter) and rounded once to the source
+        dtype, round-to-nearest-even as torch does; the result is a new contiguous array. The
+        unscaled full-rank ``B`` is returned as a :class:`FileRange` (a kernel-side copy).
         Done in numpy: a scalar product is memory-bound, and torch's intra-op threads only add
-        contention on a busy machine.
+        contention on a busy machine (and importing torch costs a second).
         """
-        import torch
-
-        b = self._view(self.adapter.modules[module].key_b)[:, :k]
-        if b.dtype == torch.bfloat16:
-            f32 = (b.view(torch.int16).numpy().view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-            f32 *= np.float32(factor)
-            return torch.from_numpy(_bf16_bits(f32)).view(torch.bfloat16)
-        arr = b.numpy()
-        out = np.multiply(arr, np.float32(factor), dtype=np.float32)  # one pass, contiguous result
-        return torch.from_numpy(out if arr.dtype == np.float32 else out.astype(arr.dtype))
+        key = self.adapter.modules[module].key_b
+        info = self.adapter.header.tensors[key]
+        if factor is None and k == info.shape[1]:
+            return FileRange(self._fd, self.adapter.header.data_start + info.begin, info.nbytes)
+        b = self._array(key)[:, :k]
+        try:
+            if factor is None:
+                return np.ascontiguousarray(b)
+            if info.dtype == "BF16":
+                f32 = b.astype(np.uint32) << 16
+                f32 = f32.view(np.float32)
+                f32 *= np.float32(factor)
+                return _bf16_bits(f32)
+            work = np.float64 if info.dtype == "F64" else np.float32
+            out = np.multiply(b, work(factor), dtype=work)  # one pass, contiguous result
+            return out if out.dtype == b.dtype else out.astype(b.dtype)
+        finally:
+            del b  # release the view of the map
 
     def delta(self, module: str, k: int, dtype: "torch.dtype | None" = None) -> "torch.Tensor":
         """``ΔW_k = s(k) · B[:, :k] · A[:k, :]``, ``[out, in]``, computed in float32 (DESIGN.md §1).

@@ -30,6 +30,8 @@ class NestedRankCallback(TrainerCallback):
     Evaluation inside ``Trainer`` (``eval_strategy``) runs with the current training diagonal,
     which for ``matryoshka`` is no single rank: to score rank ``k``, call ``nested.set_rank(k)``
     before ``trainer.evaluate()`` (the next training step re-installs the training diagonal).
+    When training ends the model is switched to the full rank ``r`` (``set_rank(r)``), i.e. what
+    the saved adapter computes in PEFT.
 
     Example::
 
@@ -48,6 +50,9 @@ class NestedRankCallback(TrainerCallback):
 
     def on_step_begin(self, args: "TrainingArguments", state: "TrainerState", control: "TrainerControl", **kwargs: Any) -> None:
         self.nested.train_diagonal(state.global_step)
+
+    def on_train_end(self, args: "TrainingArguments", state: "TrainerState", control: "TrainerControl", **kwargs: Any) -> None:
+        self.nested.set_rank(self.nested.config.max_rank)
 
 
 class StepProgressCallback(TrainerCallback):

@@ -143,7 +143,9 @@ def tokenize_example(ex: Example, tokenizer: Any, max_length: int) -> dict[str, 
         ids = prompt_ids + completion_ids
         labels = [IGNORE_INDEX] * len(prompt_ids) + completion_ids
     else:
-        ids = list(tokenizer(ex.text, add_special_tokens=True)["input_ids"]) + eos
+        ids = list(tokenizer(ex.text, add_special_tokens=True)["input_ids"])
+        if eos and ids[-1:] != eos:  # some tokenizers append EOS themselves
+            ids += eos
         labels = list(ids)
     return {"input_ids": ids[:max_length], "labels": labels[:max_length]}
 
@@ -167,13 +169,13 @@ def tokenize_examples(
             dropped.append(ex.line)
             continue
         out.append(item)
+    if not out:
+        raise DataError(f"{source}: no example keeps a completion token within max length {max_length}; raise --max-length")
     if dropped:
         logger.warning(
             "%s: %d example(s) have no completion token within max length %d and are skipped (lines %s%s)",
             source, len(dropped), max_length, ", ".join(map(str, dropped[:5])), ", …" if len(dropped) > 5 else "",
         )
-    if not out:
-        raise DataError(f"{source}: no example keeps a completion token within max length {max_length}; raise --max-length")
     return out
 
 

@@ -164,7 +164,9 @@ def stage_train(ctx: DemoContext) -> StageReport:
     def progress(done: int, total: int) -> None:
         ctx.report_progress("training", done, total)
 
-    res = train(ctx.base_dir, ctx.train_path, ctx.nested_dir, settings, progress=progress)
+    # Record the base's final path: ctx.base_dir lies in the temporary folder renamed at the end.
+    res = train(ctx.base_dir, ctx.train_path, ctx.nested_dir, settings, progress=progress,
+                base_model_name=str((ctx.output / "base").resolve()))
     return StageReport(
         lines=[
             f"matryoshka adapter, max rank {max(ctx.train_ranks)}, train ranks {list(ctx.train_ranks)}: "
@@ -191,8 +193,9 @@ def stage_evaluate(ctx: DemoContext) -> StageReport:
     from peft import PeftModel
 
     from .adapter import NestedAdapter
+    from .base_model import load_base_model, load_tokenizer
     from .data import load_dataset
-    from .finetune import heldout_loss, load_base_model, load_tokenizer
+    from .finetune import heldout_loss
     from .training import _quiet_peft, load_nested_adapter
 
     tokenizer = load_tokenizer(ctx.base_dir)

@@ -44,16 +44,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from . import __version__
 from .adapter import CONFIG_NAME, NESTED_FORMAT, PEFT_CONFIG_NAME, NestedAdapter
-from .errors import BaseModelError, BaseModelMismatchError, ConfigError, DataError, InvalidAdapterError, RankError
+from .base_model import check_base_model_dir, check_dtype, load_base_model, load_tokenizer
+from .errors import BaseModelMismatchError, ConfigError, DataError, InvalidAdapterError, RankError
 from .fs import atomic_output_dir
 from .method import aurac
-
-if TYPE_CHECKING:
-    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -409,49 +407,10 @@ def plan_curves(adapters: Sequence[str | os.PathLike[str]], ranks: Sequence[int]
 
 
 # -- the base model ----------------------------------------------------------------------------
-_DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-def load_base_model(path: str | os.PathLike[str], *, dtype: str = "auto", device: str | None = None) -> Any:
-    """Load a local causal-LM folder (safetensors only, no network) for evaluation.
-
-    Raises:
-        BaseModelError: missing folder, no safetensors weights, not a causal LM, unknown ``dtype``.
-    """
+def _default_device() -> str:
     import torch
 
-    p = check_base_dir(path)
-    if dtype not in _DTYPES:
-        raise ConfigError(f"unknown dtype {dtype!r}: expected one of {', '.join(_DTYPES)}")
-    from transformers import AutoModelForCausalLM
-
-    torch_dtype: Any = "auto" if dtype == "auto" else getattr(torch, dtype)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(p, local_files_only=True, use_safetensors=True, dtype=torch_dtype)
-    except (OSError, ValueError, KeyError) as e:
-        raise BaseModelError(f"cannot load {str(p)!r} as a causal language model: {e}") from e
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return model.to(dev).eval()
-
-
-def check_base_dir(path: str | os.PathLike[str]) -> Path:
-    """Check that ``path`` looks like a local transformers model folder with safetensors weights.
-
-    Raises:
-        BaseModelError: missing folder, no ``config.json``, or no ``.safetensors`` weights.
-    """
-    p = Path(path)
-    if not p.is_dir():
-        raise BaseModelError(f"base model folder {str(p)!r} does not exist; give a local transformers model folder")
-    if not (p / "config.json").is_file():
-        raise BaseModelError(f"{str(p)!r} has no config.json; is it a transformers model folder?")
-    if not any(p.glob("*.safetensors")):
-        hint = ""
-        if any(p.glob("*.bin")) or any(p.glob("*.pt")):
-            hint = (" (it has pickle weights, which are refused: in a trusted environment load it with transformers and "
-                    "call save_pretrained(dir, safe_serialization=True))")
-        raise BaseModelError(f"base model folder {str(p)!r} has no .safetensors weights{hint}")
-    return p
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _max_positions(base_model_dir: str | os.PathLike[str]) -> int | None:
@@ -461,23 +420,6 @@ def _max_positions(base_model_dir: str | os.PathLike[str]) -> int | None:
         return None  # load_base_model reports it
     value = cfg.get("max_position_embeddings") or cfg.get("n_positions")
     return int(value) if isinstance(value, int) else None
-
-
-def load_tokenizer(path: str | os.PathLike[str]) -> Any:
-    """Load a local tokenizer (no network).
-
-    Raises:
-        BaseModelError: no tokenizer files in ``path``.
-    """
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError, TypeError, KeyError) as e:
-        raise BaseModelError(f"no usable tokenizer in {str(path)!r} ({type(e).__name__}); save one there or pass --tokenizer DIR") from e
-    if tok is None or isinstance(tok, bool):
-        raise BaseModelError(f"no usable tokenizer in {str(path)!r}; save one there or pass --tokenizer DIR")
-    return tok
 
 
 def check_fits_base(adapter: NestedAdapter, model: Any) -> None:
@@ -575,15 +517,14 @@ def evaluate(
         raise ConfigError(f"max new tokens must be a positive integer, got {max_new_tokens!r}")
     t0 = time.perf_counter()
     curves = plan_curves(adapters, ranks)
-    if dtype not in _DTYPES:
-        raise ConfigError(f"unknown dtype {dtype!r}: expected one of {', '.join(_DTYPES)}")
-    check_base_dir(base_model_dir)
-    tokenizer = load_tokenizer(tokenizer_dir if tokenizer_dir is not None else base_model_dir)
+    check_dtype(dtype)
+    check_base_model_dir(base_model_dir)
+    tokenizer = load_tokenizer(tokenizer_dir if tokenizer_dir is not None else base_model_dir, hint="save one there or pass --tokenizer DIR")
     max_len = _max_positions(base_model_dir)
     data = load_eval_data(data_path, tokenizer, max_length=max_len, max_examples=max_examples)  # before loading weights
     if metric == "exact-match" and data.kind != "prompt-completion":
         raise DataError(f"{data.path}: exact-match needs {{\"prompt\", \"completion\"}} records, the file has {{\"text\"}} records; use --metric loss or accuracy")
-    model = load_base_model(base_model_dir, dtype=dtype, device=device)
+    model = load_base_model(base_model_dir, dtype, device=device or _default_device())
     for c in curves:
         for a, _ in c.members:
             check_fits_base(a, model)

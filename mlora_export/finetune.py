@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from .adapter import MatryoshkaConfig
-from .errors import BaseModelError, ConfigError, DataError, ExportError
+from .base_model import check_base_model_dir, load_base_model, load_tokenizer
+from .errors import ConfigError, ExportError
 from .fs import check_output_path
 
 logger = logging.getLogger(__name__)
@@ -34,7 +35,6 @@ logger = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
 
 DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16", "auto")
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 @dataclass(frozen=True)
@@ -144,70 +144,6 @@ class TrainResult:
         return d
 
 
-def check_base_model_dir(path: str | os.PathLike[str]) -> Path:
-    """Check that ``path`` is a local transformers model folder with safetensors weights.
-
-    Raises:
-        BaseModelError: no folder, no ``config.json``, or pickle-only (``.bin``) weights.
-    """
-    p = Path(path)
-    if not p.exists():
-        raise BaseModelError(f"base model folder {str(p)!r} does not exist; give a local transformers model folder (config.json + *.safetensors)")
-    if not p.is_dir():
-        raise BaseModelError(f"base model {str(p)!r} is not a folder; give a local transformers model folder (config.json + *.safetensors)")
-    if not (p / "config.json").is_file():
-        raise BaseModelError(f"base model folder {str(p)!r} has no config.json; save the model there with save_pretrained()")
-    if not any(p.glob("*.safetensors")):
-        pickles = sorted(q.name for q in p.iterdir() if q.name.endswith(_PICKLE_SUFFIXES))
-        if pickles:
-            raise BaseModelError(
-                f"base model folder {str(p)!r} has only pickle weights ({', '.join(pickles[:3])}), which are never loaded; "
-                "convert it once in a trusted environment: AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)"
-            )
-        raise BaseModelError(f"base model folder {str(p)!r} has no .safetensors weights; save the model there with save_pretrained()")
-    return p
-
-
-def load_base_model(path: str | os.PathLike[str], dtype: str = "float32") -> Any:
-    """Load a causal LM from a local folder: ``local_files_only``, safetensors only.
-
-    Raises:
-        BaseModelError: the folder fails :func:`check_base_model_dir` or transformers cannot load it.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    p = check_base_model_dir(path)
-    torch_dtype: Any = "auto" if dtype == "auto" else getattr(torch, dtype)
-    try:
-        return AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True, use_safetensors=True, dtype=torch_dtype)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise BaseModelError(f"cannot load {str(p)!r} as a causal language model: {e}") from e
-
-
-def load_tokenizer(path: str | os.PathLike[str]) -> Any:
-    """Load the tokenizer saved in the model folder; fall back to EOS for padding.
-
-    Raises:
-        BaseModelError: no usable tokenizer in the folder.
-    """
-    from transformers import AutoTokenizer
-
-    from .data import ensure_pad_token
-
-    try:
-        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError, TypeError, KeyError) as e:
-        raise BaseModelError(f"no usable tokenizer in {str(path)!r} ({type(e).__name__}: {e}); save the tokenizer into the model folder") from e
-    if tok is None or isinstance(tok, bool):
-        raise BaseModelError(f"no usable tokenizer in {str(path)!r}; save the tokenizer into the model folder")
-    try:
-        ensure_pad_token(tok)
-    except DataError as e:
-        raise BaseModelError(f"tokenizer in {str(path)!r}: {e}") from e
-    return tok
-
-
 def _has_accelerator() -> bool:
     import torch
 
@@ -248,11 +184,14 @@ def train(
     *,
     force: bool = False,
     progress: Progress | None = None,
+    base_model_name: str | None = None,
 ) -> TrainResult:
     """Train a nested adapter on ``base_model_dir`` with the JSONL file ``data_path``; write it to ``output``.
 
     Everything is validated before the model is loaded. Works in one process and under
     ``torchrun``/``accelerate launch`` (DDP) alike; only the main process writes ``output``.
+    ``base_model_name`` is what the adapter records as its base (PEFT's ``base_model_name_or_path``;
+    default ``base_model_dir`` as given), e.g. a Hub id when the local folder is a copy of one.
 
     Raises:
         ConfigError, RankError: invalid settings.
@@ -279,7 +218,7 @@ def train(
     model = load_base_model(base, settings.dtype)
     if getattr(model.config, "use_cache", None):
         model.config.use_cache = False
-    cfg = settings.nested_config(base_model=str(base_model_dir))
+    cfg = settings.nested_config(base_model=base_model_name or str(base_model_dir))
     targets = settings.target_modules if isinstance(settings.target_modules, str) else list(settings.target_modules)
     nested = add_nested_adapter(model, cfg, target_modules=targets, dropout=settings.dropout, seed=settings.seed)
     if settings.gradient_checkpointing:

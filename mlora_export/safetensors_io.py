@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from .errors import InvalidAdapterError
 
 if TYPE_CHECKING:
@@ -128,6 +130,59 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
     return SafetensorsHeader({i.name: i for i in infos}, metadata, 8 + n)
 
 
+#: For each float dtype: the unsigned type of its bit pattern and its exponent mask. A value is
+#: NaN or infinite exactly when every exponent bit is set, so one integer test covers every format
+#: (bfloat16 included, which numpy has no float type for) without converting anything.
+_EXPONENT_MASKS: dict[str, tuple[type[np.unsignedinteger[Any]], int]] = {
+    "F64": (np.uint64, 0x7FF0000000000000), "F32": (np.uint32, 0x7F800000),
+    "F16": (np.uint16, 0x7C00), "BF16": (np.uint16, 0x7F80),
+}
+
+
+#: Float dtypes numpy can sum, with the accumulator used (float16 sums overflow too early).
+_SUMMABLE: dict[str, tuple[type[np.floating[Any]], type[np.floating[Any]]]] = {
+    "F64": (np.float64, np.float64), "F32": (np.float32, np.float32), "F16": (np.float16, np.float32),
+}
+
+
+def find_non_finite(buffer: Any, header: SafetensorsHeader, chunk_elements: int = 1 << 22) -> str | None:
+    """The name of the first float tensor in ``buffer`` (a whole safetensors file, e.g. an
+    ``mmap``) holding a NaN or an infinity, or ``None``.
+
+    A NaN or infinity anywhere makes a tensor's sum non-finite, so a finite sum (one fast,
+    allocation-free pass) proves every element finite; only a non-finite sum (which a finite
+    tensor reaches only by overflow) and bfloat16 tensors take the exact test of the exponent
+    bits, in chunks of ``chunk_elements``. Non-float tensors are skipped.
+    """
+    for info in header.tensors.values():
+        spec = _EXPONENT_MASKS.get(info.dtype)
+        if spec is None or info.nbytes == 0:
+            continue
+        offset = header.data_start + info.begin
+        if info.dtype in _SUMMABLE:
+            ftype, acc = _SUMMABLE[info.dtype]
+            values = np.frombuffer(buffer, dtype=ftype, count=info.nbytes // np.dtype(ftype).itemsize, offset=offset)
+            with np.errstate(over="ignore", invalid="ignore"):  # overflow is handled below
+                finite = bool(np.isfinite(values.sum(dtype=acc)))
+            del values  # release the export of ``buffer`` so an mmap can be closed
+            if finite:
+                continue
+        utype, mask_value = spec
+        mask = utype(mask_value)
+        count = info.nbytes // np.dtype(utype).itemsize
+        bits = np.frombuffer(buffer, dtype=utype, count=count, offset=offset)
+        try:
+            scratch = np.empty(min(count, chunk_elements), dtype=utype)
+            for start in range(0, count, chunk_elements):
+                out = scratch[: min(chunk_elements, count - start)]
+                np.bitwise_and(bits[start:start + chunk_elements], mask, out=out)
+                if (out == mask).any():
+                    return info.name
+        finally:
+            del bits
+    return None
+
+
 def _header_bytes(specs: Iterable[tuple[str, str, tuple[int, ...]]], metadata: Mapping[str, str] | None) -> tuple[bytes, list[int]]:
     header: dict[str, Any] = {}
     if metadata:
@@ -198,14 +253,15 @@ def _copy_range(src: FileRange, dst_fd: int) -> None:
 def write_safetensors(
     path: str | os.PathLike[str],
     specs: list[tuple[str, str, tuple[int, ...]]],
-    tensors: Iterable["torch.Tensor | bytes | memoryview | FileRange"],
+    tensors: Iterable["torch.Tensor | bytes | memoryview | np.ndarray | FileRange"],
     metadata: Mapping[str, str] | None = None,
 ) -> int:
     """Write a safetensors file whose tensors are produced one at a time.
 
     ``specs`` lists ``(name, dtype name, shape)`` in the order the data is laid out; ``tensors``
-    yields each tensor, its raw bytes, or a :class:`FileRange` to copy from another file (in the
-    kernel, without passing through Python), in that same order. Only one tensor is held at a time.
+    yields each tensor, its raw bytes (any contiguous buffer, e.g. a numpy array), or a
+    :class:`FileRange` to copy from another file (in the kernel, without passing through Python),
+    in that same order. Only one tensor is held at a time.
     Returns the number of bytes written.
 
     Raises:
@@ -229,7 +285,7 @@ def write_safetensors(
                 _copy_range(item, fd)
                 written += nbytes
                 continue
-            if isinstance(item, (bytes, bytearray, memoryview)):
+            if isinstance(item, (bytes, bytearray, memoryview, np.ndarray)):
                 data = memoryview(item).cast("B")
             else:
                 if tuple(item.shape) != tuple(shape) or dtype_name(item.dtype) != dtype:

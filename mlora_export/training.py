@@ -26,7 +26,14 @@ per step, not per micro-batch, when accumulating gradients)::
         nested.train_diagonal(step)
         loss = nested.model(**batch).loss
         loss.backward(); opt.step(); opt.zero_grad()
+    nested.set_rank(8)             # evaluate (or serve) one nested rank in place
     nested.save("./nested")
+
+During training the model computes ``B · diag(d) · A`` with the *training* diagonal, which for
+``matryoshka`` is no single rank: switch with :meth:`NestedLoraModel.set_rank` before evaluating
+(the Trainer callback does ``set_rank(r)`` when training ends). PEFT's own ``merge_adapter`` /
+``merge_and_unload`` read the weights, not the hook: call :meth:`NestedLoraModel.remove` first (it
+hands back a plain PEFT adapter at rank ``r`` and ``s(r)``), or merge a slice on disk.
 
 Under ``torchrun``/``accelerate launch`` (DDP) nothing changes: the diagonal depends on the step
 only, so every process uses the same one; save from the main process only.
@@ -55,10 +62,23 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _BUFFER = "mlora_diag"
+#: The diagonal last installed, as a tuple, kept on each ``lora_A`` next to its buffer (so that
+#: re-installing the same one, every step for ``matryoshka``/``lora``, costs nothing).
+_KEY = "_mlora_diag_key"
+
+#: ``LoraConfig`` options :func:`add_nested_adapter` sets itself.
+_OWN_LORA_KEYS = frozenset({"r", "lora_alpha", "use_rslora", "lora_dropout", "target_modules", "fan_in_fan_out", "task_type", "bias"})
+#: ``LoraConfig`` options that may pass through: they only choose modules or initialise ``A``/``B``.
+_PASS_LORA_KEYS = frozenset({"exclude_modules", "layers_to_transform", "layers_pattern", "init_lora_weights", "base_model_name_or_path", "revision"})
 
 
 def _diag_hook(module: Any, args: Any, output: "torch.Tensor") -> "torch.Tensor":
+    """Forward hook of a ``lora_A``: ``A·x ↦ d ⊙ (A·x)`` (``d`` broadcast over the last dim, length ``r``)."""
     return output * getattr(module, _BUFFER).to(output.dtype)
+
+
+def _has_diag_hook(module: Any) -> bool:
+    return any(fn is _diag_hook for fn in module._forward_hooks.values())
 
 
 class NestedLoraModel:
@@ -72,13 +92,15 @@ class NestedLoraModel:
         import torch
         from peft.tuners.lora import LoraLayer
 
+        from .method import peft_alpha_for
+
         self.model = model
         self.config = config
         self.adapter_name = adapter_name
         self.seed = seed
         self.sampled_rank: int | None = None
-        self._handles: list[Any] = []
         self.module_names: list[str] = []
+        self._layers: list[Any] = []
         r = config.max_rank
         prefix = "base_model.model."
         for name, layer in model.named_modules():
@@ -90,29 +112,49 @@ class NestedLoraModel:
             lora_a = layer.lora_A[adapter_name]
             if not hasattr(lora_a, _BUFFER):
                 lora_a.register_buffer(_BUFFER, torch.ones(r, device=lora_a.weight.device), persistent=False)
-                self._handles.append(lora_a.register_forward_hook(_diag_hook))
+                setattr(lora_a, _KEY, None)
+            if not _has_diag_hook(lora_a):  # a deep copy of a handled model keeps its hooks
+                lora_a.register_forward_hook(_diag_hook)
+            self._layers.append(layer)
             self.module_names.append(name[len(prefix):] if name.startswith(prefix) else name)
         if not self.module_names:
             raise ConfigError(f"the model has no LoRA layers for adapter {adapter_name!r}")
+        # PEFT's own config describes the rank-r adapter at s(r), as the nested format does, so that
+        # PEFT's save_pretrained (Trainer checkpoints, trainer.save_model) writes an adapter that loads right.
+        peft_cfg = model.peft_config[adapter_name]
+        peft_cfg.lora_alpha, peft_cfg.use_rslora = peft_alpha_for(r, config.scaling, config.alpha)
         self.train_diagonal(step=0)
 
     # -- diagonals ------------------------------------------------------------------------
     def _lora_a_modules(self) -> list[Any]:
-        from peft.tuners.lora import LoraLayer
-
-        return [m.lora_A[self.adapter_name] for m in self.model.modules() if isinstance(m, LoraLayer) and self.adapter_name in m.lora_A]
+        if not self._layers:
+            raise ConfigError("this nested adapter handle was removed (remove()); make a new one to switch ranks")
+        return [layer.lora_A[self.adapter_name] for layer in self._layers]
 
     def set_diagonal(self, values: Sequence[float] | "torch.Tensor") -> None:
-        """Set ``d`` in every layer (length ``r``)."""
+        """Set ``d`` in every layer (length ``r``); a no-op when that ``d`` is already installed.
+
+        Raises:
+            RankError: ``values`` does not have length ``r``.
+        """
         import torch
 
-        d = torch.as_tensor(values, dtype=torch.float32)
+        d = torch.as_tensor(values, dtype=torch.float32).detach().cpu()
         if d.shape != (self.config.max_rank,):
             raise RankError(f"diagonal has shape {list(d.shape)}, expected [{self.config.max_rank}]")
+        key = tuple(d.tolist())
+        mods = self._lora_a_modules()
+        if all(getattr(m, _KEY, None) == key for m in mods):
+            return
+        on_device: dict[tuple[Any, Any], torch.Tensor] = {}
         with torch.no_grad():
-            for mod in self._lora_a_modules():
+            for mod in mods:
                 buf = getattr(mod, _BUFFER)
-                buf.copy_(d.to(buf.device, buf.dtype))
+                src = on_device.get((buf.device, buf.dtype))
+                if src is None:
+                    src = on_device[(buf.device, buf.dtype)] = d.to(buf.device, buf.dtype)
+                buf.copy_(src)
+                setattr(mod, _KEY, key)
 
     def sample_rank(self, step: int) -> int:
         """DyLoRA's ``b`` for optimisation step ``step``: uniform over ``T``, a function of ``(seed, step)``
@@ -153,6 +195,7 @@ class NestedLoraModel:
 
     @property
     def fan_in_fan_out(self) -> bool:
+        """Whether the targets are transformers ``Conv1D`` layers (weights stored ``[in, out]``)."""
         cfg = self.model.peft_config[self.adapter_name]
         return bool(getattr(cfg, "fan_in_fan_out", False))
 
@@ -164,11 +207,15 @@ class NestedLoraModel:
         peft_cfg = self.model.peft_config[self.adapter_name]
         task_type = getattr(peft_cfg, "task_type", None)
         task_type = getattr(task_type, "value", task_type)
+        factors = self.factors()
         targets = peft_cfg.target_modules
+        if _narrowed(peft_cfg):
+            # layers_to_transform / exclude_modules are not written (minimal adapter_config): name the modules exactly
+            targets = sorted(factors)
         with atomic_output_dir(path, force) as tmp:
             save_nested(
                 tmp,
-                self.factors(),
+                factors,
                 cfg,
                 fan_in_fan_out=self.fan_in_fan_out,
                 task_type=task_type,
@@ -183,10 +230,44 @@ class NestedLoraModel:
         return NestedRankCallback(self)
 
     def remove(self) -> None:
-        """Remove the hooks (the LoRA layers stay, with PEFT's scaling still at 1)."""
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        """Take the nested machinery off: hooks and diagonals go, PEFT's scaling becomes ``s(r)`` again.
+
+        What is left is a plain PEFT LoRA adapter at rank ``r`` (what ``PeftModel.from_pretrained``
+        of the saved folder computes), so PEFT's ``merge_and_unload`` is right afterwards.
+        """
+        s_r = self.config.scale(self.config.max_rank)
+        for layer in self._layers:
+            mod = layer.lora_A[self.adapter_name]
+            for hook_id, fn in list(mod._forward_hooks.items()):
+                if fn is _diag_hook:
+                    del mod._forward_hooks[hook_id]
+            if hasattr(mod, _BUFFER):
+                delattr(mod, _BUFFER)
+            if hasattr(mod, _KEY):
+                delattr(mod, _KEY)
+            layer.scaling[self.adapter_name] = s_r
+        self._layers.clear()
+
+
+def _narrowed(peft_cfg: Any) -> bool:
+    """Whether a PEFT config picks modules beyond ``target_modules`` (layer indexes, exclusions)."""
+    layers = getattr(peft_cfg, "layers_to_transform", None)
+    return bool(getattr(peft_cfg, "exclude_modules", None)) or (layers is not None and layers != [])
+
+
+def _check_lora_kwargs(lora_kwargs: dict[str, Any]) -> None:
+    own = sorted(k for k in lora_kwargs if k in _OWN_LORA_KEYS)
+    if own:
+        raise ConfigError(f"LoRA option(s) {', '.join(own)} are set by add_nested_adapter itself (rank and scaling come from the MatryoshkaConfig); drop them")
+    other = sorted(k for k in lora_kwargs if k not in _PASS_LORA_KEYS)
+    if other:
+        raise ConfigError(
+            f"LoRA option(s) {', '.join(other)} are not supported: the nested adapter format holds plain LoRA factors only "
+            f"(no DoRA, LoRA bias, rank/alpha patterns or extra saved modules); supported: {', '.join(sorted(_PASS_LORA_KEYS))}"
+        )
+    init = lora_kwargs.get("init_lora_weights", True)
+    if not (init is True or init is False or init == "gaussian"):
+        raise ConfigError(f"init_lora_weights={init!r} is not supported: use True, False or 'gaussian' (other inits change the base weights)")
 
 
 def add_nested_adapter(
@@ -203,10 +284,14 @@ def add_nested_adapter(
     """Wrap a transformers ``model`` with a new trainable nested adapter of rank ``config.max_rank``.
 
     ``target_modules`` is PEFT's: ``"all-linear"`` (every Linear/Conv1D but the output head) or
-    module names. ``lora_kwargs`` pass through to :class:`peft.LoraConfig` (e.g. ``layers_to_transform``).
+    module names. ``lora_kwargs`` pass through to :class:`peft.LoraConfig`, for the options that only
+    choose modules or initialise ``A``/``B`` (``layers_to_transform``, ``layers_pattern``,
+    ``exclude_modules``, ``init_lora_weights``). ``A`` is initialised from ``seed`` without touching
+    torch's global random state.
 
     Raises:
-        ConfigError: no module matched, or targets mix ``nn.Linear`` and ``Conv1D``.
+        ConfigError: no module matched, a matched module is not ``nn.Linear``/``Conv1D``, targets mix
+            the two, or a LoRA option the nested format cannot hold (DoRA, LoRA bias, patterns, …).
     """
     import torch
     from peft import LoraConfig, get_peft_model
@@ -215,7 +300,8 @@ def add_nested_adapter(
     targets: str | list[str] = target_modules if isinstance(target_modules, str) else list(target_modules)
     if not targets:
         raise ConfigError("no target modules given: use 'all-linear' or module names like q_proj,v_proj")
-    kinds = _target_kinds(model, targets, task_type)
+    _check_lora_kwargs(lora_kwargs)
+    kinds = _target_kinds(model, targets, task_type, lora_kwargs)
     if not kinds:
         raise ConfigError(f"target modules {targets!r} match no Linear or Conv1D layer of the model")
     if len(kinds) > 1:
@@ -231,9 +317,15 @@ def add_nested_adapter(
         bias="none",
         **lora_kwargs,
     )
-    torch.manual_seed(seed)
-    with _quiet_peft():
+    with torch.random.fork_rng(devices=[]), _quiet_peft():  # PEFT creates and initialises A on the CPU
+        torch.manual_seed(seed)
         peft_model = get_peft_model(model, lcfg, adapter_name=adapter_name)
+    saved_elsewhere = getattr(peft_model.peft_config[adapter_name], "modules_to_save", None)
+    if saved_elsewhere:
+        logger.warning(
+            "PEFT also trains %s for task type %s; the nested adapter format holds the LoRA factors only, so save() does not write them",
+            sorted(saved_elsewhere), task_type,
+        )
     return NestedLoraModel(peft_model, config, adapter_name=adapter_name, seed=seed)
 
 
@@ -245,17 +337,35 @@ def _quiet_peft() -> Iterator[None]:
         yield
 
 
-def _target_kinds(model: Any, targets: str | list[str], task_type: str | None) -> set[type]:
+def _target_kinds(model: Any, targets: str | list[str], task_type: str | None, lora_kwargs: dict[str, Any] | None = None) -> set[type]:
+    """The layer classes (``nn.Linear``, ``Conv1D``) PEFT would adapt for ``targets``.
+
+    Raises:
+        ConfigError: a matched module is neither (an embedding, a convolution, a whole block): its
+            LoRA factors would not be ``[r, in]``/``[out, r]`` matrices, and the diagonal would not apply.
+    """
     import torch
     from peft import LoraConfig
     from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_target_module_exists
     from transformers.pytorch_utils import Conv1D
 
-    cfg = _maybe_include_all_linear_layers(LoraConfig(target_modules=targets, task_type=task_type), model)
+    select = {k: v for k, v in (lora_kwargs or {}).items() if k in ("exclude_modules", "layers_to_transform", "layers_pattern")}
+    cfg = _maybe_include_all_linear_layers(LoraConfig(target_modules=targets, task_type=task_type, **select), model)
     kinds: set[type] = set()
+    other: list[str] = []
     for name, mod in model.named_modules():
-        if isinstance(mod, (torch.nn.Linear, Conv1D)) and check_target_module_exists(cfg, name):
+        if not name or not check_target_module_exists(cfg, name):
+            continue
+        if isinstance(mod, (torch.nn.Linear, Conv1D)):
             kinds.add(Conv1D if isinstance(mod, Conv1D) else torch.nn.Linear)
+        else:
+            other.append(f"{name} ({type(mod).__name__})")
+    if other:
+        more = f" and {len(other) - 3} more" if len(other) > 3 else ""
+        raise ConfigError(
+            f"target modules {targets!r} match modules that are not nn.Linear or Conv1D: {', '.join(other[:3])}{more}; "
+            "name only linear layers, e.g. q_proj,v_proj, or use 'all-linear'"
+        )
     return kinds
 
 

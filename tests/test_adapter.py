@@ -244,3 +244,29 @@ def test_debug_traceback_only_when_asked(llama_nested: Path, tmp_path: Path, mon
     monkeypatch.setenv("MLORA_DEBUG", "1")
     res = CliRunner().invoke(main, ["inspect", str(d)])
     assert res.exit_code == 2 and "Traceback" in res.output and "DoRA" in res.output
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), None])
+def test_find_non_finite_every_dtype_and_chunk_edge(tmp_path: Path, dtype: torch.dtype, bad: float | None) -> None:
+    """The finite check is exact: it finds one bad value at a chunk edge in any float dtype, and
+    finite tensors whose sum overflows (the fast path's blind spot) are not flagged."""
+    import mmap
+
+    from mlora_export.safetensors_io import find_non_finite, read_header
+
+    big = torch.finfo(dtype).max
+    tensors = {
+        "ok": torch.ones(3, 5, dtype=dtype),
+        "huge": torch.full((4, 4), big, dtype=dtype),  # finite, but its sum overflows
+        "ints": torch.full((7,), 2**31 - 1, dtype=torch.int32),  # all exponent bits set if read as float32
+        "target": torch.zeros(50, dtype=dtype),
+    }
+    if bad is not None:
+        tensors["target"][9] = bad  # the first element of a chunk (size 3), the last one (size 10)
+    path = tmp_path / "t.safetensors"
+    save_file(tensors, str(path))
+    header = read_header(path)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        for chunk in (3, 10, 1 << 22):
+            assert find_non_finite(mm, header, chunk_elements=chunk) == (None if bad is None else "target")

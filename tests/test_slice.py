@@ -71,6 +71,25 @@ def test_slice_matches_definition(arch: str, dtype: torch.dtype, scaling: str, s
             torch.testing.assert_close(got, ref, atol=3e-2, rtol=3e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64], ids=["f16", "f64"])
+@pytest.mark.parametrize("scale_mode", ["baked", "native"])
+def test_slice_tensors_other_float_dtypes(dtype: torch.dtype, scale_mode: str, tmp_path: Path) -> None:
+    """float16 and float64 adapters: exact prefixes, and baked B rounded once from float32 (float64 kept)."""
+    nested = random_nested(build_model("llama"), tmp_path / "nested", arch="llama", r=8, scaling="sqrt", dtype=dtype)
+    slice_adapter(nested, RANKS, tmp_path / "slices", scale_mode=scale_mode)
+    src = load_file(str(nested.weights_path))
+    for k in RANKS:
+        out = load_file(str(tmp_path / "slices" / f"r{k}" / "adapter_model.safetensors"))
+        for name in nested.modules:
+            ka, kb = f"base_model.model.{name}.lora_A.weight", f"base_model.model.{name}.lora_B.weight"
+            assert torch.equal(out[ka], src[ka][:k])
+            want_b = src[kb][:, :k]
+            if scale_mode == "baked":
+                work = torch.float64 if dtype == torch.float64 else torch.float32
+                want_b = (want_b.to(work) * nested.scale(k)).to(dtype)
+            assert out[kb].dtype == dtype and torch.equal(out[kb], want_b)
+
+
 def test_nested_folder_is_a_peft_adapter_at_full_rank(tmp_path: Path) -> None:
     base = build_model("gpt2")
     nested = random_nested(base, tmp_path / "nested", arch="gpt2", r=8, scaling="sqrt")

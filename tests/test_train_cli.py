@@ -151,6 +151,12 @@ def test_demo_quick_end_to_end(tmp_path: Path) -> None:
     for sub in ("base/model.safetensors", "base/tokenizer.json", "nested/matryoshka_config.json", "slices/r2/adapter_config.json", "slices/r8/adapter_model.safetensors"):
         assert (out / sub).is_file(), sub
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".demo.")]
+    # every stage ran, and what the outputs point at exists after the final rename
+    for name in ("merge", "onnx", "bundle"):
+        assert f"[{name}]" in text
+    recorded = json.loads((out / "nested" / "matryoshka_config.json").read_text())["base_model"]
+    assert Path(recorded) == (out / "base").resolve()
+    assert json.loads((out / "slices/r8/adapter_config.json").read_text())["base_model_name_or_path"] == recorded
     # again without --force: exit 2, nothing touched
     res = _run(["demo", str(out), "--quick"])
     assert res.exit_code == 2 and "already exists" in res.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from ..base_model import DTYPES
 from ._errors import handle_errors
 from ._options import BarProgress, RankList, echo_json, echo_table, force_option, json_option
 
@@ -27,7 +28,7 @@ def _fmt(x: float | None) -> str:
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=None,
               help="exact-match generation budget (default: each reference completion's token length).")
 @click.option("--tokenizer", "tokenizer_dir", type=click.Path(path_type=str), default=None, help="Tokenizer folder (default: --base-model).")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True,
+@click.option("--dtype", type=click.Choice(list(DTYPES)), default="auto", show_default=True,
               help="Dtype to load the base model in.")
 @click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
 @click.option("--with-base", is_flag=True, help="Also score the base model without adapter (rank 0, a dashed line in the plot).")

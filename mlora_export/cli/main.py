@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import traceback
+import warnings
 
 import click
 
@@ -38,6 +39,9 @@ def main(ctx: click.Context, verbose: int) -> None:
         logger.propagate = saved[1]
 
     ctx.call_on_close(restore)
+    # PEFT 0.21 calls a name transformers 5 deprecated; the FutureWarning is noise for our users.
+    ctx.with_resource(warnings.catch_warnings())
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 class _EchoHandler(logging.Handler):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from ..base_model import DTYPES
 from ._errors import handle_errors
 from ._options import BarProgress, RankList, echo_json, force_option, json_option
 
@@ -28,7 +29,7 @@ from ._options import BarProgress, RankList, echo_json, force_option, json_optio
 @click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimisation step.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the adapter init, the data order and DyLoRA's sampling.")
 @click.option("--max-length", type=int, default=512, show_default=True, help="Truncate examples to this many tokens.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16", "auto"]), default="float32", show_default=True, help="Dtype of the base model.")
+@click.option("--dtype", type=click.Choice(list(DTYPES)), default="float32", show_default=True, help="Dtype of the base model.")
 @force_option
 @json_option
 @handle_errors

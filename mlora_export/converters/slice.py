@@ -35,7 +35,7 @@ from ..method import peft_alpha_for
 from ..safetensors_io import FileRange, write_safetensors
 
 if TYPE_CHECKING:
-    import torch
+    import numpy as np
 
 logger = logging.getLogger(__name__)
 
@@ -103,15 +103,17 @@ def slice_peft_config(adapter: NestedAdapter, k: int, scale_mode: str) -> dict[s
     )
 
 
-def _slice_tensors(reader: AdapterReader, k: int, scale_mode: str, done: list[int], total: int, progress: Progress | None) -> Iterator["torch.Tensor | FileRange"]:
+def _slice_tensors(reader: AdapterReader, k: int, scale_mode: str, done: list[int], total: int, progress: Progress | None) -> Iterator["np.ndarray | FileRange"]:
     adapter = reader.adapter
-    s = adapter.scale(k)
+    factor = adapter.scale(k) if scale_mode == "baked" else None
     for name in adapter.modules:
         a = reader.lora_A_range(name, k)  # A[:k] is a contiguous run of the source file
         yield a
-        b = reader.lora_B_scaled(name, k, s) if scale_mode == "baked" else reader.lora_B(name, k)
+        b = reader.lora_B_data(name, k, factor)
+        nbytes = b.length if isinstance(b, FileRange) else b.nbytes
         yield b
-        done[0] += a.length + b.numel() * adapter.itemsize
+        del b
+        done[0] += a.length + nbytes
         if progress is not None:
             progress(done[0], total)
 
