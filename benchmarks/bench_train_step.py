@@ -64,20 +64,21 @@ def main() -> None:
     r = args.rank
     ranks = tuple(2**i for i in range(r.bit_length()) if 2**i <= r)
     ranks = ranks if ranks[-1] == r else (*ranks, r)
-    def build_nested():
-        return add_nested_adapter(copy.deepcopy(base), MatryoshkaConfig("matryoshka", r, ranks, "sqrt"), target_modules="all-linear", seed=0)
 
-    def build_plain():
+    def build_nested(model: torch.nn.Module):
+        return add_nested_adapter(copy.deepcopy(model), MatryoshkaConfig("matryoshka", r, ranks, "sqrt"), target_modules="all-linear", seed=0)
+
+    def build_plain(model: torch.nn.Module) -> torch.nn.Module:
         alpha, rslora = peft_alpha_for(r, "sqrt")
         torch.manual_seed(0)
-        return get_peft_model(copy.deepcopy(base), LoraConfig(r=r, lora_alpha=alpha, use_rslora=rslora, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM"))
+        return get_peft_model(copy.deepcopy(model), LoraConfig(r=r, lora_alpha=alpha, use_rslora=rslora, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM"))
 
     if args.plain_first:  # memory placement control: build the PEFT model first
-        plain = build_plain()
-        nested = build_nested()
+        plain = build_plain(base)
+        nested = build_nested(base)
     else:
-        nested = build_nested()
-        plain = build_plain()
+        nested = build_nested(base)
+        plain = build_plain(base)
     del base
 
     gen = torch.Generator().manual_seed(0)

@@ -16,6 +16,8 @@ from .errors import BaseModelError, ConfigError, DataError
 #: ``dtype`` values accepted by :func:`load_base_model` (``auto``: as saved in the folder).
 DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+SAFE_SINGLE = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
 _TOKENIZER_HINT = "save the tokenizer into the model folder"
 
 
@@ -23,23 +25,26 @@ def check_base_model_dir(path: str | os.PathLike[str]) -> Path:
     """Check that ``path`` is a local transformers model folder with safetensors weights.
 
     Raises:
-        BaseModelError: no folder, no ``config.json``, or pickle-only (``.bin``) weights.
+        BaseModelError: no folder, no ``config.json``, no ``model.safetensors`` (or its index), or
+            pickle-only (``.bin``) weights.
     """
     p = Path(path)
     if not p.exists():
         raise BaseModelError(f"base model folder {str(p)!r} does not exist; give a local transformers model folder (config.json + *.safetensors)")
     if not p.is_dir():
-        raise BaseModelError(f"base model {str(p)!r} is not a folder; give a local transformers model folder (config.json + *.safetensors)")
+        raise BaseModelError(f"base model path {str(p)!r} is a file; pass the transformers model folder (config.json + *.safetensors)")
     if not (p / "config.json").is_file():
         raise BaseModelError(f"base model folder {str(p)!r} has no config.json; save the model there with save_pretrained()")
-    if not any(p.glob("*.safetensors")):
+    # What transformers loads; any other *.safetensors (an adapter, say) is no base weight, and a
+    # pytorch_model.bin lying next to it must never be the fallback.
+    if not ((p / SAFE_SINGLE).is_file() or (p / SAFE_INDEX).is_file()):
         pickles = sorted(q.name for q in p.iterdir() if q.name.endswith(_PICKLE_SUFFIXES))
         if pickles:
             raise BaseModelError(
                 f"base model folder {str(p)!r} has only pickle weights ({', '.join(pickles[:3])}), which are never loaded; "
                 "convert it once in a trusted environment: AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)"
             )
-        raise BaseModelError(f"base model folder {str(p)!r} has no .safetensors weights; save the model there with save_pretrained()")
+        raise BaseModelError(f"base model folder {str(p)!r} has no {SAFE_SINGLE} or {SAFE_INDEX}; save the model there with save_pretrained()")
     return p
 
 

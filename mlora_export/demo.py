@@ -19,19 +19,19 @@ finishes; the finished folder appears at once), reads what earlier stages left i
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
 from .fs import atomic_output_dir, check_output_path
+from .threads import torch_threads
 
 logger = logging.getLogger(__name__)
 
@@ -259,23 +259,6 @@ def demo_train_settings(ctx: DemoContext) -> Any:
     )
 
 
-@contextlib.contextmanager
-def _single_thread() -> Iterator[None]:
-    """Run torch on one intra-op thread, restoring the previous setting afterwards.
-
-    The demo's matrices are tiny (64 wide): threads cannot speed them up, and on a busy machine
-    OpenMP's spinning threads make each small op up to 100× slower.
-    """
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def run_demo(
     output: str | os.PathLike[str],
     *,
@@ -298,7 +281,8 @@ def run_demo(
     check_output_path(output, force)
     chosen = list(STAGES if stages is None else stages)
     reports: list[tuple[Stage, StageReport]] = []
-    with _single_thread(), atomic_output_dir(output, force) as tmp:
+    # The demo's matrices are tiny (64 wide): more threads cannot speed them up.
+    with torch_threads(1), atomic_output_dir(output, force) as tmp:
         ctx = DemoContext(output=Path(output), root=tmp, quick=quick, seed=seed, progress=progress)
         for stage in chosen:
             fn = stage.resolve()

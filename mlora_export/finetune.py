@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .adapter import MatryoshkaConfig
-from .base_model import check_base_model_dir, load_base_model, load_tokenizer
+from .base_model import DTYPES, check_base_model_dir, load_base_model, load_tokenizer
 from .errors import ConfigError, ExportError
 from .fs import check_output_path
 
@@ -33,9 +33,6 @@ logger = logging.getLogger(__name__)
 
 #: ``progress(done_steps, total_steps)``, called on the main process after each optimisation step.
 Progress = Callable[[int, int], None]
-
-DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16", "auto")
-
 
 @dataclass(frozen=True)
 class TrainSettings:
@@ -99,8 +96,19 @@ class TrainSettings:
             raise ConfigError(f"max length must be an integer of at least 2 tokens, got {self.max_length!r}")
         if not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) or self.lr <= 0:
             raise ConfigError(f"learning rate must be a positive number, got {self.lr!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
+        if not _is_number(self.weight_decay) or self.weight_decay < 0:
+            raise ConfigError(f"weight decay must be a non-negative number, got {self.weight_decay!r}")
+        if not _is_number(self.max_grad_norm) or self.max_grad_norm < 0:
+            raise ConfigError(f"max grad norm must be a non-negative number (0 turns clipping off), got {self.max_grad_norm!r}")
+        if _not_int(self.warmup_steps) or self.warmup_steps < 0:
+            raise ConfigError(f"warmup steps must be a non-negative integer, got {self.warmup_steps!r}")
+        from transformers import SchedulerType
+
+        schedulers = [t.value for t in SchedulerType]
+        if self.lr_scheduler not in schedulers:
+            raise ConfigError(f"unknown learning-rate scheduler {self.lr_scheduler!r}: expected one of {', '.join(schedulers)}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"unknown dtype {self.dtype!r}: expected one of {', '.join(DTYPES)}")
         if _not_int(self.seed) or self.seed < 0:
@@ -116,6 +124,10 @@ class TrainSettings:
 
 def _not_int(value: Any) -> bool:
     return isinstance(value, bool) or not isinstance(value, int)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass

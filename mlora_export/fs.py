@@ -22,8 +22,11 @@ logger = logging.getLogger(__name__)
 def check_output_path(path: str | os.PathLike[str], force: bool = False) -> Path:
     """Return ``path`` as a :class:`Path` after checking that it may be written.
 
+    The nearest existing ancestor folder must be a writable folder (the missing ones are created).
+
     Raises:
-        OutputExistsError: ``path`` exists and ``force`` is false, or it is a file.
+        OutputExistsError: ``path`` exists and ``force`` is false, or it is a file; an ancestor is
+            a file or not writable.
     """
     out = Path(path)
     if out.exists() or out.is_symlink():
@@ -31,9 +34,13 @@ def check_output_path(path: str | os.PathLike[str], force: bool = False) -> Path
             raise OutputExistsError(f"output {str(out)!r} already exists: choose another path or pass --force to replace it")
         if not out.is_dir():
             raise OutputExistsError(f"output {str(out)!r} exists and is not a folder: remove it or choose another path")
-    parent = out.absolute().parent
-    if parent.exists() and not os.access(parent, os.W_OK):
-        raise OutputExistsError(f"cannot write output {str(out)!r}: its parent folder {str(parent)!r} is not writable")
+    probe = out.absolute().parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise OutputExistsError(f"cannot create output {str(out)!r}: {str(probe)!r} is a file, not a folder; choose another path")
+    if not os.access(probe, os.W_OK):
+        raise OutputExistsError(f"cannot create output {str(out)!r}: folder {str(probe)!r} is not writable; choose another path")
     return out
 
 
@@ -57,11 +64,17 @@ def atomic_output_dir(path: str | os.PathLike[str], force: bool = False) -> Iter
     On any exception (including ``KeyboardInterrupt``) the temporary folder is removed and
     ``path`` is left as it was. With ``force`` an existing ``path`` is replaced only once the new
     output is complete.
+
+    Raises:
+        OutputExistsError: see :func:`check_output_path`, or the temporary folder cannot be created.
     """
     out = check_output_path(path, force)
     parent = out.absolute().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    except OSError as e:  # a read-only mount, a race with another process...: the output is the problem
+        raise OutputExistsError(f"cannot create output {str(out)!r}: {e.strerror or e}; choose another path") from e
     try:
         yield tmp
         if out.exists():

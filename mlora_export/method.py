@@ -6,6 +6,7 @@ Pure functions on plain Python values; no tensors, no I/O.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Sequence
 from typing import Literal
 
@@ -146,8 +147,9 @@ def aurac(ranks: Sequence[int], scores: Sequence[float]) -> dict[str, float]:
     if len(ks) != len(ys):
         raise RankError(f"AURAC got {len(ks)} ranks but {len(ys)} scores")
     for k in ks:
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
             raise RankError(f"AURAC rank {k!r} is not a positive integer")
+    ks = [int(k) for k in ks]
     if any(b <= a for a, b in zip(ks, ks[1:])):
         raise RankError(f"AURAC ranks must be strictly increasing, got {ks}: sort them with their scores")
     if len(ks) == 1:

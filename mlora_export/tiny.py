@@ -46,7 +46,8 @@ def build_char_tokenizer() -> Any:
     for ch in CHARACTERS:
         vocab.setdefault(ch, len(vocab))
     tok = Tokenizer(WordLevel(vocab=vocab, unk_token=UNK))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    # one piece per character; "." would leave a run of newlines as one (unknown) piece
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
     )
@@ -76,7 +77,9 @@ def build_tiny_model(
 ) -> dict[str, Any]:
     """Write a randomly initialised tiny causal LM and its tokenizer to ``output`` (safetensors).
 
-    Returns ``{"path", "params", "vocab_size", "config"}``.
+    The weights are a function of ``seed`` (torch's global random state is left as it was).
+    ``head_std`` is the standard deviation of the output head (default ``hidden_size ** -0.5``);
+    ``overrides`` replace fields of :data:`TINY_SHAPE`. Returns ``{"path", "params", "vocab_size", "config"}``.
 
     Raises:
         OutputExistsError: ``output`` exists and ``force`` is false.
@@ -86,12 +89,13 @@ def build_tiny_model(
 
     tokenizer = build_char_tokenizer()
     config = tiny_llama_config(len(tokenizer), **overrides)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        # transformers' default init (std 0.02) leaves a frozen output head able to move the logits by
-        # about ±1 only, so an adapter could barely lower the loss; give the head unit-scale logits instead.
-        model.lm_head.weight.normal_(0.0, head_std if head_std is not None else config.hidden_size**-0.5)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+        with torch.no_grad():
+            # transformers' default init (std 0.02) leaves a frozen output head able to move the logits by
+            # about ±1 only, so an adapter could barely lower the loss; give the head unit-scale logits instead.
+            model.lm_head.weight.normal_(0.0, head_std if head_std is not None else config.hidden_size**-0.5)
     params = sum(p.numel() for p in model.parameters())
     with atomic_output_dir(output, force) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)

@@ -370,18 +370,27 @@ def _target_kinds(model: Any, targets: str | list[str], task_type: str | None, l
 
 
 def load_nested_adapter(
-    model: Any, adapter: NestedAdapter | str | os.PathLike[str], *, is_trainable: bool = False, adapter_name: str = "default"
+    model: Any,
+    adapter: NestedAdapter | str | os.PathLike[str],
+    *,
+    is_trainable: bool = False,
+    adapter_name: str = "default",
+    seed: int = 0,
 ) -> NestedLoraModel:
     """Put an adapter from disk on ``model`` through PEFT; switch ranks with :meth:`NestedLoraModel.set_rank`.
 
     Starts at the full rank ``r`` (``set_rank(r)``), i.e. what ``PeftModel.from_pretrained`` computes.
+    With ``is_trainable`` it can be trained further; ``seed`` is then DyLoRA's sampling seed.
+
+    Raises:
+        InvalidAdapterError: the folder is not a valid nested adapter.
     """
     from peft import PeftModel
 
     nested = adapter if isinstance(adapter, NestedAdapter) else NestedAdapter.load(adapter)
     with _quiet_peft():
         peft_model = PeftModel.from_pretrained(model, str(nested.path), adapter_name=adapter_name, is_trainable=is_trainable)
-    handle = NestedLoraModel(peft_model, nested.config, adapter_name=adapter_name)
+    handle = NestedLoraModel(peft_model, nested.config, adapter_name=adapter_name, seed=seed)
     handle.set_rank(nested.max_rank)
     return handle
 

@@ -29,9 +29,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(autouse=True)
 def _isolated_hf_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Point HF_HOME and the token at a temporary folder so no test sees a real login or cache."""
+    """Point HF_HOME and the token at a temporary folder so no test sees a real login or cache.
+
+    huggingface_hub fixes its token-file paths at import, so they are patched too (HF_HOME alone
+    would not hide a real ``hf auth login`` of the machine).
+    """
+    import huggingface_hub.constants as hc
+
     home = tmp_path_factory.mktemp("hf_home")
     monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setattr(hc, "HF_TOKEN_PATH", str(home / "token"))
+    monkeypatch.setattr(hc, "HF_STORED_TOKENS_PATH", str(home / "stored_tokens"))
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("MLORA_DEBUG", "0")

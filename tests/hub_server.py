@@ -8,7 +8,9 @@ content-addressed folder per repo) and keeps a commit history per branch. Authen
 ``Authorization: Bearer <token>`` against a table of users; private repos answer 401 (anonymous)
 or 404 (another user) with ``X-Error-Code: RepoNotFound``, an unknown token 401 with the Hub's
 ``Invalid credentials in Authorization header`` message, as the real Hub does. Every request is
-appended to :attr:`HubServer.log` so that tests can assert on what the client did.
+appended to :attr:`HubServer.log` so that tests can assert on what the client did; a request
+that hits a bug of this server is answered 400 (not 5xx, which the client would retry) and also
+kept in :attr:`HubServer.bugs`, which tests check stays empty.
 
 Usage::
 
@@ -148,6 +150,8 @@ class HubServer:
         self.orgs = {k: set(v) for k, v in (orgs or {}).items()}  # org -> members
         self.repos: dict[tuple[str, str], Repo] = {}
         self.log: list[dict[str, Any]] = []
+        #: requests that hit a bug of this server (answered 400); kept across :meth:`clear_log`
+        self.bugs: list[dict[str, Any]] = []
         self._uploads: dict[str, tuple[Repo, str, int]] = {}  # secret -> (repo, oid, size)
         self._lock = threading.RLock()
         self._counter = 0
@@ -326,6 +330,8 @@ class _Handler(BaseHTTPRequestHandler):
         entry["status"] = self._status
         with self.hub._lock:
             self.hub.log.append(entry)
+            if "bug" in entry:
+                self.hub.bugs.append(entry)
 
     do_GET = do_POST = do_PUT = do_HEAD = do_DELETE = _handle
 

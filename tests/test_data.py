@@ -84,8 +84,29 @@ def test_truncation_drops_examples_without_completion_tokens(tok, caplog: pytest
     exs = [Example(prompt="x" * 20, completion="y", line=1), Example(prompt="a", completion="b", line=2)]
     out = tokenize_examples(exs, tok, max_length=8)
     assert len(out) == 1 and "lines 1" in caplog.text
+    caplog.clear()
     with pytest.raises(DataError, match="raise --max-length"):
         tokenize_examples(exs[:1], tok, max_length=8)
+    assert caplog.text == ""  # the error alone, not a warning before it
+
+
+def test_text_gets_one_eos_even_when_the_tokenizer_adds_it() -> None:
+    class AddsEos:
+        eos_token_id = 2
+
+        def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+            ids = [10 + ord(c) % 50 for c in text]
+            return {"input_ids": [1, *ids, 2] if add_special_tokens else ids}
+
+    item = tokenize_example(Example(text="hey"), AddsEos(), 64)
+    assert item["input_ids"][-2:] != [2, 2] and item["input_ids"][-1] == 2 and item["labels"] == item["input_ids"]
+
+
+def test_char_tokenizer_one_token_per_character_newlines_included(tok) -> None:
+    text = "a\n\nb  c\n"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(text) and tok.unk_token_id not in ids
+    assert tok.decode(ids) == text
 
 
 def test_collator_pads_with_ignored_labels() -> None:
@@ -120,7 +141,14 @@ def test_tiny_model_folder_loads_with_auto_classes(tmp_path: Path) -> None:
 
     from mlora_export.tiny import build_tiny_model
 
+    import torch
+
+    state = torch.get_rng_state()
     info = build_tiny_model(tmp_path / "m", seed=1)
+    assert torch.equal(torch.get_rng_state(), state)  # seeded without touching torch's global RNG
+    again = build_tiny_model(tmp_path / "m2", seed=1)
+    assert (tmp_path / "m" / "model.safetensors").read_bytes() == (tmp_path / "m2" / "model.safetensors").read_bytes()
+    assert again["params"] == info["params"]
     assert (tmp_path / "m" / "model.safetensors").is_file() and not list((tmp_path / "m").glob("*.bin"))
     t = AutoTokenizer.from_pretrained(tmp_path / "m", local_files_only=True)
     m = AutoModelForCausalLM.from_pretrained(tmp_path / "m", local_files_only=True)

@@ -129,10 +129,30 @@ def test_eval_matches_peft_slices(setup: dict[str, Path], data_key: str, metric:
     assert len({round(p.loss, 6) for p in curve.points}) == len(RANKS)
 
 
-def test_collection_and_several_adapters_share_one_base(setup: dict[str, Path]) -> None:
+def test_collection_and_several_adapters_share_one_base(setup: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     """Slices as one collection curve equal the nested curve; an adapter evaluated after another (base unloaded in
-    between) scores as when evaluated alone."""
+    between) scores as when evaluated alone; the base weights are loaded once for all adapters and ranks."""
+    import mlora_export.evaluation as ev
+    from transformers import PreTrainedModel
+
+    loads: list[str] = []
+    real_load, real_from_pretrained = ev.load_base_model, PreTrainedModel.from_pretrained.__func__
+
+    def counting_load(*args: object, **kwargs: object) -> object:  # a pass-through spy, not a mock
+        loads.append("load_base_model")
+        return real_load(*args, **kwargs)
+
+    def counting_from_pretrained(cls: type, *args: object, **kwargs: object) -> object:
+        loads.append(f"{cls.__name__}.from_pretrained")
+        return real_from_pretrained(cls, *args, **kwargs)
+
+    monkeypatch.setattr(ev, "load_base_model", counting_load)
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(counting_from_pretrained))
     both = evaluate([setup["nested2"], setup["nested"], setup["slices"]], setup["base"], setup["text"], "all", device="cpu")
+    assert sum(len(c.points) for c in both.curves) == 3 + 4 + 4
+    assert loads[0] == "load_base_model" and loads.count("load_base_model") == 1
+    assert len([x for x in loads if x.endswith(".from_pretrained")]) == 1, loads
+    monkeypatch.undo()
     alone = evaluate([setup["nested"]], setup["base"], setup["text"], "all", device="cpu")
     nested2, nested, slices = both.curves
     assert nested2.method == "matryoshka" and [p.rank for p in nested2.points] == [1, 2, 4]
@@ -184,6 +204,20 @@ def test_cli_eval_writes_results_plot_and_records(setup: dict[str, Path], tmp_pa
     assert r.exit_code == 0, r.output
     assert "AURAC v2" in r.output and "lower is better" in r.output
     assert sorted(NestedAdapter.load(nested).config.extra["evaluation"]) == ["accuracy", "loss"]
+    # the recorded numbers flow into a variant bundle: manifest and model card show them
+    from mlora_export.converters.hub import write_bundle
+
+    loss = json.loads((out / "results.json").read_text())["adapters"][0]
+    b = write_bundle(nested, (1, 2, 4), tmp_path / "bundle")
+    by_rank = {p["rank"]: p["score"] for p in loss["ranks"]}
+    acc_by_rank = {p["rank"]: p["score"] for p in results["adapters"][0]["ranks"]}
+    for r in b.ranks:
+        assert r.metrics["loss"] == pytest.approx(by_rank[r.rank])
+        assert r.metrics.get("accuracy") == (pytest.approx(acc_by_rank[r.rank]) if r.rank in acc_by_rank else None)
+    assert b.manifest["evaluation"]["loss"]["aurac"] == pytest.approx(loss["aurac"])
+    card = (b.path / "README.md").read_text()
+    assert "| rank | folder | parameters | size | accuracy | loss |" in card and "AURAC (loss)" in card
+    assert f"{by_rank[2]:.4g}" in card
 
 
 # -- CLI: bad inputs ---------------------------------------------------------------------------

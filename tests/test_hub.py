@@ -29,20 +29,30 @@ RANKS = (2, 4, 8)
 
 
 @pytest.fixture(autouse=True)
-def _no_xet(monkeypatch: pytest.MonkeyPatch) -> None:
+def _no_xet(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Xet off, loopback unproxied, and an empty ``hf auth login`` cache (returned: write a token there to log in).
+
+    The token file path is a huggingface_hub constant fixed at import, so setting HF_HOME alone
+    would not hide a real login of the machine.
+    """
     import huggingface_hub.constants as hc
 
+    login = tmp_path_factory.mktemp("login")
+    monkeypatch.setattr(hc, "HF_TOKEN_PATH", str(login / "token"))
+    monkeypatch.setattr(hc, "HF_STORED_TOKENS_PATH", str(login / "stored_tokens"))
     monkeypatch.setattr(hc, "HF_HUB_DISABLE_XET", True)
     monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     monkeypatch.delenv("HF_ENDPOINT", raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    return login / "token"
 
 
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory: pytest.TempPathFactory) -> HubServer:
     with HubServer(tmp_path_factory.mktemp("hub"), users={ALICE: "alice", BOB: "bob"}, orgs={"org": {"alice"}}) as server:
         yield server
+    assert server.bugs == [], f"requests that hit a bug of the local Hub: {server.bugs}"
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +134,12 @@ def test_bundle_layout_manifest_and_card(bundle_dir: Path, nested: Path, tmp_pat
     # deterministic: the same inputs give byte-identical files (so re-pushes upload nothing)
     again = write_bundle(nested, RANKS, tmp_path / "again", base_model="org/tiny-llama", license_id="apache-2.0", repo_id=REPO)
     assert (again.path / MANIFEST_NAME).read_bytes() == (bundle_dir / MANIFEST_NAME).read_bytes()
+    assert "folded into `lora_B`" in text
+    # the card describes the slices as they are: native slices keep the exact prefix
+    native = write_bundle(nested, (4,), tmp_path / "native", scale_mode="native", base_model="org/tiny-llama")
+    native_text = (native.path / "README.md").read_text()
+    assert "exact prefix" in native_text and "folded into" not in native_text
+    assert json.loads((native.path / "r4/adapter_config.json").read_text())["use_rslora"] is True
 
 
 def test_bundle_carries_evaluation_numbers(tmp_path: Path) -> None:
@@ -276,13 +292,23 @@ print("OK")
 
 
 # -- errors ------------------------------------------------------------------------------------
-def test_private_repo_bad_token_and_permissions(hub: HubServer, bundle_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_private_repo_bad_token_and_permissions(hub: HubServer, pushed: dict, bundle_dir: Path, nested: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch, _no_xet: Path) -> None:
     monkeypatch.setenv("HF_TOKEN", ALICE)  # the token from the environment, as huggingface_hub reads it
     res = run("push-hub", bundle_dir, "--repo-id", "org/private-mlora", "--private", "--endpoint", hub.endpoint)
     assert res.exit_code == 0, res.output
     assert hub.repo("org/private-mlora").private
     assert run("pull", "org/private-mlora", "--rank", "2", "--output", tmp_path / "ok", "--endpoint", hub.endpoint).exit_code == 0
+    # --private never publishes into an existing public repo
+    head = hub.repo(REPO).branches["main"]
+    res = run("push-hub", nested, "--ranks", "2", "--repo-id", REPO, "--private", "--endpoint", hub.endpoint)
+    assert res.exit_code == 2 and "already exists and is public" in res.output, res.output
+    assert hub.repo(REPO).branches["main"] == head and not hub.repo(REPO).private
     monkeypatch.delenv("HF_TOKEN")
+    # the `hf auth login` cache (the token file), found by huggingface_hub's own lookup
+    _no_xet.write_text(ALICE)
+    assert run("pull", "org/private-mlora", "--rank", "2", "--output", tmp_path / "cached", "--endpoint", hub.endpoint).exit_code == 0
+    _no_xet.unlink()
 
     out = tmp_path / "out"
     pull = ("pull", "org/private-mlora", "--rank", "2", "--output", out, "--endpoint", hub.endpoint)
@@ -292,6 +318,9 @@ def test_private_repo_bad_token_and_permissions(hub: HubServer, bundle_dir: Path
         ((*pull, "--token", BOB), "not found", "private and your token cannot read it"),  # another user
         ((*pull, "--token", "hf_wrong"), "rejected the token", "invalid or expired"),
         ((*push, "org/bob-was-here", "--token", BOB), "permission denied for 'org/bob-was-here'", "write access"),
+        # an existing repo that bob can read but not write (a bundle that differs from it, so a commit is needed)
+        (("push-hub", nested, "--ranks", "2", "--endpoint", hub.endpoint, "--repo-id", REPO, "--token", BOB),
+         f"permission denied for {REPO!r}", "write access"),
         ((*push, "org/x", "--token", "hf_wrong"), "rejected the token", "hf auth login"),
         ((*push, "org/x"), "needs a token", "HF_TOKEN"),
     ]
@@ -299,9 +328,10 @@ def test_private_repo_bad_token_and_permissions(hub: HubServer, bundle_dir: Path
         res = run(*args)
         assert res.exit_code == 1, (args, res.output)
         assert first in res.output and second in res.output, res.output
-        assert "Traceback" not in res.output and "hf_wrong" not in res.output
+        assert "Traceback" not in res.output and "hf_wrong" not in res.output and BOB not in res.output
         assert len(res.output.strip().splitlines()) == 1, res.output
     assert leftovers(tmp_path, "out") == []
+    assert hub.repo(REPO).branches["main"] == head
 
 
 def test_unknown_repo_revision_rank_and_network_down(hub: HubServer, pushed: dict, tmp_path: Path) -> None:
@@ -309,6 +339,7 @@ def test_unknown_repo_revision_rank_and_network_down(hub: HubServer, pushed: dic
     cases = [
         (["pull", "org/nope", "--rank", "2"], 1, "repository 'org/nope' not found"),
         (["pull", REPO, "--rank", "2", "--revision", "v9"], 1, "revision 'v9' not found"),
+        (["pull", REPO, "--rank", "2", "--revision", ""], 2, "--revision is empty"),
         (["pull", REPO, "--rank", "16"], 2, "rank 16 is not in the bundle 'org/tiny-llama-mlora'; it has ranks 2, 4, 8"),
         (["pull", REPO, "--rank", "auto"], 2, "--rank auto needs --max-bytes"),
         (["pull", REPO, "--rank", "auto", "--max-bytes", "1KB"], 2, "no rank of 'org/tiny-llama-mlora' fits --max-bytes 1000"),
@@ -323,6 +354,22 @@ def test_unknown_repo_revision_rank_and_network_down(hub: HubServer, pushed: dic
         assert leftovers(tmp_path, "out") == []
     res = run("pull", REPO, "--rank", "4", "--output", out, "--endpoint", "http://127.0.0.1:9")
     assert res.exit_code == 1 and "cannot reach the Hub at http://127.0.0.1:9" in res.output
+    assert leftovers(tmp_path, "out") == []
+    # bad input caught before any request: a malformed repo id or endpoint
+    hub.clear_log()
+    for args, message in [(["pull", "not a repo", "--rank", "2", "--endpoint", hub.endpoint], "repo id 'not a repo' is not a valid Hub repo id"),
+                          (["pull", REPO, "--rank", "2", "--endpoint", "127.0.0.1:9"], "--endpoint '127.0.0.1:9' is not an http(s) URL")]:
+        res = run(*args, "--output", out)
+        assert res.exit_code == 2 and message in res.output and len(res.output.strip().splitlines()) == 1, res.output
+    res = run("pull", REPO, "--rank", "2", "--output", out, env={"HF_ENDPOINT": "ftp://mirror"})
+    assert res.exit_code == 2 and "HF_ENDPOINT 'ftp://mirror' is not an http(s) URL" in res.output, res.output
+    assert hub.log == [] and leftovers(tmp_path, "out") == []
+    # a repo that is not a bundle
+    from huggingface_hub import HfApi
+
+    HfApi(endpoint=hub.endpoint, token=ALICE).create_repo("org/not-a-bundle")
+    res = run("pull", "org/not-a-bundle", "--rank", "2", "--output", out, "--endpoint", hub.endpoint)
+    assert res.exit_code == 2 and "has no manifest.json" in res.output and "not a variant bundle" in res.output, res.output
     assert leftovers(tmp_path, "out") == []
     # --rank auto picks the largest rank that fits, reading the manifest first
     sizes = {r["rank"]: r for r in json.loads(hub.file_bytes(REPO, MANIFEST_NAME))["ranks"]}
@@ -367,6 +414,12 @@ def test_dry_run_makes_no_request(hub: HubServer, nested: Path) -> None:
     assert res.exit_code == 2 and "not a valid Hub repo id" in res.output
     res = run("push-hub", nested, "--repo-id", "no-namespace", "--endpoint", hub.endpoint, "--token", ALICE)
     assert res.exit_code == 2 and "namespace/name" in res.output and hub.log == []
+    for bad in ("0123456789abcdef0123456789abcdef01234567", ""):  # a commit id, nothing: push-hub commits to a branch
+        res = run("push-hub", nested, "--repo-id", "org/dry", "--revision", bad, "--endpoint", hub.endpoint, "--token", ALICE)
+        assert res.exit_code == 2 and "is not a branch name" in res.output, res.output
+    res = run("push-hub", nested, "--repo-id", "org/dry", "--endpoint", "huggingface.co", "--token", ALICE)
+    assert res.exit_code == 2 and "is not an http(s) URL" in res.output, res.output
+    assert hub.log == []
 
 
 def test_bundle_with_onnx_folder_and_demo_stage(nested: Path, tmp_path: Path) -> None:

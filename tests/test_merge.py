@@ -140,7 +140,9 @@ def test_layout_and_untouched_bytes_preserved(work: dict[str, Path], tmp_path: P
     (base / "original" / "consolidated.00.pth").write_bytes(b"x")
     out = tmp_path / "merged"
     progress: list[tuple[int, int]] = []
+    threads = torch.get_num_threads()
     res = merge_adapter(work["nested-gpt2"], base, 8, out, progress=lambda d, t: progress.append((d, t)))
+    assert torch.get_num_threads() == threads  # restored after the merge
     base_files = sorted(p.name for p in base.iterdir() if p.is_file() and p.suffix != ".bin")
     assert sorted(p.name for p in out.iterdir()) == base_files
     assert set(res.skipped_files) >= {"pytorch_model.bin", "original/"}
@@ -285,6 +287,7 @@ def bad_bases(work: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -
         ("wrong-arch", "has no weight 'model.layers.0.self_attn.q_proj.weight'"),
         ("shape", "expects base weight 'model.layers.0.mlp.gate_proj.weight' of shape [48, 32]"),
         ("bad-adapter", "does not exist"),
+        ("output-under-file", "is a file, not a folder"),
     ],
 )
 def test_cli_bad_inputs(work: dict[str, Path], bad_bases: dict[str, Path], tmp_path: Path, case: str, expected: str) -> None:
@@ -302,9 +305,17 @@ def test_cli_bad_inputs(work: dict[str, Path], bad_bases: dict[str, Path], tmp_p
     elif case in bad_bases:
         base = bad_bases[case]
     out = tmp_path / "out"
+    if case == "output-under-file":
+        (tmp_path / "afile").write_text("x")
+        out = tmp_path / "afile" / "out"
+    before = sorted(p.name for p in tmp_path.iterdir())
     code, stdout, stderr = _run(str(nested), "--base-model", str(base), "--rank", rank, "--output", str(out))
     assert code == 2, (stdout, stderr)
     assert stderr.startswith("error: ") and expected in stderr, stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written, no temporary sibling
+    if case == "output-under-file":
+        return
     if case == "pickle":
         assert "save_pretrained" in stderr
     if case == "shape":
@@ -337,6 +348,35 @@ def test_cli_output_rules(work: dict[str, Path], tmp_path: Path) -> None:
 def test_cli_help_has_example() -> None:
     res = CliRunner().invoke(cli, ["merge", "--help"])
     assert res.exit_code == 0 and "mlora-export merge ./nested --base-model" in res.stdout
+
+
+def test_cli_unwritable_output(work: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read-only output folder, and a location where the temporary sibling cannot be created: exit 2, nothing left."""
+    import os
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    real_access = os.access
+    # root ignores folder permissions: make the check see what a normal user would
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == ro and mode & os.W_OK else real_access(p, mode, **kw))
+    try:
+        args = (str(work["nested-llama"]), "--base-model", str(work["llama-float32-single"]), "--rank", "8")
+        code, _, stderr = _run(*args, "--output", str(ro / "out"))
+        assert code == 2 and "not writable" in stderr and str(ro) in stderr, stderr
+        assert list(ro.iterdir()) == []
+    finally:
+        ro.chmod(0o755)
+
+    def refuse(*args: object, **kwargs: object) -> str:
+        raise PermissionError(13, "Permission denied", str(kwargs.get("dir")))
+
+    import mlora_export.fs as fs_mod
+
+    monkeypatch.setattr(fs_mod.tempfile, "mkdtemp", refuse)  # the temporary sibling cannot be created
+    code, _, stderr = _run(*args, "--output", str(tmp_path / "out"))
+    assert code == 2 and "cannot create output" in stderr and "Permission denied" in stderr, stderr
+    _no_output(tmp_path / "out")
 
 
 def test_cli_insufficient_disk(work: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -400,9 +440,11 @@ def test_failure_inside_a_worker_leaves_no_output(work: dict[str, Path], tmp_pat
 
     monkeypatch.setattr(merge_mod.os, "preadv", flaky)
     out = tmp_path / "out"
+    threads = torch.get_num_threads()
     with pytest.raises(OSError, match="read error"):
         merge_adapter(work["nested-llama"], work["llama-float32-sharded"], 8, out)
     _no_output(out)
+    assert torch.get_num_threads() == threads  # the one-thread setting of the merge is undone on failure too
 
 
 # -- the demo stage ------------------------------------------------------------------------

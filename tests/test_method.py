@@ -103,3 +103,11 @@ def test_peft_alpha_for_reproduces_scale() -> None:
             lora_alpha, rslora = peft_alpha_for(k, scaling, 2.0)
             peft = lora_alpha / math.sqrt(k) if rslora else lora_alpha / k
             assert peft == pytest.approx(scale(k, scaling, 2.0))
+
+
+def test_aurac_accepts_numpy_integer_ranks() -> None:
+    import numpy as np
+
+    from mlora_export.method import aurac
+
+    assert aurac(np.array([1, 2, 4]), [0.2, 0.4, 0.8]) == aurac([1, 2, 4], [0.2, 0.4, 0.8])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +48,7 @@ def nested_dirs(workdir: Path) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def exports(workdir: Path, nested_dirs: dict[str, Path], base_dirs: dict[str, Path]):
+def exports(workdir: Path, nested_dirs: dict[str, Path], base_dirs: dict[str, Path]) -> Callable[[str, str], Path]:
     """``get(arch, kind)`` → export folder, exported once per module (with built-in verification)."""
     cache: dict[tuple[str, str], Path] = {}
 
@@ -73,10 +74,11 @@ def feeds(batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def reference(arch: str, adapter_dir: Path, k: int, f: dict[str, np.ndarray]) -> np.ndarray:
+def reference(arch: str, adapter_dir: Path, k: int, f: dict[str, np.ndarray], base_dtype: torch.dtype = torch.float32) -> np.ndarray:
+    """Float32 logits of the base (saved in ``base_dtype``) with ΔW_k of DESIGN.md §1 added by hand."""
     from mlora_export.adapter import NestedAdapter
 
-    model = build_model(arch)
+    model = build_model(arch, base_dtype).float()  # what the exporter loads: the saved weights, upcast
     if k > 0:
         model = apply_delta_by_hand(model, NestedAdapter.load(adapter_dir), k)
     kwargs = {} if arch == "bert" else {"use_cache": False}
@@ -125,6 +127,21 @@ def test_ort_matches_pytorch(arch: str, kind: str, exports, nested_dirs) -> None
     names = [i.name for i in sess.get_inputs()]
     assert names[:2] == ["input_ids", "attention_mask"]
     assert ("lora_rank" in names) == (kind == "dynamic")
+
+
+@pytest.mark.parametrize("arch, kind, k", [("gpt2", "fixed", 1), ("llama", "merged", R)])
+def test_fixed_and_merged_at_edge_ranks(arch: str, kind: str, k: int, tmp_path: Path, nested_dirs, base_dirs) -> None:
+    """Fixed and merged exports at the lowest and the full rank too (the main test uses FIXED_RANK);
+    exported through the CLI with --no-verify (no ONNX Runtime check there), checked here by hand."""
+    out = tmp_path / "out"
+    args = ["onnx", str(nested_dirs[arch]), "--base-model", str(base_dirs[arch]), "--output", str(out), "--rank", str(k), "--no-verify"]
+    res = CliRunner().invoke(main, args + (["--merged"] if kind == "merged" else []))
+    assert res.exit_code == 0, res.output
+    assert "not verified" in res.stdout and json.loads((out / "export_info.json").read_text())["verification"] == []
+    sess = session(out)
+    for batch, seq in SHAPES:
+        f = feeds(batch, seq)
+        assert max_diff(sess.run(["logits"], f)[0], reference(arch, nested_dirs[arch], k, f)) <= 1e-4, (arch, kind, k, batch, seq)
 
 
 def test_dynamic_rank_clamps_out_of_range(exports, nested_dirs) -> None:
@@ -190,7 +207,7 @@ def test_cli_json_success(tmp_path: Path, nested_dirs, base_dirs) -> None:
 @pytest.mark.parametrize(
     "case",
     ["missing-base", "mismatched-adapter", "output-under-file", "exists-no-force", "merged-without-rank", "rank-too-high",
-     "adapters-with-rank", "bad-opset", "bad-provider", "missing-adapter", "pickle-base"],
+     "adapters-with-rank", "bad-opset", "opset-too-new", "bad-provider", "missing-adapter", "pickle-base", "base-is-file"],
 )
 def test_cli_bad_inputs(case: str, tmp_path: Path, nested_dirs, base_dirs) -> None:
     nested, base = str(nested_dirs["llama"]), str(base_dirs["llama"])
@@ -216,6 +233,11 @@ def test_cli_bad_inputs(case: str, tmp_path: Path, nested_dirs, base_dirs) -> No
         extra, expect = ["--adapters-per-rank", "--rank", "2"], "--adapters-per-rank"
     elif case == "bad-opset":
         extra, expect = ["--opset", "5"], "--opset 5"
+    elif case == "opset-too-new":
+        extra, expect = ["--opset", "26"], "--opset 26 is not supported: expected an integer in [14, "
+    elif case == "base-is-file":
+        (tmp_path / "weights.safetensors").write_bytes(b"x")
+        base, expect = str(tmp_path / "weights.safetensors"), "is a file; pass the transformers model folder"
     elif case == "bad-provider":
         extra, expect = ["--provider", "NopeExecutionProvider"], "not available"
     elif case == "missing-adapter":
@@ -236,17 +258,82 @@ def test_cli_bad_inputs(case: str, tmp_path: Path, nested_dirs, base_dirs) -> No
         assert listing(out) == ["keep.txt"]
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores folder permissions")
-def test_cli_unwritable_output(tmp_path: Path, nested_dirs, base_dirs) -> None:
+def test_pickle_weights_never_loaded(tmp_path: Path, nested_dirs, base_dirs, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder with real pytorch_model.bin weights beside an unrelated .safetensors file: refused, nothing unpickled."""
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text((base_dirs["llama"] / "config.json").read_text())
+    torch.save(build_model("llama").state_dict(), base / "pytorch_model.bin")
+    (base / "notes.safetensors").write_bytes((base_dirs["llama"] / "model.safetensors").read_bytes()[:8])
+    loads: list[object] = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **kw: loads.append(a) or real_load(*a, **kw))
+    res = CliRunner().invoke(main, ["onnx", str(nested_dirs["llama"]), "--base-model", str(base), "--output", str(tmp_path / "out")])
+    assert res.exit_code == 2 and res.stderr.startswith("error: ") and "only pickle weights" in res.stderr and "never loaded" in res.stderr, res.output
+    assert loads == [] and not (tmp_path / "out").exists()
+
+
+def test_cli_unwritable_output(tmp_path: Path, nested_dirs, base_dirs, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read-only output folder, and a location where the temporary sibling cannot be created: exit 2, nothing left."""
+
+
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o555)
+    real_access = os.access
+    # root ignores folder permissions: make the check see what a normal user would
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == ro and mode & os.W_OK else real_access(p, mode, **kw))
+    args = [str(nested_dirs["llama"]), "--base-model", str(base_dirs["llama"])]
     try:
-        res = CliRunner().invoke(main, ["onnx", str(nested_dirs["llama"]), "--base-model", str(base_dirs["llama"]), "--output", str(ro / "out")])
-        assert res.exit_code == 2 and "not writable" in res.stderr
+        res = CliRunner().invoke(main, ["onnx", *args, "--output", str(ro / "out")])
+        assert res.exit_code == 2 and "not writable" in res.stderr, res.stderr
         assert listing(ro) == []
     finally:
         ro.chmod(0o755)
+
+    def refuse(*args: object, **kwargs: object) -> str:
+        raise PermissionError(13, "Permission denied", str(kwargs.get("dir")))
+
+    import mlora_export.fs as fs_mod
+
+    monkeypatch.setattr(fs_mod.tempfile, "mkdtemp", refuse)  # the temporary sibling cannot be created
+    res = CliRunner().invoke(main, ["onnx", *args, "--output", str(tmp_path / "out"), "--no-verify"])
+    assert res.exit_code == 2 and "cannot create output" in res.stderr and "Permission denied" in res.stderr, res.stderr
+    assert listing(tmp_path) == ["ro"]
+
+
+def test_cli_failed_verification_keeps_previous_output(tmp_path: Path, exports, nested_dirs, base_dirs, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mismatch above tolerance is exit 1 with the numbers; with --force the previous output stays intact."""
+    import shutil
+
+    from mlora_export.converters.onnx import export as export_mod
+    from mlora_export.converters.onnx.verify import RankCheck
+
+    out = tmp_path / "out"
+    shutil.copytree(exports("gpt2", "fixed"), out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    calls: list[int] = []
+    monkeypatch.setattr(export_mod, "compare", lambda k, got, ref, atol, rtol: calls.append(k) or RankCheck(k, 0.5, 1e-4))
+    args = ["onnx", str(nested_dirs["gpt2"]), "--base-model", str(base_dirs["gpt2"]), "--output", str(out), "--rank", str(FIXED_RANK), "--force"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 1, res.output
+    assert f"ONNX Runtime disagrees with PyTorch: rank {FIXED_RANK} max abs diff 0.5" in res.stderr and calls == [FIXED_RANK]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the old export was not replaced
+    assert listing(tmp_path) == ["out"]  # no temporary sibling left
+
+
+def test_bfloat16_base_and_adapter(tmp_path: Path) -> None:
+    """A bfloat16 base and bfloat16 factors (GPT-2 Conv1D): the float32 graph equals DESIGN §1 on the upcast weights."""
+    base, nested = tmp_path / "base-bf16", tmp_path / "nested-bf16"
+    build_model("gpt2", torch.bfloat16).save_pretrained(base)
+    random_nested(build_model("gpt2"), nested, arch="gpt2", r=R, train_ranks=TRAIN_RANKS, dtype=torch.bfloat16)
+    res = export_onnx(nested, base, tmp_path / "out")
+    assert [c.rank for c in res.checks] == [0, *TRAIN_RANKS] and all(c.ok for c in res.checks)
+    sess = session(tmp_path / "out")
+    f = feeds(3, 11)
+    for k in (0, 2, R):
+        got = sess.run(["logits"], {**f, "lora_rank": np.array(k, dtype=np.int64)})[0]
+        assert max_diff(got, reference("gpt2", nested, k, f, torch.bfloat16)) <= 1e-4, k
 
 
 def test_external_data_adapters_export(tmp_path: Path, nested_dirs, base_dirs) -> None:

@@ -54,3 +54,19 @@ def test_smoke_run(reproduce, tmp_path: Path) -> None:
     assert {(c["steps"], c["seed"], c["scaling"], c["alpha"]) for c in cfgs} == {(cfg.steps, 0, cfg.scaling, cfg.alpha)}
     report = (out / "report.md").read_text()
     assert "AURAC v2" in report and "MatryoshkaLoRA" in report
+    for k in cfg.grid:
+        assert f"\n| {k} | " in report
+    # the numbers are consistent with the per-seed evaluation they come from (one seed: mean = that seed)
+    from mlora_export.method import aurac
+
+    results = json.loads((runs / "eval" / "results.json").read_text())
+    assert [c["label"] for c in results["adapters"]] == ["grid", "dylora", "matryoshka"]
+    for curve, name in zip(results["adapters"], ("lora", "dylora", "matryoshka")):
+        scores = {p["rank"]: p["score"] for p in curve["ranks"]}
+        assert sorted(scores) == list(cfg.grid)
+        m = on_disk["methods"][name]
+        assert {int(k): v["mean"] for k, v in m["ranks"].items()} == scores
+        assert m["aurac"]["v2"]["mean"] == aurac(list(cfg.grid), [scores[k] for k in cfg.grid])["v2"]
+    seed = on_disk["per_seed"][0]
+    assert on_disk["methods"]["lora"]["train_seconds"]["mean"] == sum(seed["train_seconds"]["lora"].values())
+    assert set(on_disk["base"]["heldout_exact_match"]) == {"copy", "reverse", "shift"}

@@ -172,3 +172,31 @@ def test_failure_midway_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Monke
     with pytest.raises(OSError, match="injected"):
         slice_adapter(nested, [2, 4], tmp_path / "s")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nested"]
+
+
+def test_cli_slice_unusable_output_locations(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An output under a file, in a read-only folder, or where the temporary folder cannot be made: exit 2, nothing left."""
+    import os
+
+    import mlora_export.fs as fs_mod
+
+    random_nested(build_model("llama"), tmp_path / "nested", arch="llama", r=8)
+    runner = CliRunner()
+    (tmp_path / "afile").write_text("x")
+    res = runner.invoke(main, ["slice", str(tmp_path / "nested"), "--ranks", "2", "--output", str(tmp_path / "afile" / "sub" / "s")])
+    assert res.exit_code == 2 and "is a file, not a folder" in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real_access = os.access
+    # root ignores folder permissions: make the check see what a normal user would
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == ro and mode & os.W_OK else real_access(p, mode, **kw))
+    res = runner.invoke(main, ["slice", str(tmp_path / "nested"), "--ranks", "2", "--output", str(ro / "s")])
+    assert res.exit_code == 2 and "not writable" in res.stderr and list(ro.iterdir()) == [], res.stderr
+
+    def refuse(*args: object, **kwargs: object) -> str:
+        raise PermissionError(13, "Permission denied", str(kwargs.get("dir")))
+
+    monkeypatch.setattr(fs_mod.tempfile, "mkdtemp", refuse)
+    res = runner.invoke(main, ["slice", str(tmp_path / "nested"), "--ranks", "2", "--output", str(tmp_path / "s")])
+    assert res.exit_code == 2 and "cannot create output" in res.stderr and "Permission denied" in res.stderr, res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "nested", "ro"]

@@ -52,12 +52,16 @@ def _nothing_written(parent: Path, out: Path) -> None:
 
 
 def test_train_cli_writes_a_nested_adapter(base: Path, data: Path, tmp_path: Path) -> None:
+    from transformers.utils import logging as hf_logging
+
     from mlora_export.adapter import NestedAdapter
 
     out = tmp_path / "nested"
+    bars_before = hf_logging.is_progress_bar_enabled()
     res = _run(_args(base, data, out, "--method", "dylora", "--scaling", "rank", "--alpha", "2", "--target-modules", "q_proj,v_proj", "--json"))
     assert res.exit_code == 0, res.output
     info = json.loads(res.stdout)
+    assert hf_logging.is_progress_bar_enabled() == bars_before  # transformers' bars hidden during the run only
     assert info["steps"] == 3 and info["method"] == "dylora" and info["train_ranks"] == [1, 2, 4] and info["world_size"] == 1
     adapter = NestedAdapter.load(out)
     assert adapter.config.method == "dylora" and adapter.config.scaling == "rank" and adapter.config.alpha == 2.0
@@ -105,6 +109,12 @@ def _bin_only(tmp: Path) -> Path:
         ("unknown-method", "'sft' is not one of"),
         ("unknown-scaling", "'log' is not one of"),
         ("bad-steps", "max steps must be a positive integer"),
+        ("bad-batch", "batch size must be a positive integer, got 0"),
+        ("bad-lr", "learning rate must be a positive number, got -0.1"),
+        ("empty-data", "has no examples"),
+        ("too-short", "no example keeps a completion token within max length 4"),
+        ("target-nothing", "match no Linear or Conv1D layer"),
+        ("target-embedding", "not nn.Linear or Conv1D: model.embed_tokens (Embedding)"),
     ],
 )
 def test_train_cli_bad_input_exit_2_nothing_written(case: str, expect: str, base: Path, data: Path, tmp_path: Path) -> None:
@@ -120,6 +130,9 @@ def test_train_cli_bad_input_exit_2_nothing_written(case: str, expect: str, base
         b = tmp_path / "no-model"
     elif case == "bin-only-base":
         b = _bin_only(tmp_path)
+    elif case == "empty-data":
+        d = tmp_path / "empty.jsonl"
+        d.write_text("\n\n", encoding="utf-8")
     args = _args(b, d, out)
     if case == "max-rank-not-trained":
         args += ["--max-rank", "8"]
@@ -131,12 +144,22 @@ def test_train_cli_bad_input_exit_2_nothing_written(case: str, expect: str, base
         args += ["--scaling", "log"]
     elif case == "bad-steps":
         args[args.index("--max-steps") + 1] = "0"
+    elif case == "bad-batch":
+        args[args.index("--batch-size") + 1] = "0"
+    elif case == "bad-lr":
+        args += ["--lr", "-0.1"]
+    elif case == "too-short":
+        args += ["--max-length", "4"]
+    elif case == "target-nothing":
+        args += ["--target-modules", "nothing"]
+    elif case == "target-embedding":
+        args += ["--target-modules", "embed_tokens,q_proj"]
     res = _run(args + extra)
     assert res.exit_code == 2, res.output
     assert expect in res.stderr, res.stderr
     assert "Traceback" not in res.output
     if not case.startswith(("rank-zero", "unknown")):  # click usage errors print usage + one error line
-        assert res.stderr.count("error:") == 1 and res.stderr.startswith("error:")
+        assert res.stderr.count("\n") == 1 and res.stderr.startswith("error:"), res.stderr  # one line, no bars
     assert res.stdout == ""
     _nothing_written(tmp_path, out)
 

@@ -207,6 +207,8 @@ def test_trainer_path_lowers_heldout_loss_at_every_train_rank(tiny, tmp_path) ->
     adapter = NestedAdapter.load(tmp_path / "nested")
     assert adapter.config.method == "matryoshka" and adapter.max_rank == 8 and adapter.config.train_ranks == (1, 2, 4, 8)
     assert adapter.config.extra["training"]["steps"] == 40
+    # all-linear: every Linear of the blocks, not the output head
+    assert {n.rsplit(".", 1)[-1] for n in adapter.modules} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     nested = load_nested_adapter(load_base_model(tiny["path"]), adapter)
     losses = _rank_losses(nested, tiny)
     for k in (1, 2, 4, 8):
@@ -275,6 +277,9 @@ def test_trainer_calls_train_diagonal_once_per_optimisation_step(tiny) -> None:
     assert steps.steps == list(range(1, 8))
     assert forwards == [nested.sample_rank(n) for n in range(7) for _ in range(3)]
     assert len(set(forwards)) > 1
+    # when training ends the model is the full-rank adapter, what the saved folder computes in PEFT
+    buf = next(m for n, m in nested.model.named_modules() if n.endswith("lora_A.default")).mlora_diag
+    assert buf.tolist() == pytest.approx([scale(8, "sqrt")] * 8)
 
 
 def test_save_refuses_existing_output_and_writes_nothing_partial(tmp_path) -> None:
@@ -319,3 +324,129 @@ def test_train_gpt2_conv1d_on_text_data_loads_in_peft(tmp_path) -> None:
     out = _logits(ours.model, ids)
     torch.testing.assert_close(out, _logits(peft_model, ids), rtol=1e-5, atol=1e-5)
     assert (out - _logits(base, ids)).abs().max() > 1e-3  # it trained
+
+
+# -- the handle: PEFT's own save and merge, global state, refused options ------------------------
+
+
+def test_peft_save_pretrained_and_merge_after_remove_are_the_rank_r_adapter(tmp_path) -> None:
+    """What Trainer checkpoints write (PEFT's save_pretrained of nested.model) loads in plain PEFT as
+    the rank-r adapter at s(r); after remove() PEFT's merge_and_unload computes that same adapter."""
+    from peft import PeftModel
+
+    base = build_model("llama")
+    nested = add_nested_adapter(copy.deepcopy(base), MatryoshkaConfig("matryoshka", R, T, "sqrt", 2.0), target_modules=targets_for("llama"))
+    _randomise_b(nested)
+    nested.model.eval()
+    ids = sample_ids()
+    want = _logits(_by_hand(base, nested, [scale(R, "sqrt", 2.0)] * R), ids)
+    nested.model.save_pretrained(tmp_path / "ckpt")
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ckpt")).eval()
+    torch.testing.assert_close(_logits(loaded, ids), want, rtol=1e-4, atol=1e-4)
+    nested.set_rank(2)  # remove() ignores the rank in use: it hands back the full adapter
+    nested.remove()
+    torch.testing.assert_close(_logits(nested.model, ids), want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(_logits(nested.model.merge_and_unload(), ids), want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(Exception, match="was removed"):
+        nested.set_rank(4)
+
+
+def test_add_nested_adapter_leaves_global_rng_alone_and_is_seeded() -> None:
+    """A is initialised from ``seed`` alone, and torch's global random state is as it was."""
+    cfg = MatryoshkaConfig("matryoshka", 4, (2, 4), "sqrt")
+    model = build_model("gpt2")
+    state = torch.get_rng_state()
+    a = add_nested_adapter(model, cfg, target_modules=["c_attn"], seed=9)
+    assert torch.equal(torch.get_rng_state(), state)
+    b = add_nested_adapter(build_model("gpt2", seed=4), cfg, target_modules=["c_attn"], seed=9)
+    c = add_nested_adapter(build_model("gpt2"), cfg, target_modules=["c_attn"], seed=10)
+    fa, fb, fc = a.factors(), b.factors(), c.factors()
+    assert fa.keys() == fb.keys() and all(torch.equal(fa[k][0], fb[k][0]) for k in fa)
+    assert not any(torch.equal(fa[k][0], fc[k][0]) for k in fa)
+
+
+@pytest.mark.parametrize(
+    "targets, kwargs, fragment",
+    [
+        (["embed_tokens", "q_proj"], {}, "not nn.Linear or Conv1D: model.embed_tokens (Embedding)"),
+        (["mlp"], {}, "model.layers.0.mlp (LlamaMLP)"),
+        (["nothing"], {}, "match no Linear or Conv1D layer"),
+        (["q_proj"], {"use_dora": True}, "use_dora are not supported"),
+        (["q_proj"], {"modules_to_save": ["lm_head"]}, "modules_to_save are not supported"),
+        (["q_proj"], {"lora_alpha": 16}, "lora_alpha are set by add_nested_adapter"),
+        (["q_proj"], {"init_lora_weights": "pissa"}, "init_lora_weights='pissa' is not supported"),
+    ],
+)
+def test_add_nested_adapter_refuses_what_the_format_cannot_hold(targets, kwargs, fragment) -> None:
+    from mlora_export.errors import ConfigError
+
+    model = build_model("llama")
+    with pytest.raises(ConfigError) as e:
+        add_nested_adapter(model, MatryoshkaConfig("matryoshka", 4, (2, 4), "sqrt"), target_modules=targets, **kwargs)
+    assert fragment in str(e.value)
+    assert not any("lora" in n for n, _ in model.named_modules())  # the model was not touched
+
+
+def test_layers_to_transform_saves_exact_targets_that_plain_peft_loads(tmp_path) -> None:
+    from peft import PeftModel
+
+    base = build_model("llama")
+    nested = add_nested_adapter(copy.deepcopy(base), MatryoshkaConfig("matryoshka", 4, (2, 4), "rank"), target_modules=["q_proj", "v_proj"], layers_to_transform=[1])
+    assert nested.module_names == ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+    _randomise_b(nested)
+    nested.set_rank(4)
+    nested.model.eval()
+    nested.save(tmp_path / "n")
+    adapter = NestedAdapter.load(tmp_path / "n")
+    assert adapter.peft_config["target_modules"] == nested.module_names
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "n")).eval()
+    assert sum("lora_A" in n for n, _ in loaded.named_parameters()) == 2
+    ids = sample_ids()
+    torch.testing.assert_close(_logits(loaded, ids), _logits(nested.model, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_diagonal_switches_back_and_survives_a_deep_copy() -> None:
+    """set_rank then train_diagonal re-installs p (the same-diagonal short cut must not skip it), and
+    a deep copy of the model keeps computing with its own diagonal."""
+    base = build_model("gpt2")
+    nested = add_nested_adapter(copy.deepcopy(base), MatryoshkaConfig("matryoshka", R, T, "none"), target_modules=targets_for("gpt2"))
+    _randomise_b(nested)
+    nested.model.eval()
+    ids = sample_ids()
+    p = matryoshka_diagonal(R, T, "none")
+    nested.set_rank(2)
+    nested.train_diagonal(0)
+    torch.testing.assert_close(_logits(nested.model, ids), _logits(_by_hand(base, nested, p), ids), rtol=1e-4, atol=1e-4)
+    twin = copy.deepcopy(nested.model)
+    nested.set_rank(1)
+    torch.testing.assert_close(_logits(twin, ids), _logits(_by_hand(base, nested, p), ids), rtol=1e-4, atol=1e-4)
+    from mlora_export.training import NestedLoraModel
+
+    handle = NestedLoraModel(twin, nested.config)  # a handle on the copy: hooks are not doubled
+    handle.set_rank(8)
+    d8 = [scale(8, "none")] * R
+    torch.testing.assert_close(_logits(twin, ids), _logits(_by_hand(base, nested, d8), ids), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"lr_scheduler": "nope"}, "unknown learning-rate scheduler 'nope'"),
+        ({"dropout": "x"}, "dropout must be a number in [0, 1)"),
+        ({"dropout": 1.0}, "dropout must be a number in [0, 1)"),
+        ({"weight_decay": -1.0}, "weight decay must be a non-negative number"),
+        ({"max_grad_norm": float("nan")}, "max grad norm must be a non-negative number"),
+        ({"warmup_steps": -2}, "warmup steps must be a non-negative integer"),
+        ({"warmup_steps": 1.5}, "warmup steps must be a non-negative integer"),
+        ({"dtype": "float8"}, "unknown dtype 'float8'"),
+        ({"epochs": None, "max_steps": None}, "give a number of epochs or --max-steps"),
+    ],
+)
+def test_train_settings_refuse_bad_loop_settings(kwargs: dict, message: str) -> None:
+    """Every loop setting is checked before any I/O, with a ConfigError naming it (exit 2 in the CLI)."""
+    from mlora_export.errors import ConfigError
+    from mlora_export.finetune import TrainSettings
+
+    with pytest.raises(ConfigError) as err:
+        TrainSettings(**kwargs).validate()
+    assert message in str(err.value)

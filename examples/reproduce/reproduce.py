@@ -67,7 +67,7 @@ class Settings:
     lr: float = 2e-3
     scaling: str = "sqrt"
     alpha: float = 2.0
-    #: the original LoRA paper's choice: query and value projections of every layer
+    #: the attention and MLP output projections of every layer (see README "Choices, stated once")
     target_modules: tuple[str, ...] = ("o_proj", "down_proj")
     min_len: int = 4
     max_len: int = 8

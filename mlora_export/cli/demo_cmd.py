@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ._errors import handle_errors
-from ._options import BarProgress, echo_json, echo_table, force_option, json_option
+from ._options import BarProgress, echo_json, echo_table, force_option, json_option, quiet_transformers_bars
 
 
 class _StageBars:
@@ -45,11 +45,7 @@ def demo(output: str, quick: bool, seed: int, force: bool, as_json: bool) -> Non
       mlora-export demo ./demo-out
       mlora-export inspect ./demo-out/nested
     """
-    from transformers.utils import logging as hf_logging
-
     from ..demo import Stage, StageReport, run_demo
-
-    hf_logging.disable_progress_bar()  # the weight-loading bars of transformers; ours stay
 
     def show(stage: Stage, report: StageReport) -> None:
         if as_json:
@@ -64,7 +60,8 @@ def demo(output: str, quick: bool, seed: int, force: bool, as_json: bool) -> Non
 
     bars = _StageBars()
     try:
-        result = run_demo(output, quick=quick, force=force, seed=seed, progress=bars, on_stage=show)
+        with quiet_transformers_bars():  # the weight-loading bars of transformers; ours stay
+            result = run_demo(output, quick=quick, force=force, seed=seed, progress=bars, on_stage=show)
     finally:
         bars.close()
     if as_json:

@@ -126,7 +126,7 @@ def bundle(adapter: str, output: str, ranks: Any, scale_mode: str, base_model: s
 @click.argument("source", type=click.Path(path_type=str))
 @click.option("--repo-id", required=True, help="Hub repo to push to, namespace/name (created if needed).")
 @_bundle_options
-@click.option("--private", is_flag=True, help="Create the repo as private (an existing repo keeps its visibility).")
+@click.option("--private", is_flag=True, help="Create the repo as private; refuses to push to an existing public repo.")
 @click.option("--revision", default="main", show_default=True, help="Branch to commit to (created from main if needed).")
 @click.option("--branches", is_flag=True, help="Also make a branch r{k} per rank whose root holds that rank's adapter.")
 @click.option("--dry-run", is_flag=True, help="Build the bundle and list its files and sizes; no network call.")
@@ -150,9 +150,14 @@ def push_hub(source: str, repo_id: str, ranks: Any, scale_mode: str, base_model:
       mlora-export push-hub ./bundle --repo-id my-org/llama-1b-gsm8k-mlora --dry-run
     """
     from ..converters.hub.bundle import Bundle, is_bundle
-    from ..converters.hub.push import check_repo_id, dry_run_listing, push_bundle
+    from ..converters.hub.push import check_branch, check_repo_id, dry_run_listing, push_bundle
 
     check_repo_id(repo_id)
+    check_branch(revision)
+    if not dry_run:
+        from ..converters.hub.remote import resolve_endpoint
+
+        resolve_endpoint(endpoint)  # a malformed --endpoint/HF_ENDPOINT fails before the bundle is built
     with tempfile.TemporaryDirectory(prefix="mlora-bundle-") as tmp:
         if is_bundle(source):
             ignored = [name for name, value in (("--ranks", ranks != "all"), ("--base-model", base_model), ("--license", license_id),

@@ -16,7 +16,7 @@ from ._options import BarProgress, echo_json, echo_table, force_option, json_opt
 @click.option("--merged", is_flag=True, help="With --rank: merge the rank-K delta into the weights (no LoRA ops in the graph).")
 @click.option("--adapters-per-rank", is_flag=True,
               help="One model with the LoRA weights as inputs, plus adapters/r{k}.onnx_adapter per train rank (onnxruntime.LoraAdapter).")
-@click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset to write.")
+@click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset to write (14 to 25).")
 @click.option("--no-verify", is_flag=True, help="Skip the ONNX Runtime vs PyTorch check at every train rank.")
 @click.option("--provider", default="CPUExecutionProvider", show_default=True,
               help="ONNX Runtime execution provider for verification, e.g. CUDAExecutionProvider (needs pip install '.[gpu]').")

@@ -6,7 +6,7 @@ import click
 
 from ..base_model import DTYPES
 from ._errors import handle_errors
-from ._options import BarProgress, RankList, echo_json, force_option, json_option
+from ._options import BarProgress, RankList, echo_json, force_option, json_option, quiet_transformers_bars
 
 
 @click.command("train")
@@ -59,7 +59,7 @@ def train(
         epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum, seed=seed,
         max_length=max_length, dtype=dtype,
     )
-    with BarProgress("training", unit="step") as bar:
+    with quiet_transformers_bars(), BarProgress("training", unit="step") as bar:
         result = run_train(base_model, data, output, settings, force=force, progress=bar)
     if not result.is_main_process:
         return

@@ -38,9 +38,24 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..adapter import AdapterReader, NestedAdapter, orient_delta
-from ..errors import BaseModelError, BaseModelMismatchError, ConfigError, InvalidAdapterError, OutputExistsError
+from ..base_model import SAFE_INDEX, SAFE_SINGLE
+from ..errors import (
+    BaseModelError,
+    BaseModelMismatchError,
+    ConfigError,
+    InvalidAdapterError,
+    OutputExistsError,
+)
 from ..fs import atomic_output_dir, check_free_space, check_output_path
-from ..safetensors_io import DTYPE_SIZES, SafetensorsHeader, TensorInfo, read_header, torch_dtype, write_safetensors
+from ..safetensors_io import (
+    DTYPE_SIZES,
+    SafetensorsHeader,
+    TensorInfo,
+    read_header,
+    torch_dtype,
+    write_safetensors,
+)
+from ..threads import torch_threads
 
 if TYPE_CHECKING:
     import torch
@@ -57,8 +72,6 @@ MERGEABLE_DTYPES = ("F32", "F16", "BF16", "F64")
 #: Float dtypes that ``dtype`` casts (other tensors, e.g. integer buffers, are copied as they are).
 CASTABLE_DTYPES = ("F32", "F16", "BF16", "F64")
 
-SAFE_SINGLE = "model.safetensors"
-SAFE_INDEX = "model.safetensors.index.json"
 PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 #: Files never copied from the base: weights in any format (they would be the un-merged ones).
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".onnx_data", ".npz")
@@ -390,19 +403,6 @@ def _lookahead(pool: ThreadPoolExecutor, jobs: Iterable[Callable[[], Any]], dept
                 fut.exception()  # wait; its error (if any) is superseded by the one being raised
 
 
-@contextlib.contextmanager
-def _single_threaded_torch() -> Iterator[None]:
-    """Hold torch to one intra-op thread (parallelism comes from the pool); restore it after."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _workers() -> int:
     return max(1, min(_MAX_WORKERS, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
@@ -478,7 +478,7 @@ def merge_adapter(
         BaseModelError: the base folder is missing, pickle-only, corrupt, or a target is not a
             float tensor.
         BaseModelMismatchError: a target module is missing from the base or has another shape.
-        OutputExistsError: ``output`` exists (without ``force``) or is the base or adapter folder.
+        OutputExistsError: ``output`` exists (without ``force``), is the base or adapter folder, or cannot be created.
         InsufficientDiskError: not enough free disk for the output.
     """
     started = time.perf_counter()
@@ -541,7 +541,7 @@ def merge_adapter(
     with (
         atomic_output_dir(out_path, force) as tmp,
         nested.reader() as rd,
-        _single_threaded_torch(),
+        torch_threads(1),  # one intra-op thread per tensor: parallelism comes from the pool
         ThreadPoolExecutor(workers, "mlora-merge") as pool,
     ):
         for shard, specs in plans:

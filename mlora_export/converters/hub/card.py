@@ -25,6 +25,14 @@ PIPELINE_TAGS = {
     "QUESTION_ANS": "question-answering",
     "FEATURE_EXTRACTION": "feature-extraction",
 }
+#: PEFT ``task_type`` → the transformers auto class that loads the base model for it.
+AUTO_CLASSES = {
+    "CAUSAL_LM": "AutoModelForCausalLM",
+    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "TOKEN_CLS": "AutoModelForTokenClassification",
+    "QUESTION_ANS": "AutoModelForQuestionAnswering",
+}
 #: Ranks vLLM accepts for ``--max-lora-rank``.
 VLLM_MAX_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 PLACEHOLDER_REPO = "<namespace>/<repo>"
@@ -131,14 +139,20 @@ def render_card(manifest: Mapping[str, Any], *, repo_id: str | None = None, lice
     k = ranks[len(ranks) // 2]["rank"] if ranks else cfg["max_rank"]
     top = max((r["rank"] for r in ranks), default=cfg["max_rank"])
     base_arg = base or "<base-model>"
+    task = manifest.get("task_type")
+    auto_class = AUTO_CLASSES.get(str(task), "AutoModelForCausalLM" if task is None else "AutoModel")
+    if manifest.get("scale_mode", "baked") == "native":
+        slice_text = "the exact prefix of the factors, `s(k)` expressed through `lora_alpha`/`use_rslora`"
+    else:
+        slice_text = "`s(k)` folded into `lora_B`, so every runtime reads it alike"
     lines += [
         "## Load a rank with PEFT",
         "",
         "```python",
         "from peft import PeftModel",
-        "from transformers import AutoModelForCausalLM" if manifest.get("task_type") in (None, "CAUSAL_LM") else "from transformers import AutoModel",
+        f"from transformers import {auto_class}",
         "",
-        f'base = {"AutoModelForCausalLM" if manifest.get("task_type") in (None, "CAUSAL_LM") else "AutoModel"}.from_pretrained("{base_arg}")',
+        f'base = {auto_class}.from_pretrained("{base_arg}")',
         f'model = PeftModel.from_pretrained(base, "{repo}", subfolder="r{k}")',
         "```",
         "",
@@ -162,7 +176,7 @@ def render_card(manifest: Mapping[str, Any], *, repo_id: str | None = None, lice
         "- `manifest.json`: every file's path, size and sha256; every rank's folder, parameter count and size.",
         "- `matryoshka_config.json`: the nested adapter's method, ranks and scaling.",
         f"- `{nested['path']}/`: the full nested adapter (any rank up to {cfg['max_rank']} can still be cut from it with `mlora-export slice`).",
-        "- `r{k}/`: one plain PEFT LoRA adapter per rank (`s(k)` folded into `lora_B`, so every runtime reads it alike).",
+        f"- `r{{k}}/`: one plain PEFT LoRA adapter per rank ({slice_text}).",
     ]
     if manifest.get("onnx"):
         lines.append("- `onnx/`: ONNX export(s) of the adapter.")

@@ -25,7 +25,7 @@ from ...adapter import CONFIG_NAME, write_json
 from ...errors import ConfigError, HubError, InvalidAdapterError, RankError, RemoteIntegrityError
 from ...fs import atomic_output_dir, check_output_path
 from .bundle import MANIFEST_NAME, BundleRank, check_file, check_manifest, pick_rank
-from .remote import hub_errors, make_api, resolve_endpoint
+from .remote import check_repo_id, hub_errors, make_api, resolve_endpoint
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def pull_rank(
     """Download rank ``rank`` (or ``"auto"``) of the bundle ``repo_id`` into the new folder ``output``.
 
     Raises:
-        ConfigError: ``"auto"`` without a limit, or an invalid limit or rank.
+        ConfigError: an invalid repo id or endpoint, ``"auto"`` without a limit, or an invalid limit or rank.
         OutputExistsError: ``output`` exists and ``force`` is false.
         RankError: the rank is not in the bundle, or none fits the limits.
         InvalidAdapterError: the repo is not an mlora-export bundle (no or invalid ``manifest.json``).
@@ -101,6 +101,9 @@ def pull_rank(
     from huggingface_hub import hf_hub_download, snapshot_download
     from huggingface_hub.errors import RemoteEntryNotFoundError
 
+    check_repo_id(repo_id, require_namespace=False, option="repo id")
+    if not revision or not revision.strip():
+        raise ConfigError("--revision is empty; give a branch, tag or commit (default: main)")
     if rank == "auto":
         if max_bytes is None and max_params is None:
             raise ConfigError("--rank auto needs --max-bytes and/or --max-params to choose the largest rank that fits")

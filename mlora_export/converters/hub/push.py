@@ -24,7 +24,7 @@ from ...adapter import CONFIG_NAME, PEFT_CONFIG_NAME, WEIGHTS_NAME
 from ...errors import ConfigError
 from .bundle import README_NAME, Bundle, sha256_file
 from .card import PLACEHOLDER_REPO
-from .remote import hub_errors, make_api, resolve_endpoint
+from .remote import check_repo_id, hub_errors, make_api, resolve_endpoint
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
@@ -109,21 +109,50 @@ def _sync(api: "HfApi", repo_id: str, revision: str, wanted: dict[str, tuple[Pat
     return result
 
 
-def check_repo_id(repo_id: str) -> str:
-    """Validate a ``namespace/name`` repo id before any I/O.
+def check_branch(revision: str) -> str:
+    """Validate ``--revision`` for a push: a branch name, not a commit id.
 
     Raises:
-        ConfigError: not a valid Hub repo id, or no namespace.
+        ConfigError: empty, or 40 hex characters (a commit, which cannot be pushed to).
     """
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    if not revision or not revision.strip() or re.fullmatch(r"[0-9a-fA-F]{40}", revision):
+        raise ConfigError(f"--revision {revision!r} is not a branch name; push-hub commits to a branch (e.g. main or dev), not to a commit")
+    return revision
+
+
+def ensure_repo(api: "HfApi", repo_id: str, private: bool) -> str:
+    """Create ``repo_id`` if it does not exist; return its URL.
+
+    An existing repo is used as it is; if it is public while ``private`` was asked for, refuse
+    rather than publish files meant to be private. Where the token may not create repos in the
+    namespace, an existing readable repo is still used (the commit then checks write access).
+    huggingface_hub's own ``exist_ok`` handling of that case builds the URL for huggingface.co only
+    and fails on any other endpoint, so it is done here.
+
+    Raises:
+        ConfigError: ``private`` for an existing public repo.
+        HfHubHTTPError: the Hub refused (mapped by :func:`~.remote.hub_errors`).
+    """
+    from huggingface_hub.errors import HfHubHTTPError
 
     try:
-        validate_repo_id(repo_id)
-    except HFValidationError as e:
-        raise ConfigError(f"--repo-id {repo_id!r} is not a valid Hub repo id; expected namespace/name, e.g. my-org/llama-1b-gsm8k-mlora") from e
-    if "/" not in repo_id:
-        raise ConfigError(f"--repo-id {repo_id!r} needs a namespace: give it as namespace/name, e.g. my-org/{repo_id}")
-    return repo_id
+        return str(api.create_repo(repo_id, private=private, exist_ok=False))
+    except HfHubHTTPError as e:
+        status = e.response.status_code if getattr(e, "response", None) is not None else None
+        if status not in (401, 402, 403, 409):
+            raise
+        try:
+            info = api.repo_info(repo_id)
+        except HfHubHTTPError:
+            if status == 409:
+                raise
+            raise e from None
+    if private and not info.private:
+        raise ConfigError(
+            f"--private was given but {repo_id!r} already exists and is public; make it private on the Hub first, "
+            "or push without --private to publish there"
+        )
+    return f"{api.endpoint.rstrip('/')}/{repo_id}"
 
 
 def push_bundle(
@@ -141,10 +170,12 @@ def push_bundle(
 
     Raises:
         InvalidAdapterError, IntegrityError: the bundle folder is invalid or was modified.
-        ConfigError: ``repo_id`` is not a valid Hub repo id.
+        ConfigError: ``repo_id`` is not a valid Hub repo id, ``revision`` is not a branch name, or
+            ``private`` for an existing public repo.
         HubError: the Hub refused (token, permission) or could not be reached.
     """
     check_repo_id(repo_id)
+    check_branch(revision)
     bundle = Bundle.load(bundle_dir, verify=True)
     if PLACEHOLDER_REPO in (bundle.path / README_NAME).read_text(encoding="utf-8"):
         logger.warning("the model card's snippets show %s: rebuild the bundle with --repo-id %s to fill them in", PLACEHOLDER_REPO, repo_id)
@@ -157,7 +188,7 @@ def push_bundle(
     api = make_api(endpoint, token)
 
     with hub_errors("push-hub", repo_id, url_endpoint, revision):
-        url = str(api.create_repo(repo_id, private=private, exist_ok=True))
+        url = ensure_repo(api, repo_id, private)
         refs = {b.name for b in api.list_repo_refs(repo_id).branches}
         if revision not in refs:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
@@ -193,4 +224,4 @@ def dry_run_listing(bundle: Bundle, branches: bool = False) -> list[dict[str, An
     return out
 
 
-__all__ = ["PushResult", "RefUpdate", "check_repo_id", "dry_run_listing", "git_blob_id", "push_bundle"]
+__all__ = ["PushResult", "RefUpdate", "check_branch", "check_repo_id", "dry_run_listing", "ensure_repo", "git_blob_id", "push_bundle"]

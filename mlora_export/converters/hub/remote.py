@@ -11,10 +11,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from ...errors import HubError
+from ...errors import ConfigError, HubError
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
@@ -23,11 +24,35 @@ logger = logging.getLogger(__name__)
 
 
 def resolve_endpoint(endpoint: str | None) -> str:
-    """``endpoint``, else ``$HF_ENDPOINT``, else huggingface_hub's default endpoint (no trailing slash)."""
+    """``endpoint``, else ``$HF_ENDPOINT``, else huggingface_hub's default endpoint (no trailing slash).
+
+    Raises:
+        ConfigError: the endpoint is not an ``http://`` or ``https://`` URL.
+    """
     from huggingface_hub import constants
 
-    value = endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+    source = "--endpoint" if endpoint else "HF_ENDPOINT" if os.environ.get("HF_ENDPOINT") else "the default endpoint"
+    value = (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).strip()
+    if not re.fullmatch(r"https?://[^/\s?#]+(/[^\s?#]*)?", value):
+        raise ConfigError(f"{source} {value!r} is not an http(s) URL; give the Hub's address, e.g. https://huggingface.co")
     return value.rstrip("/")
+
+
+def check_repo_id(repo_id: str, *, require_namespace: bool = True, option: str = "--repo-id") -> str:
+    """Validate a Hub repo id (``namespace/name``; ``name`` alone when ``require_namespace`` is false) before any I/O.
+
+    Raises:
+        ConfigError: not a valid Hub repo id, or no namespace where one is required.
+    """
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise ConfigError(f"{option} {repo_id!r} is not a valid Hub repo id; expected namespace/name, e.g. my-org/llama-1b-gsm8k-mlora") from e
+    if require_namespace and "/" not in repo_id:
+        raise ConfigError(f"{option} {repo_id!r} needs a namespace: give it as namespace/name, e.g. my-org/{repo_id}")
+    return repo_id
 
 
 def make_api(endpoint: str | None, token: str | None) -> "HfApi":

@@ -25,7 +25,7 @@ from typing import Any
 
 from ... import __version__
 from ...adapter import NestedAdapter
-from ...errors import ConfigError, ExportError, OutputExistsError, RankError
+from ...errors import ConfigError, ExportError, RankError
 from ...fs import atomic_output_dir, check_free_space, check_output_path
 from .graph import (
     DEFAULT_OPSET,
@@ -47,6 +47,9 @@ MODEL_NAME = "model.onnx"
 INFO_NAME = "export_info.json"
 INFO_FORMAT = "mlora-onnx/1"
 MIN_OPSET = 14
+#: Highest opset that exports, passes onnx.checker and runs (torch 2.13's exporter, onnx 1.23, ORT 1.32):
+#: from 26 on, the exporter's version conversion leaves ops that onnx.checker rejects.
+MAX_OPSET = 25
 #: ``progress(done, total)`` in steps; called from the library, drawn by the CLI.
 Progress = Callable[[int, int], None]
 
@@ -110,29 +113,14 @@ def check_opset(opset: int) -> int:
     """Return ``opset`` if this onnx build can write it and the exporters support it.
 
     Raises:
-        ConfigError: outside ``[14, onnx.defs.onnx_opset_version()]``.
+        ConfigError: outside ``[MIN_OPSET, min(MAX_OPSET, onnx.defs.onnx_opset_version())]``.
     """
     import onnx
 
-    top = onnx.defs.onnx_opset_version()
+    top = min(MAX_OPSET, onnx.defs.onnx_opset_version())
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= top:
         raise ConfigError(f"--opset {opset!r} is not supported: expected an integer in [{MIN_OPSET}, {top}] (default {DEFAULT_OPSET})")
     return opset
-
-
-def _check_output_parent(out: Path) -> None:
-    """Refuse an output whose nearest existing ancestor is a file or is not writable (before any work).
-
-    Raises:
-        OutputExistsError: naming the blocking path.
-    """
-    probe = out.absolute().parent
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir():
-        raise OutputExistsError(f"cannot create output {str(out)!r}: {str(probe)!r} is a file, not a folder; choose another --output")
-    if not os.access(probe, os.W_OK):
-        raise OutputExistsError(f"cannot create output {str(out)!r}: folder {str(probe)!r} is not writable; choose another --output")
 
 
 def export_onnx(
@@ -170,7 +158,6 @@ def export_onnx(
     kind = resolve_kind(rank, merged, adapters_per_rank)
     check_opset(opset)
     check_output_path(output, force)
-    _check_output_parent(Path(output))
     nested = adapter if isinstance(adapter, NestedAdapter) else NestedAdapter.load(adapter)
     if rank is not None:
         if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= nested.max_rank:
@@ -193,14 +180,17 @@ def export_onnx(
     model, task = load_base_model(base_model)
     check_fits(model, nested, base_model)
     vocab = int(getattr(model.config, "vocab_size"))
-    nbytes = param_bytes(model) + (4 * nested.params_at(nested.max_rank) if kind == "dynamic" else 0)
+    # float32 bytes in the graph (the LoRA factors are constants in dynamic and fixed exports)
+    lora_in_graph = {"dynamic": nested.max_rank, "fixed": rank or 0}.get(kind, 0)
+    nbytes = param_bytes(model) + 4 * nested.params_at(lora_in_graph)
     external = nbytes > EXTERNAL_DATA_BYTES if external_data is None else bool(external_data)
     tick("base model loaded")
     feeds = sample_inputs(vocab)
     refs = reference_logits(model, task, nested, verify_ranks, feeds) if verify else {}
 
+    # the model, plus one float32 adapter file per rank (A[:k] and s(k)·B[:, :k])
+    check_free_space(Path(output).absolute().parent, nbytes + sum(4 * nested.params_at(k) for k in adapter_ranks))
     with atomic_output_dir(output, force) as tmp:
-        check_free_space(tmp, nbytes * (1 + len(adapter_ranks)) if kind == "adapters" else nbytes)
         top, _ = build_export_model(model, task, nested, kind, rank)
         tick("model wrapped")
         path = tmp / MODEL_NAME
@@ -211,7 +201,8 @@ def export_onnx(
         try:
             onnx.checker.check_model(str(path))
         except Exception as e:  # noqa: BLE001 - onnx raises several types
-            raise ExportError(f"the exported model fails onnx.checker: {e}") from e
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ExportError(f"the exported model fails onnx.checker ({first}); try another --opset (default {DEFAULT_OPSET})") from e
         tick("onnx.checker passed")
         files: dict[int, str] = {}
         if adapter_ranks:

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ...adapter import NestedAdapter
+from ...base_model import check_base_model_dir
 from ...errors import BaseModelError, BaseModelMismatchError, ExportError
 
 if TYPE_CHECKING:
@@ -65,22 +66,12 @@ def load_base_model(base_dir: str | os.PathLike[str]) -> tuple["torch.nn.Module"
     import torch
     import transformers
 
-    root = Path(base_dir)
-    if not root.is_dir():
-        raise BaseModelError(f"base model folder {str(root)!r} does not exist; pass a transformers model folder with --base-model")
-    if not (root / "config.json").exists():
-        raise BaseModelError(f"{root}: no config.json found; pass a transformers model folder (save_pretrained output) with --base-model")
-    if not any(root.glob("*.safetensors")):
-        if any(root.glob("*.bin")) or any(root.glob("*.pt")):
-            raise BaseModelError(
-                f"{root}: only pickle weights (.bin) found and unpickling is refused; in a trusted environment load the model "
-                "and call save_pretrained(..., safe_serialization=True)"
-            )
-        raise BaseModelError(f"{root}: no .safetensors weights found; is this a transformers model folder?")
+    root = check_base_model_dir(base_dir)
     try:
         config = transformers.AutoConfig.from_pretrained(root)
     except Exception as e:  # noqa: BLE001 - any parse failure is a bad input
-        raise BaseModelError(f"{root / 'config.json'}: cannot be read by transformers ({e})") from e
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BaseModelError(f"{root / 'config.json'}: cannot be read by transformers ({first})") from e
     archs = list(getattr(config, "architectures", None) or [])
     if any(a.endswith("ForSequenceClassification") for a in archs):
         task, auto = TASK_SEQ_CLS, transformers.AutoModelForSequenceClassification
@@ -93,9 +84,11 @@ def load_base_model(base_dir: str | os.PathLike[str]) -> tuple["torch.nn.Module"
         )
     try:
         with _quiet():
-            model = auto.from_pretrained(root, dtype=torch.float32)
+            # use_safetensors: never fall back to pickle weights lying next to other .safetensors files
+            model = auto.from_pretrained(root, dtype=torch.float32, use_safetensors=True)
     except Exception as e:  # noqa: BLE001
-        raise BaseModelError(f"{root}: transformers cannot load this model ({type(e).__name__}: {e})") from e
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise BaseModelError(f"{root}: transformers cannot load this model ({type(e).__name__}: {first})") from e
     model.eval()
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False
