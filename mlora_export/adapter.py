@@ -183,19 +183,17 @@ class LoraModule:
         return k * (self.in_features + self.out_features)
 
 
-def _bf16_bits(x: "np.ndarray") -> "np.ndarray":
-    """float32 → bfloat16 bit patterns (as int16), rounding to nearest even like torch."""
-    u = x.view(np.uint32)
-    u = (u + (((u >> 16) & 1) + np.uint32(0x7FFF))) >> 16
-    return u.astype(np.uint16).view(np.int16)
-
-
 def _find_non_finite_in_file(path: Path, header: SafetensorsHeader) -> str | None:
     """:func:`~mlora_export.safetensors_io.find_non_finite` over the memory-mapped file."""
     if os.path.getsize(path) <= header.data_start:
         return None
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         return find_non_finite(mm, header)
+
+
+def scratch_bytes(out_features: int, k: int) -> int:
+    """Size of the ``scratch`` :meth:`AdapterReader.lora_B_data` needs for a ``[out_features, k]`` result."""
+    return 10 * out_features * k  # bfloat16: two uint32 work arrays and the uint16 result
 
 
 #: numpy type of each float dtype's elements; bfloat16 is handled as its uint16 bit patterns.
@@ -511,31 +509,57 @@ class AdapterReader:
         flat = np.frombuffer(self._mm, dtype=_NUMPY_TYPES[info.dtype], count=count, offset=self.adapter.header.data_start + info.begin)
         return flat.reshape(info.shape)
 
-    def lora_B_data(self, module: str, k: int, factor: float | None = None) -> "np.ndarray | FileRange":
+    def lora_B_data(self, module: str, k: int, factor: float | None = None, scratch: "np.ndarray | None" = None) -> "np.ndarray | FileRange":
         """``B[:, :k]`` (or ``factor · B[:, :k]``) as the raw bytes of a slice file, without torch.
 
-        Scaling is computed in float32 (float64 for a float64 adapter) and rounded once to the source
-        dtype, round-to-nearest-even as torch does; the result is a new contiguous array. The
-        unscaled full-rank ``B`` is returned as a :class:`FileRange` (a kernel-side copy).
-        Done in numpy: a scalar product is memory-bound, and torch's intra-op threads only add
-        contention on a busy machine (and importing torch costs a second).
+        Scaling is computed in float32 (float64 for a float64 adapter) and rounded once to the
+        source dtype, round-to-nearest-even as torch does; the result is contiguous. The unscaled
+        full-rank ``B`` is returned as a :class:`FileRange` (a kernel-side copy).
+
+        ``scratch`` (a uint8 array of at least :func:`scratch_bytes` bytes) is where the result is
+        computed: a caller writing many tensors from one thread passes the same one each time, so
+        no memory is allocated (and page-faulted) per tensor. The result is then a view of it,
+        valid until the next call with that scratch.
         """
         key = self.adapter.modules[module].key_b
         info = self.adapter.header.tensors[key]
         if factor is None and k == info.shape[1]:
             return FileRange(self._fd, self.adapter.header.data_start + info.begin, info.nbytes)
+        shape = (info.shape[0], k)
+        n = shape[0] * k
+
+        def buf(dtype: type[np.generic], at: int = 0) -> np.ndarray:
+            if scratch is None:
+                return np.empty(shape, dtype)
+            size = n * np.dtype(dtype).itemsize
+            return scratch[at * n: at * n + size].view(dtype).reshape(shape)
+
         b = self._array(key)[:, :k]
         try:
             if factor is None:
-                return np.ascontiguousarray(b)
-            if info.dtype == "BF16":
-                f32 = b.astype(np.uint32) << 16
-                f32 = f32.view(np.float32)
-                f32 *= np.float32(factor)
-                return _bf16_bits(f32)
-            work = np.float64 if info.dtype == "F64" else np.float32
-            out = np.multiply(b, work(factor), dtype=work)  # one pass, contiguous result
-            return out if out.dtype == b.dtype else out.astype(b.dtype)
+                out = buf(b.dtype.type)
+                np.copyto(out, b)
+            elif info.dtype == "BF16":  # bits → float32, scale, round to nearest even, back to bits
+                u = buf(np.uint32)
+                np.left_shift(b, 16, out=u, dtype=np.uint32)
+                np.multiply(u.view(np.float32), np.float32(factor), out=u.view(np.float32))
+                carry = buf(np.uint32, 4)
+                np.right_shift(u, 16, out=carry)
+                np.bitwise_and(carry, 1, out=carry)
+                np.add(carry, np.uint32(0x7FFF), out=carry)
+                np.add(u, carry, out=u)
+                np.right_shift(u, 16, out=u)
+                out = buf(np.uint16, 8)
+                np.copyto(out, u, casting="unsafe")
+            elif info.dtype == "F16":
+                work = buf(np.float32)
+                np.multiply(b, np.float32(factor), out=work, dtype=np.float32)
+                out = buf(np.float16, 4)
+                np.copyto(out, work, casting="same_kind")
+            else:  # F32, F64: in their own precision
+                out = buf(b.dtype.type)
+                np.multiply(b, b.dtype.type(factor), out=out)
+            return out
         finally:
             del b  # release the view of the map
 

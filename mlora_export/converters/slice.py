@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
+
+import numpy as np
 
 from ..adapter import (
     CONFIG_NAME,
@@ -27,15 +29,13 @@ from ..adapter import (
     AdapterReader,
     NestedAdapter,
     build_peft_config,
+    scratch_bytes,
     write_json,
 )
 from ..errors import ConfigError, OutputExistsError, RankError
 from ..fs import atomic_output_dir, check_free_space, check_output_path
 from ..method import peft_alpha_for
 from ..safetensors_io import FileRange, write_safetensors
-
-if TYPE_CHECKING:
-    import numpy as np
 
 logger = logging.getLogger(__name__)
 
@@ -106,10 +106,12 @@ def slice_peft_config(adapter: NestedAdapter, k: int, scale_mode: str) -> dict[s
 def _slice_tensors(reader: AdapterReader, k: int, scale_mode: str, done: list[int], total: int, progress: Progress | None) -> Iterator["np.ndarray | FileRange"]:
     adapter = reader.adapter
     factor = adapter.scale(k) if scale_mode == "baked" else None
+    # One work buffer for every B of this rank: written out before the next one is computed.
+    scratch = np.empty(scratch_bytes(max(m.out_features for m in adapter.modules.values()), k), dtype=np.uint8)
     for name in adapter.modules:
         a = reader.lora_A_range(name, k)  # A[:k] is a contiguous run of the source file
         yield a
-        b = reader.lora_B_data(name, k, factor)
+        b = reader.lora_B_data(name, k, factor, scratch)
         nbytes = b.length if isinstance(b, FileRange) else b.nbytes
         yield b
         del b
