@@ -102,6 +102,24 @@ def random_nested(
     return NestedAdapter.load(path)
 
 
+def add_deltas(model: torch.nn.Module, deltas: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A copy of ``model`` with ``W += delta`` (``[out, in]``, float32) for each named module, rounded once.
+
+    ``Conv1D`` weights are stored ``[in, out]``: their delta is transposed.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    out = copy.deepcopy(model)
+    mods = dict(out.named_modules())
+    for name, delta in deltas.items():
+        mod = mods[name]
+        if isinstance(mod, Conv1D):
+            delta = delta.T
+        with torch.no_grad():
+            mod.weight.copy_((mod.weight.float() + delta).to(mod.weight.dtype))
+    return out
+
+
 def apply_delta_by_hand(model: torch.nn.Module, adapter: NestedAdapter, k: int) -> torch.nn.Module:
     """A copy of ``model`` with ``W += s(k)·B[:, :k]·A[:k, :]`` (DESIGN.md §1), computed from the raw tensors.
 
@@ -109,22 +127,14 @@ def apply_delta_by_hand(model: torch.nn.Module, adapter: NestedAdapter, k: int) 
     """
     from safetensors.torch import load_file
 
-    from transformers.pytorch_utils import Conv1D
-
     tensors = load_file(str(adapter.weights_path))
-    out = copy.deepcopy(model)
-    mods = dict(out.named_modules())
     s = adapter.config.scale(k)
+    deltas = {}
     for name in adapter.modules:
         a = tensors[f"base_model.model.{name}.lora_A.weight"][:k].float()
         b = tensors[f"base_model.model.{name}.lora_B.weight"][:, :k].float()
-        delta = s * (b @ a)
-        mod = mods[name]
-        if isinstance(mod, Conv1D):
-            delta = delta.T
-        with torch.no_grad():
-            mod.weight.copy_((mod.weight.float() + delta).to(mod.weight.dtype))
-    return out
+        deltas[name] = s * (b @ a)
+    return add_deltas(model, deltas)
 
 
 def sample_ids(batch: int = 2, seq: int = 7, vocab: int = 96, seed: int = 0) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -56,3 +57,12 @@ def base_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         build_model(arch).save_pretrained(d)
         out[arch] = d
     return out
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """Pico models: one intra-op thread is faster, and immune to a busy machine; restored after."""
+    from mlora_export.threads import torch_threads
+
+    with torch_threads(1):
+        yield

@@ -12,20 +12,13 @@ import torch
 from mlora_export.adapter import MatryoshkaConfig, NestedAdapter
 from mlora_export.method import matryoshka_diagonal, peft_alpha_for, scale
 from mlora_export.training import NestedRankCallback, add_nested_adapter, load_nested_adapter
-from tests.common import build_model, sample_ids, targets_for
+from tests.common import add_deltas, build_model, sample_ids, targets_for
 
 T = (1, 2, 4, 8)
 R = 8
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Pico models: one intra-op thread is faster, and immune to a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def _randomise_b(nested, seed: int = 3, std: float = 0.2) -> None:
     """PEFT initialises B to zero; give it values so the adapter changes the output."""
@@ -38,19 +31,8 @@ def _randomise_b(nested, seed: int = 3, std: float = 0.2) -> None:
 
 def _by_hand(base: torch.nn.Module, nested, diag: list[float]) -> torch.nn.Module:
     """A copy of ``base`` with ``W += B · diag(d) · A`` for every adapted module (Conv1D transposed)."""
-    from transformers.pytorch_utils import Conv1D
-
-    out = copy.deepcopy(base)
-    mods = dict(out.named_modules())
-    d = torch.tensor(diag, dtype=torch.float32)
-    for name, (a, b) in nested.factors().items():
-        delta = b.float() @ torch.diag(d) @ a.float()
-        mod = mods[name]
-        if isinstance(mod, Conv1D):
-            delta = delta.T
-        with torch.no_grad():
-            mod.weight.copy_((mod.weight.float() + delta).to(mod.weight.dtype))
-    return out
+    d = torch.diag(torch.tensor(diag, dtype=torch.float32))
+    return add_deltas(base, {name: b.float() @ d @ a.float() for name, (a, b) in nested.factors().items()})
 
 
 def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
