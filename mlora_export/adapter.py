@@ -20,7 +20,7 @@ import mmap
 import os
 import re
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,7 +38,7 @@ from .method import (
     peft_alpha_for,
     scale,
 )
-from .safetensors_io import DTYPE_SIZES, FileRange, SafetensorsHeader, TensorInfo, find_non_finite, read_header, save_tensors
+from .safetensors_io import DTYPE_SIZES, SafetensorsHeader, TensorInfo, find_non_finite, read_header, save_tensors
 
 if TYPE_CHECKING:
     import torch
@@ -183,12 +183,42 @@ class LoraModule:
         return k * (self.in_features + self.out_features)
 
 
-def _find_non_finite_in_file(path: Path, header: SafetensorsHeader) -> str | None:
-    """:func:`~mlora_export.safetensors_io.find_non_finite` over the memory-mapped file."""
-    if os.path.getsize(path) <= header.data_start:
-        return None
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        return find_non_finite(mm, header)
+def _map_file(fd: int, *, populate: bool = False) -> "mmap.mmap":
+    """A read-only map of the whole open file.
+
+    ``populate`` maps every page up front (one call instead of a page fault per 4 KiB, and
+    ``write`` from the map then runs at copy speed), where the platform has ``MAP_POPULATE`` and
+    the file takes at most a quarter of the machine's memory: a larger file is mapped lazily so
+    it is never all pulled into memory at once.
+    """
+    if populate and hasattr(mmap, "MAP_POPULATE") and os.fstat(fd).st_size <= _physical_memory() // 4:
+        return mmap.mmap(fd, 0, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ)
+    return mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return 0
+
+
+def _check_finite(weights: Path, header: SafetensorsHeader, buffer: Any = None, keys: Iterable[str] | None = None) -> None:
+    """Raise :class:`InvalidAdapterError` if a tensor of ``weights`` (of ``keys``, if given)
+    holds a NaN or an infinity.
+
+    ``buffer`` is the file already mapped (see :meth:`AdapterReader.check_finite`); otherwise the
+    file is mapped here.
+    """
+    if buffer is None:
+        if os.path.getsize(weights) <= header.data_start:
+            return
+        with open(weights, "rb") as f, _map_file(f.fileno(), populate=True) as mm:
+            bad = find_non_finite(mm, header, names=keys)
+    else:
+        bad = find_non_finite(buffer, header, names=keys)
+    if bad is not None:
+        raise InvalidAdapterError(f"{weights}: tensor {bad!r} has NaN or infinite values; the training diverged or the file is corrupt")
 
 
 def scratch_bytes(out_features: int, k: int) -> int:
@@ -370,9 +400,7 @@ class NestedAdapter:
         if len(dtypes) != 1:
             raise InvalidAdapterError(f"{weights}: LoRA tensors mix dtypes {sorted(dtypes)}; save them in one dtype")
         if check_finite:
-            bad = _find_non_finite_in_file(weights, header)
-            if bad is not None:
-                raise InvalidAdapterError(f"{weights}: tensor {bad!r} has NaN or infinite values; the training diverged or the file is corrupt")
+            _check_finite(weights, header)
         return header, modules, dtypes.pop()
 
     # -- properties -----------------------------------------------------------------------
@@ -432,14 +460,20 @@ class NestedAdapter:
 
     # -- reading --------------------------------------------------------------------------
     @contextlib.contextmanager
-    def reader(self) -> Iterator["AdapterReader"]:
-        """Open the weights file memory-mapped for prefix reads; see :class:`AdapterReader`."""
-        fd = os.open(self.weights_path, os.O_RDONLY)
-        try:
-            with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as mm:
-                yield AdapterReader(self, mm, fd)
-        finally:
-            os.close(fd)
+    def reader(self, *, populate: bool = False) -> Iterator["AdapterReader"]:
+        """Open the weights file memory-mapped for prefix reads; see :class:`AdapterReader`.
+
+        ``populate`` maps every page at once: faster when most of the file will be read.
+        """
+        with open(self.weights_path, "rb") as f:
+            mm = _map_file(f.fileno(), populate=populate)
+            try:
+                yield AdapterReader(self, mm)
+            finally:
+                try:
+                    mm.close()
+                except BufferError:  # a view is still referenced (by an exception's traceback, say):
+                    pass  # the map is released with it
 
     def summary(self) -> dict[str, Any]:
         """A JSON-able description: method, ranks, scaling, ``p``, targets, per-rank size."""
@@ -470,10 +504,9 @@ class AdapterReader:
     first ``k`` rows, ``B[:, :k]`` gathers ``k`` columns into a new contiguous tensor.
     """
 
-    def __init__(self, adapter: NestedAdapter, mm: "mmap.mmap", fd: int) -> None:
+    def __init__(self, adapter: NestedAdapter, mm: "mmap.mmap") -> None:
         self.adapter = adapter
         self._mm = mm
-        self._fd = fd
 
     def _view(self, key: str) -> "torch.Tensor":
         import torch
@@ -488,11 +521,19 @@ class AdapterReader:
             flat = torch.frombuffer(self._mm, dtype=dtype, count=numel, offset=self.adapter.header.data_start + info.begin)
         return flat.view(info.shape)
 
-    def lora_A_range(self, module: str, k: int) -> FileRange:
-        """The file bytes of ``A[:k, :]`` (rows are contiguous), for a kernel-side copy."""
-        info = self.adapter.header.tensors[self.adapter.modules[module].key_a]
-        row = info.nbytes // info.shape[0]
-        return FileRange(self._fd, self.adapter.header.data_start + info.begin, row * k)
+    def check_finite(self, modules: Iterable[str] | None = None) -> None:
+        """Raise :class:`InvalidAdapterError` if a tensor (of ``modules``, if given) holds a NaN
+        or an infinity: the check :meth:`NestedAdapter.load` makes, over this reader's map, so
+        that callers can share it out among threads."""
+        keys = None
+        if modules is not None:
+            keys = [key for name in modules for key in (self.adapter.modules[name].key_a, self.adapter.modules[name].key_b)]
+        _check_finite(self.adapter.weights_path, self.adapter.header, self._mm, keys)
+
+    def lora_A_data(self, module: str, k: int) -> np.ndarray:
+        """``A[:k, :]`` as a zero-copy, contiguous view of the map (its rows are consecutive in
+        the file; bfloat16 as uint16 bit patterns). Delete it before the reader closes."""
+        return self._array(self.adapter.modules[module].key_a)[:k]
 
     def lora_A(self, module: str, k: int) -> "torch.Tensor":
         """``A[:k, :]`` of ``module`` (``[k, in]``, source dtype), a copy of those rows only."""
@@ -509,12 +550,12 @@ class AdapterReader:
         flat = np.frombuffer(self._mm, dtype=_NUMPY_TYPES[info.dtype], count=count, offset=self.adapter.header.data_start + info.begin)
         return flat.reshape(info.shape)
 
-    def lora_B_data(self, module: str, k: int, factor: float | None = None, scratch: "np.ndarray | None" = None) -> "np.ndarray | FileRange":
+    def lora_B_data(self, module: str, k: int, factor: float | None = None, scratch: "np.ndarray | None" = None) -> np.ndarray:
         """``B[:, :k]`` (or ``factor · B[:, :k]``) as the raw bytes of a slice file, without torch.
 
         Scaling is computed in float32 (float64 for a float64 adapter) and rounded once to the
         source dtype, round-to-nearest-even as torch does; the result is contiguous. The unscaled
-        full-rank ``B`` is returned as a :class:`FileRange` (a kernel-side copy).
+        full-rank ``B`` is returned as a zero-copy view of the map.
 
         ``scratch`` (a uint8 array of at least :func:`scratch_bytes` bytes) is where the result is
         computed: a caller writing many tensors from one thread passes the same one each time, so
@@ -524,7 +565,7 @@ class AdapterReader:
         key = self.adapter.modules[module].key_b
         info = self.adapter.header.tensors[key]
         if factor is None and k == info.shape[1]:
-            return FileRange(self._fd, self.adapter.header.data_start + info.begin, info.nbytes)
+            return self._array(key)
         shape = (info.shape[0], k)
         n = shape[0] * k
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
 
 from mlora_export.adapter import MatryoshkaConfig, NestedAdapter, save_nested
 from mlora_export.cli.main import main
@@ -177,6 +179,16 @@ def test_bundle_cli_and_bad_inputs(nested: Path, bundle_dir: Path, tmp_path: Pat
     res = run("bundle", tmp_path / "missing", "--output", tmp_path / "f")
     assert res.exit_code == 2 and "does not exist" in res.output
     assert "Traceback" not in res.output
+    # a NaN in the weights (found while the slices are written): exit 2, nothing written
+    poisoned = tmp_path / "poisoned"
+    shutil.copytree(nested, poisoned)
+    tensors = {k: t.clone() for k, t in load_file(str(poisoned / "adapter_model.safetensors")).items()}
+    key = sorted(tensors)[-1]
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, str(poisoned / "adapter_model.safetensors"))
+    res = run("bundle", poisoned, "--ranks", "2", "--output", tmp_path / "g")
+    assert res.exit_code == 2 and f"tensor '{key}' has NaN or infinite values" in res.output
+    assert leftovers(tmp_path, "g") == []
 
 
 # -- push and pull -----------------------------------------------------------------------------

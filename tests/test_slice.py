@@ -159,18 +159,18 @@ def test_failure_midway_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Monke
     import mlora_export.converters.slice as slice_mod
 
     nested = random_nested(build_model("llama"), tmp_path / "nested", arch="llama", r=8)
-    real = slice_mod.write_safetensors
     calls = {"n": 0}
 
-    def flaky(*a, **kw):  # type: ignore[no-untyped-def]
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise OSError("disk full (injected)")
-        return real(*a, **kw)
+    class FlakyWriter(slice_mod.SafetensorsWriter):
+        def write_at(self, index: int, *tensors: object) -> None:
+            calls["n"] += 1
+            if calls["n"] == 5:
+                raise OSError("disk full (injected)")
+            super().write_at(index, *tensors)
 
-    monkeypatch.setattr(slice_mod, "write_safetensors", flaky)
+    monkeypatch.setattr(slice_mod, "SafetensorsWriter", FlakyWriter)
     with pytest.raises(OSError, match="injected"):
-        slice_adapter(nested, [2, 4], tmp_path / "s")
+        slice_adapter(nested, [2, 4], tmp_path / "s", workers=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nested"]
 
 
@@ -200,3 +200,101 @@ def test_cli_slice_unusable_output_locations(tmp_path: Path, monkeypatch: pytest
     res = runner.invoke(main, ["slice", str(tmp_path / "nested"), "--ranks", "2", "--output", str(tmp_path / "s")])
     assert res.exit_code == 2 and "cannot create output" in res.stderr and "Permission denied" in res.stderr, res.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "nested", "ro"]
+
+
+def test_slice_files_do_not_depend_on_thread_count(tmp_path: Path) -> None:
+    """However the modules are shared out among threads (one, two, three, more than there are
+    ranks), each slice file is byte-for-byte the same, its reported size is its size on disk, and
+    the progress reports only grow, up to the total."""
+    nested = random_nested(build_model("gpt2", torch.bfloat16), tmp_path / "nested", arch="gpt2", r=8, dtype=torch.bfloat16)
+    files = {}
+    for workers in (1, 2, 3, 6):
+        progress: list[tuple[int, int]] = []
+        results = slice_adapter(nested, [1, 2, 3, 5, 8], tmp_path / f"w{workers}", workers=workers, progress=lambda d, t: progress.append((d, t)))
+        for r in results:
+            assert r.bytes == (r.path / "adapter_model.safetensors").stat().st_size
+        dones = [d for d, _ in progress]
+        assert len(progress) == len(nested.modules) and dones == sorted(dones)
+        assert progress[-1] == (sum(nested.bytes_at(k) for k in (1, 2, 3, 5, 8)),) * 2
+        files[workers] = {r.rank: (r.path / "adapter_model.safetensors").read_bytes() for r in results}
+    assert files[2] == files[1] and files[3] == files[1] and files[6] == files[1]
+
+
+def _poison(nested: NestedAdapter, keys: dict[str, float]) -> None:
+    """Set one element of each tensor in ``keys`` to the given value, keeping the file's order."""
+    from mlora_export.safetensors_io import dtype_name, read_header, write_safetensors
+
+    header = read_header(nested.weights_path)
+    tensors = {k: t.clone() for k, t in load_file(str(nested.weights_path)).items()}  # not views of the file
+    for key, value in keys.items():
+        tensors[key].view(-1)[tensors[key].numel() // 2] = value
+    specs = [(k, dtype_name(tensors[k].dtype), tuple(tensors[k].shape)) for k in header.tensors]
+    write_safetensors(nested.weights_path, specs, [tensors[k] for k in header.tensors], {"format": "pt"})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_slicing_checks_the_whole_source_for_nan(dtype: torch.dtype, workers: int, tmp_path: Path) -> None:
+    """Slicing loads the adapter without the NaN/inf pass and makes it in its threads instead: a
+    bad value anywhere (even in rows no requested rank reads) still fails the slice, naming the
+    first bad tensor in file order, and leaves nothing behind."""
+    from mlora_export.errors import InvalidAdapterError
+    from mlora_export.safetensors_io import read_header
+
+    nested = random_nested(build_model("llama", dtype), tmp_path / "nested", arch="llama", r=8, dtype=dtype)
+    order = list(read_header(nested.weights_path).tensors)
+    late, early = order[-3], order[len(order) // 2]
+    _poison(nested, {late: float("nan"), early: float("-inf")})
+    with pytest.raises(InvalidAdapterError, match=f"tensor '{early}' has NaN or infinite values"):
+        slice_adapter(nested.path, [1], tmp_path / "out", workers=workers)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nested"]
+    res = CliRunner().invoke(main, ["slice", str(nested.path), "--ranks", "2,4", "--output", str(tmp_path / "out")])
+    assert res.exit_code == 2 and early in res.output and "Traceback" not in res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nested"]
+
+
+def test_a_failing_thread_stops_the_others(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """When one thread fails, the others stop at their next module instead of writing on."""
+    import threading
+
+    import mlora_export.converters.slice as slice_mod
+
+    nested = random_nested(build_model("llama"), tmp_path / "nested", arch="llama", r=8)
+    failed = threading.Event()
+    writes_after_failure = {"n": 0}
+    real_work = slice_mod._slice_modules
+
+    def work(*args: object) -> None:
+        try:
+            real_work(*args)  # type: ignore[arg-type]
+        except OSError:
+            failed.set()  # set once the failing thread has raised the stop flag
+            raise
+
+    class Writer(slice_mod.SafetensorsWriter):
+        def write_at(self, index: int, *tensors: object) -> None:
+            module = index // 2
+            if module == 3:  # whichever thread takes module 3 fails
+                raise OSError("disk full (injected)")
+            if module > 3:  # the other thread only goes on once it has failed
+                assert failed.wait(10)
+                writes_after_failure["n"] += 1
+            super().write_at(index, *tensors)
+
+    monkeypatch.setattr(slice_mod, "_slice_modules", work)
+    monkeypatch.setattr(slice_mod, "SafetensorsWriter", Writer)
+    with pytest.raises(OSError, match="injected"):
+        slice_adapter(nested, [4, 8], tmp_path / "s", workers=2)
+    assert writes_after_failure["n"] <= 2  # the module it was at (2 rank files), not the 10 left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nested"]
+
+
+def test_reader_keeps_the_original_error_when_a_view_is_alive(tmp_path: Path) -> None:
+    """A view of the map still referenced when the reader closes (by an exception's traceback,
+    say) must not turn the real error into a ``BufferError``."""
+    nested = random_nested(build_model("llama"), tmp_path / "nested", arch="llama", r=8)
+    with pytest.raises(RuntimeError, match="boom"):
+        with nested.reader(populate=True) as rd:
+            view = rd.lora_A_data(next(iter(nested.modules)), 2)
+            assert view.shape[0] == 2
+            raise RuntimeError("boom")

@@ -11,10 +11,13 @@ A slice at rank ``k`` holds ``A[:k]`` and ``B[:, :k]`` (contiguous, source dtype
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+import queue
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -32,16 +35,16 @@ from ..adapter import (
     scratch_bytes,
     write_json,
 )
-from ..errors import ConfigError, OutputExistsError, RankError
+from ..errors import ConfigError, InvalidAdapterError, OutputExistsError, RankError
 from ..fs import atomic_output_dir, check_free_space, check_output_path
 from ..method import peft_alpha_for
-from ..safetensors_io import FileRange, write_safetensors
+from ..safetensors_io import SafetensorsWriter
 
 logger = logging.getLogger(__name__)
 
 ScaleMode = Literal["baked", "native"]
 SCALE_MODES: tuple[str, ...] = ("baked", "native")
-#: ``progress(done, total)`` in bytes; called from the library, drawn by the CLI.
+#: ``progress(done, total)`` in bytes; called from the library's threads (one at a time), drawn by the CLI.
 Progress = Callable[[int, int], None]
 
 
@@ -103,44 +106,94 @@ def slice_peft_config(adapter: NestedAdapter, k: int, scale_mode: str) -> dict[s
     )
 
 
-def _slice_tensors(reader: AdapterReader, k: int, scale_mode: str, done: list[int], total: int, progress: Progress | None) -> Iterator["np.ndarray | FileRange"]:
-    adapter = reader.adapter
-    factor = adapter.scale(k) if scale_mode == "baked" else None
-    # One work buffer for every B of this rank: written out before the next one is computed.
-    scratch = np.empty(scratch_bytes(max(m.out_features for m in adapter.modules.values()), k), dtype=np.uint8)
-    for name in adapter.modules:
-        a = reader.lora_A_range(name, k)  # A[:k] is a contiguous run of the source file
-        yield a
-        b = reader.lora_B_data(name, k, factor, scratch)
-        nbytes = b.length if isinstance(b, FileRange) else b.nbytes
-        yield b
-        del b
-        done[0] += a.length + nbytes
-        if progress is not None:
-            progress(done[0], total)
-
-
-def write_slice(adapter: NestedAdapter, k: int, folder: Path, scale_mode: str = "baked", *, reader: AdapterReader | None = None, progress: Progress | None = None, _done: list[int] | None = None, _total: int | None = None) -> SliceResult:
-    """Write the rank-``k`` slice of ``adapter`` into the existing, empty ``folder``."""
-    if scale_mode not in SCALE_MODES:
-        raise ConfigError(f"unknown scale mode {scale_mode!r}: expected one of {', '.join(SCALE_MODES)}")
-    if not 1 <= k <= adapter.max_rank:
-        raise RankError(f"rank {k} is outside [1, {adapter.max_rank}] for adapter {str(adapter.path)!r}")
+def _tensor_specs(adapter: NestedAdapter, k: int) -> list[tuple[str, str, tuple[int, ...]]]:
+    """The rank-``k`` file's tensors, in source order: module ``i``'s ``A[:k]`` is tensor ``2i``,
+    its ``B[:, :k]`` tensor ``2i + 1``."""
     specs = []
     for m in adapter.modules.values():
         specs.append((m.key_a, adapter.dtype, (k, m.in_features)))
         specs.append((m.key_b, adapter.dtype, (m.out_features, k)))
-    done = _done if _done is not None else [0]
-    total = _total if _total is not None else adapter.bytes_at(k)
+    return specs
 
-    def run(rd: AdapterReader) -> int:
-        return write_safetensors(folder / WEIGHTS_NAME, specs, _slice_tensors(rd, k, scale_mode, done, total, progress), {"format": "pt"})
 
-    if reader is None:
-        with adapter.reader() as rd:
-            nbytes = run(rd)
-    else:
-        nbytes = run(reader)
+def default_workers() -> int:
+    """Threads for slicing: one per CPU, at most 4 (the work is bound by memory bandwidth)."""
+    return max(1, min(os.cpu_count() or 1, 4))
+
+
+class _Cancelled(Exception):
+    """Another thread failed, or the user interrupted: stop."""
+
+
+class _SharedWork:
+    """What the slicing threads share: the modules left (handed out in file order), the
+    progress count, the non-finite modules found, and a stop flag."""
+
+    def __init__(self, adapter: NestedAdapter, total: int, progress: Progress | None) -> None:
+        self.stop = threading.Event()
+        self._lock = threading.Lock()
+        self._modules: "queue.SimpleQueue[tuple[int, str]]" = queue.SimpleQueue()
+        for item in enumerate(adapter.modules):
+            self._modules.put(item)
+        self._done = 0
+        self._total = total
+        self._progress = progress
+        self.non_finite: list[tuple[int, InvalidAdapterError]] = []
+
+    def next_module(self) -> tuple[int, str] | None:
+        """The next module to slice (index in file order, name), or ``None`` when all are taken."""
+        if self.stop.is_set():
+            raise _Cancelled
+        try:
+            return self._modules.get_nowait()
+        except queue.Empty:
+            return None
+
+    def advance(self, nbytes: int) -> None:
+        with self._lock:
+            self._done += nbytes
+            if self._progress is not None:
+                self._progress(self._done, self._total)
+
+    def found_non_finite(self, index: int, error: InvalidAdapterError) -> None:
+        with self._lock:
+            self.non_finite.append((index, error))
+        self.stop.set()
+
+
+def _slice_modules(reader: AdapterReader, writers: Mapping[int, SafetensorsWriter], scale_mode: str, check_finite: bool, shared: _SharedWork) -> None:
+    """One thread's work: take modules until none is left, and for each, check its source tensors
+    for NaN/inf (while they are in cache), then write its ``A[:k]`` and ``B[:, :k]`` into every
+    rank's file at their place. Each module's rows are read from memory once for all ranks."""
+    try:
+        adapter = reader.adapter
+        ranks = sorted(writers, reverse=True)
+        factors = {k: adapter.scale(k) if scale_mode == "baked" else None for k in ranks}
+        # One work buffer for every B this thread computes: written out before the next one.
+        scratch = np.empty(scratch_bytes(max(m.out_features for m in adapter.modules.values()), ranks[0]), dtype=np.uint8)
+        while (item := shared.next_module()) is not None:
+            index, name = item
+            if check_finite:
+                try:
+                    reader.check_finite([name])
+                except InvalidAdapterError as e:
+                    shared.found_non_finite(index, e)
+                    return
+            nbytes = 0
+            for k in ranks:
+                # A[:k] is a view of the map, written out as it is; B[:, :k] is computed.
+                a = reader.lora_A_data(name, k)
+                b = reader.lora_B_data(name, k, factors[k], scratch)
+                writers[k].write_at(2 * index, a, b)
+                nbytes += a.nbytes + b.nbytes
+                del a, b  # views of the map must not outlive the reader
+            shared.advance(nbytes)
+    except BaseException:
+        shared.stop.set()
+        raise
+
+
+def _write_slice_configs(adapter: NestedAdapter, k: int, folder: Path, scale_mode: str) -> None:
     write_json(folder / PEFT_CONFIG_NAME, slice_peft_config(adapter, k, scale_mode))
     source = adapter.config.to_dict() if adapter.is_nested else {"format": "peft-lora", "r": adapter.max_rank}
     source.pop("p", None)
@@ -154,7 +207,72 @@ def write_slice(adapter: NestedAdapter, k: int, folder: Path, scale_mode: str = 
             "source": {"path": str(adapter.path), **source},
         },
     )
-    return SliceResult(rank=k, path=folder, params=adapter.params_at(k), bytes=nbytes, scale=adapter.scale(k))
+
+
+def write_slices(
+    adapter: NestedAdapter,
+    folders: Mapping[int, Path],
+    scale_mode: str = "baked",
+    *,
+    reader: AdapterReader | None = None,
+    progress: Progress | None = None,
+    workers: int | None = None,
+    check_finite: bool = True,
+) -> list[SliceResult]:
+    """Write the rank-``k`` slice into ``folders[k]`` (an existing, empty folder) for each ``k``.
+
+    ``workers`` threads (default :func:`default_workers`) take the modules in turn and write each
+    into every rank file at its place, so every module's rows are read from memory once. With
+    ``check_finite`` each module is first checked for NaN and infinity, as
+    :meth:`NestedAdapter.load` does (so load the adapter with ``check_finite=False``). On an error
+    the folders hold partial files, for the caller to remove (:func:`slice_adapter` writes into a
+    temporary folder for that).
+
+    Raises:
+        ConfigError: unknown ``scale_mode``.
+        RankError: a rank is outside ``[1, r]``.
+        InvalidAdapterError: a tensor holds NaN or infinity (the first such in the file is named).
+    """
+    if scale_mode not in SCALE_MODES:
+        raise ConfigError(f"unknown scale mode {scale_mode!r}: expected one of {', '.join(SCALE_MODES)}")
+    bad = [k for k in folders if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= adapter.max_rank]
+    if bad:
+        raise RankError(f"rank(s) {bad} are outside [1, {adapter.max_rank}] for adapter {str(adapter.path)!r}")
+    if not folders:
+        return []
+    if reader is None:
+        with adapter.reader(populate=True) as rd:
+            return write_slices(adapter, folders, scale_mode, reader=rd, progress=progress, workers=workers, check_finite=check_finite)
+    shared = _SharedWork(adapter, sum(adapter.bytes_at(k) for k in folders), progress)
+    with contextlib.ExitStack() as files:
+        writers = {
+            k: files.enter_context(SafetensorsWriter(folder / WEIGHTS_NAME, _tensor_specs(adapter, k), {"format": "pt"}))
+            for k, folder in folders.items()
+        }
+        threads = max(1, min(workers or default_workers(), len(adapter.modules)))
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            futures = [pool.submit(_slice_modules, reader, writers, scale_mode, check_finite, shared) for _ in range(threads)]
+            try:
+                wait(futures)
+            finally:
+                shared.stop.set()  # on Ctrl-C the threads stop at their next module
+        errors = [e for e in (f.exception() for f in futures) if e is not None and not isinstance(e, _Cancelled)]
+        if errors:
+            raise errors[0]
+        if shared.non_finite:
+            raise min(shared.non_finite, key=lambda item: item[0])[1]  # the first bad module in file order
+    results = []
+    for k in sorted(folders):
+        _write_slice_configs(adapter, k, folders[k], scale_mode)
+        results.append(SliceResult(rank=k, path=folders[k], params=adapter.params_at(k), bytes=writers[k].bytes_written, scale=adapter.scale(k)))
+        logger.info("wrote rank %d slice (%d params)", k, adapter.params_at(k))
+    return results
+
+
+def write_slice(adapter: NestedAdapter, k: int, folder: Path, scale_mode: str = "baked", *, reader: AdapterReader | None = None, progress: Progress | None = None) -> SliceResult:
+    """Write the rank-``k`` slice of ``adapter`` into the existing, empty ``folder`` (no NaN/inf
+    check: :meth:`NestedAdapter.load` makes it by default). See :func:`write_slices`."""
+    return write_slices(adapter, {k: folder}, scale_mode, reader=reader, progress=progress, check_finite=False)[0]
 
 
 def slice_adapter(
@@ -169,13 +287,14 @@ def slice_adapter(
 ) -> list[SliceResult]:
     """Slice ``adapter`` at each rank in ``ranks`` into ``output/r{k}``; ``"all"`` = the train ranks.
 
-    ``workers`` threads write rank files concurrently (default: up to 4, one per CPU).
+    ``workers`` threads (default: one per CPU, at most 4) share the work module by module and
+    check the source for NaN and infinity as they go (see :func:`write_slices`).
 
     The whole ``output`` folder appears at once when every slice is written (written in a
     temporary sibling, then renamed), so a failure leaves nothing behind.
 
     Raises:
-        InvalidAdapterError: the adapter folder is invalid.
+        InvalidAdapterError: the adapter folder is invalid, or a weight is NaN or infinite.
         RankError: a rank is outside ``[1, r]``.
         ConfigError: unknown ``scale_mode``.
         OutputExistsError: ``output`` exists and ``force`` is false.
@@ -183,25 +302,27 @@ def slice_adapter(
     if scale_mode not in SCALE_MODES:
         raise ConfigError(f"unknown scale mode {scale_mode!r}: expected one of {', '.join(SCALE_MODES)}")
     check_output_path(output, force)
-    nested = adapter if isinstance(adapter, NestedAdapter) else NestedAdapter.load(adapter)
+    # The NaN/inf check reads the whole file: write_slices makes it alongside the writing.
+    nested = adapter if isinstance(adapter, NestedAdapter) else NestedAdapter.load(adapter, check_finite=False)
     ks = resolve_ranks(nested, ranks if isinstance(ranks, str) else list(ranks))
-    total = sum(nested.bytes_at(k) for k in ks)
-    check_free_space(Path(output).absolute().parent, total)
-    done = [0]
-    with atomic_output_dir(output, force) as tmp, nested.reader() as rd:
-        # Ranks are independent files: write them from a few threads (the copies and writes
-        # release the GIL), largest first so the threads finish together.
-        with ThreadPoolExecutor(max_workers=workers or max(1, min(len(ks), os.cpu_count() or 1, 4))) as pool:
-            futures = {}
-            for k in sorted(ks, reverse=True):
-                folder = tmp / f"r{k}"
-                folder.mkdir()
-                futures[k] = pool.submit(write_slice, nested, k, folder, scale_mode, reader=rd, progress=progress, _done=done, _total=total)
-            results = [futures[k].result() for k in ks]
-        for res in results:
-            logger.info("wrote rank %d slice (%d params)", res.rank, res.params)
+    check_free_space(Path(output).absolute().parent, sum(nested.bytes_at(k) for k in ks))
+    with atomic_output_dir(output, force) as tmp:
+        folders = {k: tmp / f"r{k}" for k in ks}
+        for folder in folders.values():
+            folder.mkdir()
+        results = write_slices(nested, folders, scale_mode, progress=progress, workers=workers)
     final = Path(output)
     return [SliceResult(r.rank, final / r.path.name, r.params, r.bytes, r.scale) for r in results]
 
 
-__all__ = ["SliceResult", "SCALE_MODES", "resolve_ranks", "slice_adapter", "slice_peft_config", "write_slice", "OutputExistsError"]
+__all__ = [
+    "SCALE_MODES",
+    "OutputExistsError",
+    "SliceResult",
+    "default_workers",
+    "resolve_ranks",
+    "slice_adapter",
+    "slice_peft_config",
+    "write_slice",
+    "write_slices",
+]

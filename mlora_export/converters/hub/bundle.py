@@ -6,7 +6,7 @@ Layout (the same locally and in a Hub repo)::
     matryoshka_config.json    the nested adapter's config (byte copy)
     manifest.json             every file's path, size, sha256; every rank's folder and numbers
     nested/                   the full nested adapter (byte copies of its three files)
-    r{k}/                     one PEFT slice per requested rank (:func:`~..slice.write_slice`)
+    r{k}/                     one PEFT slice per requested rank (:func:`~..slice.write_slices`)
     onnx/                     optional ONNX export(s)
 
 A bundle is deterministic: the same nested adapter and options give byte-identical files, so
@@ -29,7 +29,7 @@ from ... import __version__
 from ...adapter import CONFIG_NAME, PEFT_CONFIG_NAME, WEIGHTS_NAME, NestedAdapter, write_json
 from ...errors import ConfigError, IntegrityError, InvalidAdapterError
 from ...fs import atomic_output_dir, check_free_space, check_output_path
-from ..slice import SCALE_MODES, resolve_ranks, write_slice
+from ..slice import SCALE_MODES, resolve_ranks, write_slices
 from .card import check_license, hub_base_model, render_card
 
 logger = logging.getLogger(__name__)
@@ -218,7 +218,8 @@ def write_bundle(
         raise ConfigError(f"unknown scale mode {scale_mode!r}: expected one of {', '.join(SCALE_MODES)}")
     check_license(license_id)
     check_output_path(output, force)
-    nested = adapter if isinstance(adapter, NestedAdapter) else NestedAdapter.load(adapter)
+    # The NaN/inf check is made by write_slices, alongside the writing.
+    nested = adapter if isinstance(adapter, NestedAdapter) else NestedAdapter.load(adapter, check_finite=False)
     if not nested.is_nested:
         raise InvalidAdapterError(
             f"{nested.path}: a plain PEFT LoRA adapter (no nested {CONFIG_NAME}); a bundle needs a nested adapter "
@@ -242,28 +243,27 @@ def write_bundle(
         for src in src_files:
             shutil.copyfile(src, tmp / NESTED_DIR / src.name)
         shutil.copyfile(nested.path / CONFIG_NAME, tmp / CONFIG_NAME)
-        done = [0]
         rank_entries = []
-        with nested.reader() as rd:
-            for k in ks:
-                folder = tmp / rank_dir(k)
-                folder.mkdir()
-                res = write_slice(nested, k, folder, scale_mode, reader=rd, progress=progress, _done=done, _total=slice_total)
-                # record the source relative to the bundle (deterministic; no local path on the Hub)
-                slice_cfg = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
-                slice_cfg["source"]["path"] = f"../{NESTED_DIR}"
-                write_json(folder / CONFIG_NAME, slice_cfg)
-                files = _folder_files(tmp, rank_dir(k))
-                rank_entries.append({
-                    "rank": k,
-                    "path": rank_dir(k),
-                    "params": res.params,
-                    "bytes": sum(p.stat().st_size for p in files),
-                    "scale": res.scale,
-                    "trained": k in nested.config.train_ranks,
-                    "metrics": metrics.get(k, {}),
-                })
-                logger.info("bundle: wrote rank %d (%d params)", k, res.params)
+        folders = {k: tmp / rank_dir(k) for k in ks}
+        for folder in folders.values():
+            folder.mkdir()
+        for res in write_slices(nested, folders, scale_mode, progress=progress):
+            k, folder = res.rank, res.path
+            # record the source relative to the bundle (deterministic; no local path on the Hub)
+            slice_cfg = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+            slice_cfg["source"]["path"] = f"../{NESTED_DIR}"
+            write_json(folder / CONFIG_NAME, slice_cfg)
+            files = _folder_files(tmp, rank_dir(k))
+            rank_entries.append({
+                "rank": k,
+                "path": rank_dir(k),
+                "params": res.params,
+                "bytes": sum(p.stat().st_size for p in files),
+                "scale": res.scale,
+                "trained": k in nested.config.train_ranks,
+                "metrics": metrics.get(k, {}),
+            })
+            logger.info("bundle: wrote rank %d (%d params)", k, res.params)
         onnx_entries = []
         if onnx_src is not None:
             shutil.copytree(onnx_src, tmp / ONNX_DIR)
