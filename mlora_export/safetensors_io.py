@@ -314,8 +314,6 @@ class SafetensorsWriter:
         self._next = 0
         self._lock = threading.Lock()
         self.path = Path(path)
-        #: Bytes written so far, header included.
-        self.bytes_written = 0
         self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             _preallocate(self._fd, self._offsets[-1], self.path)
@@ -323,7 +321,11 @@ class SafetensorsWriter:
         except BaseException:
             self._release()
             raise
-        self.bytes_written = len(head)
+
+    @property
+    def bytes_written(self) -> int:
+        """Bytes written so far, header included."""
+        return self._offsets[0] + sum(size for size, done in zip(self._sizes, self._written, strict=True) if done)
 
     def write(self, *tensors: "torch.Tensor | bytes | memoryview | np.ndarray") -> None:
         """Append the next ``len(tensors)`` tensors, in one system call."""
@@ -338,9 +340,9 @@ class SafetensorsWriter:
         buffer (a numpy array, say)."""
         if self._fd is None:
             raise ValueError(f"{self.path}: the writer is closed")
-        buffers = []
         if index < 0:
             raise ValueError(f"{self.path}: tensor index {index} is negative")
+        buffers = []
         for i, item in enumerate(tensors, start=index):
             if i >= len(self._specs):
                 raise ValueError(f"{self.path}: more tensors than specs")
@@ -364,8 +366,6 @@ class SafetensorsWriter:
                 self._written[i] = True
             fd = self._fd
         _pwrite_all(fd, buffers, self._offsets[index], self._lock)
-        with self._lock:
-            self.bytes_written += sum(b.nbytes for b in buffers)
 
     def close(self) -> int:
         """Close the file after checking that every tensor was written; return the bytes written."""

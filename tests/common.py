@@ -140,3 +140,18 @@ def apply_delta_by_hand(model: torch.nn.Module, adapter: NestedAdapter, k: int) 
 def sample_ids(batch: int = 2, seq: int = 7, vocab: int = 96, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab, (batch, seq), generator=gen)
+
+
+def poison_weights(path: Path, values: dict[str, float]) -> None:
+    """Set the middle element of each tensor named in ``values`` (a NaN, an infinity) in the
+    safetensors file ``path``, keeping the file's tensor order."""
+    from safetensors.torch import load_file
+
+    from mlora_export.safetensors_io import dtype_name, read_header, write_safetensors
+
+    order = list(read_header(path).tensors)
+    tensors = {k: t.clone() for k, t in load_file(str(path)).items()}  # not views of the file being rewritten
+    for key, value in values.items():
+        tensors[key].view(-1)[tensors[key].numel() // 2] = value
+    specs = [(k, dtype_name(tensors[k].dtype), tuple(tensors[k].shape)) for k in order]
+    write_safetensors(path, specs, [tensors[k] for k in order], {"format": "pt"})

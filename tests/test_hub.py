@@ -16,13 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors.torch import load_file, save_file
 
 from mlora_export.adapter import MatryoshkaConfig, NestedAdapter, save_nested
 from mlora_export.cli.main import main
 from mlora_export.converters.hub import pull_rank, push_bundle, write_bundle
 from mlora_export.converters.hub.bundle import MANIFEST_NAME, sha256_file
-from tests.common import build_model, random_nested
+from tests.common import build_model, poison_weights, random_nested
 from tests.hub_server import HubServer
 
 ALICE, BOB = "hf_alice_token_123", "hf_bob_token_456"
@@ -182,10 +181,8 @@ def test_bundle_cli_and_bad_inputs(nested: Path, bundle_dir: Path, tmp_path: Pat
     # a NaN in the weights (found while the slices are written): exit 2, nothing written
     poisoned = tmp_path / "poisoned"
     shutil.copytree(nested, poisoned)
-    tensors = {k: t.clone() for k, t in load_file(str(poisoned / "adapter_model.safetensors")).items()}
-    key = sorted(tensors)[-1]
-    tensors[key][0, 0] = float("nan")
-    save_file(tensors, str(poisoned / "adapter_model.safetensors"))
+    key = sorted(NestedAdapter.load(poisoned).header.tensors)[-1]
+    poison_weights(poisoned / "adapter_model.safetensors", {key: float("nan")})
     res = run("bundle", poisoned, "--ranks", "2", "--output", tmp_path / "g")
     assert res.exit_code == 2 and f"tensor '{key}' has NaN or infinite values" in res.output
     assert leftovers(tmp_path, "g") == []

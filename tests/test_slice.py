@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from mlora_export.adapter import NestedAdapter
 from mlora_export.cli import main
 from mlora_export.converters.slice import slice_adapter
-from tests.common import apply_delta_by_hand, build_model, random_nested, sample_ids
+from tests.common import apply_delta_by_hand, build_model, poison_weights, random_nested, sample_ids
 
 RANKS = [1, 3, 8]
 
@@ -220,18 +220,6 @@ def test_slice_files_do_not_depend_on_thread_count(tmp_path: Path) -> None:
     assert files[2] == files[1] and files[3] == files[1] and files[6] == files[1]
 
 
-def _poison(nested: NestedAdapter, keys: dict[str, float]) -> None:
-    """Set one element of each tensor in ``keys`` to the given value, keeping the file's order."""
-    from mlora_export.safetensors_io import dtype_name, read_header, write_safetensors
-
-    header = read_header(nested.weights_path)
-    tensors = {k: t.clone() for k, t in load_file(str(nested.weights_path)).items()}  # not views of the file
-    for key, value in keys.items():
-        tensors[key].view(-1)[tensors[key].numel() // 2] = value
-    specs = [(k, dtype_name(tensors[k].dtype), tuple(tensors[k].shape)) for k in header.tensors]
-    write_safetensors(nested.weights_path, specs, [tensors[k] for k in header.tensors], {"format": "pt"})
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("workers", [1, 2, 3])
 def test_slicing_checks_the_whole_source_for_nan(dtype: torch.dtype, workers: int, tmp_path: Path) -> None:
@@ -244,7 +232,7 @@ def test_slicing_checks_the_whole_source_for_nan(dtype: torch.dtype, workers: in
     nested = random_nested(build_model("llama", dtype), tmp_path / "nested", arch="llama", r=8, dtype=dtype)
     order = list(read_header(nested.weights_path).tensors)
     late, early = order[-3], order[len(order) // 2]
-    _poison(nested, {late: float("nan"), early: float("-inf")})
+    poison_weights(nested.weights_path, {late: float("nan"), early: float("-inf")})
     with pytest.raises(InvalidAdapterError, match=f"tensor '{early}' has NaN or infinite values"):
         slice_adapter(nested.path, [1], tmp_path / "out", workers=workers)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nested"]

@@ -55,7 +55,7 @@ from ..safetensors_io import (
     torch_dtype,
     write_safetensors,
 )
-from ..threads import torch_threads
+from ..threads import torch_threads, worker_threads
 
 if TYPE_CHECKING:
     import torch
@@ -403,10 +403,6 @@ def _lookahead(pool: ThreadPoolExecutor, jobs: Iterable[Callable[[], Any]], dept
                 fut.exception()  # wait; its error (if any) is superseded by the one being raised
 
 
-def _workers() -> int:
-    return max(1, min(_MAX_WORKERS, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
-
-
 # -- the merge ------------------------------------------------------------------------------
 
 
@@ -536,7 +532,7 @@ def merge_adapter(
     done = [0]
     written = 0
     merged = copied = 0
-    workers = _workers()
+    workers = worker_threads(_MAX_WORKERS)
     buffers = _Buffers()
     with (
         atomic_output_dir(out_path, force) as tmp,

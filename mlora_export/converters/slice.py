@@ -39,6 +39,7 @@ from ..errors import ConfigError, InvalidAdapterError, OutputExistsError, RankEr
 from ..fs import atomic_output_dir, check_free_space, check_output_path
 from ..method import peft_alpha_for
 from ..safetensors_io import SafetensorsWriter
+from ..threads import worker_threads
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,21 @@ class SliceResult:
     scale: float
 
 
+def check_scale_mode(scale_mode: str) -> None:
+    """Raise :class:`ConfigError` unless ``scale_mode`` is one of :data:`SCALE_MODES`."""
+    if scale_mode not in SCALE_MODES:
+        raise ConfigError(f"unknown scale mode {scale_mode!r}: expected one of {', '.join(SCALE_MODES)}")
+
+
+def _check_in_range(adapter: NestedAdapter, ranks: Iterable[object]) -> None:
+    bad = [k for k in ranks if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= adapter.max_rank]
+    if bad:
+        raise RankError(
+            f"rank(s) {bad} are outside [1, {adapter.max_rank}] for adapter {str(adapter.path)!r}; "
+            f"its train ranks are {list(adapter.config.train_ranks)}"
+        )
+
+
 def resolve_ranks(adapter: NestedAdapter, ranks: Sequence[int] | str) -> tuple[int, ...]:
     """Turn ``"all"`` into the train ranks and validate explicit ranks against ``[1, r]``.
 
@@ -72,12 +88,7 @@ def resolve_ranks(adapter: NestedAdapter, ranks: Sequence[int] | str) -> tuple[i
     out = tuple(sorted(set(ranks)))
     if not out:
         raise RankError("no ranks requested: give e.g. --ranks 8,16 or --ranks all")
-    bad = [k for k in out if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= adapter.max_rank]
-    if bad:
-        raise RankError(
-            f"rank(s) {bad} are outside [1, {adapter.max_rank}] for adapter {str(adapter.path)!r}; "
-            f"its train ranks are {list(adapter.config.train_ranks)}"
-        )
+    _check_in_range(adapter, out)
     untrained = [k for k in out if k not in adapter.config.train_ranks]
     if untrained:
         logger.warning(
@@ -114,11 +125,6 @@ def _tensor_specs(adapter: NestedAdapter, k: int) -> list[tuple[str, str, tuple[
         specs.append((m.key_a, adapter.dtype, (k, m.in_features)))
         specs.append((m.key_b, adapter.dtype, (m.out_features, k)))
     return specs
-
-
-def default_workers() -> int:
-    """Threads for slicing: one per CPU, at most 4 (the work is bound by memory bandwidth)."""
-    return max(1, min(os.cpu_count() or 1, 4))
 
 
 class _Cancelled(Exception):
@@ -221,7 +227,7 @@ def write_slices(
 ) -> list[SliceResult]:
     """Write the rank-``k`` slice into ``folders[k]`` (an existing, empty folder) for each ``k``.
 
-    ``workers`` threads (default :func:`default_workers`) take the modules in turn and write each
+    ``workers`` threads (default: one per CPU, at most 4) take the modules in turn and write each
     into every rank file at its place, so every module's rows are read from memory once. With
     ``check_finite`` each module is first checked for NaN and infinity, as
     :meth:`NestedAdapter.load` does (so load the adapter with ``check_finite=False``). On an error
@@ -233,11 +239,8 @@ def write_slices(
         RankError: a rank is outside ``[1, r]``.
         InvalidAdapterError: a tensor holds NaN or infinity (the first such in the file is named).
     """
-    if scale_mode not in SCALE_MODES:
-        raise ConfigError(f"unknown scale mode {scale_mode!r}: expected one of {', '.join(SCALE_MODES)}")
-    bad = [k for k in folders if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= adapter.max_rank]
-    if bad:
-        raise RankError(f"rank(s) {bad} are outside [1, {adapter.max_rank}] for adapter {str(adapter.path)!r}")
+    check_scale_mode(scale_mode)
+    _check_in_range(adapter, folders)
     if not folders:
         return []
     if reader is None:
@@ -249,7 +252,7 @@ def write_slices(
             k: files.enter_context(SafetensorsWriter(folder / WEIGHTS_NAME, _tensor_specs(adapter, k), {"format": "pt"}))
             for k, folder in folders.items()
         }
-        threads = max(1, min(workers or default_workers(), len(adapter.modules)))
+        threads = max(1, min(workers or worker_threads(), len(adapter.modules)))
         with ThreadPoolExecutor(max_workers=threads) as pool:
             futures = [pool.submit(_slice_modules, reader, writers, scale_mode, check_finite, shared) for _ in range(threads)]
             try:
@@ -299,8 +302,7 @@ def slice_adapter(
         ConfigError: unknown ``scale_mode``.
         OutputExistsError: ``output`` exists and ``force`` is false.
     """
-    if scale_mode not in SCALE_MODES:
-        raise ConfigError(f"unknown scale mode {scale_mode!r}: expected one of {', '.join(SCALE_MODES)}")
+    check_scale_mode(scale_mode)
     check_output_path(output, force)
     # The NaN/inf check reads the whole file: write_slices makes it alongside the writing.
     nested = adapter if isinstance(adapter, NestedAdapter) else NestedAdapter.load(adapter, check_finite=False)
@@ -319,7 +321,7 @@ __all__ = [
     "SCALE_MODES",
     "OutputExistsError",
     "SliceResult",
-    "default_workers",
+    "check_scale_mode",
     "resolve_ranks",
     "slice_adapter",
     "slice_peft_config",

@@ -27,9 +27,9 @@ from typing import Any
 
 from ... import __version__
 from ...adapter import CONFIG_NAME, PEFT_CONFIG_NAME, WEIGHTS_NAME, NestedAdapter, write_json
-from ...errors import ConfigError, IntegrityError, InvalidAdapterError
+from ...errors import IntegrityError, InvalidAdapterError
 from ...fs import atomic_output_dir, check_free_space, check_output_path
-from ..slice import SCALE_MODES, resolve_ranks, write_slices
+from ..slice import check_scale_mode, resolve_ranks, write_slices
 from .card import check_license, hub_base_model, render_card
 
 logger = logging.getLogger(__name__)
@@ -214,8 +214,7 @@ def write_bundle(
         ConfigError: unknown ``scale_mode`` or an invalid license id.
         OutputExistsError: ``output`` exists and ``force`` is false.
     """
-    if scale_mode not in SCALE_MODES:
-        raise ConfigError(f"unknown scale mode {scale_mode!r}: expected one of {', '.join(SCALE_MODES)}")
+    check_scale_mode(scale_mode)
     check_license(license_id)
     check_output_path(output, force)
     # The NaN/inf check is made by write_slices, alongside the writing.
