@@ -31,6 +31,7 @@ from . import __version__
 from .errors import ConfigError, InvalidAdapterError, RankError
 from .method import (
     check_method,
+    check_rank_weights,
     check_scaling,
     check_train_ranks,
     lora_diagonal,
@@ -63,7 +64,9 @@ class MatryoshkaConfig:
     """The contents of ``matryoshka_config.json`` (required fields plus kept optional ones).
 
     ``extra`` holds every other field found on disk (``base_model``, ``created_by``, evaluation
-    results…) so that a load/save round trip keeps them.
+    results…) so that a load/save round trip keeps them. ``rank_weights`` (``nested-loss`` only)
+    are the weights over ``train_ranks`` of the per-example rank assignment, normalised to sum 1;
+    ``None`` is uniform.
     """
 
     method: str
@@ -72,6 +75,7 @@ class MatryoshkaConfig:
     scaling: str = "sqrt"
     alpha: float = 1.0
     extra: dict[str, Any] = field(default_factory=dict)
+    rank_weights: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         check_method(self.method)
@@ -80,6 +84,9 @@ class MatryoshkaConfig:
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) or self.alpha <= 0:
             raise ConfigError(f"alpha must be a positive finite number, got {self.alpha!r}")
         object.__setattr__(self, "alpha", float(self.alpha))
+        if self.rank_weights is not None and self.method != "nested-loss":
+            raise ConfigError(f"rank weights apply to method 'nested-loss' only, not {self.method!r}")
+        object.__setattr__(self, "rank_weights", check_rank_weights(self.rank_weights, self.train_ranks))
 
     @property
     def p(self) -> list[float] | None:
@@ -111,8 +118,10 @@ class MatryoshkaConfig:
         }
         if self.p is not None:
             out["p"] = self.p
+        if self.rank_weights is not None:
+            out["rank_weights"] = list(self.rank_weights)
         for k, v in self.extra.items():
-            if k not in out and k not in ("p", "format"):
+            if k not in out and k not in ("p", "format", "rank_weights"):
                 out[k] = v
         out.setdefault("created_by", f"mlora-export {__version__}")
         return out
@@ -132,7 +141,10 @@ class MatryoshkaConfig:
             raise InvalidAdapterError(f"{source}: max_rank must be an integer, found {max_rank!r}")
         if not isinstance(train_ranks, list):
             raise InvalidAdapterError(f"{source}: train_ranks must be a list of integers, found {train_ranks!r}")
-        extra = {k: v for k, v in data.items() if k not in REQUIRED_FIELDS and k != "p"}
+        extra = {k: v for k, v in data.items() if k not in REQUIRED_FIELDS and k not in ("p", "rank_weights")}
+        weights = data.get("rank_weights")
+        if weights is not None and not isinstance(weights, list):
+            raise InvalidAdapterError(f"{source}: rank_weights must be a list of numbers, found {weights!r}")
         try:
             cfg = cls(
                 method=data["method"],
@@ -141,6 +153,7 @@ class MatryoshkaConfig:
                 scaling=data["scaling"],
                 alpha=data["alpha"],
                 extra=extra,
+                rank_weights=tuple(weights) if weights is not None else None,
             )
         except (ConfigError, RankError) as e:
             raise InvalidAdapterError(f"{source}: {e}") from e

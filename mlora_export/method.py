@@ -7,16 +7,22 @@ from __future__ import annotations
 
 import math
 import numbers
+import random
 from collections.abc import Iterable, Sequence
 from typing import Literal
 
 from .errors import ConfigError, RankError
 
 Scaling = Literal["none", "rank", "sqrt"]
-Method = Literal["matryoshka", "lora", "dylora"]
+Method = Literal["nested-loss", "matryoshka", "lora", "dylora", "svd"]
 
 SCALINGS: tuple[str, ...] = ("none", "rank", "sqrt")
-METHODS: tuple[str, ...] = ("matryoshka", "lora", "dylora")
+#: Every method a nested adapter may record; ``svd`` is written by re-nesting, never trained.
+METHODS: tuple[str, ...] = ("nested-loss", "matryoshka", "lora", "dylora", "svd")
+#: The methods :func:`mlora_export.training.add_nested_adapter` can train.
+TRAIN_METHODS: tuple[str, ...] = ("nested-loss", "matryoshka", "lora", "dylora")
+#: Methods whose training diagonal is one vector per example, not per batch.
+PER_EXAMPLE_METHODS: tuple[str, ...] = ("nested-loss",)
 
 
 def check_scaling(scaling: str) -> Scaling:
@@ -26,10 +32,17 @@ def check_scaling(scaling: str) -> Scaling:
     return scaling  # type: ignore[return-value]
 
 
-def check_method(method: str) -> Method:
-    """Return ``method`` if it is one of ``matryoshka|lora|dylora``; raise :class:`ConfigError` otherwise."""
-    if method not in METHODS:
-        raise ConfigError(f"unknown method {method!r}: expected one of {', '.join(METHODS)}")
+def check_method(method: str, *, trainable: bool = False) -> Method:
+    """Return ``method`` if it is one of :data:`METHODS` (of :data:`TRAIN_METHODS` with ``trainable``).
+
+    Raises:
+        ConfigError: an unknown method, or ``svd`` where a trainable method is needed.
+    """
+    allowed = TRAIN_METHODS if trainable else METHODS
+    if method not in allowed:
+        if method in METHODS:
+            raise ConfigError(f"method {method!r} is not trained: it is what re-nesting an ordinary LoRA adapter writes; train one of {', '.join(allowed)}")
+        raise ConfigError(f"unknown method {method!r}: expected one of {', '.join(allowed)}")
     return method  # type: ignore[return-value]
 
 
@@ -97,12 +110,104 @@ def lora_diagonal(max_rank: int, scaling: str = "sqrt", alpha: float = 1.0) -> l
     return [scale(max_rank, scaling, alpha)] * max_rank
 
 
+def rank_diagonal(max_rank: int, k: int, scaling: str = "sqrt", alpha: float = 1.0) -> list[float]:
+    """The inference form of rank ``k`` as a diagonal: ``s(k)`` on the first ``k`` components, 0 after.
+
+    ``B · diag(d) · A = s(k)·B[:, :k]·A[:k, :]``; ``k = 0`` gives all zeros (the base model).
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= max_rank:
+        raise RankError(f"rank {k!r} is outside [0, {max_rank}]")
+    s = scale(k, scaling, alpha) if k else 0.0
+    return [s] * k + [0.0] * (max_rank - k)
+
+
 def dylora_diagonal(max_rank: int, b: int, scaling: str = "sqrt", alpha: float = 1.0) -> list[float]:
     """The DyLoRA diagonal for a sampled rank ``b``: ``s(b)`` on the first ``b`` components, 0 after."""
     if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= max_rank:
         raise RankError(f"sampled rank {b!r} is outside [1, {max_rank}]")
-    s = scale(b, scaling, alpha)
-    return [s] * b + [0.0] * (max_rank - b)
+    return rank_diagonal(max_rank, b, scaling, alpha)
+
+
+def check_rank_weights(weights: Iterable[float] | None, train_ranks: Sequence[int]) -> tuple[float, ...] | None:
+    """Validate weights over the train ranks ``T`` (one per rank, finite, >= 0, not all 0); normalise to sum 1.
+
+    ``None`` (uniform) stays ``None``.
+
+    Raises:
+        ConfigError: wrong count, a non-number, a negative or non-finite weight, or all zero.
+    """
+    if weights is None:
+        return None
+    ws = list(weights)
+    if len(ws) != len(train_ranks):
+        raise ConfigError(f"{len(ws)} rank weights for {len(train_ranks)} train ranks {list(train_ranks)}: give one weight per train rank")
+    for w in ws:
+        if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w) or w < 0:
+            raise ConfigError(f"rank weight {w!r} is not a finite non-negative number")
+    total = float(sum(ws))
+    if total <= 0:
+        raise ConfigError("rank weights are all zero: at least one train rank needs a positive weight")
+    return tuple(float(w) / total for w in ws)
+
+
+#: Positions per block of the weighted assignment (systematic sampling within each block).
+WEIGHTED_BLOCK = 64
+
+
+def example_ranks(
+    train_ranks: Sequence[int],
+    positions: Iterable[int],
+    *,
+    seed: int,
+    step: int,
+    weights: Sequence[float] | None = None,
+) -> list[int]:
+    """``nested-loss``: the train rank of each example at the given global positions of step ``step``.
+
+    The positions ``0, 1, 2, …`` of a step's global batch (all processes, all micro-batches) are
+    cut into blocks. Uniform (``weights`` is None): each block of ``|T|`` positions is a random
+    permutation of ``T``, so any batch of ``n`` examples holds every rank ``⌊n/|T|⌋`` or
+    ``⌈n/|T|⌉`` times, in shuffled order. Weighted (normalised weights, see
+    :func:`check_rank_weights`): each block of :data:`WEIGHTED_BLOCK` positions is filled by
+    systematic sampling with a random offset and then shuffled, so rank ``t`` appears
+    ``⌊64·w_t⌋`` or ``⌈64·w_t⌉`` times per block and ``64·w_t`` times in expectation.
+
+    A function of ``(seed, step, position)`` only (never of the process or batch layout): a
+    distributed run assigns exactly the ranks of one process with the same global batch.
+    """
+    ranks = list(train_ranks)
+    block = len(ranks) if weights is None else WEIGHTED_BLOCK
+    cache: dict[int, list[int]] = {}
+    out = []
+    for pos in positions:
+        if isinstance(pos, bool) or not isinstance(pos, int) or pos < 0:
+            raise RankError(f"example position {pos!r} is not a non-negative integer")
+        q, i = divmod(pos, block)
+        order = cache.get(q)
+        if order is None:
+            order = cache[q] = _block_ranks(ranks, block, weights, random.Random(f"mlora-nested-loss:{seed}:{step}:{q}"))
+        out.append(order[i])
+    return out
+
+
+def _block_ranks(ranks: list[int], block: int, weights: Sequence[float] | None, rnd: random.Random) -> list[int]:
+    if weights is None:
+        order = list(ranks)
+    else:  # systematic sampling: points (u + i) / block on the cumulative weights
+        u = rnd.random()
+        order, cum, j = [], 0.0, 0
+        bounds = []
+        for w in weights:
+            cum += w
+            bounds.append(cum)
+        bounds[-1] = 1.0 + 1e-12
+        for i in range(block):
+            x = (u + i) / block
+            while x >= bounds[j]:
+                j += 1
+            order.append(ranks[j])
+    rnd.shuffle(order)
+    return order
 
 
 def training_diagonal(
@@ -116,8 +221,14 @@ def training_diagonal(
     """The diagonal ``d`` that ``method`` applies to ``A·x`` during training (DESIGN.md §1).
 
     ``dylora`` needs ``sampled_rank`` (the ``b`` of the current step), the others ignore it.
+    ``nested-loss`` has one diagonal per example: see :func:`example_ranks` and :func:`rank_diagonal`.
+
+    Raises:
+        ConfigError: an unknown or untrainable method, or a per-example one.
     """
-    check_method(method)
+    check_method(method, trainable=True)
+    if method in PER_EXAMPLE_METHODS:
+        raise ConfigError(f"method {method!r} trains one rank per example, not one diagonal per batch: use example_ranks()")
     ranks = check_train_ranks(train_ranks, max_rank)
     if method == "matryoshka":
         return matryoshka_diagonal(max_rank, ranks, scaling, alpha)

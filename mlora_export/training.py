@@ -42,6 +42,7 @@ only, so every process uses the same one; save from the main process only.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import random
@@ -203,7 +204,7 @@ class NestedLoraModel:
         """Write the nested adapter format (DESIGN.md §2) atomically; returns the folder."""
         cfg = self.config
         if extra:
-            cfg = MatryoshkaConfig(cfg.method, cfg.max_rank, cfg.train_ranks, cfg.scaling, cfg.alpha, {**cfg.extra, **extra})
+            cfg = dataclasses.replace(cfg, extra={**cfg.extra, **extra})
         peft_cfg = self.model.peft_config[self.adapter_name]
         task_type = getattr(peft_cfg, "task_type", None)
         task_type = getattr(task_type, "value", task_type)
