@@ -20,6 +20,7 @@ _EXPORTS: dict[str, str] = {
     "training_diagonal": "mlora_export.method",
     "aurac": "mlora_export.method",
     "slice_adapter": "mlora_export.converters.slice",
+    "renest_adapter": "mlora_export.converters.renest",
     "add_nested_adapter": "mlora_export.training",
     "load_nested_adapter": "mlora_export.training",
     "NestedRankCallback": "mlora_export.callbacks",

@@ -720,3 +720,4 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 write_json = _write_json
+read_json = _read_json

@@ -1,0 +1,615 @@
+"""Re-nest any LoRA adapter: exact SVD ordering, without the base model or the dense delta.
+
+For each module, with PEFT's factors ``A [r, in]``, ``B [out, r]`` and its own scale ``s``
+(``lora_alpha / r`` or ``lora_alpha / sqrt(r)`` with rsLoRA, per module with
+``rank_pattern``/``alpha_pattern``), the delta is ``ΔW = s·B·A`` (``[out, in]``). With the thin QR
+factorisations ``B = Q_B R_B`` and ``Aᵀ = Q_A R_A`` and the SVD of the small core
+``C = s·R_B·R_Aᵀ = U Σ Vᵀ`` (at most ``r×r``), ``ΔW = (Q_B U) Σ (Q_A V)ᵀ`` is the SVD of ``ΔW``,
+and the re-nested factors are
+
+    B' = Q_B U Σ^½ = s·B·R_Aᵀ·V·Σ^-½        A' = Σ^½ Vᵀ Q_Aᵀ = Σ^-½·Uᵀ·s·R_B·A
+
+so that ``B'[:, :k]·A'[:k]`` is the best rank-``k`` approximation of ``ΔW`` (Eckart–Young) for
+every ``k``. The right-hand forms need only the triangular factors: ``Q`` is never formed, and the
+cost is ``O((out + in)·r²)`` per module, never ``O(out·in·min(out, in))``. Everything is computed
+in float64 and rounded once to the output dtype. Components with ``σ_i ≤ σ_1·max(out, in)·ε``
+(the numerical rank, as ``numpy.linalg.matrix_rank`` counts it) are written as exact zeros, as
+are the components beyond ``min(out, in, r_m)`` and those a module of a smaller rank lacks. Signs
+are fixed so that each column of ``B'`` has its largest-magnitude entry positive (the first such,
+on ties), so re-running gives byte-identical files.
+
+The output is a nested adapter (DESIGN.md §2, method ``svd``): scaling ``none``, ``alpha = 1``
+(the scale is in ``B'``), train ranks ``1…R``, and ``energy[k-1]``, the share of
+``Σ_m ‖ΔW_m‖²_F`` that rank ``k`` keeps, computed over all components (before ``max_rank``
+truncation).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import mmap
+import os
+import queue
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..adapter import (
+    CONFIG_NAME,
+    KEY_PREFIX,
+    NESTED_FORMAT,
+    PEFT_CONFIG_NAME,
+    PICKLE_WEIGHTS_NAME,
+    SLICE_FORMAT,
+    WEIGHTS_NAME,
+    MatryoshkaConfig,
+    NestedAdapter,
+    build_peft_config,
+    read_json,
+    write_json,
+)
+from ..errors import ConfigError, InvalidAdapterError, RankError
+from ..fs import atomic_output_dir, check_free_space, check_output_path
+from ..method import peft_alpha_for
+from ..safetensors_io import DTYPE_SIZES, SafetensorsHeader, TensorInfo, SafetensorsWriter, read_header
+from ..threads import blas_threads, worker_threads
+
+logger = logging.getLogger(__name__)
+
+#: ``progress(done, total)`` in bytes of source tensors; called from the library's threads, one at a time.
+Progress = Callable[[int, int], None]
+
+#: Output dtypes by the names a user may give (torch's or safetensors').
+DTYPES: dict[str, str] = {
+    "float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64",
+    "F32": "F32", "BF16": "BF16", "F16": "F16", "F64": "F64",
+}
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+_KEY_RE = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<part>lora_A|lora_B)\.weight$")
+_MAX_WORKERS = 8
+
+#: ``adapter_config.json`` settings whose delta is not ``s·B·A`` on the targeted weights alone
+#: (or that carry weights besides ``lora_A``/``lora_B``): refused when set, with the reason.
+_REFUSED_SETTINGS: dict[str, str] = {
+    "use_dora": "DoRA adapters are not supported (their magnitude vector rescales the whole weight, not a low-rank delta)",
+    "lora_bias": "LoRA adapters with a bias on lora_B are not supported",
+    "modules_to_save": "adapters with modules_to_save (fully trained modules stored beside the LoRA factors) are not supported",
+    "trainable_token_indices": "adapters with trainable tokens are not supported",
+    "target_parameters": "LoRA on nn.Parameter targets is not supported",
+    "layer_replication": "adapters with layer_replication are not supported",
+    "alora_invocation_tokens": "activated LoRA (aLoRA, applied to some tokens only) is not supported",
+    "use_qalora": "QALoRA adapters are not supported",
+    "use_bdlora": "block-diagonal LoRA is not supported",
+    "arrow_config": "Arrow routing over several LoRA experts is not supported",
+    "kasa_config": "KaSA adapters are not supported",
+    "velora_config": "VeLoRA adapters are not supported",
+    "monteclora_config": "MonteCLoRA adapters are not supported",
+}
+#: Hints for tensors that are not ``lora_A``/``lora_B`` weights, by a part of their name.
+_TENSOR_HINTS: tuple[tuple[str, str], ...] = (
+    ("lora_magnitude_vector", "a DoRA magnitude vector: DoRA is not supported"),
+    ("lora_embedding", "an embedding LoRA: only linear and Conv1D targets are supported"),
+    ("modules_to_save", "a module saved whole (modules_to_save): not supported"),
+    (".bias", "a bias: adapters that train biases (bias or lora_bias) are not supported"),
+)
+
+
+@dataclass(frozen=True)
+class RenestResult:
+    """What :func:`renest_adapter` wrote.
+
+    ``energy[k-1]`` is the share of ``Σ_m ‖ΔW_m‖²_F`` kept at rank ``k`` for ``k = 1…max_rank``;
+    ``energy_rank`` the smallest rank (of the source's ``1…source_rank``) keeping the requested
+    share, ``None`` when none was requested.
+    """
+
+    path: Path
+    source: Path
+    max_rank: int
+    source_rank: int
+    modules: int
+    params: int
+    bytes: int
+    dtype: str
+    source_dtype: str
+    energy: tuple[float, ...]
+    energy_target: float | None
+    energy_rank: int | None
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able summary (what ``mlora-export renest --json`` prints)."""
+        return {
+            "path": str(self.path), "source": str(self.source), "max_rank": self.max_rank, "source_rank": self.source_rank,
+            "modules": self.modules, "params": self.params, "bytes": self.bytes, "dtype": self.dtype,
+            "source_dtype": self.source_dtype, "energy": list(self.energy), "energy_target": self.energy_target,
+            "energy_rank": self.energy_rank, "seconds": round(self.seconds, 4),
+        }
+
+
+@dataclass(frozen=True)
+class _Module:
+    """One module of the source: its tensors, rank ``r_m`` and PEFT scale ``s_m``."""
+
+    name: str
+    a: TensorInfo
+    b: TensorInfo
+    rank: int
+    scale: float
+
+    @property
+    def in_features(self) -> int:
+        return self.a.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.b.shape[0]
+
+
+@dataclass(frozen=True)
+class _Source:
+    """A validated source adapter folder: its configs, modules (in file order) and header."""
+
+    path: Path
+    peft_config: dict[str, Any]
+    header: SafetensorsHeader
+    modules: list[_Module]
+    dtype: str | None  # None when the tensors mix dtypes
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def weights(self) -> Path:
+        return self.path / WEIGHTS_NAME
+
+    @property
+    def rank(self) -> int:
+        return max(m.rank for m in self.modules)
+
+
+# -- reading the source ------------------------------------------------------------------------
+
+def pattern_key(pattern_keys: Sequence[str], key: str) -> str:
+    """The ``rank_pattern``/``alpha_pattern`` key that applies to module ``key``, as PEFT picks it
+    (``peft.utils.other.get_pattern_key``): the first pattern ``p`` for which ``key`` matches
+    ``(.*\\.)?(p)$``, else ``key`` itself.
+
+    Raises:
+        re.error: a pattern is not a valid regular expression.
+    """
+    for p in pattern_keys:
+        if re.match(rf"(.*\.)?({p})$", key):
+            return p
+    return key
+
+
+def _positive_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def _check_peft_config(cfg: Any, path: Path) -> None:
+    """Refuse what a re-nesting cannot keep: non-LoRA, DoRA, biases, modules saved whole, bad ranks."""
+    if not isinstance(cfg, dict):
+        raise InvalidAdapterError(f"{path}: expected a JSON object")
+    if cfg.get("peft_type") != "LORA":
+        raise InvalidAdapterError(f"{path}: peft_type is {cfg.get('peft_type')!r}; only LoRA adapters (peft_type 'LORA') can be re-nested")
+    for key, reason in _REFUSED_SETTINGS.items():
+        if cfg.get(key):
+            raise InvalidAdapterError(f"{path}: {key} is set ({cfg[key]!r}); {reason}")
+    bias = cfg.get("bias", "none")
+    if bias not in (None, "none"):
+        raise InvalidAdapterError(f"{path}: bias is {bias!r}; adapters that train the base biases are not supported, only bias 'none'")
+    r = cfg.get("r", 8)
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise InvalidAdapterError(f"{path}: r must be a positive integer, found {r!r}")
+    if not _positive_number(cfg.get("lora_alpha", 8)):
+        raise InvalidAdapterError(f"{path}: lora_alpha must be a positive number, found {cfg.get('lora_alpha')!r}")
+    for key, valid, expected in (("rank_pattern", lambda v: not isinstance(v, bool) and isinstance(v, int) and v > 0, "positive integers"),
+                                 ("alpha_pattern", _positive_number, "positive numbers")):
+        pattern = cfg.get(key) or {}
+        if not isinstance(pattern, dict):
+            raise InvalidAdapterError(f"{path}: {key} must be an object mapping module patterns to {expected}, found {pattern!r}")
+        for name, value in pattern.items():
+            if not valid(value):
+                raise InvalidAdapterError(f"{path}: {key}[{name!r}] is {value!r}; expected one of {expected}")
+            try:
+                re.compile(rf"(.*\.)?({name})$")
+            except re.error as e:
+                raise InvalidAdapterError(f"{path}: {key} key {name!r} is not a valid regular expression ({e})") from e
+
+
+def _module_scale(cfg: Mapping[str, Any], name: str) -> tuple[int, float]:
+    """``(r_m, s_m)`` of module ``name``: its rank and PEFT's scale, patterns matched as PEFT does."""
+    ranks, alphas = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+    r = int(ranks.get(pattern_key(list(ranks), name), cfg.get("r", 8)))
+    alpha = float(alphas.get(pattern_key(list(alphas), name), cfg.get("lora_alpha", 8)))
+    return r, (alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r)
+
+
+def _scan_modules(weights: Path, header: SafetensorsHeader, cfg: Mapping[str, Any], config_path: Path) -> tuple[list[_Module], str | None]:
+    parts: dict[str, dict[str, TensorInfo]] = {}
+    for key, info in header.tensors.items():
+        m = _KEY_RE.match(key)
+        if m is None:
+            hint = next((f" ({text})" for part, text in _TENSOR_HINTS if part in key), "")
+            raise InvalidAdapterError(f"{weights}: unexpected tensor {key!r}{hint}; expected only {KEY_PREFIX}<module>.lora_A/lora_B.weight")
+        parts.setdefault(m["module"], {})[m["part"]] = info
+    if not parts:
+        raise InvalidAdapterError(f"{weights}: holds no LoRA tensors")
+    modules, dtypes = [], set()
+    for name, p in parts.items():
+        for need, other in (("lora_A", "lora_B"), ("lora_B", "lora_A")):
+            if need not in p:
+                raise InvalidAdapterError(f"{weights}: module {name!r} has {other} but no {need}; the file is incomplete")
+        a, b = p["lora_A"], p["lora_B"]
+        for info in (a, b):
+            if info.dtype not in _FLOAT_DTYPES:
+                raise InvalidAdapterError(f"{weights}: tensor {info.name!r} has dtype {info.dtype}; expected a float type")
+            if len(info.shape) != 2:
+                raise InvalidAdapterError(f"{weights}: tensor {info.name!r} has shape {list(info.shape)}; expected 2 dimensions (linear or Conv1D targets)")
+        if a.shape[0] != b.shape[1]:
+            raise InvalidAdapterError(
+                f"{weights}: module {name!r} has lora_A {list(a.shape)} and lora_B {list(b.shape)}, whose ranks disagree; "
+                "expected A [r, in] and B [out, r]"
+            )
+        r, s = _module_scale(cfg, name)
+        if a.shape[0] != r:
+            raise InvalidAdapterError(
+                f"{weights}: module {name!r} has rank {a.shape[0]} (lora_A {list(a.shape)}) but {config_path.name} gives it r = {r}"
+                f"{' (rank_pattern)' if cfg.get('rank_pattern') else ''}; they must agree"
+            )
+        if a.shape[1] < 1 or b.shape[0] < 1:
+            raise InvalidAdapterError(f"{weights}: module {name!r} has an empty factor (lora_A {list(a.shape)}, lora_B {list(b.shape)})")
+        dtypes.update((a.dtype, b.dtype))
+        modules.append(_Module(name, a, b, r, s))
+    modules.sort(key=lambda m: min(m.a.begin, m.b.begin))
+    return modules, (dtypes.pop() if len(dtypes) == 1 else None)
+
+
+def _read_source(path: str | os.PathLike[str]) -> _Source:
+    """Open and validate a PEFT LoRA folder (anyone's) or a nested adapter of ours.
+
+    Raises:
+        InvalidAdapterError: see :func:`renest_adapter`.
+    """
+    root = Path(path)
+    if not root.exists():
+        raise InvalidAdapterError(f"adapter folder {str(root)!r} does not exist")
+    if not root.is_dir():
+        raise InvalidAdapterError(f"adapter path {str(root)!r} is a file; pass the adapter folder")
+    weights = root / WEIGHTS_NAME
+    if not weights.exists():
+        if (root / PICKLE_WEIGHTS_NAME).exists():
+            raise InvalidAdapterError(
+                f"{root / PICKLE_WEIGHTS_NAME}: pickle weights are refused (unpickling runs arbitrary code); "
+                "in a trusted environment load the adapter with PEFT and call save_pretrained(..., safe_serialization=True)"
+            )
+        raise InvalidAdapterError(f"{root}: no {WEIGHTS_NAME} found; is this a PEFT LoRA adapter folder?")
+    config_path = root / PEFT_CONFIG_NAME
+    if not config_path.exists():
+        raise InvalidAdapterError(f"{root}: no {PEFT_CONFIG_NAME} found; is this a PEFT LoRA adapter folder?")
+    cfg = read_json(config_path)
+    _check_peft_config(cfg, config_path)
+    provenance: dict[str, Any] = {"path": str(root)}
+    nested_path = root / CONFIG_NAME
+    raw = read_json(nested_path) if nested_path.exists() else None
+    if isinstance(raw, dict) and raw.get("format") == NESTED_FORMAT:
+        # Ours: NestedAdapter.load validates matryoshka_config.json against adapter_config.json
+        # (PEFT's scaling equals s(r)), so the delta PEFT computes is the full-rank one.
+        nested = NestedAdapter.load(root, check_finite=False)
+        source_cfg = nested.config.to_dict()
+        source_cfg.pop("p", None)
+        for key in ("energy", "energy_target", "energy_rank"):
+            source_cfg.pop(key, None)
+        provenance.update(source_cfg)
+    else:
+        provenance.update({"format": SLICE_FORMAT if isinstance(raw, dict) and raw.get("format") == SLICE_FORMAT else "peft-lora"})
+        provenance.update({k: cfg[k] for k in ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern") if cfg.get(k) is not None and cfg.get(k) != {}})
+    header = read_header(weights)
+    modules, dtype = _scan_modules(weights, header, cfg, config_path)
+    return _Source(root, cfg, header, modules, dtype, provenance)
+
+
+# -- the factorisation --------------------------------------------------------------------------
+
+def _as_float64(mm: mmap.mmap, header: SafetensorsHeader, info: TensorInfo) -> np.ndarray:
+    """Tensor ``info`` of the mapped file as a new float64 array (bfloat16 widened bit-exactly)."""
+    offset, count = header.data_start + info.begin, info.nbytes // DTYPE_SIZES[info.dtype]
+    if info.dtype == "BF16":
+        bits = np.frombuffer(mm, dtype=np.uint16, count=count, offset=offset)
+        wide = np.left_shift(bits, 16, dtype=np.uint32)
+        del bits
+        out = wide.view(np.float32).astype(np.float64)
+    else:
+        view = np.frombuffer(mm, dtype={"F64": np.float64, "F32": np.float32, "F16": np.float16}[info.dtype], count=count, offset=offset)
+        out = view.astype(np.float64)
+        del view
+    return out.reshape(info.shape)
+
+
+def _check_finite(x: np.ndarray, info: TensorInfo, weights: Path) -> None:
+    # A float64 sum of values that were at most float32 cannot overflow: a finite sum proves every
+    # element finite. Only a non-finite sum (or a float64 source that overflowed) takes the exact test.
+    if not math.isfinite(float(x.sum())) and not np.isfinite(x).all():
+        raise InvalidAdapterError(f"{weights}: tensor {info.name!r} has NaN or infinite values; the training diverged or the file is corrupt")
+
+
+def renest_factors(a: np.ndarray, b: np.ndarray, scale: float, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Re-factor ``ΔW = scale·b·a`` (``a [r, in]``, ``b [out, r]``, float64) into its SVD order.
+
+    Returns ``(a', b', σ)``: ``a' [rank, in]`` and ``b' [out, rank]`` (float64) with
+    ``b'[:, :k]·a'[:k]`` the best rank-``k`` approximation of ``ΔW`` for every ``k ≤ rank``, and
+    ``σ``, all ``min(out, in, r)`` singular values of ``ΔW`` (descending, non-negative). See the
+    module docstring for the formulas, the zeroed components and the sign convention.
+    """
+    out_f, in_f = b.shape[0], a.shape[1]
+    r_b = np.linalg.qr(b, mode="r")      # [min(out, r), r]
+    r_a = np.linalg.qr(a.T, mode="r")    # [min(in, r), r]
+    u, sigma, vt = np.linalg.svd(scale * (r_b @ r_a.T), full_matrices=False)
+    p = sigma.shape[0]
+    keep = min(rank, p)
+    tol = sigma[0] * max(out_f, in_f) * np.finfo(np.float64).eps if p else 0.0
+    live = int(np.count_nonzero(sigma[:keep] > tol))
+    a_new = np.zeros((rank, in_f), dtype=np.float64)
+    b_new = np.zeros((out_f, rank), dtype=np.float64)
+    if live:
+        f = scale / np.sqrt(sigma[:live])
+        np.matmul(b, r_a.T @ (vt[:live].T * f), out=b_new[:, :live])
+        np.matmul((u[:, :live].T * f[:, None]) @ r_b, a, out=a_new[:live])
+        # Signs: the largest-|entry| of each column of b' (the first, on ties) is positive.
+        rows = np.argmax(np.abs(b_new[:, :live]), axis=0)
+        flip = b_new[rows, np.arange(live)] < 0
+        if flip.any():
+            b_new[:, :live][:, flip] *= -1.0
+            a_new[:live][flip] *= -1.0
+    return a_new, b_new, sigma
+
+
+_ROUNDING_TYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16}
+
+
+def _to_dtype(x: np.ndarray, dtype: str) -> np.ndarray:
+    """``x`` (float64) rounded to ``dtype``, as the raw little-endian element array; bfloat16 is
+    rounded from float32, to nearest even, as torch rounds float64 to bfloat16."""
+    if dtype != "BF16":
+        return x.astype(_ROUNDING_TYPES[dtype])
+    u = x.astype(np.float32).view(np.uint32)
+    carry = np.right_shift(u, 16)
+    np.bitwise_and(carry, 1, out=carry)
+    carry += np.uint32(0x7FFF)
+    u += carry
+    return np.right_shift(u, 16).astype(np.uint16)
+
+
+class _Cancelled(Exception):
+    """Another thread failed, or the user interrupted: stop."""
+
+
+def _renest_modules(
+    source: _Source,
+    mm: mmap.mmap,
+    writer: SafetensorsWriter,
+    rank: int,
+    dtype: str,
+    todo: "queue.SimpleQueue[int]",
+    sigmas: list[np.ndarray | None],
+    bad: list[tuple[int, InvalidAdapterError]],
+    stop: threading.Event,
+    report: Callable[[int], None],
+) -> None:
+    """One thread's work: take modules until none is left; read, check, factor, write each.
+
+    A module with NaN or infinity is recorded in ``bad`` and stops every thread at its next
+    module: the modules are handed out in file order, so every module before it is still checked,
+    and the smallest index in ``bad`` is the first bad module in the file."""
+    page = mmap.PAGESIZE
+    try:
+        while True:
+            if stop.is_set():
+                raise _Cancelled
+            try:
+                index = todo.get_nowait()
+            except queue.Empty:
+                return
+            m = source.modules[index]
+            a = _as_float64(mm, source.header, m.a)
+            b = _as_float64(mm, source.header, m.b)
+            try:
+                _check_finite(a, m.a, source.weights)
+                _check_finite(b, m.b, source.weights)
+            except InvalidAdapterError as e:
+                bad.append((index, e))  # list.append is atomic
+                stop.set()
+                return
+            a_new, b_new, sigma = renest_factors(a, b, m.scale, rank)
+            writer.write_at(2 * index, _to_dtype(a_new, dtype), _to_dtype(b_new, dtype))
+            sigmas[index] = sigma
+            # Drop this module's pages from the process (they stay in the page cache): memory
+            # stays flat in the adapter's size.
+            start = source.header.data_start + min(m.a.begin, m.b.begin)
+            end = source.header.data_start + max(m.a.end, m.b.end)
+            start, end = -(-start // page) * page, end // page * page
+            if end > start and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+                mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+            report(m.a.nbytes + m.b.nbytes)
+    except BaseException:
+        stop.set()
+        raise
+
+
+def _energy(sigmas: Sequence[np.ndarray], source_rank: int) -> list[float]:
+    """Share of ``Σ_m Σ_i σ_{m,i}²`` kept at each rank ``1…source_rank`` (summed in module order,
+    so the result does not depend on the thread count). An all-zero adapter keeps everything."""
+    kept = np.zeros(source_rank, dtype=np.float64)
+    for s in sigmas:
+        c = np.cumsum(s.astype(np.float64) ** 2)
+        kept[: c.shape[0]] += c
+        kept[c.shape[0]:] += c[-1] if c.shape[0] else 0.0
+    total = kept[-1]
+    if total <= 0:
+        return [1.0] * source_rank
+    return [float(x) for x in np.minimum(kept / total, 1.0)]
+
+
+def energy_rank(energy: Sequence[float], target: float) -> int:
+    """The smallest rank ``k`` (1-based) with ``energy[k-1] ≥ target`` (to 1e-12), else ``len(energy)``."""
+    for k, e in enumerate(energy, start=1):
+        if e >= target - 1e-12:
+            return k
+    return len(energy)
+
+
+def _check_options(max_rank: int | None, energy: float | None, dtype: str | None, workers: int | None) -> str | None:
+    if max_rank is not None and (isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1):
+        raise RankError(f"max rank must be a positive integer, got {max_rank!r}")
+    if energy is not None and (isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0 < energy <= 1):
+        raise ConfigError(f"energy must be a share in (0, 1], e.g. 0.9, got {energy!r}")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise ConfigError(f"workers must be a positive integer, got {workers!r}")
+    if dtype is None:
+        return None
+    if dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}: expected one of float32, bfloat16, float16, float64")
+    return DTYPES[dtype]
+
+
+def _output_peft_config(source: _Source, rank: int) -> dict[str, Any]:
+    cfg = source.peft_config
+    lora_alpha, rslora = peft_alpha_for(rank, "none", 1.0)
+    target = cfg.get("target_modules") or sorted({m.name.rsplit(".", 1)[-1] for m in source.modules})
+    out = build_peft_config(
+        r=rank,
+        lora_alpha=lora_alpha,
+        use_rslora=rslora,
+        target_modules=target,
+        fan_in_fan_out=bool(cfg.get("fan_in_fan_out", False)),
+        base_model=cfg.get("base_model_name_or_path"),
+        task_type=cfg.get("task_type"),
+    )
+    # Which modules PEFT adapts depends on these too; kept only when set, so the config stays minimal.
+    for key in ("exclude_modules", "layers_to_transform", "layers_pattern"):
+        if cfg.get(key) is not None:
+            out[key] = cfg[key]
+    return out
+
+
+def renest_adapter(
+    source: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    *,
+    max_rank: int | None = None,
+    energy: float | None = None,
+    dtype: str | None = None,
+    force: bool = False,
+    workers: int | None = None,
+    progress: Progress | None = None,
+) -> RenestResult:
+    """Re-nest the LoRA adapter folder ``source`` into the nested adapter ``output`` (method ``svd``).
+
+    ``source`` is any PEFT LoRA adapter in safetensors (``lora_alpha``/``use_rslora`` scaling,
+    ``rank_pattern`` and ``alpha_pattern``, ``fan_in_fan_out``; float32, bfloat16, float16 or
+    float64) or a nested adapter of ours of any method (its full-rank delta, as PEFT applies it).
+    No base model is needed. The rank-``k`` prefix of every module of the output is the best
+    rank-``k`` approximation of its ``ΔW`` (to float64 rounding, then one rounding to ``dtype``).
+
+    Args:
+        max_rank: keep only the first ``R`` components (default: the source's largest rank).
+        energy: a share in ``(0, 1]``: record in the output (and return) the smallest rank keeping
+            that share of ``Σ‖ΔW‖²_F``.
+        dtype: output dtype (``float32``, ``bfloat16``, ``float16``, ``float64``); default the source's.
+        force: replace an existing ``output``.
+        workers: threads sharing the modules (default: one per CPU, at most 8).
+        progress: ``progress(done, total)`` in source bytes.
+
+    The whole ``output`` folder appears at once when it is complete (written in a temporary
+    sibling, then renamed); memory holds a few modules at a time, whatever the adapter's size.
+
+    Raises:
+        InvalidAdapterError: the source is missing, pickle-only, not LoRA, DoRA, has a LoRA bias,
+            trained biases or ``modules_to_save``, shapes that disagree (with each other or with
+            ``r``/``rank_pattern``), non-finite weights, or mixed dtypes without ``dtype``.
+        RankError: ``max_rank`` is not in ``[1, r]``.
+        ConfigError: a bad ``energy``, ``dtype`` or ``workers``.
+        OutputExistsError: ``output`` exists and ``force`` is false.
+        InsufficientDiskError: not enough free disk for the output.
+    """
+    t0 = time.perf_counter()
+    out_dtype = _check_options(max_rank, energy, dtype, workers)
+    check_output_path(output, force)
+    src = _read_source(source)
+    out_dtype = out_dtype or src.dtype
+    if out_dtype is None:
+        found = sorted({t.dtype for m in src.modules for t in (m.a, m.b)})
+        raise InvalidAdapterError(f"{src.weights}: LoRA tensors mix dtypes {found}; choose the output dtype (--dtype)")
+    source_rank = src.rank
+    if max_rank is not None and max_rank > source_rank:
+        raise RankError(f"max rank {max_rank} is outside [1, {source_rank}] for adapter {str(src.path)!r} (its largest rank is {source_rank})")
+    rank = max_rank or source_rank
+    specs: list[tuple[str, str, tuple[int, ...]]] = []
+    for m in src.modules:
+        specs.append((m.a.name, out_dtype, (rank, m.in_features)))
+        specs.append((m.b.name, out_dtype, (m.out_features, rank)))
+    params = sum(rank * (m.in_features + m.out_features) for m in src.modules)
+    check_free_space(Path(output).absolute().parent, params * DTYPE_SIZES[out_dtype])
+
+    total = sum(m.a.nbytes + m.b.nbytes for m in src.modules)
+    lock = threading.Lock()
+    done = [0]
+
+    def report(nbytes: int) -> None:
+        with lock:
+            done[0] += nbytes
+            if progress is not None:
+                progress(done[0], total)
+
+    sigmas: list[np.ndarray | None] = [None] * len(src.modules)
+    todo: "queue.SimpleQueue[int]" = queue.SimpleQueue()
+    for i in range(len(src.modules)):
+        todo.put(i)
+    bad: list[tuple[int, InvalidAdapterError]] = []
+    stop = threading.Event()
+    threads = max(1, min(workers or worker_threads(_MAX_WORKERS), len(src.modules)))
+    with atomic_output_dir(output, force) as tmp:
+        with open(src.weights, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            with SafetensorsWriter(tmp / WEIGHTS_NAME, specs, {"format": "pt"}) as writer, blas_threads(1):
+                with ThreadPoolExecutor(max_workers=threads) as pool:
+                    futures = [pool.submit(_renest_modules, src, mm, writer, rank, out_dtype, todo, sigmas, bad, stop, report) for _ in range(threads)]
+                    try:
+                        wait(futures)
+                    finally:
+                        stop.set()  # on Ctrl-C the threads stop at their next module
+                errors = [e for e in (f.exception() for f in futures) if e is not None and not isinstance(e, _Cancelled)]
+                if errors:
+                    raise errors[0]
+                if bad:
+                    raise min(bad, key=lambda item: item[0])[1]  # the first bad module in file order
+            nbytes = writer.bytes_written
+        full = _energy([s for s in sigmas if s is not None], source_rank)
+        kept = full[:rank]
+        target = float(energy) if energy is not None else None
+        at = energy_rank(full, target) if target is not None else None
+        if at is not None and at > rank:
+            logger.warning("rank %d keeps %.4g of the energy, the share asked for; the output stops at rank %d (%.4g)", at, full[at - 1], rank, kept[-1])
+        extra: dict[str, Any] = {"base_model": src.peft_config.get("base_model_name_or_path"), "energy": kept}
+        if target is not None:
+            extra.update({"energy_target": target, "energy_rank": at})
+        extra["source"] = {**src.provenance, "dtype": src.dtype, "rank": source_rank}
+        config = MatryoshkaConfig("svd", rank, tuple(range(1, rank + 1)), "none", 1.0, extra=extra)
+        write_json(tmp / PEFT_CONFIG_NAME, _output_peft_config(src, rank))
+        write_json(tmp / CONFIG_NAME, config.to_dict())
+    logger.info("re-nested %d modules of %s at rank %d into %s", len(src.modules), src.path, rank, output)
+    return RenestResult(
+        path=Path(output), source=src.path, max_rank=rank, source_rank=source_rank, modules=len(src.modules), params=params,
+        bytes=nbytes, dtype=out_dtype, source_dtype=src.dtype or "mixed", energy=tuple(kept), energy_target=target,
+        energy_rank=at, seconds=time.perf_counter() - t0,
+    )
+
+
+__all__ = ["DTYPES", "RenestResult", "energy_rank", "pattern_key", "renest_adapter", "renest_factors"]
