@@ -489,8 +489,12 @@ class NestedAdapter:
                     pass  # the map is released with it
 
     def summary(self) -> dict[str, Any]:
-        """A JSON-able description: method, ranks, scaling, ``p``, targets, per-rank size."""
+        """A JSON-able description: method, ranks, scaling, ``p``, targets, per-rank size (and, for a
+        re-nested adapter, the share of ``Σ‖ΔW‖²`` each rank keeps)."""
         ranks = sorted(set(self.config.train_ranks) | {self.max_rank})
+        energy = self.config.extra.get("energy")  # re-nested adapters: share of Σ‖ΔW‖² kept per rank
+        if not (isinstance(energy, list) and len(energy) == self.max_rank):
+            energy = None
         return {
             "path": str(self.path),
             "nested": self.is_nested,
@@ -505,7 +509,8 @@ class NestedAdapter:
             "base_model": self.base_model,
             "target_modules": self.target_modules(),
             "ranks": [
-                {"rank": k, "scale": self.scale(k), "params": self.params_at(k), "bytes": self.bytes_at(k)} for k in ranks
+                {"rank": k, "scale": self.scale(k), "params": self.params_at(k), "bytes": self.bytes_at(k),
+                 **({"energy": energy[k - 1]} if energy else {})} for k in ranks
             ],
         }
 

@@ -13,7 +13,7 @@ from ._options import echo_json, echo_table, json_option
 @json_option
 @handle_errors
 def inspect(adapter: str, as_json: bool) -> None:
-    """Show a nested ADAPTER's method, ranks, scaling, p, targets and per-rank size.
+    """Show a nested ADAPTER's method, ranks, scaling, p, targets and per-rank size (and energy).
 
     \b
     Example:
@@ -26,7 +26,7 @@ def inspect(adapter: str, as_json: bool) -> None:
         echo_json(info)
         return
     p = info["p"]
-    p_text = "sampled per step" if p is None else ", ".join(f"{x:.4g}" for x in p[:16]) + (f", … ({len(p)} values)" if len(p) > 16 else "")
+    p_text = "none (re-nested: the scale is in lora_B)" if info["method"] == "svd" else "sampled per step" if p is None else ", ".join(f"{x:.4g}" for x in p[:16]) + (f", … ({len(p)} values)" if len(p) > 16 else "")
     for label, value in (
         ("adapter", info["path"]),
         ("kind", "nested (MatryoshkaLoRA format)" if info["nested"] else "plain PEFT LoRA"),
@@ -41,4 +41,9 @@ def inspect(adapter: str, as_json: bool) -> None:
     ):
         click.echo(f"{label:>12}: {value}")
     click.echo()
-    echo_table(["rank", "scale", "params", "bytes"], [[r["rank"], f"{r['scale']:.6g}", r["params"], r["bytes"]] for r in info["ranks"]])
+    rows = info["ranks"]
+    if rows and "energy" in rows[0]:  # re-nested: the share of the sum of ||ΔW||² each rank keeps
+        echo_table(["rank", "scale", "params", "bytes", "energy"],
+                   [[r["rank"], f"{r['scale']:.6g}", r["params"], r["bytes"], f"{r['energy']:.6f}"] for r in rows])
+        return
+    echo_table(["rank", "scale", "params", "bytes"], [[r["rank"], f"{r['scale']:.6g}", r["params"], r["bytes"]] for r in rows])

@@ -9,7 +9,7 @@ import warnings
 import click
 
 from .. import __version__
-from . import demo_cmd, eval_cmd, hub_cmd, inspect_cmd, merge_cmd, onnx_cmd, slice_cmd, train_cmd
+from . import demo_cmd, eval_cmd, hub_cmd, inspect_cmd, merge_cmd, onnx_cmd, renest_cmd, slice_cmd, train_cmd
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -59,6 +59,7 @@ class _EchoHandler(logging.Handler):
 
 main.add_command(inspect_cmd.inspect)
 main.add_command(slice_cmd.slice_)
+main.add_command(renest_cmd.renest)
 main.add_command(merge_cmd.merge)
 main.add_command(hub_cmd.bundle)
 main.add_command(hub_cmd.push_hub)
