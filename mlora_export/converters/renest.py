@@ -596,7 +596,10 @@ def renest_adapter(
         target = float(energy) if energy is not None else None
         at = energy_rank(full, target) if target is not None else None
         if at is not None and at > rank:
-            logger.warning("rank %d keeps %.4g of the energy, the share asked for; the output stops at rank %d (%.4g)", at, full[at - 1], rank, kept[-1])
+            logger.warning(
+                "the smallest rank keeping %g of the energy is %d (%.4g), above the output's max rank %d (which keeps %.4g)",
+                target, at, full[at - 1], rank, kept[-1],
+            )
         extra: dict[str, Any] = {"base_model": src.peft_config.get("base_model_name_or_path"), "energy": kept}
         if target is not None:
             extra.update({"energy_target": target, "energy_rank": at})
