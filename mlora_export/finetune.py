@@ -28,6 +28,7 @@ from .adapter import MatryoshkaConfig
 from .base_model import DTYPES, check_base_model_dir, load_base_model, load_tokenizer
 from .errors import ConfigError, ExportError
 from .fs import check_output_path
+from .method import check_method
 
 logger = logging.getLogger(__name__)
 
@@ -40,9 +41,11 @@ class TrainSettings:
 
     ``max_rank`` defaults to ``max(train_ranks)``; ``max_steps`` (when set) overrides ``epochs``.
     ``batch_size`` is per process: the global batch is ``batch_size × grad_accum × processes``.
+    ``rank_weights`` (``nested-loss`` only): one weight per train rank for the per-example rank
+    assignment (default uniform).
     """
 
-    method: str = "matryoshka"
+    method: str = "nested-loss"
     train_ranks: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
     max_rank: int | None = None
     scaling: str = "sqrt"
@@ -60,6 +63,7 @@ class TrainSettings:
     lr_scheduler: str = "linear"
     max_grad_norm: float = 1.0
     dropout: float = 0.0
+    rank_weights: tuple[float, ...] | None = None
     dtype: str = "float32"
     gradient_checkpointing: bool = False
     logging_steps: int = 10
@@ -73,7 +77,9 @@ class TrainSettings:
         """
         r = self.max_rank if self.max_rank is not None else (max(self.train_ranks) if self.train_ranks else 0)
         extra = {"base_model": base_model} if base_model else {}
-        return MatryoshkaConfig(self.method, r, tuple(self.train_ranks), self.scaling, self.alpha, extra)
+        check_method(self.method, trainable=True)
+        weights = tuple(self.rank_weights) if self.rank_weights is not None else None
+        return MatryoshkaConfig(self.method, r, tuple(self.train_ranks), self.scaling, self.alpha, extra, rank_weights=weights)
 
     def validate(self) -> MatryoshkaConfig:
         """Check every setting before any I/O; return the adapter config.

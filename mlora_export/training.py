@@ -5,7 +5,11 @@ quantised base layers (QLoRA), gradient checkpointing and ``save_pretrained`` ke
 addition is a forward hook on every ``lora_A`` that multiplies ``A·x`` by a diagonal ``d`` before
 ``B``, with PEFT's own scaling held at 1, so a layer computes ``W x + B · diag(d) · A x``:
 
-- ``matryoshka``: ``d = p``, ``p_i = Σ_{t ∈ T, t ≥ i} s(t)`` (trains every nested rank at once);
+- ``nested-loss``: one diagonal per example, ``d_j = s(t_j)`` on the first ``t_j`` components, with
+  the ranks ``t_j`` of each optimisation step stratified over ``T`` (every rank trained exactly as
+  it is served; :func:`~mlora_export.method.example_ranks`);
+- ``matryoshka``: ``d = p``, ``p_i = Σ_{t ∈ T, t ≥ i} s(t)`` (the paper's one pass: its forward is
+  the *sum* of the nested deltas, not any single rank);
 - ``lora``: ``d = s(r)·1`` (plain LoRA);
 - ``dylora``: ``d_i = s(b)`` for ``i ≤ b``, 0 above, ``b ∈ T`` resampled every optimisation step;
 - inference at rank ``k`` (:meth:`NestedLoraModel.set_rank`): ``d_i = s(k)`` for ``i ≤ k``, 0 above,
@@ -20,7 +24,7 @@ step at the start of each optimisation step. In a plain PyTorch loop call
 ``nested.train_diagonal(step)`` yourself before the forward passes of each optimisation step (once
 per step, not per micro-batch, when accumulating gradients)::
 
-    nested = add_nested_adapter(model, MatryoshkaConfig("matryoshka", 32, (1, 2, 4, 8, 16, 32)))
+    nested = add_nested_adapter(model, MatryoshkaConfig("nested-loss", 32, (1, 2, 4, 8, 16, 32)))
     opt = torch.optim.AdamW([p for p in nested.model.parameters() if p.requires_grad], lr=1e-3)
     for step, batch in enumerate(loader):
         nested.train_diagonal(step)
@@ -35,8 +39,10 @@ During training the model computes ``B · diag(d) · A`` with the *training* dia
 ``merge_and_unload`` read the weights, not the hook: call :meth:`NestedLoraModel.remove` first (it
 hands back a plain PEFT adapter at rank ``r`` and ``s(r)``), or merge a slice on disk.
 
-Under ``torchrun``/``accelerate launch`` (DDP) nothing changes: the diagonal depends on the step
-only, so every process uses the same one; save from the main process only.
+Under ``torchrun``/``accelerate launch`` (DDP) nothing changes: DyLoRA's diagonal depends on the
+step only, and ``nested-loss``'s per-example ranks on ``(seed, step, global position)`` only, so a
+distributed run trains what one process with the same global batch would; save from the main
+process only.
 """
 
 from __future__ import annotations
@@ -54,7 +60,7 @@ from typing import TYPE_CHECKING, Any
 from .adapter import MatryoshkaConfig, NestedAdapter, save_nested
 from .errors import ConfigError, RankError
 from .fs import atomic_output_dir
-from .method import training_diagonal
+from .method import PER_EXAMPLE_METHODS, check_method, example_ranks, rank_diagonal, training_diagonal
 
 if TYPE_CHECKING:
     import torch
@@ -74,12 +80,42 @@ _PASS_LORA_KEYS = frozenset({"exclude_modules", "layers_to_transform", "layers_p
 
 
 def _diag_hook(module: Any, args: Any, output: "torch.Tensor") -> "torch.Tensor":
-    """Forward hook of a ``lora_A``: ``A·x ↦ d ⊙ (A·x)`` (``d`` broadcast over the last dim, length ``r``)."""
-    return output * getattr(module, _BUFFER).to(output.dtype)
+    """Forward hook of a ``lora_A``: ``A·x ↦ d ⊙ (A·x)``.
+
+    ``d`` is ``[r]`` (one diagonal for the batch, broadcast over every leading dim) or
+    ``[batch, 1, r]`` (``nested-loss``: one per example, broadcast over the sequence).
+    """
+    d = getattr(module, _BUFFER)
+    if d.dim() == 3 and (output.dim() != 3 or output.shape[0] != d.shape[0]):
+        raise ConfigError(
+            f"per-example diagonals need LoRA inputs shaped [batch, seq, features] with batch {d.shape[0]}; "
+            f"this layer got {list(output.shape[:-1])} (a model that flattens the batch cannot train nested-loss)"
+        )
+    return output * d.to(output.dtype)
 
 
 def _has_diag_hook(module: Any) -> bool:
     return any(fn is _diag_hook for fn in module._forward_hooks.values())
+
+
+def _batch_size(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+    """The batch size of a transformers model call (``input_ids`` or ``inputs_embeds``)."""
+    for key in ("input_ids", "inputs_embeds"):
+        value = kwargs.get(key)
+        if value is not None:
+            return int(value.shape[0])
+    if args and hasattr(args[0], "shape"):
+        return int(args[0].shape[0])
+    return None
+
+
+def _process_layout() -> tuple[int, int]:
+    """``(process index, number of processes)`` of the running ``torch.distributed`` job, else ``(0, 1)``."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 class NestedLoraModel:
@@ -100,8 +136,14 @@ class NestedLoraModel:
         self.adapter_name = adapter_name
         self.seed = seed
         self.sampled_rank: int | None = None
+        #: ``nested-loss``: the train rank of each example of the last training forward on this process.
+        self.last_example_ranks: list[int] = []
         self.module_names: list[str] = []
         self._layers: list[Any] = []
+        self._step = 0
+        self._seen = 0  # examples this process has run in the current optimisation step
+        self._per_example = False
+        self._layout: tuple[int, int] | None = None
         r = config.max_rank
         prefix = "base_model.model."
         for name, layer in model.named_modules():
@@ -124,7 +166,11 @@ class NestedLoraModel:
         # PEFT's save_pretrained (Trainer checkpoints, trainer.save_model) writes an adapter that loads right.
         peft_cfg = model.peft_config[adapter_name]
         peft_cfg.lora_alpha, peft_cfg.use_rslora = peft_alpha_for(r, config.scaling, config.alpha)
-        self.train_diagonal(step=0)
+        self._pre_hook = model.get_base_model().register_forward_pre_hook(self._before_forward, with_kwargs=True)
+        if config.method == "svd":
+            self.set_rank(r)
+        else:
+            self.train_diagonal(step=0)
 
     # -- diagonals ------------------------------------------------------------------------
     def _lora_a_modules(self) -> list[Any]:
@@ -133,7 +179,9 @@ class NestedLoraModel:
         return [layer.lora_A[self.adapter_name] for layer in self._layers]
 
     def set_diagonal(self, values: Sequence[float] | "torch.Tensor") -> None:
-        """Set ``d`` in every layer (length ``r``); a no-op when that ``d`` is already installed.
+        """Set one ``d`` (length ``r``) in every layer for every example; a no-op when it is already installed.
+
+        Ends the per-example mode of ``nested-loss`` until the next :meth:`train_diagonal`.
 
         Raises:
             RankError: ``values`` does not have length ``r``.
@@ -143,9 +191,15 @@ class NestedLoraModel:
         d = torch.as_tensor(values, dtype=torch.float32).detach().cpu()
         if d.shape != (self.config.max_rank,):
             raise RankError(f"diagonal has shape {list(d.shape)}, expected [{self.config.max_rank}]")
-        key = tuple(d.tolist())
+        self._per_example = False
+        self._install(d, tuple(d.tolist()))
+
+    def _install(self, d: "torch.Tensor", key: tuple[Any, ...] | None) -> None:
+        """Put ``d`` (``[r]`` or ``[batch, 1, r]``) in every layer's buffer; ``key`` skips a re-install."""
+        import torch
+
         mods = self._lora_a_modules()
-        if all(getattr(m, _KEY, None) == key for m in mods):
+        if key is not None and all(getattr(m, _KEY, None) == key for m in mods):
             return
         on_device: dict[tuple[Any, Any], torch.Tensor] = {}
         with torch.no_grad():
@@ -154,7 +208,10 @@ class NestedLoraModel:
                 src = on_device.get((buf.device, buf.dtype))
                 if src is None:
                     src = on_device[(buf.device, buf.dtype)] = d.to(buf.device, buf.dtype)
-                buf.copy_(src)
+                if buf.shape == src.shape:
+                    buf.copy_(src)
+                else:  # [r] <-> [batch, 1, r]: one tensor per device, shared by every layer
+                    mod._buffers[_BUFFER] = src
                 setattr(mod, _KEY, key)
 
     def sample_rank(self, step: int) -> int:
@@ -162,22 +219,63 @@ class NestedLoraModel:
         only, so every process of a distributed run draws the same ``b``."""
         return random.Random(self.seed * 1_000_003 + step).choice(self.config.train_ranks)
 
-    def train_diagonal(self, step: int = 0) -> list[float]:
-        """Install the method's training diagonal for optimisation step ``step``; return it."""
+    def train_diagonal(self, step: int = 0, *, process_index: int | None = None, num_processes: int | None = None) -> list[float] | None:
+        """Install the method's training diagonal for optimisation step ``step``; return it.
+
+        Call it once per optimisation step, before that step's forward passes (all its
+        micro-batches). ``nested-loss`` returns ``None``: from here on every training forward
+        assigns each example its rank (:func:`~mlora_export.method.example_ranks`) by its global
+        position in the step, ``seen·W + process_index·batch + j``, where ``seen`` counts the
+        examples this process ran since this call and ``W`` is the number of processes
+        (``process_index``/``num_processes``, default: from ``torch.distributed`` when it is
+        initialised). This matches the order in which a ``Trainer``/``accelerate`` data loader
+        shards a global batch, so a distributed run trains the ranks one process would.
+
+        Raises:
+            ConfigError: the method is not trained (``svd``).
+        """
         c = self.config
+        if c.method in PER_EXAMPLE_METHODS:
+            self._step, self._seen, self._per_example = step, 0, True
+            self._layout = None if process_index is None and num_processes is None else (process_index or 0, num_processes or 1)
+            self.sampled_rank = None
+            return None
         b = self.sample_rank(step) if c.method == "dylora" else None
         self.sampled_rank = b
         d = training_diagonal(c.method, c.max_rank, c.train_ranks, c.scaling, c.alpha, sampled_rank=b)
         self.set_diagonal(d)
         return d
 
+    def example_diagonals(self, ranks: Sequence[int]) -> "torch.Tensor":
+        """``[len(ranks), 1, r]``: row ``j`` is rank ``ranks[j]``'s inference diagonal (``s(t)`` on the first ``t``)."""
+        import torch
+
+        r = self.config.max_rank
+        return torch.tensor([rank_diagonal(r, t, self.config.scaling, self.config.alpha) for t in ranks], dtype=torch.float32).view(len(ranks), 1, r)
+
+    def _before_forward(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Forward pre-hook of the transformers model: in ``nested-loss`` training, give each example its rank."""
+        if not self._per_example:
+            return
+        if not module.training:  # evaluation inside a training run: the full rank r, as saved
+            self._install(self.example_diagonals([self.config.max_rank])[0, 0], ("eval-r",))
+            return
+        n = _batch_size(args, kwargs)
+        if n is None:
+            raise ConfigError("nested-loss needs input_ids or inputs_embeds to know the batch size of each forward")
+        index, world = self._layout or _process_layout()
+        start = self._seen * world + index * n
+        ranks = example_ranks(self.config.train_ranks, range(start, start + n), seed=self.seed, step=self._step, weights=self.config.rank_weights)
+        self._seen += n
+        self.last_example_ranks = ranks
+        self._install(self.example_diagonals(ranks), None)
+
     def set_rank(self, k: int) -> None:
         """Run as the rank-``k`` adapter (``ΔW_k = s(k)·B[:, :k]·A[:k, :]``), in place; ``k = 0`` disables it."""
         r = self.config.max_rank
         if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= r:
             raise RankError(f"rank {k!r} is outside [0, {r}]")
-        s = self.config.scale(k) if k else 0.0
-        self.set_diagonal([s] * k + [0.0] * (r - k))
+        self.set_diagonal(rank_diagonal(r, k, self.config.scaling, self.config.alpha))
 
     # -- saving ---------------------------------------------------------------------------
     def factors(self) -> dict[str, tuple["torch.Tensor", "torch.Tensor"]]:
@@ -237,6 +335,8 @@ class NestedLoraModel:
         of the saved folder computes), so PEFT's ``merge_and_unload`` is right afterwards.
         """
         s_r = self.config.scale(self.config.max_rank)
+        self._per_example = False
+        self._pre_hook.remove()
         for layer in self._layers:
             mod = layer.lora_A[self.adapter_name]
             for hook_id, fn in list(mod._forward_hooks.items()):
@@ -298,6 +398,7 @@ def add_nested_adapter(
     from peft import LoraConfig, get_peft_model
     from transformers.pytorch_utils import Conv1D
 
+    check_method(config.method, trainable=True)
     targets: str | list[str] = target_modules if isinstance(target_modules, str) else list(target_modules)
     if not targets:
         raise ConfigError("no target modules given: use 'all-linear' or module names like q_proj,v_proj")
@@ -389,6 +490,8 @@ def load_nested_adapter(
     from peft import PeftModel
 
     nested = adapter if isinstance(adapter, NestedAdapter) else NestedAdapter.load(adapter)
+    if is_trainable:
+        check_method(nested.config.method, trainable=True)
     with _quiet_peft():
         peft_model = PeftModel.from_pretrained(model, str(nested.path), adapter_name=adapter_name, is_trainable=is_trainable)
     handle = NestedLoraModel(peft_model, nested.config, adapter_name=adapter_name, seed=seed)

@@ -67,6 +67,12 @@ def test_train_cli_writes_a_nested_adapter(base: Path, data: Path, tmp_path: Pat
     res = _run(_args(base, data, out, "--force", "--method", "lora"))
     assert res.exit_code == 0, res.output
     assert "wrote" in res.stdout and NestedAdapter.load(out).config.method == "lora"
+    # the default method is nested-loss; --rank-weights is recorded, normalised
+    res = _run(_args(base, data, out, "--force", "--rank-weights", "1,1,2", "--json"))
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["method"] == "nested-loss"
+    cfg = NestedAdapter.load(out).config
+    assert cfg.method == "nested-loss" and cfg.rank_weights == pytest.approx((0.25, 0.25, 0.5))
 
 
 def _bad_json(tmp: Path) -> Path:
@@ -108,6 +114,11 @@ def _bin_only(tmp: Path) -> Path:
         ("too-short", "no example keeps a completion token within max length 4"),
         ("target-nothing", "match no Linear or Conv1D layer"),
         ("target-embedding", "not nn.Linear or Conv1D: model.embed_tokens (Embedding)"),
+        ("weights-count", "2 rank weights for 3 train ranks"),
+        ("weights-text", "'1,x,1' is not a comma-separated list of numbers"),
+        ("weights-negative", "rank weight -1.0 is not a finite non-negative number"),
+        ("weights-other-method", "rank weights apply to method 'nested-loss' only"),
+        ("svd-method", "'svd' is not one of"),
     ],
 )
 def test_train_cli_bad_input_exit_2_nothing_written(case: str, expect: str, base: Path, data: Path, tmp_path: Path) -> None:
@@ -147,11 +158,21 @@ def test_train_cli_bad_input_exit_2_nothing_written(case: str, expect: str, base
         args += ["--target-modules", "nothing"]
     elif case == "target-embedding":
         args += ["--target-modules", "embed_tokens,q_proj"]
+    elif case == "weights-count":
+        args += ["--rank-weights", "1,2"]
+    elif case == "weights-text":
+        args += ["--rank-weights", "1,x,1"]
+    elif case == "weights-negative":
+        args += ["--rank-weights", "1,-1,1"]
+    elif case == "weights-other-method":
+        args += ["--rank-weights", "1,1,1", "--method", "dylora"]
+    elif case == "svd-method":
+        args += ["--method", "svd"]
     res = _run(args + extra)
     assert res.exit_code == 2, res.output
     assert expect in res.stderr, res.stderr
     assert "Traceback" not in res.output
-    if not case.startswith(("rank-zero", "unknown")):  # click usage errors print usage + one error line
+    if not case.startswith(("rank-zero", "unknown", "weights-text", "svd")):  # click usage errors print usage + one error line
         assert res.stderr.count("\n") == 1 and res.stderr.startswith("error:"), res.stderr  # one line, no bars
     assert res.stdout == ""
     _nothing_written(tmp_path, out)

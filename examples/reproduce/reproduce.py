@@ -1,25 +1,39 @@
 #!/usr/bin/env python
-"""Reproduce the paper's claim in miniature: one MatryoshkaLoRA run vs a grid of LoRA runs vs DyLoRA.
+"""Reproduction v2: one nested run vs a grid of LoRA runs, with one fair learning-rate search for every method.
 
 1. **Pre-train** a small Llama-style causal LM (character tokenizer, :mod:`mlora_export.tiny`) from
    scratch on a synthetic language of three string operations on the 52 ASCII letters, each marked by
-   its operator: copy ``abc=abc``, reverse ``abc<cba`` and shift ``abc+bcd``. The base is checked on
-   held-out strings of each operation (exact match), so it demonstrably learned something.
-2. **Fine-tune** on a *different* task: a fixed random substitution cipher (a derangement ``π`` of
-   the 52 letters) written with the copy operator, ``abc=π(a)π(b)π(c)``. The base scores 0 on it
-   (it copies), and the adapter must re-map 52 letter identities, which takes rank.
-3. Train, with the **same** steps, learning rate, batch size, scaling, seed and data (the same
-   sequence of batches), in a plain PyTorch loop through :func:`mlora_export.training.add_nested_adapter`:
-   a grid of plain LoRA adapters, one run per rank in ``GRID``; one DyLoRA run at ``r = max(GRID)``
-   with train ranks ``GRID``; one MatryoshkaLoRA run, same setting.
-4. **Evaluate** every rank with :func:`mlora_export.evaluation.evaluate` (exact-match, greedy
-   decoding, held-out strings never seen in training), for several seeds; write ``report.md``
-   (per-rank accuracy, AURAC v1/v2, training wall-clock, mean ± standard deviation over seeds),
-   ``summary.json`` and ``rank_curve.png``.
+   its operator: copy ``abc=abc``, reverse ``abc<cba`` and shift ``abc+bcd``.
+2. **Two fine-tuning regimes**, both written with the copy operator ``w=f(w)``:
 
-Nothing is tuned per method: one setting for all (``Settings``). Run ``--smoke`` for a 1-minute check.
+   - ``cipher`` (a large shift): ``f`` is a fixed derangement of all 52 letters. The base scores 0%.
+   - ``skill`` (a small perturbation, closer to a GSM8K-style fine-tune): the pre-training language
+     has a fourth, rare operation ``w~g(w)`` (``g`` another fixed derangement, in ``skill_fraction``
+     of the pre-training strings), so the base half-knows it before fine-tuning, and the adapter
+     refines a skill that is already there.
 
-    python examples/reproduce/reproduce.py --output ./repro --threads 1   # the full run (~4-6 min on 2 shared CPU cores)
+3. **Methods**, each trained in a plain PyTorch loop over :func:`mlora_export.training.add_nested_adapter`
+   with the same steps, batch size, batch sequence (a function of the seed), warm-up and linear
+   decay, scaling, alpha and targets:
+
+   - ``lora``: the grid, one plain LoRA run per rank in ``grid``;
+   - ``dylora``, ``matryoshka`` (the paper's one-pass diagonal), ``nested-loss``: one run at
+     ``r = max(grid)`` with train ranks ``grid``;
+   - ``nested-loss-2x``: the same at twice the steps;
+   - ``svd``: the grid's rank-``max(grid)`` run re-nested by SVD (:func:`mlora_export.renest_adapter`),
+     "train one LoRA, serve any rank"; it costs one grid run.
+
+4. **One search for all**: every method is trained at every learning rate of ``lrs`` for every seed.
+   Each method's learning rate is the one with the best mean *validation* AURAC v2 over the seeds
+   (the grid: each rank's learning rate by its mean validation exact match); the report gives the
+   *test* split at those choices, mean ± standard deviation over the seeds.
+
+Evaluation is greedy exact match (:func:`mlora_export.evaluation.score_model`) at every rank, the
+rank switched in place (exactly what the rank's PEFT slice computes). Writes ``report.md``,
+``summary.json`` and ``rank_curve.png``; every job's raw numbers are kept in ``jobs/`` (a rerun
+with the same ``--output`` and without ``--force`` reuses them).
+
+    python examples/reproduce/reproduce.py --output ./repro --workers 2     # the full run (~1 h on 2 cores)
     python examples/reproduce/reproduce.py --output ./repro-smoke --smoke
 """
 
@@ -29,11 +43,13 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import random
 import shutil
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +58,18 @@ logger = logging.getLogger("reproduce")
 
 LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"  # the synthetic language's symbols
 OPS = {"=": "copy", "<": "reverse", "+": "shift"}
-METHOD_LABELS = {"lora": "LoRA grid (one run per rank)", "dylora": "DyLoRA (one run)", "matryoshka": "MatryoshkaLoRA (one run)"}
+#: method key → label, in report order
+METHOD_LABELS = {
+    "lora": "LoRA grid (one run per rank)",
+    "dylora": "DyLoRA (one run)",
+    "matryoshka": "MatryoshkaLoRA, paper (one run)",
+    "nested-loss": "nested-loss (one run)",
+    "nested-loss-2x": "nested-loss, 2x steps (one run)",
+    "svd": "LoRA r=max, re-nested by SVD (one run)",
+}
+NESTED = ("dylora", "matryoshka", "nested-loss", "nested-loss-2x")
+REGIME_LABELS = {"cipher": "cipher (large shift; base 0%)", "skill": "half-learned skill (small perturbation)"}
+SKILL_OP = "~"  # the rare fourth operation of the pre-training language (the ``skill`` regime)
 
 
 @dataclass(frozen=True)
@@ -51,6 +78,10 @@ class Settings:
 
     grid: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
     seeds: tuple[int, ...] = (0, 1, 2)
+    lrs: tuple[float, ...] = (2e-3, 4e-3, 8e-3, 1.6e-2)
+    regimes: tuple[str, ...] = ("cipher", "skill")
+    #: share of the pre-training strings that use the rare fourth operation ``~``
+    skill_fraction: float = 0.08
     # base model (tiny.TINY_SHAPE overrides) and its pre-training
     hidden_size: int = 128
     intermediate_size: int = 256
@@ -61,10 +92,11 @@ class Settings:
     pretrain_lr: float = 3e-3
     # fine-tuning (identical for every method)
     train_examples: int = 4000
-    eval_examples: int = 300
+    val_examples: int = 300
+    test_examples: int = 300
     steps: int = 300
     batch_size: int = 32
-    lr: float = 2e-3
+    warmup_fraction: float = 0.1
     scaling: str = "sqrt"
     alpha: float = 2.0
     #: the attention and MLP output projections of every layer (see README "Choices, stated once")
@@ -72,28 +104,31 @@ class Settings:
     min_len: int = 4
     max_len: int = 8
     eval_batch_size: int = 100
-    threads: int = 2
+    workers: int = 2
 
     @classmethod
     def smoke(cls) -> "Settings":
         return cls(
-            grid=(1, 2, 4), seeds=(0,), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            pretrain_steps=25, pretrain_batch=16, train_examples=100, eval_examples=16, steps=8, batch_size=8,
-            min_len=3, max_len=5, threads=1,
+            grid=(1, 2, 4), seeds=(0,), lrs=(2e-3, 8e-3), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            pretrain_steps=25, pretrain_batch=16, train_examples=100, val_examples=16, test_examples=16, steps=8,
+            batch_size=8, min_len=3, max_len=5, workers=1,
         )
 
 
-# -- synthetic language and task ---------------------------------------------------------------
+# -- synthetic language and tasks ---------------------------------------------------------------
 def _op(op: str, s: str) -> str:
     if op == "=":
         return s
     if op == "<":
         return s[::-1]
+    if op == SKILL_OP:
+        table = cipher(seed=777)
+        return "".join(table[c] for c in s)
     return "".join(LETTERS[(LETTERS.index(c) + 1) % len(LETTERS)] for c in s)
 
 
 def cipher(seed: int = 1234) -> dict[str, str]:
-    """A fixed derangement of the letters (no letter maps to itself), the fine-tuning task."""
+    """A fixed derangement of the letters (no letter maps to itself): the ``cipher`` regime."""
     rnd = random.Random(seed)
     while True:
         perm = list(LETTERS)
@@ -102,23 +137,35 @@ def cipher(seed: int = 1234) -> dict[str, str]:
             return dict(zip(LETTERS, perm))
 
 
+def task_op(regime: str) -> str:
+    """The operator a regime's records are written with."""
+    if regime == "cipher":
+        return "="
+    if regime == "skill":
+        return SKILL_OP
+    raise ValueError(f"unknown regime {regime!r}")
+
+
 def random_word(rnd: random.Random, cfg: Settings) -> str:
     return "".join(rnd.choice(LETTERS) for _ in range(rnd.randint(cfg.min_len, cfg.max_len)))
 
 
-def task_split(cfg: Settings, seed: int = 99) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
-    """Disjoint train / held-out ``{"prompt", "completion"}`` records of the cipher task (fixed for all seeds)."""
-    table = cipher()
+def task_splits(cfg: Settings, regime: str, seed: int = 99) -> dict[str, list[dict[str, str]]]:
+    """Disjoint train / validation / test ``{"prompt", "completion"}`` records (the same words for every seed and regime)."""
     rnd = random.Random(seed)
     words: list[str] = []
     seen: set[str] = set()
-    while len(words) < cfg.train_examples + cfg.eval_examples:
+    n = cfg.train_examples + cfg.val_examples + cfg.test_examples
+    while len(words) < n:
         w = random_word(rnd, cfg)
         if w not in seen:
             seen.add(w)
             words.append(w)
-    recs = [{"prompt": f"{w}=", "completion": "".join(table[c] for c in w)} for w in words]
-    return recs[: cfg.train_examples], recs[cfg.train_examples :]
+    op = task_op(regime)
+    table = cipher() if regime == "cipher" else None
+    recs = [{"prompt": f"{w}{op}", "completion": "".join(table[c] for c in w) if table else _op(op, w)} for w in words]
+    a, b = cfg.train_examples, cfg.train_examples + cfg.val_examples
+    return {"train": recs[:a], "val": recs[a:b], "test": recs[b:]}
 
 
 def write_jsonl(path: Path, records: list[dict[str, str]]) -> None:
@@ -129,7 +176,7 @@ def write_jsonl(path: Path, records: list[dict[str, str]]) -> None:
 
 # -- pre-training --------------------------------------------------------------------------------
 def pretrain(cfg: Settings, out: Path) -> dict[str, Any]:
-    """Pre-train the base on copy / reverse / shift strings; save it with its tokenizer; report held-out exact match."""
+    """Pre-train the base on copy / reverse / shift strings (and the rare ``~``); save it with its tokenizer."""
     import torch
     from transformers import LlamaForCausalLM
 
@@ -154,7 +201,7 @@ def pretrain(cfg: Settings, out: Path) -> dict[str, Any]:
     for step in range(cfg.pretrain_steps):
         texts = []
         for _ in range(cfg.pretrain_batch):
-            op = rnd.choice(list(OPS))
+            op = SKILL_OP if rnd.random() < cfg.skill_fraction else rnd.choice(list(OPS))
             w = random_word(rnd, cfg)
             texts.append(Example(text=f"{w}{op}{_op(op, w)}"))
         batch = collate(tokenize_examples(texts, tok, 64))
@@ -176,287 +223,382 @@ def pretrain(cfg: Settings, out: Path) -> dict[str, Any]:
 
 
 def base_skills(cfg: Settings, base: Path, work: Path) -> dict[str, float]:
-    """Held-out exact match of the pre-trained base on each pre-training operation and on the cipher task."""
-    from mlora_export.evaluation import greedy_completions, load_base_model, load_eval_data, load_tokenizer
+    """Held-out exact match of the pre-trained base on each pre-training operation and on each regime's test split."""
+    from mlora_export.base_model import load_base_model, load_tokenizer
+    from mlora_export.evaluation import load_eval_data, score_model
 
     tok = load_tokenizer(base)
     model = load_base_model(base, dtype="float32", device="cpu")
     rnd = random.Random(4242)
     out = {}
     for op, name in OPS.items():
-        recs = [{"prompt": f"{w}{op}", "completion": _op(op, w)} for w in (random_word(rnd, cfg) for _ in range(cfg.eval_examples))]
+        recs = [{"prompt": f"{w}{op}", "completion": _op(op, w)} for w in (random_word(rnd, cfg) for _ in range(cfg.test_examples))]
         path = work / f"base-{name}.jsonl"
         write_jsonl(path, recs)
-        data = load_eval_data(path, tok)
-        preds = greedy_completions(model, tok, data, batch_size=cfg.eval_batch_size)
-        out[name] = sum(p.strip() == r["completion"] for p, r in zip(preds, recs)) / len(recs)
+        out[name] = score_model(model, tok, load_eval_data(path, tok), metric="exact-match", batch_size=cfg.eval_batch_size).score
+    for regime in cfg.regimes:
+        data = load_eval_data(work / regime / "test.jsonl", tok)
+        out[f"{regime} (test)"] = score_model(model, tok, data, metric="exact-match", batch_size=cfg.eval_batch_size).score
     return out
 
 
-# -- fine-tuning -------------------------------------------------------------------------------
-def finetune(cfg: Settings, base: Path, train: list[dict[str, str]], method: str, r: int, seed: int, out: Path) -> float:
-    """Train one adapter (``method`` at max rank ``r``) and save it; return the training wall-clock in seconds.
+# -- one job: every method at one (regime, seed, lr) ---------------------------------------------
+def _schedule(cfg: Settings, steps: int):  # noqa: ANN202 - a LambdaLR factor
+    warm = max(1, round(cfg.warmup_fraction * steps))
 
-    Identical for every method: the same model, steps, lr, batch sequence (a function of ``seed``),
-    scaling and alpha. ``matryoshka``/``dylora`` train ranks are the grid ranks up to ``r``.
-    """
+    def factor(s: int) -> float:
+        return (s + 1) / warm if s < warm else max(0.0, (steps - s) / max(1, steps - warm))
+
+    return factor
+
+
+def _train(cfg: Settings, base: Path, items: list[Any], collate: Any, method: str, r: int, seed: int, lr: float, steps: int) -> tuple[Any, float]:
+    """Train one adapter in a plain loop; return the live handle and the training wall-clock."""
     import torch
 
     from mlora_export.adapter import MatryoshkaConfig
-    from mlora_export.data import CompletionCollator, Example, tokenize_examples
-    from mlora_export.evaluation import load_base_model, load_tokenizer
+    from mlora_export.base_model import load_base_model
     from mlora_export.training import add_nested_adapter
 
-    tok = load_tokenizer(base)
     model = load_base_model(base, dtype="float32", device="cpu")
-    items = tokenize_examples([Example(prompt=x["prompt"], completion=x["completion"]) for x in train], tok, 64)
-    collate = CompletionCollator(tok.pad_token_id)
     ranks = (r,) if method == "lora" else tuple(k for k in cfg.grid if k <= r)
     config = MatryoshkaConfig(method, r, ranks, cfg.scaling, cfg.alpha, extra={"base_model": str(base)})
     handle = add_nested_adapter(model, config, target_modules=list(cfg.target_modules), seed=seed)
     params = [p for p in handle.model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    order = random.Random(seed)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg, steps))
+    order = random.Random(seed)  # the same batches for every method and lr of a seed
     handle.model.train()
     t0 = time.perf_counter()
-    for step in range(cfg.steps):
+    for step in range(steps):
         batch = collate([items[order.randrange(len(items))] for _ in range(cfg.batch_size)])
         handle.train_diagonal(step)
         loss = handle.model(**batch).loss
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        sched.step()
         opt.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - t0
-    logger.info("%s r=%d seed=%d: %.1f s, last loss %.4f", method, r, seed, seconds, float(loss.detach()))
     handle.model.eval()
-    handle.save(out, force=True, extra={"train_seconds": seconds, "seed": seed, "steps": cfg.steps})
-    return seconds
+    return handle, seconds
 
 
-def training_forward_scores(cfg: Settings, output: Path) -> dict[str, Any]:
-    """Diagnostic, not a product rank: exact match of each seed's MatryoshkaLoRA run with the *training*
-    diagonal kept on the first ``k`` components (``d_i = p_i`` for ``i ≤ k``, 0 above) instead of the
-    inference rule ``d_i = s(k)`` of DESIGN.md §1. ``k = r`` is exactly the forward pass it was trained with."""
-    from mlora_export.evaluation import load_base_model, load_eval_data, load_tokenizer, score_model
+def run_job(cfg: Settings, output: Path, regime: str, seed: int, lr: float) -> dict[str, Any]:
+    """Train and score every method at one (regime, seed, lr); the result is also written to ``jobs/``."""
+    import torch
+
+    from mlora_export.base_model import load_base_model, load_tokenizer
+    from mlora_export.converters.renest import renest_adapter
+    from mlora_export.data import CompletionCollator, Example, tokenize_examples
+    from mlora_export.evaluation import load_eval_data, score_model
     from mlora_export.training import load_nested_adapter
 
+    path = output / "jobs" / f"{regime}-seed{seed}-lr{lr:g}.json"
+    if path.exists():
+        return json.loads(path.read_text(encoding="utf-8"))
+    torch.set_num_threads(1)
     base = output / "base"
     tok = load_tokenizer(base)
-    data = load_eval_data(output / "heldout.jsonl", tok)
-    per_seed = {}
-    for seed in cfg.seeds:
-        handle = load_nested_adapter(load_base_model(base, dtype="float32", device="cpu"), output / "runs" / f"seed{seed}" / "matryoshka")
-        p = handle.config.p or []
-        r = handle.config.max_rank
-        scores = {}
-        for k in cfg.grid:
-            handle.set_diagonal([p[i] if i < k else 0.0 for i in range(r)])
-            scores[k] = score_model(handle.model, tok, data, metric="exact-match", batch_size=cfg.eval_batch_size).score
-        per_seed[seed] = scores
-    return {"ranks": {k: _ms([per_seed[s][k] for s in cfg.seeds]) for k in cfg.grid}, "per_seed": per_seed}
+    data_dir = output / regime
+    train = [json.loads(line) for line in (data_dir / "train.jsonl").read_text(encoding="utf-8").splitlines()]
+    items = tokenize_examples([Example(prompt=x["prompt"], completion=x["completion"]) for x in train], tok, 64)
+    collate = CompletionCollator(tok.pad_token_id)
+    splits = {s: load_eval_data(data_dir / f"{s}.jsonl", tok) for s in ("val", "test")}
+
+    def score(model: Any) -> dict[str, float]:
+        return {s: score_model(model, tok, d, metric="exact-match", batch_size=cfg.eval_batch_size).score for s, d in splits.items()}
+
+    def curve(handle: Any, ranks: tuple[int, ...]) -> dict[str, dict[int, float]]:
+        out: dict[str, dict[int, float]] = {"val": {}, "test": {}}
+        for k in ranks:
+            handle.set_rank(k)
+            for s, v in score(handle.model).items():
+                out[s][k] = v
+        return out
+
+    r_max = max(cfg.grid)
+    runs: dict[str, Any] = {"lora": {}}
+    for k in cfg.grid:
+        handle, secs = _train(cfg, base, items, collate, "lora", k, seed, lr, cfg.steps)
+        runs["lora"][k] = {"seconds": secs, "steps": cfg.steps, **curve(handle, (k,))}
+        if k == r_max:  # the svd baseline: this very run, re-nested
+            work = output / "scratch" / f"{regime}-{seed}-{lr:g}"
+            handle.save(work / "lora", force=True)
+            t0 = time.perf_counter()
+            renest_adapter(work / "lora", work / "svd", force=True)
+            renest_s = time.perf_counter() - t0
+            svd = load_nested_adapter(load_base_model(base, dtype="float32", device="cpu"), work / "svd")
+            runs["svd"] = {"seconds": secs, "renest_seconds": renest_s, "steps": cfg.steps, **curve(svd, cfg.grid)}
+            shutil.rmtree(work, ignore_errors=True)
+    for name in NESTED:
+        method, steps = ("nested-loss", 2 * cfg.steps) if name == "nested-loss-2x" else (name, cfg.steps)
+        handle, secs = _train(cfg, base, items, collate, method, r_max, seed, lr, steps)
+        runs[name] = {"seconds": secs, "steps": steps, **curve(handle, cfg.grid)}
+        if method == "matryoshka":  # diagnostic, not a product rank: the forward it was trained with
+            handle.set_diagonal(handle.config.p)
+            runs[name]["training_diagonal"] = score(handle.model)
+    result = {"regime": regime, "seed": seed, "lr": lr, "runs": runs}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1), encoding="utf-8")
+    tmp.replace(path)
+    logger.info("%s seed %d lr %g: %s", regime, seed, lr,
+                {m: [round(v * 100) for v in run["test"].values()] for m, run in runs.items() if m != "lora"})
+    return result
 
 
-def finish(cfg: Settings, output: Path, summary: dict[str, Any]) -> dict[str, Any]:
-    """Add the diagnostic, then write ``summary.json``, ``report.md`` and ``rank_curve.png``."""
-    summary["diagnostic_matryoshka_training_diagonal"] = training_forward_scores(cfg, output)
+# -- selection on validation, report on test -----------------------------------------------------
+def _ms(values: list[float]) -> dict[str, float]:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values)}
+
+
+def _k(d: dict[Any, Any], k: int) -> Any:
+    return d[k] if k in d else d[str(k)]
+
+
+def summarise(cfg: Settings, jobs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Choose each method's lr on validation (grid: per rank), report test at the choice; compute costs."""
+    from mlora_export.method import aurac
+
+    by: dict[tuple[str, int, float], dict[str, Any]] = {(j["regime"], j["seed"], j["lr"]): j["runs"] for j in jobs}
+    grid = list(cfg.grid)
+    regimes: dict[str, Any] = {}
+    for regime in cfg.regimes:
+        methods: dict[str, Any] = {}
+        # the grid: each rank's lr by its mean validation exact match
+        lr_of = {k: max(cfg.lrs, key=lambda lr: statistics.fmean(_k(_k(by[(regime, s, lr)]["lora"], k)["val"], k) for s in cfg.seeds)) for k in grid}
+        per_seed = {s: [_k(_k(by[(regime, s, lr_of[k])]["lora"], k)["test"], k) for k in grid] for s in cfg.seeds}
+        val_search = {f"{lr:g}": {k: statistics.fmean(_k(_k(by[(regime, s, lr)]["lora"], k)["val"], k) for s in cfg.seeds) for k in grid} for lr in cfg.lrs}
+        methods["lora"] = _entry(cfg, per_seed, aurac, lr={k: lr_of[k] for k in grid}, val_search=val_search,
+                                 seconds=_ms([sum(_k(by[(regime, s, lr_of[k])]["lora"], k)["seconds"] for k in grid) for s in cfg.seeds]),
+                                 steps=sum(_k(by[(regime, cfg.seeds[0], lr_of[k])]["lora"], k)["steps"] for k in grid))
+        for m in ("dylora", "matryoshka", "nested-loss", "nested-loss-2x", "svd"):
+            def val_aurac(lr: float, m: str = m) -> float:
+                return statistics.fmean(aurac(grid, [_k(by[(regime, s, lr)][m]["val"], k) for k in grid])["v2"] for s in cfg.seeds)
+
+            best = max(cfg.lrs, key=val_aurac)
+            per_seed = {s: [_k(by[(regime, s, best)][m]["test"], k) for k in grid] for s in cfg.seeds}
+            entry = _entry(cfg, per_seed, aurac, lr=best, val_search={f"{lr:g}": val_aurac(lr) for lr in cfg.lrs},
+                           seconds=_ms([by[(regime, s, best)][m]["seconds"] for s in cfg.seeds]),
+                           steps=by[(regime, cfg.seeds[0], best)][m]["steps"])
+            if m == "svd":
+                entry["renest_seconds"] = _ms([by[(regime, s, best)][m]["renest_seconds"] for s in cfg.seeds])
+            if m == "matryoshka":
+                entry["training_diagonal_test"] = _ms([by[(regime, s, best)][m]["training_diagonal"]["test"] for s in cfg.seeds])
+            methods[m] = entry
+        search_seconds = {m: sum(_run_seconds(by[(regime, s, lr)], m) for s in cfg.seeds for lr in cfg.lrs) / len(cfg.seeds)
+                          for m in METHOD_LABELS}
+        regimes[regime] = {"methods": methods, "search_seconds_per_seed": search_seconds}
+    return {"settings": dataclasses.asdict(cfg), "regimes": regimes}
+
+
+def _run_seconds(runs: dict[str, Any], m: str) -> float:
+    if m == "lora":
+        return sum(r["seconds"] for r in runs["lora"].values())
+    return runs[m]["seconds"]
+
+
+def _entry(cfg: Settings, per_seed: dict[int, list[float]], aurac: Any, *, lr: Any, val_search: Any, seconds: dict[str, float], steps: int) -> dict[str, Any]:
+    grid = list(cfg.grid)
+    au = {s: aurac(grid, v) for s, v in per_seed.items()}
+    return {
+        "lr": lr,
+        "val_search": val_search,
+        "ranks": {k: _ms([per_seed[s][i] for s in cfg.seeds]) for i, k in enumerate(grid)},
+        "aurac": {v: _ms([au[s][v] for s in cfg.seeds]) for v in ("v1", "v2")},
+        "aurac_per_seed": {s: au[s]["v2"] for s in cfg.seeds},
+        "train_seconds": seconds,
+        "steps": steps,
+        "example_passes": steps * cfg.batch_size,
+    }
+
+
+def verdict(summary: dict[str, Any]) -> list[str]:
+    """Plain sentences computed from the numbers (no fixed conclusion)."""
+    lines = []
+    for regime, res in summary["regimes"].items():
+        ms = res["methods"]
+        order = sorted(ms, key=lambda m: -ms[m]["aurac"]["v2"]["mean"])
+        best = order[0]
+        nl, grid = ms["nested-loss"], ms["lora"]
+        d = (nl["aurac"]["v2"]["mean"] - grid["aurac"]["v2"]["mean"]) * 100
+        sd = math.hypot(nl["aurac"]["v2"]["std"], grid["aurac"]["v2"]["std"]) * 100
+        close = abs(d) <= max(sd, 1.0)
+        lines.append(
+            f"- **{REGIME_LABELS[regime]}**: best test AURAC v2 is {METHOD_LABELS[best]} "
+            f"({ms[best]['aurac']['v2']['mean'] * 100:.1f}). One nested-loss run vs the grid of {len(summary['settings']['grid'])} runs: "
+            f"{nl['aurac']['v2']['mean'] * 100:.1f} vs {grid['aurac']['v2']['mean'] * 100:.1f} "
+            f"({'+' if d >= 0 else ''}{d:.1f} points, {'within' if close else 'outside'} the seeds' spread of {sd:.1f}), "
+            f"at {grid['example_passes'] / nl['example_passes']:.1f}× fewer example passes and "
+            f"{grid['train_seconds']['mean'] / nl['train_seconds']['mean']:.1f}× less training wall-clock. "
+            f"The paper's matryoshka: {ms['matryoshka']['aurac']['v2']['mean'] * 100:.1f} "
+            f"(with its own training diagonal at full rank: {ms['matryoshka']['training_diagonal_test']['mean'] * 100:.1f}% test exact match)."
+        )
+    return lines
+
+
+def report_markdown(summary: dict[str, Any]) -> str:
+    cfg = summary["settings"]
+    n = len(cfg["seeds"])
+    grid = cfg["grid"]
+    order = list(METHOD_LABELS)
+
+    def cell(d: dict[str, float], f: float = 100.0) -> str:
+        return f"{d['mean'] * f:.1f} ± {d['std'] * f:.1f}" if n > 1 else f"{d['mean'] * f:.1f}"
+
+    lines = [f"Test-split exact match (%), {cfg['test_examples']} examples, mean ± sd over seeds {list(cfg['seeds'])}; "
+             f"each method's lr chosen on the {cfg['val_examples']}-example validation split from {list(cfg['lrs'])}.", ""]
+    for regime, res in summary["regimes"].items():
+        ms = res["methods"]
+        lines += [f"### {REGIME_LABELS[regime]}", "", "| rank | " + " | ".join(METHOD_LABELS[m] for m in order) + " |",
+                  "|---:|" + "---:|" * len(order)]
+        for k in grid:
+            lines.append(f"| {k} | " + " | ".join(cell(_k(ms[m]["ranks"], k)) for m in order) + " |")
+        for v in ("v1", "v2"):
+            lines.append(f"| **AURAC {v}** | " + " | ".join(f"**{cell(ms[m]['aurac'][v])}**" for m in order) + " |")
+        lines.append("| chosen lr | " + " | ".join(
+            ("per rank: " + ", ".join(f"{_k(ms[m]['lr'], k):g}" for k in grid)) if m == "lora" else f"{ms[m]['lr']:g}" for m in order) + " |")
+        lines.append("| optimisation steps (×batch " + str(cfg["batch_size"]) + ") | " + " | ".join(str(ms[m]["steps"]) for m in order) + " |")
+        lines.append("| training wall-clock at the chosen lr (s) | " + " | ".join(cell(ms[m]["train_seconds"], 1.0) for m in order) + " |")
+        lines.append("| whole lr search, wall-clock per seed (s) | " + " | ".join(f"{res['search_seconds_per_seed'][m]:.0f}" for m in order) + " |")
+        lines += ["", "Validation AURAC v2 (%) per lr (mean over seeds; the grid: validation exact match per rank):", "",
+                  "| lr | " + " | ".join(METHOD_LABELS[m] for m in order if m != "lora") + " | LoRA grid, per rank " + "/".join(map(str, grid)) + " |",
+                  "|---:|" + "---:|" * len(order)]
+        for lr in cfg["lrs"]:
+            key = f"{lr:g}"
+            row = [f"{ms[m]['val_search'][key] * 100:.1f}" for m in order if m != "lora"]
+            row.append("/".join(f"{_k(ms['lora']['val_search'][key], k) * 100:.0f}" for k in grid))
+            lines.append(f"| {key} | " + " | ".join(row) + " |")
+        lines.append("")
+    lines += ["**Verdict (computed from the tables):**", "", *verdict(summary), ""]
+    base = summary.get("base")
+    if base:
+        skills = ", ".join(f"{k} {v * 100:.1f}%" for k, v in base["exact_match"].items())
+        lines.append(f"Base model ({base['pretrain']['params']:,} parameters, pre-trained {cfg['pretrain_steps']} steps in "
+                     f"{base['pretrain']['seconds']:.0f} s): exact match {skills}. Total run time {summary.get('total_seconds', 0) / 60:.1f} min.")
+    return "\n".join(lines) + "\n"
+
+
+def plot_summary(summary: dict[str, Any], path: Path) -> None:
+    """Mean test exact match vs rank (log2 axis) per method and regime, with min–max bands over seeds."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    cfg = summary["settings"]
+    regimes = list(summary["regimes"])
+    fig = Figure(figsize=(6.5 * len(regimes), 4.8), dpi=100)
+    FigureCanvasAgg(fig)
+    ks = list(cfg["grid"])
+    for i, regime in enumerate(regimes):
+        ax = fig.add_subplot(1, len(regimes), i + 1)
+        ms = summary["regimes"][regime]["methods"]
+        for m, label in METHOD_LABELS.items():
+            pts = [_k(ms[m]["ranks"], k) for k in ks]
+            ax.plot(ks, [p["mean"] * 100 for p in pts], marker="o", label=f"{label} ({ms[m]['aurac']['v2']['mean'] * 100:.1f})")
+            if len(cfg["seeds"]) > 1:
+                ax.fill_between(ks, [p["min"] * 100 for p in pts], [p["max"] * 100 for p in pts], alpha=0.12)
+        base = summary.get("base", {}).get("exact_match", {}).get(f"{regime} (test)")
+        if base is not None:
+            ax.axhline(base * 100, color="gray", linestyle=":", label=f"base model ({base * 100:.1f}%)")
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_locator(FixedLocator(ks))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xticklabels([str(k) for k in ks])
+        ax.set_xlabel("rank (log2 scale)")
+        ax.set_ylabel("test exact match (%)")
+        ax.set_title(f"{REGIME_LABELS[regime]}; legend: AURAC v2", fontsize=10)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+
+
+# -- the experiment ------------------------------------------------------------------------------
+def _job(args: tuple[Settings, Path, str, int, float]) -> dict[str, Any]:
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("mlora_export").setLevel(logging.ERROR)
+    return run_job(*args)
+
+
+def run(cfg: Settings, output: Path, *, force: bool = False) -> dict[str, Any]:
+    """Run everything into ``output`` (reusing finished jobs there unless ``force``); return the summary."""
+    import torch
+
+    if output.exists() and force:
+        shutil.rmtree(output)
+    output.mkdir(parents=True, exist_ok=True)
+    settings_file = output / "settings.json"
+    if settings_file.exists() and json.loads(settings_file.read_text(encoding="utf-8")) != json.loads(json.dumps(dataclasses.asdict(cfg))):
+        raise SystemExit(f"error: {output} holds a run with other settings; pass --force to replace it")
+    settings_file.write_text(json.dumps(dataclasses.asdict(cfg), indent=1), encoding="utf-8")
+    torch.set_num_threads(1)
+    t_all = time.perf_counter()
+    base = output / "base"
+    pre_file = output / "pretrain.json"
+    if not pre_file.exists():
+        pre = pretrain(cfg, base)
+        pre_file.write_text(json.dumps(pre), encoding="utf-8")
+    pre = json.loads(pre_file.read_text(encoding="utf-8"))
+    for regime in cfg.regimes:
+        (output / regime).mkdir(exist_ok=True)
+        for split, recs in task_splits(cfg, regime).items():
+            write_jsonl(output / regime / f"{split}.jsonl", recs)
+    skills = base_skills(cfg, base, output)
+    logger.info("base: %s", {k: round(v, 3) for k, v in skills.items()})
+    todo = [(cfg, output, regime, seed, lr) for regime in cfg.regimes for seed in cfg.seeds for lr in cfg.lrs]
+    if cfg.workers > 1:
+        import multiprocessing
+
+        with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            jobs = list(pool.map(_job, todo))
+    else:
+        jobs = [run_job(*t) for t in todo]
+    summary = summarise(cfg, jobs)
+    summary["base"] = {"pretrain": pre, "exact_match": skills}
+    summary["total_seconds"] = time.perf_counter() - t_all
     (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     (output / "report.md").write_text(report_markdown(summary), encoding="utf-8")
     plot_summary(summary, output / "rank_curve.png")
     return summary
 
 
-# -- the experiment ------------------------------------------------------------------------------
-def run(cfg: Settings, output: Path, *, force: bool = False) -> dict[str, Any]:
-    """Run everything into ``output``; return the summary (also written as ``summary.json``)."""
-    import torch
-
-    from mlora_export.evaluation import evaluate, write_results
-
-    if output.exists():
-        if not force:
-            raise SystemExit(f"error: output {str(output)!r} exists; pass --force to replace it")
-        shutil.rmtree(output)
-    output.mkdir(parents=True)
-    torch.set_num_threads(cfg.threads)
-    t_all = time.perf_counter()
-    base = output / "base"
-    pre = pretrain(cfg, base)
-    skills = base_skills(cfg, base, output)
-    logger.info("base: pre-trained in %.0f s; held-out exact match %s", pre["seconds"], skills)
-    train, held_out = task_split(cfg)
-    write_jsonl(output / "train.jsonl", train)
-    write_jsonl(output / "heldout.jsonl", held_out)
-    r_max = max(cfg.grid)
-    per_seed = []
-    for seed in cfg.seeds:
-        runs = output / "runs" / f"seed{seed}"
-        times: dict[str, Any] = {"lora": {}}
-        for k in cfg.grid:
-            times["lora"][k] = finetune(cfg, base, train, "lora", k, seed, runs / "grid" / f"r{k}")
-        for method in ("dylora", "matryoshka"):
-            times[method] = finetune(cfg, base, train, method, r_max, seed, runs / method)
-        res = evaluate(
-            [runs / "grid", runs / "dylora", runs / "matryoshka"], base, output / "heldout.jsonl", list(cfg.grid),
-            metric="exact-match", batch_size=cfg.eval_batch_size, with_base=True, device="cpu", dtype="float32",
-        )
-        write_results(res, runs / "eval", force=True)
-        curves = {}
-        for c, method in zip(res.curves, ("lora", "dylora", "matryoshka")):
-            curves[method] = {"ranks": {p.rank: p.score for p in c.points}, "aurac": c.aurac}
-        per_seed.append({"seed": seed, "train_seconds": times, "curves": curves, "base": res.base.score if res.base else None})
-        logger.info("seed %d: %s", seed, {m: {k: round(v, 3) for k, v in c["ranks"].items()} for m, c in curves.items()})
-    summary = summarise(cfg, per_seed, pre, skills, time.perf_counter() - t_all)
-    return finish(cfg, output, summary)
-
-
-def _ms(values: list[float]) -> dict[str, float]:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "min": min(values), "max": max(values)}
-
-
-def summarise(cfg: Settings, per_seed: list[dict[str, Any]], pre: dict[str, Any], skills: dict[str, float], total: float) -> dict[str, Any]:
-    methods: dict[str, Any] = {}
-    for m in ("lora", "dylora", "matryoshka"):
-        ranks = {k: _ms([s["curves"][m]["ranks"][k] for s in per_seed]) for k in cfg.grid}
-        au = {v: _ms([s["curves"][m]["aurac"][v] for s in per_seed]) for v in ("v1", "v2")}
-        if m == "lora":
-            secs = _ms([sum(s["train_seconds"]["lora"].values()) for s in per_seed])
-        else:
-            secs = _ms([s["train_seconds"][m] for s in per_seed])
-        methods[m] = {"label": METHOD_LABELS[m], "ranks": ranks, "aurac": au, "train_seconds": secs}
-    return {
-        "settings": dataclasses.asdict(cfg),
-        "base": {"pretrain": pre, "heldout_exact_match": skills, "cipher_exact_match": _ms([s["base"] for s in per_seed])},
-        "methods": methods,
-        "per_seed": per_seed,
-        "total_seconds": total,
-    }
-
-
-def report_markdown(summary: dict[str, Any]) -> str:
-    cfg = summary["settings"]
-    ms = summary["methods"]
-    order = ("lora", "dylora", "matryoshka")
-    n = len(cfg["seeds"])
-
-    def cell(d: dict[str, float], pct: bool = True) -> str:
-        f = 100.0 if pct else 1.0
-        return f"{d['mean'] * f:.1f} ± {d['std'] * f:.1f}" if n > 1 else f"{d['mean'] * f:.1f}"
-
-    lines = [
-        f"Exact-match accuracy (%) on {cfg['eval_examples']} held-out examples, mean ± standard deviation over "
-        f"{n} seed(s) {list(cfg['seeds'])}:",
-        "",
-        "| rank | " + " | ".join(ms[m]["label"] for m in order) + " |",
-        "|---:|" + "---:|" * len(order),
-    ]
-    for k in cfg["grid"]:
-        key = k if k in ms["lora"]["ranks"] else str(k)
-        lines.append(f"| {k} | " + " | ".join(cell(ms[m]["ranks"][key]) for m in order) + " |")
-    for v in ("v1", "v2"):
-        lines.append(f"| **AURAC {v}** | " + " | ".join(f"**{cell(ms[m]['aurac'][v])}**" for m in order) + " |")
-    lines.append("| training wall-clock (s) | " + " | ".join(cell(ms[m]["train_seconds"], pct=False) for m in order) + " |")
-    base = summary["base"]
-    skills = ", ".join(f"{k} {v * 100:.1f}%" for k, v in base["heldout_exact_match"].items())
-    grid_t = ms["lora"]["train_seconds"]["mean"]
-    lines += [
-        "",
-        f"The LoRA grid's wall-clock is the sum of its {len(cfg['grid'])} runs; "
-        f"grid / MatryoshkaLoRA = {grid_t / ms['matryoshka']['train_seconds']['mean']:.2f}×, "
-        f"grid / DyLoRA = {grid_t / ms['dylora']['train_seconds']['mean']:.2f}×.",
-        f"Base model (pre-trained {cfg['pretrain_steps']} steps in {base['pretrain']['seconds']:.0f} s, "
-        f"{base['pretrain']['params']:,} parameters): held-out exact match {skills}; on the cipher task "
-        f"{base['cipher_exact_match']['mean'] * 100:.1f}%.",
-        f"Fine-tuning: {cfg['steps']} steps, batch {cfg['batch_size']}, lr {cfg['lr']}, AdamW, scaling {cfg['scaling']}, "
-        f"alpha {cfg['alpha']}, targets {', '.join(cfg['target_modules'])} in every layer, the same for every method. Total run time {summary['total_seconds'] / 60:.1f} min.",
-        "",
-    ]
-    diag = summary.get("diagnostic_matryoshka_training_diagonal")
-    if diag:
-        lines += [
-            "Diagnostic (not a product rank): the MatryoshkaLoRA runs evaluated with the training diagonal kept on the "
-            "first k components (d_i = p_i for i <= k) instead of the inference rule s(k) of DESIGN.md §1; k = "
-            f"{max(cfg['grid'])} is the exact forward pass the run was trained with:",
-            "",
-            "| rank | " + " | ".join(str(k) for k in cfg["grid"]) + " |",
-            "|---|" + "---:|" * len(cfg["grid"]),
-            "| exact match (%) | " + " | ".join(cell(diag["ranks"][k] if k in diag["ranks"] else diag["ranks"][str(k)]) for k in cfg["grid"]) + " |",
-            "",
-        ]
-    return "\n".join(lines)
-
-
-def plot_summary(summary: dict[str, Any], path: Path) -> None:
-    """Mean exact match vs rank (log2 axis) per method, with min–max bands over seeds."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import FixedLocator, NullLocator
-
-    cfg = summary["settings"]
-    fig = Figure(figsize=(7.0, 4.5), dpi=110)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    ks = list(cfg["grid"])
-    for m in ("lora", "dylora", "matryoshka"):
-        d = summary["methods"][m]
-        pts = [d["ranks"][k] if k in d["ranks"] else d["ranks"][str(k)] for k in ks]
-        mean = [p["mean"] * 100 for p in pts]
-        ax.plot(ks, mean, marker="o", label=f"{d['label']} (AURAC v2 {d['aurac']['v2']['mean'] * 100:.1f})")
-        if len(cfg["seeds"]) > 1:
-            ax.fill_between(ks, [p["min"] * 100 for p in pts], [p["max"] * 100 for p in pts], alpha=0.15)
-    diag = summary.get("diagnostic_matryoshka_training_diagonal")
-    if diag:
-        pts = [diag["ranks"][k] if k in diag["ranks"] else diag["ranks"][str(k)] for k in ks]
-        ax.plot(ks, [p["mean"] * 100 for p in pts], color="gray", linestyle="--", marker=".",
-                label="diagnostic: MatryoshkaLoRA with its training diagonal p (not a product rank)")
-    ax.set_xscale("log", base=2)
-    ax.xaxis.set_major_locator(FixedLocator(ks))
-    ax.xaxis.set_minor_locator(NullLocator())
-    ax.set_xticklabels([str(k) for k in ks])
-    ax.set_xlabel("rank (log2 scale)")
-    ax.set_ylabel("exact-match accuracy (%)")
-    ax.set_title(f"cipher task, held-out exact match (mean of {len(cfg['seeds'])} seed(s), band = min–max)")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--output", type=Path, required=True, help="folder to create (base model, adapters, report.md, rank_curve.png)")
-    ap.add_argument("--smoke", action="store_true", help="a ~1-minute setting that exercises every step")
+    ap.add_argument("--output", type=Path, required=True, help="folder for the base model, data, jobs/, report.md, rank_curve.png")
+    ap.add_argument("--smoke", action="store_true", help="a seconds-long setting that exercises every step")
     ap.add_argument("--seeds", type=str, default=None, help="comma-separated seeds (default 0,1,2)")
-    ap.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default 300)")
-    ap.add_argument("--pretrain-steps", type=int, default=None, help="pre-training steps (default 400)")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default 2)")
-    ap.add_argument("--force", action="store_true", help="replace an existing output folder")
-    ap.add_argument("--diagnose-only", action="store_true",
-                    help="recompute the diagnostic and report of an existing --output (after a run without it)")
+    ap.add_argument("--lrs", type=str, default=None, help="comma-separated learning rates (default 2e-3,4e-3,8e-3,1.6e-2)")
+    ap.add_argument("--regimes", type=str, default=None, help="comma-separated regimes (default cipher,skill)")
+    ap.add_argument("--steps", type=int, default=None, help="fine-tuning steps of one run (default 300)")
+    ap.add_argument("--workers", type=int, default=None, help="processes running jobs side by side, one torch thread each (default 2)")
+    ap.add_argument("--force", action="store_true", help="discard an existing --output instead of reusing its finished jobs")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    logging.getLogger("mlora_export").setLevel(logging.WARNING)
+    logging.getLogger("mlora_export").setLevel(logging.ERROR)
     cfg = Settings.smoke() if args.smoke else Settings()
     over: dict[str, Any] = {}
     if args.seeds:
         over["seeds"] = tuple(int(s) for s in args.seeds.split(","))
+    if args.lrs:
+        over["lrs"] = tuple(float(s) for s in args.lrs.split(","))
+    if args.regimes:
+        over["regimes"] = tuple(args.regimes.split(","))
     if args.steps:
         over["steps"] = args.steps
-    if args.pretrain_steps:
-        over["pretrain_steps"] = args.pretrain_steps
-    if args.threads:
-        over["threads"] = args.threads
-    cfg = dataclasses.replace(cfg, **over)
-    if args.diagnose_only:
-        old = json.loads((args.output / "summary.json").read_text(encoding="utf-8"))
-        cfg = Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in old["settings"].items()})
-        summary = finish(cfg, args.output, old)
-    else:
-        summary = run(cfg, args.output, force=args.force)
+    if args.workers:
+        over["workers"] = args.workers
+    summary = run(dataclasses.replace(cfg, **over), args.output, force=args.force)
     sys.stdout.write(report_markdown(summary))
     return 0
 

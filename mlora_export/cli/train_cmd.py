@@ -5,6 +5,8 @@ from __future__ import annotations
 import click
 
 from ..base_model import DTYPES
+from ..finetune import TrainSettings
+from ..method import TRAIN_METHODS
 from ._errors import handle_errors
 from ._options import BarProgress, RankList, echo_json, force_option, json_option, quiet_transformers_bars
 
@@ -16,8 +18,11 @@ from ._options import BarProgress, RankList, echo_json, force_option, json_optio
 @click.option("--ranks", required=True, type=RankList(allow_all=False), help="Train ranks T, comma-separated (e.g. 1,2,4,8,16,32).")
 @click.option("--max-rank", type=int, default=None, help="Adapter rank r; must be one of --ranks.  [default: max of --ranks]")
 @click.option("--output", "-o", required=True, type=click.Path(path_type=str), help="Folder to create for the nested adapter.")
-@click.option("--method", type=click.Choice(["matryoshka", "lora", "dylora"]), default="matryoshka", show_default=True,
-              help="matryoshka: every train rank at once; lora: plain LoRA at r; dylora: one sampled rank per step.")
+@click.option("--method", type=click.Choice(list(TRAIN_METHODS)), default=TrainSettings.method, show_default=True,
+              help="nested-loss: each example trained at one train rank exactly as it is served (ranks stratified per step); "
+                   "matryoshka: the paper's one-pass diagonal p; lora: plain LoRA at r; dylora: one sampled rank per step.")
+@click.option("--rank-weights", type=str, default=None,
+              help="nested-loss only: one weight per train rank for the per-example assignment, e.g. 1,1,1,1,2,2.  [default: uniform]")
 @click.option("--scaling", type=click.Choice(["sqrt", "rank", "none"]), default="sqrt", show_default=True, help="s(k) = alpha/sqrt(k), alpha/k or alpha.")
 @click.option("--alpha", type=float, default=1.0, show_default=True, help="The alpha of s(k).")
 @click.option("--target-modules", default="all-linear", show_default=True,
@@ -35,7 +40,7 @@ from ._options import BarProgress, RankList, echo_json, force_option, json_optio
 @handle_errors
 def train(
     base_model: str, data: str, ranks: tuple[int, ...], max_rank: int | None, output: str, method: str, scaling: str,
-    alpha: float, target_modules: str, epochs: float, max_steps: int | None, lr: float, batch_size: int, grad_accum: int,
+    rank_weights: str | None, alpha: float, target_modules: str, epochs: float, max_steps: int | None, lr: float, batch_size: int, grad_accum: int,
     seed: int, max_length: int, dtype: str, force: bool, as_json: bool,
 ) -> None:
     """Train a nested (MatryoshkaLoRA) adapter on a local model and write it to --output.
@@ -48,14 +53,19 @@ def train(
       mlora-export train --base-model ./my-model --data train.jsonl \\
           --ranks 1,2,4,8,16,32 --output ./nested --max-steps 500
     """
-    from ..finetune import TrainSettings
     from ..finetune import train as run_train
 
     targets: str | tuple[str, ...] = target_modules.strip()
     if targets != "all-linear":
         targets = tuple(t.strip() for t in target_modules.split(",") if t.strip())
+    weights: tuple[float, ...] | None = None
+    if rank_weights is not None:
+        try:
+            weights = tuple(float(w) for w in rank_weights.split(","))
+        except ValueError:
+            raise click.BadParameter(f"{rank_weights!r} is not a comma-separated list of numbers", param_hint="'--rank-weights'") from None
     settings = TrainSettings(
-        method=method, train_ranks=tuple(ranks), max_rank=max_rank, scaling=scaling, alpha=alpha, target_modules=targets,
+        method=method, rank_weights=weights, train_ranks=tuple(ranks), max_rank=max_rank, scaling=scaling, alpha=alpha, target_modules=targets,
         epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum, seed=seed,
         max_length=max_length, dtype=dtype,
     )
