@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from mlora_export.adapter import NestedAdapter
 from mlora_export.cli import main
-from mlora_export.converters.renest import renest_adapter, renest_factors
+from mlora_export.converters.renest import r_factor, renest_adapter, renest_factors
 from mlora_export.converters.slice import slice_adapter
 from mlora_export.errors import ConfigError, InvalidAdapterError, RankError
 from tests.common import add_deltas, build_model, poison_weights, random_nested, sample_ids, targets_for
@@ -188,6 +188,28 @@ def test_factors_of_a_rank_above_the_shape() -> None:
     u, s, vt = np.linalg.svd(dense)
     for k in (1, 3, 5):
         np.testing.assert_allclose(b_new[:, :k] @ a_new[:k], (u[:, :k] * s[:k]) @ vt[:k], atol=1e-12)
+
+
+@pytest.mark.parametrize("kappa", [1.0, 1e4, 1e9, 0.0], ids=["one-pass", "cholesky-qr2", "householder", "rank-deficient"])
+def test_r_factor_and_ill_conditioned_modules(kappa: float) -> None:
+    """Every path of the R factor (CholeskyQR, CholeskyQR2, Householder QR) gives the QR's R, and a
+    module whose B spans singular values over ``kappa`` re-nests to the dense SVD's truncations."""
+    rng = np.random.default_rng(1)
+    q, _ = np.linalg.qr(rng.standard_normal((300, 8)))
+    w, _ = np.linalg.qr(rng.standard_normal((8, 8)))
+    spread = np.geomspace(1.0, 1.0 / kappa, 8) if kappa else np.array([1.0, 0.5, 0.25, 0, 0, 0, 0, 0])
+    b = (q * spread) @ w
+    r = r_factor(b)
+    assert np.allclose(np.tril(r, -1), 0) and r.shape == (8, 8)
+    np.testing.assert_allclose(r.T @ r, b.T @ b, atol=1e-14)
+    a = rng.standard_normal((8, 40))
+    a_new, b_new, sigma = renest_factors(a, b, 2.0, 8)
+    u, s, vt = np.linalg.svd(2.0 * b @ a)
+    np.testing.assert_allclose(sigma, s[:8], rtol=1e-9, atol=1e-14 * s[0])
+    for k in (1, 2, 3, 5, 8):
+        np.testing.assert_allclose(b_new[:, :k] @ a_new[:k], (u[:, :k] * s[:k]) @ vt[:k], atol=1e-12 * s[0])
+    if not kappa:
+        assert not b_new[:, 3:].any() and not a_new[3:].any()
 
 
 def test_max_rank_energy_and_dtype(tmp_path: Path) -> None:

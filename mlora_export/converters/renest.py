@@ -10,7 +10,8 @@ and the re-nested factors are
     B' = Q_B U Σ^½ = s·B·R_Aᵀ·V·Σ^-½        A' = Σ^½ Vᵀ Q_Aᵀ = Σ^-½·Uᵀ·s·R_B·A
 
 so that ``B'[:, :k]·A'[:k]`` is the best rank-``k`` approximation of ``ΔW`` (Eckart–Young) for
-every ``k``. The right-hand forms need only the triangular factors: ``Q`` is never formed, and the
+every ``k``. The right-hand forms need only the triangular factors (:func:`r_factor`: CholeskyQR
+when the factor is well conditioned, Householder QR otherwise): ``Q`` is never formed, and the
 cost is ``O((out + in)·r²)`` per module, never ``O(out·in·min(out, in))``. Everything is computed
 in float64 and rounded once to the output dtype. Components with ``σ_i ≤ σ_1·max(out, in)·ε``
 (the numerical rank, as ``numpy.linalg.matrix_rank`` counts it) are written as exact zeros, as
@@ -341,46 +342,85 @@ def _check_finite(x: np.ndarray, info: TensorInfo, weights: Path) -> None:
         raise InvalidAdapterError(f"{weights}: tensor {info.name!r} has NaN or infinite values; the training diverged or the file is corrupt")
 
 
+#: Condition numbers of a factor up to which its ``R`` comes from one Cholesky of its Gram matrix
+#: (error ``~ r·ε·κ²``, at most 1e-11 here), from two (CholeskyQR2, error ``~ r·ε``), and above which
+#: Householder QR is used.
+_ONE_PASS_KAPPA, _TWO_PASS_KAPPA = 1e2, 1e6
+
+
+def r_factor(x: np.ndarray) -> np.ndarray:
+    """``R`` of the thin QR of ``x`` (``[m, r]``, float64): ``[min(m, r), r]`` with ``x = Q·R``.
+
+    Well-conditioned factors (every factor of random or freshly initialised LoRA weights) take
+    CholeskyQR: ``R = chol(xᵀx)ᵀ``, one matrix product that runs at BLAS-3 speed, many times
+    faster than Householder QR's panels on these tall, thin matrices. Its accuracy depends on the
+    condition number ``κ`` of ``x``, which is computed exactly (singular values of the small ``R``):
+    one pass for ``κ ≤ 1e2``, a second (CholeskyQR2, as accurate as Householder) for ``κ ≤ 1e6``, and
+    Householder QR (``numpy.linalg.qr``) beyond, for rank-deficient factors and when ``m < r``.
+    """
+    m, r = x.shape
+    if m >= r:
+        try:
+            r1 = np.linalg.cholesky(x.T @ x).T
+            sv = np.linalg.svd(r1, compute_uv=False)
+        except np.linalg.LinAlgError:
+            return np.linalg.qr(x, mode="r")
+        kappa = sv[0] / sv[-1] if sv[-1] > 0 else math.inf
+        if kappa <= _ONE_PASS_KAPPA:
+            return r1
+        if kappa <= _TWO_PASS_KAPPA:
+            q1 = x @ np.linalg.inv(r1)
+            try:
+                return np.linalg.cholesky(q1.T @ q1).T @ r1
+            except np.linalg.LinAlgError:
+                pass
+    return np.linalg.qr(x, mode="r")
+
+
 def renest_factors(a: np.ndarray, b: np.ndarray, scale: float, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Re-factor ``ΔW = scale·b·a`` (``a [r, in]``, ``b [out, r]``, float64) into its SVD order.
 
-    Returns ``(a', b', σ)``: ``a' [rank, in]`` and ``b' [out, rank]`` (float64) with
-    ``b'[:, :k]·a'[:k]`` the best rank-``k`` approximation of ``ΔW`` for every ``k ≤ rank``, and
-    ``σ``, all ``min(out, in, r)`` singular values of ``ΔW`` (descending, non-negative). See the
-    module docstring for the formulas, the zeroed components and the sign convention.
+    Returns ``(a', b', σ)``: ``a' [rank, in]`` and ``b' [out, rank]`` (float64; ``b'`` is a
+    column-major view) with ``b'[:, :k]·a'[:k]`` the best rank-``k`` approximation of ``ΔW`` for
+    every ``k ≤ rank``, and ``σ``, all ``min(out, in, r)`` singular values of ``ΔW`` (descending,
+    non-negative). See the module docstring for the formulas, the zeroed components and the sign
+    convention.
     """
     out_f, in_f = b.shape[0], a.shape[1]
-    r_b = np.linalg.qr(b, mode="r")      # [min(out, r), r]
-    r_a = np.linalg.qr(a.T, mode="r")    # [min(in, r), r]
+    r_b = r_factor(b)      # [min(out, r), r]
+    r_a = r_factor(a.T)    # [min(in, r), r]
     u, sigma, vt = np.linalg.svd(scale * (r_b @ r_a.T), full_matrices=False)
     p = sigma.shape[0]
     keep = min(rank, p)
     tol = sigma[0] * max(out_f, in_f) * np.finfo(np.float64).eps if p else 0.0
     live = int(np.count_nonzero(sigma[:keep] > tol))
     a_new = np.zeros((rank, in_f), dtype=np.float64)
-    b_new = np.zeros((out_f, rank), dtype=np.float64)
+    bt_new = np.zeros((rank, out_f), dtype=np.float64)  # b'ᵀ: each component's column of b' is a row
     if live:
         f = scale / np.sqrt(sigma[:live])
-        np.matmul(b, r_a.T @ (vt[:live].T * f), out=b_new[:, :live])
-        np.matmul((u[:, :live].T * f[:, None]) @ r_b, a, out=a_new[:live])
+        np.matmul((vt[:live] * f[:, None]) @ r_a, b.T, out=bt_new[:live])
         # Signs: the largest-|entry| of each column of b' (the first, on ties) is positive.
-        rows = np.argmax(np.abs(b_new[:, :live]), axis=0)
-        flip = b_new[rows, np.arange(live)] < 0
+        rows = bt_new[:live]
+        hi, lo = rows.argmax(axis=1), rows.argmin(axis=1)
+        at = np.arange(live)
+        top, bottom = rows[at, hi], -rows[at, lo]
+        flip = (bottom > top) | ((bottom == top) & (lo < hi))
+        sign = np.where(flip, -1.0, 1.0)
         if flip.any():
-            b_new[:, :live][:, flip] *= -1.0
-            a_new[:live][flip] *= -1.0
-    return a_new, b_new, sigma
+            rows[flip] *= -1.0
+        np.matmul((u[:, :live].T * (f * sign)[:, None]) @ r_b, a, out=a_new[:live])
+    return a_new, bt_new.T, sigma
 
 
 _ROUNDING_TYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16}
 
 
 def _to_dtype(x: np.ndarray, dtype: str) -> np.ndarray:
-    """``x`` (float64) rounded to ``dtype``, as the raw little-endian element array; bfloat16 is
-    rounded from float32, to nearest even, as torch rounds float64 to bfloat16."""
+    """``x`` (float64) rounded to ``dtype``, as the raw little-endian element array in row-major
+    order; bfloat16 is rounded from float32, to nearest even, as torch rounds float64 to bfloat16."""
     if dtype != "BF16":
-        return x.astype(_ROUNDING_TYPES[dtype])
-    u = x.astype(np.float32).view(np.uint32)
+        return x.astype(_ROUNDING_TYPES[dtype], order="C")
+    u = x.astype(np.float32, order="C").view(np.uint32)
     carry = np.right_shift(u, 16)
     np.bitwise_and(carry, 1, out=carry)
     carry += np.uint32(0x7FFF)
@@ -615,4 +655,4 @@ def renest_adapter(
     )
 
 
-__all__ = ["DTYPES", "RenestResult", "energy_rank", "pattern_key", "renest_adapter", "renest_factors"]
+__all__ = ["DTYPES", "RenestResult", "energy_rank", "pattern_key", "r_factor", "renest_adapter", "renest_factors"]
