@@ -1,8 +1,9 @@
 """``mlora-export demo``: the whole pipeline on a built-in default, as a list of stages.
 
-The demo builds a tiny Llama-style causal LM from a config (no download), trains a MatryoshkaLoRA
-nested adapter on a small task shipped with the package (:mod:`mlora_export.data`), slices it into
-PEFT adapters and prints the held-out loss at every rank.
+The demo builds a tiny Llama-style causal LM from a config (no download), trains a nested adapter
+with the default method (``nested-loss``) on a small task shipped with the package
+(:mod:`mlora_export.data`), trains one plain LoRA at the same rank and re-nests it by SVD, slices the
+nested adapter into PEFT adapters and prints the held-out loss and exact match at every rank of both.
 
 It is a list of :class:`Stage` objects run in order on one shared :class:`DemoContext`. To add a
 stage (merge, ONNX, bundle…), write a function ``my_stage(ctx: DemoContext) -> StageReport`` (in
@@ -67,6 +68,16 @@ class DemoContext:
     def nested_dir(self) -> Path:
         """The trained nested adapter (DESIGN.md §2)."""
         return self.root / "nested"
+
+    @property
+    def lora_dir(self) -> Path:
+        """One plain LoRA adapter at the max rank, trained with the same settings."""
+        return self.root / "lora"
+
+    @property
+    def renested_dir(self) -> Path:
+        """``lora_dir`` re-nested by SVD (method ``svd``)."""
+        return self.root / "renested"
 
     @property
     def slices_dir(self) -> Path:
@@ -156,7 +167,7 @@ def stage_base(ctx: DemoContext) -> StageReport:
 
 
 def stage_train(ctx: DemoContext) -> StageReport:
-    """Train a matryoshka nested adapter over ``ctx.train_ranks`` into ``ctx.nested_dir``."""
+    """Train a nested adapter (the default method) over ``ctx.train_ranks`` into ``ctx.nested_dir``."""
     from .finetune import train
 
     settings = demo_train_settings(ctx)
@@ -169,10 +180,35 @@ def stage_train(ctx: DemoContext) -> StageReport:
                 base_model_name=str((ctx.output / "base").resolve()))
     return StageReport(
         lines=[
-            f"matryoshka adapter, max rank {max(ctx.train_ranks)}, train ranks {list(ctx.train_ranks)}: "
+            f"{res.method} adapter, max rank {max(ctx.train_ranks)}, train ranks {list(ctx.train_ranks)}: "
             f"{res.steps} steps in {res.seconds:.1f} s -> {ctx.output / 'nested'}"
         ],
         data=res.to_dict(),
+    )
+
+
+def stage_renest(ctx: DemoContext) -> StageReport:
+    """Train one plain LoRA at the max rank (same settings) and re-nest it by SVD (no base model needed)."""
+    import dataclasses
+
+    from .converters.renest import renest_adapter
+    from .finetune import train
+
+    settings = dataclasses.replace(demo_train_settings(ctx), method="lora", train_ranks=(max(ctx.train_ranks),))
+
+    def progress(done: int, total: int) -> None:
+        ctx.report_progress("training LoRA", done, total)
+
+    res = train(ctx.base_dir, ctx.train_path, ctx.lora_dir, settings, progress=progress,
+                base_model_name=str((ctx.output / "base").resolve()))
+    out = renest_adapter(ctx.lora_dir, ctx.renested_dir)
+    keep = ", ".join(f"r{k} {out.energy[k - 1] * 100:.1f}%" for k in ctx.train_ranks if k <= len(out.energy))
+    return StageReport(
+        lines=[
+            f"plain LoRA r={res.max_rank}: {res.steps} steps in {res.seconds:.1f} s -> {ctx.output / 'lora'}",
+            f"re-nested by SVD in {out.seconds * 1000:.0f} ms -> {ctx.output / 'renested'}; share of ||dW||^2 kept: {keep}",
+        ],
+        data={"train": res.to_dict(), "energy": list(out.energy)},
     )
 
 
@@ -188,53 +224,104 @@ def stage_slice(ctx: DemoContext) -> StageReport:
 
 
 def stage_evaluate(ctx: DemoContext) -> StageReport:
-    """Held-out loss at rank 0 (the base) and every train rank, switching ranks in place on one
-    model; each slice is also loaded with plain ``PeftModel.from_pretrained`` and scored."""
+    """Held-out loss and exact match at rank 0 (the base) and every train rank of the nested adapter
+    and of the re-nested LoRA, switching ranks in place on one model; each slice is also loaded with
+    plain ``PeftModel.from_pretrained`` and scored. The closing lines are computed from the table."""
     from peft import PeftModel
 
     from .adapter import NestedAdapter
     from .base_model import load_base_model, load_tokenizer
-    from .data import load_dataset
-    from .finetune import heldout_loss
+    from .evaluation import load_eval_data, score_model
     from .training import _quiet_peft, load_nested_adapter
 
     tokenizer = load_tokenizer(ctx.base_dir)
-    features = load_dataset(ctx.eval_path, tokenizer, demo_train_settings(ctx).max_length)
-    if ctx.quick:
-        features = features[:64]
+    data = load_eval_data(ctx.eval_path, tokenizer, max_examples=64 if ctx.quick else None)
+
+    def scores(model: Any) -> tuple[float, float]:
+        s = score_model(model, tokenizer, data, metric="exact-match", batch_size=64)
+        return s.loss, float(s.exact_match or 0.0)
+
     adapter = NestedAdapter.load(ctx.nested_dir)
-    nested = load_nested_adapter(load_base_model(ctx.base_dir), adapter)
     slice_losses: dict[int, float] = {}
     for k in ctx.slice_ranks:
         with _quiet_peft():
             peft_model = PeftModel.from_pretrained(load_base_model(ctx.base_dir), str(ctx.slices_dir / f"r{k}"))
-        slice_losses[k] = heldout_loss(peft_model, features, tokenizer.pad_token_id)
-    table = []
+        slice_losses[k] = scores(peft_model)[0]
     ranks = (0, *adapter.config.train_ranks)
-    for i, k in enumerate(ranks):
-        nested.set_rank(k)
-        loss = heldout_loss(nested.model, features, tokenizer.pad_token_id)
-        table.append({"rank": k, "params": adapter.params_at(k) if k else 0, "loss": loss, "slice_loss": slice_losses.get(k)})
-        ctx.report_progress("evaluating", i + 1, len(ranks))
-    headers = ["rank", "adapter params", "held-out loss", "PEFT slice loss"]
-    rows = [[t["rank"], f"{t['params']:,}" if t["rank"] else "0 (base)", f"{t['loss']:.4f}",
-             "" if t["slice_loss"] is None else f"{t['slice_loss']:.4f}"] for t in table]
-    losses = [t["loss"] for t in table]
-    lines = [f"held-out set: {len(features)} examples of the built-in task ({ctx.eval_path.name}), loss per completion token"]
-    if all(math.isfinite(x) for x in losses):
-        if all(x < losses[0] for x in losses[1:]):
-            lines.append("every trained rank beats the base (rank 0); one training run, every rank usable")
-        else:
-            lines.append("warning: some trained ranks do not beat the base (rank 0)")
-    return StageReport(lines=lines, headers=headers, rows=rows, data={"ranks": table, "eval_examples": len(features)})
+    curves: dict[str, dict[int, tuple[float, float]]] = {}
+    done = 0
+    for name, path in (("nested", ctx.nested_dir), ("renested", ctx.renested_dir)):
+        if not path.exists():  # a demo run without the renest stage
+            continue
+        handle = load_nested_adapter(load_base_model(ctx.base_dir), path)
+        curves[name] = {}
+        for k in ranks:
+            handle.set_rank(k)
+            curves[name][k] = scores(handle.model)
+            done += 1
+            ctx.report_progress("evaluating", done, len(ranks) * 2)
+    nested = curves["nested"]
+    other = curves.get("renested", {})
+    table = [
+        {"rank": k, "params": adapter.params_at(k) if k else 0, "loss": nested[k][0], "exact_match": nested[k][1],
+         "slice_loss": slice_losses.get(k), "renested_loss": other[k][0] if k in other else None,
+         "renested_exact_match": other[k][1] if k in other else None}
+        for k in ranks
+    ]
+    headers = ["rank", "adapter params", "held-out loss", "exact match", "PEFT slice loss"]
+    if other:
+        headers += ["re-nested LoRA loss", "re-nested exact match"]
+
+    def pct(x: float | None) -> str:
+        return "" if x is None else f"{x * 100:.1f}%"
+
+    rows = []
+    for t in table:
+        row = [t["rank"], f"{t['params']:,}" if t["rank"] else "0 (base)", f"{t['loss']:.4f}", pct(t["exact_match"]),
+               "" if t["slice_loss"] is None else f"{t['slice_loss']:.4f}"]
+        if other:
+            row += [f"{t['renested_loss']:.4f}", pct(t["renested_exact_match"])]
+        rows.append(row)
+    lines = [f"held-out set: {len(data.examples)} examples of the built-in task ({ctx.eval_path.name}); loss per completion token, greedy exact match"]
+    lines += demo_verdict(table, adapter.config.method)
+    return StageReport(lines=lines, headers=headers, rows=rows, data={"ranks": table, "eval_examples": len(data.examples)})
+
+
+def demo_verdict(table: Sequence[dict[str, Any]], method: str) -> list[str]:
+    """Closing lines computed from the evaluation table (rank 0 first): what beat the base, and by how much."""
+    from .method import aurac
+
+    base, trained = table[0], list(table[1:])
+    ks = [t["rank"] for t in trained]
+    lines = []
+    if not all(math.isfinite(t["loss"]) for t in table):
+        return ["warning: a held-out loss is not finite; the training diverged"]
+    loss_ok = [t["rank"] for t in trained if t["loss"] < base["loss"]]
+    em_ok = [t["rank"] for t in trained if t["exact_match"] > base["exact_match"]]
+    best = max(trained, key=lambda t: t["exact_match"])
+    au = aurac(ks, [t["exact_match"] for t in trained])["v2"]
+    lines.append(
+        f"{method}: {len(loss_ok)}/{len(ks)} ranks beat the base on held-out loss, {len(em_ok)}/{len(ks)} on exact match "
+        f"(base {base['exact_match'] * 100:.1f}%; best rank {best['rank']}: {best['exact_match'] * 100:.1f}%; AURAC v2 {au * 100:.1f})"
+    )
+    if len(loss_ok) == len(ks) and len(em_ok) == len(ks):
+        lines.append("every trained rank works on this task: one training run, every rank usable")
+    else:
+        weak = sorted(set(ks) - set(em_ok) | set(ks) - set(loss_ok))
+        lines.append(f"warning: rank(s) {', '.join(map(str, weak))} do not beat the base here; evaluate before deploying them")
+    if all(t.get("renested_exact_match") is not None for t in trained):
+        au_svd = aurac(ks, [t["renested_exact_match"] for t in trained])["v2"]
+        lines.append(f"re-nested plain LoRA (SVD): AURAC v2 {au_svd * 100:.1f} on exact match, vs {au * 100:.1f} for the {method} run")
+    return lines
 
 
 #: The demo, in order. Add a stage with one line (see the module docstring).
 STAGES: list[Stage] = [
     Stage("base", "build a tiny base model", stage_base),
     Stage("train", "train a nested adapter", stage_train),
+    Stage("renest", "train one plain LoRA and re-nest it by SVD", stage_renest),
     Stage("slice", "slice it into PEFT adapters", stage_slice),
-    Stage("evaluate", "held-out loss per rank", stage_evaluate),
+    Stage("evaluate", "held-out loss and exact match per rank", stage_evaluate),
     Stage("merge", "merge the largest sliced rank into the base", "mlora_export.converters.merge:demo_stage"),
     Stage("onnx", "export to ONNX with the rank as an input, verify in ONNX Runtime", "mlora_export.converters.onnx.export:demo_stage"),
     Stage("bundle", "write a Hub variant bundle (local, no network)", "mlora_export.converters.hub.bundle:demo_stage"),
@@ -245,8 +332,7 @@ def demo_train_settings(ctx: DemoContext) -> Any:
     """The :class:`~mlora_export.finetune.TrainSettings` of the demo (shorter with ``ctx.quick``)."""
     from .finetune import TrainSettings
 
-    return TrainSettings(
-        method="matryoshka",
+    return TrainSettings(  # the method is the default one, as `mlora-export train` uses
         train_ranks=ctx.train_ranks,
         scaling="sqrt",
         alpha=1.0,
@@ -297,4 +383,4 @@ def run_demo(
     return DemoResult(Path(output), reports)
 
 
-__all__ = ["DemoContext", "DemoResult", "Stage", "StageReport", "STAGES", "run_demo", "demo_train_settings"]
+__all__ = ["DemoContext", "DemoResult", "Stage", "StageReport", "STAGES", "demo_train_settings", "demo_verdict", "run_demo"]

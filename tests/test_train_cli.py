@@ -183,9 +183,11 @@ def test_demo_quick_end_to_end(tmp_path: Path) -> None:
     res = _run(["demo", str(out), "--quick"])
     assert res.exit_code == 0, res.output
     text = res.stdout
-    assert "[train]" in text and "[slice]" in text and "[evaluate]" in text and "held-out loss" in text
-    assert "every trained rank beats the base" in text
-    for sub in ("base/model.safetensors", "base/tokenizer.json", "nested/matryoshka_config.json", "slices/r2/adapter_config.json", "slices/r8/adapter_model.safetensors"):
+    assert "[train]" in text and "[renest]" in text and "[slice]" in text and "[evaluate]" in text and "held-out loss" in text
+    assert "nested-loss adapter, max rank 16" in text  # the default method
+    assert "ranks beat the base on held-out loss" in text and "exact match" in text and "re-nested plain LoRA (SVD)" in text
+    for sub in ("base/model.safetensors", "base/tokenizer.json", "nested/matryoshka_config.json", "slices/r2/adapter_config.json",
+                "slices/r8/adapter_model.safetensors", "lora/adapter_model.safetensors", "renested/matryoshka_config.json"):
         assert (out / sub).is_file(), sub
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".demo.")]
     # every stage ran, and what the outputs point at exists after the final rename
@@ -207,6 +209,27 @@ def test_demo_json_rows_show_every_rank_and_slices_match(tmp_path: Path) -> None
     ranks = result.to_dict()["stages"][-1]["data"]["ranks"]
     assert [r["rank"] for r in ranks] == [0, 1, 2, 4, 8, 16]
     assert all(r["loss"] < ranks[0]["loss"] for r in ranks[1:])
+    assert all(0.0 <= r["exact_match"] <= 1.0 and r["renested_loss"] is None for r in ranks)
     for r in ranks:
         if r["slice_loss"] is not None:  # plain PEFT on the slice == the nested adapter at that rank
             assert r["slice_loss"] == pytest.approx(r["loss"], rel=1e-5)
+
+
+def _row(k: int, loss: float, em: float, svd_em: float | None = None) -> dict:
+    return {"rank": k, "loss": loss, "exact_match": em, "renested_exact_match": svd_em}
+
+
+def test_demo_verdict_is_computed_from_the_table() -> None:
+    """The closing lines follow the numbers: a rank that does not beat the base is named, never hidden."""
+    from mlora_export.demo import demo_verdict
+
+    good = [_row(0, 5.0, 0.0, 0.0), _row(1, 3.0, 0.2, 0.1), _row(2, 2.0, 0.5, 0.4), _row(4, 1.0, 0.9, 0.8)]
+    lines = demo_verdict(good, "nested-loss")
+    assert lines[0].startswith("nested-loss: 3/3 ranks beat the base on held-out loss, 3/3 on exact match (base 0.0%; best rank 4: 90.0%")
+    assert lines[1] == "every trained rank works on this task: one training run, every rank usable"
+    assert lines[2].startswith("re-nested plain LoRA (SVD): AURAC v2 ")
+    bad = [_row(0, 5.0, 0.1), _row(1, 6.0, 0.0), _row(2, 4.0, 0.1), _row(4, 1.0, 0.9)]
+    lines = demo_verdict(bad, "matryoshka")
+    assert "1/3 ranks beat the base on held-out loss" not in lines[0] and "2/3 ranks beat the base on held-out loss, 1/3 on exact match" in lines[0]
+    assert lines[1] == "warning: rank(s) 1, 2 do not beat the base here; evaluate before deploying them"
+    assert len(lines) == 2  # no re-nested numbers, no line about them
