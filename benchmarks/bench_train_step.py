@@ -1,16 +1,18 @@
-"""Training-step cost of a MatryoshkaLoRA nested adapter vs a stock PEFT LoRA adapter, side by side.
+"""Training-step cost of a nested adapter (``--method``, default ``nested-loss``) vs a stock PEFT LoRA adapter, side by side.
 
 Both adapters have the same rank on the same Llama-shaped model (built from a config, random
 weights) and see the same batch. A step is forward + backward + AdamW step + zero_grad; the nested
-step also installs its diagonal (``train_diagonal(step)``), as the Trainer callback does. The two
-are interleaved (A B, B A, A B, …) and the medians compared, so machine load hits both alike.
-Wall time and this process's CPU time are both reported: on a shared machine, the CPU time with
-``--threads 1`` is the steadier measure.
+step also installs its diagonal (``train_diagonal(step)``), as the Trainer callback does, and for
+``nested-loss`` every forward assigns each example its rank and installs the per-example
+diagonals. The two are interleaved (A B, B A, A B, …) and the medians compared, so machine load
+hits both alike. Wall time and this process's CPU time are both reported: on a shared machine,
+the CPU time with ``--threads 1`` is the steadier measure.
 
-Goal (issue 2): nested step ≤ 1.05 × the PEFT LoRA step.
+Goal (issues 2 and 10): nested step ≤ 1.05 × the PEFT LoRA step.
 
     python benchmarks/bench_train_step.py                 # ~35 M params, 2 CPU cores: ~3 min
     python benchmarks/bench_train_step.py --preset 100m   # ~135 M params (Llama-shaped, vocab 32k)
+    python benchmarks/bench_train_step.py --method matryoshka
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ def build(preset: str, seed: int) -> torch.nn.Module:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    ap.add_argument("--method", choices=["nested-loss", "matryoshka", "dylora", "lora"], default="nested-loss")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=128)
@@ -66,7 +69,7 @@ def main() -> None:
     ranks = ranks if ranks[-1] == r else (*ranks, r)
 
     def build_nested(model: torch.nn.Module):
-        return add_nested_adapter(copy.deepcopy(model), MatryoshkaConfig("matryoshka", r, ranks, "sqrt"), target_modules="all-linear", seed=0)
+        return add_nested_adapter(copy.deepcopy(model), MatryoshkaConfig(args.method, r, (r,) if args.method == "lora" else ranks, "sqrt"), target_modules="all-linear", seed=0)
 
     def build_plain(model: torch.nn.Module) -> torch.nn.Module:
         alpha, rslora = peft_alpha_for(r, "sqrt")
@@ -103,7 +106,7 @@ def main() -> None:
 
         return step
 
-    steps = {"matryoshka": make_step(nested.model, nested.train_diagonal), "peft_lora": make_step(plain)}
+    steps = {"nested": make_step(nested.model, nested.train_diagonal), "peft_lora": make_step(plain)}
     for _ in range(args.warmup):
         for fn in steps.values():
             fn()
@@ -117,8 +120,9 @@ def main() -> None:
             cpu[name].append(proc)
     med = {k: statistics.median(v) for k, v in times.items()}
     med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
-    pair_ratios = [a / b for a, b in zip(times["matryoshka"], times["peft_lora"])]
+    pair_ratios = [a / b for a, b in zip(times["nested"], times["peft_lora"])]
     result = {
+        "method": args.method,
         "preset": args.preset,
         "params": n_params,
         "rank": r,
@@ -130,10 +134,10 @@ def main() -> None:
         "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(),
         "median_s": med,
-        "ratio_of_medians": med["matryoshka"] / med["peft_lora"],
+        "ratio_of_medians": med["nested"] / med["peft_lora"],
         "median_pair_ratio": statistics.median(pair_ratios),
         "median_cpu_s": med_cpu,
-        "cpu_ratio_of_medians": med_cpu["matryoshka"] / med_cpu["peft_lora"],
+        "cpu_ratio_of_medians": med_cpu["nested"] / med_cpu["peft_lora"],
         "times_s": times,
         "cpu_times_s": cpu,
     }
@@ -142,10 +146,10 @@ def main() -> None:
     else:
         print(f"model: Llama-shaped {n_params / 1e6:.1f} M params ({args.preset}), all-linear LoRA rank {r}, batch {args.batch}x{args.seq}, "
               f"{torch.get_num_threads()} threads, {args.reps} interleaved reps")
-        print(f"  matryoshka step   median {med['matryoshka'] * 1e3:8.1f} ms")
+        print(f"  {args.method} step   median {med['nested'] * 1e3:8.1f} ms")
         print(f"  PEFT LoRA step    median {med['peft_lora'] * 1e3:8.1f} ms")
         print(f"  ratio of medians  {result['ratio_of_medians']:.3f}   (median of paired ratios {result['median_pair_ratio']:.3f}; goal <= 1.05)")
-        print(f"  CPU time (this process only): matryoshka {med_cpu['matryoshka'] * 1e3:.1f} ms, PEFT LoRA {med_cpu['peft_lora'] * 1e3:.1f} ms, "
+        print(f"  CPU time (this process only): {args.method} {med_cpu['nested'] * 1e3:.1f} ms, PEFT LoRA {med_cpu['peft_lora'] * 1e3:.1f} ms, "
               f"ratio {result['cpu_ratio_of_medians']:.3f}")
 
 

@@ -208,9 +208,10 @@ class NestedLoraModel:
                 src = on_device.get((buf.device, buf.dtype))
                 if src is None:
                     src = on_device[(buf.device, buf.dtype)] = d.to(buf.device, buf.dtype)
-                if buf.shape == src.shape:
+                if key is not None and buf.shape == src.shape:
                     buf.copy_(src)
-                else:  # [r] <-> [batch, 1, r]: one tensor per device, shared by every layer
+                else:  # per-example diagonals: a new tensor per forward, shared by every layer, so a
+                    # graph still waiting for its backward keeps the diagonals it was built with
                     mod._buffers[_BUFFER] = src
                 setattr(mod, _KEY, key)
 

@@ -211,6 +211,12 @@ def test_gradient_accumulation_equals_one_big_batch() -> None:
     assert got.keys() == want.keys()
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6)
+    # the micro-batch losses summed first and one backward: each graph keeps its own diagonals
+    once = _fresh()
+    once.train_diagonal(3)
+    sum(once.model(input_ids=mb, labels=mb).loss / 3 for mb in ids.split(4)).backward()
+    for k, v in _lora_grads(once).items():
+        torch.testing.assert_close(v, want[k], rtol=1e-4, atol=1e-6)
 
 
 def test_processes_see_the_ranks_of_their_global_positions() -> None:

@@ -78,7 +78,7 @@ class Settings:
 
     grid: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
     seeds: tuple[int, ...] = (0, 1, 2)
-    lrs: tuple[float, ...] = (2e-3, 4e-3, 8e-3, 1.6e-2)
+    lrs: tuple[float, ...] = (2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2)
     regimes: tuple[str, ...] = ("cipher", "skill")
     #: share of the pre-training strings that use the rare fourth operation ``~``
     skill_fraction: float = 0.08
@@ -527,6 +527,10 @@ def _job(args: tuple[Settings, Path, str, int, float]) -> dict[str, Any]:
     return run_job(*args)
 
 
+#: Settings a rerun into the same output may change (they only add or select jobs).
+_EXTENSIBLE = ("seeds", "lrs", "regimes", "workers")
+
+
 def run(cfg: Settings, output: Path, *, force: bool = False) -> dict[str, Any]:
     """Run everything into ``output`` (reusing finished jobs there unless ``force``); return the summary."""
     import torch
@@ -534,9 +538,14 @@ def run(cfg: Settings, output: Path, *, force: bool = False) -> dict[str, Any]:
     if output.exists() and force:
         shutil.rmtree(output)
     output.mkdir(parents=True, exist_ok=True)
+    # A job file is keyed by (regime, seed, lr): a rerun may add seeds, lrs or regimes, not change the rest.
     settings_file = output / "settings.json"
-    if settings_file.exists() and json.loads(settings_file.read_text(encoding="utf-8")) != json.loads(json.dumps(dataclasses.asdict(cfg))):
-        raise SystemExit(f"error: {output} holds a run with other settings; pass --force to replace it")
+    fixed = {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(cfg))).items() if k not in _EXTENSIBLE}
+    if settings_file.exists():
+        old = {k: v for k, v in json.loads(settings_file.read_text(encoding="utf-8")).items() if k not in _EXTENSIBLE}
+        if old != fixed:
+            changed = sorted(k for k in fixed if old.get(k) != fixed[k])
+            raise SystemExit(f"error: {output} holds jobs run with other settings ({', '.join(changed)}); pass --force to replace them")
     settings_file.write_text(json.dumps(dataclasses.asdict(cfg), indent=1), encoding="utf-8")
     torch.set_num_threads(1)
     t_all = time.perf_counter()
@@ -574,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output", type=Path, required=True, help="folder for the base model, data, jobs/, report.md, rank_curve.png")
     ap.add_argument("--smoke", action="store_true", help="a seconds-long setting that exercises every step")
     ap.add_argument("--seeds", type=str, default=None, help="comma-separated seeds (default 0,1,2)")
-    ap.add_argument("--lrs", type=str, default=None, help="comma-separated learning rates (default 2e-3,4e-3,8e-3,1.6e-2)")
+    ap.add_argument("--lrs", type=str, default=None, help="comma-separated learning rates (default 2e-3,4e-3,8e-3,1.6e-2,3.2e-2)")
     ap.add_argument("--regimes", type=str, default=None, help="comma-separated regimes (default cipher,skill)")
     ap.add_argument("--steps", type=int, default=None, help="fine-tuning steps of one run (default 300)")
     ap.add_argument("--workers", type=int, default=None, help="processes running jobs side by side, one torch thread each (default 2)")
