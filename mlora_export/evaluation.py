@@ -559,10 +559,18 @@ def evaluate(
 
 # -- output ------------------------------------------------------------------------------------
 def write_results(result: EvalResult, output: str | os.PathLike[str], *, force: bool = False) -> Path:
-    """Write ``results.json`` and ``rank_curve.png`` into the folder ``output``, atomically."""
+    """Write ``results.json`` and ``rank_curve.png`` into the folder ``output``, atomically.
+
+    Raises:
+        OutputPathError: ``output`` is, holds or lies inside an evaluated adapter, the base model
+            or the data file.
+        OutputExistsError: ``output`` exists and ``force`` is false.
+    """
     from .plotting import plot_rank_curves
 
-    with atomic_output_dir(output, force) as tmp:
+    inputs = [result.base_model, result.data.path, *(c.path for c in result.curves),
+              *(m.path for c in result.curves for m, _ in c.members)]
+    with atomic_output_dir(output, force, inputs) as tmp:
         with open(tmp / RESULTS_NAME, "w", encoding="utf-8") as f:
             json.dump(result.to_dict(), f, indent=2)
             f.write("\n")

@@ -213,10 +213,12 @@ def write_bundle(
         RankError: a rank is outside ``[1, r]``.
         ConfigError: unknown ``scale_mode`` or an invalid license id.
         OutputExistsError: ``output`` exists and ``force`` is false.
+        OutputPathError: ``output`` is, holds or lies inside the adapter or ``onnx_dir``.
     """
     check_scale_mode(scale_mode)
     check_license(license_id)
-    check_output_path(output, force)
+    inputs = [adapter.path if isinstance(adapter, NestedAdapter) else adapter, onnx_dir]
+    check_output_path(output, force, inputs)
     # The NaN/inf check is made by write_slices, alongside the writing.
     nested = adapter if isinstance(adapter, NestedAdapter) else NestedAdapter.load(adapter, check_finite=False)
     if not nested.is_nested:
@@ -237,7 +239,7 @@ def write_bundle(
     raw_cfg = json.loads((nested.path / CONFIG_NAME).read_text(encoding="utf-8"))
     metrics = _metrics_by_rank(raw_cfg.get("evaluation"))
 
-    with atomic_output_dir(output, force) as tmp:
+    with atomic_output_dir(output, force, inputs) as tmp:
         (tmp / NESTED_DIR).mkdir()
         for src in src_files:
             shutil.copyfile(src, tmp / NESTED_DIR / src.name)

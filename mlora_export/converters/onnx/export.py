@@ -149,6 +149,7 @@ def export_onnx(
         ConfigError: conflicting flags, a bad opset or an unavailable provider.
         RankError: ``rank`` outside ``[1, r]``.
         OutputExistsError: ``output`` exists without ``force`` or cannot be written.
+        OutputPathError: ``output`` is, holds or lies inside the adapter or base model folder.
         InvalidAdapterError, BaseModelError, BaseModelMismatchError: bad inputs.
         ExportError: the exporters fail, or ONNX Runtime disagrees with PyTorch beyond tolerance.
     """
@@ -157,7 +158,8 @@ def export_onnx(
     t0 = time.perf_counter()
     kind = resolve_kind(rank, merged, adapters_per_rank)
     check_opset(opset)
-    check_output_path(output, force)
+    inputs = [adapter.path if isinstance(adapter, NestedAdapter) else adapter, base_model]
+    check_output_path(output, force, inputs)
     nested = adapter if isinstance(adapter, NestedAdapter) else NestedAdapter.load(adapter)
     if rank is not None:
         if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= nested.max_rank:
@@ -190,7 +192,7 @@ def export_onnx(
 
     # the model, plus one float32 adapter file per rank (A[:k] and s(k)·B[:, :k])
     check_free_space(Path(output).absolute().parent, nbytes + sum(4 * nested.params_at(k) for k in adapter_ranks))
-    with atomic_output_dir(output, force) as tmp:
+    with atomic_output_dir(output, force, inputs) as tmp:
         top, _ = build_export_model(model, task, nested, kind, rank)
         tick("model wrapped")
         path = tmp / MODEL_NAME
