@@ -256,7 +256,7 @@ def bad_bases(work: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -
     (pickle_only / "pytorch_model.bin").write_bytes(b"\x80\x04 would run code if unpickled")
     empty = root / "empty"
     empty.mkdir()
-    (empty / "config.json").write_text("{}")
+    shutil.copy(work["llama-float32-single"] / "config.json", empty / "config.json")
     truncated = root / "truncated"
     shutil.copytree(work["llama-float32-single"], truncated)
     data = (truncated / "model.safetensors").read_bytes()

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import traceback
 import warnings
+from collections.abc import Callable
 
 import click
 
@@ -39,9 +42,49 @@ def main(ctx: click.Context, verbose: int) -> None:
         logger.propagate = saved[1]
 
     ctx.call_on_close(restore)
+    ctx.call_on_close(_quiet_libraries(verbose))
     # PEFT 0.21 calls a name transformers 5 deprecated; the FutureWarning is noise for our users.
     ctx.with_resource(warnings.catch_warnings())
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
+def _quiet_libraries(verbose: int) -> Callable[[], None]:
+    """One line per error on stderr: without ``-v``, transformers logs errors only, and no
+    library draws progress bars when stderr is not a terminal (a log file, a pipe). Set through
+    the variables the libraries read at import (and their switches, when already imported);
+    returns the function that restores them."""
+    saved = {k: os.environ.get(k) for k in ("TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS")}
+    bars_off = False
+    if verbose == 0:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if not _stderr_is_terminal():
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        if "huggingface_hub" in sys.modules:
+            import huggingface_hub.utils as hub_utils
+
+            if not hub_utils.are_progress_bars_disabled():
+                hub_utils.disable_progress_bars()
+                bars_off = True
+
+    def restore() -> None:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        if bars_off:
+            import huggingface_hub.utils as hub_utils
+
+            hub_utils.enable_progress_bars()
+
+    return restore
+
+
+def _stderr_is_terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 class _EchoHandler(logging.Handler):

@@ -38,14 +38,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..adapter import AdapterReader, NestedAdapter, orient_delta
-from ..base_model import SAFE_INDEX, SAFE_SINGLE
+from ..base_model import SAFE_INDEX, SAFE_SINGLE, check_base_config
 from ..errors import (
     BaseModelError,
     BaseModelMismatchError,
     ConfigError,
     InvalidAdapterError,
 )
-from ..fs import atomic_output_dir, check_free_space, check_output_path
+from ..fs import atomic_output_dir, check_free_space, check_output_path, read_json
 from ..safetensors_io import (
     DTYPE_SIZES,
     SafetensorsHeader,
@@ -169,14 +169,11 @@ def _scan_base(path: str | os.PathLike[str]) -> _BaseModel:
         raise BaseModelError(f"base model folder {str(root)!r} does not exist")
     if not root.is_dir():
         raise BaseModelError(f"base model path {str(root)!r} is a file; pass the model folder (with config.json and the weights)")
+    check_base_config(root)
     index_path = root / SAFE_INDEX
     index: dict[str, Any] | None = None
     if index_path.exists():
-        try:
-            with open(index_path, encoding="utf-8") as f:
-                index = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise BaseModelError(f"{index_path}: not valid JSON ({e}); re-download or re-save the base model") from e
+        index = read_json(index_path, BaseModelError, what="weight index")  # type: ignore[assignment]
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
             raise BaseModelError(f"{index_path}: expected a non-empty 'weight_map' of tensor name → shard file; re-download or re-save the base model")

@@ -292,8 +292,6 @@ def write_bundle(
     ks = resolve_ranks(nested, ranks if isinstance(ranks, str) else list(ranks))
     base = base_model or nested.base_model
     hub_base = hub_base_model(base)
-    if base and hub_base is None and warn_local_base:
-        logger.warning("base model %r is not a Hub repo id, so the model card leaves base_model out; pass --base-model org/name", base)
     src_files = [nested.path / n for n in (PEFT_CONFIG_NAME, WEIGHTS_NAME, CONFIG_NAME)]
     slice_total = sum(nested.bytes_at(k) for k in ks)
     onnx_src = Path(onnx_dir) if onnx_dir is not None else None
@@ -365,6 +363,8 @@ def write_bundle(
             for p in sorted(all_files, key=lambda p: p.relative_to(tmp).as_posix())
         ]
         write_json(tmp / MANIFEST_NAME, manifest)
+    if base and hub_base is None and warn_local_base:  # after the writing: an error stays the one line on stderr
+        logger.warning("base model %r is not a Hub repo id, so the model card leaves base_model out; pass --base-model org/name", base)
     logger.info("bundle: wrote %s (ranks %s)", output, list(ks))
     return Bundle.load(output, verify=False)
 

@@ -25,6 +25,7 @@ from typing import Any
 
 from ... import __version__
 from ...adapter import NestedAdapter
+from ...base_model import check_base_model_dir, check_float_targets
 from ...errors import ConfigError, ExportError, RankError
 from ...fs import atomic_output_dir, check_free_space, check_output_path
 from .graph import (
@@ -179,6 +180,7 @@ def export_onnx(
         if progress is not None:
             progress(step[0], total)
 
+    check_float_targets(check_base_model_dir(base_model), nested.modules)  # headers only: before the model loads
     model, task = load_base_model(base_model)
     check_fits(model, nested, base_model)
     vocab = int(getattr(model.config, "vocab_size"))
