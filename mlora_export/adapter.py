@@ -290,6 +290,11 @@ _PEFT_TYPES: dict[str, tuple[str, Any]] = {
 }
 
 
+#: The largest ``r`` an adapter may declare (far above any LoRA rank in use): a larger one is a
+#: corrupt or hostile file, refused before anything of that size is computed.
+MAX_LORA_RANK = 1 << 16
+
+
 def _check_peft_config(cfg: Any, path: Path) -> None:
     """Check ``adapter_config.json``'s kind and the types of every key this package reads or
     copies; nothing is coerced (``"false"`` is not false).
@@ -317,6 +322,8 @@ def _check_peft_config(cfg: Any, path: Path) -> None:
     r = cfg.get("r")
     if not _is_int(r) or r < 1:
         raise InvalidAdapterError(f"{path}: r must be a positive integer, found {json.dumps(r)[:40]}")
+    if r > MAX_LORA_RANK:
+        raise InvalidAdapterError(f"{path}: r = {str(r)[:20]}{'…' if len(str(r)) > 20 else ''} is above {MAX_LORA_RANK}, the largest LoRA rank supported")
     alpha = cfg.get("lora_alpha", 8)
     if not _is_number(alpha) or alpha <= 0:
         raise InvalidAdapterError(f"{path}: lora_alpha must be a positive number, found {json.dumps(alpha)[:40]}")

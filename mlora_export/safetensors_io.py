@@ -141,6 +141,8 @@ def parse_header(raw: bytes, data_len: int, source: str = "safetensors file") ->
         raise bad(str(e)[:200]) from None
     except RecursionError:
         raise bad("nested too deeply") from None
+    except ValueError as e:  # an integer of thousands of digits
+        raise bad(str(e)[:120]) from None
     if not isinstance(header, dict):
         raise bad(f"a JSON {type(header).__name__}, not an object")
     metadata = header.pop("__metadata__", None)

@@ -54,7 +54,7 @@ def _quiet_libraries(verbose: int) -> Callable[[], None]:
     the variables the libraries read at import (and their switches, when already imported);
     returns the function that restores them."""
     saved = {k: os.environ.get(k) for k in ("TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS")}
-    bars_off = False
+    bars_off = hf_bars_off = False
     if verbose == 0:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     if not _stderr_is_terminal():
@@ -65,6 +65,12 @@ def _quiet_libraries(verbose: int) -> Callable[[], None]:
             if not hub_utils.are_progress_bars_disabled():
                 hub_utils.disable_progress_bars()
                 bars_off = True
+        if "transformers" in sys.modules:
+            from transformers.utils import logging as hf_logging
+
+            if hf_logging.is_progress_bar_enabled():
+                hf_logging.disable_progress_bar()
+                hf_bars_off = True
 
     def restore() -> None:
         for key, value in saved.items():
@@ -76,6 +82,10 @@ def _quiet_libraries(verbose: int) -> Callable[[], None]:
             import huggingface_hub.utils as hub_utils
 
             hub_utils.enable_progress_bars()
+        if hf_bars_off:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.enable_progress_bar()
 
     return restore
 
