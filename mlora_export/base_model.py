@@ -182,16 +182,16 @@ def check_device(device: str) -> str:
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError, TypeError):
-        raise ConfigError(f"--device {str(device)[:40]!r} is not a torch device; use cpu, cuda or cuda:N") from None
+        raise ConfigError(f"device {str(device)[:40]!r} is not a torch device; use cpu, cuda or cuda:N") from None
     if dev.type == "cpu":
         return device
     backend = getattr(torch, dev.type, None)
     available = getattr(backend, "is_available", None)
     if available is None or not available():
-        raise ConfigError(f"--device {device!r}: this machine has no {dev.type} device; use --device cpu")
+        raise ConfigError(f"device {device!r}: this machine has no {dev.type} device; use cpu")
     count = getattr(backend, "device_count", lambda: 1)()
     if dev.index is not None and dev.index >= count:
-        raise ConfigError(f"--device {device!r}: this machine has {count} {dev.type} device(s), numbered from 0")
+        raise ConfigError(f"device {device!r}: this machine has {count} {dev.type} device(s), numbered from 0")
     return device
 
 

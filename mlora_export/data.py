@@ -112,7 +112,7 @@ def load_jsonl(path: str | os.PathLike[str]) -> list[Example]:
                 if len(raw) > MAX_LINE_CHARS:
                     raise DataError(
                         f"{p}, line {number}: longer than {MAX_LINE_CHARS:,} characters, the most one record may have; "
-                        "split or shorten it (longer examples are truncated to --max-length tokens anyway)"
+                        "split or shorten it (examples are truncated to the maximum token length anyway)"
                     )
                 if not raw.strip():
                     continue

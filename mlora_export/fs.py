@@ -255,16 +255,18 @@ def atomic_output_dir(
         raise OutputExistsError(f"cannot create output {str(out)!r}: {e.strerror or e}; choose another path") from e
     try:
         yield tmp
-        check_not_input(out, inputs)  # nothing may have turned the output into an input meanwhile
         if out.exists() or out.is_symlink():
             old = _sibling(parent, out.name, "old")
             os.replace(out, old)
             try:
                 os.replace(tmp, out)
             except BaseException:
-                os.replace(old, out)
+                os.replace(old, out)  # put the previous output back: nothing is lost
                 raise
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() and not old.is_symlink() else old.unlink()
+            if old.is_symlink() or not old.is_dir():
+                old.unlink()
+            else:
+                shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
         logger.debug("wrote %s", out)

@@ -595,7 +595,7 @@ def test_eval_bad_device(proj: Path, device: str) -> None:
     if device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.device_count() > int(device.split(":")[1]):
         pytest.skip("that device exists here")
     res = run("eval", "nested", "--base-model", "base", "--data", "data/train.jsonl", "--device", device, "--output", "out")
-    assert res.exit_code == 2 and "--device" in one_line(res), res.output
+    assert res.exit_code == 2 and f"device {device!r}" in one_line(res), res.output
     assert not (proj / "out").exists()
 
 

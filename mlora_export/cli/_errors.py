@@ -4,7 +4,8 @@ Exit codes come from the exception classes (:attr:`MloraError.exit_code`) plus t
 :data:`BUILTIN_EXIT_CODES` for the few builtin errors that always mean bad input. Every error is
 one line on stderr; a traceback is shown only when ``MLORA_DEBUG=1``.
 
-While a command runs, ``SIGTERM`` and ``SIGHUP`` are handled like Ctrl-C: they raise an
+Without ``-v``, library warnings are held until the command ends: shown after a success,
+dropped after an error. While a command runs, ``SIGTERM`` and ``SIGHUP`` are handled like Ctrl-C: they raise an
 interrupt in the main thread, so every temporary output is removed before the process exits
 (with ``128 + signal``). The command's path arguments are declared as protected inputs
 (:func:`mlora_export.fs.protected_inputs`), so no output of the command can replace one.
@@ -33,6 +34,27 @@ BUILTIN_EXIT_CODES: dict[type[BaseException], int] = {RecursionError: 2}
 
 #: Signals handled like Ctrl-C while a command runs.
 TERMINATING_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+#: Warnings logged while a command runs (without ``-v``), shown when it ends: after a success,
+#: all of them; after an error, none, so that the error is the one line on stderr.
+_held_warnings: list[str] = []
+
+
+def hold_warning(line: str) -> None:
+    _held_warnings.append(line)
+
+
+def flush_warnings() -> None:
+    """Print the held warnings on stderr (the command succeeded)."""
+    lines, _held_warnings[:] = list(_held_warnings), []
+    for line in lines:
+        click.echo(line, err=True)
+
+
+def drop_warnings() -> None:
+    """Forget the held warnings (the command failed: its error is the one line shown)."""
+    _held_warnings.clear()
 
 
 class Terminated(KeyboardInterrupt):
@@ -127,15 +149,18 @@ def handle_errors(func: F) -> F:
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except Terminated as exc:
+            drop_warnings()
             name = signal.Signals(exc.signum).name
             click.echo(f"error: stopped by {name}; no output was written", err=True)
             sys.exit(128 + exc.signum)
         except KeyboardInterrupt:
+            drop_warnings()
             click.echo("error: interrupted; no output was written", err=True)
             sys.exit(130)
         except Exception as exc:  # noqa: BLE001 - the one place that turns errors into exit codes
             if debug_enabled():
                 logging.getLogger("mlora_export").exception("command failed")
+            drop_warnings()
             click.echo(f"error: {message_for(exc)}", err=True)
             sys.exit(exit_code_for(exc))
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import click
 
 from .. import __version__
+from ._errors import flush_warnings, hold_warning
 from . import demo_cmd, eval_cmd, hub_cmd, inspect_cmd, merge_cmd, onnx_cmd, slice_cmd, train_cmd
 
 
@@ -30,7 +31,7 @@ def main(ctx: click.Context, verbose: int) -> None:
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logger = logging.getLogger("mlora_export")
     saved = (logger.level, logger.propagate)
-    handler = _EchoHandler()
+    handler = _EchoHandler(hold=verbose == 0)
     logger.setLevel(level)
     logger.addHandler(handler)
     logger.propagate = False
@@ -40,6 +41,7 @@ def main(ctx: click.Context, verbose: int) -> None:
         logger.removeHandler(handler)
         logger.setLevel(saved[0])
         logger.propagate = saved[1]
+        flush_warnings()
 
     ctx.call_on_close(restore)
     ctx.call_on_close(_quiet_libraries(verbose))
@@ -98,13 +100,23 @@ def _stderr_is_terminal() -> bool:
 
 
 class _EchoHandler(logging.Handler):
-    """Send library log records to stderr through click (so they follow click's stream handling)."""
+    """Send library log records to stderr through click (so they follow click's stream handling).
+
+    With ``hold``, warnings are held until the command ends (see :func:`._errors.flush_warnings`).
+    """
+
+    def __init__(self, hold: bool = False) -> None:
+        super().__init__()
+        self.hold = hold
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             message = f"{record.levelname.lower()}: {record.getMessage()}"
             if record.exc_info:
                 message += "\n" + "".join(traceback.format_exception(*record.exc_info)).rstrip()
+            if self.hold and record.levelno == logging.WARNING:
+                hold_warning(message)
+                return
             click.echo(message, err=True)
         except Exception:  # noqa: BLE001 - logging must never raise
             self.handleError(record)
