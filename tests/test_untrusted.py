@@ -614,17 +614,28 @@ def test_overlong_jsonl_record_is_refused_before_it_is_held(proj: Path) -> None:
         load_jsonl(proj / "data" / "deep.jsonl")
 
 
-def test_full_disk_mid_merge_is_one_line(proj: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("command", ["merge", "train", "eval"])
+def test_full_disk_mid_run_is_one_line(proj: Path, monkeypatch: pytest.MonkeyPatch, command: str) -> None:
+    import mlora_export.plotting as plotting
     import mlora_export.safetensors_io as sio
 
-    def full(fd: int, buffers: list, offset: int, lock: object) -> None:
+    def full(*args: object, **kwargs: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(sio, "_pwrite_all", full)
-    res = run("merge", "nested", "--base-model", "base", "--rank", "2", "--output", "out")
+    monkeypatch.setattr(sio, "_pwrite_all", full)  # merge and train write safetensors
+    monkeypatch.setattr(plotting, "plot_rank_curves", full)  # eval writes its plot after results.json
+    args = {
+        "merge": ["merge", "nested", "--base-model", "base", "--rank", "2"],
+        "train": ["train", "--base-model", "base", "--data", "data/train.jsonl", "--ranks", "2", "--max-steps", "1"],
+        "eval": ["eval", "nested", "--base-model", "base", "--data", "data/train.jsonl", "--ranks", "2", "--device", "cpu"],
+    }[command]
+    before = snapshot(proj)
+    res = run(*args, "--output", "out")
+    assert res.exit_code != 0
     err = one_line(res)
     assert "disk filled up while writing 'out'" in err and "GiB" in err, err
     assert not (proj / "out").exists() and temporaries(proj) == []
+    assert snapshot(proj) == before
 
 
 def test_transformers_warnings_and_bars_do_not_reach_stderr(proj: Path) -> None:
