@@ -163,6 +163,8 @@ def pull_rank(
             raise InvalidAdapterError(f"{source}: does not list {CONFIG_NAME}; the bundle is broken")
         for entry in entries:
             rel = entry["path"][len(prefix):]
+            if any(part.startswith(".") for part in entry["path"].split("/")):  # the client keeps its own metadata in .cache/
+                raise InvalidAdapterError(f"{source}: file {entry['path']!r} is a hidden path, which a bundle never holds; the bundle is broken")
             if rel.split("/")[0] in (PROVENANCE_DIR, DOWNLOAD_DIR):
                 raise InvalidAdapterError(f"{source}: file {entry['path']!r} would take the place of the pulled folder's own {rel.split('/')[0]}/; the bundle is broken")
         logger.info("pulling rank %d of %s@%s (%d bytes)", chosen.rank, repo_id, commit[:10], chosen.bytes)
