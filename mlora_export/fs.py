@@ -83,8 +83,11 @@ def check_not_input(path: PathLike, inputs: Iterable[PathLike | None] = ()) -> N
     """
     out = Path(path)
     real = _real(out)
-    cwd = _real(Path.cwd())
-    if real == Path(real.anchor) or _inside(cwd, real):
+    try:
+        cwd: Path | None = _real(Path.cwd())
+    except OSError:  # the working folder was removed: nothing to protect there
+        cwd = None
+    if real == Path(real.anchor) or (cwd is not None and _inside(cwd, real)):
         what = "the working folder" if real == cwd else "the file system root" if real == Path(real.anchor) else "a parent of the working folder"
         raise OutputPathError(f"output {str(out)!r} is {what}; give a new folder for the output, e.g. ./out")
     for given, label in [*_protected.get(), *((i, None) for i in inputs)]:
