@@ -249,21 +249,67 @@ def orient_delta(delta: "torch.Tensor", fan_in_fan_out: bool) -> "torch.Tensor":
 
 
 def _read_json(path: Path) -> Any:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise InvalidAdapterError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); fix or re-create the file") from e
-    except UnicodeDecodeError as e:
-        raise InvalidAdapterError(f"{path}: not UTF-8 text; fix or re-create the file") from e
+    from .fs import read_json
+
+    return read_json(path, InvalidAdapterError, what=path.name)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
+
+
+def _is_str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+#: The ``adapter_config.json`` keys this package reads or copies, and the JSON types PEFT gives
+#: them (``None`` allowed where PEFT's default is ``None`` or the key is optional).
+_PEFT_TYPES: dict[str, tuple[str, Any]] = {
+    "peft_type": ("a string", lambda v: isinstance(v, str)),
+    "task_type": ("a string or null", lambda v: v is None or isinstance(v, str)),
+    "base_model_name_or_path": ("a string or null", lambda v: v is None or isinstance(v, str)),
+    "fan_in_fan_out": ("true or false", lambda v: isinstance(v, bool)),
+    "use_rslora": ("true or false", lambda v: isinstance(v, bool)),
+    "use_dora": ("true or false", lambda v: isinstance(v, bool)),
+    "lora_bias": ("true or false", lambda v: isinstance(v, bool)),
+    "inference_mode": ("true or false", lambda v: isinstance(v, bool)),
+    "target_modules": ("a string, a list of strings or null", lambda v: v is None or isinstance(v, str) or _is_str_list(v)),
+    "modules_to_save": ("a list of strings or null", lambda v: v is None or _is_str_list(v)),
+    "exclude_modules": ("a string, a list of strings or null", lambda v: v is None or isinstance(v, str) or _is_str_list(v)),
+    "layers_to_transform": ("an integer, a list of integers or null",
+                            lambda v: v is None or _is_int(v) or (isinstance(v, list) and all(_is_int(x) for x in v))),
+    "rank_pattern": ("an object", lambda v: v is None or isinstance(v, dict)),
+    "alpha_pattern": ("an object", lambda v: v is None or isinstance(v, dict)),
+    "lora_dropout": ("a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1),
+    "bias": ("'none', 'all' or 'lora_only'", lambda v: v in ("none", "all", "lora_only")),
+    "init_lora_weights": ("true, false or a method name", lambda v: isinstance(v, (bool, str))),
+}
+
+
+#: The largest ``r`` an adapter may declare (far above any LoRA rank in use): a larger one is a
+#: corrupt or hostile file, refused before anything of that size is computed.
+MAX_LORA_RANK = 1 << 16
 
 
 def _check_peft_config(cfg: Any, path: Path) -> None:
+    """Check ``adapter_config.json``'s kind and the types of every key this package reads or
+    copies; nothing is coerced (``"false"`` is not false).
+
+    Raises:
+        InvalidAdapterError: naming the key, the expected type and the value found.
+    """
     if not isinstance(cfg, dict):
-        raise InvalidAdapterError(f"{path}: expected a JSON object")
+        raise InvalidAdapterError(f"{path}: expected a JSON object, found {type(cfg).__name__}")
     peft_type = cfg.get("peft_type")
     if peft_type != "LORA":
-        raise InvalidAdapterError(f"{path}: peft_type is {peft_type!r}; only LoRA adapters (peft_type 'LORA') are supported")
+        raise InvalidAdapterError(f"{path}: peft_type is {str(peft_type)[:40]!r}; only LoRA adapters (peft_type 'LORA') are supported")
+    for key, (expected, ok) in _PEFT_TYPES.items():
+        if key in cfg and not ok(cfg[key]):
+            raise InvalidAdapterError(f"{path}: {key} must be {expected}, found {json.dumps(cfg[key])[:60]}; fix the file")
     if cfg.get("use_dora"):
         raise InvalidAdapterError(f"{path}: use_dora is true; DoRA adapters are not supported (their magnitude vector does not slice)")
     for key in ("rank_pattern", "alpha_pattern"):
@@ -271,12 +317,16 @@ def _check_peft_config(cfg: Any, path: Path) -> None:
             raise InvalidAdapterError(f"{path}: {key} is set; per-module ranks or alphas are not supported, use one r and lora_alpha")
     if cfg.get("lora_bias"):
         raise InvalidAdapterError(f"{path}: lora_bias is true; LoRA adapters with a bias on lora_B are not supported")
+    if cfg.get("bias", "none") != "none":
+        raise InvalidAdapterError(f"{path}: bias is {cfg['bias']!r}; LoRA adapters that train biases are not supported (use bias 'none')")
     r = cfg.get("r")
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise InvalidAdapterError(f"{path}: r must be a positive integer, found {r!r}")
+    if not _is_int(r) or r < 1:
+        raise InvalidAdapterError(f"{path}: r must be a positive integer, found {json.dumps(r)[:40]}")
+    if r > MAX_LORA_RANK:
+        raise InvalidAdapterError(f"{path}: r = {str(r)[:20]}{'…' if len(str(r)) > 20 else ''} is above {MAX_LORA_RANK}, the largest LoRA rank supported")
     alpha = cfg.get("lora_alpha", 8)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
-        raise InvalidAdapterError(f"{path}: lora_alpha must be a positive number, found {alpha!r}")
+    if not _is_number(alpha) or alpha <= 0:
+        raise InvalidAdapterError(f"{path}: lora_alpha must be a positive number, found {json.dumps(alpha)[:40]}")
 
 
 def peft_scaling(peft_config: Mapping[str, Any]) -> float:
@@ -330,7 +380,7 @@ class NestedAdapter:
         if not root.is_dir():
             raise InvalidAdapterError(f"adapter path {str(root)!r} is a file; pass the adapter folder")
         weights = root / WEIGHTS_NAME
-        if not weights.exists():
+        if not weights.exists() and not weights.is_symlink():
             if (root / PICKLE_WEIGHTS_NAME).exists():
                 raise InvalidAdapterError(
                     f"{root / PICKLE_WEIGHTS_NAME}: pickle weights are refused (unpickling runs arbitrary code); "
@@ -338,16 +388,30 @@ class NestedAdapter:
                 )
             raise InvalidAdapterError(f"{root}: no {WEIGHTS_NAME} found; is this a PEFT LoRA adapter folder?")
         peft_path = root / PEFT_CONFIG_NAME
-        if not peft_path.exists():
+        if not peft_path.exists() and not peft_path.is_symlink():
             raise InvalidAdapterError(f"{root}: no {PEFT_CONFIG_NAME} found; is this a PEFT LoRA adapter folder?")
         peft_config = _read_json(peft_path)
         _check_peft_config(peft_config, peft_path)
 
         cfg_path = root / CONFIG_NAME
         slice_info: dict[str, Any] | None = None
-        raw_cfg = _read_json(cfg_path) if cfg_path.exists() else None
+        raw_cfg = _read_json(cfg_path) if cfg_path.exists() or cfg_path.is_symlink() else None
         if isinstance(raw_cfg, dict) and raw_cfg.get("format") == SLICE_FORMAT:
             slice_info, raw_cfg = raw_cfg, None
+            rank = slice_info.get("rank")
+            if rank is not None and (not _is_int(rank) or rank != peft_config["r"]):
+                raise InvalidAdapterError(f"{cfg_path}: the slice says rank {json.dumps(rank)[:40]} but {PEFT_CONFIG_NAME} has r = {peft_config['r']}")
+        # Cheapest checks first: r against max_rank and the weights' shapes (header only) before
+        # anything of size max_rank (the diagonal p) is computed.
+        r = peft_config["r"]
+        if isinstance(raw_cfg, dict):
+            max_rank = raw_cfg.get("max_rank")
+            if _is_int(max_rank) and max_rank != r:
+                raise InvalidAdapterError(f"{peft_path}: r = {r} but {CONFIG_NAME} says max_rank = {max_rank}; they must agree")
+            stored_p = raw_cfg.get("p")
+            if isinstance(stored_p, list) and len(stored_p) != r:
+                raise InvalidAdapterError(f"{cfg_path}: stored p has {len(stored_p)} values but max_rank is {r}; remove 'p' or fix the other fields")
+        header, modules, dtype = cls._scan_weights(weights, r, check_finite=False)
         if raw_cfg is not None:
             config = MatryoshkaConfig.from_dict(raw_cfg, str(cfg_path))
             is_nested = True
@@ -370,7 +434,8 @@ class NestedAdapter:
             config = MatryoshkaConfig("lora", r, (r,), scaling, alpha, extra={"base_model": peft_config.get("base_model_name_or_path")})
             is_nested = False
 
-        header, modules, dtype = cls._scan_weights(weights, config.max_rank, check_finite)
+        if check_finite:
+            _check_finite(weights, header)
         return cls(root, config, peft_config, modules, dtype, is_nested=is_nested, header=header, slice_info=slice_info)
 
     @staticmethod
@@ -404,6 +469,8 @@ class NestedAdapter:
                     raise InvalidAdapterError(f"{weights}: tensor {info.name!r} has dtype {info.dtype}; expected a float type")
                 if len(info.shape) != 2:
                     raise InvalidAdapterError(f"{weights}: tensor {info.name!r} has shape {list(info.shape)}; expected 2 dimensions")
+                if 0 in info.shape:
+                    raise InvalidAdapterError(f"{weights}: tensor {info.name!r} has shape {list(info.shape)}, a zero-size dimension; the file is corrupt")
             if a.shape[0] != r:
                 raise InvalidAdapterError(f"{weights}: {a.name!r} has shape {list(a.shape)} but the adapter rank is {r}; expected [{r}, in_features]")
             if b.shape[1] != r:

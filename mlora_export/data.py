@@ -84,12 +84,19 @@ def _parse_line(obj: Any, where: str) -> Example:
     raise DataError(f"{where}: expected a \"text\" key or \"prompt\" and \"completion\" keys, found keys {keys}")
 
 
+#: The longest line (one record) :func:`load_jsonl` reads: a longer one is refused before it is
+#: held in memory (a 200 MB record would otherwise cost gigabytes before being truncated).
+MAX_LINE_CHARS = 4 * 2**20
+
+
 def load_jsonl(path: str | os.PathLike[str]) -> list[Example]:
     """Read and validate a JSONL data file.
 
+    Lines are read at most :data:`MAX_LINE_CHARS` characters at a time; a longer record is refused.
+
     Raises:
-        DataError: the file is missing, not UTF-8, empty, or a line is not valid JSON or lacks the
-            keys; the message names the file and the line number.
+        DataError: the file is missing, not a regular file, not UTF-8, empty, or a line is too
+            long, not valid JSON or lacks the keys; the message names the file and the line number.
     """
     p = Path(path)
     if not p.exists():
@@ -99,7 +106,14 @@ def load_jsonl(path: str | os.PathLike[str]) -> list[Example]:
     examples: list[Example] = []
     try:
         with p.open("r", encoding="utf-8") as fh:
-            for number, raw in enumerate(fh, start=1):
+            number = 0
+            while raw := fh.readline(MAX_LINE_CHARS + 1):
+                number += 1
+                if len(raw) > MAX_LINE_CHARS:
+                    raise DataError(
+                        f"{p}, line {number}: longer than {MAX_LINE_CHARS:,} characters, the most one record may have; "
+                        "split or shorten it (examples are truncated to the maximum token length anyway)"
+                    )
                 if not raw.strip():
                     continue
                 where = f"{p}, line {number}"
@@ -107,6 +121,10 @@ def load_jsonl(path: str | os.PathLike[str]) -> list[Example]:
                     obj = json.loads(raw)
                 except json.JSONDecodeError as e:
                     raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); each line must be one JSON object") from e
+                except RecursionError:
+                    raise DataError(f"{where}: JSON nested too deeply; each line must be one flat JSON object") from None
+                except ValueError as e:  # an integer of thousands of digits
+                    raise DataError(f"{where}: invalid JSON ({str(e)[:80]}); each line must be one JSON object") from None
                 ex = _parse_line(obj, where)
                 examples.append(Example(ex.text, ex.prompt, ex.completion, number))
     except UnicodeDecodeError as e:

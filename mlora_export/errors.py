@@ -43,6 +43,12 @@ class OutputExistsError(MloraError, FileExistsError):
     """The output path exists and ``force`` was not given."""
 
 
+class OutputPathError(OutputExistsError):
+    """The output path cannot be used: it is, holds or lies inside an input, it is the working
+    folder or one of its parents, or its name is too long for the file system. (A subclass of
+    :class:`OutputExistsError`, which callers already catch for an unusable output.)"""
+
+
 class InsufficientDiskError(MloraError, OSError):
     """Not enough free disk space for the output."""
 

@@ -48,7 +48,7 @@ from typing import Any
 
 from . import __version__
 from .adapter import CONFIG_NAME, NESTED_FORMAT, PEFT_CONFIG_NAME, NestedAdapter
-from .base_model import check_base_model_dir, check_dtype, load_base_model, load_tokenizer
+from .base_model import check_base_model_dir, check_device, check_dtype, load_base_model, load_tokenizer
 from .errors import BaseModelMismatchError, ConfigError, DataError, InvalidAdapterError, RankError
 from .fs import atomic_output_dir
 from .method import aurac
@@ -518,6 +518,7 @@ def evaluate(
     t0 = time.perf_counter()
     curves = plan_curves(adapters, ranks)
     check_dtype(dtype)
+    device = check_device(device) if device is not None else None
     check_base_model_dir(base_model_dir)
     tokenizer = load_tokenizer(tokenizer_dir if tokenizer_dir is not None else base_model_dir, hint="save one there or pass --tokenizer DIR")
     max_len = _max_positions(base_model_dir)
@@ -559,10 +560,18 @@ def evaluate(
 
 # -- output ------------------------------------------------------------------------------------
 def write_results(result: EvalResult, output: str | os.PathLike[str], *, force: bool = False) -> Path:
-    """Write ``results.json`` and ``rank_curve.png`` into the folder ``output``, atomically."""
+    """Write ``results.json`` and ``rank_curve.png`` into the folder ``output``, atomically.
+
+    Raises:
+        OutputPathError: ``output`` is, holds or lies inside an evaluated adapter, the base model
+            or the data file.
+        OutputExistsError: ``output`` exists and ``force`` is false.
+    """
     from .plotting import plot_rank_curves
 
-    with atomic_output_dir(output, force) as tmp:
+    inputs = [result.base_model, result.data.path, *(c.path for c in result.curves),
+              *(m.path for c in result.curves for m, _ in c.members)]
+    with atomic_output_dir(output, force, inputs) as tmp:
         with open(tmp / RESULTS_NAME, "w", encoding="utf-8") as f:
             json.dump(result.to_dict(), f, indent=2)
             f.write("\n")

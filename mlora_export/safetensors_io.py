@@ -11,6 +11,7 @@ import errno
 import functools
 import json
 import os
+import stat
 import struct
 import sys
 import threading
@@ -87,52 +88,131 @@ class SafetensorsHeader:
     data_start: int
 
 
+#: Size in bits of every dtype the safetensors format defines (sub-byte formats included), to
+#: check headers against; :data:`DTYPE_SIZES` lists those this package reads and writes.
+DTYPE_BITS: dict[str, int] = {
+    **{name: 8 * size for name, size in DTYPE_SIZES.items()},
+    "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "F8_E8M0": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "C64": 64,
+}
+
+#: The largest header the safetensors library accepts.
+MAX_HEADER_BYTES = 100 * 2**20
+
+
+def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` for :func:`json.loads`: a key twice is an error (``json`` keeps the last)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _nonneg_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def parse_header(raw: bytes, data_len: int, source: str = "safetensors file") -> SafetensorsHeader:
+    """Validate the JSON header ``raw`` of a safetensors file whose data section has
+    ``data_len`` bytes, as strictly as the safetensors library does (and refusing duplicate
+    names, which it lets pass): a JSON object; ``__metadata__``, if present, a string → string
+    object; each tensor a known dtype, a list of non-negative integer dimensions and two integer
+    ``data_offsets`` whose span is exactly ``dtype × shape``; the tensors, in offset order, tile
+    the data section from 0 to its end with no gap or overlap.
+
+    Raises:
+        InvalidAdapterError: naming ``source`` and the first fault.
+    """
+    def bad(what: str) -> InvalidAdapterError:
+        return InvalidAdapterError(f"{source}: corrupt safetensors header ({what}); re-download or re-save it")
+
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_refuse_duplicates)
+    except _DuplicateKey as e:
+        raise bad(f"the name {e.key[:80]!r} appears twice") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise bad(str(e)[:200]) from None
+    except RecursionError:
+        raise bad("nested too deeply") from None
+    except ValueError as e:  # an integer of thousands of digits
+        raise bad(str(e)[:120]) from None
+    if not isinstance(header, dict):
+        raise bad(f"a JSON {type(header).__name__}, not an object")
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise bad("__metadata__ must be an object of strings")
+    infos: list[TensorInfo] = []
+    for name, entry in header.items():
+        label = repr(name[:80])
+        if not isinstance(entry, dict):
+            raise bad(f"the entry of tensor {label} is not an object")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
+            raise bad(f"tensor {label} has unknown dtype {str(dtype)[:20]!r}")
+        if not isinstance(shape, list) or not all(_nonneg_int(d) for d in shape):
+            raise bad(f"tensor {label} needs a shape of non-negative integers, found {str(shape)[:60]}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_nonneg_int(o) for o in offsets)):
+            raise bad(f"tensor {label} needs data_offsets [begin, end] of two non-negative integers, found {str(offsets)[:60]}")
+        begin, end = offsets
+        if begin > end:
+            raise bad(f"tensor {label} has data_offsets {offsets}: begin after end")
+        if end > data_len:
+            raise InvalidAdapterError(
+                f"{source}: tensor {name!r} lies past the end of the file (file truncated?); re-download or re-save it"
+            )
+        bits = DTYPE_BITS[dtype]
+        for d in shape:
+            bits *= d
+        if bits % 8 or bits // 8 != end - begin:
+            raise InvalidAdapterError(f"{source}: tensor {name!r} declares {dtype} shape {shape} but {end - begin} bytes")
+        infos.append(TensorInfo(name, dtype, tuple(shape), begin, end))
+    infos.sort(key=lambda i: (i.begin, i.end))
+    at = 0
+    for info in infos:
+        if info.begin != at:
+            what = "overlaps the one before it" if info.begin < at else f"leaves a gap of {info.begin - at} bytes before it"
+            raise bad(f"tensor {info.name[:80]!r} at offset {info.begin} {what}")
+        at = info.end
+    if at != data_len:
+        raise bad(f"the tensors cover {at} of the {data_len} data bytes")
+    return SafetensorsHeader({i.name: i for i in infos}, metadata, 8 + len(raw))
+
+
 def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
-    """Parse the header of a safetensors file without reading tensor data.
+    """Parse the header of a safetensors file without reading tensor data (see :func:`parse_header`).
 
     Tensors are returned in the order of their data offsets (the order they were written in).
 
     Raises:
-        InvalidAdapterError: the file is too short, the header is not valid JSON, or the
-            declared offsets do not fit the file (a truncated download, say).
+        InvalidAdapterError: the path is not a regular file, the file is too short, the header
+            is not valid JSON or breaks the format, or the declared offsets do not fit the file
+            (a truncated download, say).
     """
     p = Path(path)
-    size = p.stat().st_size
+    try:
+        st = p.stat()
+    except OSError as e:
+        raise InvalidAdapterError(f"{p}: cannot read ({e.strerror or e})") from e
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file (a pipe or device?)"
+        raise InvalidAdapterError(f"{p}: is {kind}; expected a safetensors file")
+    size = st.st_size
     with open(p, "rb") as f:
         raw = f.read(8)
         if len(raw) < 8:
             raise InvalidAdapterError(f"{p}: not a safetensors file ({size} bytes, header missing); re-download or re-save it")
         (n,) = struct.unpack("<Q", raw)
-        if n > size - 8 or n > 100 * 2**20:
+        if n > size - 8 or n > MAX_HEADER_BYTES:
             raise InvalidAdapterError(f"{p}: corrupt safetensors header (declares {n} header bytes in a {size}-byte file); re-download or re-save it")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise InvalidAdapterError(f"{p}: corrupt safetensors header ({e}); re-download or re-save it") from e
-    if not isinstance(header, dict):
-        raise InvalidAdapterError(f"{p}: corrupt safetensors header (not a JSON object)")
-    metadata = header.pop("__metadata__", None)
-    infos: list[TensorInfo] = []
-    data_len = size - 8 - n
-    for name, entry in header.items():
-        try:
-            begin, end = (int(x) for x in entry["data_offsets"])
-            info = TensorInfo(name, str(entry["dtype"]), tuple(int(s) for s in entry["shape"]), begin, end)
-        except (KeyError, TypeError, ValueError) as e:
-            raise InvalidAdapterError(f"{p}: corrupt safetensors entry for tensor {name!r}") from e
-        expected = DTYPE_SIZES.get(info.dtype)
-        numel = 1
-        for s in info.shape:
-            numel *= s
-        if expected is not None and numel * expected != info.nbytes:
-            raise InvalidAdapterError(f"{p}: tensor {name!r} declares shape {list(info.shape)} but {info.nbytes} bytes")
-        if not 0 <= begin <= end <= data_len:
-            raise InvalidAdapterError(
-                f"{p}: tensor {name!r} lies past the end of the file (file truncated?); re-download or re-save it"
-            )
-        infos.append(info)
-    infos.sort(key=lambda i: (i.begin, i.end))
-    return SafetensorsHeader({i.name: i for i in infos}, metadata, 8 + n)
+        raw = f.read(n)
+    return parse_header(raw, size - 8 - n, str(p))
 
 
 #: For each float dtype: the unsigned type of its bit pattern and its exponent mask. A value is

@@ -209,6 +209,23 @@ class HubServer:
         repo = self.repo(repo_id, repo_type)
         return repo.read_blob(self.head_tree(repo_id, branch, repo_type)[path].sha256)
 
+    def seed_repo(self, repo_id: str, files: dict[str, bytes], *, branch: str = "main", private: bool = False,
+                  lfs_suffixes: tuple[str, ...] = (".safetensors",)) -> str:
+        """Make ``branch`` of ``repo_id`` (created if needed) hold exactly ``files`` (path → bytes)
+        plus ``.gitattributes``, in one commit written straight into the store; returns the commit.
+
+        For malicious-repo tests: no path is checked, so a repo can hold what no client would
+        push (paths that mirror absolute paths, files a manifest does not list, wrong folders).
+        """
+        with self._lock:
+            repo = self.repos.get(("models", repo_id)) or self.create_repo("models", repo_id, private)
+            tree = {".gitattributes": Entry(repo.put_blob(DEFAULT_GITATTRIBUTES), len(DEFAULT_GITATTRIBUTES), False)}
+            for path, data in files.items():
+                tree[path] = Entry(repo.put_blob(data), len(data), path.endswith(lfs_suffixes))
+            oid = self.new_commit(repo, repo.branches.get(branch), tree, "seeded")
+            repo.branches[branch] = oid
+            return oid
+
     # -- auth -----------------------------------------------------------------------------
     def user_for(self, authorization: str | None) -> str | None:
         """The user a request acts as; raises 401 for an unknown token."""

@@ -256,7 +256,7 @@ def bad_bases(work: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -
     (pickle_only / "pytorch_model.bin").write_bytes(b"\x80\x04 would run code if unpickled")
     empty = root / "empty"
     empty.mkdir()
-    (empty / "config.json").write_text("{}")
+    shutil.copy(work["llama-float32-single"] / "config.json", empty / "config.json")
     truncated = root / "truncated"
     shutil.copytree(work["llama-float32-single"], truncated)
     data = (truncated / "model.safetensors").read_bytes()
@@ -334,7 +334,7 @@ def test_cli_output_rules(work: dict[str, Path], tmp_path: Path) -> None:
     copy = tmp_path / "base-copy"
     shutil.copytree(base, copy)
     code, _, stderr = _run(nested, "--base-model", str(copy), "--rank", "8", "--output", str(copy), "--force")
-    assert code == 2 and "would replace the base model" in stderr
+    assert code == 2 and "is the input" in stderr and "(--base-model)" in stderr
     assert sorted(p.name for p in copy.iterdir()) == sorted(p.name for p in base.iterdir())
     code, _, stderr = _run(nested, "--base-model", str(base), "--rank", "8", "--output", str(out), "--dtype", "float8")
     assert code == 2 and "float8" in stderr
@@ -368,12 +368,16 @@ def test_cli_unwritable_output(work: dict[str, Path], tmp_path: Path, monkeypatc
     finally:
         ro.chmod(0o755)
 
-    def refuse(*args: object, **kwargs: object) -> str:
-        raise PermissionError(13, "Permission denied", str(kwargs.get("dir")))
+    real_mkdir = os.mkdir
+
+    def refuse(path: object, *args: object, **kwargs: object) -> None:
+        if ".tmp-" in str(path):
+            raise PermissionError(13, "Permission denied", str(path))
+        real_mkdir(path, *args, **kwargs)
 
     import mlora_export.fs as fs_mod
 
-    monkeypatch.setattr(fs_mod.tempfile, "mkdtemp", refuse)  # the temporary sibling cannot be created
+    monkeypatch.setattr(fs_mod.os, "mkdir", refuse)  # the temporary sibling cannot be created
     code, _, stderr = _run(*args, "--output", str(tmp_path / "out"))
     assert code == 2 and "cannot create output" in stderr and "Permission denied" in stderr, stderr
     _no_output(tmp_path / "out")

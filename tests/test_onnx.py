@@ -291,12 +291,16 @@ def test_cli_unwritable_output(tmp_path: Path, nested_dirs, base_dirs, monkeypat
     finally:
         ro.chmod(0o755)
 
-    def refuse(*args: object, **kwargs: object) -> str:
-        raise PermissionError(13, "Permission denied", str(kwargs.get("dir")))
-
     import mlora_export.fs as fs_mod
 
-    monkeypatch.setattr(fs_mod.tempfile, "mkdtemp", refuse)  # the temporary sibling cannot be created
+    real_mkdir = fs_mod.os.mkdir
+
+    def refuse(path: object, *a: object, **kw: object) -> None:
+        if ".tmp-" in str(path):
+            raise PermissionError(13, "Permission denied", str(path))
+        real_mkdir(path, *a, **kw)
+
+    monkeypatch.setattr(fs_mod.os, "mkdir", refuse)  # the temporary sibling cannot be created
     res = CliRunner().invoke(main, ["onnx", *args, "--output", str(tmp_path / "out"), "--no-verify"])
     assert res.exit_code == 2 and "cannot create output" in res.stderr and "Permission denied" in res.stderr, res.stderr
     assert listing(tmp_path) == ["ro"]

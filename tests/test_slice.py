@@ -193,10 +193,14 @@ def test_cli_slice_unusable_output_locations(tmp_path: Path, monkeypatch: pytest
     res = runner.invoke(main, ["slice", str(tmp_path / "nested"), "--ranks", "2", "--output", str(ro / "s")])
     assert res.exit_code == 2 and "not writable" in res.stderr and list(ro.iterdir()) == [], res.stderr
 
-    def refuse(*args: object, **kwargs: object) -> str:
-        raise PermissionError(13, "Permission denied", str(kwargs.get("dir")))
+    real_mkdir = os.mkdir
 
-    monkeypatch.setattr(fs_mod.tempfile, "mkdtemp", refuse)
+    def refuse(path: object, *args: object, **kwargs: object) -> None:
+        if ".tmp-" in str(path):
+            raise PermissionError(13, "Permission denied", str(path))
+        real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(fs_mod.os, "mkdir", refuse)
     res = runner.invoke(main, ["slice", str(tmp_path / "nested"), "--ranks", "2", "--output", str(tmp_path / "s")])
     assert res.exit_code == 2 and "cannot create output" in res.stderr and "Permission denied" in res.stderr, res.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "nested", "ro"]

@@ -1,15 +1,26 @@
 """Map library exceptions to one-line messages and exit codes, in one table.
 
-A traceback is shown only when ``MLORA_DEBUG=1``.
+Exit codes come from the exception classes (:attr:`MloraError.exit_code`) plus the table
+:data:`BUILTIN_EXIT_CODES` for the few builtin errors that always mean bad input. Every error is
+one line on stderr; a traceback is shown only when ``MLORA_DEBUG=1``.
+
+Without ``-v``, library warnings are held until the command ends: shown after a success,
+dropped after an error. While a command runs, ``SIGTERM`` and ``SIGHUP`` are handled like Ctrl-C: they raise an
+interrupt in the main thread, so every temporary output is removed before the process exits
+(with ``128 + signal``). The command's path arguments are declared as protected inputs
+(:func:`mlora_export.fs.protected_inputs`), so no output of the command can replace one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import click
@@ -17,6 +28,41 @@ import click
 from ..errors import MloraError
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+#: Builtin exceptions that reach the CLI only from bad input, and their exit codes.
+BUILTIN_EXIT_CODES: dict[type[BaseException], int] = {RecursionError: 2}
+
+#: Signals handled like Ctrl-C while a command runs.
+TERMINATING_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+#: Warnings logged while a command runs (without ``-v``), shown when it ends: after a success,
+#: all of them; after an error, none, so that the error is the one line on stderr.
+_held_warnings: list[str] = []
+
+
+def hold_warning(line: str) -> None:
+    _held_warnings.append(line)
+
+
+def flush_warnings() -> None:
+    """Print the held warnings on stderr (the command succeeded)."""
+    lines, _held_warnings[:] = list(_held_warnings), []
+    for line in lines:
+        click.echo(line, err=True)
+
+
+def drop_warnings() -> None:
+    """Forget the held warnings (the command failed: its error is the one line shown)."""
+    _held_warnings.clear()
+
+
+class Terminated(KeyboardInterrupt):
+    """``SIGTERM`` or ``SIGHUP`` arrived: unwinds like Ctrl-C, so outputs are cleaned up."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 def debug_enabled() -> bool:
@@ -27,7 +73,67 @@ def exit_code_for(exc: BaseException) -> int:
     """2 for bad usage or input (most :class:`MloraError`), 1 for everything else."""
     if isinstance(exc, MloraError):
         return exc.exit_code
+    for cls, code in BUILTIN_EXIT_CODES.items():
+        if isinstance(exc, cls):
+            return code
     return 1
+
+
+def message_for(exc: BaseException) -> str:
+    """The one-line message for ``exc``."""
+    from ..fs import disk_full_error
+
+    if isinstance(exc, MloraError):
+        text = str(exc)
+    elif isinstance(exc, RecursionError):
+        text = "an input file is nested too deeply to read (a JSON array or object thousands of levels deep); fix or re-create it"
+    elif isinstance(exc, OSError) and disk_full_error(exc, exc.filename or ".") is not None:
+        text = str(disk_full_error(exc, exc.filename or "."))
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+        if not debug_enabled():
+            text += " (set MLORA_DEBUG=1 for a traceback)"
+    return " ".join(text.split())
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """Within the block (main thread only), ``SIGTERM``/``SIGHUP`` raise :class:`Terminated`."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated(signum)
+
+    previous = {}
+    for sig in TERMINATING_SIGNALS:
+        with contextlib.suppress(OSError, ValueError):
+            previous[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            with contextlib.suppress(OSError, ValueError, TypeError):
+                signal.signal(sig, old)
+
+
+def _path_arguments(kwargs: dict[str, Any]) -> list[tuple[str, str]]:
+    """``(value, option name)`` of the running command's path arguments other than its output."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return []
+    paths: list[tuple[str, str]] = []
+    for param in ctx.command.params:
+        if not isinstance(param.type, click.Path) or param.name in ("output", None):
+            continue
+        label = param.opts[0] if isinstance(param, click.Option) else param.name.upper()
+        value = kwargs.get(param.name)
+        if isinstance(value, (tuple, list)):
+            paths.extend((str(v), label) for v in value if v is not None)
+        elif value is not None:
+            paths.append((str(value), label))
+    return paths
 
 
 def handle_errors(func: F) -> F:
@@ -35,20 +141,27 @@ def handle_errors(func: F) -> F:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from ..fs import protected_inputs
+
         try:
-            return func(*args, **kwargs)
+            with _terminate_as_interrupt(), protected_inputs(_path_arguments(kwargs)):
+                return func(*args, **kwargs)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
+        except Terminated as exc:
+            drop_warnings()
+            name = signal.Signals(exc.signum).name
+            click.echo(f"error: stopped by {name}; no output was written", err=True)
+            sys.exit(128 + exc.signum)
         except KeyboardInterrupt:
+            drop_warnings()
             click.echo("error: interrupted; no output was written", err=True)
             sys.exit(130)
         except Exception as exc:  # noqa: BLE001 - the one place that turns errors into exit codes
             if debug_enabled():
                 logging.getLogger("mlora_export").exception("command failed")
-            message = str(exc) if isinstance(exc, MloraError) else f"{type(exc).__name__}: {exc}"
-            click.echo(f"error: {message}", err=True)
-            if not isinstance(exc, MloraError) and not debug_enabled():
-                click.echo("(set MLORA_DEBUG=1 for a traceback)", err=True)
+            drop_warnings()
+            click.echo(f"error: {message_for(exc)}", err=True)
             sys.exit(exit_code_for(exc))
 
     return wrapper  # type: ignore[return-value]

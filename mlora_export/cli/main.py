@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import traceback
 import warnings
+from collections.abc import Callable
 
 import click
 
 from .. import __version__
 from . import demo_cmd, eval_cmd, hub_cmd, inspect_cmd, merge_cmd, onnx_cmd, renest_cmd, slice_cmd, train_cmd
+from ._errors import flush_warnings, hold_warning
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -27,7 +31,7 @@ def main(ctx: click.Context, verbose: int) -> None:
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logger = logging.getLogger("mlora_export")
     saved = (logger.level, logger.propagate)
-    handler = _EchoHandler()
+    handler = _EchoHandler(hold=verbose == 0)
     logger.setLevel(level)
     logger.addHandler(handler)
     logger.propagate = False
@@ -37,21 +41,82 @@ def main(ctx: click.Context, verbose: int) -> None:
         logger.removeHandler(handler)
         logger.setLevel(saved[0])
         logger.propagate = saved[1]
+        flush_warnings()
 
     ctx.call_on_close(restore)
+    ctx.call_on_close(_quiet_libraries(verbose))
     # PEFT 0.21 calls a name transformers 5 deprecated; the FutureWarning is noise for our users.
     ctx.with_resource(warnings.catch_warnings())
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
+def _quiet_libraries(verbose: int) -> Callable[[], None]:
+    """One line per error on stderr: without ``-v``, transformers logs errors only, and no
+    library draws progress bars when stderr is not a terminal (a log file, a pipe). Set through
+    the variables the libraries read at import (and their switches, when already imported);
+    returns the function that restores them."""
+    saved = {k: os.environ.get(k) for k in ("TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS")}
+    bars_off = hf_bars_off = False
+    if verbose == 0:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if not _stderr_is_terminal():
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        if "huggingface_hub" in sys.modules:
+            import huggingface_hub.utils as hub_utils
+
+            if not hub_utils.are_progress_bars_disabled():
+                hub_utils.disable_progress_bars()
+                bars_off = True
+        if "transformers" in sys.modules:
+            from transformers.utils import logging as hf_logging
+
+            if hf_logging.is_progress_bar_enabled():
+                hf_logging.disable_progress_bar()
+                hf_bars_off = True
+
+    def restore() -> None:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        if bars_off:
+            import huggingface_hub.utils as hub_utils
+
+            hub_utils.enable_progress_bars()
+        if hf_bars_off:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.enable_progress_bar()
+
+    return restore
+
+
+def _stderr_is_terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
 class _EchoHandler(logging.Handler):
-    """Send library log records to stderr through click (so they follow click's stream handling)."""
+    """Send library log records to stderr through click (so they follow click's stream handling).
+
+    With ``hold``, warnings are held until the command ends (see :func:`._errors.flush_warnings`).
+    """
+
+    def __init__(self, hold: bool = False) -> None:
+        super().__init__()
+        self.hold = hold
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             message = f"{record.levelname.lower()}: {record.getMessage()}"
             if record.exc_info:
                 message += "\n" + "".join(traceback.format_exception(*record.exc_info)).rstrip()
+            if self.hold and record.levelno == logging.WARNING:
+                hold_warning(message)
+                return
             click.echo(message, err=True)
         except Exception:  # noqa: BLE001 - logging must never raise
             self.handleError(record)

@@ -38,15 +38,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..adapter import AdapterReader, NestedAdapter, orient_delta
-from ..base_model import SAFE_INDEX, SAFE_SINGLE
+from ..base_model import SAFE_INDEX, SAFE_SINGLE, check_base_config
 from ..errors import (
     BaseModelError,
     BaseModelMismatchError,
     ConfigError,
     InvalidAdapterError,
-    OutputExistsError,
 )
-from ..fs import atomic_output_dir, check_free_space, check_output_path
+from ..fs import atomic_output_dir, check_free_space, check_output_path, read_json
 from ..safetensors_io import (
     DTYPE_SIZES,
     SafetensorsHeader,
@@ -170,14 +169,11 @@ def _scan_base(path: str | os.PathLike[str]) -> _BaseModel:
         raise BaseModelError(f"base model folder {str(root)!r} does not exist")
     if not root.is_dir():
         raise BaseModelError(f"base model path {str(root)!r} is a file; pass the model folder (with config.json and the weights)")
+    check_base_config(root)
     index_path = root / SAFE_INDEX
     index: dict[str, Any] | None = None
     if index_path.exists():
-        try:
-            with open(index_path, encoding="utf-8") as f:
-                index = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise BaseModelError(f"{index_path}: not valid JSON ({e}); re-download or re-save the base model") from e
+        index = read_json(index_path, BaseModelError, what="weight index")  # type: ignore[assignment]
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
             raise BaseModelError(f"{index_path}: expected a non-empty 'weight_map' of tensor name → shard file; re-download or re-save the base model")
@@ -424,12 +420,6 @@ def _data_bytes(specs: list[tuple[str, str, tuple[int, ...]]]) -> int:
     return total
 
 
-def _same_or_inside(a: Path, b: Path) -> bool:
-    """True when ``a`` is ``b`` or lies inside it."""
-    a, b = a.resolve(), b.resolve()
-    return a == b or b in a.parents
-
-
 def _write_config(src: Path, dst: Path, dtype_name: str | None) -> None:
     if dtype_name is None:
         shutil.copyfile(src, dst)
@@ -474,22 +464,19 @@ def merge_adapter(
         BaseModelError: the base folder is missing, pickle-only, corrupt, or a target is not a
             float tensor.
         BaseModelMismatchError: a target module is missing from the base or has another shape.
-        OutputExistsError: ``output`` exists (without ``force``), is the base or adapter folder, or cannot be created.
+        OutputExistsError: ``output`` exists (without ``force``) or cannot be created.
+        OutputPathError: ``output`` is, holds or lies inside the base or adapter folder.
         InsufficientDiskError: not enough free disk for the output.
     """
     started = time.perf_counter()
     if dtype is not None and dtype not in OUTPUT_DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}: expected one of {', '.join(OUTPUT_DTYPES)}")
     out_dtype = OUTPUT_DTYPES[dtype] if dtype is not None else None
-    out_path = check_output_path(output, force)
+    inputs = [adapter.path if isinstance(adapter, NestedAdapter) else adapter, base_model_dir]
+    out_path = check_output_path(output, force, inputs)
     nested = adapter if isinstance(adapter, NestedAdapter) else NestedAdapter.load(adapter)
     k = nested.check_rank(rank)
     base = _scan_base(base_model_dir)
-    for other, what in ((base.root, "base model"), (nested.path, "adapter")):
-        if _same_or_inside(other, out_path):
-            raise OutputExistsError(
-                f"output {str(out_path)!r} would replace the {what} folder {str(other)!r}; choose another output folder"
-            )
 
     # -- every check before anything is written --------------------------------------------
     located = base.locate()
@@ -535,7 +522,7 @@ def merge_adapter(
     workers = worker_threads(_MAX_WORKERS)
     buffers = _Buffers()
     with (
-        atomic_output_dir(out_path, force) as tmp,
+        atomic_output_dir(out_path, force, inputs, needed_bytes=needed) as tmp,
         nested.reader() as rd,
         torch_threads(1),  # one intra-op thread per tensor: parallelism comes from the pool
         ThreadPoolExecutor(workers, "mlora-merge") as pool,

@@ -301,14 +301,17 @@ def slice_adapter(
         RankError: a rank is outside ``[1, r]``.
         ConfigError: unknown ``scale_mode``.
         OutputExistsError: ``output`` exists and ``force`` is false.
+        OutputPathError: ``output`` is, holds or lies inside the adapter folder.
     """
     check_scale_mode(scale_mode)
-    check_output_path(output, force)
+    inputs = [adapter.path if isinstance(adapter, NestedAdapter) else adapter]
+    check_output_path(output, force, inputs)
     # The NaN/inf check reads the whole file: write_slices makes it alongside the writing.
     nested = adapter if isinstance(adapter, NestedAdapter) else NestedAdapter.load(adapter, check_finite=False)
     ks = resolve_ranks(nested, ranks if isinstance(ranks, str) else list(ranks))
-    check_free_space(Path(output).absolute().parent, sum(nested.bytes_at(k) for k in ks))
-    with atomic_output_dir(output, force) as tmp:
+    needed = sum(nested.bytes_at(k) for k in ks)
+    check_free_space(Path(output).absolute().parent, needed)
+    with atomic_output_dir(output, force, inputs, needed_bytes=needed) as tmp:
         folders = {k: tmp / f"r{k}" for k in ks}
         for folder in folders.values():
             folder.mkdir()

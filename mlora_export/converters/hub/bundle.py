@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -123,41 +124,103 @@ def read_manifest(path: Path) -> dict[str, Any]:
     Raises:
         InvalidAdapterError: missing, not JSON, another format, or missing fields.
     """
+    from ...fs import read_json
+
     if not path.exists():
         raise InvalidAdapterError(f"{path}: not found; is {str(path.parent)!r} a bundle written by `mlora-export bundle`?")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InvalidAdapterError(f"{path}: not valid JSON ({e}); re-create the bundle") from e
-    return check_manifest(data, str(path))
+    return check_manifest(read_json(path, InvalidAdapterError, what="manifest"), str(path))
+
+
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+#: Longest path a manifest may name (the Hub's own limit is far below what a file system allows).
+MAX_PATH_CHARS = 1024
+
+
+def safe_relpath(path: Any, source: str, what: str = "file path") -> str:
+    """Return ``path`` if it is a plain relative POSIX path inside a folder, else raise.
+
+    A path from a remote or a manifest is untrusted: it must be a non-empty string of at most
+    :data:`MAX_PATH_CHARS` characters, with no leading ``/``, no backslash, no control
+    character, no empty, ``.`` or ``..`` segment (so ``a//b``, ``/etc/x``, ``a/../b`` are refused)
+    and no segment over 255 bytes. Joined to any folder it names a place inside that folder.
+
+    Raises:
+        InvalidAdapterError: naming ``source`` and the path.
+    """
+    if not isinstance(path, str) or not path:
+        raise InvalidAdapterError(f"{source}: {what} {json.dumps(path)[:80]} is not a non-empty string; the bundle is broken")
+    shown = json.dumps(path[:120])
+    if len(path) > MAX_PATH_CHARS:
+        raise InvalidAdapterError(f"{source}: {what} {shown}… is {len(path)} characters long; the bundle is broken")
+    if "\\" in path or any(ord(c) < 32 or ord(c) == 127 for c in path):
+        raise InvalidAdapterError(f"{source}: {what} {shown} holds a backslash or a control character; the bundle is broken")
+    parts = path.split("/")
+    if path.startswith("/") or any(part in ("", ".", "..") for part in parts):
+        raise InvalidAdapterError(f"{source}: {what} {shown} is not a plain relative path (absolute, empty, '.' or '..' segments); it could write outside the folder")
+    if any(len(part.encode()) > 255 for part in parts):
+        raise InvalidAdapterError(f"{source}: {what} {shown} has a segment over 255 bytes; the bundle is broken")
+    return path
 
 
 def check_manifest(data: Any, source: str) -> dict[str, Any]:
     """Validate the structure of a parsed manifest; return it.
 
+    Every file path must be a safe relative path (:func:`safe_relpath`), listed once, and no
+    file may sit where another is a folder; ranks are positive integers, each listed once, with
+    a safe folder path of their own.
+
     Raises:
-        InvalidAdapterError: another format or missing/ill-typed fields, naming ``source``.
+        InvalidAdapterError: another format, missing/ill-typed fields, unsafe paths, duplicated or
+            clashing entries, naming ``source``.
     """
     if not isinstance(data, dict) or data.get("format") != BUNDLE_FORMAT:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
-        raise InvalidAdapterError(f"{source}: format is {found!r}, expected {BUNDLE_FORMAT!r}; this is not an mlora-export variant bundle")
+        raise InvalidAdapterError(f"{source}: format is {str(found)[:40]!r}, expected {BUNDLE_FORMAT!r}; this is not an mlora-export variant bundle")
     for key, typ in (("files", list), ("ranks", list), ("nested", dict), ("config", dict)):
         if not isinstance(data.get(key), typ):
             raise InvalidAdapterError(f"{source}: field {key!r} is missing or not a {typ.__name__}; re-create the bundle")
+
+    def nonneg(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    paths: set[str] = set()
     for f in data["files"]:
-        if not (isinstance(f, dict) and isinstance(f.get("path"), str) and isinstance(f.get("size"), int) and isinstance(f.get("sha256"), str)):
-            raise InvalidAdapterError(f"{source}: file entry {f!r} needs path, size and sha256")
-        if f["path"].startswith("/") or ".." in f["path"].split("/"):
-            raise InvalidAdapterError(f"{source}: file path {f['path']!r} escapes the bundle folder")
+        if not (isinstance(f, dict) and isinstance(f.get("path"), str) and nonneg(f.get("size"))
+                and isinstance(f.get("sha256"), str) and _SHA256_RE.fullmatch(f["sha256"])):
+            raise InvalidAdapterError(f"{source}: file entry {json.dumps(f)[:120]} needs path, size (a non-negative integer) and sha256 (64 hex digits)")
+        path = safe_relpath(f["path"], source)
+        if path in paths:
+            raise InvalidAdapterError(f"{source}: file {path!r} is listed twice; the bundle is broken")
+        if path == MANIFEST_NAME:
+            raise InvalidAdapterError(f"{source}: lists {MANIFEST_NAME} itself as a file; the bundle is broken")
+        paths.add(path)
+    for path in paths:
+        parts = path.split("/")
+        for i in range(1, len(parts)):
+            if "/".join(parts[:i]) in paths:
+                raise InvalidAdapterError(f"{source}: {'/'.join(parts[:i])!r} is listed as a file and as the folder of {path!r}; the bundle is broken")
+    ranks: set[int] = set()
+    folders: set[str] = set()
     for r in data["ranks"]:
-        if not (isinstance(r, dict) and isinstance(r.get("rank"), int) and isinstance(r.get("path"), str)
-                and isinstance(r.get("params"), int) and isinstance(r.get("bytes"), int)):
-            raise InvalidAdapterError(f"{source}: rank entry {r!r} needs rank, path, params and bytes")
+        if not (isinstance(r, dict) and isinstance(r.get("rank"), int) and not isinstance(r["rank"], bool) and r["rank"] >= 1
+                and isinstance(r.get("path"), str) and nonneg(r.get("params")) and nonneg(r.get("bytes"))):
+            raise InvalidAdapterError(f"{source}: rank entry {json.dumps(r)[:120]} needs rank (a positive integer), path, params and bytes")
+        folder = safe_relpath(r["path"], source, what="rank folder").rstrip("/")
+        if r["rank"] in ranks:
+            raise InvalidAdapterError(f"{source}: rank {r['rank']} is listed twice; the bundle is broken")
+        if folder in folders:
+            raise InvalidAdapterError(f"{source}: folder {folder!r} is given for two ranks; the bundle is broken")
+        if folder in paths:
+            raise InvalidAdapterError(f"{source}: rank folder {folder!r} is listed as a file; the bundle is broken")
+        ranks.add(r["rank"])
+        folders.add(folder)
     return data
 
 
 def check_file(path: Path, entry: Mapping[str, Any], *, label: str, error: type[IntegrityError] = IntegrityError, hint: str = "re-create the bundle") -> None:
     """Raise ``error`` naming ``label`` when ``path`` is missing or its size/sha256 differ from ``entry``."""
+    if path.is_symlink():
+        raise error(f"{label}: is a symbolic link, which a bundle may not hold; {hint}")
     if not path.is_file():
         raise error(f"{label}: listed in manifest.json but missing; {hint}")
     size = path.stat().st_size
@@ -213,10 +276,12 @@ def write_bundle(
         RankError: a rank is outside ``[1, r]``.
         ConfigError: unknown ``scale_mode`` or an invalid license id.
         OutputExistsError: ``output`` exists and ``force`` is false.
+        OutputPathError: ``output`` is, holds or lies inside the adapter or ``onnx_dir``.
     """
     check_scale_mode(scale_mode)
     check_license(license_id)
-    check_output_path(output, force)
+    inputs = [adapter.path if isinstance(adapter, NestedAdapter) else adapter, onnx_dir]
+    check_output_path(output, force, inputs)
     # The NaN/inf check is made by write_slices, alongside the writing.
     nested = adapter if isinstance(adapter, NestedAdapter) else NestedAdapter.load(adapter, check_finite=False)
     if not nested.is_nested:
@@ -227,8 +292,6 @@ def write_bundle(
     ks = resolve_ranks(nested, ranks if isinstance(ranks, str) else list(ranks))
     base = base_model or nested.base_model
     hub_base = hub_base_model(base)
-    if base and hub_base is None and warn_local_base:
-        logger.warning("base model %r is not a Hub repo id, so the model card leaves base_model out; pass --base-model org/name", base)
     src_files = [nested.path / n for n in (PEFT_CONFIG_NAME, WEIGHTS_NAME, CONFIG_NAME)]
     slice_total = sum(nested.bytes_at(k) for k in ks)
     onnx_src = Path(onnx_dir) if onnx_dir is not None else None
@@ -237,7 +300,7 @@ def write_bundle(
     raw_cfg = json.loads((nested.path / CONFIG_NAME).read_text(encoding="utf-8"))
     metrics = _metrics_by_rank(raw_cfg.get("evaluation"))
 
-    with atomic_output_dir(output, force) as tmp:
+    with atomic_output_dir(output, force, inputs) as tmp:
         (tmp / NESTED_DIR).mkdir()
         for src in src_files:
             shutil.copyfile(src, tmp / NESTED_DIR / src.name)
@@ -300,6 +363,8 @@ def write_bundle(
             for p in sorted(all_files, key=lambda p: p.relative_to(tmp).as_posix())
         ]
         write_json(tmp / MANIFEST_NAME, manifest)
+    if base and hub_base is None and warn_local_base:  # after the writing: an error stays the one line on stderr
+        logger.warning("base model %r is not a Hub repo id, so the model card leaves base_model out; pass --base-model org/name", base)
     logger.info("bundle: wrote %s (ranks %s)", output, list(ks))
     return Bundle.load(output, verify=False)
 
@@ -342,6 +407,6 @@ def demo_stage(ctx: Any) -> Any:
 
 __all__ = [
     "BUNDLE_FORMAT", "MANIFEST_NAME", "README_NAME", "NESTED_DIR", "ONNX_DIR",
-    "Bundle", "BundleFile", "BundleRank", "check_file", "check_manifest", "is_bundle", "pick_rank",
+    "Bundle", "BundleFile", "BundleRank", "check_file", "check_manifest", "is_bundle", "pick_rank", "safe_relpath",
     "demo_stage", "rank_dir", "read_manifest", "sha256_file", "write_bundle",
 ]

@@ -1,10 +1,14 @@
 """Pull one rank of a variant bundle from the Hub, sha256-verified against the bundle's manifest.
 
 Only ``manifest.json`` is read first (to choose the rank: an explicit one, or with ``"auto"`` the
-largest that fits ``max_bytes``/``max_params``); then only that rank's folder and the bundle's
-``matryoshka_config.json`` are downloaded (``allow_patterns``), all at the one commit the
-revision pointed to when the pull started. Every file is checked against the manifest before
-the output folder appears; on any mismatch the error names the file and nothing is left behind.
+largest that fits ``max_bytes``/``max_params``); then only the files the manifest lists for that
+rank's folder, and the bundle's ``matryoshka_config.json``, are downloaded one by one, all at the
+one commit the revision pointed to when the pull started. The remote is untrusted: every path
+is proven a plain relative path (:func:`~.bundle.safe_relpath`) before anything is fetched, a
+file the manifest does not list is never fetched, every file is checked against the manifest,
+and the rank's folder must hold a valid, finite adapter of that rank (validated as a local one
+is), all before the output folder appears; on any fault the error names the file and nothing is
+left behind.
 
 The output folder is a plain PEFT adapter (``adapter_config.json``, ``adapter_model.safetensors``,
 the slice's ``matryoshka_config.json``) with the bundle's manifest and config kept under
@@ -21,15 +25,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ...adapter import CONFIG_NAME, write_json
+from ...adapter import CONFIG_NAME, NestedAdapter, write_json
 from ...errors import ConfigError, HubError, InvalidAdapterError, RankError, RemoteIntegrityError
-from ...fs import atomic_output_dir, check_output_path
+from ...fs import atomic_output_dir, check_output_path, read_json
 from .bundle import MANIFEST_NAME, BundleRank, check_file, check_manifest, pick_rank
 from .remote import check_repo_id, hub_errors, make_api, resolve_endpoint
 
 logger = logging.getLogger(__name__)
 
 PROVENANCE_DIR = "bundle"
+#: Where the files are downloaded, inside the temporary output, before they are verified.
+DOWNLOAD_DIR = ".download"
 
 
 @dataclass(frozen=True)
@@ -98,7 +104,7 @@ def pull_rank(
         RemoteIntegrityError: a downloaded file does not match the manifest (names the file).
         HubError: unknown repo or revision, bad token, no permission, network down.
     """
-    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import RemoteEntryNotFoundError
 
     check_repo_id(repo_id, require_namespace=False, option="repo id")
@@ -121,44 +127,89 @@ def pull_rank(
     if not commit:
         raise HubError(f"pull: the Hub at {url_endpoint} did not say which commit {revision!r} of {repo_id!r} is")
     with atomic_output_dir(output, force) as tmp:
-        dl = tmp / ".download"
-        with hub_errors("pull", repo_id, url_endpoint, revision):
-            try:
-                manifest_path = Path(hf_hub_download(repo_id, MANIFEST_NAME, revision=commit, local_dir=dl, **kw))
-            except RemoteEntryNotFoundError as e:
-                raise InvalidAdapterError(f"{repo_id!r} has no {MANIFEST_NAME} at revision {revision!r}: it is not a variant bundle written by mlora-export push-hub") from e
+        dl = tmp / DOWNLOAD_DIR
+        dl.mkdir()
+
+        def fetch(path: str) -> Path:
+            """Download the manifest-listed ``path`` (already proven safe) into ``dl``; prove the
+            result is a regular file inside ``dl``."""
+            with hub_errors("pull", repo_id, url_endpoint, revision):
+                got = Path(hf_hub_download(repo_id, path, revision=commit, local_dir=dl, **kw))
+            expected = dl.joinpath(*path.split("/"))
+            if got.absolute() != expected.absolute() or not _inside_real(expected, dl) or expected.is_symlink() or not expected.is_file():
+                raise RemoteIntegrityError(f"{repo_id}/{path}: the download did not arrive as a plain file at its place; nothing was written to {str(output)!r}")
+            return expected
+
         try:
-            manifest = check_manifest(json.loads(manifest_path.read_text(encoding="utf-8")), f"{repo_id}/{MANIFEST_NAME}")
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise InvalidAdapterError(f"{repo_id}/{MANIFEST_NAME}: not valid JSON; it is not a variant bundle written by mlora-export") from e
-        ranks = [BundleRank(r["rank"], r["path"], r["params"], r["bytes"], dict(r.get("metrics") or {})) for r in manifest["ranks"]]
+            manifest_path = fetch(MANIFEST_NAME)
+        except HubError as e:
+            if isinstance(e.__cause__, RemoteEntryNotFoundError):
+                raise InvalidAdapterError(f"{repo_id!r} has no {MANIFEST_NAME} at revision {revision!r}: it is not a variant bundle written by mlora-export push-hub") from e
+            raise
+        source = f"{repo_id}/{MANIFEST_NAME}"
+        try:
+            raw_manifest = read_json(manifest_path, InvalidAdapterError, what="manifest")
+        except InvalidAdapterError as e:
+            raise InvalidAdapterError(str(e).replace(str(manifest_path), source)) from e
+        manifest = check_manifest(raw_manifest, source)
+        ranks = [BundleRank(r["rank"], r["path"].rstrip("/"), r["params"], r["bytes"], dict(r.get("metrics") or {})) for r in manifest["ranks"]]
         chosen = choose_rank(ranks, rank, max_bytes, max_params, repo_id)
-        prefix = chosen.path.rstrip("/") + "/"
-        entries = [f for f in manifest["files"] if f["path"].startswith(prefix) or f["path"] == CONFIG_NAME]
-        if not any(f["path"].startswith(prefix) for f in entries):
-            raise InvalidAdapterError(f"{repo_id}/{MANIFEST_NAME}: lists no files for rank {chosen.rank} ({prefix}); the bundle is broken")
-        logger.info("pulling rank %d of %s@%s (%d bytes)", chosen.rank, repo_id, commit[:10], chosen.bytes)
-        with hub_errors("pull", repo_id, url_endpoint, revision):
-            snapshot_download(repo_id, revision=commit, local_dir=dl, allow_patterns=[f"{prefix}*", CONFIG_NAME], **kw)
-        hint = f"the copy on the Hub is corrupt or was changed after the bundle was written; nothing was written to {str(output)!r}"
+        prefix = chosen.path + "/"
+        entries = [f for f in manifest["files"] if f["path"].startswith(prefix)]
+        if not entries:
+            raise InvalidAdapterError(f"{source}: lists no files for rank {chosen.rank} ({prefix}); the bundle is broken")
+        config_entry = next((f for f in manifest["files"] if f["path"] == CONFIG_NAME), None)
+        if config_entry is None:
+            raise InvalidAdapterError(f"{source}: does not list {CONFIG_NAME}; the bundle is broken")
         for entry in entries:
-            check_file(dl / entry["path"], entry, label=f"{repo_id}/{entry['path']}", error=RemoteIntegrityError, hint=hint)
+            rel = entry["path"][len(prefix):]
+            if any(part.startswith(".") for part in entry["path"].split("/")):  # the client keeps its own metadata in .cache/
+                raise InvalidAdapterError(f"{source}: file {entry['path']!r} is a hidden path, which a bundle never holds; the bundle is broken")
+            if rel.split("/")[0] in (PROVENANCE_DIR, DOWNLOAD_DIR):
+                raise InvalidAdapterError(f"{source}: file {entry['path']!r} would take the place of the pulled folder's own {rel.split('/')[0]}/; the bundle is broken")
+        logger.info("pulling rank %d of %s@%s (%d bytes)", chosen.rank, repo_id, commit[:10], chosen.bytes)
+        hint = f"the copy on the Hub is corrupt or was changed after the bundle was written; nothing was written to {str(output)!r}"
+        # Only manifest-listed files are fetched, one by one, and each is verified before use.
+        for entry in [*entries, config_entry]:
+            local = fetch(entry["path"])
+            check_file(local, entry, label=f"{repo_id}/{entry['path']}", error=RemoteIntegrityError, hint=hint)
+        # The rank's folder must hold a valid adapter of that rank: checked exactly as a local one.
+        folder = dl.joinpath(*chosen.path.split("/"))
+        try:
+            pulled = NestedAdapter.load(folder, check_finite=True)
+        except InvalidAdapterError as e:
+            raise InvalidAdapterError(
+                f"{repo_id}/{chosen.path}: not a valid adapter ({str(e).replace(str(folder), chosen.path)}); nothing was written to {str(output)!r}"
+            ) from e
+        found = pulled.slice_info.get("rank") if pulled.slice_info else pulled.max_rank
+        if pulled.max_rank != chosen.rank or found != chosen.rank:
+            raise InvalidAdapterError(
+                f"{repo_id}/{chosen.path}: the manifest gives it as rank {chosen.rank} but it holds an adapter of rank "
+                f"{pulled.max_rank}; the bundle is broken, nothing was written to {str(output)!r}"
+            )
         files = []
         for entry in entries:
-            if entry["path"] == CONFIG_NAME:
-                continue
             rel = entry["path"][len(prefix):]
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(dl / entry["path"], tmp / rel)
+            dest = tmp.joinpath(*rel.split("/"))
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if not _inside_real(dest.parent, tmp) or dest.exists() or dest.is_symlink():
+                raise InvalidAdapterError(f"{source}: file {entry['path']!r} does not have a place of its own in the output; the bundle is broken")
+            os.replace(dl.joinpath(*entry["path"].split("/")), dest)
             files.append(rel)
         prov = tmp / PROVENANCE_DIR
         prov.mkdir()
-        shutil.move(manifest_path, prov / MANIFEST_NAME)
-        shutil.move(dl / CONFIG_NAME, prov / CONFIG_NAME)
+        os.replace(manifest_path, prov / MANIFEST_NAME)
+        os.replace(dl / CONFIG_NAME, prov / CONFIG_NAME)
         write_json(prov / "source.json", {"repo_id": repo_id, "revision": revision, "commit": commit, "endpoint": url_endpoint, "rank": chosen.rank})
         shutil.rmtree(dl)
     logger.info("pulled rank %d of %s into %s", chosen.rank, repo_id, output)
     return PullResult(repo_id, chosen.rank, Path(output), commit, chosen.params, chosen.bytes, sorted(files))
+
+
+def _inside_real(path: Path, folder: Path) -> bool:
+    """True when ``path``, symbolic links resolved, is ``folder`` or lies inside it."""
+    real, root = Path(os.path.realpath(path)), Path(os.path.realpath(folder))
+    return real == root or root in real.parents
 
 
 __all__ = ["PROVENANCE_DIR", "PullResult", "choose_rank", "pull_rank"]

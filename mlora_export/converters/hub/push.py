@@ -109,14 +109,22 @@ def _sync(api: "HfApi", repo_id: str, revision: str, wanted: dict[str, tuple[Pat
     return result
 
 
+#: A git branch name as the Hub accepts one: no ``..``, no leading ``-`` or ``/``, no empty or
+#: dot-leading component, none of ``~^:?*[\\`` or spaces, no ``.lock`` ending, no ``@{``.
+_BRANCH_RE = re.compile(r"(?!.*\.\.)(?!.*@\{)(?!.*//)(?!.*/\.)(?!\.)(?!-)(?!/)[A-Za-z0-9._/-]+(?<!/)(?<!\.lock)(?<!\.)")
+
+
 def check_branch(revision: str) -> str:
-    """Validate ``--revision`` for a push: a branch name, not a commit id.
+    """Validate ``--revision`` for a push: a branch name (git's rules), not a commit id.
 
     Raises:
-        ConfigError: empty, or 40 hex characters (a commit, which cannot be pushed to).
+        ConfigError: empty, 40 hex characters (a commit, which cannot be pushed to), or not a
+            valid branch name (``../../x``, ``a..b``, ``-x``, ``x.lock``, spaces…).
     """
     if not revision or not revision.strip() or re.fullmatch(r"[0-9a-fA-F]{40}", revision):
         raise ConfigError(f"--revision {revision!r} is not a branch name; push-hub commits to a branch (e.g. main or dev), not to a commit")
+    if len(revision) > 200 or not _BRANCH_RE.fullmatch(revision):
+        raise ConfigError(f"--revision {revision[:60]!r} is not a valid branch name; use letters, digits and . _ - / (e.g. main, dev, exp/r8), no '..'")
     return revision
 
 

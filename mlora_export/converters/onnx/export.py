@@ -25,6 +25,7 @@ from typing import Any
 
 from ... import __version__
 from ...adapter import NestedAdapter
+from ...base_model import check_base_model_dir, check_float_targets
 from ...errors import ConfigError, ExportError, RankError
 from ...fs import atomic_output_dir, check_free_space, check_output_path
 from .graph import (
@@ -149,6 +150,7 @@ def export_onnx(
         ConfigError: conflicting flags, a bad opset or an unavailable provider.
         RankError: ``rank`` outside ``[1, r]``.
         OutputExistsError: ``output`` exists without ``force`` or cannot be written.
+        OutputPathError: ``output`` is, holds or lies inside the adapter or base model folder.
         InvalidAdapterError, BaseModelError, BaseModelMismatchError: bad inputs.
         ExportError: the exporters fail, or ONNX Runtime disagrees with PyTorch beyond tolerance.
     """
@@ -157,7 +159,8 @@ def export_onnx(
     t0 = time.perf_counter()
     kind = resolve_kind(rank, merged, adapters_per_rank)
     check_opset(opset)
-    check_output_path(output, force)
+    inputs = [adapter.path if isinstance(adapter, NestedAdapter) else adapter, base_model]
+    check_output_path(output, force, inputs)
     nested = adapter if isinstance(adapter, NestedAdapter) else NestedAdapter.load(adapter)
     if rank is not None:
         if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= nested.max_rank:
@@ -177,6 +180,7 @@ def export_onnx(
         if progress is not None:
             progress(step[0], total)
 
+    check_float_targets(check_base_model_dir(base_model), nested.modules)  # headers only: before the model loads
     model, task = load_base_model(base_model)
     check_fits(model, nested, base_model)
     vocab = int(getattr(model.config, "vocab_size"))
@@ -190,7 +194,7 @@ def export_onnx(
 
     # the model, plus one float32 adapter file per rank (A[:k] and s(k)·B[:, :k])
     check_free_space(Path(output).absolute().parent, nbytes + sum(4 * nested.params_at(k) for k in adapter_ranks))
-    with atomic_output_dir(output, force) as tmp:
+    with atomic_output_dir(output, force, inputs) as tmp:
         top, _ = build_export_model(model, task, nested, kind, rank)
         tick("model wrapped")
         path = tmp / MODEL_NAME
