@@ -348,6 +348,46 @@ def run_job(cfg: Settings, output: Path, regime: str, seed: int, lr: float) -> d
     return result
 
 
+def time_methods(cfg: Settings, output: Path, regime: str = "cipher", seed: int = 0, lr: float = 1.6e-2) -> dict[str, Any]:
+    """Wall-clock of one training run of every method, one after the other in this process, on an
+    otherwise idle machine: the compute comparison of the report (the search's own timings ran two
+    jobs side by side and are noisier). Written to ``timing.json``."""
+    import os
+
+    import torch
+
+    from mlora_export.base_model import load_tokenizer
+    from mlora_export.converters.renest import renest_adapter
+    from mlora_export.data import CompletionCollator, Example, tokenize_examples
+
+    torch.set_num_threads(1)
+    base = output / "base"
+    tok = load_tokenizer(base)
+    train = [json.loads(line) for line in (output / regime / "train.jsonl").read_text(encoding="utf-8").splitlines()]
+    items = tokenize_examples([Example(prompt=x["prompt"], completion=x["completion"]) for x in train], tok, 64)
+    collate = CompletionCollator(tok.pad_token_id)
+    r_max = max(cfg.grid)
+    runs: dict[str, float] = {}
+    load = os.getloadavg()[0]
+    for k in cfg.grid:
+        handle, runs[f"lora r={k}"] = _train(cfg, base, items, collate, "lora", k, seed, lr, cfg.steps)
+    work = output / "scratch" / "timing"
+    handle.save(work / "lora", force=True)
+    t0 = time.perf_counter()
+    renest_adapter(work / "lora", work / "svd", force=True)
+    renest = time.perf_counter() - t0
+    shutil.rmtree(work, ignore_errors=True)
+    for name in NESTED:
+        method, steps = ("nested-loss", 2 * cfg.steps) if name == "nested-loss-2x" else (name, cfg.steps)
+        runs[name] = _train(cfg, base, items, collate, method, r_max, seed, lr, steps)[1]
+    grid = sum(runs[f"lora r={k}"] for k in cfg.grid)
+    out = {"regime": regime, "seed": seed, "lr": lr, "threads": 1, "load_before": load, "load_after": os.getloadavg()[0],
+           "seconds": runs, "grid_seconds": grid, "renest_seconds": renest,
+           "svd_seconds": runs[f"lora r={r_max}"] + renest}
+    (output / "timing.json").write_text(json.dumps(out, indent=1), encoding="utf-8")
+    return out
+
+
 # -- selection on validation, report on test -----------------------------------------------------
 def _ms(values: list[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
@@ -415,27 +455,45 @@ def _entry(cfg: Settings, per_seed: dict[int, list[float]], aurac: Any, *, lr: A
     }
 
 
+def _paired(ms: dict[str, Any], a: str, b: str) -> tuple[float, float]:
+    """Mean and sd over seeds of the per-seed AURAC v2 difference ``a - b`` in points (the seeds pair the runs)."""
+    sa, sb = ms[a]["aurac_per_seed"], ms[b]["aurac_per_seed"]
+    diffs = [(sa[s] - sb[s]) * 100 for s in sa]
+    return statistics.fmean(diffs), statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+
+
 def verdict(summary: dict[str, Any]) -> list[str]:
     """Plain sentences computed from the numbers (no fixed conclusion)."""
     lines = []
     for regime, res in summary["regimes"].items():
         ms = res["methods"]
-        order = sorted(ms, key=lambda m: -ms[m]["aurac"]["v2"]["mean"])
-        best = order[0]
+        best = max(ms, key=lambda m: ms[m]["aurac"]["v2"]["mean"])
+        one_run = max((m for m in ms if m not in ("lora", "nested-loss-2x")), key=lambda m: ms[m]["aurac"]["v2"]["mean"])
         nl, grid = ms["nested-loss"], ms["lora"]
-        d = (nl["aurac"]["v2"]["mean"] - grid["aurac"]["v2"]["mean"]) * 100
-        sd = math.hypot(nl["aurac"]["v2"]["std"], grid["aurac"]["v2"]["std"]) * 100
-        close = abs(d) <= max(sd, 1.0)
-        lines.append(
-            f"- **{REGIME_LABELS[regime]}**: best test AURAC v2 is {METHOD_LABELS[best]} "
-            f"({ms[best]['aurac']['v2']['mean'] * 100:.1f}). One nested-loss run vs the grid of {len(summary['settings']['grid'])} runs: "
-            f"{nl['aurac']['v2']['mean'] * 100:.1f} vs {grid['aurac']['v2']['mean'] * 100:.1f} "
-            f"({'+' if d >= 0 else ''}{d:.1f} points, {'within' if close else 'outside'} the seeds' spread of {sd:.1f}), "
-            f"at {grid['example_passes'] / nl['example_passes']:.1f}× fewer example passes and "
-            f"{grid['train_seconds']['mean'] / nl['train_seconds']['mean']:.1f}× less training wall-clock. "
-            f"The paper's matryoshka: {ms['matryoshka']['aurac']['v2']['mean'] * 100:.1f} "
-            f"(with its own training diagonal at full rank: {ms['matryoshka']['training_diagonal_test']['mean'] * 100:.1f}% test exact match)."
+        parts = [
+            f"- **{REGIME_LABELS[regime]}**: best test AURAC v2: {METHOD_LABELS[best]} ({ms[best]['aurac']['v2']['mean'] * 100:.1f}); "
+            f"best single run at one run's steps: {METHOD_LABELS[one_run]} ({ms[one_run]['aurac']['v2']['mean'] * 100:.1f})."
+        ]
+        timing = summary.get("timing")
+        for m in ("nested-loss", "nested-loss-2x"):
+            d, sd = _paired(ms, m, "lora")
+            if timing:  # one run of each, in turn, on an idle machine
+                wall = f"{timing['grid_seconds'] / timing['seconds'][m]:.1f}× less training wall-clock, timed in turn"
+            else:
+                wall = f"{grid['train_seconds']['mean'] / ms[m]['train_seconds']['mean']:.1f}× less training wall-clock in the search"
+            parts.append(
+                f"{METHOD_LABELS[m]} vs the grid of {len(summary['settings']['grid'])} runs: "
+                f"{ms[m]['aurac']['v2']['mean'] * 100:.1f} vs {grid['aurac']['v2']['mean'] * 100:.1f} "
+                f"(per-seed difference {d:+.1f} ± {sd:.1f} points) for {grid['example_passes'] / ms[m]['example_passes']:.1f}× fewer "
+                f"example passes ({wall})."
+            )
+        parts.append(
+            f"The paper's one-pass matryoshka: {ms['matryoshka']['aurac']['v2']['mean'] * 100:.1f} under the inference rule, although its "
+            f"training forward (diagonal p at full rank) scores {ms['matryoshka']['training_diagonal_test']['mean'] * 100:.1f}% test exact match; "
+            f"SVD re-nesting of one LoRA r={max(summary['settings']['grid'])} run: {ms['svd']['aurac']['v2']['mean'] * 100:.1f}; "
+            f"DyLoRA: {ms['dylora']['aurac']['v2']['mean'] * 100:.1f}; nested-loss: {nl['aurac']['v2']['mean'] * 100:.1f}."
         )
+        lines.append(" ".join(parts))
     return lines
 
 
@@ -461,7 +519,7 @@ def report_markdown(summary: dict[str, Any]) -> str:
         lines.append("| chosen lr | " + " | ".join(
             ("per rank: " + ", ".join(f"{_k(ms[m]['lr'], k):g}" for k in grid)) if m == "lora" else f"{ms[m]['lr']:g}" for m in order) + " |")
         lines.append("| optimisation steps (×batch " + str(cfg["batch_size"]) + ") | " + " | ".join(str(ms[m]["steps"]) for m in order) + " |")
-        lines.append("| training wall-clock at the chosen lr (s) | " + " | ".join(cell(ms[m]["train_seconds"], 1.0) for m in order) + " |")
+        lines.append("| training wall-clock at the chosen lr, in the search (s; two jobs side by side, noisy) | " + " | ".join(cell(ms[m]["train_seconds"], 1.0) for m in order) + " |")
         lines.append("| whole lr search, wall-clock per seed (s) | " + " | ".join(f"{res['search_seconds_per_seed'][m]:.0f}" for m in order) + " |")
         lines += ["", "Validation AURAC v2 (%) per lr (mean over seeds; the grid: validation exact match per rank):", "",
                   "| lr | " + " | ".join(METHOD_LABELS[m] for m in order if m != "lora") + " | LoRA grid, per rank " + "/".join(map(str, grid)) + " |",
@@ -472,6 +530,19 @@ def report_markdown(summary: dict[str, Any]) -> str:
             row.append("/".join(f"{_k(ms['lora']['val_search'][key], k) * 100:.0f}" for k in grid))
             lines.append(f"| {key} | " + " | ".join(row) + " |")
         lines.append("")
+    timing = summary.get("timing")
+    if timing:
+        t = timing["seconds"]
+        grid_s = timing["grid_seconds"]
+        rows = [("LoRA grid (6 runs)", grid_s), *((METHOD_LABELS[m], t[m]) for m in NESTED),
+                (METHOD_LABELS["svd"], timing["svd_seconds"])]
+        lines += [f"Training wall-clock of one run of each method, one after the other in one process with one thread "
+                  f"(regime {timing['regime']}, seed {timing['seed']}, lr {timing['lr']:g}; load average {timing['load_before']:.2f} "
+                  f"before, {timing['load_after']:.2f} after, on 2 cores):", "",
+                  "| run | seconds | grid / this |", "|---|---:|---:|"]
+        lines += [f"| {name} | {sec:.1f} | {grid_s / sec:.2f}× |" for name, sec in rows]
+        lines += ["", "Per grid run: " + ", ".join(f"r={k} {t[f'lora r={k}']:.1f} s" for k in grid) +
+                  f"; re-nesting the r={max(grid)} run by SVD: {timing['renest_seconds'] * 1000:.0f} ms.", ""]
     lines += ["**Verdict (computed from the tables):**", "", *verdict(summary), ""]
     base = summary.get("base")
     if base:
@@ -531,8 +602,11 @@ def _job(args: tuple[Settings, Path, str, int, float]) -> dict[str, Any]:
 _EXTENSIBLE = ("seeds", "lrs", "regimes", "workers")
 
 
-def run(cfg: Settings, output: Path, *, force: bool = False) -> dict[str, Any]:
-    """Run everything into ``output`` (reusing finished jobs there unless ``force``); return the summary."""
+def run(cfg: Settings, output: Path, *, force: bool = False, timing: bool = False) -> dict[str, Any]:
+    """Run everything into ``output`` (reusing finished jobs there unless ``force``); return the summary.
+
+    ``timing`` also (re)measures :func:`time_methods`; an earlier ``timing.json`` is reported either way.
+    """
     import torch
 
     if output.exists() and force:
@@ -570,6 +644,10 @@ def run(cfg: Settings, output: Path, *, force: bool = False) -> dict[str, Any]:
     else:
         jobs = [run_job(*t) for t in todo]
     summary = summarise(cfg, jobs)
+    if timing:
+        time_methods(cfg, output, regime=cfg.regimes[0])
+    if (output / "timing.json").exists():
+        summary["timing"] = json.loads((output / "timing.json").read_text(encoding="utf-8"))
     summary["base"] = {"pretrain": pre, "exact_match": skills}
     summary["total_seconds"] = time.perf_counter() - t_all
     (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
@@ -588,6 +666,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="fine-tuning steps of one run (default 300)")
     ap.add_argument("--workers", type=int, default=None, help="processes running jobs side by side, one torch thread each (default 2)")
     ap.add_argument("--force", action="store_true", help="discard an existing --output instead of reusing its finished jobs")
+    ap.add_argument("--timing", action="store_true", help="also time one run of every method in turn (run it on an idle machine)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     import transformers
@@ -607,7 +686,7 @@ def main(argv: list[str] | None = None) -> int:
         over["steps"] = args.steps
     if args.workers:
         over["workers"] = args.workers
-    summary = run(dataclasses.replace(cfg, **over), args.output, force=args.force)
+    summary = run(dataclasses.replace(cfg, **over), args.output, force=args.force, timing=args.timing)
     sys.stdout.write(report_markdown(summary))
     return 0
 
