@@ -158,6 +158,9 @@ class MatryoshkaConfig:
         except (ConfigError, RankError) as e:
             raise InvalidAdapterError(f"{source}: {e}") from e
         stored_p = data.get("p")
+        if stored_p is not None and cfg.method in ("matryoshka", "lora") and (not isinstance(stored_p, list) or len(stored_p) != max_rank):
+            # cheap, before the recomputation below, which costs O(max_rank · |T|)
+            raise InvalidAdapterError(f"{source}: stored p must be a list of max_rank = {max_rank} numbers; remove 'p' or fix it")
         if stored_p is not None:
             expected = cfg.p
             if expected is None:

@@ -227,7 +227,7 @@ def train(
 
     settings = settings or TrainSettings()
     cfg = settings.validate()
-    check_output_path(output, force)
+    check_output_path(output, force, inputs=(base_model_dir, data_path))  # --force may never replace an input
     base = check_base_model_dir(base_model_dir)
     examples = load_jsonl(data_path)
 

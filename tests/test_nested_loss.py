@@ -317,3 +317,43 @@ def test_short_trainer_run_lowers_every_rank_and_slices_load_in_peft(tmp_path) -
     for k in (2, 8):
         peft_model = PeftModel.from_pretrained(load_base_model(base), str(tmp_path / "slices" / f"r{k}"))
         assert math.isclose(heldout_loss(peft_model, held, tok.pad_token_id), losses[k], rel_tol=1e-5), k
+
+
+def test_a_huge_max_rank_with_a_short_p_is_refused_at_once() -> None:
+    """The length of a stored p is checked before p is recomputed (O(max_rank · |T|))."""
+    import time
+
+    from mlora_export.errors import InvalidAdapterError
+
+    data = {"format": "mlora-nested/1", "method": "matryoshka", "max_rank": 100_000_000, "train_ranks": [1, 100_000_000],
+            "scaling": "sqrt", "alpha": 1.0, "p": [1.0, 2.0]}
+    t0 = time.perf_counter()
+    with pytest.raises(InvalidAdapterError, match="stored p must be a list of max_rank = 100000000 numbers"):
+        MatryoshkaConfig.from_dict(data)
+    assert time.perf_counter() - t0 < 1.0
+
+
+def test_library_train_and_renest_refuse_an_output_over_their_inputs(tmp_path) -> None:
+    """--force can never replace an input, from Python too (not only through the CLI)."""
+    from mlora_export.converters.renest import renest_adapter
+    from mlora_export.errors import OutputPathError
+    from mlora_export.finetune import TrainSettings, train
+    from tests.common import random_nested
+
+    base = tmp_path / "proj" / "base"
+    base.mkdir(parents=True)
+    data = tmp_path / "proj" / "train.jsonl"
+    data.write_text('{"text": "abc"}\n', encoding="utf-8")
+    s = TrainSettings(train_ranks=(1, 2), max_steps=1, epochs=None)
+    for out in (base, tmp_path / "proj", base / "nested"):
+        with pytest.raises(OutputPathError):
+            train(base, data, out, s, force=True)
+    assert data.read_text(encoding="utf-8") == '{"text": "abc"}\n' and base.is_dir()
+    src = tmp_path / "lora"
+    random_nested(build_model("llama"), src, arch="llama", method="lora", train_ranks=(8,))
+    before = (src / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(OutputPathError):
+        renest_adapter(src, src, force=True)
+    with pytest.raises(OutputPathError):
+        renest_adapter(src, tmp_path, force=True)
+    assert (src / "adapter_model.safetensors").read_bytes() == before

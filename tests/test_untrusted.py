@@ -343,8 +343,11 @@ main(["slice", sys.argv[1], "--ranks", "2,4", "--output", sys.argv[2]])
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGHUP, 129), (signal.SIGINT, 130)])
 def test_signals_leave_no_temporary_folder(nested_src: Path, tmp_path: Path, sig: int, code: int) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    # A shell starts background jobs with SIGINT ignored, and Python then keeps it ignored: give
+    # the child the default disposition, as a command typed at a terminal has.
     proc = subprocess.Popen([sys.executable, "-c", _SLOW_SLICE, str(nested_src), str(tmp_path / "out")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "READY"
         assert temporaries(tmp_path), "the slices should be in their temporary folder now"

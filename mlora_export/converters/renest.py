@@ -582,7 +582,7 @@ def renest_adapter(
     """
     t0 = time.perf_counter()
     out_dtype = _check_options(max_rank, energy, dtype, workers)
-    check_output_path(output, force)
+    check_output_path(output, force, inputs=(source,))
     src = _read_source(source)
     out_dtype = out_dtype or src.dtype
     if out_dtype is None:
