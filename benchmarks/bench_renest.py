@@ -69,14 +69,19 @@ def make_adapter(path: Path) -> None:
                                                                base_model="tinyllama-shaped"))
 
 
+# Peak RSS from /proc/self/status (VmHWM, this process's own address space): getrusage's ru_maxrss
+# carries over the parent's peak across fork + exec on Linux, so it would report the benchmark's own size.
 RENEST_CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
+def hwm_kb():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
 from mlora_export.converters.renest import renest_adapter
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+base = hwm_kb()
 t0 = time.perf_counter()
 res = renest_adapter(sys.argv[1], sys.argv[2])
 dt = time.perf_counter() - t0
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = hwm_kb()
 print(json.dumps({"seconds": dt, "peak_rss_mb": peak / 1024, "import_rss_mb": base / 1024, "modules": res.modules,
                   "torch_imported": "torch" in sys.modules}))
 """
