@@ -339,6 +339,52 @@ def peft_scaling(peft_config: Mapping[str, Any]) -> float:
     return alpha / math.sqrt(r) if peft_config.get("use_rslora") else alpha / r
 
 
+#: Hints for tensors that are not ``lora_A``/``lora_B`` weights, by a part of their name.
+TENSOR_HINTS: tuple[tuple[str, str], ...] = (
+    ("lora_magnitude_vector", "a DoRA magnitude vector: DoRA is not supported"),
+    ("lora_embedding", "an embedding LoRA: only linear and Conv1D targets are supported"),
+    ("modules_to_save", "a module saved whole (modules_to_save): not supported"),
+    (".bias", "a bias: adapters that train biases (bias or lora_bias) are not supported"),
+)
+
+
+def lora_tensor_pairs(weights: Path, header: SafetensorsHeader) -> dict[str, tuple[TensorInfo, TensorInfo]]:
+    """Module name → ``(lora_A, lora_B)`` of a PEFT LoRA weights file, in file order.
+
+    The one reading of a LoRA file's tensor names that the adapter loader and re-nesting share;
+    each then checks the ranks its format allows.
+
+    Raises:
+        InvalidAdapterError: a tensor that is not ``<prefix><module>.lora_A/lora_B.weight`` (with a
+            hint for DoRA, embedding LoRA, saved modules, biases), no LoRA tensor, a lone
+            ``lora_A`` or ``lora_B``, a non-float dtype, a tensor that is not 2-D or has a
+            zero-size dimension.
+    """
+    parts: dict[str, dict[str, TensorInfo]] = {}
+    for key, info in header.tensors.items():
+        m = _KEY_RE.match(key)
+        if m is None:
+            hint = next((f" ({text})" for part, text in TENSOR_HINTS if part in key), "")
+            raise InvalidAdapterError(f"{weights}: unexpected tensor {key!r}{hint}; expected only {KEY_PREFIX}<module>.lora_A/lora_B.weight")
+        parts.setdefault(m["module"], {})[m["part"]] = info
+    if not parts:
+        raise InvalidAdapterError(f"{weights}: holds no LoRA tensors")
+    out = {}
+    for name, p in parts.items():
+        for need, other in (("lora_A", "lora_B"), ("lora_B", "lora_A")):
+            if need not in p:
+                raise InvalidAdapterError(f"{weights}: module {name!r} has {other} but no {need}; the file is incomplete")
+        for info in (p["lora_A"], p["lora_B"]):
+            if info.dtype not in FLOAT_DTYPES:
+                raise InvalidAdapterError(f"{weights}: tensor {info.name!r} has dtype {info.dtype}; expected a float type")
+            if len(info.shape) != 2:
+                raise InvalidAdapterError(f"{weights}: tensor {info.name!r} has shape {list(info.shape)}; expected 2 dimensions (linear or Conv1D targets)")
+            if 0 in info.shape:
+                raise InvalidAdapterError(f"{weights}: tensor {info.name!r} has shape {list(info.shape)}, a zero-size dimension; the file is corrupt")
+        out[name] = (p["lora_A"], p["lora_B"])
+    return out
+
+
 class NestedAdapter:
     """A validated nested adapter folder (or plain PEFT LoRA folder) opened for reading.
 
@@ -444,36 +490,9 @@ class NestedAdapter:
     @staticmethod
     def _scan_weights(weights: Path, r: int, check_finite: bool) -> tuple[SafetensorsHeader, dict[str, LoraModule], str]:
         header = read_header(weights)
-        parts: dict[str, dict[str, TensorInfo]] = {}
-        for key, info in header.tensors.items():
-            m = _KEY_RE.match(key)
-            if m is None:
-                hint = ""
-                if "lora_magnitude_vector" in key:
-                    hint = " (a DoRA magnitude vector: DoRA is not supported)"
-                elif "lora_embedding" in key:
-                    hint = " (an embedding LoRA: only linear and Conv1D targets are supported)"
-                elif ".bias" in key:
-                    hint = " (a LoRA bias: not supported)"
-                raise InvalidAdapterError(f"{weights}: unexpected tensor {key!r}{hint}; expected only {KEY_PREFIX}<module>.lora_A/lora_B.weight")
-            parts.setdefault(m["module"], {})[m["part"]] = info
-        if not parts:
-            raise InvalidAdapterError(f"{weights}: holds no LoRA tensors")
         modules: dict[str, LoraModule] = {}
         dtypes = set()
-        for name, p in parts.items():
-            for need in ("lora_A", "lora_B"):
-                if need not in p:
-                    other = "lora_B" if need == "lora_A" else "lora_A"
-                    raise InvalidAdapterError(f"{weights}: module {name!r} has {other} but no {need}; the file is incomplete")
-            a, b = p["lora_A"], p["lora_B"]
-            for info in (a, b):
-                if info.dtype not in FLOAT_DTYPES:
-                    raise InvalidAdapterError(f"{weights}: tensor {info.name!r} has dtype {info.dtype}; expected a float type")
-                if len(info.shape) != 2:
-                    raise InvalidAdapterError(f"{weights}: tensor {info.name!r} has shape {list(info.shape)}; expected 2 dimensions")
-                if 0 in info.shape:
-                    raise InvalidAdapterError(f"{weights}: tensor {info.name!r} has shape {list(info.shape)}, a zero-size dimension; the file is corrupt")
+        for name, (a, b) in lora_tensor_pairs(weights, header).items():
             if a.shape[0] != r:
                 raise InvalidAdapterError(f"{weights}: {a.name!r} has shape {list(a.shape)} but the adapter rank is {r}; expected [{r}, in_features]")
             if b.shape[1] != r:

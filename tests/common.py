@@ -137,6 +137,15 @@ def apply_delta_by_hand(model: torch.nn.Module, adapter: NestedAdapter, k: int) 
     return add_deltas(model, deltas)
 
 
+def randomise_lora_b(nested: Any, seed: int = 3, std: float = 0.2) -> None:
+    """PEFT initialises ``lora_B`` to zero; give it random normal values so the adapter changes the output."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, mod in nested.model.named_modules():
+            if name.endswith("lora_B.default"):
+                mod.weight.copy_(torch.randn(mod.weight.shape, generator=gen) * std)
+
+
 def sample_ids(batch: int = 2, seq: int = 7, vocab: int = 96, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab, (batch, seq), generator=gen)

@@ -19,7 +19,7 @@ from mlora_export.adapter import MatryoshkaConfig, NestedAdapter
 from mlora_export.errors import ConfigError
 from mlora_export.method import check_rank_weights, example_ranks, rank_diagonal, scale
 from mlora_export.training import NestedRankCallback, add_nested_adapter
-from tests.common import add_deltas, build_model, sample_ids, targets_for
+from tests.common import add_deltas, build_model, randomise_lora_b, sample_ids, targets_for
 
 T = (1, 2, 4, 8)
 R = 8
@@ -27,12 +27,6 @@ R = 8
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _randomise_b(nested, seed: int = 3, std: float = 0.2) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, mod in nested.model.named_modules():
-            if name.endswith("lora_B.default"):
-                mod.weight.copy_(torch.randn(mod.weight.shape, generator=gen) * std)
 
 
 def _no_dropout(model: torch.nn.Module) -> torch.nn.Module:
@@ -55,7 +49,7 @@ def test_per_example_forward_equals_w_plus_b_diag_dj_a_by_hand(arch: str, scalin
     diagonal of its own rank t_j (s(t_j) on the first t_j components), for every j."""
     base = _no_dropout(build_model(arch))
     nested = add_nested_adapter(copy.deepcopy(base), MatryoshkaConfig("nested-loss", R, T, scaling, 1.5), target_modules=targets_for(arch))
-    _randomise_b(nested)
+    randomise_lora_b(nested)
     nested.model.train()  # no dropout: train mode changes nothing but the per-example diagonals
     ids = sample_ids(batch=7, seq=6)
     nested.train_diagonal(5)
@@ -79,7 +73,7 @@ def test_per_example_forward_bfloat16() -> None:
     """bfloat16 base and adapter: each example within bfloat16 rounding of its rank's by-hand forward."""
     base = build_model("llama", torch.bfloat16)
     nested = add_nested_adapter(copy.deepcopy(base), MatryoshkaConfig("nested-loss", R, T, "sqrt"), target_modules=targets_for("llama"))
-    _randomise_b(nested)
+    randomise_lora_b(nested)
     nested.model.train()
     ids = sample_ids(batch=4)
     nested.train_diagonal(0)
@@ -98,7 +92,7 @@ def test_eval_mode_and_set_rank_leave_the_per_example_mode() -> None:
     """In eval mode during training the model runs the full rank r (what is saved); set_rank(k) serves rank k."""
     base = build_model("llama")
     nested = add_nested_adapter(copy.deepcopy(base), MatryoshkaConfig("nested-loss", R, T, "sqrt"), target_modules=targets_for("llama"))
-    _randomise_b(nested)
+    randomise_lora_b(nested)
     ids = sample_ids(batch=3)
     nested.train_diagonal(0)
     nested.model.eval()
@@ -186,7 +180,7 @@ def test_rank_weights_round_trip_and_only_for_nested_loss(tmp_path) -> None:
 # -- accumulation, processes, Trainer ----------------------------------------------------------
 def _fresh(seed: int = 0):
     nested = add_nested_adapter(build_model("llama"), MatryoshkaConfig("nested-loss", R, T, "sqrt"), target_modules=targets_for("llama"), seed=seed)
-    _randomise_b(nested)
+    randomise_lora_b(nested)
     nested.model.train()
     return nested
 

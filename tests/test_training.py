@@ -12,7 +12,7 @@ import torch
 from mlora_export.adapter import MatryoshkaConfig, NestedAdapter
 from mlora_export.method import matryoshka_diagonal, peft_alpha_for, scale
 from mlora_export.training import NestedRankCallback, add_nested_adapter, load_nested_adapter
-from tests.common import add_deltas, build_model, sample_ids, targets_for
+from tests.common import add_deltas, build_model, randomise_lora_b, sample_ids, targets_for
 
 T = (1, 2, 4, 8)
 R = 8
@@ -20,13 +20,6 @@ R = 8
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-def _randomise_b(nested, seed: int = 3, std: float = 0.2) -> None:
-    """PEFT initialises B to zero; give it values so the adapter changes the output."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, mod in nested.model.named_modules():
-            if name.endswith("lora_B.default"):
-                mod.weight.copy_(torch.randn(mod.weight.shape, generator=gen) * std)
 
 
 def _by_hand(base: torch.nn.Module, nested, diag: list[float]) -> torch.nn.Module:
@@ -45,7 +38,7 @@ def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
 def test_matryoshka_forward_equals_b_diag_p_a(arch: str, scaling: str) -> None:
     base = build_model(arch)
     nested = add_nested_adapter(copy.deepcopy(base), MatryoshkaConfig("matryoshka", R, T, scaling, 1.5), target_modules=targets_for(arch))
-    _randomise_b(nested)
+    randomise_lora_b(nested)
     nested.model.eval()
     ids = sample_ids()
     p = matryoshka_diagonal(R, T, scaling, 1.5)
@@ -62,7 +55,7 @@ def test_matryoshka_forward_bfloat16(arch: str) -> None:
     Observed max error ≈ 5e-3 on logits of magnitude ≈ 0.4; a wrong diagonal differs by ≈ 0.4."""
     base = build_model(arch, torch.bfloat16)
     nested = add_nested_adapter(copy.deepcopy(base), MatryoshkaConfig("matryoshka", R, T, "sqrt"), target_modules=targets_for(arch))
-    _randomise_b(nested)
+    randomise_lora_b(nested)
     nested.model.eval()
     ids = sample_ids()
     ref = _by_hand(base, nested, matryoshka_diagonal(R, T, "sqrt"))
@@ -89,7 +82,7 @@ def test_lora_method_equals_plain_peft_lora(arch: str, scaling: str) -> None:
     for name, param in plain.named_parameters():
         if "lora_A" in name:
             torch.testing.assert_close(ours[name], param, rtol=0, atol=0)  # same initialisation
-    _randomise_b(nested)
+    randomise_lora_b(nested)
     with torch.no_grad():
         for name, param in plain.named_parameters():
             if "lora_B" in name:
@@ -104,7 +97,7 @@ def test_lora_method_equals_plain_peft_lora(arch: str, scaling: str) -> None:
 def test_dylora_uses_the_sampled_prefix_and_its_scale(arch: str) -> None:
     base = build_model(arch)
     nested = add_nested_adapter(copy.deepcopy(base), MatryoshkaConfig("dylora", R, T, "sqrt"), target_modules=targets_for(arch), seed=5)
-    _randomise_b(nested)
+    randomise_lora_b(nested)
     nested.model.eval()
     ids = sample_ids()
     seen = set()
@@ -135,7 +128,7 @@ def test_dylora_sampling_covers_train_ranks_and_is_the_same_on_every_process() -
 def test_set_rank_in_place_equals_delta_w_k() -> None:
     base = build_model("llama")
     nested = add_nested_adapter(copy.deepcopy(base), MatryoshkaConfig("matryoshka", R, T, "sqrt"), target_modules=targets_for("llama"))
-    _randomise_b(nested)
+    randomise_lora_b(nested)
     nested.model.eval()
     ids = sample_ids()
     for k in (0, 1, 3, 8):
@@ -318,7 +311,7 @@ def test_peft_save_pretrained_and_merge_after_remove_are_the_rank_r_adapter(tmp_
 
     base = build_model("llama")
     nested = add_nested_adapter(copy.deepcopy(base), MatryoshkaConfig("matryoshka", R, T, "sqrt", 2.0), target_modules=targets_for("llama"))
-    _randomise_b(nested)
+    randomise_lora_b(nested)
     nested.model.eval()
     ids = sample_ids()
     want = _logits(_by_hand(base, nested, [scale(R, "sqrt", 2.0)] * R), ids)
@@ -375,7 +368,7 @@ def test_layers_to_transform_saves_exact_targets_that_plain_peft_loads(tmp_path)
     base = build_model("llama")
     nested = add_nested_adapter(copy.deepcopy(base), MatryoshkaConfig("matryoshka", 4, (2, 4), "rank"), target_modules=["q_proj", "v_proj"], layers_to_transform=[1])
     assert nested.module_names == ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
-    _randomise_b(nested)
+    randomise_lora_b(nested)
     nested.set_rank(4)
     nested.model.eval()
     nested.save(tmp_path / "n")
@@ -392,7 +385,7 @@ def test_diagonal_switches_back_and_survives_a_deep_copy() -> None:
     a deep copy of the model keeps computing with its own diagonal."""
     base = build_model("gpt2")
     nested = add_nested_adapter(copy.deepcopy(base), MatryoshkaConfig("matryoshka", R, T, "none"), target_modules=targets_for("gpt2"))
-    _randomise_b(nested)
+    randomise_lora_b(nested)
     nested.model.eval()
     ids = sample_ids()
     p = matryoshka_diagonal(R, T, "none")

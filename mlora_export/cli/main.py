@@ -21,7 +21,7 @@ from ._errors import flush_warnings, hold_warning
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @click.pass_context
 def main(ctx: click.Context, verbose: int) -> None:
-    """Turn one MatryoshkaLoRA fine-tuning run into every rank a deployment needs.
+    """Turn one nested-adapter fine-tuning run into every rank a deployment needs.
 
     \b
     Example:

@@ -43,7 +43,7 @@ def train(
     rank_weights: str | None, alpha: float, target_modules: str, epochs: float, max_steps: int | None, lr: float, batch_size: int, grad_accum: int,
     seed: int, max_length: int, dtype: str, force: bool, as_json: bool,
 ) -> None:
-    """Train a nested (MatryoshkaLoRA) adapter on a local model and write it to --output.
+    """Train a nested adapter (nested-loss by default) on a local model and write it to --output.
 
     Runs unchanged under several processes (DistributedDataParallel), e.g.
     `torchrun --nproc_per_node 2 -m mlora_export train ...` or `accelerate launch -m mlora_export train ...`.

@@ -45,7 +45,6 @@ import numpy as np
 
 from ..adapter import (
     CONFIG_NAME,
-    KEY_PREFIX,
     NESTED_FORMAT,
     PEFT_CONFIG_NAME,
     PICKLE_WEIGHTS_NAME,
@@ -54,6 +53,7 @@ from ..adapter import (
     MatryoshkaConfig,
     NestedAdapter,
     build_peft_config,
+    lora_tensor_pairs,
     read_json,
     write_json,
 )
@@ -73,8 +73,6 @@ DTYPES: dict[str, str] = {
     "float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64",
     "F32": "F32", "BF16": "BF16", "F16": "F16", "F64": "F64",
 }
-_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
-_KEY_RE = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<part>lora_A|lora_B)\.weight$")
 _MAX_WORKERS = 8
 
 #: ``adapter_config.json`` settings whose delta is not ``s·B·A`` on the targeted weights alone
@@ -94,14 +92,6 @@ _REFUSED_SETTINGS: dict[str, str] = {
     "velora_config": "VeLoRA adapters are not supported",
     "monteclora_config": "MonteCLoRA adapters are not supported",
 }
-#: Hints for tensors that are not ``lora_A``/``lora_B`` weights, by a part of their name.
-_TENSOR_HINTS: tuple[tuple[str, str], ...] = (
-    ("lora_magnitude_vector", "a DoRA magnitude vector: DoRA is not supported"),
-    ("lora_embedding", "an embedding LoRA: only linear and Conv1D targets are supported"),
-    ("modules_to_save", "a module saved whole (modules_to_save): not supported"),
-    (".bias", "a bias: adapters that train biases (bias or lora_bias) are not supported"),
-)
-
 
 @dataclass(frozen=True)
 class RenestResult:
@@ -235,26 +225,8 @@ def _module_scale(cfg: Mapping[str, Any], name: str) -> tuple[int, float]:
 
 
 def _scan_modules(weights: Path, header: SafetensorsHeader, cfg: Mapping[str, Any], config_path: Path) -> tuple[list[_Module], str | None]:
-    parts: dict[str, dict[str, TensorInfo]] = {}
-    for key, info in header.tensors.items():
-        m = _KEY_RE.match(key)
-        if m is None:
-            hint = next((f" ({text})" for part, text in _TENSOR_HINTS if part in key), "")
-            raise InvalidAdapterError(f"{weights}: unexpected tensor {key!r}{hint}; expected only {KEY_PREFIX}<module>.lora_A/lora_B.weight")
-        parts.setdefault(m["module"], {})[m["part"]] = info
-    if not parts:
-        raise InvalidAdapterError(f"{weights}: holds no LoRA tensors")
     modules, dtypes = [], set()
-    for name, p in parts.items():
-        for need, other in (("lora_A", "lora_B"), ("lora_B", "lora_A")):
-            if need not in p:
-                raise InvalidAdapterError(f"{weights}: module {name!r} has {other} but no {need}; the file is incomplete")
-        a, b = p["lora_A"], p["lora_B"]
-        for info in (a, b):
-            if info.dtype not in _FLOAT_DTYPES:
-                raise InvalidAdapterError(f"{weights}: tensor {info.name!r} has dtype {info.dtype}; expected a float type")
-            if len(info.shape) != 2:
-                raise InvalidAdapterError(f"{weights}: tensor {info.name!r} has shape {list(info.shape)}; expected 2 dimensions (linear or Conv1D targets)")
+    for name, (a, b) in lora_tensor_pairs(weights, header).items():
         if a.shape[0] != b.shape[1]:
             raise InvalidAdapterError(
                 f"{weights}: module {name!r} has lora_A {list(a.shape)} and lora_B {list(b.shape)}, whose ranks disagree; "
@@ -266,8 +238,6 @@ def _scan_modules(weights: Path, header: SafetensorsHeader, cfg: Mapping[str, An
                 f"{weights}: module {name!r} has rank {a.shape[0]} (lora_A {list(a.shape)}) but {config_path.name} gives it r = {r}"
                 f"{' (rank_pattern)' if cfg.get('rank_pattern') else ''}; they must agree"
             )
-        if a.shape[1] < 1 or b.shape[0] < 1:
-            raise InvalidAdapterError(f"{weights}: module {name!r} has an empty factor (lora_A {list(a.shape)}, lora_B {list(b.shape)})")
         dtypes.update((a.dtype, b.dtype))
         modules.append(_Module(name, a, b, r, s))
     modules.sort(key=lambda m: min(m.a.begin, m.b.begin))
