@@ -339,6 +339,32 @@ def peft_scaling(peft_config: Mapping[str, Any]) -> float:
     return alpha / math.sqrt(r) if peft_config.get("use_rslora") else alpha / r
 
 
+def adapter_files(path: str | os.PathLike[str]) -> tuple[Path, Path, Path]:
+    """``(folder, weights file, adapter_config.json)`` of a PEFT LoRA adapter folder, checked to exist.
+
+    Raises:
+        InvalidAdapterError: the folder is missing or a file, or has no safetensors weights (with the
+            conversion to run where only pickle weights exist) or no ``adapter_config.json``.
+    """
+    root = Path(path)
+    if not root.exists():
+        raise InvalidAdapterError(f"adapter folder {str(root)!r} does not exist")
+    if not root.is_dir():
+        raise InvalidAdapterError(f"adapter path {str(root)!r} is a file; pass the adapter folder")
+    weights = root / WEIGHTS_NAME
+    if not weights.exists() and not weights.is_symlink():  # a dangling link is reported where it is opened
+        if (root / PICKLE_WEIGHTS_NAME).exists():
+            raise InvalidAdapterError(
+                f"{root / PICKLE_WEIGHTS_NAME}: pickle weights are refused (unpickling runs arbitrary code); "
+                "in a trusted environment load the adapter with PEFT and call save_pretrained(..., safe_serialization=True)"
+            )
+        raise InvalidAdapterError(f"{root}: no {WEIGHTS_NAME} found; is this a PEFT LoRA adapter folder?")
+    peft_path = root / PEFT_CONFIG_NAME
+    if not peft_path.exists() and not peft_path.is_symlink():
+        raise InvalidAdapterError(f"{root}: no {PEFT_CONFIG_NAME} found; is this a PEFT LoRA adapter folder?")
+    return root, weights, peft_path
+
+
 #: Hints for tensors that are not ``lora_A``/``lora_B`` weights, by a part of their name.
 TENSOR_HINTS: tuple[tuple[str, str], ...] = (
     ("lora_magnitude_vector", "a DoRA magnitude vector: DoRA is not supported"),
@@ -423,22 +449,7 @@ class NestedAdapter:
                 configs, shape or rank disagreement, a lone ``lora_A`` or ``lora_B``,
                 non-finite weights, or an invalid ``matryoshka_config.json``.
         """
-        root = Path(path)
-        if not root.exists():
-            raise InvalidAdapterError(f"adapter folder {str(root)!r} does not exist")
-        if not root.is_dir():
-            raise InvalidAdapterError(f"adapter path {str(root)!r} is a file; pass the adapter folder")
-        weights = root / WEIGHTS_NAME
-        if not weights.exists() and not weights.is_symlink():
-            if (root / PICKLE_WEIGHTS_NAME).exists():
-                raise InvalidAdapterError(
-                    f"{root / PICKLE_WEIGHTS_NAME}: pickle weights are refused (unpickling runs arbitrary code); "
-                    "in a trusted environment load the adapter with PEFT and call save_pretrained(..., safe_serialization=True)"
-                )
-            raise InvalidAdapterError(f"{root}: no {WEIGHTS_NAME} found; is this a PEFT LoRA adapter folder?")
-        peft_path = root / PEFT_CONFIG_NAME
-        if not peft_path.exists() and not peft_path.is_symlink():
-            raise InvalidAdapterError(f"{root}: no {PEFT_CONFIG_NAME} found; is this a PEFT LoRA adapter folder?")
+        root, weights, peft_path = adapter_files(path)
         peft_config = _read_json(peft_path)
         _check_peft_config(peft_config, peft_path)
 

@@ -47,11 +47,11 @@ from ..adapter import (
     CONFIG_NAME,
     NESTED_FORMAT,
     PEFT_CONFIG_NAME,
-    PICKLE_WEIGHTS_NAME,
     SLICE_FORMAT,
     WEIGHTS_NAME,
     MatryoshkaConfig,
     NestedAdapter,
+    adapter_files,
     build_peft_config,
     lora_tensor_pairs,
     read_json,
@@ -250,22 +250,7 @@ def _read_source(path: str | os.PathLike[str]) -> _Source:
     Raises:
         InvalidAdapterError: see :func:`renest_adapter`.
     """
-    root = Path(path)
-    if not root.exists():
-        raise InvalidAdapterError(f"adapter folder {str(root)!r} does not exist")
-    if not root.is_dir():
-        raise InvalidAdapterError(f"adapter path {str(root)!r} is a file; pass the adapter folder")
-    weights = root / WEIGHTS_NAME
-    if not weights.exists():
-        if (root / PICKLE_WEIGHTS_NAME).exists():
-            raise InvalidAdapterError(
-                f"{root / PICKLE_WEIGHTS_NAME}: pickle weights are refused (unpickling runs arbitrary code); "
-                "in a trusted environment load the adapter with PEFT and call save_pretrained(..., safe_serialization=True)"
-            )
-        raise InvalidAdapterError(f"{root}: no {WEIGHTS_NAME} found; is this a PEFT LoRA adapter folder?")
-    config_path = root / PEFT_CONFIG_NAME
-    if not config_path.exists():
-        raise InvalidAdapterError(f"{root}: no {PEFT_CONFIG_NAME} found; is this a PEFT LoRA adapter folder?")
+    root, weights, config_path = adapter_files(path)
     cfg = read_json(config_path)
     _check_peft_config(cfg, config_path)
     provenance: dict[str, Any] = {"path": str(root)}
