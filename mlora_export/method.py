@@ -274,13 +274,11 @@ def aurac(ranks: Sequence[int], scores: Sequence[float]) -> dict[str, float]:
 
 
 def peft_alpha_for(k: int, scaling: str, alpha: float = 1.0) -> tuple[float, bool]:
-    """``(lora_alpha, use_rslora)`` that make PEFT's own scaling equal ``s(k)`` at ``r = k``.
+    """``(lora_alpha, use_rslora)`` that make PEFT's own scaling equal ``s(k)`` at ``r = k``: ``(s(k)·k, False)``.
 
-    PEFT scales by ``lora_alpha / r`` (or ``lora_alpha / sqrt(r)`` with ``use_rslora``).
+    PEFT scales by ``lora_alpha / r``; ``use_rslora`` (``lora_alpha / sqrt(r)``) is never used,
+    because llama.cpp's converter and other runtimes ignore it and would apply ``lora_alpha / r``
+    (DESIGN.md §2): ``none`` → ``alpha·k``, ``rank`` → ``alpha``, ``sqrt`` → ``alpha·sqrt(k)``.
+    Folders written earlier with ``use_rslora`` still load (:func:`mlora_export.adapter.peft_scaling`).
     """
-    check_scaling(scaling)
-    if scaling == "none":
-        return float(alpha) * k, False
-    if scaling == "rank":
-        return float(alpha), False
-    return float(alpha), True
+    return scale(k, scaling, alpha) * k, False

@@ -270,3 +270,26 @@ def test_find_non_finite_every_dtype_and_chunk_edge(tmp_path: Path, dtype: torch
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         for chunk in (3, 10, 1 << 22):
             assert find_non_finite(mm, header, chunk_elements=chunk) == (None if bad is None else "target")
+
+
+@pytest.mark.parametrize("scaling", ["sqrt", "rank", "none"])
+def test_configs_express_s_k_without_rslora_and_old_rslora_folders_still_load(tmp_path: Path, scaling: str) -> None:
+    """DESIGN.md §2: lora_alpha = s(k)·k, no use_rslora (llama.cpp's converter ignores it), for the
+    nested adapter's own config and for native slices; a folder written with use_rslora still loads."""
+    import math
+
+    from mlora_export.adapter import peft_scaling
+    from mlora_export.converters.slice import slice_adapter
+
+    adapter = random_nested(build_model("llama"), tmp_path / "nested", arch="llama", r=8, train_ranks=(2, 8), scaling=scaling, alpha=1.5)
+    cfg = json.loads((adapter.path / "adapter_config.json").read_text())
+    assert "use_rslora" not in cfg and math.isclose(cfg["lora_alpha"] / cfg["r"], adapter.scale(8), rel_tol=1e-12)
+    slice_adapter(adapter, [2], tmp_path / "slices", scale_mode="native")
+    native = json.loads((tmp_path / "slices" / "r2" / "adapter_config.json").read_text())
+    assert "use_rslora" not in native and math.isclose(native["lora_alpha"] / native["r"], adapter.scale(2), rel_tol=1e-12)
+    # the old form (sqrt via use_rslora, lora_alpha = alpha) loads with the same scaling
+    if scaling == "sqrt":
+        old = {**cfg, "lora_alpha": 1.5, "use_rslora": True}
+        (adapter.path / "adapter_config.json").write_text(json.dumps(old))
+        again = NestedAdapter.load(adapter.path)
+        assert math.isclose(peft_scaling(again.peft_config), adapter.scale(8), rel_tol=1e-12)

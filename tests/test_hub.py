@@ -140,7 +140,9 @@ def test_bundle_layout_manifest_and_card(bundle_dir: Path, nested: Path, tmp_pat
     native = write_bundle(nested, (4,), tmp_path / "native", scale_mode="native", base_model="org/tiny-llama")
     native_text = (native.path / "README.md").read_text()
     assert "exact prefix" in native_text and "folded into" not in native_text
-    assert json.loads((native.path / "r4/adapter_config.json").read_text())["use_rslora"] is True
+    # s(4) = 1/sqrt(4) as lora_alpha / r alone (no use_rslora, which llama.cpp's converter ignores)
+    native_cfg = json.loads((native.path / "r4/adapter_config.json").read_text())
+    assert "use_rslora" not in native_cfg and native_cfg["lora_alpha"] / native_cfg["r"] == pytest.approx(0.5)
 
 
 def test_bundle_carries_evaluation_numbers(tmp_path: Path) -> None:

@@ -6,7 +6,8 @@ A slice at rank ``k`` holds ``A[:k]`` and ``B[:, :k]`` (contiguous, source dtype
 
 - ``baked`` (default): ``B[:, :k]`` is multiplied by ``s(k)`` (in float32, rounded once to the
   source dtype) and ``lora_alpha = k``, so PEFT's scaling is 1. Every serving stack reads it alike.
-- ``native``: the exact prefix; ``s(k)`` is expressed through ``lora_alpha``/``use_rslora``.
+- ``native``: the exact prefix; ``s(k)`` is expressed as ``lora_alpha = s(k)·k`` (no ``use_rslora``, which llama.cpp's
+  converter ignores), so PEFT's ``lora_alpha / k`` is ``s(k)`` everywhere.
 """
 
 from __future__ import annotations

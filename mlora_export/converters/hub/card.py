@@ -157,7 +157,7 @@ def render_card(manifest: Mapping[str, Any], *, repo_id: str | None = None, lice
     task = manifest.get("task_type")
     auto_class = AUTO_CLASSES.get(str(task), "AutoModelForCausalLM" if task is None else "AutoModel")
     if manifest.get("scale_mode", "baked") == "native":
-        slice_text = "the exact prefix of the factors, `s(k)` expressed through `lora_alpha`/`use_rslora`"
+        slice_text = "the exact prefix of the factors, `s(k)` expressed through `lora_alpha = s(k)·k`"
     else:
         slice_text = "`s(k)` folded into `lora_B`, so every runtime reads it alike"
     lines += [
