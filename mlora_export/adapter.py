@@ -52,6 +52,9 @@ CONFIG_NAME = "matryoshka_config.json"
 PEFT_CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
+#: A folder holding this file is a variant bundle: its nested adapter is in :data:`BUNDLE_NESTED_DIR`.
+BUNDLE_MANIFEST_NAME = "manifest.json"
+BUNDLE_NESTED_DIR = "nested"
 KEY_PREFIX = "base_model.model."
 REQUIRED_FIELDS = ("format", "method", "max_rank", "train_ranks", "scaling", "alpha")
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
@@ -342,6 +345,8 @@ def peft_scaling(peft_config: Mapping[str, Any]) -> float:
 def adapter_files(path: str | os.PathLike[str]) -> tuple[Path, Path, Path]:
     """``(folder, weights file, adapter_config.json)`` of a PEFT LoRA adapter folder, checked to exist.
 
+    For a variant bundle (a folder with ``manifest.json`` and ``nested/``) the folder is its ``nested/``.
+
     Raises:
         InvalidAdapterError: the folder is missing or a file, or has no safetensors weights (with the
             conversion to run where only pickle weights exist) or no ``adapter_config.json``.
@@ -351,6 +356,10 @@ def adapter_files(path: str | os.PathLike[str]) -> tuple[Path, Path, Path]:
         raise InvalidAdapterError(f"adapter folder {str(root)!r} does not exist")
     if not root.is_dir():
         raise InvalidAdapterError(f"adapter path {str(root)!r} is a file; pass the adapter folder")
+    if (root / BUNDLE_MANIFEST_NAME).is_file() and (root / BUNDLE_NESTED_DIR).is_dir():
+        # a variant bundle (DESIGN.md §2): its root holds the default rank only; the adapter is nested/
+        logger.info("%s is a variant bundle: reading its nested adapter from %s/", root, BUNDLE_NESTED_DIR)
+        root = root / BUNDLE_NESTED_DIR
     weights = root / WEIGHTS_NAME
     if not weights.exists() and not weights.is_symlink():  # a dangling link is reported where it is opened
         if (root / PICKLE_WEIGHTS_NAME).exists():

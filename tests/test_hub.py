@@ -266,7 +266,8 @@ def test_large_file_takes_the_lfs_path(hub: HubServer, tmp_path: Path) -> None:
     push_bundle(b.path, "org/big-mlora", token=ALICE, endpoint=hub.endpoint)
     size = (tmp_path / "big/adapter_model.safetensors").stat().st_size
     puts = [e for e in hub.requests("PUT", "/lfs-upload/") if e["bytes_in"] == size]
-    assert len(puts) == 2 and all(e["status"] == 200 for e in puts)  # nested/ and r352/ (same size, other content)
+    # nested/, r352/ (same size, other content) and the root's default rank (a copy of r352/, sent by the client again)
+    assert len(puts) == 3 and all(e["status"] == 200 for e in puts)
     assert hub.requests("POST", "/info/lfs/objects/batch") and hub.requests("POST", "/lfs-verify/")
     assert hub.head_tree("org/big-mlora")["nested/adapter_model.safetensors"].lfs
     out = pull_rank("org/big-mlora", r, tmp_path / "pulled", endpoint=hub.endpoint)
@@ -286,6 +287,10 @@ base = AutoModelForCausalLM.from_pretrained({str(base_dirs['llama'])!r}).eval()
 with torch.no_grad():
     a, b, c = hub(ids).logits, local(ids).logits, base(ids).logits
 torch.testing.assert_close(a, b, rtol=0, atol=0)
+# the repo's root holds the default rank (the largest here: no evaluation recorded), as any LoRA repo does
+root = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({str(base_dirs['llama'])!r}), {REPO!r}).eval()
+with torch.no_grad():
+    torch.testing.assert_close(root(ids).logits, b, rtol=0, atol=0)
 # the r8 branch holds the same adapter at its root (repo@revision, no subfolder)
 branch = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({str(base_dirs['llama'])!r}), {REPO!r}, revision="r8").eval()
 with torch.no_grad():
@@ -300,6 +305,68 @@ print("OK")
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
     assert any("/resolve/main/r8/adapter_model.safetensors" in e["path"] for e in hub.requests("GET"))
+
+
+def test_bundle_is_portable_with_a_default_rank_at_its_root(nested: Path, base_dirs: dict, tmp_path: Path) -> None:
+    """No local base path in any adapter_config.json of a bundle (the Hub id, or nothing); the root holds
+    the default rank, chosen by the recorded evaluation, else the largest, or by --default-rank; PEFT's tags;
+    our tools read a bundle's nested/ (never its root files)."""
+    from huggingface_hub import ModelCard
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from mlora_export.evaluation import record_evaluation
+
+    local = tmp_path / "local"
+    shutil.copytree(nested, local)
+    cfg = json.loads((local / "matryoshka_config.json").read_text())
+    cfg["base_model"] = "/home/trainer/models/llama-local"
+    (local / "matryoshka_config.json").write_text(json.dumps(cfg))
+    peft_cfg = json.loads((local / "adapter_config.json").read_text())
+    peft_cfg["base_model_name_or_path"] = "/home/trainer/models/llama-local"
+    (local / "adapter_config.json").write_text(json.dumps(peft_cfg))
+
+    def configs(root: Path) -> list[dict]:
+        return [json.loads(p.read_text()) for p in sorted(root.rglob("adapter_config.json"))]
+
+    with_id = write_bundle(local, RANKS, tmp_path / "with-id", base_model="org/tiny-llama")
+    assert len(configs(with_id.path)) == len(RANKS) + 2  # r{k}/, nested/ and the root
+    assert {c["base_model_name_or_path"] for c in configs(with_id.path)} == {"org/tiny-llama"}
+    without = write_bundle(local, RANKS, tmp_path / "without", warn_local_base=False)
+    assert {c.get("base_model_name_or_path") for c in configs(without.path)} == {None}
+    assert "/home/trainer" not in "".join((without.path / n).read_text() for n in ("README.md", "adapter_config.json", "r4/adapter_config.json"))
+
+    # the default rank: the largest without an evaluation, a byte copy of its folder, named in the manifest and card
+    m = json.loads((with_id.path / MANIFEST_NAME).read_text())
+    assert m["default_rank"] == {"rank": 8, "path": ".", "source": "r8", "chosen_by": "largest rank"}
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (with_id.path / name).read_bytes() == (with_id.path / "r8" / name).read_bytes()
+        assert name in {f["path"] for f in m["files"]}
+    card = ModelCard.load(with_id.path / "README.md")
+    assert {"base_model:adapter:org/tiny-llama", "transformers", "lora", "peft", "matryoshka-lora"} <= set(card.data.tags)
+    assert 'PeftModel.from_pretrained(base, "<namespace>/<repo>")' in card.text and "holds rank 8" in card.text
+    ids = torch.tensor([[5, 9, 13, 21, 34, 55, 8]])
+    with torch.no_grad():
+        root = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dirs["llama"]), str(with_id.path)).eval()(ids).logits
+        r8 = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dirs["llama"]), str(with_id.path / "r8")).eval()(ids).logits
+    torch.testing.assert_close(root, r8, rtol=0, atol=0)
+    # our tools read the bundle's nested adapter, not the root's rank-8 files
+    assert NestedAdapter.load(with_id.path).path == with_id.path / "nested"
+    assert NestedAdapter.load(with_id.path).config.train_ranks == (1, 2, 4, 8)
+
+    # chosen by the recorded evaluation (higher is better: the best score; ties: the smaller rank)
+    record_evaluation(local, {"metric": "exact-match", "higher_is_better": True,
+                              "ranks": [{"rank": 2, "score": 0.5}, {"rank": 4, "score": 0.9}, {"rank": 8, "score": 0.9}], "aurac": {"v2": 0.8}})
+    by_eval = write_bundle(local, RANKS, tmp_path / "by-eval", warn_local_base=False)
+    assert json.loads((by_eval.path / MANIFEST_NAME).read_text())["default_rank"]["rank"] == 4
+    assert (by_eval.path / "adapter_model.safetensors").read_bytes() == (by_eval.path / "r4" / "adapter_model.safetensors").read_bytes()
+    # or by the option; one that is not a bundle rank is refused, exit 2, nothing written
+    res = run("bundle", local, "--ranks", "2,4,8", "--default-rank", "2", "--output", tmp_path / "opt")
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "opt" / MANIFEST_NAME).read_text())["default_rank"] == {"rank": 2, "path": ".", "source": "r2", "chosen_by": "option"}
+    res = run("bundle", local, "--ranks", "2,4", "--default-rank", "8", "--output", tmp_path / "bad")
+    assert res.exit_code == 2 and "default rank 8 is not one of the bundle's ranks [2, 4]" in res.stderr, res.output
+    assert leftovers(tmp_path, "bad") == []
 
 
 # -- errors ------------------------------------------------------------------------------------

@@ -64,6 +64,8 @@ def _bundle_options(func: Any) -> Any:
         click.option("--scale-mode", type=click.Choice(["baked", "native"]), default="baked", show_default=True, help="How the slices express s(k) (see `mlora-export slice --help`)."),
         click.option("--base-model", help="Hub id of the base model for the card (default: the one recorded in the adapter)."),
         click.option("--license", "license_id", help="License id for the card, e.g. apache-2.0."),
+        click.option("--default-rank", type=click.IntRange(min=1),
+                     help="Rank also written at the bundle's root, for PeftModel.from_pretrained(base, repo).  [default: the best by the recorded evaluation, else the largest]"),
         click.option("--with-onnx", "onnx_base", type=click.Path(path_type=str), metavar="BASE_DIR",
                      help="Also export a dynamic-rank ONNX model (verified in ONNX Runtime) into onnx/, built on the local base model folder BASE_DIR."),
     ]):
@@ -72,7 +74,7 @@ def _bundle_options(func: Any) -> Any:
 
 
 def _build(adapter: str, ranks: Any, output: Path, *, scale_mode: str, base_model: str | None, license_id: str | None,
-           repo_id: str | None, force: bool, onnx_base: str | None = None) -> Any:
+           repo_id: str | None, force: bool, onnx_base: str | None = None, default_rank: int | None = None) -> Any:
     from ..converters.hub.bundle import write_bundle
     from ..fs import check_output_path
 
@@ -86,7 +88,7 @@ def _build(adapter: str, ranks: Any, output: Path, *, scale_mode: str, base_mode
                 onnx_dir = export_onnx(adapter, onnx_base, Path(tmp) / "onnx", progress=bar).path
         with BarProgress("bundling") as bar:
             return write_bundle(adapter, ranks, output, scale_mode=scale_mode, base_model=base_model, license_id=license_id,
-                                repo_id=repo_id, onnx_dir=onnx_dir, force=force, progress=bar)
+                                repo_id=repo_id, onnx_dir=onnx_dir, default_rank=default_rank, force=force, progress=bar)
 
 
 @click.command("bundle")
@@ -98,7 +100,7 @@ def _build(adapter: str, ranks: Any, output: Path, *, scale_mode: str, base_mode
 @json_option
 @handle_errors
 def bundle(adapter: str, output: str, ranks: Any, scale_mode: str, base_model: str | None, license_id: str | None,
-           onnx_base: str | None, repo_id: str | None, force: bool, as_json: bool) -> None:
+           default_rank: int | None, onnx_base: str | None, repo_id: str | None, force: bool, as_json: bool) -> None:
     """Write a variant bundle of a nested ADAPTER to a local folder (no network).
 
     The folder holds README.md (model card), matryoshka_config.json, manifest.json (every
@@ -114,7 +116,7 @@ def bundle(adapter: str, output: str, ranks: Any, scale_mode: str, base_model: s
 
         check_repo_id(repo_id)
     b = _build(adapter, ranks, Path(output), scale_mode=scale_mode, base_model=base_model, license_id=license_id, repo_id=repo_id,
-               force=force, onnx_base=onnx_base)
+               force=force, onnx_base=onnx_base, default_rank=default_rank)
     if as_json:
         echo_json({"path": str(b.path), "ranks": [r.__dict__ for r in b.ranks], "files": [f.__dict__ for f in b.files], "bytes": b.total_bytes})
         return
@@ -136,7 +138,7 @@ def bundle(adapter: str, output: str, ranks: Any, scale_mode: str, base_model: s
 @json_option
 @handle_errors
 def push_hub(source: str, repo_id: str, ranks: Any, scale_mode: str, base_model: str | None, license_id: str | None,
-             onnx_base: str | None, private: bool, revision: str, branches: bool, dry_run: bool, token: str | None, endpoint: str | None,
+             default_rank: int | None, onnx_base: str | None, private: bool, revision: str, branches: bool, dry_run: bool, token: str | None, endpoint: str | None,
              commit_message: str | None, as_json: bool) -> None:
     """Push a variant bundle of SOURCE to the Hub as one commit.
 
@@ -161,13 +163,14 @@ def push_hub(source: str, repo_id: str, ranks: Any, scale_mode: str, base_model:
     with tempfile.TemporaryDirectory(prefix="mlora-bundle-") as tmp:
         if is_bundle(source):
             ignored = [name for name, value in (("--ranks", ranks != "all"), ("--base-model", base_model), ("--license", license_id),
-                                                ("--with-onnx", onnx_base), ("--scale-mode", scale_mode != "baked")) if value]
+                                                ("--default-rank", default_rank), ("--with-onnx", onnx_base),
+                                                ("--scale-mode", scale_mode != "baked")) if value]
             if ignored:
                 click.echo(f"warning: {source} is already a bundle; {', '.join(ignored)} ignored (rebuild it with `mlora-export bundle` to change them)", err=True)
             b = Bundle.load(source, verify=True)
         else:
             b = _build(source, ranks, Path(tmp) / "bundle", scale_mode=scale_mode, base_model=base_model,
-                       license_id=license_id, repo_id=repo_id, force=False, onnx_base=onnx_base)
+                       license_id=license_id, repo_id=repo_id, force=False, onnx_base=onnx_base, default_rank=default_rank)
         if dry_run:
             listing = dry_run_listing(b, branches)
             if as_json:

@@ -5,9 +5,14 @@ Layout (the same locally and in a Hub repo)::
     README.md                 model card (see :mod:`.card`)
     matryoshka_config.json    the nested adapter's config (byte copy)
     manifest.json             every file's path, size, sha256; every rank's folder and numbers
-    nested/                   the full nested adapter (byte copies of its three files)
+    adapter_config.json       the default rank's PEFT adapter at the root, so that
+    adapter_model.safetensors   ``PeftModel.from_pretrained(base, repo)`` works without a subfolder
+    nested/                   the full nested adapter (its three files)
     r{k}/                     one PEFT slice per requested rank (:func:`~..slice.write_slices`)
     onnx/                     optional ONNX export(s)
+
+Every ``adapter_config.json`` of a bundle names the base model by its Hub id, or not at all: a
+local path of the machine that trained the adapter means nothing on another one.
 
 A bundle is deterministic: the same nested adapter and options give byte-identical files, so
 re-pushing an unchanged bundle uploads nothing (:mod:`.push`).
@@ -27,8 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from ... import __version__
-from ...adapter import CONFIG_NAME, PEFT_CONFIG_NAME, WEIGHTS_NAME, NestedAdapter, write_json
-from ...errors import IntegrityError, InvalidAdapterError
+from ...adapter import BUNDLE_MANIFEST_NAME, BUNDLE_NESTED_DIR, CONFIG_NAME, PEFT_CONFIG_NAME, WEIGHTS_NAME, NestedAdapter, write_json
+from ...errors import IntegrityError, InvalidAdapterError, RankError
 from ...fs import atomic_output_dir, check_free_space, check_output_path
 from ..slice import check_scale_mode, resolve_ranks, write_slices
 from .card import check_license, hub_base_model, render_card
@@ -36,9 +41,9 @@ from .card import check_license, hub_base_model, render_card
 logger = logging.getLogger(__name__)
 
 BUNDLE_FORMAT = "mlora-bundle/1"
-MANIFEST_NAME = "manifest.json"
+MANIFEST_NAME = BUNDLE_MANIFEST_NAME
 README_NAME = "README.md"
-NESTED_DIR = "nested"
+NESTED_DIR = BUNDLE_NESTED_DIR
 ONNX_DIR = "onnx"
 #: ``progress(done, total)`` in bytes.
 Progress = Callable[[int, int], None]
@@ -245,6 +250,27 @@ def _metrics_by_rank(evaluation: Any) -> dict[int, dict[str, float]]:
     return out
 
 
+def choose_default_rank(ranks: Sequence[int], evaluation: Any) -> tuple[int, str]:
+    """``(rank, why)``: the rank a bundle serves from its root. The best by the first recorded
+    evaluation that scores one of ``ranks`` (ties: the smaller rank), else the largest of ``ranks``."""
+    if isinstance(evaluation, dict):
+        for metric, entry in evaluation.items():
+            if not isinstance(entry, dict):
+                continue
+            scores = {k: v[metric] for k, v in _metrics_by_rank({metric: entry}).items() if k in ranks and metric in v}
+            if scores:
+                sign = 1.0 if entry.get("higher_is_better", True) is not False else -1.0
+                return min(scores, key=lambda k: (-sign * scores[k], k)), f"best recorded {metric}"
+    return max(ranks), "largest rank"
+
+
+def _portable_peft_config(path: Path, hub_base: str | None) -> None:
+    """Set ``base_model_name_or_path`` of the ``adapter_config.json`` at ``path`` to ``hub_base`` (``None``: unset)."""
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    cfg["base_model_name_or_path"] = hub_base
+    write_json(path, cfg)
+
+
 def _folder_files(root: Path, sub: str) -> list[Path]:
     return sorted(p for p in (root / sub).rglob("*") if p.is_file())
 
@@ -259,6 +285,7 @@ def write_bundle(
     license_id: str | None = None,
     repo_id: str | None = None,
     onnx_dir: str | os.PathLike[str] | None = None,
+    default_rank: int | None = None,
     force: bool = False,
     progress: Progress | None = None,
     warn_local_base: bool = True,
@@ -268,12 +295,14 @@ def write_bundle(
     ``base_model`` overrides the base model recorded in the adapter (the card's ``base_model``
     must be a Hub repo id; a local path is left out of the card with a warning). ``repo_id`` is
     only used in the card's snippets. ``onnx_dir``, when given, is copied into ``onnx/``.
+    ``default_rank`` (one of ``ranks``) is also written at the bundle's root; by default the best
+    rank by the adapter's recorded evaluation, else the largest (:func:`choose_default_rank`).
     ``warn_local_base=False`` silences the warning about a base model that is a local path.
     The folder appears at once, complete (written in a temporary sibling, then renamed).
 
     Raises:
         InvalidAdapterError: the adapter is invalid or a plain PEFT LoRA adapter.
-        RankError: a rank is outside ``[1, r]``.
+        RankError: a rank is outside ``[1, r]``, or ``default_rank`` is not one of ``ranks``.
         ConfigError: unknown ``scale_mode`` or an invalid license id.
         OutputExistsError: ``output`` exists and ``force`` is false.
         OutputPathError: ``output`` is, holds or lies inside the adapter or ``onnx_dir``.
@@ -299,11 +328,15 @@ def write_bundle(
     check_free_space(Path(output).absolute().parent, slice_total + sum(p.stat().st_size for p in src_files) * 2 + onnx_bytes)
     raw_cfg = json.loads((nested.path / CONFIG_NAME).read_text(encoding="utf-8"))
     metrics = _metrics_by_rank(raw_cfg.get("evaluation"))
+    if default_rank is not None and default_rank not in ks:
+        raise RankError(f"default rank {default_rank!r} is not one of the bundle's ranks {list(ks)}")
+    root_rank, chosen_by = (default_rank, "option") if default_rank is not None else choose_default_rank(ks, raw_cfg.get("evaluation"))
 
     with atomic_output_dir(output, force, inputs) as tmp:
         (tmp / NESTED_DIR).mkdir()
         for src in src_files:
             shutil.copyfile(src, tmp / NESTED_DIR / src.name)
+        _portable_peft_config(tmp / NESTED_DIR / PEFT_CONFIG_NAME, hub_base)
         shutil.copyfile(nested.path / CONFIG_NAME, tmp / CONFIG_NAME)
         rank_entries = []
         folders = {k: tmp / rank_dir(k) for k in ks}
@@ -315,6 +348,7 @@ def write_bundle(
             slice_cfg = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
             slice_cfg["source"]["path"] = f"../{NESTED_DIR}"
             write_json(folder / CONFIG_NAME, slice_cfg)
+            _portable_peft_config(folder / PEFT_CONFIG_NAME, hub_base)
             files = _folder_files(tmp, rank_dir(k))
             rank_entries.append({
                 "rank": k,
@@ -326,6 +360,8 @@ def write_bundle(
                 "metrics": metrics.get(k, {}),
             })
             logger.info("bundle: wrote rank %d (%d params)", k, res.params)
+        for name in (PEFT_CONFIG_NAME, WEIGHTS_NAME):  # the default rank at the root
+            shutil.copyfile(folders[root_rank] / name, tmp / name)
         onnx_entries = []
         if onnx_src is not None:
             shutil.copytree(onnx_src, tmp / ONNX_DIR)
@@ -348,6 +384,7 @@ def write_bundle(
             "nested": {"path": NESTED_DIR, "rank": nested.max_rank, "params": nested.params_at(nested.max_rank),
                        "bytes": sum(p.stat().st_size for p in nested_files)},
             "ranks": rank_entries,
+            "default_rank": {"rank": root_rank, "path": ".", "source": rank_dir(root_rank), "chosen_by": chosen_by},
         }
         if isinstance(raw_cfg.get("evaluation"), dict):
             manifest["evaluation"] = {

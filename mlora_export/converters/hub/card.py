@@ -109,7 +109,8 @@ def render_card(manifest: Mapping[str, Any], *, repo_id: str | None = None, lice
     base = manifest.get("base_model")
     ranks: Sequence[Mapping[str, Any]] = manifest["ranks"]
     metrics = sorted({m for r in ranks for m in (r.get("metrics") or {})})
-    tags = list(REQUIRED_TAGS) + [f"rank-{r['rank']}" for r in ranks]
+    # the tags PEFT's own save_pretrained writes (base_model:adapter:<id>, transformers, lora), then ours
+    tags = ([f"base_model:adapter:{base}"] if base else []) + ["transformers", *REQUIRED_TAGS] + [f"rank-{r['rank']}" for r in ranks]
     data = ModelCardData(
         base_model=base,
         base_model_relation="adapter" if base else None,
@@ -151,6 +152,8 @@ def render_card(manifest: Mapping[str, Any], *, repo_id: str | None = None, lice
         if aurac:
             lines.append(f"AURAC ({name}): " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(aurac.items()) if isinstance(v, (int, float))))
             lines.append("")
+    default = manifest.get("default_rank") or {}
+    d = default.get("rank")
     k = ranks[len(ranks) // 2]["rank"] if ranks else cfg["max_rank"]
     top = max((r["rank"] for r in ranks), default=cfg["max_rank"])
     base_arg = base or "<base-model>"
@@ -168,9 +171,12 @@ def render_card(manifest: Mapping[str, Any], *, repo_id: str | None = None, lice
         f"from transformers import {auto_class}",
         "",
         f'base = {auto_class}.from_pretrained("{base_arg}")',
-        f'model = PeftModel.from_pretrained(base, "{repo}", subfolder="r{k}")',
+        *([f'model = PeftModel.from_pretrained(base, "{repo}")                 # the default rank, r{d}'] if d else []),
+        f'model = PeftModel.from_pretrained(base, "{repo}", subfolder="r{k}")   # any rank by its folder',
         "```",
         "",
+        *([f"The repo's root holds rank {d} ({default.get('chosen_by', 'default')}), so tools that take a repo id and no "
+           "subfolder load it as they would any LoRA adapter.", ""] if d else []),
         "## Pull only one rank, sha256-verified",
         "",
         "```bash",
@@ -190,6 +196,7 @@ def render_card(manifest: Mapping[str, Any], *, repo_id: str | None = None, lice
         "",
         "- `manifest.json`: every file's path, size and sha256; every rank's folder, parameter count and size.",
         "- `matryoshka_config.json`: the nested adapter's method, ranks and scaling.",
+        *([f"- `adapter_config.json`, `adapter_model.safetensors`: the default rank, a copy of `r{d}/`."] if d else []),
         f"- `{nested['path']}/`: the full nested adapter (any rank up to {cfg['max_rank']} can still be cut from it with `mlora-export slice`).",
         f"- `r{{k}}/`: one plain PEFT LoRA adapter per rank ({slice_text}).",
     ]
