@@ -199,9 +199,13 @@ def test_cli_eval_writes_results_plot_and_records(setup: dict[str, Path], tmp_pa
     assert {k: v for k, v in after.items() if k != "evaluation"} == before
     assert not [f for f in os.listdir(nested) if f.endswith(".tmp")]
     # a second metric is added next to the first; the same metric is replaced
+    import torch
+
+    before = torch.get_num_threads()
     r = CliRunner().invoke(main, ["eval", str(nested), "--base-model", str(setup["base"]), "--data", str(setup["text"]),
-                                  "--output", str(out), "--force", "--record"])
+                                  "--output", str(out), "--force", "--record", "--threads", "1"])
     assert r.exit_code == 0, r.output
+    assert torch.get_num_threads() == before  # --threads holds for the command only
     assert "AURAC v2" in r.output and "lower is better" in r.output
     assert sorted(NestedAdapter.load(nested).config.extra["evaluation"]) == ["accuracy", "loss"]
     # the recorded numbers flow into a variant bundle: manifest and model card show them

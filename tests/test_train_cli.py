@@ -67,8 +67,26 @@ def test_train_cli_writes_a_nested_adapter(base: Path, data: Path, tmp_path: Pat
     res = _run(_args(base, data, out, "--force", "--method", "lora"))
     assert res.exit_code == 0, res.output
     assert "wrote" in res.stdout and NestedAdapter.load(out).config.method == "lora"
-    # the default method is nested-loss; --rank-weights is recorded, normalised
-    res = _run(_args(base, data, out, "--force", "--rank-weights", "1,1,2", "--json"))
+    # the default method is nested-loss; --rank-weights is recorded, normalised; --threads sets torch's
+    # thread count for the run only
+    import torch
+
+    before = torch.get_num_threads()
+    seen: list[int] = []
+    from mlora_export import finetune
+
+    real = finetune.train
+
+    def spy(*a, **k):  # noqa: ANN002, ANN003
+        seen.append(torch.get_num_threads())
+        return real(*a, **k)
+
+    finetune.train = spy
+    try:
+        res = _run(_args(base, data, out, "--force", "--rank-weights", "1,1,2", "--threads", "3", "--json"))
+    finally:
+        finetune.train = real
+    assert seen == [3] and torch.get_num_threads() == before
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["method"] == "nested-loss"
     cfg = NestedAdapter.load(out).config
@@ -119,6 +137,7 @@ def _bin_only(tmp: Path) -> Path:
         ("weights-negative", "rank weight -1.0 is not a finite non-negative number"),
         ("weights-other-method", "rank weights apply to method 'nested-loss' only"),
         ("svd-method", "'svd' is not one of"),
+        ("threads-zero", "0 is not in the range x>=1"),
     ],
 )
 def test_train_cli_bad_input_exit_2_nothing_written(case: str, expect: str, base: Path, data: Path, tmp_path: Path) -> None:
@@ -168,11 +187,13 @@ def test_train_cli_bad_input_exit_2_nothing_written(case: str, expect: str, base
         args += ["--rank-weights", "1,1,1", "--method", "dylora"]
     elif case == "svd-method":
         args += ["--method", "svd"]
+    elif case == "threads-zero":
+        args += ["--threads", "0"]
     res = _run(args + extra)
     assert res.exit_code == 2, res.output
     assert expect in res.stderr, res.stderr
     assert "Traceback" not in res.output
-    if not case.startswith(("rank-zero", "unknown", "weights-text", "svd")):  # click usage errors print usage + one error line
+    if not case.startswith(("rank-zero", "unknown", "weights-text", "svd", "threads")):  # click usage errors print usage + one error line
         assert res.stderr.count("\n") == 1 and res.stderr.startswith("error:"), res.stderr  # one line, no bars
     assert res.stdout == ""
     _nothing_written(tmp_path, out)

@@ -100,3 +100,24 @@ def quiet_transformers_bars() -> Iterator[None]:
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()
+
+
+def threads_option(func: Any) -> Any:
+    """``--threads N``: torch intra-op threads of this process (default: torch's, one per core)."""
+    return click.option(
+        "--threads", type=click.IntRange(min=1), default=None,
+        help="torch intra-op threads of this process. [default: torch's, one per core, or OMP_NUM_THREADS] "
+             "On a machine shared with other jobs, or with several processes per machine, 1 is often much faster.",
+    )(func)
+
+
+@contextlib.contextmanager
+def maybe_torch_threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``n`` torch threads (``None``: leave the count alone), restoring it after."""
+    if n is None:
+        yield
+        return
+    from ..threads import torch_threads
+
+    with torch_threads(n):
+        yield

@@ -6,7 +6,7 @@ import click
 
 from ..base_model import DTYPES
 from ._errors import handle_errors
-from ._options import BarProgress, RankList, echo_json, echo_table, force_option, json_option
+from ._options import BarProgress, RankList, echo_json, echo_table, force_option, json_option, maybe_torch_threads, threads_option
 
 
 def _fmt(x: float | None) -> str:
@@ -33,13 +33,14 @@ def _fmt(x: float | None) -> str:
 @click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
 @click.option("--with-base", is_flag=True, help="Also score the base model without adapter (rank 0, a dashed line in the plot).")
 @click.option("--max-examples", type=click.IntRange(min=1), default=None, help="Use only the first N records.")
+@threads_option
 @force_option
 @json_option
 @handle_errors
 def eval_(
     adapters: tuple[str, ...], base_model: str, data: str, ranks: tuple[int, ...] | str, metric: str, output: str,
     record: bool, batch_size: int, max_new_tokens: int | None, tokenizer_dir: str | None, dtype: str, device: str | None,
-    with_base: bool, max_examples: int | None, force: bool, as_json: bool,
+    with_base: bool, max_examples: int | None, threads: int | None, force: bool, as_json: bool,
 ) -> None:
     """Evaluate ADAPTER(s) at every rank on --data; print a per-rank table and AURAC v1/v2.
 
@@ -61,7 +62,7 @@ def eval_(
     check_output_path(output, force)
     if record and not any(recordable(c) for c in plan_curves(adapters, ranks)):
         raise ConfigError("--record stores results in a nested adapter's matryoshka_config.json, but no ADAPTER is a nested adapter folder")
-    with BarProgress("evaluating", unit="rank") as bar:
+    with maybe_torch_threads(threads), BarProgress("evaluating", unit="rank") as bar:
         result = evaluate(
             list(adapters), base_model, data, ranks, metric=metric, batch_size=batch_size, max_new_tokens=max_new_tokens,
             tokenizer_dir=tokenizer_dir, dtype=dtype, device=device, with_base=with_base, max_examples=max_examples,

@@ -8,7 +8,7 @@ from ..base_model import DTYPES
 from ..finetune import TrainSettings
 from ..method import TRAIN_METHODS
 from ._errors import handle_errors
-from ._options import BarProgress, RankList, echo_json, force_option, json_option, quiet_transformers_bars
+from ._options import BarProgress, RankList, echo_json, force_option, json_option, maybe_torch_threads, quiet_transformers_bars, threads_option
 
 
 @click.command("train")
@@ -35,13 +35,14 @@ from ._options import BarProgress, RankList, echo_json, force_option, json_optio
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the adapter init, the data order and DyLoRA's sampling.")
 @click.option("--max-length", type=int, default=512, show_default=True, help="Truncate examples to this many tokens.")
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default="float32", show_default=True, help="Dtype of the base model.")
+@threads_option
 @force_option
 @json_option
 @handle_errors
 def train(
     base_model: str, data: str, ranks: tuple[int, ...], max_rank: int | None, output: str, method: str, scaling: str,
     rank_weights: str | None, alpha: float, target_modules: str, epochs: float, max_steps: int | None, lr: float, batch_size: int, grad_accum: int,
-    seed: int, max_length: int, dtype: str, force: bool, as_json: bool,
+    seed: int, max_length: int, dtype: str, threads: int | None, force: bool, as_json: bool,
 ) -> None:
     """Train a nested adapter (nested-loss by default) on a local model and write it to --output.
 
@@ -69,7 +70,7 @@ def train(
         epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum, seed=seed,
         max_length=max_length, dtype=dtype,
     )
-    with quiet_transformers_bars(), BarProgress("training", unit="step") as bar:
+    with maybe_torch_threads(threads), quiet_transformers_bars(), BarProgress("training", unit="step") as bar:
         result = run_train(base_model, data, output, settings, force=force, progress=bar)
     if not result.is_main_process:
         return
