@@ -118,7 +118,7 @@ def load_jsonl(path: str | os.PathLike[str]) -> list[Example]:
                     continue
                 where = f"{p}, line {number}"
                 try:
-                    obj = json.loads(raw)
+                    obj = json.loads(raw.rstrip("\r\n"))  # without the newline, an error points into the line
                 except json.JSONDecodeError as e:
                     raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); each line must be one JSON object") from e
                 except RecursionError:

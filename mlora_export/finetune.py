@@ -110,11 +110,12 @@ class TrainSettings:
             raise ConfigError(f"max grad norm must be a non-negative number (0 turns clipping off), got {self.max_grad_norm!r}")
         if _not_int(self.warmup_steps) or self.warmup_steps < 0:
             raise ConfigError(f"warmup steps must be a non-negative integer, got {self.warmup_steps!r}")
-        from transformers import SchedulerType
+        if self.lr_scheduler not in _COMMON_SCHEDULERS:  # import transformers (seconds) only for a rare name
+            from transformers import SchedulerType
 
-        schedulers = [t.value for t in SchedulerType]
-        if self.lr_scheduler not in schedulers:
-            raise ConfigError(f"unknown learning-rate scheduler {self.lr_scheduler!r}: expected one of {', '.join(schedulers)}")
+            schedulers = [t.value for t in SchedulerType]
+            if self.lr_scheduler not in schedulers:
+                raise ConfigError(f"unknown learning-rate scheduler {self.lr_scheduler!r}: expected one of {', '.join(schedulers)}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"unknown dtype {self.dtype!r}: expected one of {', '.join(DTYPES)}")
         if _not_int(self.seed) or self.seed < 0:
@@ -126,6 +127,10 @@ class TrainSettings:
         elif not targets or any(not isinstance(t, str) or not t.strip() for t in targets):
             raise ConfigError(f"target modules {list(targets)!r} must be non-empty module names like q_proj,v_proj")
         return cfg
+
+
+#: ``transformers.SchedulerType`` values that every supported transformers release has.
+_COMMON_SCHEDULERS = frozenset({"linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"})
 
 
 def _not_int(value: Any) -> bool:
@@ -217,19 +222,21 @@ def train(
         BaseModelError: the base folder is missing, pickle-only or unloadable.
         DataError: the data file is missing or malformed (the message names the line).
     """
+    from .data import CompletionCollator, load_jsonl, tokenize_examples
+
+    # every check that needs no torch first: a bad argument or file is reported in a blink
+    settings = settings or TrainSettings()
+    cfg = settings.validate()
+    check_output_path(output, force, inputs=(base_model_dir, data_path))  # --force may never replace an input
+    examples = load_jsonl(data_path)
+    base = check_base_model_dir(base_model_dir)  # its model_type check imports transformers (about a second)
+
     import torch
     from transformers import Trainer, TrainingArguments
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from .callbacks import NestedRankCallback, StepProgressCallback
-    from .data import CompletionCollator, load_jsonl, tokenize_examples
     from .training import add_nested_adapter
-
-    settings = settings or TrainSettings()
-    cfg = settings.validate()
-    check_output_path(output, force, inputs=(base_model_dir, data_path))  # --force may never replace an input
-    base = check_base_model_dir(base_model_dir)
-    examples = load_jsonl(data_path)
 
     tokenizer = load_tokenizer(base)
     features = tokenize_examples(examples, tokenizer, settings.max_length, source=str(data_path))

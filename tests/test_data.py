@@ -154,3 +154,15 @@ def test_tiny_model_folder_loads_with_auto_classes(tmp_path: Path) -> None:
     m = AutoModelForCausalLM.from_pretrained(tmp_path / "m", local_files_only=True)
     assert len(t) == info["vocab_size"] == m.config.vocab_size
     assert t.decode(t("sort cab =")["input_ids"], skip_special_tokens=True) == "sort cab ="
+
+
+def test_json_error_names_the_column_in_the_line(tmp_path) -> None:
+    """A record cut short reports the column where it ends, not column 1 of the next line."""
+    from mlora_export.data import load_jsonl
+    from mlora_export.errors import DataError
+
+    p = tmp_path / "bad.jsonl"
+    line = '{"prompt": "sort cab =", "completion": '
+    p.write_text('{"prompt": "a", "completion": "b"}\n' + line + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=rf"line 2: not valid JSON \(Expecting value at column {len(line) + 1}\)"):
+        load_jsonl(p)
