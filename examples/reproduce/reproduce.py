@@ -33,7 +33,7 @@ rank switched in place (exactly what the rank's PEFT slice computes). Writes ``r
 ``summary.json`` and ``rank_curve.png``; every job's raw numbers are kept in ``jobs/`` (a rerun
 with the same ``--output`` and without ``--force`` reuses them).
 
-    python examples/reproduce/reproduce.py --output ./repro --workers 2     # the full run (~1 h on 2 cores)
+    python examples/reproduce/reproduce.py --output ./repro --workers 2     # the full run (~35 min on an idle 2-core machine)
     python examples/reproduce/reproduce.py --output ./repro-smoke --smoke
 """
 
