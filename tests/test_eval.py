@@ -206,6 +206,9 @@ def test_cli_eval_writes_results_plot_and_records(setup: dict[str, Path], tmp_pa
                                   "--output", str(out), "--force", "--record", "--threads", "1"])
     assert r.exit_code == 0, r.output
     assert torch.get_num_threads() == before  # --threads holds for the command only
+    header = r.output.splitlines()[0].split()
+    assert header == ["adapter", "rank", "loss", "*", "perplexity", "token", "acc"], r.output  # each number once; --metric marked
+    assert "(* = --metric loss, the score of the AURAC below)" in r.output
     assert "AURAC v2" in r.output and "lower is better" in r.output
     assert sorted(NestedAdapter.load(nested).config.extra["evaluation"]) == ["accuracy", "loss"]
     # the recorded numbers flow into a variant bundle: manifest and model card show them

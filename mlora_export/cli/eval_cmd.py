@@ -79,14 +79,16 @@ def eval_(
     if as_json:
         echo_json({**result.to_dict(), "output": output, "recorded": recorded})
         return
-    rows = []
-    if result.base is not None:
-        b = result.base
-        rows.append(["base model", 0, _fmt(b.score), _fmt(b.loss), _fmt(b.token_accuracy), _fmt(b.exact_match)])
-    for c in result.curves:
-        for p in c.points:
-            rows.append([c.label, p.rank, _fmt(p.score), _fmt(p.loss), _fmt(p.token_accuracy), _fmt(p.exact_match)])
-    echo_table(["adapter", "rank", metric, "loss", "token acc", "exact match"], rows)
+    # one column per number (loss, perplexity, token accuracy, exact match when measured); the
+    # --metric that AURAC integrates is marked, not repeated under a second name
+    columns = [("loss", "loss", "loss"), ("perplexity", "perplexity", None), ("token acc", "token_accuracy", "accuracy")]
+    if metric == "exact-match":
+        columns.append(("exact match", "exact_match", "exact-match"))
+    headers = ["adapter", "rank"] + [f"{name} *" if m == metric else name for name, _, m in columns]
+    points = ([("base model", result.base)] if result.base is not None else []) + [(c.label, p) for c in result.curves for p in c.points]
+    rows = [[label, p.rank, *(_fmt(getattr(p, attr)) for _, attr, _ in columns)] for label, p in points]
+    echo_table(headers, rows)
+    click.echo(f"(* = --metric {metric}, the score of the AURAC below)")
     click.echo("")
     better = "higher" if result.higher_is_better else "lower"
     echo_table(["adapter", "method", "AURAC v1", "AURAC v2"], [[c.label, c.method, _fmt(c.aurac["v1"]), _fmt(c.aurac["v2"])] for c in result.curves])

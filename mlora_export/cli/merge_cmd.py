@@ -20,7 +20,7 @@ from ._options import BarProgress, echo_json, force_option, json_option
 @json_option
 @handle_errors
 def merge(adapter: str, base_model: str, rank: int, output: str, dtype: str | None, force: bool, as_json: bool) -> None:
-    """Merge rank RANK of a nested ADAPTER (or a PEFT LoRA slice) into a base model, shard by shard.
+    """Merge one rank (--rank K) of a nested ADAPTER (or a PEFT LoRA slice) into a base model, shard by shard.
 
     The output has the base's shard names, tensor order and index; untouched tensors are
     byte-identical, and it loads with AutoModelForCausalLM.from_pretrained. Memory stays at a

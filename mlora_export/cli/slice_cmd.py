@@ -13,7 +13,7 @@ from ._options import BarProgress, RankList, echo_json, echo_table, force_option
 @click.option("--ranks", required=True, type=RankList(), help="Comma-separated ranks (e.g. 8,16) or 'all' for the train ranks.")
 @click.option("--output", "-o", required=True, type=click.Path(path_type=str), help="Folder to create; one r{k}/ PEFT adapter per rank.")
 @click.option("--scale-mode", type=click.Choice(["baked", "native"]), default="baked", show_default=True,
-              help="baked: s(k) folded into lora_B, lora_alpha = r (every runtime reads it alike); native: exact prefix, s(k) as lora_alpha = s(k)·k (no use_rslora).")
+              help="baked: s(k) folded into lora_B, lora_alpha = k (every runtime reads it alike); native: exact prefix, s(k) as lora_alpha = s(k)·k (no use_rslora).")
 @force_option
 @json_option
 @handle_errors
