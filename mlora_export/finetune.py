@@ -133,6 +133,25 @@ class TrainSettings:
 _COMMON_SCHEDULERS = frozenset({"linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"})
 
 
+#: Fewer optimisation steps than this, from a number of epochs, get a warning (an explicit max steps does not).
+FEW_STEPS = 50
+
+
+def _warn_rank_above_width(nested: Any) -> None:
+    """Warn when the adapter's rank exceeds ``min(in, out)`` of a target: the components above add nothing there."""
+    r = nested.config.max_rank
+    narrow = [(name, layer.in_features, layer.out_features) for name, layer in zip(nested.module_names, nested._layers)
+              if min(layer.in_features, layer.out_features) < r]
+    if narrow:
+        name, fin, fout = narrow[0]
+        width = min(min(a, b) for _, a, b in narrow)
+        logger.warning(
+            "max rank %d is above min(in_features, out_features) of %d of %d target modules (e.g. %s: %d -> %d); a delta "
+            "there has rank at most %d, so components above %d add nothing: consider a max rank of at most %d",
+            r, len(narrow), len(nested.module_names), name, fin, fout, width, width, width,
+        )
+
+
 def _not_int(value: Any) -> bool:
     return isinstance(value, bool) or not isinstance(value, int)
 
@@ -250,6 +269,7 @@ def train(
         nested.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         nested.model.enable_input_require_grads()
     trainable = sum(p.numel() for p in nested.model.parameters() if p.requires_grad)
+    _warn_rank_above_width(nested)
 
     scratch = Path(tempfile.mkdtemp(prefix="mlora-train-"))
     try:
@@ -291,6 +311,14 @@ def train(
         trainer.remove_callback(ProgressCallback)
         if progress is not None:
             trainer.add_callback(StepProgressCallback(progress))
+        if settings.max_steps is None:
+            planned = math.ceil(len(features) / (settings.batch_size * args.world_size * settings.grad_accum)) * float(settings.epochs or 1.0)
+            if planned < FEW_STEPS and trainer.is_world_process_zero():
+                logger.warning(
+                    "only %d optimisation steps (%g epoch(s) of %d examples at a global batch of %d): each train rank gets a "
+                    "share of them, and so little training may leave the ranks near the base; raise the epochs or set max steps",
+                    math.ceil(planned), float(settings.epochs or 1.0), len(features), settings.batch_size * args.world_size * settings.grad_accum,
+                )
         t0 = time.perf_counter()
         out = trainer.train()
         seconds = time.perf_counter() - t0

@@ -272,3 +272,17 @@ def test_trivial_train_errors_come_before_torch_is_imported(base: Path, tmp_path
         proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
         assert proc.stdout.strip() == "exit 2 False", (proc.stdout, proc.stderr)
         assert expect in proc.stderr
+
+
+def test_train_warns_of_a_rank_above_the_width_and_of_few_steps(base: Path, data: Path, tmp_path: Path) -> None:
+    """A rank above min(in, out) of the targets, and a handful of steps from the default one epoch, are
+    accepted with a warning that gives the numbers (the run itself succeeds)."""
+    res = _run(["train", "--base-model", str(base), "--data", str(data), "--ranks", "1,200", "--output", str(tmp_path / "o"),
+                "--batch-size", "4"])
+    assert res.exit_code == 0, res.output
+    assert "warning: max rank 200 is above min(in_features, out_features) of 14 of 14 target modules" in res.stderr
+    assert "consider a max rank of at most 32" in res.stderr
+    assert "warning: only 2 optimisation steps (1 epoch(s) of 8 examples at a global batch of 4)" in res.stderr
+    # an explicit --max-steps is the user's choice: no warning about steps
+    res = _run(_args(base, data, tmp_path / "o2"))
+    assert res.exit_code == 0 and "optimisation steps" not in res.stderr, res.output
