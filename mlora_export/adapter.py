@@ -367,6 +367,10 @@ def adapter_files(path: str | os.PathLike[str]) -> tuple[Path, Path, Path]:
                 f"{root / PICKLE_WEIGHTS_NAME}: pickle weights are refused (unpickling runs arbitrary code); "
                 "in a trusted environment load the adapter with PEFT and call save_pretrained(..., safe_serialization=True)"
             )
+        inner = sorted(p.name for p in root.iterdir() if p.is_dir() and (p / WEIGHTS_NAME).is_file())
+        if inner:  # a folder of adapters: the output of `slice`, a grid of LoRA runs
+            shown = ", ".join(f"{n}/" for n in inner[:6]) + (f" and {len(inner) - 6} more" if len(inner) > 6 else "")
+            raise InvalidAdapterError(f"{root}: no {WEIGHTS_NAME} here, but it holds adapter folders {shown}: pass one of them")
         raise InvalidAdapterError(f"{root}: no {WEIGHTS_NAME} found; is this a PEFT LoRA adapter folder?")
     peft_path = root / PEFT_CONFIG_NAME
     if not peft_path.exists() and not peft_path.is_symlink():

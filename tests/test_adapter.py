@@ -293,3 +293,14 @@ def test_configs_express_s_k_without_rslora_and_old_rslora_folders_still_load(tm
         (adapter.path / "adapter_config.json").write_text(json.dumps(old))
         again = NestedAdapter.load(adapter.path)
         assert math.isclose(peft_scaling(again.peft_config), adapter.scale(8), rel_tol=1e-12)
+
+
+def test_a_folder_of_adapters_names_them(tmp_path: Path) -> None:
+    """`inspect ./slices` (a folder of adapter folders) says which folders to pass, not only "not found"."""
+    from mlora_export.converters.slice import slice_adapter
+
+    adapter = random_nested(build_model("llama"), tmp_path / "nested", arch="llama", r=8, train_ranks=(2, 8))
+    slice_adapter(adapter, [2, 8], tmp_path / "slices")
+    res = CliRunner().invoke(main, ["inspect", str(tmp_path / "slices")])
+    assert res.exit_code == 2
+    assert "no adapter_model.safetensors here, but it holds adapter folders r2/, r8/: pass one of them" in res.stderr
