@@ -625,7 +625,16 @@ class NestedAdapter:
                 {"rank": k, "scale": self.scale(k), "params": self.params_at(k), "bytes": self.bytes_at(k),
                  **({"energy": energy[k - 1]} if energy else {})} for k in ranks
             ],
+            **({"slice": self._slice_summary()} if self.slice_info else {}),
         }
+
+    def _slice_summary(self) -> dict[str, Any]:
+        """What a slice's own ``matryoshka_config.json`` says: its rank, scale mode and the nested adapter it was cut from."""
+        info = self.slice_info or {}
+        src = info.get("source") if isinstance(info.get("source"), dict) else {}
+        keep = ("path", "method", "max_rank", "train_ranks", "scaling", "alpha")
+        return {"rank": info.get("rank"), "scale_mode": info.get("scale_mode"), "scale": info.get("scale"),
+                "source": {k: src[k] for k in keep if k in src}}
 
 
 class AdapterReader:

@@ -304,3 +304,15 @@ def test_a_folder_of_adapters_names_them(tmp_path: Path) -> None:
     res = CliRunner().invoke(main, ["inspect", str(tmp_path / "slices")])
     assert res.exit_code == 2
     assert "no adapter_model.safetensors here, but it holds adapter folders r2/, r8/: pass one of them" in res.stderr
+
+
+def test_inspect_a_slice_shows_what_it_was_cut_from(tmp_path: Path) -> None:
+    from mlora_export.converters.slice import slice_adapter
+
+    adapter = random_nested(build_model("llama"), tmp_path / "nested", arch="llama", r=8, train_ranks=(2, 8), scaling="sqrt")
+    slice_adapter(adapter, [2], tmp_path / "slices", scale_mode="native")
+    res = CliRunner().invoke(main, ["inspect", str(tmp_path / "slices" / "r2")])
+    assert res.exit_code == 0, res.output
+    assert f"kind: PEFT slice at rank 2 (native, s(k) = 0.707107) of a matryoshka adapter, max rank 8, scaling sqrt, from {tmp_path / 'nested'}" in res.stdout
+    info = json.loads(CliRunner().invoke(main, ["inspect", str(tmp_path / "slices" / "r2"), "--json"]).stdout)
+    assert info["slice"]["rank"] == 2 and info["slice"]["source"]["method"] == "matryoshka" and info["slice"]["source"]["max_rank"] == 8

@@ -29,7 +29,7 @@ def inspect(adapter: str, as_json: bool) -> None:
     p_text = "none (re-nested: the scale is in lora_B)" if info["method"] == "svd" else "sampled per step" if p is None else ", ".join(f"{x:.4g}" for x in p[:16]) + (f", … ({len(p)} values)" if len(p) > 16 else "")
     for label, value in (
         ("adapter", info["path"]),
-        ("kind", "nested (MatryoshkaLoRA format)" if info["nested"] else "plain PEFT LoRA"),
+        ("kind", "nested (MatryoshkaLoRA format)" if info["nested"] else _slice_kind(info.get("slice")) or "plain PEFT LoRA"),
         ("method", info["method"]),
         ("max rank", info["max_rank"]),
         ("train ranks", ", ".join(map(str, info["train_ranks"]))),
@@ -47,3 +47,17 @@ def inspect(adapter: str, as_json: bool) -> None:
                    [[r["rank"], f"{r['scale']:.6g}", r["params"], r["bytes"], f"{r['energy']:.6f}"] for r in rows])
         return
     echo_table(["rank", "scale", "params", "bytes"], [[r["rank"], f"{r['scale']:.6g}", r["params"], r["bytes"]] for r in rows])
+
+
+def _slice_kind(sl: dict | None) -> str | None:
+    """``PEFT slice at rank k (baked) of a nested-loss adapter, max rank 16, scaling sqrt, from PATH``."""
+    if not sl:
+        return None
+    src = sl.get("source") or {}
+    text = f"PEFT slice at rank {sl.get('rank')} ({sl.get('scale_mode')}, s(k) = {sl.get('scale'):.6g})" if isinstance(sl.get("scale"), (int, float)) \
+        else f"PEFT slice at rank {sl.get('rank')} ({sl.get('scale_mode')})"
+    if src.get("method"):
+        text += f" of a {src['method']} adapter, max rank {src.get('max_rank')}, scaling {src.get('scaling')}"
+    if src.get("path"):
+        text += f", from {src['path']}"
+    return text
