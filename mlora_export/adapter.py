@@ -40,6 +40,7 @@ from .method import (
     scale,
 )
 from .safetensors_io import DTYPE_SIZES, SafetensorsHeader, TensorInfo, find_non_finite, read_header, save_tensors
+from .validate import is_finite_real, is_int, is_real
 
 if TYPE_CHECKING:
     import torch
@@ -84,7 +85,7 @@ class MatryoshkaConfig:
         check_method(self.method)
         check_scaling(self.scaling)
         object.__setattr__(self, "train_ranks", check_train_ranks(self.train_ranks, self.max_rank))
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) or self.alpha <= 0:
+        if not is_real(self.alpha) or not math.isfinite(self.alpha) or self.alpha <= 0:
             raise ConfigError(f"alpha must be a positive finite number, got {self.alpha!r}")
         object.__setattr__(self, "alpha", float(self.alpha))
         if self.rank_weights is not None and self.method != "nested-loss":
@@ -140,7 +141,7 @@ class MatryoshkaConfig:
         if data["format"] != NESTED_FORMAT:
             raise InvalidAdapterError(f"{source}: format is {data['format']!r}, expected {NESTED_FORMAT!r}")
         max_rank, train_ranks = data["max_rank"], data["train_ranks"]
-        if isinstance(max_rank, bool) or not isinstance(max_rank, int):
+        if not is_int(max_rank):
             raise InvalidAdapterError(f"{source}: max_rank must be an integer, found {max_rank!r}")
         if not isinstance(train_ranks, list):
             raise InvalidAdapterError(f"{source}: train_ranks must be a list of integers, found {train_ranks!r}")
@@ -260,14 +261,6 @@ def _read_json(path: Path) -> Any:
     return read_json(path, InvalidAdapterError, what=path.name)
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
-
-
 def _is_str_list(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
@@ -287,10 +280,10 @@ _PEFT_TYPES: dict[str, tuple[str, Any]] = {
     "modules_to_save": ("a list of strings or null", lambda v: v is None or _is_str_list(v)),
     "exclude_modules": ("a string, a list of strings or null", lambda v: v is None or isinstance(v, str) or _is_str_list(v)),
     "layers_to_transform": ("an integer, a list of integers or null",
-                            lambda v: v is None or _is_int(v) or (isinstance(v, list) and all(_is_int(x) for x in v))),
+                            lambda v: v is None or is_int(v) or (isinstance(v, list) and all(is_int(x) for x in v))),
     "rank_pattern": ("an object", lambda v: v is None or isinstance(v, dict)),
     "alpha_pattern": ("an object", lambda v: v is None or isinstance(v, dict)),
-    "lora_dropout": ("a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1),
+    "lora_dropout": ("a number in [0, 1)", lambda v: is_finite_real(v) and 0 <= v < 1),
     "bias": ("'none', 'all' or 'lora_only'", lambda v: v in ("none", "all", "lora_only")),
     "init_lora_weights": ("true, false or a method name", lambda v: isinstance(v, (bool, str))),
 }
@@ -326,12 +319,12 @@ def _check_peft_config(cfg: Any, path: Path) -> None:
     if cfg.get("bias", "none") != "none":
         raise InvalidAdapterError(f"{path}: bias is {cfg['bias']!r}; LoRA adapters that train biases are not supported (use bias 'none')")
     r = cfg.get("r")
-    if not _is_int(r) or r < 1:
+    if not is_int(r) or r < 1:
         raise InvalidAdapterError(f"{path}: r must be a positive integer, found {json.dumps(r)[:40]}")
     if r > MAX_LORA_RANK:
         raise InvalidAdapterError(f"{path}: r = {str(r)[:20]}{'…' if len(str(r)) > 20 else ''} is above {MAX_LORA_RANK}, the largest LoRA rank supported")
     alpha = cfg.get("lora_alpha", 8)
-    if not _is_number(alpha) or alpha <= 0:
+    if not is_finite_real(alpha) or alpha <= 0:
         raise InvalidAdapterError(f"{path}: lora_alpha must be a positive number, found {json.dumps(alpha)[:40]}")
 
 
@@ -472,14 +465,14 @@ class NestedAdapter:
         if isinstance(raw_cfg, dict) and raw_cfg.get("format") == SLICE_FORMAT:
             slice_info, raw_cfg = raw_cfg, None
             rank = slice_info.get("rank")
-            if rank is not None and (not _is_int(rank) or rank != peft_config["r"]):
+            if rank is not None and (not is_int(rank) or rank != peft_config["r"]):
                 raise InvalidAdapterError(f"{cfg_path}: the slice says rank {json.dumps(rank)[:40]} but {PEFT_CONFIG_NAME} has r = {peft_config['r']}")
         # Cheapest checks first: r against max_rank and the weights' shapes (header only) before
         # anything of size max_rank (the diagonal p) is computed.
         r = peft_config["r"]
         if isinstance(raw_cfg, dict):
             max_rank = raw_cfg.get("max_rank")
-            if _is_int(max_rank) and max_rank != r:
+            if is_int(max_rank) and max_rank != r:
                 raise InvalidAdapterError(f"{peft_path}: r = {r} but {CONFIG_NAME} says max_rank = {max_rank}; they must agree")
             stored_p = raw_cfg.get("p")
             if isinstance(stored_p, list) and len(stored_p) != r:
@@ -566,7 +559,7 @@ class NestedAdapter:
         Raises:
             RankError: ``k`` is outside ``[1, r]``.
         """
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.max_rank:
+        if not is_int(k) or not 1 <= k <= self.max_rank:
             raise RankError(f"rank {k!r} is outside [1, {self.max_rank}] for adapter {str(self.path)!r} (max rank {self.max_rank})")
         if k not in self.config.train_ranks:
             logger.warning("rank %d was not trained; the trained ranks are %s", k, list(self.config.train_ranks))

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import DataError
+from .validate import is_int
 
 if TYPE_CHECKING:
     import torch
@@ -176,7 +177,7 @@ def tokenize_examples(
     Raises:
         DataError: ``max_length`` is below 2, or no example has a supervised token left.
     """
-    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+    if not is_int(max_length) or max_length < 2:
         raise DataError(f"max length must be an integer of at least 2 tokens, got {max_length!r}")
     out: list[dict[str, list[int]]] = []
     dropped: list[int] = []

@@ -52,6 +52,7 @@ from .base_model import check_base_model_dir, check_device, check_dtype, load_ba
 from .errors import BaseModelMismatchError, ConfigError, DataError, InvalidAdapterError, RankError
 from .fs import atomic_output_dir
 from .method import aurac
+from .validate import is_int
 
 logger = logging.getLogger(__name__)
 
@@ -362,7 +363,7 @@ def plan_curves(adapters: Sequence[str | os.PathLike[str]], ranks: Sequence[int]
     if not adapters:
         raise ConfigError("no adapter given: pass at least one adapter folder")
     if not isinstance(ranks, str):
-        bad = [k for k in ranks if isinstance(k, bool) or not isinstance(k, int) or k < 1]
+        bad = [k for k in ranks if not is_int(k) or k < 1]
         if bad or not ranks:
             raise RankError(f"ranks must be positive integers, got {list(ranks)}")
     curves: list[Curve] = []
@@ -511,9 +512,9 @@ def evaluate(
     from .training import load_nested_adapter
 
     check_metric(metric)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if not is_int(batch_size) or batch_size < 1:
         raise ConfigError(f"batch size must be a positive integer, got {batch_size!r}")
-    if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1):
+    if max_new_tokens is not None and (not is_int(max_new_tokens) or max_new_tokens < 1):
         raise ConfigError(f"max new tokens must be a positive integer, got {max_new_tokens!r}")
     t0 = time.perf_counter()
     curves = plan_curves(adapters, ranks)

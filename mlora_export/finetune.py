@@ -29,6 +29,7 @@ from .base_model import DTYPES, check_base_model_dir, load_base_model, load_toke
 from .errors import ConfigError, ExportError
 from .fs import check_output_path
 from .method import check_method
+from .validate import is_finite_real, is_int
 
 logger = logging.getLogger(__name__)
 
@@ -90,25 +91,25 @@ class TrainSettings:
         cfg = self.nested_config()
         if self.max_steps is None and self.epochs is None:
             raise ConfigError("give a number of epochs or --max-steps")
-        if self.max_steps is not None and (_not_int(self.max_steps) or self.max_steps < 1):
+        if self.max_steps is not None and (not is_int(self.max_steps) or self.max_steps < 1):
             raise ConfigError(f"max steps must be a positive integer, got {self.max_steps!r}")
         if self.max_steps is None and (not isinstance(self.epochs, (int, float)) or not math.isfinite(self.epochs) or self.epochs <= 0):
             raise ConfigError(f"epochs must be a positive number, got {self.epochs!r}")
         for name in ("batch_size", "grad_accum", "logging_steps"):
             value = getattr(self, name)
-            if _not_int(value) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ConfigError(f"{name.replace('_', ' ')} must be a positive integer, got {value!r}")
-        if _not_int(self.max_length) or self.max_length < 2:
+        if not is_int(self.max_length) or self.max_length < 2:
             raise ConfigError(f"max length must be an integer of at least 2 tokens, got {self.max_length!r}")
         if not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) or self.lr <= 0:
             raise ConfigError(f"learning rate must be a positive number, got {self.lr!r}")
-        if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
+        if not is_finite_real(self.dropout) or not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
-        if not _is_number(self.weight_decay) or self.weight_decay < 0:
+        if not is_finite_real(self.weight_decay) or self.weight_decay < 0:
             raise ConfigError(f"weight decay must be a non-negative number, got {self.weight_decay!r}")
-        if not _is_number(self.max_grad_norm) or self.max_grad_norm < 0:
+        if not is_finite_real(self.max_grad_norm) or self.max_grad_norm < 0:
             raise ConfigError(f"max grad norm must be a non-negative number (0 turns clipping off), got {self.max_grad_norm!r}")
-        if _not_int(self.warmup_steps) or self.warmup_steps < 0:
+        if not is_int(self.warmup_steps) or self.warmup_steps < 0:
             raise ConfigError(f"warmup steps must be a non-negative integer, got {self.warmup_steps!r}")
         if self.lr_scheduler not in _COMMON_SCHEDULERS:  # import transformers (seconds) only for a rare name
             from transformers import SchedulerType
@@ -118,7 +119,7 @@ class TrainSettings:
                 raise ConfigError(f"unknown learning-rate scheduler {self.lr_scheduler!r}: expected one of {', '.join(schedulers)}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"unknown dtype {self.dtype!r}: expected one of {', '.join(DTYPES)}")
-        if _not_int(self.seed) or self.seed < 0:
+        if not is_int(self.seed) or self.seed < 0:
             raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
         targets = self.target_modules
         if isinstance(targets, str):
@@ -150,14 +151,6 @@ def _warn_rank_above_width(nested: Any) -> None:
             "there has rank at most %d, so components above %d add nothing: consider a max rank of at most %d",
             r, len(narrow), len(nested.module_names), name, fin, fout, width, width, width,
         )
-
-
-def _not_int(value: Any) -> bool:
-    return isinstance(value, bool) or not isinstance(value, int)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from typing import Literal
 
 from .errors import ConfigError, RankError
+from .validate import is_int
 
 Scaling = Literal["none", "rank", "sqrt"]
 Method = Literal["nested-loss", "matryoshka", "lora", "dylora", "svd"]
@@ -54,7 +55,7 @@ def scale(k: int, scaling: str = "sqrt", alpha: float = 1.0) -> float:
         ConfigError: ``scaling`` is unknown.
     """
     check_scaling(scaling)
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    if not is_int(k) or k < 1:
         raise RankError(f"rank must be a positive integer, got {k!r}")
     if scaling == "none":
         return float(alpha)
@@ -71,13 +72,13 @@ def check_train_ranks(train_ranks: Iterable[int], max_rank: int) -> tuple[int, .
     Raises:
         RankError: ``T`` is empty, has duplicates or non-integers, leaves ``[1, r]``, or lacks ``r``.
     """
-    if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1:
+    if not is_int(max_rank) or max_rank < 1:
         raise RankError(f"max rank must be a positive integer, got {max_rank!r}")
     ranks = list(train_ranks)
     if not ranks:
         raise RankError("train ranks are empty: give at least the max rank, e.g. --ranks 1,2,4,8")
     for t in ranks:
-        if isinstance(t, bool) or not isinstance(t, int):
+        if not is_int(t):
             raise RankError(f"train rank {t!r} is not an integer")
     if len(set(ranks)) != len(ranks):
         raise RankError(f"train ranks {ranks} contain duplicates")
@@ -115,7 +116,7 @@ def rank_diagonal(max_rank: int, k: int, scaling: str = "sqrt", alpha: float = 1
 
     ``B · diag(d) · A = s(k)·B[:, :k]·A[:k, :]``; ``k = 0`` gives all zeros (the base model).
     """
-    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= max_rank:
+    if not is_int(k) or not 0 <= k <= max_rank:
         raise RankError(f"rank {k!r} is outside [0, {max_rank}]")
     s = scale(k, scaling, alpha) if k else 0.0
     return [s] * k + [0.0] * (max_rank - k)
@@ -123,7 +124,7 @@ def rank_diagonal(max_rank: int, k: int, scaling: str = "sqrt", alpha: float = 1
 
 def dylora_diagonal(max_rank: int, b: int, scaling: str = "sqrt", alpha: float = 1.0) -> list[float]:
     """The DyLoRA diagonal for a sampled rank ``b``: ``s(b)`` on the first ``b`` components, 0 after."""
-    if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= max_rank:
+    if not is_int(b) or not 1 <= b <= max_rank:
         raise RankError(f"sampled rank {b!r} is outside [1, {max_rank}]")
     return rank_diagonal(max_rank, b, scaling, alpha)
 
@@ -180,7 +181,7 @@ def example_ranks(
     cache: dict[int, list[int]] = {}
     out = []
     for pos in positions:
-        if isinstance(pos, bool) or not isinstance(pos, int) or pos < 0:
+        if not is_int(pos) or pos < 0:
             raise RankError(f"example position {pos!r} is not a non-negative integer")
         q, i = divmod(pos, block)
         order = cache.get(q)

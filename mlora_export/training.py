@@ -61,6 +61,7 @@ from .adapter import MatryoshkaConfig, NestedAdapter, save_nested
 from .errors import ConfigError, RankError
 from .fs import atomic_output_dir
 from .method import PER_EXAMPLE_METHODS, check_method, example_ranks, rank_diagonal, training_diagonal
+from .validate import is_int
 
 if TYPE_CHECKING:
     import torch
@@ -274,7 +275,7 @@ class NestedLoraModel:
     def set_rank(self, k: int) -> None:
         """Run as the rank-``k`` adapter (``ΔW_k = s(k)·B[:, :k]·A[:k, :]``), in place; ``k = 0`` disables it."""
         r = self.config.max_rank
-        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= r:
+        if not is_int(k) or not 0 <= k <= r:
             raise RankError(f"rank {k!r} is outside [0, {r}]")
         self.set_diagonal(rank_diagonal(r, k, self.config.scaling, self.config.alpha))
 

@@ -62,6 +62,7 @@ from ..fs import atomic_output_dir, check_free_space, check_output_path
 from ..method import peft_alpha_for
 from ..safetensors_io import DTYPE_SIZES, SafetensorsHeader, TensorInfo, SafetensorsWriter, read_header
 from ..threads import blas_threads, worker_threads
+from ..validate import is_int, is_real
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +199,7 @@ def _check_peft_config(cfg: Any, path: Path) -> None:
     if bias not in (None, "none"):
         raise InvalidAdapterError(f"{path}: bias is {bias!r}; adapters that train the base biases are not supported, only bias 'none'")
     r = cfg.get("r", 8)
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+    if not is_int(r) or r < 1:
         raise InvalidAdapterError(f"{path}: r must be a positive integer, found {r!r}")
     if not _positive_number(cfg.get("lora_alpha", 8)):
         raise InvalidAdapterError(f"{path}: lora_alpha must be a positive number, found {cfg.get('lora_alpha')!r}")
@@ -462,11 +463,11 @@ def energy_rank(energy: Sequence[float], target: float) -> int:
 
 
 def _check_options(max_rank: int | None, energy: float | None, dtype: str | None, workers: int | None) -> str | None:
-    if max_rank is not None and (isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1):
+    if max_rank is not None and (not is_int(max_rank) or max_rank < 1):
         raise RankError(f"max rank must be a positive integer, got {max_rank!r}")
-    if energy is not None and (isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0 < energy <= 1):
+    if energy is not None and (not is_real(energy) or not 0 < energy <= 1):
         raise ConfigError(f"energy must be a share in (0, 1], e.g. 0.9, got {energy!r}")
-    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+    if workers is not None and (not is_int(workers) or workers < 1):
         raise ConfigError(f"workers must be a positive integer, got {workers!r}")
     if dtype is None:
         return None

@@ -41,6 +41,7 @@ from ..fs import atomic_output_dir, check_free_space, check_output_path
 from ..method import peft_alpha_for
 from ..safetensors_io import SafetensorsWriter
 from ..threads import worker_threads
+from ..validate import is_int
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ def check_scale_mode(scale_mode: str) -> None:
 
 
 def _check_in_range(adapter: NestedAdapter, ranks: Iterable[object]) -> None:
-    bad = [k for k in ranks if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= adapter.max_rank]
+    bad = [k for k in ranks if not is_int(k) or not 1 <= k <= adapter.max_rank]
     if bad:
         raise RankError(
             f"rank(s) {bad} are outside [1, {adapter.max_rank}] for adapter {str(adapter.path)!r}; "

@@ -17,7 +17,6 @@ the slice's ``matryoshka_config.json``) with the bundle's manifest and config ke
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -30,6 +29,7 @@ from ...errors import ConfigError, HubError, InvalidAdapterError, RankError, Rem
 from ...fs import atomic_output_dir, check_output_path, read_json
 from .bundle import MANIFEST_NAME, BundleRank, check_file, check_manifest, pick_rank
 from .remote import check_repo_id, hub_errors, make_api, resolve_endpoint
+from ...validate import is_int
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class PullResult:
 
 
 def _check_limit(name: str, value: int | None) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+    if value is not None and (not is_int(value) or value < 1):
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
@@ -113,7 +113,7 @@ def pull_rank(
     if rank == "auto":
         if max_bytes is None and max_params is None:
             raise ConfigError("--rank auto needs --max-bytes and/or --max-params to choose the largest rank that fits")
-    elif isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+    elif not is_int(rank) or rank < 1:
         raise ConfigError(f"--rank must be a positive integer or 'auto', got {rank!r}")
     _check_limit("--max-bytes", max_bytes)
     _check_limit("--max-params", max_params)

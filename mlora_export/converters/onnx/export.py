@@ -40,6 +40,7 @@ from .graph import (
 )
 from .ort_adapter import add_empty_defaults, adapter_file_name, write_ort_adapter
 from .verify import ATOL, RTOL, RankCheck, check_provider, compare, make_session, reference_logits, run_adapter, run_rank, sample_inputs
+from ...validate import is_int
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ def check_opset(opset: int) -> int:
     import onnx
 
     top = min(MAX_OPSET, onnx.defs.onnx_opset_version())
-    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= top:
+    if not is_int(opset) or not MIN_OPSET <= opset <= top:
         raise ConfigError(f"--opset {opset!r} is not supported: expected an integer in [{MIN_OPSET}, {top}] (default {DEFAULT_OPSET})")
     return opset
 
@@ -163,7 +164,7 @@ def export_onnx(
     check_output_path(output, force, inputs)
     nested = adapter if isinstance(adapter, NestedAdapter) else NestedAdapter.load(adapter)
     if rank is not None:
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= nested.max_rank:
+        if not is_int(rank) or not 1 <= rank <= nested.max_rank:
             raise RankError(f"--rank {rank!r} is outside [1, {nested.max_rank}] for adapter {str(nested.path)!r}; its train ranks are {list(nested.config.train_ranks)}")
         nested.check_rank(rank)
     if verify:
