@@ -11,7 +11,6 @@ import errno
 import functools
 import json
 import os
-import stat
 import struct
 import sys
 import threading
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import InvalidAdapterError
+from .fs import check_regular_file
 
 if TYPE_CHECKING:
     import torch
@@ -196,14 +196,7 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
             (a truncated download, say).
     """
     p = Path(path)
-    try:
-        st = p.stat()
-    except OSError as e:
-        raise InvalidAdapterError(f"{p}: cannot read ({e.strerror or e})") from e
-    if not stat.S_ISREG(st.st_mode):
-        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file (a pipe or device?)"
-        raise InvalidAdapterError(f"{p}: is {kind}; expected a safetensors file")
-    size = st.st_size
+    size = check_regular_file(p, InvalidAdapterError, what="safetensors file").st_size
     with open(p, "rb") as f:
         raw = f.read(8)
         if len(raw) < 8:
