@@ -248,18 +248,22 @@ def stage_evaluate(ctx: DemoContext) -> StageReport:
             peft_model = PeftModel.from_pretrained(load_base_model(ctx.base_dir), str(ctx.slices_dir / f"r{k}"))
         slice_losses[k] = scores(peft_model)[0]
     ranks = (0, *adapter.config.train_ranks)
+    # rank 0 is the base model whatever the adapter: scored once, with the first adapter
+    todo = [(name, path) for name, path in (("nested", ctx.nested_dir), ("renested", ctx.renested_dir))
+            if path.exists()]  # no re-nested adapter in a demo run without the renest stage
+    total = len(ranks) + (len(todo) - 1) * (len(ranks) - 1)
     curves: dict[str, dict[int, tuple[float, float]]] = {}
     done = 0
-    for name, path in (("nested", ctx.nested_dir), ("renested", ctx.renested_dir)):
-        if not path.exists():  # a demo run without the renest stage
-            continue
+    for name, path in todo:
         handle = load_nested_adapter(load_base_model(ctx.base_dir), path)
-        curves[name] = {}
+        curves[name] = {0: curves["nested"][0]} if curves else {}
         for k in ranks:
+            if k in curves[name]:
+                continue
             handle.set_rank(k)
             curves[name][k] = scores(handle.model)
             done += 1
-            ctx.report_progress("evaluating", done, len(ranks) * 2)
+            ctx.report_progress("evaluating", done, total)
     nested = curves["nested"]
     other = curves.get("renested", {})
     table = [
