@@ -23,6 +23,7 @@ import numpy as np
 
 from .errors import InvalidAdapterError
 from .fs import check_regular_file
+from .validate import is_int
 
 if TYPE_CHECKING:
     import torch
@@ -116,7 +117,7 @@ class _DuplicateKey(ValueError):
 
 
 def _nonneg_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return is_int(value) and value >= 0
 
 
 def parse_header(raw: bytes, data_len: int, source: str = "safetensors file") -> SafetensorsHeader:

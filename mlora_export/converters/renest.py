@@ -203,7 +203,7 @@ def _check_peft_config(cfg: Any, path: Path) -> None:
         raise InvalidAdapterError(f"{path}: r must be a positive integer, found {r!r}")
     if not _positive_number(cfg.get("lora_alpha", 8)):
         raise InvalidAdapterError(f"{path}: lora_alpha must be a positive number, found {cfg.get('lora_alpha')!r}")
-    for key, valid, expected in (("rank_pattern", lambda v: not isinstance(v, bool) and isinstance(v, int) and v > 0, "positive integers"),
+    for key, valid, expected in (("rank_pattern", lambda v: is_int(v) and v > 0, "positive integers"),
                                  ("alpha_pattern", _positive_number, "positive numbers")):
         pattern = cfg.get(key) or {}
         if not isinstance(pattern, dict):

@@ -35,6 +35,7 @@ from ... import __version__
 from ...adapter import BUNDLE_MANIFEST_NAME, BUNDLE_NESTED_DIR, CONFIG_NAME, PEFT_CONFIG_NAME, WEIGHTS_NAME, NestedAdapter, write_json
 from ...errors import IntegrityError, InvalidAdapterError, RankError
 from ...fs import atomic_output_dir, check_free_space, check_output_path
+from ...validate import is_int
 from ..slice import check_scale_mode, resolve_ranks, write_slices
 from .card import check_license, hub_base_model, render_card
 
@@ -186,7 +187,7 @@ def check_manifest(data: Any, source: str) -> dict[str, Any]:
             raise InvalidAdapterError(f"{source}: field {key!r} is missing or not a {typ.__name__}; re-create the bundle")
 
     def nonneg(v: Any) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+        return is_int(v) and v >= 0
 
     paths: set[str] = set()
     for f in data["files"]:
@@ -207,7 +208,7 @@ def check_manifest(data: Any, source: str) -> dict[str, Any]:
     ranks: set[int] = set()
     folders: set[str] = set()
     for r in data["ranks"]:
-        if not (isinstance(r, dict) and isinstance(r.get("rank"), int) and not isinstance(r["rank"], bool) and r["rank"] >= 1
+        if not (isinstance(r, dict) and is_int(r.get("rank")) and r["rank"] >= 1
                 and isinstance(r.get("path"), str) and nonneg(r.get("params")) and nonneg(r.get("bytes"))):
             raise InvalidAdapterError(f"{source}: rank entry {json.dumps(r)[:120]} needs rank (a positive integer), path, params and bytes")
         folder = safe_relpath(r["path"], source, what="rank folder").rstrip("/")
