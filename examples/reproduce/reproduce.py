@@ -43,7 +43,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
 import random
 import shutil
 import statistics
@@ -284,13 +283,23 @@ def _train(cfg: Settings, base: Path, items: list[Any], collate: Any, method: st
     return handle, seconds
 
 
+def _training_data(output: Path, regime: str) -> tuple[Any, list[Any], Any]:
+    """``(tokenizer, tokenised training records, collator)`` of a regime, as every run of it trains."""
+    from mlora_export.base_model import load_tokenizer
+    from mlora_export.data import CompletionCollator, Example, tokenize_examples
+
+    tok = load_tokenizer(output / "base")
+    train = [json.loads(line) for line in (output / regime / "train.jsonl").read_text(encoding="utf-8").splitlines()]
+    items = tokenize_examples([Example(prompt=x["prompt"], completion=x["completion"]) for x in train], tok, 64)
+    return tok, items, CompletionCollator(tok.pad_token_id)
+
+
 def run_job(cfg: Settings, output: Path, regime: str, seed: int, lr: float) -> dict[str, Any]:
     """Train and score every method at one (regime, seed, lr); the result is also written to ``jobs/``."""
     import torch
 
-    from mlora_export.base_model import load_base_model, load_tokenizer
+    from mlora_export.base_model import load_base_model
     from mlora_export.converters.renest import renest_adapter
-    from mlora_export.data import CompletionCollator, Example, tokenize_examples
     from mlora_export.evaluation import load_eval_data, score_model
     from mlora_export.training import load_nested_adapter
 
@@ -299,11 +308,8 @@ def run_job(cfg: Settings, output: Path, regime: str, seed: int, lr: float) -> d
         return json.loads(path.read_text(encoding="utf-8"))
     torch.set_num_threads(1)
     base = output / "base"
-    tok = load_tokenizer(base)
     data_dir = output / regime
-    train = [json.loads(line) for line in (data_dir / "train.jsonl").read_text(encoding="utf-8").splitlines()]
-    items = tokenize_examples([Example(prompt=x["prompt"], completion=x["completion"]) for x in train], tok, 64)
-    collate = CompletionCollator(tok.pad_token_id)
+    tok, items, collate = _training_data(output, regime)
     splits = {s: load_eval_data(data_dir / f"{s}.jsonl", tok) for s in ("val", "test")}
 
     def score(model: Any) -> dict[str, float]:
@@ -356,16 +362,11 @@ def time_methods(cfg: Settings, output: Path, regime: str = "cipher", seed: int 
 
     import torch
 
-    from mlora_export.base_model import load_tokenizer
     from mlora_export.converters.renest import renest_adapter
-    from mlora_export.data import CompletionCollator, Example, tokenize_examples
 
     torch.set_num_threads(1)
     base = output / "base"
-    tok = load_tokenizer(base)
-    train = [json.loads(line) for line in (output / regime / "train.jsonl").read_text(encoding="utf-8").splitlines()]
-    items = tokenize_examples([Example(prompt=x["prompt"], completion=x["completion"]) for x in train], tok, 64)
-    collate = CompletionCollator(tok.pad_token_id)
+    _, items, collate = _training_data(output, regime)
     r_max = max(cfg.grid)
     runs: dict[str, float] = {}
     load = os.getloadavg()[0]
