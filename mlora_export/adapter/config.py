@@ -1,0 +1,148 @@
+"""``matryoshka_config.json``: the nested adapter's own settings (DESIGN.md §2), validated on load."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import __version__
+from ..errors import ConfigError, InvalidAdapterError, RankError
+from ..method import (
+    check_method,
+    check_rank_weights,
+    check_scaling,
+    check_train_ranks,
+    lora_diagonal,
+    matryoshka_diagonal,
+    scale,
+)
+from ..validate import is_int, is_real
+from .files import CONFIG_NAME, NESTED_FORMAT
+
+logger = logging.getLogger(__name__)
+
+REQUIRED_FIELDS = ("format", "method", "max_rank", "train_ranks", "scaling", "alpha")
+
+
+@dataclass(frozen=True)
+class MatryoshkaConfig:
+    """The contents of ``matryoshka_config.json`` (required fields plus kept optional ones).
+
+    ``extra`` holds every other field found on disk (``base_model``, ``created_by``, evaluation
+    results…) so that a load/save round trip keeps them. ``rank_weights`` (``nested-loss`` only)
+    are the weights over ``train_ranks`` of the per-example rank assignment, normalised to sum 1;
+    ``None`` is uniform.
+    """
+
+    method: str
+    max_rank: int
+    train_ranks: tuple[int, ...]
+    scaling: str = "sqrt"
+    alpha: float = 1.0
+    extra: dict[str, Any] = field(default_factory=dict)
+    rank_weights: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        check_method(self.method)
+        check_scaling(self.scaling)
+        object.__setattr__(self, "train_ranks", check_train_ranks(self.train_ranks, self.max_rank))
+        if not is_real(self.alpha) or not math.isfinite(self.alpha) or self.alpha <= 0:
+            raise ConfigError(f"alpha must be a positive finite number, got {self.alpha!r}")
+        object.__setattr__(self, "alpha", float(self.alpha))
+        if self.rank_weights is not None and self.method != "nested-loss":
+            raise ConfigError(f"rank weights apply to method 'nested-loss' only, not {self.method!r}")
+        object.__setattr__(self, "rank_weights", check_rank_weights(self.rank_weights, self.train_ranks))
+
+    @property
+    def p(self) -> list[float] | None:
+        """The fixed training diagonal (``None`` for ``dylora``, whose diagonal is sampled per step)."""
+        if self.method == "matryoshka":
+            return matryoshka_diagonal(self.max_rank, self.train_ranks, self.scaling, self.alpha)
+        if self.method == "lora":
+            return lora_diagonal(self.max_rank, self.scaling, self.alpha)
+        return None
+
+    def scale(self, k: int) -> float:
+        """``s(k)`` for this adapter's scaling and alpha."""
+        return scale(k, self.scaling, self.alpha)
+
+    @property
+    def base_model(self) -> str | None:
+        value = self.extra.get("base_model")
+        return str(value) if value is not None else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form: required fields, ``p`` recomputed, then the kept optional fields."""
+        out: dict[str, Any] = {
+            "format": NESTED_FORMAT,
+            "method": self.method,
+            "max_rank": self.max_rank,
+            "train_ranks": list(self.train_ranks),
+            "scaling": self.scaling,
+            "alpha": self.alpha,
+        }
+        if self.p is not None:
+            out["p"] = self.p
+        if self.rank_weights is not None:
+            out["rank_weights"] = list(self.rank_weights)
+        for k, v in self.extra.items():
+            if k not in out and k not in ("p", "format", "rank_weights"):
+                out[k] = v
+        out.setdefault("created_by", f"mlora-export {__version__}")
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = CONFIG_NAME) -> "MatryoshkaConfig":
+        """Validate a parsed ``matryoshka_config.json``; raise :class:`InvalidAdapterError` naming ``source``."""
+        if not isinstance(data, Mapping):
+            raise InvalidAdapterError(f"{source}: expected a JSON object, found {type(data).__name__}")
+        missing = [k for k in REQUIRED_FIELDS if k not in data]
+        if missing:
+            raise InvalidAdapterError(f"{source}: missing required field(s) {', '.join(missing)} (see DESIGN.md §2)")
+        if data["format"] != NESTED_FORMAT:
+            raise InvalidAdapterError(f"{source}: format is {data['format']!r}, expected {NESTED_FORMAT!r}")
+        max_rank, train_ranks = data["max_rank"], data["train_ranks"]
+        if not is_int(max_rank):
+            raise InvalidAdapterError(f"{source}: max_rank must be an integer, found {max_rank!r}")
+        if not isinstance(train_ranks, list):
+            raise InvalidAdapterError(f"{source}: train_ranks must be a list of integers, found {train_ranks!r}")
+        extra = {k: v for k, v in data.items() if k not in REQUIRED_FIELDS and k not in ("p", "rank_weights")}
+        weights = data.get("rank_weights")
+        if weights is not None and not isinstance(weights, list):
+            raise InvalidAdapterError(f"{source}: rank_weights must be a list of numbers, found {weights!r}")
+        try:
+            cfg = cls(
+                method=data["method"],
+                max_rank=max_rank,
+                train_ranks=tuple(train_ranks),
+                scaling=data["scaling"],
+                alpha=data["alpha"],
+                extra=extra,
+                rank_weights=tuple(weights) if weights is not None else None,
+            )
+        except (ConfigError, RankError) as e:
+            raise InvalidAdapterError(f"{source}: {e}") from e
+        stored_p = data.get("p")
+        if stored_p is not None and cfg.method in ("matryoshka", "lora") and (not isinstance(stored_p, list) or len(stored_p) != max_rank):
+            # cheap, before the recomputation below, which costs O(max_rank · |T|)
+            raise InvalidAdapterError(f"{source}: stored p must be a list of max_rank = {max_rank} numbers; remove 'p' or fix it")
+        if stored_p is not None:
+            expected = cfg.p
+            if expected is None:
+                logger.warning("%s: ignoring stored p for method %r (its diagonal is sampled per step)", source, cfg.method)
+            elif (
+                not isinstance(stored_p, list)
+                or len(stored_p) != len(expected)
+                or not all(isinstance(a, (int, float)) and math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9) for a, b in zip(stored_p, expected))
+            ):
+                raise InvalidAdapterError(
+                    f"{source}: stored p does not match the value recomputed from method, max_rank, train_ranks, "
+                    f"scaling and alpha ({expected[:8]}{'…' if len(expected) > 8 else ''}); the file was edited or "
+                    "written by another tool: remove 'p' or fix the other fields"
+                )
+        return cfg
+
+

@@ -1,0 +1,122 @@
+"""Reading rank-``k`` prefixes of the LoRA factors straight from the memory-mapped weights file.
+
+Orientation (PEFT): ``lora_A`` is ``[r, in]``, ``lora_B`` is ``[out, r]``; for a ``Conv1D``
+target (``fan_in_fan_out``) the delta is transposed to the base weight's ``[in, out]`` in
+:func:`orient_delta`, the one place that knows about it.
+"""
+
+from __future__ import annotations
+
+import mmap
+import warnings
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..safetensors_io import DTYPE_SIZES
+from .files import check_finite
+from .rounding import NUMPY_TYPES, scaled_copy
+
+if TYPE_CHECKING:
+    import torch
+
+    from .folder import NestedAdapter
+
+
+def orient_delta(delta: "torch.Tensor", fan_in_fan_out: bool) -> "torch.Tensor":
+    """Return ``delta`` (``[out, in]``) in the layout of the base weight: transposed for ``Conv1D``."""
+    return delta.T if fan_in_fan_out else delta
+
+
+class AdapterReader:
+    """Reads rank-``k`` prefixes of LoRA factors from the memory-mapped weights file.
+
+    Tensors are zero-copy views of the file's pages until sliced: ``A[:k]`` reads only its
+    first ``k`` rows, ``B[:, :k]`` gathers ``k`` columns into a new contiguous tensor.
+    """
+
+    def __init__(self, adapter: NestedAdapter, mm: "mmap.mmap") -> None:
+        self.adapter = adapter
+        self._mm = mm
+
+    def _view(self, key: str) -> "torch.Tensor":
+        import torch
+
+        from ..safetensors_io import torch_dtype
+
+        info = self.adapter.header.tensors[key]
+        dtype = torch_dtype(info.dtype)
+        numel = info.nbytes // DTYPE_SIZES[info.dtype]
+        with warnings.catch_warnings():  # the map is read-only; we never write through it
+            warnings.simplefilter("ignore", UserWarning)
+            flat = torch.frombuffer(self._mm, dtype=dtype, count=numel, offset=self.adapter.header.data_start + info.begin)
+        return flat.view(info.shape)
+
+    def check_finite(self, modules: Iterable[str] | None = None) -> None:
+        """Raise :class:`InvalidAdapterError` if a tensor (of ``modules``, if given) holds a NaN
+        or an infinity: the check :meth:`NestedAdapter.load` makes, over this reader's map, so
+        that callers can share it out among threads."""
+        keys = None
+        if modules is not None:
+            keys = [key for name in modules for key in (self.adapter.modules[name].key_a, self.adapter.modules[name].key_b)]
+        check_finite(self.adapter.weights_path, self.adapter.header, self._mm, keys)
+
+    def lora_A_data(self, module: str, k: int) -> np.ndarray:
+        """``A[:k, :]`` as a zero-copy, contiguous view of the map (its rows are consecutive in
+        the file; bfloat16 as uint16 bit patterns). Delete it before the reader closes."""
+        return self._array(self.adapter.modules[module].key_a)[:k]
+
+    def lora_A(self, module: str, k: int) -> "torch.Tensor":
+        """``A[:k, :]`` of ``module`` (``[k, in]``, source dtype), a copy of those rows only."""
+        return self._view(self.adapter.modules[module].key_a)[:k].clone()
+
+    def lora_B(self, module: str, k: int) -> "torch.Tensor":
+        """``B[:, :k]`` of ``module`` (``[out, k]``, source dtype, contiguous copy)."""
+        return self._view(self.adapter.modules[module].key_b)[:, :k].contiguous()
+
+    def _array(self, key: str) -> np.ndarray:
+        """A zero-copy numpy view of tensor ``key`` in the map (bfloat16 as uint16 bit patterns)."""
+        info = self.adapter.header.tensors[key]
+        count = info.nbytes // DTYPE_SIZES[info.dtype]
+        flat = np.frombuffer(self._mm, dtype=NUMPY_TYPES[info.dtype], count=count, offset=self.adapter.header.data_start + info.begin)
+        return flat.reshape(info.shape)
+
+    def lora_B_data(self, module: str, k: int, factor: float | None = None, scratch: "np.ndarray | None" = None) -> np.ndarray:
+        """``B[:, :k]`` (or ``factor · B[:, :k]``) as the raw bytes of a slice file, without torch.
+
+        Scaling is computed in float32 (float64 for a float64 adapter) and rounded once to the
+        source dtype, round-to-nearest-even as torch does; the result is contiguous. The unscaled
+        full-rank ``B`` is returned as a zero-copy view of the map.
+
+        ``scratch`` (a uint8 array of at least :func:`~.rounding.scratch_bytes` bytes) is where the result is
+        computed: a caller writing many tensors from one thread passes the same one each time, so
+        no memory is allocated (and page-faulted) per tensor. The result is then a view of it,
+        valid until the next call with that scratch.
+        """
+        key = self.adapter.modules[module].key_b
+        info = self.adapter.header.tensors[key]
+        if factor is None and k == info.shape[1]:
+            return self._array(key)
+        b = self._array(key)[:, :k]
+        try:
+            return scaled_copy(b, info.dtype, factor, scratch)
+        finally:
+            del b  # release the view of the map
+
+    def delta(self, module: str, k: int, dtype: "torch.dtype | None" = None) -> "torch.Tensor":
+        """``ΔW_k = s(k) · B[:, :k] · A[:k, :]``, ``[out, in]``, computed in float32 (DESIGN.md §1).
+
+        Returns float32 unless ``dtype`` is given (then rounded once to it).
+        """
+        import torch
+
+        a = self.lora_A(module, k).to(torch.float32)
+        b = self.lora_B(module, k).to(torch.float32)
+        d = (b * self.adapter.scale(k)) @ a
+        return d if dtype is None else d.to(dtype)
+
+    def delta_weight(self, module: str, k: int, dtype: "torch.dtype | None" = None) -> "torch.Tensor":
+        """:meth:`delta` oriented like the base weight (transposed for ``Conv1D`` targets)."""
+        return orient_delta(self.delta(module, k, dtype), self.adapter.fan_in_fan_out)
+
