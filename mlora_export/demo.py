@@ -230,7 +230,7 @@ def stage_evaluate(ctx: DemoContext) -> StageReport:
     from peft import PeftModel
 
     from .adapter import NestedAdapter
-    from .base_model import load_base_model, load_tokenizer
+    from .base import load_base_model, load_tokenizer
     from .evaluation import load_eval_data, score_model
     from .training import _quiet_peft, load_nested_adapter
 

@@ -48,8 +48,8 @@ from typing import Any
 
 from . import __version__
 from .adapter import CONFIG_NAME, NESTED_FORMAT, PEFT_CONFIG_NAME, NestedAdapter
-from .base_model import check_base_model_dir, check_device, check_dtype, load_base_model, load_tokenizer
-from .errors import BaseModelMismatchError, ConfigError, DataError, InvalidAdapterError, RankError
+from .base import check_base_model_dir, check_device, check_dtype, check_fits, load_base_model, load_tokenizer
+from .errors import ConfigError, DataError, InvalidAdapterError, RankError
 from .fs import atomic_output_dir
 from .method import aurac
 from .validate import is_int
@@ -423,36 +423,6 @@ def _max_positions(base_model_dir: str | os.PathLike[str]) -> int | None:
     return int(value) if isinstance(value, int) else None
 
 
-def check_fits_base(adapter: NestedAdapter, model: Any) -> None:
-    """Check that every adapted module exists in ``model`` with the adapter's shapes.
-
-    Raises:
-        BaseModelMismatchError: a module is missing, is not Linear/Conv1D, or has other shapes.
-    """
-    import torch
-    from transformers.pytorch_utils import Conv1D
-
-    mods = dict(model.named_modules())
-    for name, m in adapter.modules.items():
-        mod = mods.get(name)
-        if mod is None:
-            raise BaseModelMismatchError(
-                f"adapter {str(adapter.path)!r} targets module {name!r}, which the base model does not have; "
-                f"was it trained on another base ({adapter.base_model!r})?"
-            )
-        if isinstance(mod, Conv1D):
-            shape = (mod.weight.shape[0], mod.weight.shape[1])
-        elif isinstance(mod, torch.nn.Linear):
-            shape = (mod.in_features, mod.out_features)
-        else:
-            raise BaseModelMismatchError(f"adapter {str(adapter.path)!r} targets {name!r}, a {type(mod).__name__}; expected Linear or Conv1D")
-        if shape != (m.in_features, m.out_features):
-            raise BaseModelMismatchError(
-                f"adapter {str(adapter.path)!r}: module {name!r} is {shape[0]}→{shape[1]} in the base model but "
-                f"{m.in_features}→{m.out_features} in the adapter; was it trained on another base ({adapter.base_model!r})?"
-            )
-
-
 # -- evaluate ----------------------------------------------------------------------------------
 @dataclass
 class EvalResult:
@@ -529,7 +499,7 @@ def evaluate(
     model = load_base_model(base_model_dir, dtype, device=device or _default_device())
     for c in curves:
         for a, _ in c.members:
-            check_fits_base(a, model)
+            check_fits(a, model, base=str(base_model_dir))
     total = sum(len(ks) for c in curves for _, ks in c.members) + int(with_base)
     done = 0
     kw = {"metric": metric, "batch_size": batch_size, "max_new_tokens": max_new_tokens}
@@ -636,7 +606,7 @@ def record_evaluation(adapter_dir: str | os.PathLike[str], entry: dict[str, Any]
 
 
 __all__ = [
-    "METRICS", "RECORD_KEY", "Curve", "EvalData", "EvalExample", "EvalResult", "RankScore", "check_fits_base",
+    "METRICS", "RECORD_KEY", "Curve", "EvalData", "EvalExample", "EvalResult", "RankScore",
     "evaluate", "greedy_completions", "load_base_model", "load_eval_data", "load_tokenizer",
     "plan_curves", "record_entry", "record_evaluation", "recordable", "score_model",
     "teacher_forced", "write_results",

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .adapter import MatryoshkaConfig
-from .base_model import DTYPES, check_base_model_dir, load_base_model, load_tokenizer
+from .base import DTYPES, check_base_model_dir, load_base_model, load_tokenizer
 from .errors import ConfigError, ExportError
 from .fs import check_output_path
 from .method import check_method

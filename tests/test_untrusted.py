@@ -573,7 +573,7 @@ def test_bad_base_folder_is_refused(proj: Path, tmp_path: Path, case: str, comma
 
 
 def test_base_without_tokenizer_is_named(proj: Path, tmp_path: Path) -> None:
-    from mlora_export.base_model import load_tokenizer
+    from mlora_export.base import load_tokenizer
     from mlora_export.errors import BaseModelError
 
     _break_base(proj / "base", "no tokenizer", tmp_path)

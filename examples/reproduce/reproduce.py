@@ -223,7 +223,7 @@ def pretrain(cfg: Settings, out: Path) -> dict[str, Any]:
 
 def base_skills(cfg: Settings, base: Path, work: Path) -> dict[str, float]:
     """Held-out exact match of the pre-trained base on each pre-training operation and on each regime's test split."""
-    from mlora_export.base_model import load_base_model, load_tokenizer
+    from mlora_export.base import load_base_model, load_tokenizer
     from mlora_export.evaluation import load_eval_data, score_model
 
     tok = load_tokenizer(base)
@@ -256,7 +256,7 @@ def _train(cfg: Settings, base: Path, items: list[Any], collate: Any, method: st
     import torch
 
     from mlora_export.adapter import MatryoshkaConfig
-    from mlora_export.base_model import load_base_model
+    from mlora_export.base import load_base_model
     from mlora_export.training import add_nested_adapter
 
     model = load_base_model(base, dtype="float32", device="cpu")
@@ -285,7 +285,7 @@ def _train(cfg: Settings, base: Path, items: list[Any], collate: Any, method: st
 
 def _training_data(output: Path, regime: str) -> tuple[Any, list[Any], Any]:
     """``(tokenizer, tokenised training records, collator)`` of a regime, as every run of it trains."""
-    from mlora_export.base_model import load_tokenizer
+    from mlora_export.base import load_tokenizer
     from mlora_export.data import CompletionCollator, Example, tokenize_examples
 
     tok = load_tokenizer(output / "base")
@@ -298,7 +298,7 @@ def run_job(cfg: Settings, output: Path, regime: str, seed: int, lr: float) -> d
     """Train and score every method at one (regime, seed, lr); the result is also written to ``jobs/``."""
     import torch
 
-    from mlora_export.base_model import load_base_model
+    from mlora_export.base import load_base_model
     from mlora_export.converters.renest import renest_adapter
     from mlora_export.evaluation import load_eval_data, score_model
     from mlora_export.training import load_nested_adapter

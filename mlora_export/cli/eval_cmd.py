@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..base_model import DTYPES
+from ..base import DTYPES
 from ._errors import handle_errors
 from ._options import BarProgress, RankList, echo_json, echo_table, force_option, json_option, maybe_torch_threads, threads_option
 

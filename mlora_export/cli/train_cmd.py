@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..base_model import DTYPES
+from ..base import DTYPES
 from ..finetune import TrainSettings
 from ..method import TRAIN_METHODS
 from ._errors import handle_errors

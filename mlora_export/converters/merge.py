@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..adapter import AdapterReader, NestedAdapter, orient_delta
-from ..base_model import SAFE_INDEX, SAFE_SINGLE, check_base_config
+from ..base import SAFE_INDEX, SAFE_SINGLE, check_base_config
 from ..errors import (
     BaseModelError,
     BaseModelMismatchError,

@@ -25,7 +25,7 @@ from typing import Any
 
 from ... import __version__
 from ...adapter import NestedAdapter
-from ...base_model import check_base_model_dir, check_float_targets
+from ...base import check_fits, check_float_targets, scan_base
 from ...errors import ConfigError, ExportError, RankError
 from ...fs import atomic_output_dir, check_free_space, check_output_path
 from .graph import (
@@ -33,9 +33,8 @@ from .graph import (
     EXTERNAL_DATA_BYTES,
     build_export_model,
     adapter_input_names,
-    check_fits,
     export_graph,
-    load_base_model,
+    load_export_model,
     param_bytes,
 )
 from .ort_adapter import add_empty_defaults, adapter_file_name, write_ort_adapter
@@ -181,9 +180,9 @@ def export_onnx(
         if progress is not None:
             progress(step[0], total)
 
-    check_float_targets(check_base_model_dir(base_model), nested.modules)  # headers only: before the model loads
-    model, task = load_base_model(base_model)
-    check_fits(model, nested, base_model)
+    check_float_targets(scan_base(base_model), nested.modules)  # headers only: before the model loads
+    model, task = load_export_model(base_model)
+    check_fits(nested, model, base=str(base_model))
     vocab = int(getattr(model.config, "vocab_size"))
     # float32 bytes in the graph (the LoRA factors are constants in dynamic and fixed exports)
     lora_in_graph = {"dynamic": nested.max_rank, "fixed": rank or 0}.get(kind, 0)

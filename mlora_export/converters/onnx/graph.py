@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ...adapter import NestedAdapter
-from ...base_model import check_base_model_dir
-from ...errors import BaseModelError, BaseModelMismatchError, ExportError
+from ...base import TASK_CAUSAL_LM, TASK_SEQ_CLS, base_task, load_base_model
+from ...errors import ExportError
 
 if TYPE_CHECKING:
     import torch
@@ -46,101 +46,17 @@ DEFAULT_OPSET = 18
 #: Models whose weights exceed this many bytes are saved with external data (protobuf's 2 GB cap).
 EXTERNAL_DATA_BYTES = 1_800_000_000
 
-TASK_CAUSAL_LM = "causal-lm"
-TASK_SEQ_CLS = "sequence-classification"
 
 
-# -- the base model -------------------------------------------------------------------------
-
-
-def load_base_model(base_dir: str | os.PathLike[str]) -> tuple["torch.nn.Module", str]:
-    """Load a transformers model folder in float32, eval mode; return ``(model, task)``.
-
-    ``task`` is :data:`TASK_CAUSAL_LM` or :data:`TASK_SEQ_CLS`, read from ``config.json``'s
-    ``architectures``.
-
-    Raises:
-        BaseModelError: the folder is missing, has no ``config.json`` or no safetensors weights
-            (pickle-only weights are refused), is of an unsupported task, or fails to load.
-    """
-    import torch
-    import transformers
-
-    root = check_base_model_dir(base_dir)
-    try:
-        config = transformers.AutoConfig.from_pretrained(root)
-    except Exception as e:  # noqa: BLE001 - any parse failure is a bad input
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BaseModelError(f"{root / 'config.json'}: cannot be read by transformers ({first})") from e
-    archs = list(getattr(config, "architectures", None) or [])
-    if any(a.endswith("ForSequenceClassification") for a in archs):
-        task, auto = TASK_SEQ_CLS, transformers.AutoModelForSequenceClassification
-    elif any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) or not archs:
-        task, auto = TASK_CAUSAL_LM, transformers.AutoModelForCausalLM
-    else:
-        raise BaseModelError(
-            f"{root / 'config.json'}: architectures {archs} are not supported; expected a causal LM (…ForCausalLM, …LMHeadModel) "
-            "or a sequence classifier (…ForSequenceClassification)"
-        )
-    try:
-        with _quiet():
-            # use_safetensors: never fall back to pickle weights lying next to other .safetensors files
-            model = auto.from_pretrained(root, dtype=torch.float32, use_safetensors=True)
-    except Exception as e:  # noqa: BLE001
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise BaseModelError(f"{root}: transformers cannot load this model ({type(e).__name__}: {first})") from e
-    model.eval()
+def load_export_model(base_dir: str | os.PathLike[str]) -> tuple["torch.nn.Module", str]:
+    """The base model in float32 for export, with its task (:func:`~mlora_export.base.base_task`);
+    loaders' chatter silenced, the KV cache off (the graph takes no past)."""
+    task = base_task(base_dir)
+    with _quiet():
+        model = load_base_model(base_dir, "float32", task=task)
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False
     return model, task
-
-
-def module_shape(module: "torch.nn.Module") -> tuple[int, int, bool]:
-    """``(in_features, out_features, is_conv1d)`` of a ``nn.Linear`` or transformers ``Conv1D``.
-
-    Raises:
-        BaseModelMismatchError: the module is neither.
-    """
-    import torch
-    from transformers.pytorch_utils import Conv1D
-
-    if isinstance(module, Conv1D):
-        return int(module.weight.shape[0]), int(module.weight.shape[1]), True
-    if isinstance(module, torch.nn.Linear):
-        return module.in_features, module.out_features, False
-    raise BaseModelMismatchError(f"module is a {type(module).__name__}, not a Linear or Conv1D layer")
-
-
-def check_fits(model: "torch.nn.Module", adapter: NestedAdapter, base_dir: str | os.PathLike[str]) -> None:
-    """Check that every adapted module exists in ``model`` with matching shapes and orientation.
-
-    Raises:
-        BaseModelMismatchError: a module is missing, is not a Linear/Conv1D, has other shapes, or
-            is a Conv1D while the adapter lacks ``fan_in_fan_out`` (or the reverse).
-    """
-    mods = dict(model.named_modules())
-    where = f"adapter {str(adapter.path)!r} does not fit base model {str(base_dir)!r}"
-    missing = [n for n in adapter.modules if n not in mods]
-    if missing:
-        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise BaseModelMismatchError(
-            f"{where}: module {missing[0]!r}{more} not found in the base model; was the adapter trained on another architecture?"
-        )
-    for name, lm in adapter.modules.items():
-        try:
-            fan_in, fan_out, conv1d = module_shape(mods[name])
-        except BaseModelMismatchError as e:
-            raise BaseModelMismatchError(f"{where}: {name!r}: {e}") from e
-        if (fan_in, fan_out) != (lm.in_features, lm.out_features):
-            raise BaseModelMismatchError(
-                f"{where}: {name!r} is [in {fan_in}, out {fan_out}] in the base but [in {lm.in_features}, out {lm.out_features}] "
-                "in the adapter; use the base model the adapter was trained on"
-            )
-        if conv1d != adapter.fan_in_fan_out:
-            raise BaseModelMismatchError(
-                f"{where}: {name!r} is {'a Conv1D' if conv1d else 'a Linear'} layer but the adapter has "
-                f"fan_in_fan_out = {str(adapter.fan_in_fan_out).lower()}; use the base model the adapter was trained on"
-            )
 
 
 # -- the wrappers ---------------------------------------------------------------------------
@@ -452,5 +368,5 @@ def param_bytes(model: "torch.nn.Module") -> int:
 
 __all__ = [
     "DEFAULT_OPSET", "EXTERNAL_DATA_BYTES", "TASK_CAUSAL_LM", "TASK_SEQ_CLS", "RankState", "build_export_model",
-    "adapter_input_names", "check_fits", "export_graph", "load_base_model", "module_shape", "param_bytes", "scale_tensor",
+    "adapter_input_names", "export_graph", "load_export_model", "param_bytes", "scale_tensor",
 ]
