@@ -189,7 +189,7 @@ def tokenize_examples(
             continue
         out.append(item)
     if not out:
-        raise DataError(f"{source}: no example keeps a completion token within max length {max_length}; raise --max-length")
+        raise DataError(f"{source}: no example keeps a completion token within max length {max_length}; raise the max length", option="max_length")
     if dropped:
         logger.warning(
             "%s: %d example(s) have no completion token within max length %d and are skipped (lines %s%s)",

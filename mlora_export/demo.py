@@ -168,7 +168,7 @@ def stage_base(ctx: DemoContext) -> StageReport:
 
 def stage_train(ctx: DemoContext) -> StageReport:
     """Train a nested adapter (the default method) over ``ctx.train_ranks`` into ``ctx.nested_dir``."""
-    from .finetune import train
+    from .training import train
 
     settings = demo_train_settings(ctx)
 
@@ -192,7 +192,7 @@ def stage_renest(ctx: DemoContext) -> StageReport:
     import dataclasses
 
     from .converters.renest import renest_adapter
-    from .finetune import train
+    from .training import train
 
     settings = dataclasses.replace(demo_train_settings(ctx), method="lora", train_ranks=(max(ctx.train_ranks),))
 
@@ -333,8 +333,8 @@ STAGES: list[Stage] = [
 
 
 def demo_train_settings(ctx: DemoContext) -> Any:
-    """The :class:`~mlora_export.finetune.TrainSettings` of the demo (shorter with ``ctx.quick``)."""
-    from .finetune import TrainSettings
+    """The :class:`~mlora_export.training.TrainSettings` of the demo (shorter with ``ctx.quick``)."""
+    from .training import TrainSettings
 
     return TrainSettings(  # the method is the default one, as `mlora-export train` uses
         train_ranks=ctx.train_ranks,

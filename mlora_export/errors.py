@@ -1,18 +1,37 @@
 """The exception hierarchy of mlora-export.
 
-Every error a user can cause is an :class:`MloraError`; the CLI maps these to exit code 2
-(bad usage or input) or 1 (remote or runtime failure) in one table (``cli/_errors.py``).
-Each subclass also subclasses a builtin so that callers can catch it idiomatically.
+Every error a user can cause is an :class:`MloraError`. Messages speak the library's terms
+(parameter names, paths, tensors, ranks), never command-line flags; the fields say what was
+wrong, so a caller can act on it. The CLI maps each type to an exit code and adds its flag
+hints in one table (``cli/_errors.py``). Each subclass also subclasses a builtin so that callers
+can catch it idiomatically.
 """
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
 
 class MloraError(Exception):
-    """Base class of every error raised on purpose by mlora-export."""
+    """Base class of every error raised on purpose by mlora-export.
 
-    #: Exit code the CLI uses for this error: 2 = bad input or usage, 1 = failure elsewhere.
-    exit_code: int = 2
+    Fields (each ``None`` when it does not apply): ``path`` the file or folder at fault,
+    ``tensor`` a tensor name in it, ``rank`` the rank concerned, ``option`` the name of the
+    library parameter whose value is wrong or that would fix it (``"ranks"``, ``"force"``…).
+    """
+
+    def __init__(
+        self, message: str, *, path: str | os.PathLike[str] | None = None, tensor: str | None = None,
+        rank: int | None = None, option: str | None = None, **fields: Any,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.path = None if path is None else str(path)
+        self.tensor = tensor
+        self.rank = rank
+        self.option = option
+        self.fields = fields
 
 
 class InvalidAdapterError(MloraError, ValueError):
@@ -56,13 +75,9 @@ class InsufficientDiskError(MloraError, OSError):
 class ExportError(MloraError, RuntimeError):
     """An export ran but its result failed verification."""
 
-    exit_code = 1
-
 
 class HubError(MloraError, RuntimeError):
     """A Hub operation failed on the remote side (network, permissions, missing repo)."""
-
-    exit_code = 1
 
 
 class IntegrityError(MloraError, ValueError):
@@ -71,5 +86,3 @@ class IntegrityError(MloraError, ValueError):
 
 class RemoteIntegrityError(IntegrityError):
     """A file fetched from the Hub does not match the bundle's manifest (corrupt or changed remote copy)."""
-
-    exit_code = 1

@@ -76,7 +76,7 @@ def check_train_ranks(train_ranks: Iterable[int], max_rank: int) -> tuple[int, .
         raise RankError(f"max rank must be a positive integer, got {max_rank!r}")
     ranks = list(train_ranks)
     if not ranks:
-        raise RankError("train ranks are empty: give at least the max rank, e.g. --ranks 1,2,4,8")
+        raise RankError("train ranks are empty: give at least the max rank, e.g. 1,2,4,8", option="ranks")
     for t in ranks:
         if not is_int(t):
             raise RankError(f"train rank {t!r} is not an integer")

@@ -85,8 +85,9 @@ def test_truncation_drops_examples_without_completion_tokens(tok, caplog: pytest
     out = tokenize_examples(exs, tok, max_length=8)
     assert len(out) == 1 and "lines 1" in caplog.text
     caplog.clear()
-    with pytest.raises(DataError, match="raise --max-length"):
+    with pytest.raises(DataError, match="raise the max length") as e:
         tokenize_examples(exs[:1], tok, max_length=8)
+    assert e.value.option == "max_length"  # the CLI turns it into its flag
     assert caplog.text == ""  # the error alone, not a warning before it
 
 
@@ -137,11 +138,10 @@ def test_builtin_task_ships_and_validates(tok) -> None:
 
 
 def test_tiny_model_folder_loads_with_auto_classes(tmp_path: Path) -> None:
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from mlora_export.tiny import build_tiny_model
-
-    import torch
 
     state = torch.get_rng_state()
     info = build_tiny_model(tmp_path / "m", seed=1)

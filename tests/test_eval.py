@@ -132,8 +132,9 @@ def test_eval_matches_peft_slices(setup: dict[str, Path], data_key: str, metric:
 def test_collection_and_several_adapters_share_one_base(setup: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     """Slices as one collection curve equal the nested curve; an adapter evaluated after another (base unloaded in
     between) scores as when evaluated alone; the base weights are loaded once for all adapters and ranks."""
-    import mlora_export.evaluation as ev
     from transformers import PreTrainedModel
+
+    import mlora_export.evaluation.run as ev
 
     loads: list[str] = []
     real_load, real_from_pretrained = ev.load_base_model, PreTrainedModel.from_pretrained.__func__
@@ -300,7 +301,7 @@ def test_plot_loss_curves_single_point_and_base(tmp_path: Path) -> None:
     """A loss plot with a one-point curve and a base line is a readable PNG."""
     import matplotlib.image
 
-    from mlora_export.plotting import plot_rank_curves
+    from mlora_export.evaluation.plot import plot_rank_curves
 
     results = {
         "metric": "loss",

@@ -19,7 +19,13 @@ from mlora_export.adapter import MatryoshkaConfig, NestedAdapter
 from mlora_export.errors import ConfigError
 from mlora_export.method import check_rank_weights, example_ranks, rank_diagonal, scale
 from mlora_export.training import NestedRankCallback, add_nested_adapter
-from tests.common import add_deltas, build_model, randomise_lora_b, sample_ids, targets_for
+from tests.common import (
+    add_deltas,
+    build_model,
+    randomise_lora_b,
+    sample_ids,
+    targets_for,
+)
 
 T = (1, 2, 4, 8)
 R = 8
@@ -285,11 +291,16 @@ def test_short_trainer_run_lowers_every_rank_and_slices_load_in_peft(tmp_path) -
     held-out loss, and each rank's PEFT slice gives exactly the in-place rank's loss."""
     from peft import PeftModel
 
+    from mlora_export.base import load_base_model, load_tokenizer
     from mlora_export.converters.slice import slice_adapter
     from mlora_export.data import builtin_dataset_path, load_dataset
-    from mlora_export.finetune import TrainSettings, heldout_loss, load_base_model, load_tokenizer, train
     from mlora_export.tiny import build_tiny_model
-    from mlora_export.training import load_nested_adapter
+    from mlora_export.training import (
+        TrainSettings,
+        heldout_loss,
+        load_nested_adapter,
+        train,
+    )
 
     base = tmp_path / "base"
     build_tiny_model(base, seed=0)
@@ -331,7 +342,7 @@ def test_library_train_and_renest_refuse_an_output_over_their_inputs(tmp_path) -
     """--force can never replace an input, from Python too (not only through the CLI)."""
     from mlora_export.converters.renest import renest_adapter
     from mlora_export.errors import OutputPathError
-    from mlora_export.finetune import TrainSettings, train
+    from mlora_export.training import TrainSettings, train
     from tests.common import random_nested
 
     base = tmp_path / "proj" / "base"

@@ -32,7 +32,14 @@ from mlora_export.cli import main
 from mlora_export.converters.renest import r_factor, renest_adapter, renest_factors
 from mlora_export.converters.slice import slice_adapter
 from mlora_export.errors import ConfigError, InvalidAdapterError, RankError
-from tests.common import add_deltas, build_model, poison_weights, random_nested, sample_ids, targets_for
+from tests.common import (
+    add_deltas,
+    build_model,
+    poison_weights,
+    random_nested,
+    sample_ids,
+    targets_for,
+)
 
 PATTERNS = {  # a layer-specific key and a suffix key, as PEFT matches them
     "llama": ({"layers.0.self_attn.v_proj": 4, "down_proj": 2}, {"q_proj": 5, "layers.1.mlp.up_proj": 20}),

@@ -19,7 +19,13 @@ from safetensors.torch import load_file
 from mlora_export.adapter import NestedAdapter
 from mlora_export.cli import main
 from mlora_export.converters.slice import slice_adapter
-from tests.common import apply_delta_by_hand, build_model, poison_weights, random_nested, sample_ids
+from tests.common import (
+    apply_delta_by_hand,
+    build_model,
+    poison_weights,
+    random_nested,
+    sample_ids,
+)
 
 RANKS = [1, 3, 8]
 

@@ -11,7 +11,6 @@ from click.testing import CliRunner
 
 from mlora_export.cli import main
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
@@ -73,7 +72,7 @@ def test_train_cli_writes_a_nested_adapter(base: Path, data: Path, tmp_path: Pat
 
     before = torch.get_num_threads()
     seen: list[int] = []
-    from mlora_export import finetune
+    from mlora_export.training import pipeline as finetune
 
     real = finetune.train
 

@@ -11,8 +11,18 @@ import torch
 
 from mlora_export.adapter import MatryoshkaConfig, NestedAdapter
 from mlora_export.method import matryoshka_diagonal, peft_alpha_for, scale
-from mlora_export.training import NestedRankCallback, add_nested_adapter, load_nested_adapter
-from tests.common import add_deltas, build_model, randomise_lora_b, sample_ids, targets_for
+from mlora_export.training import (
+    NestedRankCallback,
+    add_nested_adapter,
+    load_nested_adapter,
+)
+from tests.common import (
+    add_deltas,
+    build_model,
+    randomise_lora_b,
+    sample_ids,
+    targets_for,
+)
 
 T = (1, 2, 4, 8)
 R = 8
@@ -143,8 +153,8 @@ def test_set_rank_in_place_equals_delta_w_k() -> None:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory):
     """The demo's tiny Llama-style model + char tokenizer, and tokenised slices of the built-in task."""
+    from mlora_export.base import load_tokenizer
     from mlora_export.data import builtin_dataset_path, load_dataset
-    from mlora_export.finetune import load_tokenizer
     from mlora_export.tiny import build_tiny_model
 
     before = torch.get_num_threads()
@@ -159,7 +169,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory):
 
 
 def _rank_losses(nested, tiny) -> dict[int, float]:
-    from mlora_export.finetune import heldout_loss
+    from mlora_export.training import heldout_loss
 
     out = {}
     for k in (0, *nested.config.train_ranks):
@@ -173,8 +183,9 @@ def test_trainer_path_lowers_heldout_loss_at_every_train_rank(tiny, tmp_path) ->
     rank ends below the base model's held-out loss, and the saved folder loads in real PEFT."""
     from peft import PeftModel
 
+    from mlora_export.base import load_base_model
     from mlora_export.data import builtin_dataset_path
-    from mlora_export.finetune import TrainSettings, heldout_loss, load_base_model, train
+    from mlora_export.training import TrainSettings, heldout_loss, train
 
     s = TrainSettings(method="matryoshka", train_ranks=(1, 2, 4, 8), max_steps=40, lr=1e-2, batch_size=16, max_length=48, epochs=None, seed=0)
     res = train(tiny["path"], builtin_dataset_path("train"), tmp_path / "nested", s)
@@ -194,8 +205,8 @@ def test_trainer_path_lowers_heldout_loss_at_every_train_rank(tiny, tmp_path) ->
 
 
 def test_plain_pytorch_loop_lowers_heldout_loss_at_every_train_rank(tiny, tmp_path) -> None:
+    from mlora_export.base import load_base_model
     from mlora_export.data import CompletionCollator
-    from mlora_export.finetune import load_base_model
 
     torch.manual_seed(0)
     nested = add_nested_adapter(load_base_model(tiny["path"]), MatryoshkaConfig("matryoshka", 8, (1, 2, 4, 8), "sqrt"), seed=0)
@@ -222,8 +233,8 @@ def test_trainer_calls_train_diagonal_once_per_optimisation_step(tiny) -> None:
     """With gradient accumulation, every micro-batch of optimisation step n sees DyLoRA's b(n)."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
+    from mlora_export.base import load_base_model
     from mlora_export.data import CompletionCollator
-    from mlora_export.finetune import load_base_model
 
     nested = add_nested_adapter(load_base_model(tiny["path"]), MatryoshkaConfig("dylora", 8, (1, 2, 4, 8), "sqrt"), seed=3)
     forwards: list[int | None] = []
@@ -277,8 +288,9 @@ def test_train_gpt2_conv1d_on_text_data_loads_in_peft(tmp_path) -> None:
     import transformers as tf
     from peft import PeftModel
 
-    from mlora_export.finetune import TrainSettings, load_base_model, train
+    from mlora_export.base import load_base_model
     from mlora_export.tiny import build_char_tokenizer
+    from mlora_export.training import TrainSettings, train
 
     tok = build_char_tokenizer()
     torch.manual_seed(0)
@@ -420,7 +432,7 @@ def test_diagonal_switches_back_and_survives_a_deep_copy() -> None:
 def test_train_settings_refuse_bad_loop_settings(kwargs: dict, message: str) -> None:
     """Every loop setting is checked before any I/O, with a ConfigError naming it (exit 2 in the CLI)."""
     from mlora_export.errors import ConfigError
-    from mlora_export.finetune import TrainSettings
+    from mlora_export.training import TrainSettings
 
     with pytest.raises(ConfigError) as err:
         TrainSettings(**kwargs).validate()

@@ -609,7 +609,7 @@ def test_overlong_jsonl_record_is_refused_before_it_is_held(proj: Path) -> None:
 
 @pytest.mark.parametrize("command", ["merge", "train", "eval"])
 def test_full_disk_mid_run_is_one_line(proj: Path, monkeypatch: pytest.MonkeyPatch, command: str) -> None:
-    import mlora_export.plotting as plotting
+    import mlora_export.evaluation.plot as plotting
     import mlora_export.safetensors_io as sio
 
     def full(*args: object, **kwargs: object) -> None:

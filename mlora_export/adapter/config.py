@@ -8,7 +8,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import __version__
 from ..errors import ConfigError, InvalidAdapterError, RankError
 from ..method import (
     check_method,
@@ -19,6 +18,7 @@ from ..method import (
     matryoshka_diagonal,
     scale,
 )
+from ..provenance import created_by
 from ..validate import is_int, is_real
 from .files import CONFIG_NAME, NESTED_FORMAT
 
@@ -91,7 +91,7 @@ class MatryoshkaConfig:
         for k, v in self.extra.items():
             if k not in out and k not in ("p", "format", "rank_weights"):
                 out[k] = v
-        out.setdefault("created_by", f"mlora-export {__version__}")
+        out.setdefault("created_by", created_by())
         return out
 
     @classmethod

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,6 +26,7 @@ from .config import MatryoshkaConfig
 from .files import (
     CONFIG_NAME,
     KEY_PREFIX,
+    NESTED_FORMAT,
     PEFT_CONFIG_NAME,
     SLICE_FORMAT,
     WEIGHTS_NAME,
@@ -307,3 +309,34 @@ def write_json(path: Path, data: Any) -> None:
         json.dump(data, f, indent=2)
         f.write("\n")
 
+
+
+def record_in_config(adapter_dir: str | os.PathLike[str], section: str, key: str, entry: Any) -> Path:
+    """Set ``section[key] = entry`` in a nested adapter's ``matryoshka_config.json``, atomically
+    (a temporary file in the folder, then a rename; the file's mode is kept).
+
+    Other fields, and other keys of ``section``, are kept; an entry under the same key is replaced.
+
+    Raises:
+        InvalidAdapterError: the folder has no nested ``matryoshka_config.json`` (format ``mlora-nested/1``).
+    """
+    path = Path(adapter_dir) / CONFIG_NAME
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise InvalidAdapterError(f"{path}: cannot read it to record results ({e})") from e
+    if not isinstance(data, dict) or data.get("format") != NESTED_FORMAT:
+        raise InvalidAdapterError(f"{path}: not a nested adapter config ({NESTED_FORMAT}); results are recorded for nested adapters only")
+    current = data.get(section)
+    data[section] = {**(current if isinstance(current, dict) else {}), key: entry}
+    fd, tmp = tempfile.mkstemp(prefix=f".{CONFIG_NAME}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.chmod(tmp, path.stat().st_mode & 0o777)
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            json.dump(data, out, indent=2)
+            out.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -119,10 +119,11 @@ def load_base_model(
     return model.eval()
 
 
-def load_tokenizer(path: str | os.PathLike[str], *, hint: str = _TOKENIZER_HINT) -> Any:
+def load_tokenizer(path: str | os.PathLike[str], *, hint: str = _TOKENIZER_HINT, option: str | None = None) -> Any:
     """Load the tokenizer saved in a local folder; a tokenizer without a pad token pads with EOS.
 
-    ``hint`` ends the error message (what the user should do).
+    ``hint`` ends the error message (what the user should do); ``option`` is the error's field
+    naming the caller's parameter that would give another folder.
 
     Raises:
         BaseModelError: no usable tokenizer in the folder.
@@ -134,23 +135,23 @@ def load_tokenizer(path: str | os.PathLike[str], *, hint: str = _TOKENIZER_HINT)
     folder = Path(path)
     if folder.is_dir() and not any((folder / name).exists() for name in TOKENIZER_FILES):
         # transformers 5 would build an empty tokenizer here, and every example would come out empty
-        raise BaseModelError(f"{str(folder)!r} has no tokenizer (none of {', '.join(TOKENIZER_FILES[:3])}…); {hint}")
+        raise BaseModelError(f"{str(folder)!r} has no tokenizer (none of {', '.join(TOKENIZER_FILES[:3])}…); {hint}", option=option)
     try:
         tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, TypeError, KeyError) as e:
-        raise BaseModelError(f"no usable tokenizer in {str(path)!r} ({type(e).__name__}: {e}); {hint}") from e
+        raise BaseModelError(f"no usable tokenizer in {str(path)!r} ({type(e).__name__}: {e}); {hint}", option=option) from e
     if tok is None or isinstance(tok, bool):
-        raise BaseModelError(f"no usable tokenizer in {str(path)!r}; {hint}")
+        raise BaseModelError(f"no usable tokenizer in {str(path)!r}; {hint}", option=option)
     try:
         size = len(tok)
     except TypeError:
         size = None
     if size == 0:
-        raise BaseModelError(f"the tokenizer in {str(path)!r} is empty (no vocabulary); {hint}")
+        raise BaseModelError(f"the tokenizer in {str(path)!r} is empty (no vocabulary); {hint}", option=option)
     try:
         ensure_pad_token(tok)
     except DataError as e:
-        raise BaseModelError(f"tokenizer in {str(path)!r}: {e}") from e
+        raise BaseModelError(f"tokenizer in {str(path)!r}: {e}", option=option) from e
     return tok
 
 

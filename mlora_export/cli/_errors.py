@@ -1,8 +1,10 @@
 """Map library exceptions to one-line messages and exit codes, in one table.
 
-Exit codes come from the exception classes (:attr:`MloraError.exit_code`) plus the table
-:data:`BUILTIN_EXIT_CODES` for the few builtin errors that always mean bad input. Every error is
-one line on stderr; a traceback is shown only when ``MLORA_DEBUG=1``.
+Exit codes come from the table :data:`EXIT_CODES` (the first type that matches wins): 2 for bad
+usage or input, 1 for a failure elsewhere (the Hub, a failed verification). The library speaks
+its own terms; an error's ``option`` field names the library parameter at fault, and
+:data:`FLAG_HINTS` turns it into the command-line flag to use. Every error is one line on
+stderr; a traceback is shown only when ``MLORA_DEBUG=1``.
 
 Without ``-v``, library warnings are held until the command ends: shown after a success,
 dropped after an error. While a command runs, ``SIGTERM`` and ``SIGHUP`` are handled like Ctrl-C: they raise an
@@ -25,12 +27,49 @@ from typing import Any, TypeVar
 
 import click
 
-from ..errors import MloraError
+from ..errors import (
+    ExportError,
+    HubError,
+    MloraError,
+    OutputExistsError,
+    RemoteIntegrityError,
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-#: Builtin exceptions that reach the CLI only from bad input, and their exit codes.
-BUILTIN_EXIT_CODES: dict[type[BaseException], int] = {RecursionError: 2}
+#: Exit code of each exception type, most specific first; anything else exits 1. A
+#: :class:`RecursionError` reaches the CLI only from a hostile input file (bad input).
+EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
+    (RemoteIntegrityError, 1),  # a corrupt or changed remote copy: not the user's input
+    (ExportError, 1),
+    (HubError, 1),
+    (MloraError, 2),
+    (RecursionError, 2),
+)
+
+#: What to add to a message whose ``option`` names a library parameter: the flag(s) to use.
+#: An error of type :class:`OutputExistsError` with option ``force`` gets its own wording.
+FLAG_HINTS: dict[str, str] = {
+    "force": "pass --force to replace it",
+    "ranks": "see --ranks",
+    "rank": "see --rank",
+    "record": "see --record",
+    "metric": "see --metric",
+    "tokenizer_dir": "or pass --tokenizer DIR",
+    "max_length": "see --max-length",
+    "max_steps": "see --epochs / --max-steps",
+    "dtype": "see --dtype",
+    "opset": "see --opset",
+    "merged": "see --merged and --rank",
+    "adapters_per_rank": "see --adapters-per-rank",
+    "revision": "see --revision",
+    "repo_id": "see --repo-id",
+    "token": "or pass --token",
+    "endpoint": "or HF_ENDPOINT / --endpoint",
+    "private": "see --private",
+    "license": "see --license",
+    "max_bytes": "see --max-bytes / --max-params",
+}
 
 #: Signals handled like Ctrl-C while a command runs.
 TERMINATING_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
@@ -70,13 +109,16 @@ def debug_enabled() -> bool:
 
 
 def exit_code_for(exc: BaseException) -> int:
-    """2 for bad usage or input (most :class:`MloraError`), 1 for everything else."""
-    if isinstance(exc, MloraError):
-        return exc.exit_code
-    for cls, code in BUILTIN_EXIT_CODES.items():
+    """The exit code of ``exc`` from :data:`EXIT_CODES`; 1 for anything not in the table."""
+    for cls, code in EXIT_CODES:
         if isinstance(exc, cls):
             return code
     return 1
+
+
+def flag_hint(exc: MloraError) -> str | None:
+    """The command-line hint for the library parameter ``exc.option`` names, if any."""
+    return FLAG_HINTS.get(exc.option) if exc.option else None
 
 
 def message_for(exc: BaseException) -> str:
@@ -85,6 +127,9 @@ def message_for(exc: BaseException) -> str:
 
     if isinstance(exc, MloraError):
         text = str(exc)
+        hint = flag_hint(exc)
+        if hint:
+            text = f"{text.rstrip('. ')}; {hint}" if isinstance(exc, OutputExistsError) else f"{text.rstrip('. ')} ({hint})"
     elif isinstance(exc, RecursionError):
         text = "an input file is nested too deeply to read (a JSON array or object thousands of levels deep); fix or re-create it"
     elif isinstance(exc, OSError) and disk_full_error(exc, exc.filename or ".") is not None:

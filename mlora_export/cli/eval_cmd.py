@@ -5,8 +5,18 @@ from __future__ import annotations
 import click
 
 from ..base import DTYPES
+from ..evaluation.scoring import METRICS
 from ._errors import handle_errors
-from ._options import BarProgress, RankList, echo_json, echo_table, force_option, json_option, maybe_torch_threads, threads_option
+from ._options import (
+    BarProgress,
+    RankList,
+    echo_json,
+    echo_table,
+    force_option,
+    json_option,
+    maybe_torch_threads,
+    threads_option,
+)
 
 
 def _fmt(x: float | None) -> str:
@@ -20,7 +30,7 @@ def _fmt(x: float | None) -> str:
               help='JSONL file: {"text": ...} or {"prompt": ..., "completion": ...} per line.')
 @click.option("--ranks", type=RankList(), default="all", show_default=True,
               help="Ranks for nested adapters, e.g. 1,2,4,8,16,32, or 'all' for each adapter's train ranks.")
-@click.option("--metric", type=click.Choice(["loss", "accuracy", "exact-match"]), default="loss", show_default=True,
+@click.option("--metric", type=click.Choice(list(METRICS)), default="loss", show_default=True,
               help="loss: completion/text NLL (lower is better); accuracy: next-token accuracy; exact-match: greedy generation equals the completion.")
 @click.option("--output", "-o", required=True, type=click.Path(path_type=str), help="Folder to create with results.json and rank_curve.png.")
 @click.option("--record", is_flag=True, help="Also store the numbers in each nested adapter's matryoshka_config.json (key 'evaluation').")
@@ -55,27 +65,20 @@ def eval_(
           --ranks 1,2,4,8,16,32 --metric exact-match --output ./eval
       mlora-export eval ./nested ./lora-grid --base-model ./my-model --data eval.jsonl --output ./cmp
     """
-    from ..errors import ConfigError
-    from ..evaluation import evaluate, plan_curves, record_entry, record_evaluation, recordable, write_results
+    from ..evaluation import evaluate, write_results
     from ..fs import check_output_path
 
     check_output_path(output, force)
-    if record and not any(recordable(c) for c in plan_curves(adapters, ranks)):
-        raise ConfigError("--record stores results in a nested adapter's matryoshka_config.json, but no ADAPTER is a nested adapter folder")
     with maybe_torch_threads(threads), BarProgress("evaluating", unit="rank") as bar:
         result = evaluate(
             list(adapters), base_model, data, ranks, metric=metric, batch_size=batch_size, max_new_tokens=max_new_tokens,
             tokenizer_dir=tokenizer_dir, dtype=dtype, device=device, with_base=with_base, max_examples=max_examples,
-            progress=bar,
+            record=record, progress=bar,
         )
     write_results(result, output, force=force)
-    recorded = []
-    if record:
-        for c in result.curves:
-            if recordable(c):
-                recorded.append(str(record_evaluation(c.path, record_entry(result, c))))
-            else:
-                click.echo(f"note: not recording for {c.label!r}: only nested adapter folders carry a matryoshka_config.json", err=True)
+    recorded = result.recorded
+    for label in result.not_recorded:
+        click.echo(f"note: not recording for {label!r}: only nested adapter folders carry a matryoshka_config.json", err=True)
     if as_json:
         echo_json({**result.to_dict(), "output": output, "recorded": recorded})
         return

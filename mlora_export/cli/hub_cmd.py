@@ -9,8 +9,16 @@ from typing import Any
 
 import click
 
+from ..units import human_bytes
 from ._errors import handle_errors
-from ._options import BarProgress, RankList, echo_json, echo_table, force_option, json_option
+from ._options import (
+    BarProgress,
+    RankList,
+    echo_json,
+    echo_table,
+    force_option,
+    json_option,
+)
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
           "kib": 1024, "mib": 1024**2, "gib": 1024**3}
@@ -49,13 +57,6 @@ class RankOrAuto(click.ParamType):
             self.fail(f"rank {k} must be at least 1", param, ctx)
         return k
 
-
-def _human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return str(n)
 
 
 def _bundle_options(func: Any) -> Any:
@@ -120,8 +121,8 @@ def bundle(adapter: str, output: str, ranks: Any, scale_mode: str, base_model: s
     if as_json:
         echo_json({"path": str(b.path), "ranks": [r.__dict__ for r in b.ranks], "files": [f.__dict__ for f in b.files], "bytes": b.total_bytes})
         return
-    echo_table(["rank", "folder", "params", "size"], [[r.rank, r.path + "/", r.params, _human(r.bytes)] for r in b.ranks])
-    click.echo(f"wrote {b.path} ({len(b.files) + 1} files, {_human(b.total_bytes)})")
+    echo_table(["rank", "folder", "params", "size"], [[r.rank, r.path + "/", r.params, human_bytes(r.bytes)] for r in b.ranks])
+    click.echo(f"wrote {b.path} ({len(b.files) + 1} files, {human_bytes(b.total_bytes)})")
 
 
 @click.command("push-hub")
@@ -152,7 +153,12 @@ def push_hub(source: str, repo_id: str, ranks: Any, scale_mode: str, base_model:
       mlora-export push-hub ./bundle --repo-id my-org/llama-1b-gsm8k-mlora --dry-run
     """
     from ..converters.hub.bundle import Bundle, is_bundle
-    from ..converters.hub.push import check_branch, check_repo_id, dry_run_listing, push_bundle
+    from ..converters.hub.push import (
+        check_branch,
+        check_repo_id,
+        dry_run_listing,
+        push_bundle,
+    )
 
     check_repo_id(repo_id)
     check_branch(revision)
@@ -177,9 +183,9 @@ def push_hub(source: str, repo_id: str, ranks: Any, scale_mode: str, base_model:
                 echo_json({"repo_id": repo_id, "revision": revision, "dry_run": True, "files": listing,
                            "bytes": sum(f["size"] for f in listing if "branch" not in f)})
                 return
-            echo_table(["file", "size"], [[f["path"], _human(f["size"])] for f in listing])
+            echo_table(["file", "size"], [[f["path"], human_bytes(f["size"])] for f in listing])
             click.echo(f"dry run: would push {sum('branch' not in f for f in listing)} files "
-                       f"({_human(sum(f['size'] for f in listing if 'branch' not in f))}) to {repo_id}@{revision}; nothing was sent")
+                       f"({human_bytes(sum(f['size'] for f in listing if 'branch' not in f))}) to {repo_id}@{revision}; nothing was sent")
             return
         result = push_bundle(b.path, repo_id, private=private, revision=revision, branches=branches, token=token,
                              endpoint=endpoint, commit_message=commit_message)
@@ -227,4 +233,4 @@ def pull(repo_id: str, rank: Any, output: str, revision: str, max_bytes: int | N
         echo_json(result.to_dict())
         return
     click.echo(f"rank {result.rank} of {repo_id} @ {result.commit[:10]} -> {result.path} "
-               f"({result.params:,} params, {_human(result.bytes)}; sha256 verified)")
+               f"({result.params:,} params, {human_bytes(result.bytes)}; sha256 verified)")

@@ -12,7 +12,17 @@ from collections.abc import Callable
 import click
 
 from .. import __version__
-from . import demo_cmd, eval_cmd, hub_cmd, inspect_cmd, merge_cmd, onnx_cmd, renest_cmd, slice_cmd, train_cmd
+from . import (
+    demo_cmd,
+    eval_cmd,
+    hub_cmd,
+    inspect_cmd,
+    merge_cmd,
+    onnx_cmd,
+    renest_cmd,
+    slice_cmd,
+    train_cmd,
+)
 from ._errors import flush_warnings, hold_warning
 
 

@@ -5,10 +5,19 @@ from __future__ import annotations
 import click
 
 from ..base import DTYPES
-from ..finetune import TrainSettings
 from ..method import TRAIN_METHODS
+from ..training.pipeline import TrainSettings
 from ._errors import handle_errors
-from ._options import BarProgress, RankList, echo_json, force_option, json_option, maybe_torch_threads, quiet_transformers_bars, threads_option
+from ._options import (
+    BarProgress,
+    RankList,
+    echo_json,
+    force_option,
+    json_option,
+    maybe_torch_threads,
+    quiet_transformers_bars,
+    threads_option,
+)
 
 
 @click.command("train")
@@ -54,7 +63,7 @@ def train(
       mlora-export train --base-model ./my-model --data train.jsonl \\
           --ranks 1,2,4,8,16,32 --output ./nested --max-steps 500
     """
-    from ..finetune import train as run_train
+    from ..training.pipeline import train as run_train
 
     targets: str | tuple[str, ...] = target_modules.strip()
     if targets != "all-linear":

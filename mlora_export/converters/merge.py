@@ -47,6 +47,7 @@ from ..errors import (
     InvalidAdapterError,
 )
 from ..fs import atomic_output_dir, check_free_space, check_output_path, read_json
+from ..progress import Progress
 from ..safetensors_io import (
     DTYPE_SIZES,
     SafetensorsHeader,
@@ -62,8 +63,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: ``progress(done, total)`` in bytes written; called from the library, drawn by the CLI.
-Progress = Callable[[int, int], None]
 
 #: ``--dtype`` values and their safetensors names.
 OUTPUT_DTYPES: dict[str, str] = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}

@@ -60,14 +60,19 @@ from ..adapter import (
 from ..errors import ConfigError, InvalidAdapterError, RankError
 from ..fs import atomic_output_dir, check_free_space, check_output_path
 from ..method import peft_alpha_for
-from ..safetensors_io import DTYPE_SIZES, SafetensorsHeader, TensorInfo, SafetensorsWriter, read_header
+from ..progress import Progress
+from ..safetensors_io import (
+    DTYPE_SIZES,
+    SafetensorsHeader,
+    SafetensorsWriter,
+    TensorInfo,
+    read_header,
+)
 from ..threads import blas_threads, worker_threads
 from ..validate import is_int, is_real
 
 logger = logging.getLogger(__name__)
 
-#: ``progress(done, total)`` in bytes of source tensors; called from the library's threads, one at a time.
-Progress = Callable[[int, int], None]
 
 #: Output dtypes by the names a user may give (torch's or safetensors').
 DTYPES: dict[str, str] = {
@@ -543,7 +548,7 @@ def renest_adapter(
     out_dtype = out_dtype or src.dtype
     if out_dtype is None:
         found = sorted({t.dtype for m in src.modules for t in (m.a, m.b)})
-        raise InvalidAdapterError(f"{src.weights}: LoRA tensors mix dtypes {found}; choose the output dtype (--dtype)")
+        raise InvalidAdapterError(f"{src.weights}: LoRA tensors mix dtypes {found}; choose the output dtype", option="dtype")
     source_rank = src.rank
     if max_rank is not None and max_rank > source_rank:
         raise RankError(f"max rank {max_rank} is outside [1, {source_rank}] for adapter {str(src.path)!r} (its largest rank is {source_rank})")

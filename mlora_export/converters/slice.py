@@ -17,7 +17,7 @@ import logging
 import os
 import queue
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +39,7 @@ from ..adapter import (
 from ..errors import ConfigError, InvalidAdapterError, OutputExistsError, RankError
 from ..fs import atomic_output_dir, check_free_space, check_output_path
 from ..method import peft_alpha_for
+from ..progress import Progress
 from ..safetensors_io import SafetensorsWriter
 from ..threads import worker_threads
 from ..validate import is_int
@@ -47,8 +48,6 @@ logger = logging.getLogger(__name__)
 
 ScaleMode = Literal["baked", "native"]
 SCALE_MODES: tuple[str, ...] = ("baked", "native")
-#: ``progress(done, total)`` in bytes; called from the library's threads (one at a time), drawn by the CLI.
-Progress = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
@@ -89,7 +88,7 @@ def resolve_ranks(adapter: NestedAdapter, ranks: Sequence[int] | str) -> tuple[i
         return tuple(adapter.config.train_ranks)
     out = tuple(sorted(set(ranks)))
     if not out:
-        raise RankError("no ranks requested: give e.g. --ranks 8,16 or --ranks all")
+        raise RankError("no ranks requested: give e.g. 8,16 or 'all'", option="ranks")
     _check_in_range(adapter, out)
     untrained = [k for k in out if k not in adapter.config.train_ranks]
     if untrained:

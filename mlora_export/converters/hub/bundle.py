@@ -26,15 +26,24 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ... import __version__
-from ...adapter import BUNDLE_MANIFEST_NAME, BUNDLE_NESTED_DIR, CONFIG_NAME, PEFT_CONFIG_NAME, WEIGHTS_NAME, NestedAdapter, write_json
+from ...adapter import (
+    BUNDLE_MANIFEST_NAME,
+    BUNDLE_NESTED_DIR,
+    CONFIG_NAME,
+    PEFT_CONFIG_NAME,
+    WEIGHTS_NAME,
+    NestedAdapter,
+    write_json,
+)
 from ...errors import IntegrityError, InvalidAdapterError, RankError
 from ...fs import atomic_output_dir, check_free_space, check_output_path
+from ...progress import Progress
+from ...provenance import created_by
 from ...validate import is_int
 from ..slice import check_scale_mode, resolve_ranks, write_slices
 from .card import check_license, hub_base_model, render_card
@@ -46,8 +55,6 @@ MANIFEST_NAME = BUNDLE_MANIFEST_NAME
 README_NAME = "README.md"
 NESTED_DIR = BUNDLE_NESTED_DIR
 ONNX_DIR = "onnx"
-#: ``progress(done, total)`` in bytes.
-Progress = Callable[[int, int], None]
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
@@ -370,7 +377,7 @@ def write_bundle(
         nested_files = _folder_files(tmp, NESTED_DIR)
         manifest: dict[str, Any] = {
             "format": BUNDLE_FORMAT,
-            "created_by": f"mlora-export {__version__}",
+            "created_by": created_by(),
             "base_model": hub_base,
             "task_type": nested.peft_config.get("task_type"),
             "dtype": nested.dtype,

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ...errors import ConfigError, ExportError
+from ...units import human_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -75,18 +76,12 @@ def check_license(license_id: str | None) -> str | None:
         return None
     if license_id not in HUB_LICENSES:
         raise ConfigError(
-            f"--license {license_id[:60]!r} is not a Hub license id; use one such as apache-2.0, mit or llama3.1, "
-            "or 'other' for a license the Hub does not list"
+            f"license {license_id[:60]!r} is not a Hub license id; use one such as apache-2.0, mit or llama3.1, "
+            "or 'other' for a license the Hub does not list",
+            option="license",
         )
     return license_id
 
-
-def _human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return f"{n} B"
 
 
 def vllm_max_lora_rank(k: int) -> int:
@@ -137,14 +132,14 @@ def render_card(manifest: Mapping[str, Any], *, repo_id: str | None = None, lice
         "|---:|---|---:|---:|" + "---:|" * len(metrics),
     ]
     for r in ranks:
-        row = f"| {r['rank']} | `{r['path']}/` | {r['params']:,} | {_human(r['bytes'])} |"
+        row = f"| {r['rank']} | `{r['path']}/` | {r['params']:,} | {human_bytes(r['bytes'])} |"
         for m in metrics:
             v = (r.get("metrics") or {}).get(m)
             row += f" {v:.4g} |" if isinstance(v, (int, float)) else " – |"
         lines.append(row)
     nested = manifest["nested"]
     lines += [
-        f"| {cfg['max_rank']} (nested) | `{nested['path']}/` | {nested['params']:,} | {_human(nested['bytes'])} |" + " |" * len(metrics),
+        f"| {cfg['max_rank']} (nested) | `{nested['path']}/` | {nested['params']:,} | {human_bytes(nested['bytes'])} |" + " |" * len(metrics),
         "",
     ]
     for name, ev in (manifest.get("evaluation") or {}).items():

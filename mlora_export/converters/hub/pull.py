@@ -25,11 +25,17 @@ from pathlib import Path
 from typing import Any
 
 from ...adapter import CONFIG_NAME, NestedAdapter, write_json
-from ...errors import ConfigError, HubError, InvalidAdapterError, RankError, RemoteIntegrityError
+from ...errors import (
+    ConfigError,
+    HubError,
+    InvalidAdapterError,
+    RankError,
+    RemoteIntegrityError,
+)
 from ...fs import atomic_output_dir, check_output_path, read_json
+from ...validate import is_int
 from .bundle import MANIFEST_NAME, BundleRank, check_file, check_manifest, pick_rank
 from .remote import check_repo_id, hub_errors, make_api, resolve_endpoint
-from ...validate import is_int
 
 logger = logging.getLogger(__name__)
 
@@ -71,10 +77,10 @@ def choose_rank(ranks: list[BundleRank], rank: int | str, max_bytes: int | None,
         chosen = pick_rank(ranks, max_bytes, max_params)
         if chosen is None:
             smallest = min(ranks, key=lambda r: r.rank) if ranks else None
-            limits = " and ".join(x for x in (f"--max-bytes {max_bytes}" if max_bytes is not None else "",
-                                              f"--max-params {max_params}" if max_params is not None else "") if x)
+            limits = " and ".join(x for x in (f"max bytes {max_bytes}" if max_bytes is not None else "",
+                                              f"max params {max_params}" if max_params is not None else "") if x)
             detail = f"; the smallest, rank {smallest.rank}, has {smallest.bytes} bytes and {smallest.params} parameters" if smallest else ""
-            raise RankError(f"no rank of {repo_id!r} fits {limits}{detail}; raise the limit")
+            raise RankError(f"no rank of {repo_id!r} fits {limits}{detail}; raise the limit", option="max_bytes")
         return chosen
     for r in ranks:
         if r.rank == rank:
@@ -109,14 +115,14 @@ def pull_rank(
 
     check_repo_id(repo_id, require_namespace=False, option="repo id")
     if not revision or not revision.strip():
-        raise ConfigError("--revision is empty; give a branch, tag or commit (default: main)")
+        raise ConfigError("the revision is empty; give a branch, tag or commit (default: main)", option="revision")
     if rank == "auto":
         if max_bytes is None and max_params is None:
-            raise ConfigError("--rank auto needs --max-bytes and/or --max-params to choose the largest rank that fits")
+            raise ConfigError("rank 'auto' needs a byte and/or parameter limit to choose the largest rank that fits", option="max_bytes")
     elif not is_int(rank) or rank < 1:
-        raise ConfigError(f"--rank must be a positive integer or 'auto', got {rank!r}")
-    _check_limit("--max-bytes", max_bytes)
-    _check_limit("--max-params", max_params)
+        raise ConfigError(f"rank must be a positive integer or 'auto', got {rank!r}", option="rank")
+    _check_limit("max bytes", max_bytes)
+    _check_limit("max params", max_params)
     check_output_path(output, force)
     url_endpoint = resolve_endpoint(endpoint)
     api = make_api(endpoint, token)

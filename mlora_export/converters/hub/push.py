@@ -122,9 +122,9 @@ def check_branch(revision: str) -> str:
             valid branch name (``../../x``, ``a..b``, ``-x``, ``x.lock``, spaces…).
     """
     if not revision or not revision.strip() or re.fullmatch(r"[0-9a-fA-F]{40}", revision):
-        raise ConfigError(f"--revision {revision!r} is not a branch name; push-hub commits to a branch (e.g. main or dev), not to a commit")
+        raise ConfigError(f"revision {revision!r} is not a branch name; a push commits to a branch (e.g. main or dev), not to a commit", option="revision")
     if len(revision) > 200 or not _BRANCH_RE.fullmatch(revision):
-        raise ConfigError(f"--revision {revision[:60]!r} is not a valid branch name; use letters, digits and . _ - / (e.g. main, dev, exp/r8), no '..'")
+        raise ConfigError(f"revision {revision[:60]!r} is not a valid branch name; use letters, digits and . _ - / (e.g. main, dev, exp/r8), no '..'", option="revision")
     return revision
 
 
@@ -157,8 +157,9 @@ def ensure_repo(api: "HfApi", repo_id: str, private: bool) -> str:
             raise e from None
     if private and not info.private:
         raise ConfigError(
-            f"--private was given but {repo_id!r} already exists and is public; make it private on the Hub first, "
-            "or push without --private to publish there"
+            f"a private repository was asked for but {repo_id!r} already exists and is public; make it private on the Hub first, "
+            "or push without asking for a private one to publish there",
+            option="private",
         )
     return f"{api.endpoint.rstrip('/')}/{repo_id}"
 

@@ -38,7 +38,7 @@ def resolve_endpoint(endpoint: str | None) -> str:
     return value.rstrip("/")
 
 
-def check_repo_id(repo_id: str, *, require_namespace: bool = True, option: str = "--repo-id") -> str:
+def check_repo_id(repo_id: str, *, require_namespace: bool = True, option: str = "repo id") -> str:
     """Validate a Hub repo id (``namespace/name``; ``name`` alone when ``require_namespace`` is false) before any I/O.
 
     Raises:
@@ -102,19 +102,20 @@ def hub_errors(action: str, repo_id: str, endpoint: str, revision: str | None = 
         RevisionNotFoundError,
     )
 
-    login_hint = "log in with `hf auth login`, set HF_TOKEN or pass --token"
+    login_hint = "log in with `hf auth login` or set HF_TOKEN"
     try:
         yield
     except HubError:
         raise
     except RevisionNotFoundError as e:
-        raise HubError(f"{action}: revision {revision!r} not found in {repo_id!r} on {endpoint}; check --revision (a branch, tag or commit)") from e
+        raise HubError(f"{action}: revision {revision!r} not found in {repo_id!r} on {endpoint}; check the revision (a branch, tag or commit)", option="revision") from e
     except GatedRepoError as e:
-        raise HubError(f"{action}: {repo_id!r} on {endpoint} is gated; request access on its page, then {login_hint}") from e
+        raise HubError(f"{action}: {repo_id!r} on {endpoint} is gated; request access on its page, then {login_hint}", option="token") from e
     except RepositoryNotFoundError as e:
         raise HubError(
             f"{action}: repository {repo_id!r} not found on {endpoint}, or it is private and "
-            f"{'your token cannot read it' if _has_auth(e) else 'no token was sent'}; check --repo-id, or {login_hint}"
+            f"{'your token cannot read it' if _has_auth(e) else 'no token was sent'}; check the repo id, or {login_hint}",
+            option="token",
         ) from e
     except RemoteEntryNotFoundError as e:
         raise HubError(f"{action}: a file is missing in {repo_id!r} on {endpoint} ({_server_message(e) or 'entry not found'}); the bundle there is incomplete") from e
@@ -122,9 +123,9 @@ def hub_errors(action: str, repo_id: str, endpoint: str, revision: str | None = 
         status = e.response.status_code if getattr(e, "response", None) is not None else None
         server = _server_message(e)
         if status == 401 and not _has_auth(e):
-            raise HubError(f"{action}: the Hub at {endpoint} needs a token for this (401{': ' + server if server else ''}); {login_hint}") from e
+            raise HubError(f"{action}: the Hub at {endpoint} needs a token for this (401{': ' + server if server else ''}); {login_hint}", option="token") from e
         if status == 401:
-            raise HubError(f"{action}: the Hub at {endpoint} rejected the token (401{': ' + server if server else ''}); it is invalid or expired: {login_hint}") from e
+            raise HubError(f"{action}: the Hub at {endpoint} rejected the token (401{': ' + server if server else ''}); it is invalid or expired: {login_hint}", option="token") from e
         if status == 403:
             raise HubError(
                 f"{action}: permission denied for {repo_id!r} on {endpoint} (403{': ' + server if server else ''}); "
@@ -132,9 +133,9 @@ def hub_errors(action: str, repo_id: str, endpoint: str, revision: str | None = 
             ) from e
         raise HubError(f"{action}: the Hub at {endpoint} answered HTTP {status} for {repo_id!r}{': ' + server if server else ''}") from e
     except (OfflineModeIsEnabled, LocalEntryNotFoundError) as e:
-        raise HubError(f"{action}: cannot reach the Hub at {endpoint} ({_one_line(e, 160)}); check the network, HF_HUB_OFFLINE and HF_ENDPOINT/--endpoint") from e
+        raise HubError(f"{action}: cannot reach the Hub at {endpoint} ({_one_line(e, 160)}); check the network, HF_HUB_OFFLINE and the endpoint", option="endpoint") from e
     except _transport_errors() as e:
-        raise HubError(f"{action}: cannot reach the Hub at {endpoint} ({type(e).__name__}: {_one_line(e, 160)}); check the network and HF_ENDPOINT/--endpoint") from e
+        raise HubError(f"{action}: cannot reach the Hub at {endpoint} ({type(e).__name__}: {_one_line(e, 160)}); check the network and the endpoint", option="endpoint") from e
     except RuntimeError as e:
         # huggingface_hub wraps LFS upload failures: RuntimeError("Error while uploading 'x' to the Hub.") from cause
         if "uploading" in str(e) and e.__cause__ is not None:

@@ -18,28 +18,39 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ... import __version__
 from ...adapter import NestedAdapter
 from ...base import check_fits, check_float_targets, scan_base
 from ...errors import ConfigError, ExportError, RankError
 from ...fs import atomic_output_dir, check_free_space, check_output_path
+from ...progress import Progress
+from ...provenance import created_by
+from ...validate import is_int
 from .graph import (
     DEFAULT_OPSET,
     EXTERNAL_DATA_BYTES,
-    build_export_model,
     adapter_input_names,
+    build_export_model,
     export_graph,
     load_export_model,
     param_bytes,
 )
-from .ort_adapter import add_empty_defaults, adapter_file_name, write_ort_adapter
-from .verify import ATOL, RTOL, RankCheck, check_provider, compare, make_session, reference_logits, run_adapter, run_rank, sample_inputs
-from ...validate import is_int
+from .ort_adapter import adapter_file_name, add_empty_defaults, write_ort_adapter
+from .verify import (
+    ATOL,
+    RTOL,
+    RankCheck,
+    check_provider,
+    compare,
+    make_session,
+    reference_logits,
+    run_adapter,
+    run_rank,
+    sample_inputs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +62,6 @@ MIN_OPSET = 14
 #: Highest opset that exports, passes onnx.checker and runs (torch 2.13's exporter, onnx 1.23, ORT 1.32):
 #: from 26 on, the exporter's version conversion leaves ops that onnx.checker rejects.
 MAX_OPSET = 25
-#: ``progress(done, total)`` in steps; called from the library, drawn by the CLI.
-Progress = Callable[[int, int], None]
 
 
 @dataclass
@@ -94,18 +103,18 @@ class OnnxExportResult:
 
 
 def resolve_kind(rank: int | None, merged: bool, adapters_per_rank: bool) -> str:
-    """The export kind from the command-line flags.
+    """The export kind from the options: a rank, merged, one adapter file per rank.
 
     Raises:
-        ConfigError: ``--merged`` without ``--rank``, or ``--adapters-per-rank`` with ``--rank``/``--merged``.
+        ConfigError: ``merged`` without ``rank``, or ``adapters_per_rank`` with ``rank``/``merged``.
     """
     if adapters_per_rank:
         if rank is not None or merged:
-            raise ConfigError("--adapters-per-rank writes one adapter file per train rank; do not combine it with --rank or --merged")
+            raise ConfigError("one adapter file per train rank cannot be combined with a fixed rank or a merged export", option="adapters_per_rank")
         return "adapters"
     if merged:
         if rank is None:
-            raise ConfigError("--merged needs --rank K: the rank whose delta is merged into the base weights")
+            raise ConfigError("a merged export needs a rank: the rank whose delta is merged into the base weights", option="merged")
         return "merged"
     return "fixed" if rank is not None else "dynamic"
 
@@ -120,7 +129,7 @@ def check_opset(opset: int) -> int:
 
     top = min(MAX_OPSET, onnx.defs.onnx_opset_version())
     if not is_int(opset) or not MIN_OPSET <= opset <= top:
-        raise ConfigError(f"--opset {opset!r} is not supported: expected an integer in [{MIN_OPSET}, {top}] (default {DEFAULT_OPSET})")
+        raise ConfigError(f"opset {opset!r} is not supported: expected an integer in [{MIN_OPSET}, {top}] (default {DEFAULT_OPSET})", option="opset")
     return opset
 
 
@@ -164,7 +173,8 @@ def export_onnx(
     nested = adapter if isinstance(adapter, NestedAdapter) else NestedAdapter.load(adapter)
     if rank is not None:
         if not is_int(rank) or not 1 <= rank <= nested.max_rank:
-            raise RankError(f"--rank {rank!r} is outside [1, {nested.max_rank}] for adapter {str(nested.path)!r}; its train ranks are {list(nested.config.train_ranks)}")
+            raise RankError(f"rank {rank!r} is outside [1, {nested.max_rank}] for adapter {str(nested.path)!r}; its train ranks are {list(nested.config.train_ranks)}",
+                            rank=rank, option="rank")
         nested.check_rank(rank)
     if verify:
         check_provider(provider)
@@ -206,7 +216,7 @@ def export_onnx(
             onnx.checker.check_model(str(path))
         except Exception as e:  # noqa: BLE001 - onnx raises several types
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ExportError(f"the exported model fails onnx.checker ({first}); try another --opset (default {DEFAULT_OPSET})") from e
+            raise ExportError(f"the exported model fails onnx.checker ({first}); try another opset (default {DEFAULT_OPSET})", option="opset") from e
         tick("onnx.checker passed")
         files: dict[int, str] = {}
         if adapter_ranks:
@@ -237,7 +247,8 @@ def export_onnx(
                 raise ExportError(
                     "ONNX Runtime disagrees with PyTorch: "
                     + ", ".join(f"rank {c.rank} max abs diff {c.max_abs_diff:.3g} > {c.tolerance:.3g}" for c in bad)
-                    + f" ({provider}); nothing was written. Try another --opset, or report this with MLORA_DEBUG=1 -vv"
+                    + f" ({provider}); nothing was written. Try another opset, or report this with MLORA_DEBUG=1 -vv",
+                    option="opset",
                 )
         result.seconds = time.perf_counter() - t0
         info = {
@@ -254,7 +265,7 @@ def export_onnx(
                 "scaling": nested.config.scaling, "alpha": nested.config.alpha, "method": nested.config.method,
             },
             "base_model": str(base_model),
-            "created_by": f"mlora-export {__version__}",
+            "created_by": created_by(),
         }
         with open(tmp / INFO_NAME, "w", encoding="utf-8") as f:
             json.dump(info, f, indent=2)

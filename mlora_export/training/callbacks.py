@@ -1,5 +1,5 @@
-"""``transformers.Trainer`` callbacks for nested adapters (imports transformers; kept apart so that
-``import mlora_export.training`` stays light)."""
+"""``transformers.Trainer`` callbacks for nested adapters (imports transformers at import: kept apart, and
+loaded lazily by :mod:`mlora_export.training`, so that importing the package stays light)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from transformers import TrainerCallback
 if TYPE_CHECKING:
     from transformers import TrainerControl, TrainerState, TrainingArguments
 
-    from .training import NestedLoraModel
+    from .model import NestedLoraModel
 
 logger = logging.getLogger(__name__)
 

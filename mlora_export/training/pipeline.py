@@ -2,7 +2,7 @@
 
 :func:`train` loads the base model (local folder, safetensors only, never a pickle), puts a nested
 adapter on it (:func:`~mlora_export.training.add_nested_adapter`), trains it with a stock
-``transformers.Trainer`` plus :class:`~mlora_export.callbacks.NestedRankCallback`, and writes the
+``transformers.Trainer`` plus :class:`~mlora_export.training.callbacks.NestedRankCallback`, and writes the
 nested adapter format (DESIGN.md §2) atomically.
 
 It runs unchanged under ``torchrun``/``accelerate launch``: ``Trainer`` wraps the model in
@@ -19,22 +19,21 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .adapter import MatryoshkaConfig
-from .base import DTYPES, check_base_model_dir, load_base_model, load_tokenizer
-from .errors import ConfigError, ExportError
-from .fs import check_output_path
-from .method import check_method
-from .validate import is_finite_real, is_int
+from ..adapter import MatryoshkaConfig
+from ..base import DTYPES, check_base_model_dir, load_base_model, load_tokenizer
+from ..errors import ConfigError, ExportError
+from ..fs import check_output_path
+from ..method import check_method
+from ..progress import Progress
+from ..validate import is_finite_real, is_int
 
 logger = logging.getLogger(__name__)
 
-#: ``progress(done_steps, total_steps)``, called on the main process after each optimisation step.
-Progress = Callable[[int, int], None]
 
 @dataclass(frozen=True)
 class TrainSettings:
@@ -90,7 +89,7 @@ class TrainSettings:
         """
         cfg = self.nested_config()
         if self.max_steps is None and self.epochs is None:
-            raise ConfigError("give a number of epochs or --max-steps")
+            raise ConfigError("give a number of epochs or a number of steps (max_steps)", option="max_steps")
         if self.max_steps is not None and (not is_int(self.max_steps) or self.max_steps < 1):
             raise ConfigError(f"max steps must be a positive integer, got {self.max_steps!r}")
         if self.max_steps is None and (not isinstance(self.epochs, (int, float)) or not math.isfinite(self.epochs) or self.epochs <= 0):
@@ -192,7 +191,7 @@ def heldout_loss(model: Any, features: Sequence[dict[str, list[int]]], pad_token
     """Mean cross-entropy per supervised token (labels ≠ -100) of ``model`` on tokenised ``features``."""
     import torch
 
-    from .data import IGNORE_INDEX, CompletionCollator
+    from ..data import IGNORE_INDEX, CompletionCollator
 
     collate = CompletionCollator(pad_token_id)
     device = next(model.parameters()).device
@@ -234,7 +233,7 @@ def train(
         BaseModelError: the base folder is missing, pickle-only or unloadable.
         DataError: the data file is missing or malformed (the message names the line).
     """
-    from .data import CompletionCollator, load_jsonl, tokenize_examples
+    from ..data import CompletionCollator, load_jsonl, tokenize_examples
 
     # every check that needs no torch first: a bad argument or file is reported in a blink
     settings = settings or TrainSettings()
@@ -248,7 +247,7 @@ def train(
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from .callbacks import NestedRankCallback, StepProgressCallback
-    from .training import add_nested_adapter
+    from .model import add_nested_adapter
 
     tokenizer = load_tokenizer(base)
     features = tokenize_examples(examples, tokenizer, settings.max_length, source=str(data_path))
@@ -367,4 +366,4 @@ def train(
     )
 
 
-__all__ = ["TrainResult", "TrainSettings", "check_base_model_dir", "heldout_loss", "load_base_model", "load_tokenizer", "train"]
+__all__ = ["TrainResult", "TrainSettings", "heldout_loss", "train"]

@@ -57,11 +57,17 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .adapter import MatryoshkaConfig, NestedAdapter, save_nested
-from .errors import ConfigError, RankError
-from .fs import atomic_output_dir
-from .method import PER_EXAMPLE_METHODS, check_method, example_ranks, rank_diagonal, training_diagonal
-from .validate import is_int
+from ..adapter import MatryoshkaConfig, NestedAdapter, save_nested
+from ..errors import ConfigError, RankError
+from ..fs import atomic_output_dir
+from ..method import (
+    PER_EXAMPLE_METHODS,
+    check_method,
+    example_ranks,
+    rank_diagonal,
+    training_diagonal,
+)
+from ..validate import is_int
 
 if TYPE_CHECKING:
     import torch
@@ -130,7 +136,7 @@ class NestedLoraModel:
         import torch
         from peft.tuners.lora import LoraLayer
 
-        from .method import peft_alpha_for
+        from ..method import peft_alpha_for
 
         self.model = model
         self.config = config
@@ -325,7 +331,7 @@ class NestedLoraModel:
         return Path(path)
 
     def callback(self) -> Any:
-        """A :class:`~mlora_export.callbacks.NestedRankCallback` for ``transformers.Trainer``."""
+        """A :class:`~mlora_export.training.callbacks.NestedRankCallback` for ``transformers.Trainer``."""
         from .callbacks import NestedRankCallback
 
         return NestedRankCallback(self)
@@ -450,7 +456,10 @@ def _target_kinds(model: Any, targets: str | list[str], task_type: str | None, l
     """
     import torch
     from peft import LoraConfig
-    from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_target_module_exists
+    from peft.tuners.tuners_utils import (
+        _maybe_include_all_linear_layers,
+        check_target_module_exists,
+    )
     from transformers.pytorch_utils import Conv1D
 
     select = {k: v for k, v in (lora_kwargs or {}).items() if k in ("exclude_modules", "layers_to_transform", "layers_pattern")}
@@ -500,11 +509,3 @@ def load_nested_adapter(
     handle.set_rank(nested.max_rank)
     return handle
 
-
-def __getattr__(name: str) -> Any:
-    # NestedRankCallback subclasses transformers.TrainerCallback: import transformers only when asked.
-    if name == "NestedRankCallback":
-        from .callbacks import NestedRankCallback
-
-        return NestedRankCallback
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,181 @@
+"""Running an evaluation: the base loaded once, every adapter put on it and scored at its ranks."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..base import (
+    check_base_model_dir,
+    check_device,
+    check_dtype,
+    check_fits,
+    load_base_model,
+    load_tokenizer,
+)
+from ..errors import (
+    ConfigError,
+    DataError,
+)
+from ..method import aurac
+from ..progress import Progress
+from ..provenance import created_by
+from ..validate import is_int
+from .data import EvalData, load_eval_data
+from .plan import Curve, plan_curves
+from .scoring import RankScore, check_metric, score_model
+
+logger = logging.getLogger(__name__)
+
+#: The ``format`` of ``results.json`` (:meth:`EvalResult.to_dict`).
+RESULTS_FORMAT = "mlora-eval/1"
+
+# -- the base model ----------------------------------------------------------------------------
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _max_positions(base_model_dir: str | os.PathLike[str]) -> int | None:
+    try:
+        cfg = json.loads((Path(base_model_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # load_base_model reports it
+    value = cfg.get("max_position_embeddings") or cfg.get("n_positions")
+    return int(value) if isinstance(value, int) else None
+
+
+# -- evaluate ----------------------------------------------------------------------------------
+@dataclass
+class EvalResult:
+    """Everything one evaluation produced; :meth:`to_dict` is the ``results.json`` content."""
+
+    metric: str
+    curves: list[Curve]
+    data: EvalData
+    base_model: str
+    base: RankScore | None = None
+    seconds: float = 0.0
+    #: ``matryoshka_config.json`` files the results were recorded in (``record=True``), and the
+    #: labels of curves that could not carry them (not one nested adapter folder).
+    recorded: list[str] = field(default_factory=list)
+    not_recorded: list[str] = field(default_factory=list)
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.metric != "loss"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": RESULTS_FORMAT,
+            "metric": self.metric,
+            "higher_is_better": self.higher_is_better,
+            "data": self.data.describe(),
+            "base_model": self.base_model,
+            "base": self.base.to_dict() if self.base else None,
+            "adapters": [c.to_dict() for c in self.curves],
+            "seconds": self.seconds,
+            "created_by": created_by(),
+        }
+
+
+def evaluate(
+    adapters: Sequence[str | os.PathLike[str]],
+    base_model_dir: str | os.PathLike[str],
+    data_path: str | os.PathLike[str],
+    ranks: Sequence[int] | str = "all",
+    *,
+    metric: str = "loss",
+    batch_size: int = 16,
+    max_new_tokens: int | None = None,
+    tokenizer_dir: str | os.PathLike[str] | None = None,
+    dtype: str = "auto",
+    device: str | None = None,
+    with_base: bool = False,
+    max_examples: int | None = None,
+    record: bool = False,
+    progress: Progress | None = None,
+) -> EvalResult:
+    """Evaluate every adapter at every rank on ``data_path``; per-rank scores and AURAC v1/v2 per curve.
+
+    All inputs are validated before the base model is loaded. The base is loaded once; each adapter
+    is put on it, evaluated at its ranks by switching the rank in place, and unloaded again.
+    ``with_base`` also scores the base model alone (rank 0; not part of AURAC). ``record`` stores
+    each nested adapter's curve in its ``matryoshka_config.json`` (``evaluation[<metric>]``, see
+    :func:`~.report.record_evaluation`); curves of other adapters are listed in ``not_recorded``.
+
+    Raises:
+        ConfigError, RankError, InvalidAdapterError, DataError, BaseModelError,
+        BaseModelMismatchError: bad inputs (see the helpers above); ``record`` with no nested
+            adapter folder among ``adapters`` (ConfigError).
+    """
+    from ..training import load_nested_adapter
+    from .report import record_entry, record_evaluation
+
+    check_metric(metric)
+    if not is_int(batch_size) or batch_size < 1:
+        raise ConfigError(f"batch size must be a positive integer, got {batch_size!r}")
+    if max_new_tokens is not None and (not is_int(max_new_tokens) or max_new_tokens < 1):
+        raise ConfigError(f"max new tokens must be a positive integer, got {max_new_tokens!r}")
+    t0 = time.perf_counter()
+    curves = plan_curves(adapters, ranks)
+    if record and not any(c.recordable for c in curves):
+        raise ConfigError(
+            "recording stores results in a nested adapter's matryoshka_config.json, but no adapter given is a nested adapter folder",
+            option="record",
+        )
+    check_dtype(dtype)
+    device = check_device(device) if device is not None else None
+    check_base_model_dir(base_model_dir)
+    tokenizer = load_tokenizer(tokenizer_dir if tokenizer_dir is not None else base_model_dir, hint="save one there or give a tokenizer folder", option="tokenizer_dir")
+    max_len = _max_positions(base_model_dir)
+    data = load_eval_data(data_path, tokenizer, max_length=max_len, max_examples=max_examples)  # before loading weights
+    if metric == "exact-match" and data.kind != "prompt-completion":
+        raise DataError(f"{data.path}: exact-match needs {{\"prompt\", \"completion\"}} records, the file has {{\"text\"}} records; use metric loss or accuracy", option="metric")
+    model = load_base_model(base_model_dir, dtype, device=device or _default_device())
+    for c in curves:
+        for a, _ in c.members:
+            check_fits(a, model, base=str(base_model_dir))
+    total = sum(len(ks) for c in curves for _, ks in c.members) + int(with_base)
+    done = 0
+    kw = {"metric": metric, "batch_size": batch_size, "max_new_tokens": max_new_tokens}
+    base_score = None
+    if with_base:
+        base_score = score_model(model, tokenizer, data, rank=0, **kw)
+        done += 1
+        if progress:
+            progress(done, total)
+    for c in curves:
+        for adapter, ks in c.members:
+            handle = load_nested_adapter(model, adapter)
+            try:
+                for k in ks:
+                    handle.set_rank(k)
+                    point = score_model(handle.model, tokenizer, data, rank=k, **kw)
+                    point.adapter = str(adapter.path)
+                    c.points.append(point)
+                    logger.info("%s rank %d: %s = %.6g", c.label, k, metric, point.score)
+                    done += 1
+                    if progress:
+                        progress(done, total)
+            finally:
+                handle.remove()
+                model = handle.model.unload()
+        c.aurac = aurac([p.rank for p in c.points], [p.score for p in c.points])
+    result = EvalResult(metric, curves, data, str(base_model_dir), base_score, time.perf_counter() - t0)
+    if record:
+        for c in curves:
+            if c.recordable:
+                result.recorded.append(str(record_evaluation(c.path, record_entry(result, c))))
+            else:
+                result.not_recorded.append(c.label)
+    return result
+
+

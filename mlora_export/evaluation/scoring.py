@@ -1,0 +1,171 @@
+"""Scoring one model at one rank: teacher-forced loss and token accuracy, greedy exact match."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from ..errors import (
+    ConfigError,
+    DataError,
+)
+from .data import EvalData, EvalExample
+
+logger = logging.getLogger(__name__)
+
+METRICS: tuple[str, ...] = ("loss", "accuracy", "exact-match")
+
+
+# -- scoring one model -------------------------------------------------------------------------
+@dataclass
+class RankScore:
+    """The numbers of one adapter at one rank (``rank = 0``: the base model without adapter)."""
+
+    rank: int
+    score: float
+    loss: float
+    perplexity: float
+    token_accuracy: float
+    exact_match: float | None
+    examples: int
+    target_tokens: int
+    seconds: float
+    adapter: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _batches(examples: Sequence[EvalExample], batch_size: int) -> list[list[EvalExample]]:
+    order = sorted(examples, key=lambda e: len(e.input_ids))  # similar lengths → little padding
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def teacher_forced(model: Any, data: EvalData, *, batch_size: int = 16, pad_id: int = 0) -> tuple[float, int, int]:
+    """Sum of next-token NLL, number of scored tokens and number of argmax hits over ``data``.
+
+    Batches are right-padded (pads masked out of attention and scoring), computed in float32.
+    """
+    import torch
+
+    device = next(model.parameters()).device
+    nll_sum, n_tok, n_hit = 0.0, 0, 0
+    with torch.inference_mode():
+        for batch in _batches(data.examples, batch_size):
+            width = max(len(e.input_ids) for e in batch)
+            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            att = torch.zeros((len(batch), width), dtype=torch.long)
+            score = torch.zeros((len(batch), width), dtype=torch.bool)
+            for i, e in enumerate(batch):
+                n = len(e.input_ids)
+                ids[i, :n] = torch.tensor(e.input_ids)
+                att[i, :n] = 1
+                score[i, e.first_target : n] = True
+            ids, att, score = ids.to(device), att.to(device), score.to(device)
+            logits = model(input_ids=ids, attention_mask=att).logits[:, :-1].float()
+            targets = ids[:, 1:]
+            mask = score[:, 1:]
+            logp = torch.log_softmax(logits, dim=-1)
+            nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+            nll_sum += float(nll[mask].double().sum())
+            n_tok += int(mask.sum())
+            n_hit += int((logits.argmax(-1) == targets)[mask].sum())
+    return nll_sum, n_tok, n_hit
+
+
+def greedy_completions(
+    model: Any, tokenizer: Any, data: EvalData, *, batch_size: int = 16, max_new_tokens: int | None = None
+) -> list[str]:
+    """Greedy completion text of every example's prompt (in data order), stopped at EOS or the token budget.
+
+    The budget is ``max_new_tokens`` or, when ``None``, the token length of the example's reference
+    completion (EOS not counted).
+    """
+    import torch
+
+    if data.kind != "prompt-completion":
+        raise DataError(f"{data.path}: exact-match needs {{\"prompt\", \"completion\"}} records, the file has {{\"text\"}} records; use metric loss or accuracy", option="metric")
+    device = next(model.parameters()).device
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
+    index = {id(e): i for i, e in enumerate(data.examples)}
+    out: list[str] = [""] * len(data.examples)
+    with torch.inference_mode():
+        for batch in _batches(data.examples, batch_size):
+            prompts = [e.input_ids[: e.first_target] for e in batch]
+            budgets = [max_new_tokens if max_new_tokens is not None else e.completion_tokens for e in batch]
+            width = max(len(p) for p in prompts)
+            ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            att = torch.zeros((len(batch), width), dtype=torch.long)
+            for i, p in enumerate(prompts):  # left padding: every prompt ends at the same column
+                ids[i, width - len(p) :] = torch.tensor(p)
+                att[i, width - len(p) :] = 1
+            gen = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=att.to(device),
+                max_new_tokens=max(budgets),
+                min_new_tokens=0,
+                do_sample=False,
+                num_beams=1,
+                pad_token_id=pad,
+                eos_token_id=eos,
+            )
+            new = gen[:, width:].tolist()
+            for e, toks, budget in zip(batch, new, budgets):
+                toks = toks[:budget]
+                if eos is not None and eos in toks:
+                    toks = toks[: toks.index(eos)]
+                out[index[id(e)]] = tokenizer.decode(toks, skip_special_tokens=True)
+    return out
+
+
+def score_model(
+    model: Any,
+    tokenizer: Any,
+    data: EvalData,
+    *,
+    metric: str = "loss",
+    batch_size: int = 16,
+    max_new_tokens: int | None = None,
+    rank: int = 0,
+) -> RankScore:
+    """Evaluate one model (a base model, a ``PeftModel``, a nested adapter at some rank) on ``data``.
+
+    Returns loss, perplexity and token accuracy (always) and exact-match (for ``metric="exact-match"``).
+    """
+    check_metric(metric)
+    t0 = time.perf_counter()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    nll, n_tok, n_hit = teacher_forced(model, data, batch_size=batch_size, pad_id=pad)
+    loss = nll / n_tok
+    acc = n_hit / n_tok
+    em: float | None = None
+    if metric == "exact-match":
+        preds = greedy_completions(model, tokenizer, data, batch_size=batch_size, max_new_tokens=max_new_tokens)
+        hits = sum(p.strip() == (e.completion or "").strip() for p, e in zip(preds, data.examples))
+        em = hits / len(data.examples)
+    score = {"loss": loss, "accuracy": acc, "exact-match": em}[metric]
+    return RankScore(
+        rank=rank,
+        score=float(score),  # type: ignore[arg-type]
+        loss=loss,
+        perplexity=math.exp(min(loss, 700.0)),
+        token_accuracy=acc,
+        exact_match=em,
+        examples=len(data.examples),
+        target_tokens=n_tok,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def check_metric(metric: str) -> str:
+    """Return ``metric`` if known; raise :class:`ConfigError` otherwise."""
+    if metric not in METRICS:
+        raise ConfigError(f"unknown metric {metric!r}: expected one of {', '.join(METRICS)}")
+    return metric
+
+
