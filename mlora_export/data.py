@@ -7,8 +7,7 @@ A data file has one JSON object per line, either
   the prompt tokens and on padding).
 
 Other keys are ignored; blank lines are skipped. Every problem is a :class:`DataError` that names
-the file and the line. The package ships a small task (``mlora_export/data/*.jsonl``) used by the
-demo: :func:`builtin_dataset_path`.
+the file and the line. (The small task the demo trains on ships in :mod:`mlora_export.demo`.)
 """
 
 from __future__ import annotations
@@ -30,8 +29,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-#: The task shipped with the package (see :func:`builtin_dataset_path`).
-BUILTIN_TASK = "sort"
 
 
 @dataclass(frozen=True)
@@ -46,18 +43,6 @@ class Example:
     @property
     def is_completion(self) -> bool:
         return self.completion is not None
-
-
-def builtin_dataset_path(split: str = "train", task: str = BUILTIN_TASK) -> Path:
-    """Path of a JSONL file shipped with the package: ``mlora_export/data/{task}-{split}.jsonl``.
-
-    Raises:
-        DataError: no such split or task in the package.
-    """
-    path = Path(__file__).resolve().parent / "data" / f"{task}-{split}.jsonl"
-    if not path.is_file():
-        raise DataError(f"built-in data set {task!r} has no split {split!r} ({str(path)!r} is missing); reinstall mlora-export")
-    return path
 
 
 def _parse_line(obj: Any, where: str) -> Example:
@@ -237,11 +222,9 @@ def load_dataset(
 
 
 __all__ = [
-    "BUILTIN_TASK",
     "CompletionCollator",
     "Example",
     "IGNORE_INDEX",
-    "builtin_dataset_path",
     "ensure_pad_token",
     "load_dataset",
     "load_jsonl",

@@ -1,4 +1,4 @@
-"""Regenerate the task shipped with the package: ``mlora_export/data/sort-{train,eval}.jsonl``.
+"""Regenerate the task shipped with the package: ``mlora_export/demo/data/sort-{train,eval}.jsonl``.
 
 The task: sort the letters of a short random word (``{"prompt": "sort dcab =", "completion": " abcd"}``).
 It is deterministic, needs the prompt (so a bigger adapter helps), and a tiny model learns it on a
@@ -21,7 +21,7 @@ def example(rng: random.Random) -> dict[str, str]:
 
 
 def main() -> None:
-    out = Path(__file__).resolve().parents[1] / "mlora_export" / "data"
+    out = Path(__file__).resolve().parents[1] / "mlora_export" / "demo" / "data"
     out.mkdir(exist_ok=True)
     seen: set[str] = set()
     for split, (n, seed) in SPLITS.items():

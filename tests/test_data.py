@@ -11,18 +11,18 @@ from mlora_export.data import (
     IGNORE_INDEX,
     CompletionCollator,
     Example,
-    builtin_dataset_path,
     ensure_pad_token,
     load_jsonl,
     tokenize_example,
     tokenize_examples,
 )
+from mlora_export.demo import builtin_dataset_path
 from mlora_export.errors import DataError
 
 
 @pytest.fixture(scope="module")
 def tok():
-    from mlora_export.tiny import build_char_tokenizer
+    from mlora_export.demo.tiny import build_char_tokenizer
 
     return build_char_tokenizer()
 
@@ -118,7 +118,7 @@ def test_collator_pads_with_ignored_labels() -> None:
 
 
 def test_pad_token_falls_back_to_eos() -> None:
-    from mlora_export.tiny import build_char_tokenizer
+    from mlora_export.demo.tiny import build_char_tokenizer
 
     t = build_char_tokenizer()
     t.pad_token = None
@@ -141,7 +141,7 @@ def test_tiny_model_folder_loads_with_auto_classes(tmp_path: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mlora_export.tiny import build_tiny_model
+    from mlora_export.demo.tiny import build_tiny_model
 
     state = torch.get_rng_state()
     info = build_tiny_model(tmp_path / "m", seed=1)

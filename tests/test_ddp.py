@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from mlora_export.tiny import build_tiny_model
+    from mlora_export.demo.tiny import build_tiny_model
 
     root = tmp_path_factory.mktemp("ddp")
     build_tiny_model(root / "base", seed=0, hidden_size=32, intermediate_size=48)

@@ -12,15 +12,14 @@ import torch
 from click.testing import CliRunner
 
 from mlora_export.adapter import CONFIG_NAME, NestedAdapter
+from mlora_export.base import load_base_model, load_tokenizer
 from mlora_export.cli.main import main
 from mlora_export.converters.slice import slice_adapter
 from mlora_export.errors import RankError
 from mlora_export.evaluation import (
     evaluate,
     greedy_completions,
-    load_base_model,
     load_eval_data,
-    load_tokenizer,
     score_model,
 )
 from mlora_export.method import aurac
@@ -62,7 +61,7 @@ def test_aurac_one_rank_and_unsorted_input() -> None:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny Llama base with a char tokenizer, a random nested adapter (r=8), its slices, and data files."""
-    from mlora_export.tiny import build_tiny_model
+    from mlora_export.demo.tiny import build_tiny_model
 
     root = tmp_path_factory.mktemp("eval")
     base = root / "base"

@@ -293,8 +293,9 @@ def test_short_trainer_run_lowers_every_rank_and_slices_load_in_peft(tmp_path) -
 
     from mlora_export.base import load_base_model, load_tokenizer
     from mlora_export.converters.slice import slice_adapter
-    from mlora_export.data import builtin_dataset_path, load_dataset
-    from mlora_export.tiny import build_tiny_model
+    from mlora_export.data import load_dataset
+    from mlora_export.demo import builtin_dataset_path
+    from mlora_export.demo.tiny import build_tiny_model
     from mlora_export.training import (
         TrainSettings,
         heldout_loss,

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from mlora_export.tiny import build_tiny_model
+    from mlora_export.demo.tiny import build_tiny_model
 
     path = tmp_path_factory.mktemp("cli") / "base"
     build_tiny_model(path, seed=0, hidden_size=32, intermediate_size=48)

@@ -154,8 +154,9 @@ def test_set_rank_in_place_equals_delta_w_k() -> None:
 def tiny(tmp_path_factory: pytest.TempPathFactory):
     """The demo's tiny Llama-style model + char tokenizer, and tokenised slices of the built-in task."""
     from mlora_export.base import load_tokenizer
-    from mlora_export.data import builtin_dataset_path, load_dataset
-    from mlora_export.tiny import build_tiny_model
+    from mlora_export.data import load_dataset
+    from mlora_export.demo import builtin_dataset_path
+    from mlora_export.demo.tiny import build_tiny_model
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -184,7 +185,7 @@ def test_trainer_path_lowers_heldout_loss_at_every_train_rank(tiny, tmp_path) ->
     from peft import PeftModel
 
     from mlora_export.base import load_base_model
-    from mlora_export.data import builtin_dataset_path
+    from mlora_export.demo import builtin_dataset_path
     from mlora_export.training import TrainSettings, heldout_loss, train
 
     s = TrainSettings(method="matryoshka", train_ranks=(1, 2, 4, 8), max_steps=40, lr=1e-2, batch_size=16, max_length=48, epochs=None, seed=0)
@@ -289,7 +290,7 @@ def test_train_gpt2_conv1d_on_text_data_loads_in_peft(tmp_path) -> None:
     from peft import PeftModel
 
     from mlora_export.base import load_base_model
-    from mlora_export.tiny import build_char_tokenizer
+    from mlora_export.demo.tiny import build_char_tokenizer
     from mlora_export.training import TrainSettings, train
 
     tok = build_char_tokenizer()

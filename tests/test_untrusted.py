@@ -62,7 +62,7 @@ def temporaries(parent: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny causal LM with its (character-level) tokenizer."""
-    from mlora_export.tiny import build_tiny_model
+    from mlora_export.demo.tiny import build_tiny_model
 
     path = tmp_path_factory.mktemp("base") / "base"
     build_tiny_model(path, seed=0, hidden_size=32, intermediate_size=48)

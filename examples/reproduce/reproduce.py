@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Reproduction v2: one nested run vs a grid of LoRA runs, with one fair learning-rate search for every method.
 
-1. **Pre-train** a small Llama-style causal LM (character tokenizer, :mod:`mlora_export.tiny`) from
+1. **Pre-train** a small Llama-style causal LM (character tokenizer, :mod:`mlora_export.demo.tiny`) from
    scratch on a synthetic language of three string operations on the 52 ASCII letters, each marked by
    its operator: copy ``abc=abc``, reverse ``abc<cba`` and shift ``abc+bcd``.
 2. **Two fine-tuning regimes**, both written with the copy operator ``w=f(w)``:
@@ -180,7 +180,7 @@ def pretrain(cfg: Settings, out: Path) -> dict[str, Any]:
     from transformers import LlamaForCausalLM
 
     from mlora_export.data import CompletionCollator, Example, tokenize_examples
-    from mlora_export.tiny import build_char_tokenizer, tiny_llama_config
+    from mlora_export.demo.tiny import build_char_tokenizer, tiny_llama_config
 
     tok = build_char_tokenizer()
     mcfg = tiny_llama_config(

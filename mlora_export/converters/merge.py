@@ -594,42 +594,4 @@ def merge_adapter(
     )
 
 
-def demo_stage(ctx: Any) -> Any:
-    """Demo stage ``merge``: fold the largest sliced rank into the demo's base as ``merged-r{k}/``.
-
-    Checks the result the way a user would: plain ``AutoModelForCausalLM.from_pretrained`` on the
-    merged folder gives the logits of the base with that rank's PEFT slice applied.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from ..demo import StageReport
-
-    k = max(ctx.slice_ranks)
-    out = ctx.root / f"merged-r{k}"
-
-    def progress(done: int, total: int) -> None:
-        ctx.report_progress("merging", done, total)
-
-    res = merge_adapter(ctx.nested_dir, ctx.base_dir, k, out, progress=progress)
-    diff = None
-    slice_dir = ctx.slices_dir / f"r{k}"
-    if slice_dir.is_dir():
-        from peft import PeftModel
-
-        merged = AutoModelForCausalLM.from_pretrained(out).eval()
-        peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(ctx.base_dir), str(slice_dir)).eval()
-        ids = torch.randint(0, merged.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(ctx.seed))
-        with torch.no_grad():
-            diff = float((merged(ids).logits - peft_model(ids).logits).abs().max())
-    check = "" if diff is None else f"; from_pretrained on it matches the base + PEFT r{k} slice (max |Δlogit| {diff:.1e})"
-    return StageReport(
-        lines=[
-            f"rank {k} merged into {res.merged_tensors} base weights ({res.copied_tensors} tensors copied unchanged, "
-            f"{res.bytes / 2**20:.1f} MiB in {res.seconds:.2f} s) -> {ctx.output / out.name}{check}"
-        ],
-        data={**res.to_dict(), "path": out.name, "max_abs_logit_diff_vs_peft": diff},
-    )
-
-
-__all__ = ["MergeResult", "OUTPUT_DTYPES", "demo_stage", "merge_adapter", "resolve_weight_keys"]
+__all__ = ["MergeResult", "OUTPUT_DTYPES", "merge_adapter", "resolve_weight_keys"]

@@ -427,7 +427,7 @@ def add_nested_adapter(
         bias="none",
         **lora_kwargs,
     )
-    with torch.random.fork_rng(devices=[]), _quiet_peft():  # PEFT creates and initialises A on the CPU
+    with torch.random.fork_rng(devices=[]), quiet_peft():  # PEFT creates and initialises A on the CPU
         torch.manual_seed(seed)
         peft_model = get_peft_model(model, lcfg, adapter_name=adapter_name)
     saved_elsewhere = getattr(peft_model.peft_config[adapter_name], "modules_to_save", None)
@@ -440,7 +440,7 @@ def add_nested_adapter(
 
 
 @contextlib.contextmanager
-def _quiet_peft() -> Iterator[None]:
+def quiet_peft() -> Iterator[None]:
     """Hide the transformers 5 deprecation warning that PEFT triggers (``is_gradient_checkpointing``)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -503,7 +503,7 @@ def load_nested_adapter(
     nested = adapter if isinstance(adapter, NestedAdapter) else NestedAdapter.load(adapter)
     if is_trainable:
         check_method(nested.config.method, trainable=True)
-    with _quiet_peft():
+    with quiet_peft():
         peft_model = PeftModel.from_pretrained(model, str(nested.path), adapter_name=adapter_name, is_trainable=is_trainable)
     handle = NestedLoraModel(peft_model, nested.config, adapter_name=adapter_name, seed=seed)
     handle.set_rank(nested.max_rank)

@@ -425,33 +425,8 @@ def pick_rank(ranks: Sequence[BundleRank], max_bytes: int | None, max_params: in
     return max(fits, key=lambda r: r.rank) if fits else None
 
 
-def demo_stage(ctx: Any) -> Any:
-    """Demo stage ``bundle``: the demo's nested adapter as a Hub variant bundle in ``bundle/`` (no network).
-
-    Includes the demo's ONNX export in ``onnx/`` when an earlier ``onnx`` stage wrote one.
-    """
-    from ...demo import StageReport
-
-    def progress(done: int, total: int) -> None:
-        ctx.report_progress("bundling", done, total)
-
-    onnx = ctx.root / ONNX_DIR
-    b = write_bundle(ctx.nested_dir, ctx.slice_ranks, ctx.root / "bundle", onnx_dir=onnx if onnx.is_dir() else None,
-                     progress=progress, warn_local_base=False)
-    return StageReport(
-        lines=[
-            f"variant bundle (model card, manifest with sha256 of {len(b.files) + 1} files, nested/ + "
-            + ", ".join(f"{r.path}/" for r in b.ranks) + (", onnx/" if b.manifest.get("onnx") else "")
-            + f") -> {ctx.output / 'bundle'}; publish it with `mlora-export push-hub {ctx.output / 'bundle'} --repo-id <namespace>/<repo>`"
-        ],
-        headers=["rank", "folder", "params", "bytes"],
-        rows=[[r.rank, r.path + "/", f"{r.params:,}", r.bytes] for r in b.ranks],
-        data={"path": "bundle", "ranks": [r.__dict__ for r in b.ranks], "files": len(b.files) + 1, "bytes": b.total_bytes},
-    )
-
-
 __all__ = [
     "BUNDLE_FORMAT", "MANIFEST_NAME", "README_NAME", "NESTED_DIR", "ONNX_DIR",
     "Bundle", "BundleFile", "BundleRank", "check_file", "check_manifest", "is_bundle", "pick_rank", "safe_relpath",
-    "demo_stage", "rank_dir", "read_manifest", "sha256_file", "write_bundle",
+    "rank_dir", "read_manifest", "sha256_file", "write_bundle",
 ]

@@ -273,24 +273,4 @@ def export_onnx(
     return result
 
 
-def demo_stage(ctx: Any) -> Any:
-    """Demo stage ``onnx``: export the demo's nested adapter with a dynamic rank and verify it."""
-    from ...demo import StageReport
-
-    def progress(done: int, total: int) -> None:
-        ctx.report_progress("onnx export", done, total)
-
-    res = export_onnx(ctx.nested_dir, ctx.base_dir, ctx.root / "onnx", progress=progress)
-    worst = max((c.max_abs_diff for c in res.checks), default=0.0)
-    return StageReport(
-        lines=[
-            f"dynamic-rank ONNX model ({res.exporter} exporter, opset {res.opset}), inputs {', '.join(res.inputs)} -> "
-            f"{ctx.output / 'onnx' / MODEL_NAME}; ONNX Runtime matches PyTorch at every rank (worst max abs diff {worst:.2g})"
-        ],
-        headers=["lora_rank", "max abs diff vs PyTorch"],
-        rows=[[c.rank, f"{c.max_abs_diff:.2e}"] for c in res.checks],
-        data={**res.to_dict(), "path": "onnx"},
-    )
-
-
-__all__ = ["EXPORT_KINDS", "INFO_NAME", "MODEL_NAME", "OnnxExportResult", "check_opset", "demo_stage", "export_onnx", "resolve_kind"]
+__all__ = ["EXPORT_KINDS", "INFO_NAME", "MODEL_NAME", "OnnxExportResult", "check_opset", "export_onnx", "resolve_kind"]

@@ -1,155 +1,15 @@
-"""``mlora-export demo``: the whole pipeline on a built-in default, as a list of stages.
-
-The demo builds a tiny Llama-style causal LM from a config (no download), trains a nested adapter
-with the default method (``nested-loss``) on a small task shipped with the package
-(:mod:`mlora_export.data`), trains one plain LoRA at the same rank and re-nests it by SVD, slices the
-nested adapter into PEFT adapters and prints the held-out loss and exact match at every rank of both.
-
-It is a list of :class:`Stage` objects run in order on one shared :class:`DemoContext`. To add a
-stage (merge, ONNX, bundle…), write a function ``my_stage(ctx: DemoContext) -> StageReport`` (in
-your own module if you like) and add one line to :data:`STAGES`, either with the function itself
-or with a lazy ``"package.module:function"`` reference so that importing this module stays cheap::
-
-    Stage("merge", "merge rank 8 into the base", "mlora_export.converters.merge:demo_stage"),
-
-A stage writes under ``ctx.root`` (a temporary sibling of the output folder until the demo
-finishes; the finished folder appears at once), reads what earlier stages left in
-``ctx.results[stage_name]``, and returns a :class:`StageReport` (lines and/or a table to print,
-``data`` for ``--json`` and later stages). ``ctx.quick`` asks for a shortened run (tests).
-"""
+"""The demo's own stages: the tiny base, training, re-nesting, slicing and the per-rank evaluation."""
 
 from __future__ import annotations
 
-import importlib
 import logging
 import math
-import os
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
-from .errors import ConfigError
-from .fs import atomic_output_dir, check_output_path
-from .threads import torch_threads
+from .context import DemoContext, StageReport
 
 logger = logging.getLogger(__name__)
-
-#: ``progress(description, done, total)``: called by long stages, drawn by the CLI.
-StageProgress = Callable[[str, int, int], None]
-
-DEMO_TRAIN_RANKS: tuple[int, ...] = (1, 2, 4, 8, 16)
-DEMO_SLICE_RANKS: tuple[int, ...] = (2, 8)
-
-
-@dataclass
-class DemoContext:
-    """Shared state of one demo run: where things are and what earlier stages found.
-
-    Paths are under ``root``, the folder being written (it becomes ``output`` when the demo ends).
-    """
-
-    output: Path
-    root: Path
-    quick: bool = False
-    seed: int = 0
-    train_ranks: tuple[int, ...] = DEMO_TRAIN_RANKS
-    slice_ranks: tuple[int, ...] = DEMO_SLICE_RANKS
-    results: dict[str, Any] = field(default_factory=dict)
-    progress: StageProgress | None = None
-
-    @property
-    def base_dir(self) -> Path:
-        """The tiny base model (a transformers model folder, safetensors) with its tokenizer."""
-        return self.root / "base"
-
-    @property
-    def nested_dir(self) -> Path:
-        """The trained nested adapter (DESIGN.md §2)."""
-        return self.root / "nested"
-
-    @property
-    def lora_dir(self) -> Path:
-        """One plain LoRA adapter at the max rank, trained with the same settings."""
-        return self.root / "lora"
-
-    @property
-    def renested_dir(self) -> Path:
-        """``lora_dir`` re-nested by SVD (method ``svd``)."""
-        return self.root / "renested"
-
-    @property
-    def slices_dir(self) -> Path:
-        """One PEFT slice per rank in ``slice_ranks``: ``slices/r{k}``."""
-        return self.root / "slices"
-
-    @property
-    def train_path(self) -> Path:
-        """The training JSONL file (shipped with the package)."""
-        from .data import builtin_dataset_path
-
-        return builtin_dataset_path("train")
-
-    @property
-    def eval_path(self) -> Path:
-        """The held-out JSONL file (shipped with the package)."""
-        from .data import builtin_dataset_path
-
-        return builtin_dataset_path("eval")
-
-    def report_progress(self, desc: str, done: int, total: int) -> None:
-        if self.progress is not None:
-            self.progress(desc, done, total)
-
-
-@dataclass
-class StageReport:
-    """What a stage shows: free lines, an optional table, and data for ``--json``/later stages."""
-
-    lines: list[str] = field(default_factory=list)
-    headers: list[str] | None = None
-    rows: list[list[Any]] = field(default_factory=list)
-    data: dict[str, Any] = field(default_factory=dict)
-    seconds: float = 0.0
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One step of the demo: ``run(ctx)`` does the work and returns what to print.
-
-    ``run`` is a callable or a lazy ``"package.module:function"`` reference.
-    """
-
-    name: str
-    title: str
-    run: Callable[[DemoContext], StageReport | None] | str
-
-    def resolve(self) -> Callable[[DemoContext], StageReport | None]:
-        if callable(self.run):
-            return self.run
-        module, _, attr = self.run.partition(":")
-        if not module or not attr:
-            raise ConfigError(f"demo stage {self.name!r}: reference {self.run!r} is not 'package.module:function'")
-        return getattr(importlib.import_module(module), attr)
-
-
-@dataclass
-class DemoResult:
-    """The finished demo: its folder and each stage's report, in order."""
-
-    output: Path
-    reports: list[tuple[Stage, StageReport]]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "output": str(self.output),
-            "stages": [
-                {"name": st.name, "title": st.title, "seconds": rep.seconds, "lines": rep.lines,
-                 "headers": rep.headers, "rows": rep.rows, "data": rep.data}
-                for st, rep in self.reports
-            ],
-        }
 
 
 # -- the stages ---------------------------------------------------------------------------
@@ -168,7 +28,7 @@ def stage_base(ctx: DemoContext) -> StageReport:
 
 def stage_train(ctx: DemoContext) -> StageReport:
     """Train a nested adapter (the default method) over ``ctx.train_ranks`` into ``ctx.nested_dir``."""
-    from .training import train
+    from ..training import train
 
     settings = demo_train_settings(ctx)
 
@@ -191,8 +51,8 @@ def stage_renest(ctx: DemoContext) -> StageReport:
     """Train one plain LoRA at the max rank (same settings) and re-nest it by SVD (no base model needed)."""
     import dataclasses
 
-    from .converters.renest import renest_adapter
-    from .training import train
+    from ..converters.renest import renest_adapter
+    from ..training import train
 
     settings = dataclasses.replace(demo_train_settings(ctx), method="lora", train_ranks=(max(ctx.train_ranks),))
 
@@ -214,7 +74,7 @@ def stage_renest(ctx: DemoContext) -> StageReport:
 
 def stage_slice(ctx: DemoContext) -> StageReport:
     """Cut plain PEFT LoRA adapters at ``ctx.slice_ranks`` into ``ctx.slices_dir``."""
-    from .converters.slice import slice_adapter
+    from ..converters.slice import slice_adapter
 
     results = slice_adapter(ctx.nested_dir, ctx.slice_ranks, ctx.slices_dir)
     return StageReport(
@@ -229,10 +89,10 @@ def stage_evaluate(ctx: DemoContext) -> StageReport:
     plain ``PeftModel.from_pretrained`` and scored. The closing lines are computed from the table."""
     from peft import PeftModel
 
-    from .adapter import NestedAdapter
-    from .base import load_base_model, load_tokenizer
-    from .evaluation import load_eval_data, score_model
-    from .training import _quiet_peft, load_nested_adapter
+    from ..adapter import NestedAdapter
+    from ..base import load_base_model, load_tokenizer
+    from ..evaluation import load_eval_data, score_model
+    from ..training.model import load_nested_adapter, quiet_peft
 
     tokenizer = load_tokenizer(ctx.base_dir)
     data = load_eval_data(ctx.eval_path, tokenizer, max_examples=64 if ctx.quick else None)
@@ -244,7 +104,7 @@ def stage_evaluate(ctx: DemoContext) -> StageReport:
     adapter = NestedAdapter.load(ctx.nested_dir)
     slice_losses: dict[int, float] = {}
     for k in ctx.slice_ranks:
-        with _quiet_peft():
+        with quiet_peft():
             peft_model = PeftModel.from_pretrained(load_base_model(ctx.base_dir), str(ctx.slices_dir / f"r{k}"))
         slice_losses[k] = scores(peft_model)[0]
     ranks = (0, *adapter.config.train_ranks)
@@ -293,7 +153,7 @@ def stage_evaluate(ctx: DemoContext) -> StageReport:
 
 def demo_verdict(table: Sequence[dict[str, Any]], method: str) -> list[str]:
     """Closing lines computed from the evaluation table (rank 0 first): what beat the base, and by how much."""
-    from .method import aurac
+    from ..method import aurac
 
     base, trained = table[0], list(table[1:])
     ks = [t["rank"] for t in trained]
@@ -320,21 +180,11 @@ def demo_verdict(table: Sequence[dict[str, Any]], method: str) -> list[str]:
 
 
 #: The demo, in order. Add a stage with one line (see the module docstring).
-STAGES: list[Stage] = [
-    Stage("base", "build a tiny base model", stage_base),
-    Stage("train", "train a nested adapter", stage_train),
-    Stage("renest", "train one plain LoRA and re-nest it by SVD", stage_renest),
-    Stage("slice", "slice it into PEFT adapters", stage_slice),
-    Stage("evaluate", "held-out loss and exact match per rank", stage_evaluate),
-    Stage("merge", "merge the largest sliced rank into the base", "mlora_export.converters.merge:demo_stage"),
-    Stage("onnx", "export to ONNX with the rank as an input, verify in ONNX Runtime", "mlora_export.converters.onnx.export:demo_stage"),
-    Stage("bundle", "write a Hub variant bundle (local, no network)", "mlora_export.converters.hub.bundle:demo_stage"),
-]
 
 
 def demo_train_settings(ctx: DemoContext) -> Any:
     """The :class:`~mlora_export.training.TrainSettings` of the demo (shorter with ``ctx.quick``)."""
-    from .training import TrainSettings
+    from ..training import TrainSettings
 
     return TrainSettings(  # the method is the default one, as `mlora-export train` uses
         train_ranks=ctx.train_ranks,
@@ -347,44 +197,3 @@ def demo_train_settings(ctx: DemoContext) -> Any:
         seed=ctx.seed,
         max_length=48,
     )
-
-
-def run_demo(
-    output: str | os.PathLike[str],
-    *,
-    quick: bool = False,
-    force: bool = False,
-    seed: int = 0,
-    stages: Sequence[Stage] | None = None,
-    progress: StageProgress | None = None,
-    on_stage: Callable[[Stage, StageReport], None] | None = None,
-) -> DemoResult:
-    """Run ``stages`` (default :data:`STAGES`) in order into ``output``; return every report.
-
-    The output folder is written as a temporary sibling and appears only when every stage has
-    succeeded. ``on_stage(stage, report)`` is called as each stage finishes (the CLI prints there).
-
-    Raises:
-        OutputExistsError: ``output`` exists and ``force`` is false.
-        MloraError: whatever a stage raises.
-    """
-    check_output_path(output, force)
-    chosen = list(STAGES if stages is None else stages)
-    reports: list[tuple[Stage, StageReport]] = []
-    # The demo's matrices are tiny (64 wide): more threads cannot speed them up.
-    with torch_threads(1), atomic_output_dir(output, force) as tmp:
-        ctx = DemoContext(output=Path(output), root=tmp, quick=quick, seed=seed, progress=progress)
-        for stage in chosen:
-            fn = stage.resolve()
-            logger.info("demo stage %s: %s", stage.name, stage.title)
-            t0 = time.perf_counter()
-            report = fn(ctx) or StageReport()
-            report.seconds = time.perf_counter() - t0
-            ctx.results[stage.name] = report.data
-            reports.append((stage, report))
-            if on_stage is not None:
-                on_stage(stage, report)
-    return DemoResult(Path(output), reports)
-
-
-__all__ = ["DemoContext", "DemoResult", "Stage", "StageReport", "STAGES", "demo_train_settings", "demo_verdict", "run_demo"]

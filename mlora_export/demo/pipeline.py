@@ -1,0 +1,86 @@
+"""``mlora-export demo``: the whole pipeline on a built-in default, as a list of stages.
+
+The demo builds a tiny Llama-style causal LM from a config (no download), trains a nested adapter
+with the default method (``nested-loss``) on a small task shipped with the package
+(:mod:`mlora_export.demo.builtin`), trains one plain LoRA at the same rank and re-nests it by SVD, slices the
+nested adapter into PEFT adapters and prints the held-out loss and exact match at every rank of both.
+
+It is a list of :class:`Stage` objects run in order on one shared :class:`DemoContext`. To add a
+stage (merge, ONNX, bundle…), write a function ``my_stage(ctx: DemoContext) -> StageReport`` (in
+your own module if you like) and add one line to :data:`STAGES`, either with the function itself
+or with a lazy ``"package.module:function"`` reference so that importing this module stays cheap::
+
+    Stage("merge", "merge rank 8 into the base", "mlora_export.demo.convert_stages:stage_merge"),
+
+A stage writes under ``ctx.root`` (a temporary sibling of the output folder until the demo
+finishes; the finished folder appears at once), reads what earlier stages left in
+``ctx.results[stage_name]``, and returns a :class:`StageReport` (lines and/or a table to print,
+``data`` for ``--json`` and later stages). ``ctx.quick`` asks for a shortened run (tests).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from ..fs import atomic_output_dir, check_output_path
+from ..threads import torch_threads
+from .context import DemoContext, DemoResult, Stage, StageProgress, StageReport
+from .stages import stage_base, stage_evaluate, stage_renest, stage_slice, stage_train
+
+logger = logging.getLogger(__name__)
+
+STAGES: list[Stage] = [
+    Stage("base", "build a tiny base model", stage_base),
+    Stage("train", "train a nested adapter", stage_train),
+    Stage("renest", "train one plain LoRA and re-nest it by SVD", stage_renest),
+    Stage("slice", "slice it into PEFT adapters", stage_slice),
+    Stage("evaluate", "held-out loss and exact match per rank", stage_evaluate),
+    Stage("merge", "merge the largest sliced rank into the base", "mlora_export.demo.convert_stages:stage_merge"),
+    Stage("onnx", "export to ONNX with the rank as an input, verify in ONNX Runtime", "mlora_export.demo.convert_stages:stage_onnx"),
+    Stage("bundle", "write a Hub variant bundle (local, no network)", "mlora_export.demo.convert_stages:stage_bundle"),
+]
+
+
+def run_demo(
+    output: str | os.PathLike[str],
+    *,
+    quick: bool = False,
+    force: bool = False,
+    seed: int = 0,
+    stages: Sequence[Stage] | None = None,
+    progress: StageProgress | None = None,
+    on_stage: Callable[[Stage, StageReport], None] | None = None,
+) -> DemoResult:
+    """Run ``stages`` (default :data:`STAGES`) in order into ``output``; return every report.
+
+    The output folder is written as a temporary sibling and appears only when every stage has
+    succeeded. ``on_stage(stage, report)`` is called as each stage finishes (the CLI prints there).
+
+    Raises:
+        OutputExistsError: ``output`` exists and ``force`` is false.
+        MloraError: whatever a stage raises.
+    """
+    check_output_path(output, force)
+    chosen = list(STAGES if stages is None else stages)
+    reports: list[tuple[Stage, StageReport]] = []
+    # The demo's matrices are tiny (64 wide): more threads cannot speed them up.
+    with torch_threads(1), atomic_output_dir(output, force) as tmp:
+        ctx = DemoContext(output=Path(output), root=tmp, quick=quick, seed=seed, progress=progress)
+        for stage in chosen:
+            fn = stage.resolve()
+            logger.info("demo stage %s: %s", stage.name, stage.title)
+            t0 = time.perf_counter()
+            report = fn(ctx) or StageReport()
+            report.seconds = time.perf_counter() - t0
+            ctx.results[stage.name] = report.data
+            reports.append((stage, report))
+            if on_stage is not None:
+                on_stage(stage, report)
+    return DemoResult(Path(output), reports)
+
+
+__all__ = ["STAGES", "run_demo"]
