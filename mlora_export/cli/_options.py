@@ -39,6 +39,34 @@ class RankList(click.ParamType):
         return tuple(sorted(set(ranks)))
 
 
+class NumberList(click.ParamType):
+    """``--rank-weights 1,1,2`` → ``(1.0, 1.0, 2.0)``."""
+
+    name = "numbers"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[float, ...]:
+        if isinstance(value, tuple):
+            return value
+        try:
+            return tuple(float(w) for w in str(value).split(","))
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of numbers", param, ctx)
+
+
+class ModuleList(click.ParamType):
+    """``--target-modules all-linear`` passes through; ``q_proj,v_proj`` → ``("q_proj", "v_proj")``."""
+
+    name = "modules"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str | tuple[str, ...]:
+        if isinstance(value, tuple):
+            return value
+        text = str(value).strip()
+        if text == "all-linear":
+            return text
+        return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
 def force_option(func: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--force", is_flag=True, help="Replace an existing output.")(func)
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import re
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import click
@@ -59,6 +57,11 @@ class RankOrAuto(click.ParamType):
 
 
 
+#: The flag of each bundle-building option of :func:`~mlora_export.converters.hub.push.publish`.
+_BUNDLE_FLAGS = {"ranks": "--ranks", "base_model": "--base-model", "license_id": "--license", "default_rank": "--default-rank",
+                 "onnx_base": "--with-onnx", "scale_mode": "--scale-mode"}
+
+
 def _bundle_options(func: Any) -> Any:
     for opt in reversed([
         click.option("--ranks", type=RankList(), default="all", show_default=True, help="Comma-separated ranks (e.g. 4,8,16) or 'all' for the train ranks."),
@@ -72,24 +75,6 @@ def _bundle_options(func: Any) -> Any:
     ]):
         func = opt(func)
     return func
-
-
-def _build(adapter: str, ranks: Any, output: Path, *, scale_mode: str, base_model: str | None, license_id: str | None,
-           repo_id: str | None, force: bool, onnx_base: str | None = None, default_rank: int | None = None) -> Any:
-    from ..converters.hub.bundle import write_bundle
-    from ..fs import check_output_path
-
-    check_output_path(output, force)
-    with tempfile.TemporaryDirectory(prefix="mlora-onnx-") as tmp:
-        onnx_dir = None
-        if onnx_base is not None:
-            from ..converters.onnx import export_onnx
-
-            with BarProgress("onnx export", unit="step") as bar:
-                onnx_dir = export_onnx(adapter, onnx_base, Path(tmp) / "onnx", progress=bar).path
-        with BarProgress("bundling") as bar:
-            return write_bundle(adapter, ranks, output, scale_mode=scale_mode, base_model=base_model, license_id=license_id,
-                                repo_id=repo_id, onnx_dir=onnx_dir, default_rank=default_rank, force=force, progress=bar)
 
 
 @click.command("bundle")
@@ -116,8 +101,12 @@ def bundle(adapter: str, output: str, ranks: Any, scale_mode: str, base_model: s
         from ..converters.hub.push import check_repo_id
 
         check_repo_id(repo_id)
-    b = _build(adapter, ranks, Path(output), scale_mode=scale_mode, base_model=base_model, license_id=license_id, repo_id=repo_id,
-               force=force, onnx_base=onnx_base, default_rank=default_rank)
+    from ..converters.hub.bundle import write_bundle
+
+    with BarProgress("onnx export", unit="step") as export_bar, BarProgress("bundling") as bar:
+        b = write_bundle(adapter, ranks, output, scale_mode=scale_mode, base_model=base_model, license_id=license_id,
+                         repo_id=repo_id, onnx_base=onnx_base, default_rank=default_rank, force=force, progress=bar,
+                         export_progress=export_bar)
     if as_json:
         echo_json({"path": str(b.path), "ranks": [r.__dict__ for r in b.ranks], "files": [f.__dict__ for f in b.files], "bytes": b.total_bytes})
         return
@@ -152,43 +141,28 @@ def push_hub(source: str, repo_id: str, ranks: Any, scale_mode: str, base_model:
       mlora-export push-hub ./nested --repo-id my-org/llama-1b-gsm8k-mlora --ranks 4,8,16,32 --branches
       mlora-export push-hub ./bundle --repo-id my-org/llama-1b-gsm8k-mlora --dry-run
     """
-    from ..converters.hub.bundle import Bundle, is_bundle
-    from ..converters.hub.push import (
-        check_branch,
-        check_repo_id,
-        dry_run_listing,
-        push_bundle,
-    )
+    from ..converters.hub.push import publish
 
-    check_repo_id(repo_id)
-    check_branch(revision)
-    if not dry_run:
-        from ..converters.hub.remote import resolve_endpoint
-
-        resolve_endpoint(endpoint)  # a malformed --endpoint/HF_ENDPOINT fails before the bundle is built
-    with tempfile.TemporaryDirectory(prefix="mlora-bundle-") as tmp:
-        if is_bundle(source):
-            ignored = [name for name, value in (("--ranks", ranks != "all"), ("--base-model", base_model), ("--license", license_id),
-                                                ("--default-rank", default_rank), ("--with-onnx", onnx_base),
-                                                ("--scale-mode", scale_mode != "baked")) if value]
-            if ignored:
-                click.echo(f"warning: {source} is already a bundle; {', '.join(ignored)} ignored (rebuild it with `mlora-export bundle` to change them)", err=True)
-            b = Bundle.load(source, verify=True)
-        else:
-            b = _build(source, ranks, Path(tmp) / "bundle", scale_mode=scale_mode, base_model=base_model,
-                       license_id=license_id, repo_id=repo_id, force=False, onnx_base=onnx_base, default_rank=default_rank)
-        if dry_run:
-            listing = dry_run_listing(b, branches)
-            if as_json:
-                echo_json({"repo_id": repo_id, "revision": revision, "dry_run": True, "files": listing,
-                           "bytes": sum(f["size"] for f in listing if "branch" not in f)})
-                return
-            echo_table(["file", "size"], [[f["path"], human_bytes(f["size"])] for f in listing])
-            click.echo(f"dry run: would push {sum('branch' not in f for f in listing)} files "
-                       f"({human_bytes(sum(f['size'] for f in listing if 'branch' not in f))}) to {repo_id}@{revision}; nothing was sent")
+    with BarProgress("onnx export", unit="step") as export_bar, BarProgress("bundling") as bar:
+        published = publish(source, repo_id, ranks=ranks, scale_mode=scale_mode, base_model=base_model, license_id=license_id,
+                            default_rank=default_rank, onnx_base=onnx_base, private=private, revision=revision, branches=branches,
+                            dry_run=dry_run, token=token, endpoint=endpoint, commit_message=commit_message, progress=bar,
+                            export_progress=export_bar)
+    if published.ignored:
+        flags = ", ".join(_BUNDLE_FLAGS[name] for name in published.ignored)
+        click.echo(f"warning: {source} is already a bundle; {flags} ignored (rebuild it with `mlora-export bundle` to change them)", err=True)
+    if published.listing is not None:
+        listing = published.listing
+        if as_json:
+            echo_json({"repo_id": repo_id, "revision": revision, "dry_run": True, "files": listing,
+                       "bytes": sum(f["size"] for f in listing if "branch" not in f)})
             return
-        result = push_bundle(b.path, repo_id, private=private, revision=revision, branches=branches, token=token,
-                             endpoint=endpoint, commit_message=commit_message)
+        echo_table(["file", "size"], [[f["path"], human_bytes(f["size"])] for f in listing])
+        click.echo(f"dry run: would push {sum('branch' not in f for f in listing)} files "
+                   f"({human_bytes(sum(f['size'] for f in listing if 'branch' not in f))}) to {repo_id}@{revision}; nothing was sent")
+        return
+    result = published.push
+    assert result is not None
     if as_json:
         echo_json(result.to_dict())
         return

@@ -5,11 +5,13 @@ from __future__ import annotations
 import click
 
 from ..base import DTYPES
-from ..method import TRAIN_METHODS
+from ..method import SCALINGS, TRAIN_METHODS
 from ..training.pipeline import TrainSettings
 from ._errors import handle_errors
 from ._options import (
     BarProgress,
+    ModuleList,
+    NumberList,
     RankList,
     echo_json,
     force_option,
@@ -19,6 +21,9 @@ from ._options import (
     threads_option,
 )
 
+#: The defaults of every option come from the library's settings.
+_DEFAULTS = TrainSettings()
+
 
 @click.command("train")
 @click.option("--base-model", required=True, type=click.Path(path_type=str), help="Local transformers model folder (config.json, *.safetensors, tokenizer).")
@@ -27,30 +32,30 @@ from ._options import (
 @click.option("--ranks", required=True, type=RankList(allow_all=False), help="Train ranks T, comma-separated (e.g. 1,2,4,8,16,32).")
 @click.option("--max-rank", type=int, default=None, help="Adapter rank r; must be one of --ranks.  [default: max of --ranks]")
 @click.option("--output", "-o", required=True, type=click.Path(path_type=str), help="Folder to create for the nested adapter.")
-@click.option("--method", type=click.Choice(list(TRAIN_METHODS)), default=TrainSettings.method, show_default=True,
+@click.option("--method", type=click.Choice(list(TRAIN_METHODS)), default=_DEFAULTS.method, show_default=True,
               help="nested-loss: each example trained at one train rank exactly as it is served (ranks stratified per step); "
                    "matryoshka: the paper's one-pass diagonal p; lora: plain LoRA at r; dylora: one sampled rank per step.")
-@click.option("--rank-weights", type=str, default=None,
+@click.option("--rank-weights", type=NumberList(), default=None,
               help="nested-loss only: one weight per train rank for the per-example assignment, e.g. 1,1,1,1,2,2.  [default: uniform]")
-@click.option("--scaling", type=click.Choice(["sqrt", "rank", "none"]), default="sqrt", show_default=True, help="s(k) = alpha/sqrt(k), alpha/k or alpha.")
-@click.option("--alpha", type=float, default=1.0, show_default=True, help="The alpha of s(k).")
-@click.option("--target-modules", default="all-linear", show_default=True,
+@click.option("--scaling", type=click.Choice(list(SCALINGS)), default=_DEFAULTS.scaling, show_default=True, help="s(k) = alpha/sqrt(k), alpha/k or alpha.")
+@click.option("--alpha", type=float, default=_DEFAULTS.alpha, show_default=True, help="The alpha of s(k).")
+@click.option("--target-modules", type=ModuleList(), default=_DEFAULTS.target_modules, show_default=True,
               help="'all-linear' (every Linear/Conv1D but the output head) or module names, e.g. q_proj,v_proj.")
-@click.option("--epochs", type=float, default=1.0, show_default=True, help="Passes over the data (ignored with --max-steps).")
+@click.option("--epochs", type=float, default=_DEFAULTS.epochs, show_default=True, help="Passes over the data (ignored with --max-steps).")
 @click.option("--max-steps", type=int, default=None, help="Stop after this many optimisation steps.")
-@click.option("--lr", type=float, default=1e-3, show_default=True, help="Peak learning rate (linear decay).")
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Examples per step and process.")
-@click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimisation step.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the adapter init, the data order and DyLoRA's sampling.")
-@click.option("--max-length", type=int, default=512, show_default=True, help="Truncate examples to this many tokens.")
-@click.option("--dtype", type=click.Choice(list(DTYPES)), default="float32", show_default=True, help="Dtype of the base model.")
+@click.option("--lr", type=float, default=_DEFAULTS.lr, show_default=True, help="Peak learning rate (linear decay).")
+@click.option("--batch-size", type=int, default=_DEFAULTS.batch_size, show_default=True, help="Examples per step and process.")
+@click.option("--grad-accum", type=int, default=_DEFAULTS.grad_accum, show_default=True, help="Micro-batches per optimisation step.")
+@click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True, help="Seed of the adapter init, the data order and DyLoRA's sampling.")
+@click.option("--max-length", type=int, default=_DEFAULTS.max_length, show_default=True, help="Truncate examples to this many tokens.")
+@click.option("--dtype", type=click.Choice(list(DTYPES)), default=_DEFAULTS.dtype, show_default=True, help="Dtype of the base model.")
 @threads_option
 @force_option
 @json_option
 @handle_errors
 def train(
     base_model: str, data: str, ranks: tuple[int, ...], max_rank: int | None, output: str, method: str, scaling: str,
-    rank_weights: str | None, alpha: float, target_modules: str, epochs: float, max_steps: int | None, lr: float, batch_size: int, grad_accum: int,
+    rank_weights: tuple[float, ...] | None, alpha: float, target_modules: str | tuple[str, ...], epochs: float, max_steps: int | None, lr: float, batch_size: int, grad_accum: int,
     seed: int, max_length: int, dtype: str, threads: int | None, force: bool, as_json: bool,
 ) -> None:
     """Train a nested adapter (nested-loss by default) on a local model and write it to --output.
@@ -65,17 +70,9 @@ def train(
     """
     from ..training.pipeline import train as run_train
 
-    targets: str | tuple[str, ...] = target_modules.strip()
-    if targets != "all-linear":
-        targets = tuple(t.strip() for t in target_modules.split(",") if t.strip())
-    weights: tuple[float, ...] | None = None
-    if rank_weights is not None:
-        try:
-            weights = tuple(float(w) for w in rank_weights.split(","))
-        except ValueError:
-            raise click.BadParameter(f"{rank_weights!r} is not a comma-separated list of numbers", param_hint="'--rank-weights'") from None
     settings = TrainSettings(
-        method=method, rank_weights=weights, train_ranks=tuple(ranks), max_rank=max_rank, scaling=scaling, alpha=alpha, target_modules=targets,
+        method=method, rank_weights=rank_weights, train_ranks=tuple(ranks), max_rank=max_rank, scaling=scaling, alpha=alpha,
+        target_modules=target_modules,
         epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum, seed=seed,
         max_length=max_length, dtype=dtype,
     )

@@ -13,7 +13,7 @@ import os
 import string
 from typing import Any
 
-from .fs import atomic_output_dir
+from ..fs import atomic_output_dir
 
 logger = logging.getLogger(__name__)
 

@@ -26,6 +26,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +41,7 @@ from ...adapter import (
     NestedAdapter,
     write_json,
 )
-from ...errors import IntegrityError, InvalidAdapterError, RankError
+from ...errors import ConfigError, IntegrityError, InvalidAdapterError, RankError
 from ...fs import atomic_output_dir, check_free_space, check_output_path
 from ...progress import Progress
 from ...provenance import created_by
@@ -293,16 +294,21 @@ def write_bundle(
     license_id: str | None = None,
     repo_id: str | None = None,
     onnx_dir: str | os.PathLike[str] | None = None,
+    onnx_base: str | os.PathLike[str] | None = None,
     default_rank: int | None = None,
     force: bool = False,
     progress: Progress | None = None,
+    export_progress: Progress | None = None,
     warn_local_base: bool = True,
 ) -> Bundle:
     """Write the variant bundle of a nested ``adapter`` at ``ranks`` into the new folder ``output``.
 
     ``base_model`` overrides the base model recorded in the adapter (the card's ``base_model``
     must be a Hub repo id; a local path is left out of the card with a warning). ``repo_id`` is
-    only used in the card's snippets. ``onnx_dir``, when given, is copied into ``onnx/``.
+    only used in the card's snippets. ``onnx_dir``, when given, is copied into ``onnx/``; with
+    ``onnx_base`` (a local base model folder) a dynamic-rank ONNX model is exported and verified
+    first (:func:`~mlora_export.converters.onnx.export_onnx`, reporting to ``export_progress``)
+    and carried in ``onnx/``: the one place a converter composes another (DESIGN §3).
     ``default_rank`` (one of ``ranks``) is also written at the bundle's root; by default the best
     rank by the adapter's recorded evaluation, else the largest (:func:`choose_default_rank`).
     ``warn_local_base=False`` silences the warning about a base model that is a local path.
@@ -317,8 +323,18 @@ def write_bundle(
     """
     check_scale_mode(scale_mode)
     check_license(license_id)
-    inputs = [adapter.path if isinstance(adapter, NestedAdapter) else adapter, onnx_dir]
+    inputs = [adapter.path if isinstance(adapter, NestedAdapter) else adapter, onnx_dir, onnx_base]
     check_output_path(output, force, inputs)
+    if onnx_base is not None:
+        if onnx_dir is not None:
+            raise ConfigError("give an existing ONNX export (onnx_dir) or a base model to export one (onnx_base), not both", option="onnx_base")
+        from ..onnx import export_onnx
+
+        with tempfile.TemporaryDirectory(prefix="mlora-onnx-") as tmp:
+            exported = export_onnx(adapter, onnx_base, Path(tmp) / ONNX_DIR, progress=export_progress)
+            return write_bundle(adapter, ranks, output, scale_mode=scale_mode, base_model=base_model, license_id=license_id,
+                                repo_id=repo_id, onnx_dir=exported.path, default_rank=default_rank, force=force,
+                                progress=progress, warn_local_base=warn_local_base)
     # The NaN/inf check is made by write_slices, alongside the writing.
     nested = adapter if isinstance(adapter, NestedAdapter) else NestedAdapter.load(adapter, check_finite=False)
     if not nested.is_nested:

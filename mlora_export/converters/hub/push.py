@@ -16,13 +16,16 @@ import hashlib
 import logging
 import os
 import re
+import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ...adapter import CONFIG_NAME, PEFT_CONFIG_NAME, WEIGHTS_NAME
 from ...errors import ConfigError
-from .bundle import README_NAME, Bundle, sha256_file
+from ...progress import Progress
+from .bundle import README_NAME, Bundle, is_bundle, sha256_file, write_bundle
 from .card import PLACEHOLDER_REPO
 from .remote import check_repo_id, hub_errors, make_api, resolve_endpoint
 
@@ -187,7 +190,7 @@ def push_bundle(
     check_branch(revision)
     bundle = Bundle.load(bundle_dir, verify=True)
     if PLACEHOLDER_REPO in (bundle.path / README_NAME).read_text(encoding="utf-8"):
-        logger.warning("the model card's snippets show %s: rebuild the bundle with --repo-id %s to fill them in", PLACEHOLDER_REPO, repo_id)
+        logger.warning("the model card's snippets show %s: rebuild the bundle with the repo id %s to fill them in", PLACEHOLDER_REPO, repo_id)
     root = bundle.path
     sha = {f.path: f.sha256 for f in bundle.files}
     wanted = {p: (root / p, sha.get(p)) for p in bundle.all_paths()}
@@ -233,4 +236,72 @@ def dry_run_listing(bundle: Bundle, branches: bool = False) -> list[dict[str, An
     return out
 
 
-__all__ = ["PushResult", "RefUpdate", "check_branch", "check_repo_id", "dry_run_listing", "ensure_repo", "git_blob_id", "push_bundle"]
+@dataclass
+class PublishResult:
+    """What :func:`publish` did: the bundle it pushed (or would push), and the push or the dry-run listing.
+
+    ``ignored`` names the bundle-building options that were set but did not apply (the source
+    was already a bundle).
+    """
+
+    bundle: Bundle
+    dry_run: bool
+    listing: list[dict[str, Any]] | None = None
+    push: PushResult | None = None
+    ignored: list[str] = field(default_factory=list)
+
+
+def publish(
+    source: str | os.PathLike[str],
+    repo_id: str,
+    *,
+    ranks: Iterable[int] | str = "all",
+    scale_mode: str = "baked",
+    base_model: str | None = None,
+    license_id: str | None = None,
+    default_rank: int | None = None,
+    onnx_base: str | os.PathLike[str] | None = None,
+    private: bool = False,
+    revision: str = "main",
+    branches: bool = False,
+    dry_run: bool = False,
+    token: str | None = None,
+    endpoint: str | None = None,
+    commit_message: str | None = None,
+    progress: Progress | None = None,
+    export_progress: Progress | None = None,
+) -> PublishResult:
+    """Push ``source`` to ``repo_id``: a bundle folder as it is, or a nested adapter bundled on the fly
+    (in a temporary folder, with :func:`~.bundle.write_bundle`'s options). With ``dry_run``, list
+    what would be uploaded and send nothing.
+
+    Everything that can be checked without the network (repo id, branch name, endpoint) is checked
+    before a bundle is built. A bundle built on the fly lives in a temporary folder that is gone
+    when this returns (``result.bundle`` still describes it).
+
+    Raises:
+        see :func:`~.bundle.write_bundle` and :func:`push_bundle`.
+    """
+    check_repo_id(repo_id)
+    check_branch(revision)
+    if not dry_run:
+        resolve_endpoint(endpoint)  # a malformed endpoint fails before the bundle is built
+    with tempfile.TemporaryDirectory(prefix="mlora-bundle-") as tmp:
+        ignored: list[str] = []
+        if is_bundle(source):
+            ignored = [name for name, value in (("ranks", ranks != "all"), ("base_model", base_model), ("license_id", license_id),
+                                                ("default_rank", default_rank), ("onnx_base", onnx_base),
+                                                ("scale_mode", scale_mode != "baked")) if value]
+            bundle = Bundle.load(source, verify=True)
+        else:
+            bundle = write_bundle(source, ranks, Path(tmp) / "bundle", scale_mode=scale_mode, base_model=base_model,
+                                  license_id=license_id, repo_id=repo_id, onnx_base=onnx_base, default_rank=default_rank,
+                                  progress=progress, export_progress=export_progress)
+        if dry_run:
+            return PublishResult(bundle, True, listing=dry_run_listing(bundle, branches), ignored=ignored)
+        result = push_bundle(bundle.path, repo_id, private=private, revision=revision, branches=branches, token=token,
+                             endpoint=endpoint, commit_message=commit_message)
+        return PublishResult(bundle, False, push=result, ignored=ignored)
+
+
+__all__ = ["PushResult", "RefUpdate", "check_branch", "check_repo_id", "dry_run_listing", "ensure_repo", "git_blob_id", "publish", "PublishResult", "push_bundle"]
