@@ -7,7 +7,19 @@ stays fast: torch, transformers and PEFT load only when a function that needs th
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and IDEs
+    from .adapter import MatryoshkaConfig, NestedAdapter, save_nested  # noqa: F401
+    from .converters.hub import pull_rank, push_bundle, write_bundle  # noqa: F401
+    from .converters.merge import merge_adapter  # noqa: F401
+    from .converters.onnx import export_onnx  # noqa: F401
+    from .converters.renest import renest_adapter  # noqa: F401
+    from .converters.slice import slice_adapter  # noqa: F401
+    from .errors import MloraError  # noqa: F401
+    from .evaluation import evaluate  # noqa: F401
+    from .method import aurac, matryoshka_diagonal, scale, training_diagonal  # noqa: F401
+    from .training import NestedLoraModel, NestedRankCallback, TrainSettings, add_nested_adapter, load_nested_adapter, train  # noqa: F401
 
 __version__ = "0.1.0"
 

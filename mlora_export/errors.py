@@ -35,7 +35,7 @@ class MloraError(Exception):
 
 
 class InvalidAdapterError(MloraError, ValueError):
-    """An adapter folder is missing files, is corrupt, or does not follow DESIGN.md §2."""
+    """An adapter folder is missing files, is corrupt, or does not follow docs/design.md §2."""
 
 
 class RankError(MloraError, ValueError):

@@ -1,4 +1,4 @@
-"""The MatryoshkaLoRA method: scaling ``s(k)``, training diagonals and AURAC (DESIGN.md §1).
+"""The MatryoshkaLoRA method: scaling ``s(k)``, training diagonals and AURAC (docs/design.md §1).
 
 Pure functions on plain Python values; no tensors, no I/O.
 """
@@ -219,7 +219,7 @@ def training_diagonal(
     alpha: float = 1.0,
     sampled_rank: int | None = None,
 ) -> list[float]:
-    """The diagonal ``d`` that ``method`` applies to ``A·x`` during training (DESIGN.md §1).
+    """The diagonal ``d`` that ``method`` applies to ``A·x`` during training (docs/design.md §1).
 
     ``dylora`` needs ``sampled_rank`` (the ``b`` of the current step), the others ignore it.
     ``nested-loss`` has one diagonal per example: see :func:`example_ranks` and :func:`rank_diagonal`.
@@ -243,7 +243,7 @@ def training_diagonal(
 
 
 def aurac(ranks: Sequence[int], scores: Sequence[float]) -> dict[str, float]:
-    """Area under the rank-accuracy curve, ``{"v1": …, "v2": …}`` (DESIGN.md §1).
+    """Area under the rank-accuracy curve, ``{"v1": …, "v2": …}`` (docs/design.md §1).
 
     ``v1`` integrates with trapezoids over ``k``, ``v2`` over ``log2 k``; each is divided by the
     span of its axis, so both are mean scores in the units of ``scores``. With one rank both equal
@@ -279,7 +279,7 @@ def peft_alpha_for(k: int, scaling: str, alpha: float = 1.0) -> tuple[float, boo
 
     PEFT scales by ``lora_alpha / r``; ``use_rslora`` (``lora_alpha / sqrt(r)``) is never used,
     because llama.cpp's converter and other runtimes ignore it and would apply ``lora_alpha / r``
-    (DESIGN.md §2): ``none`` → ``alpha·k``, ``rank`` → ``alpha``, ``sqrt`` → ``alpha·sqrt(k)``.
+    (docs/design.md §2): ``none`` → ``alpha·k``, ``rank`` → ``alpha``, ``sqrt`` → ``alpha·sqrt(k)``.
     Folders written earlier with ``use_rslora`` still load (:func:`mlora_export.adapter.peft_scaling`).
     """
     return scale(k, scaling, alpha) * k, False

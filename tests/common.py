@@ -1,5 +1,5 @@
 """Shared helpers for tests: pico models built from transformers configs, random nested adapters,
-and the reference ``ΔW_k`` of DESIGN.md §1 applied by hand."""
+and the reference ``ΔW_k`` of docs/design.md §1 applied by hand."""
 
 from __future__ import annotations
 
@@ -121,7 +121,7 @@ def add_deltas(model: torch.nn.Module, deltas: dict[str, torch.Tensor]) -> torch
 
 
 def apply_delta_by_hand(model: torch.nn.Module, adapter: NestedAdapter, k: int) -> torch.nn.Module:
-    """A copy of ``model`` with ``W += s(k)·B[:, :k]·A[:k, :]`` (DESIGN.md §1), computed from the raw tensors.
+    """A copy of ``model`` with ``W += s(k)·B[:, :k]·A[:k, :]`` (docs/design.md §1), computed from the raw tensors.
 
     Deliberately independent of the library's readers: reads the safetensors file whole.
     """

@@ -1,4 +1,8 @@
-"""Pytest configuration: isolated HF folders, a --runslow switch, session-scoped pico models."""
+"""Pytest configuration: isolated HF folders, the gpu marker, session-scoped pico models.
+
+Tests marked ``slow`` (end-to-end: torchrun, the whole demo, bundles with ONNX, the reproduction
+smoke run) run by default, as CI runs them; ``pytest -m "not slow"`` is the fast inner loop.
+"""
 
 from __future__ import annotations
 
@@ -12,18 +16,11 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--runslow", action="store_true", help="run tests marked slow")
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    skip_slow = pytest.mark.skip(reason="slow: pass --runslow")
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     import torch
 
     for item in items:
-        if "slow" in item.keywords and not config.getoption("--runslow"):
-            item.add_marker(skip_slow)
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
 

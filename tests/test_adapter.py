@@ -1,4 +1,4 @@
-"""Loading and validating the nested adapter format (DESIGN.md §2), good and bad folders."""
+"""Loading and validating the nested adapter format (docs/design.md §2), good and bad folders."""
 
 from __future__ import annotations
 
@@ -274,7 +274,7 @@ def test_find_non_finite_every_dtype_and_chunk_edge(tmp_path: Path, dtype: torch
 
 @pytest.mark.parametrize("scaling", ["sqrt", "rank", "none"])
 def test_configs_express_s_k_without_rslora_and_old_rslora_folders_still_load(tmp_path: Path, scaling: str) -> None:
-    """DESIGN.md §2: lora_alpha = s(k)·k, no use_rslora (llama.cpp's converter ignores it), for the
+    """docs/design.md §2: lora_alpha = s(k)·k, no use_rslora (llama.cpp's converter ignores it), for the
     nested adapter's own config and for native slices; a folder written with use_rslora still loads."""
     import math
 

@@ -14,6 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 
+
+pytestmark = pytest.mark.slow  # end-to-end: see tests/conftest.py
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from mlora_export.demo.tiny import build_tiny_model

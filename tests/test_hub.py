@@ -66,7 +66,7 @@ def nested(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def bundle_dir(nested: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("bundle") / "bundle"
-    write_bundle(nested, RANKS, out, base_model="org/tiny-llama", license_id="apache-2.0", repo_id=REPO)
+    write_bundle(nested, RANKS, out, base_model_id="org/tiny-llama", license_id="apache-2.0", repo_id=REPO)
     return out
 
 
@@ -133,11 +133,11 @@ def test_bundle_layout_manifest_and_card(bundle_dir: Path, nested: Path, tmp_pat
     assert "| 2 | `r2/` |" in text
 
     # deterministic: the same inputs give byte-identical files (so re-pushes upload nothing)
-    again = write_bundle(nested, RANKS, tmp_path / "again", base_model="org/tiny-llama", license_id="apache-2.0", repo_id=REPO)
+    again = write_bundle(nested, RANKS, tmp_path / "again", base_model_id="org/tiny-llama", license_id="apache-2.0", repo_id=REPO)
     assert (again.path / MANIFEST_NAME).read_bytes() == (bundle_dir / MANIFEST_NAME).read_bytes()
     assert "folded into `lora_B`" in text
     # the card describes the slices as they are: native slices keep the exact prefix
-    native = write_bundle(nested, (4,), tmp_path / "native", scale_mode="native", base_model="org/tiny-llama")
+    native = write_bundle(nested, (4,), tmp_path / "native", scale_mode="native", base_model_id="org/tiny-llama")
     native_text = (native.path / "README.md").read_text()
     assert "exact prefix" in native_text and "folded into" not in native_text
     # s(4) = 1/sqrt(4) as lora_alpha / r alone (no use_rslora, which llama.cpp's converter ignores)
@@ -243,7 +243,7 @@ def test_repush_unchanged_uploads_nothing(hub: HubServer, pushed: dict, bundle_d
     assert ALICE not in res.output  # the token is never printed
 
     # a changed bundle (one more rank) uploads only what changed, in one commit
-    bigger = write_bundle(nested, (2, 4, 6, 8), tmp_path / "b2", base_model="org/tiny-llama", license_id="apache-2.0", repo_id=REPO)
+    bigger = write_bundle(nested, (2, 4, 6, 8), tmp_path / "b2", base_model_id="org/tiny-llama", license_id="apache-2.0", repo_id=REPO)
     hub.clear_log()
     result = push_bundle(bigger.path, REPO, token=ALICE, endpoint=hub.endpoint)
     assert sorted(result.main.uploaded) == ["README.md", "manifest.json", "r6/adapter_config.json", "r6/adapter_model.safetensors", "r6/matryoshka_config.json"]
@@ -329,7 +329,7 @@ def test_bundle_is_portable_with_a_default_rank_at_its_root(nested: Path, base_d
     def configs(root: Path) -> list[dict]:
         return [json.loads(p.read_text()) for p in sorted(root.rglob("adapter_config.json"))]
 
-    with_id = write_bundle(local, RANKS, tmp_path / "with-id", base_model="org/tiny-llama")
+    with_id = write_bundle(local, RANKS, tmp_path / "with-id", base_model_id="org/tiny-llama")
     assert len(configs(with_id.path)) == len(RANKS) + 2  # r{k}/, nested/ and the root
     assert {c["base_model_name_or_path"] for c in configs(with_id.path)} == {"org/tiny-llama"}
     without = write_bundle(local, RANKS, tmp_path / "without", warn_local_base=False)
@@ -543,6 +543,7 @@ def test_push_to_another_revision_and_a_modified_local_bundle(hub: HubServer, pu
     assert hub.log == []
 
 
+@pytest.mark.slow
 def test_bundle_with_onnx_export_cli(nested: Path, base_dirs: dict, tmp_path: Path) -> None:
     """``--with-onnx BASE_DIR`` runs the real ONNX exporter (verified in ONNX Runtime) into ``onnx/``."""
     from mlora_export.converters.hub.bundle import Bundle

@@ -68,7 +68,7 @@ def _state(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _expected_weights(base: Path, nested: Path, k: int, fan_in_fan_out: bool, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """DESIGN §1 by hand from the raw files: W + s(k)·B[:, :k]·A[:k] in float32, rounded once."""
+    """docs/design.md §1 by hand from the raw files: W + s(k)·B[:, :k]·A[:k] in float32, rounded once."""
     from mlora_export.adapter import NestedAdapter
 
     adapter = NestedAdapter.load(nested)

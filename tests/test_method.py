@@ -1,4 +1,4 @@
-"""Unit tests of DESIGN.md §1 on hand-computed values."""
+"""Unit tests of docs/design.md §1 on hand-computed values."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``nested-loss``: every example trained at one train rank exactly as that rank is served (DESIGN.md §1).
+"""``nested-loss``: every example trained at one train rank exactly as that rank is served (docs/design.md §1).
 
 The per-example forward against the math by hand, the stratified assignment, gradient accumulation
 and process layouts against one big batch, the Trainer path against the plain loop, and a short

@@ -1,4 +1,4 @@
-"""ONNX export: ONNX Runtime vs PyTorch (DESIGN.md §1 reference applied by hand) for every export
+"""ONNX export: ONNX Runtime vs PyTorch (docs/design.md §1 reference applied by hand) for every export
 kind, llama / gpt2 (Conv1D) / bert (classifier); ORT adapter files; clamping; CLI bad inputs.
 
 Each (arch, kind) is exported once per module and checked with one ORT session for all ranks.
@@ -75,7 +75,7 @@ def feeds(batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def reference(arch: str, adapter_dir: Path, k: int, f: dict[str, np.ndarray], base_dtype: torch.dtype = torch.float32) -> np.ndarray:
-    """Float32 logits of the base (saved in ``base_dtype``) with ΔW_k of DESIGN.md §1 added by hand."""
+    """Float32 logits of the base (saved in ``base_dtype``) with ΔW_k of docs/design.md §1 added by hand."""
     from mlora_export.adapter import NestedAdapter
 
     model = build_model(arch, base_dtype).float()  # what the exporter loads: the saved weights, upcast
@@ -327,7 +327,7 @@ def test_cli_failed_verification_keeps_previous_output(tmp_path: Path, exports, 
 
 
 def test_bfloat16_base_and_adapter(tmp_path: Path) -> None:
-    """A bfloat16 base and bfloat16 factors (GPT-2 Conv1D): the float32 graph equals DESIGN §1 on the upcast weights."""
+    """A bfloat16 base and bfloat16 factors (GPT-2 Conv1D): the float32 graph equals docs/design.md §1 on the upcast weights."""
     base, nested = tmp_path / "base-bf16", tmp_path / "nested-bf16"
     build_model("gpt2", torch.bfloat16).save_pretrained(base)
     random_nested(build_model("gpt2"), nested, arch="gpt2", r=R, train_ranks=TRAIN_RANKS, dtype=torch.bfloat16)

@@ -25,3 +25,42 @@ def test_import_and_cli_help_do_not_load_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.strip()
     assert out == "[]"
+
+
+def test_verbosity_works_before_and_after_the_command(tmp_path) -> None:  # noqa: ANN001
+    """``-v`` is accepted after the command name too, with the same effect as before it."""
+    from click.testing import CliRunner
+
+    from mlora_export.cli import main
+    from tests.common import build_model, random_nested
+
+    nested = random_nested(build_model("llama"), tmp_path / "nested", arch="llama").path
+    quiet = CliRunner().invoke(main, ["slice", str(nested), "--ranks", "2", "--output", str(tmp_path / "a")])
+    before = CliRunner().invoke(main, ["-v", "slice", str(nested), "--ranks", "2", "--output", str(tmp_path / "b")])
+    after = CliRunner().invoke(main, ["slice", str(nested), "--ranks", "2", "--output", str(tmp_path / "c"), "-v"])
+    assert quiet.exit_code == before.exit_code == after.exit_code == 0, (quiet.output, before.output, after.output)
+    assert "info:" not in quiet.stderr
+    assert "info:" in before.stderr and "info:" in after.stderr
+    assert sorted(line.split(":")[0] for line in after.stderr.splitlines()) == sorted(line.split(":")[0] for line in before.stderr.splitlines())
+
+
+def test_library_errors_speak_library_terms_and_the_cli_adds_the_flag(tmp_path) -> None:  # noqa: ANN001
+    """A library error names the parameter (``option``), not a flag; the CLI's table adds the flag and the exit code."""
+    import pytest
+    from click.testing import CliRunner
+
+    from mlora_export.cli import main
+    from mlora_export.cli._errors import EXIT_CODES, exit_code_for
+    from mlora_export.converters.slice import slice_adapter
+    from mlora_export.errors import ExportError, HubError, MloraError, OutputExistsError
+    from tests.common import build_model, random_nested
+
+    nested = random_nested(build_model("llama"), tmp_path / "nested", arch="llama").path
+    (tmp_path / "out").mkdir()
+    with pytest.raises(OutputExistsError) as e:
+        slice_adapter(nested, [2], tmp_path / "out")
+    assert e.value.option == "force" and e.value.path == str(tmp_path / "out") and "--" not in str(e.value)
+    res = CliRunner().invoke(main, ["slice", str(nested), "--ranks", "2", "--output", str(tmp_path / "out")])
+    assert res.exit_code == 2 and "pass --force to replace it" in res.stderr
+    assert exit_code_for(ExportError("x")) == exit_code_for(HubError("x")) == 1 and exit_code_for(MloraError("x")) == 2
+    assert all(not hasattr(cls, "exit_code") for cls, _ in EXIT_CODES)  # the codes live in the CLI's table only

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -198,6 +199,7 @@ def test_train_cli_bad_input_exit_2_nothing_written(case: str, expect: str, base
     _nothing_written(tmp_path, out)
 
 
+@pytest.mark.slow
 def test_demo_quick_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     res = _run(["demo", str(out), "--quick"])
@@ -210,6 +212,11 @@ def test_demo_quick_end_to_end(tmp_path: Path) -> None:
                 "slices/r8/adapter_model.safetensors", "lora/adapter_model.safetensors", "renested/matryoshka_config.json"):
         assert (out / sub).is_file(), sub
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".demo.")]
+    # what the outputs record names the folder the user got, never the temporary one it was written in
+    leaks = [str(f.relative_to(out)) for f in out.rglob("*.json") if f"{os.sep}.demo." in f.read_text(encoding="utf-8")]
+    assert not leaks, leaks
+    slice_cfg = json.loads((out / "slices" / "r2" / "matryoshka_config.json").read_text())
+    assert slice_cfg["source"]["path"] == str((out / "nested").absolute())
     # every stage ran, and what the outputs point at exists after the final rename
     for name in ("merge", "onnx", "bundle"):
         assert f"[{name}]" in text
@@ -221,6 +228,7 @@ def test_demo_quick_end_to_end(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "already exists" in res.stderr
 
 
+@pytest.mark.slow
 def test_demo_json_rows_show_every_rank_and_slices_match(tmp_path: Path) -> None:
     from mlora_export.demo import STAGES, run_demo
 

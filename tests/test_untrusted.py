@@ -130,7 +130,7 @@ def bundle_files(nested_src: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     from mlora_export.converters.hub import write_bundle
 
     out = tmp_path_factory.mktemp("bundle") / "bundle"
-    write_bundle(nested_src, (2, 4, 8), out, base_model="org/tiny-llama")
+    write_bundle(nested_src, (2, 4, 8), out, base_model_id="org/tiny-llama")
     return {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
 
 

@@ -1,4 +1,4 @@
-"""The nested adapter on disk (DESIGN.md §2): its files, configs, loading, reading and saving.
+"""The nested adapter on disk (docs/design.md §2): its files, configs, loading, reading and saving.
 
 - :mod:`.files`: file names, PEFT tensor names, locating an adapter folder's files;
 - :mod:`.config`: ``matryoshka_config.json`` (:class:`MatryoshkaConfig`);

@@ -1,4 +1,4 @@
-"""``matryoshka_config.json``: the nested adapter's own settings (DESIGN.md §2), validated on load."""
+"""``matryoshka_config.json``: the nested adapter's own settings (docs/design.md §2), validated on load."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from typing import Any
 
 from ..errors import ConfigError, InvalidAdapterError, RankError
 from ..method import (
+    Method,
+    Scaling,
     check_method,
     check_rank_weights,
     check_scaling,
@@ -34,19 +36,26 @@ class MatryoshkaConfig:
     ``extra`` holds every other field found on disk (``base_model``, ``created_by``, evaluation
     results…) so that a load/save round trip keeps them. ``rank_weights`` (``nested-loss`` only)
     are the weights over ``train_ranks`` of the per-example rank assignment, normalised to sum 1;
-    ``None`` is uniform.
+    ``None`` is uniform. Every field has a default but ``train_ranks``; ``max_rank`` defaults to
+    the largest of them: ``MatryoshkaConfig(train_ranks=(1, 2, 4, 8, 16))`` is a nested-loss
+    adapter of rank 16 with ``s(k) = 1/sqrt(k)``.
     """
 
-    method: str
-    max_rank: int
-    train_ranks: tuple[int, ...]
-    scaling: str = "sqrt"
+    method: Method = "nested-loss"
+    max_rank: int | None = None
+    train_ranks: tuple[int, ...] = ()
+    scaling: Scaling = "sqrt"
     alpha: float = 1.0
     extra: dict[str, Any] = field(default_factory=dict)
     rank_weights: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         check_method(self.method)
+        if self.max_rank is None:  # the largest train rank, as `mlora-export train` defaults it
+            ranks = [k for k in self.train_ranks if is_int(k)]
+            if not ranks:
+                raise RankError("give the train ranks (train_ranks=(1, 2, 4, 8), say); max_rank defaults to the largest", option="ranks")
+            object.__setattr__(self, "max_rank", max(ranks))
         check_scaling(self.scaling)
         object.__setattr__(self, "train_ranks", check_train_ranks(self.train_ranks, self.max_rank))
         if not is_real(self.alpha) or not math.isfinite(self.alpha) or self.alpha <= 0:
@@ -101,7 +110,7 @@ class MatryoshkaConfig:
             raise InvalidAdapterError(f"{source}: expected a JSON object, found {type(data).__name__}")
         missing = [k for k in REQUIRED_FIELDS if k not in data]
         if missing:
-            raise InvalidAdapterError(f"{source}: missing required field(s) {', '.join(missing)} (see DESIGN.md §2)")
+            raise InvalidAdapterError(f"{source}: missing required field(s) {', '.join(missing)} (see docs/design.md §2)")
         if data["format"] != NESTED_FORMAT:
             raise InvalidAdapterError(f"{source}: format is {data['format']!r}, expected {NESTED_FORMAT!r}")
         max_rank, train_ranks = data["max_rank"], data["train_ranks"]

@@ -1,6 +1,6 @@
 """The nested adapter's files: their names, the PEFT tensor names, and checks on the weights file.
 
-One place knows the folder layout (DESIGN.md §2) and how a PEFT LoRA weights file names its
+One place knows the folder layout (docs/design.md §2) and how a PEFT LoRA weights file names its
 tensors (``base_model.model.<module>.lora_A/lora_B.weight``); loading, slicing and re-nesting
 all read them from here.
 """
@@ -120,7 +120,7 @@ def adapter_files(path: str | os.PathLike[str]) -> tuple[Path, Path, Path]:
     if not root.is_dir():
         raise InvalidAdapterError(f"adapter path {str(root)!r} is a file; pass the adapter folder")
     if (root / BUNDLE_MANIFEST_NAME).is_file() and (root / BUNDLE_NESTED_DIR).is_dir():
-        # a variant bundle (DESIGN.md §2): its root holds the default rank only; the adapter is nested/
+        # a variant bundle (docs/design.md §2): its root holds the default rank only; the adapter is nested/
         logger.info("%s is a variant bundle: reading its nested adapter from %s/", root, BUNDLE_NESTED_DIR)
         root = root / BUNDLE_NESTED_DIR
     weights = root / WEIGHTS_NAME

@@ -1,6 +1,6 @@
 """The PEFT side of an adapter folder: checking ``adapter_config.json``, PEFT's scaling, and writing one.
 
-Only the keys PEFT needs are written (unknown keys break older PEFT releases, DESIGN.md §2);
+Only the keys PEFT needs are written (unknown keys break older PEFT releases, docs/design.md §2);
 every key this package reads is type-checked, nothing is coerced.
 """
 
@@ -100,7 +100,7 @@ def build_peft_config(
 ) -> dict[str, Any]:
     """A minimal ``adapter_config.json`` that every PEFT release since 0.6 reads.
 
-    Only the keys PEFT needs: unknown keys break older PEFT releases (DESIGN.md §2).
+    Only the keys PEFT needs: unknown keys break older PEFT releases (docs/design.md §2).
     """
     cfg: dict[str, Any] = {
         "peft_type": "LORA",

@@ -105,7 +105,7 @@ class AdapterReader:
             del b  # release the view of the map
 
     def delta(self, module: str, k: int, dtype: "torch.dtype | None" = None) -> "torch.Tensor":
-        """``ΔW_k = s(k) · B[:, :k] · A[:k, :]``, ``[out, in]``, computed in float32 (DESIGN.md §1).
+        """``ΔW_k = s(k) · B[:, :k] · A[:k, :]``, ``[out, in]``, computed in float32 (docs/design.md §1).
 
         Returns float32 unless ``dtype`` is given (then rounded once to it).
         """

@@ -1,4 +1,4 @@
-"""The ``mlora-export`` command line: a thin click layer over the library (DESIGN.md §4)."""
+"""The ``mlora-export`` command line: a thin click layer over the library (docs/design.md §4)."""
 
 from .main import main
 

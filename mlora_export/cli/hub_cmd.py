@@ -58,7 +58,7 @@ class RankOrAuto(click.ParamType):
 
 
 #: The flag of each bundle-building option of :func:`~mlora_export.converters.hub.push.publish`.
-_BUNDLE_FLAGS = {"ranks": "--ranks", "base_model": "--base-model", "license_id": "--license", "default_rank": "--default-rank",
+_BUNDLE_FLAGS = {"ranks": "--ranks", "base_model_id": "--base-model", "license_id": "--license", "default_rank": "--default-rank",
                  "onnx_base": "--with-onnx", "scale_mode": "--scale-mode"}
 
 
@@ -104,7 +104,7 @@ def bundle(adapter: str, output: str, ranks: Any, scale_mode: str, base_model: s
     from ..converters.hub.bundle import write_bundle
 
     with BarProgress("onnx export", unit="step") as export_bar, BarProgress("bundling") as bar:
-        b = write_bundle(adapter, ranks, output, scale_mode=scale_mode, base_model=base_model, license_id=license_id,
+        b = write_bundle(adapter, ranks, output, scale_mode=scale_mode, base_model_id=base_model, license_id=license_id,
                          repo_id=repo_id, onnx_base=onnx_base, default_rank=default_rank, force=force, progress=bar,
                          export_progress=export_bar)
     if as_json:
@@ -144,7 +144,7 @@ def push_hub(source: str, repo_id: str, ranks: Any, scale_mode: str, base_model:
     from ..converters.hub.push import publish
 
     with BarProgress("onnx export", unit="step") as export_bar, BarProgress("bundling") as bar:
-        published = publish(source, repo_id, ranks=ranks, scale_mode=scale_mode, base_model=base_model, license_id=license_id,
+        published = publish(source, repo_id, ranks=ranks, scale_mode=scale_mode, base_model_id=base_model, license_id=license_id,
                             default_rank=default_rank, onnx_base=onnx_base, private=private, revision=revision, branches=branches,
                             dry_run=dry_run, token=token, endpoint=endpoint, commit_message=commit_message, progress=bar,
                             export_progress=export_bar)

@@ -26,6 +26,19 @@ from . import (
 from ._errors import flush_warnings, hold_warning
 
 
+#: ``ctx.meta`` keys: the group's ``-v`` count and the function that applies a verbosity; whether
+#: the group set ``TRANSFORMERS_VERBOSITY`` itself (so that a later ``-v`` may lift it).
+_VERBOSITY = "mlora_export.verbosity"
+_SET_TRANSFORMERS_VERBOSITY = "mlora_export.set_transformers_verbosity"
+
+
+def _command_verbosity(ctx: click.Context, param: click.Parameter, value: int) -> None:
+    """``-v`` given after the command name: add it to the group's count and apply the sum."""
+    if value and _VERBOSITY in ctx.meta:
+        before, apply = ctx.meta[_VERBOSITY]
+        apply(before + value)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="mlora-export")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
@@ -38,13 +51,20 @@ def main(ctx: click.Context, verbose: int) -> None:
       mlora-export demo ./demo-out
       mlora-export slice ./nested --ranks 8,16 --output ./slices
     """
-    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logger = logging.getLogger("mlora_export")
     saved = (logger.level, logger.propagate)
-    handler = _EchoHandler(hold=verbose == 0)
-    logger.setLevel(level)
+    handler = _EchoHandler()
     logger.addHandler(handler)
     logger.propagate = False
+
+    def set_verbosity(n: int) -> None:
+        logger.setLevel(logging.WARNING if n == 0 else logging.INFO if n == 1 else logging.DEBUG)
+        handler.hold = n == 0
+        if n > 0 and os.environ.get("TRANSFORMERS_VERBOSITY") == "error" and ctx.meta.get(_SET_TRANSFORMERS_VERBOSITY):
+            os.environ.pop("TRANSFORMERS_VERBOSITY")  # -v after the command: transformers' warnings too
+
+    set_verbosity(verbose)
+    ctx.meta[_VERBOSITY] = (verbose, set_verbosity)
 
     def restore() -> None:
         # Leave the process as we found it (matters when the CLI is called in-process, e.g. by tests).
@@ -67,8 +87,9 @@ def _quiet_libraries(verbose: int) -> Callable[[], None]:
     returns the function that restores them."""
     saved = {k: os.environ.get(k) for k in ("TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS")}
     bars_off = hf_bars_off = False
-    if verbose == 0:
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if verbose == 0 and "TRANSFORMERS_VERBOSITY" not in os.environ:
+        os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+        click.get_current_context().meta[_SET_TRANSFORMERS_VERBOSITY] = True
     if not _stderr_is_terminal():
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         if "huggingface_hub" in sys.modules:
@@ -143,3 +164,8 @@ main.add_command(demo_cmd.demo)
 main.add_command(train_cmd.train)
 main.add_command(onnx_cmd.onnx)
 main.add_command(eval_cmd.eval_)
+
+# The verbosity options work after the command name too (`mlora-export onnx ... -v`).
+for _command in main.commands.values():
+    _command.params.append(click.Option(["-v", "--verbose"], count=True, expose_value=False, is_eager=True,
+                                        callback=_command_verbosity, help="More log output (-vv for debug)."))

@@ -19,7 +19,7 @@ are the components beyond ``min(out, in, r_m)`` and those a module of a smaller 
 are fixed so that each column of ``B'`` has its largest-magnitude entry positive (the first such,
 on ties), so re-running gives byte-identical files.
 
-The output is a nested adapter (DESIGN.md §2, method ``svd``): scaling ``none``, ``alpha = 1``
+The output is a nested adapter (docs/design.md §2, method ``svd``): scaling ``none``, ``alpha = 1``
 (the scale is in ``B'``), train ranks ``1…R``, and ``energy[k-1]``, the share of
 ``Σ_m ‖ΔW_m‖²_F`` that rank ``k`` keeps, computed over all components (before ``max_rank``
 truncation).

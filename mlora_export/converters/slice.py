@@ -1,4 +1,4 @@
-"""Slice a nested adapter into plain PEFT LoRA adapters, one folder per rank (DESIGN.md §2).
+"""Slice a nested adapter into plain PEFT LoRA adapters, one folder per rank (docs/design.md §2).
 
 A slice at rank ``k`` holds ``A[:k]`` and ``B[:, :k]`` (contiguous, source dtype) and an
 ``adapter_config.json`` with ``r = k``, so ``PeftModel.from_pretrained`` applies exactly
@@ -273,12 +273,6 @@ def write_slices(
     return results
 
 
-def write_slice(adapter: NestedAdapter, k: int, folder: Path, scale_mode: str = "baked", *, reader: AdapterReader | None = None, progress: Progress | None = None) -> SliceResult:
-    """Write the rank-``k`` slice of ``adapter`` into the existing, empty ``folder`` (no NaN/inf
-    check: :meth:`NestedAdapter.load` makes it by default). See :func:`write_slices`."""
-    return write_slices(adapter, {k: folder}, scale_mode, reader=reader, progress=progress, check_finite=False)[0]
-
-
 def slice_adapter(
     adapter: NestedAdapter | str | os.PathLike[str],
     ranks: Iterable[int] | str,
@@ -329,6 +323,5 @@ __all__ = [
     "resolve_ranks",
     "slice_adapter",
     "slice_peft_config",
-    "write_slice",
     "write_slices",
 ]

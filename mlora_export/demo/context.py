@@ -43,7 +43,7 @@ class DemoContext:
 
     @property
     def nested_dir(self) -> Path:
-        """The trained nested adapter (DESIGN.md §2)."""
+        """The trained nested adapter (docs/design.md §2)."""
         return self.root / "nested"
 
     @property

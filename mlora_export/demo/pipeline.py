@@ -25,6 +25,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from ..fs import atomic_output_dir, check_output_path
 from ..threads import torch_threads
@@ -76,6 +77,7 @@ def run_demo(
             t0 = time.perf_counter()
             report = fn(ctx) or StageReport()
             report.seconds = time.perf_counter() - t0
+            retarget_paths(tmp, Path(output).absolute())  # before a later stage copies (and hashes) what it recorded
             ctx.results[stage.name] = report.data
             reports.append((stage, report))
             if on_stage is not None:
@@ -83,4 +85,37 @@ def run_demo(
     return DemoResult(Path(output), reports)
 
 
-__all__ = ["STAGES", "run_demo"]
+def retarget_paths(root: Path, final: Path) -> int:
+    """Rewrite every path under ``root`` recorded in the JSON files under ``root`` to the same path under ``final``.
+
+    The stages write into a temporary sibling that is renamed to the output at the end, so the
+    sources the converters record (a slice's nested adapter, an ONNX export's base) name the
+    temporary folder: they are made to name the folder the user gets. Returns the number of files changed.
+    """
+    import json
+
+    olds = sorted({str(root), str(root.absolute()), str(root.resolve())}, key=len, reverse=True)
+
+    def fix(value: Any) -> Any:
+        if isinstance(value, str):
+            for old in olds:
+                if value == old or value.startswith(old + os.sep):
+                    return str(final) + value[len(old):]
+        if isinstance(value, list):
+            return [fix(v) for v in value]
+        if isinstance(value, dict):
+            return {k: fix(v) for k, v in value.items()}
+        return value
+
+    changed = 0
+    for path in sorted(root.rglob("*.json")):
+        text = path.read_text(encoding="utf-8")
+        if not any(old in text for old in olds):
+            continue
+        data = json.loads(text)
+        path.write_text(json.dumps(fix(data), indent=2) + "\n", encoding="utf-8")
+        changed += 1
+    return changed
+
+
+__all__ = ["STAGES", "retarget_paths", "run_demo"]

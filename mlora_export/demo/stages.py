@@ -37,7 +37,7 @@ def stage_train(ctx: DemoContext) -> StageReport:
 
     # Record the base's final path: ctx.base_dir lies in the temporary folder renamed at the end.
     res = train(ctx.base_dir, ctx.train_path, ctx.nested_dir, settings, progress=progress,
-                base_model_name=str((ctx.output / "base").resolve()))
+                base_model_id=str((ctx.output / "base").resolve()))
     return StageReport(
         lines=[
             f"{res.method} adapter, max rank {max(ctx.train_ranks)}, train ranks {list(ctx.train_ranks)}: "
@@ -60,7 +60,7 @@ def stage_renest(ctx: DemoContext) -> StageReport:
         ctx.report_progress("training LoRA", done, total)
 
     res = train(ctx.base_dir, ctx.train_path, ctx.lora_dir, settings, progress=progress,
-                base_model_name=str((ctx.output / "base").resolve()))
+                base_model_id=str((ctx.output / "base").resolve()))
     out = renest_adapter(ctx.lora_dir, ctx.renested_dir)
     keep = ", ".join(f"r{k} {out.energy[k - 1] * 100:.1f}%" for k in ctx.train_ranks if k <= len(out.energy))
     return StageReport(

@@ -1,4 +1,4 @@
-"""Per-rank evaluation of nested adapters, with AURAC (DESIGN.md §1).
+"""Per-rank evaluation of nested adapters, with AURAC (docs/design.md §1).
 
 The base model is loaded once; every adapter is put on it through PEFT
 (:func:`mlora_export.training.load_nested_adapter`), evaluated at each rank by switching the rank

@@ -60,7 +60,7 @@ def load_eval_data(
         DataError: bad records (named by line), a file mixing ``text`` and ``prompt``/``completion``
             records, or an example longer than ``max_length`` tokens.
     """
-    from .data import IGNORE_INDEX, ensure_pad_token, load_jsonl, tokenize_example
+    from ..data import IGNORE_INDEX, ensure_pad_token, load_jsonl, tokenize_example
 
     p = Path(path)
     records = load_jsonl(p)

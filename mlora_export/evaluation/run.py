@@ -43,9 +43,9 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _max_positions(base_model_dir: str | os.PathLike[str]) -> int | None:
+def _max_positions(base_model: str | os.PathLike[str]) -> int | None:
     try:
-        cfg = json.loads((Path(base_model_dir) / "config.json").read_text(encoding="utf-8"))
+        cfg = json.loads((Path(base_model) / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None  # load_base_model reports it
     value = cfg.get("max_position_embeddings") or cfg.get("n_positions")
@@ -88,7 +88,7 @@ class EvalResult:
 
 def evaluate(
     adapters: Sequence[str | os.PathLike[str]],
-    base_model_dir: str | os.PathLike[str],
+    base_model: str | os.PathLike[str],
     data_path: str | os.PathLike[str],
     ranks: Sequence[int] | str = "all",
     *,
@@ -133,16 +133,16 @@ def evaluate(
         )
     check_dtype(dtype)
     device = check_device(device) if device is not None else None
-    check_base_model_dir(base_model_dir)
-    tokenizer = load_tokenizer(tokenizer_dir if tokenizer_dir is not None else base_model_dir, hint="save one there or give a tokenizer folder", option="tokenizer_dir")
-    max_len = _max_positions(base_model_dir)
+    check_base_model_dir(base_model)
+    tokenizer = load_tokenizer(tokenizer_dir if tokenizer_dir is not None else base_model, hint="save one there or give a tokenizer folder", option="tokenizer_dir")
+    max_len = _max_positions(base_model)
     data = load_eval_data(data_path, tokenizer, max_length=max_len, max_examples=max_examples)  # before loading weights
     if metric == "exact-match" and data.kind != "prompt-completion":
         raise DataError(f"{data.path}: exact-match needs {{\"prompt\", \"completion\"}} records, the file has {{\"text\"}} records; use metric loss or accuracy", option="metric")
-    model = load_base_model(base_model_dir, dtype, device=device or _default_device())
+    model = load_base_model(base_model, dtype, device=device or _default_device())
     for c in curves:
         for a, _ in c.members:
-            check_fits(a, model, base=str(base_model_dir))
+            check_fits(a, model, base=str(base_model))
     total = sum(len(ks) for c in curves for _, ks in c.members) + int(with_base)
     done = 0
     kw = {"metric": metric, "batch_size": batch_size, "max_new_tokens": max_new_tokens}
@@ -169,7 +169,7 @@ def evaluate(
                 handle.remove()
                 model = handle.model.unload()
         c.aurac = aurac([p.rank for p in c.points], [p.score for p in c.points])
-    result = EvalResult(metric, curves, data, str(base_model_dir), base_score, time.perf_counter() - t0)
+    result = EvalResult(metric, curves, data, str(base_model), base_score, time.perf_counter() - t0)
     if record:
         for c in curves:
             if c.recordable:

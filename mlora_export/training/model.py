@@ -1,4 +1,4 @@
-"""Put nested adapters on a transformers model and train them (DESIGN.md §1).
+"""Put nested adapters on a transformers model and train them (docs/design.md §1).
 
 Built on PEFT's own LoRA layers, so PEFT's module matching (``all-linear``, names, regexes),
 quantised base layers (QLoRA), gradient checkpointing and ``save_pretrained`` keep working. The one
@@ -307,7 +307,7 @@ class NestedLoraModel:
         return bool(getattr(cfg, "fan_in_fan_out", False))
 
     def save(self, path: str | os.PathLike[str], *, force: bool = False, extra: dict[str, Any] | None = None) -> Path:
-        """Write the nested adapter format (DESIGN.md §2) atomically; returns the folder."""
+        """Write the nested adapter format (docs/design.md §2) atomically; returns the folder."""
         cfg = self.config
         if extra:
             cfg = dataclasses.replace(cfg, extra={**cfg.extra, **extra})

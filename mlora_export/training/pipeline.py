@@ -3,7 +3,7 @@
 :func:`train` loads the base model (local folder, safetensors only, never a pickle), puts a nested
 adapter on it (:func:`~mlora_export.training.add_nested_adapter`), trains it with a stock
 ``transformers.Trainer`` plus :class:`~mlora_export.training.callbacks.NestedRankCallback`, and writes the
-nested adapter format (DESIGN.md §2) atomically.
+nested adapter format (docs/design.md §2) atomically.
 
 It runs unchanged under ``torchrun``/``accelerate launch``: ``Trainer`` wraps the model in
 DistributedDataParallel and shards the batches; the training diagonal depends only on the step, so
@@ -211,21 +211,21 @@ def heldout_loss(model: Any, features: Sequence[dict[str, list[int]]], pad_token
 
 
 def train(
-    base_model_dir: str | os.PathLike[str],
+    base_model: str | os.PathLike[str],
     data_path: str | os.PathLike[str],
     output: str | os.PathLike[str],
     settings: TrainSettings | None = None,
     *,
     force: bool = False,
     progress: Progress | None = None,
-    base_model_name: str | None = None,
+    base_model_id: str | None = None,
 ) -> TrainResult:
-    """Train a nested adapter on ``base_model_dir`` with the JSONL file ``data_path``; write it to ``output``.
+    """Train a nested adapter on ``base_model`` with the JSONL file ``data_path``; write it to ``output``.
 
     Everything is validated before the model is loaded. Works in one process and under
     ``torchrun``/``accelerate launch`` (DDP) alike; only the main process writes ``output``.
-    ``base_model_name`` is what the adapter records as its base (PEFT's ``base_model_name_or_path``;
-    default ``base_model_dir`` as given), e.g. a Hub id when the local folder is a copy of one.
+    ``base_model_id`` is what the adapter records as its base (PEFT's ``base_model_id_or_path``;
+    default ``base_model`` as given), e.g. a Hub id when the local folder is a copy of one.
 
     Raises:
         ConfigError, RankError: invalid settings.
@@ -238,9 +238,9 @@ def train(
     # every check that needs no torch first: a bad argument or file is reported in a blink
     settings = settings or TrainSettings()
     cfg = settings.validate()
-    check_output_path(output, force, inputs=(base_model_dir, data_path))  # --force may never replace an input
+    check_output_path(output, force, inputs=(base_model, data_path))  # --force may never replace an input
     examples = load_jsonl(data_path)
-    base = check_base_model_dir(base_model_dir)  # its model_type check imports transformers (about a second)
+    base = check_base_model_dir(base_model)  # its model_type check imports transformers (about a second)
 
     import torch
     from transformers import Trainer, TrainingArguments
@@ -254,7 +254,7 @@ def train(
     model = load_base_model(base, settings.dtype)
     if getattr(model.config, "use_cache", None):
         model.config.use_cache = False
-    cfg = settings.nested_config(base_model=base_model_name or str(base_model_dir))
+    cfg = settings.nested_config(base_model=base_model_id or str(base_model))
     targets = settings.target_modules if isinstance(settings.target_modules, str) else list(settings.target_modules)
     nested = add_nested_adapter(model, cfg, target_modules=targets, dropout=settings.dropout, seed=settings.seed)
     if settings.gradient_checkpointing:

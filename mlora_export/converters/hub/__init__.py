@@ -1,4 +1,4 @@
-"""Variant bundles on the Hugging Face Hub (DESIGN.md §2): write one locally, push it, pull one rank.
+"""Variant bundles on the Hugging Face Hub (docs/design.md §2): write one locally, push it, pull one rank.
 
 - :mod:`.bundle`: :func:`write_bundle` (the folder: card, config, manifest, ``nested/``, ``r{k}/``).
 - :mod:`.card`: the model card, validated as the Hub would.

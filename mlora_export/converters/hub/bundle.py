@@ -290,7 +290,7 @@ def write_bundle(
     output: str | os.PathLike[str],
     *,
     scale_mode: str = "baked",
-    base_model: str | None = None,
+    base_model_id: str | None = None,
     license_id: str | None = None,
     repo_id: str | None = None,
     onnx_dir: str | os.PathLike[str] | None = None,
@@ -303,7 +303,7 @@ def write_bundle(
 ) -> Bundle:
     """Write the variant bundle of a nested ``adapter`` at ``ranks`` into the new folder ``output``.
 
-    ``base_model`` overrides the base model recorded in the adapter (the card's ``base_model``
+    ``base_model_id`` overrides the base model recorded in the adapter (the card's ``base_model``
     must be a Hub repo id; a local path is left out of the card with a warning). ``repo_id`` is
     only used in the card's snippets. ``onnx_dir``, when given, is copied into ``onnx/``; with
     ``onnx_base`` (a local base model folder) a dynamic-rank ONNX model is exported and verified
@@ -332,7 +332,7 @@ def write_bundle(
 
         with tempfile.TemporaryDirectory(prefix="mlora-onnx-") as tmp:
             exported = export_onnx(adapter, onnx_base, Path(tmp) / ONNX_DIR, progress=export_progress)
-            return write_bundle(adapter, ranks, output, scale_mode=scale_mode, base_model=base_model, license_id=license_id,
+            return write_bundle(adapter, ranks, output, scale_mode=scale_mode, base_model_id=base_model_id, license_id=license_id,
                                 repo_id=repo_id, onnx_dir=exported.path, default_rank=default_rank, force=force,
                                 progress=progress, warn_local_base=warn_local_base)
     # The NaN/inf check is made by write_slices, alongside the writing.
@@ -343,7 +343,7 @@ def write_bundle(
             "written by mlora-export training, since only its prefixes are trained ranks"
         )
     ks = resolve_ranks(nested, ranks if isinstance(ranks, str) else list(ranks))
-    base = base_model or nested.base_model
+    base = base_model_id or nested.base_model
     hub_base = hub_base_model(base)
     src_files = [nested.path / n for n in (PEFT_CONFIG_NAME, WEIGHTS_NAME, CONFIG_NAME)]
     slice_total = sum(nested.bytes_at(k) for k in ks)

@@ -257,7 +257,7 @@ def publish(
     *,
     ranks: Iterable[int] | str = "all",
     scale_mode: str = "baked",
-    base_model: str | None = None,
+    base_model_id: str | None = None,
     license_id: str | None = None,
     default_rank: int | None = None,
     onnx_base: str | os.PathLike[str] | None = None,
@@ -289,12 +289,12 @@ def publish(
     with tempfile.TemporaryDirectory(prefix="mlora-bundle-") as tmp:
         ignored: list[str] = []
         if is_bundle(source):
-            ignored = [name for name, value in (("ranks", ranks != "all"), ("base_model", base_model), ("license_id", license_id),
+            ignored = [name for name, value in (("ranks", ranks != "all"), ("base_model_id", base_model_id), ("license_id", license_id),
                                                 ("default_rank", default_rank), ("onnx_base", onnx_base),
                                                 ("scale_mode", scale_mode != "baked")) if value]
             bundle = Bundle.load(source, verify=True)
         else:
-            bundle = write_bundle(source, ranks, Path(tmp) / "bundle", scale_mode=scale_mode, base_model=base_model,
+            bundle = write_bundle(source, ranks, Path(tmp) / "bundle", scale_mode=scale_mode, base_model_id=base_model_id,
                                   license_id=license_id, repo_id=repo_id, onnx_base=onnx_base, default_rank=default_rank,
                                   progress=progress, export_progress=export_progress)
         if dry_run:
