@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and IDEs
     from .adapter import MatryoshkaConfig, NestedAdapter, save_nested  # noqa: F401
-    from .converters.hub import pull_rank, push_bundle, write_bundle  # noqa: F401
+    from .converters.hub import publish, pull_rank, push_bundle, write_bundle  # noqa: F401
     from .converters.merge import merge_adapter  # noqa: F401
     from .converters.onnx import export_onnx  # noqa: F401
     from .converters.renest import renest_adapter  # noqa: F401
@@ -43,6 +43,7 @@ _EXPORTS: dict[str, str] = {
     "export_onnx": "mlora_export.converters.onnx",
     "write_bundle": "mlora_export.converters.hub",
     "push_bundle": "mlora_export.converters.hub",
+    "publish": "mlora_export.converters.hub",
     "pull_rank": "mlora_export.converters.hub",
     "evaluate": "mlora_export.evaluation",
     "MloraError": "mlora_export.errors",
