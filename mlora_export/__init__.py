@@ -19,7 +19,14 @@ if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and
     from .errors import MloraError  # noqa: F401
     from .evaluation import evaluate  # noqa: F401
     from .method import aurac, matryoshka_diagonal, scale, training_diagonal  # noqa: F401
-    from .training import NestedLoraModel, NestedRankCallback, TrainSettings, add_nested_adapter, load_nested_adapter, train  # noqa: F401
+    from .training import (  # noqa: F401
+        NestedLoraModel,
+        NestedRankCallback,
+        TrainSettings,
+        add_nested_adapter,
+        load_nested_adapter,
+        train,
+    )
 
 __version__ = "0.1.0"
 

@@ -190,18 +190,14 @@ class CompletionCollator:
     ``labels`` (``-100`` on padding), all ``int64 [batch, seq]``.
     """
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None) -> None:
+    def __init__(self, pad_token_id: int) -> None:
         self.pad_token_id = int(pad_token_id)
-        self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, features: Iterable[Mapping[str, Sequence[int]]]) -> dict[str, "torch.Tensor"]:
         import torch
 
         feats = list(features)
         n = max(len(f["input_ids"]) for f in feats)
-        if self.pad_to_multiple_of:
-            m = self.pad_to_multiple_of
-            n = (n + m - 1) // m * m
         ids = torch.full((len(feats), n), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(feats), n), dtype=torch.long)
         labels = torch.full((len(feats), n), IGNORE_INDEX, dtype=torch.long)

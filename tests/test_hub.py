@@ -417,10 +417,10 @@ def test_unknown_repo_revision_rank_and_network_down(hub: HubServer, pushed: dic
     cases = [
         (["pull", "org/nope", "--rank", "2"], 1, "repository 'org/nope' not found"),
         (["pull", REPO, "--rank", "2", "--revision", "v9"], 1, "revision 'v9' not found"),
-        (["pull", REPO, "--rank", "2", "--revision", ""], 2, "--revision is empty"),
+        (["pull", REPO, "--rank", "2", "--revision", ""], 2, "the revision is empty; give a branch, tag or commit (default: main) (see --revision)"),
         (["pull", REPO, "--rank", "16"], 2, "rank 16 is not in the bundle 'org/tiny-llama-mlora'; it has ranks 2, 4, 8"),
-        (["pull", REPO, "--rank", "auto"], 2, "--rank auto needs --max-bytes"),
-        (["pull", REPO, "--rank", "auto", "--max-bytes", "1KB"], 2, "no rank of 'org/tiny-llama-mlora' fits --max-bytes 1000"),
+        (["pull", REPO, "--rank", "auto"], 2, "rank 'auto' needs a limit (bytes, parameters, latency) or a score to reach to choose a rank (see --max-bytes"),
+        (["pull", REPO, "--rank", "auto", "--max-bytes", "1KB"], 2, "'org/tiny-llama-mlora': no rank fits 1,000 bytes; the smallest, rank 2,"),
         (["pull", REPO, "--rank", "zero"], 2, "is not a rank"),
         (["pull", REPO, "--rank", "4", "--max-bytes", "10MB"], 2, "only apply with --rank auto"),
     ]
@@ -436,7 +436,7 @@ def test_unknown_repo_revision_rank_and_network_down(hub: HubServer, pushed: dic
     # bad input caught before any request: a malformed repo id or endpoint
     hub.clear_log()
     for args, message in [(["pull", "not a repo", "--rank", "2", "--endpoint", hub.endpoint], "repo id 'not a repo' is not a valid Hub repo id"),
-                          (["pull", REPO, "--rank", "2", "--endpoint", "127.0.0.1:9"], "--endpoint '127.0.0.1:9' is not an http(s) URL")]:
+                          (["pull", REPO, "--rank", "2", "--endpoint", "127.0.0.1:9"], "endpoint '127.0.0.1:9' is not an http(s) URL; give the Hub's address, e.g. https://huggingface.co (see --endpoint)")]:
         res = run(*args, "--output", out)
         assert res.exit_code == 2 and message in res.output and len(res.output.strip().splitlines()) == 1, res.output
     res = run("pull", REPO, "--rank", "2", "--output", out, env={"HF_ENDPOINT": "ftp://mirror"})
@@ -559,3 +559,40 @@ def test_bundle_with_onnx_export_cli(nested: Path, base_dirs: dict, tmp_path: Pa
     onnx.checker.check_model(str(out / "onnx/model.onnx"))
     res = run("bundle", nested, "--ranks", "2", "--with-onnx", tmp_path / "no-base", "--output", tmp_path / "c")
     assert res.exit_code == 2 and leftovers(tmp_path, "c") == []
+
+
+@pytest.mark.slow
+def test_pull_auto_chooses_by_measured_latency_and_recorded_score(hub: HubServer, nested: Path, base_dirs: dict, tmp_path: Path) -> None:
+    """``bundle --with-onnx --measure-latency`` records ms per rank with the machine; ``pull --rank auto``
+    chooses by that latency and by the recorded score, and says why."""
+    from mlora_export.evaluation import record_evaluation
+
+    src = tmp_path / "nested"
+    shutil.copytree(nested, src)
+    record_evaluation(src, {"metric": "exact-match", "higher_is_better": True, "data": "held.jsonl",
+                            "ranks": [{"rank": 2, "score": 0.40}, {"rank": 4, "score": 0.55}, {"rank": 8, "score": 0.56}]})
+    repo = "org/latency-choice"
+    res = run("bundle", src, "--ranks", "2,4,8", "--with-onnx", base_dirs["llama"], "--measure-latency", "--repo-id", repo,
+              "--output", tmp_path / "b")
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((tmp_path / "b" / MANIFEST_NAME).read_text())
+    latency = manifest["latency"]
+    assert set(latency["ms"]) == {"0", "2", "4", "8"} and all(v > 0 for v in latency["ms"].values())
+    assert {"cpu", "cpus", "onnxruntime", "provider"} <= set(latency["machine"]) and latency["batch"] == 1
+    assert [r["latency_ms"] for r in manifest["ranks"]] == [latency["ms"][k] for k in ("2", "4", "8")]
+    assert run("push-hub", tmp_path / "b", "--repo-id", repo, "--endpoint", hub.endpoint, "--token", ALICE).exit_code == 0
+
+    def pull(*extra: object) -> object:
+        out = tmp_path / f"pull-{len(list(tmp_path.glob('pull-*')))}"
+        return run("pull", repo, "--rank", "auto", *extra, "--output", out, "--endpoint", hub.endpoint, "--json")
+
+    within = pull("--within", "2")  # best 56%: 54% or more is reached first at rank 4
+    assert within.exit_code == 0, within.output
+    got = json.loads(within.stdout)
+    assert got["rank"] == 4 and "smallest rank" in got["reason"] and "exact-match within 2 points" in got["reason"]
+    roomy = json.loads(pull("--max-latency-ms", str(10 * max(latency["ms"].values()))).stdout)
+    assert roomy["rank"] == 8 and "largest rank" in roomy["reason"]
+    tight = pull("--max-latency-ms", "0.000001")
+    assert tight.exit_code == 2 and "no rank fits" in tight.stderr and "--max-latency-ms" in tight.stderr
+    plain = run("pull", repo, "--rank", "4", "--within", "2", "--output", tmp_path / "x", "--endpoint", hub.endpoint)
+    assert plain.exit_code == 2 and "only apply with --rank auto" in plain.output

@@ -65,10 +65,16 @@ FLAG_HINTS: dict[str, str] = {
     "revision": "see --revision",
     "repo_id": "see --repo-id",
     "token": "or pass --token",
-    "endpoint": "or HF_ENDPOINT / --endpoint",
+    "endpoint": "see --endpoint",
     "private": "see --private",
     "license": "see --license",
     "max_bytes": "see --max-bytes / --max-params",
+    "max_latency_ms": "see --max-latency-ms",
+    "min_score": "see --min-score",
+    "within": "see --within",
+    "measure_latency": "see --measure-latency and --with-onnx",
+    "onnx_base": "see --with-onnx",
+    "rank_weights": "see --rank-weights",
 }
 
 #: Signals handled like Ctrl-C while a command runs.

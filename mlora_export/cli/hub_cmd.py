@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from ..evaluation.scoring import METRICS
 from ..units import human_bytes
 from ._errors import handle_errors
 from ._options import (
@@ -50,7 +51,7 @@ class RankOrAuto(click.ParamType):
         try:
             k = int(str(value))
         except ValueError:
-            self.fail(f"{value!r} is not a rank; give an integer such as 8, or 'auto' with --max-bytes/--max-params", param, ctx)
+            self.fail(f"{value!r} is not a rank; give an integer such as 8, or 'auto' with limits (--max-bytes, --max-latency-ms…) or a score (--min-score, --within)", param, ctx)
         if k < 1:
             self.fail(f"rank {k} must be at least 1", param, ctx)
         return k
@@ -59,7 +60,7 @@ class RankOrAuto(click.ParamType):
 
 #: The flag of each bundle-building option of :func:`~mlora_export.converters.hub.push.publish`.
 _BUNDLE_FLAGS = {"ranks": "--ranks", "base_model_id": "--base-model", "license_id": "--license", "default_rank": "--default-rank",
-                 "onnx_base": "--with-onnx", "scale_mode": "--scale-mode"}
+                 "onnx_base": "--with-onnx", "measure_latency": "--measure-latency", "scale_mode": "--scale-mode"}
 
 
 def _bundle_options(func: Any) -> Any:
@@ -72,6 +73,8 @@ def _bundle_options(func: Any) -> Any:
                      help="Rank also written at the bundle's root, for PeftModel.from_pretrained(base, repo).  [default: the best by the recorded evaluation, else the largest]"),
         click.option("--with-onnx", "onnx_base", type=click.Path(path_type=str), metavar="BASE_DIR",
                      help="Also export a dynamic-rank ONNX model (verified in ONNX Runtime) into onnx/, built on the local base model folder BASE_DIR."),
+        click.option("--measure-latency", is_flag=True,
+                     help="With --with-onnx: time every rank in ONNX Runtime on this machine; record it (and the machine) in the manifest for pull --max-latency-ms."),
     ]):
         func = opt(func)
     return func
@@ -86,7 +89,7 @@ def _bundle_options(func: Any) -> Any:
 @json_option
 @handle_errors
 def bundle(adapter: str, output: str, ranks: Any, scale_mode: str, base_model: str | None, license_id: str | None,
-           default_rank: int | None, onnx_base: str | None, repo_id: str | None, force: bool, as_json: bool) -> None:
+           default_rank: int | None, onnx_base: str | None, measure_latency: bool, repo_id: str | None, force: bool, as_json: bool) -> None:
     """Write a variant bundle of a nested ADAPTER to a local folder (no network).
 
     The folder holds README.md (model card), matryoshka_config.json, manifest.json (every
@@ -105,7 +108,8 @@ def bundle(adapter: str, output: str, ranks: Any, scale_mode: str, base_model: s
 
     with BarProgress("onnx export", unit="step") as export_bar, BarProgress("bundling") as bar:
         b = write_bundle(adapter, ranks, output, scale_mode=scale_mode, base_model_id=base_model, license_id=license_id,
-                         repo_id=repo_id, onnx_base=onnx_base, default_rank=default_rank, force=force, progress=bar,
+                         repo_id=repo_id, onnx_base=onnx_base, default_rank=default_rank, measure_latency=measure_latency,
+                         force=force, progress=bar,
                          export_progress=export_bar)
     if as_json:
         echo_json({"path": str(b.path), "ranks": [r.__dict__ for r in b.ranks], "files": [f.__dict__ for f in b.files], "bytes": b.total_bytes})
@@ -128,7 +132,7 @@ def bundle(adapter: str, output: str, ranks: Any, scale_mode: str, base_model: s
 @json_option
 @handle_errors
 def push_hub(source: str, repo_id: str, ranks: Any, scale_mode: str, base_model: str | None, license_id: str | None,
-             default_rank: int | None, onnx_base: str | None, private: bool, revision: str, branches: bool, dry_run: bool, token: str | None, endpoint: str | None,
+             default_rank: int | None, onnx_base: str | None, measure_latency: bool, private: bool, revision: str, branches: bool, dry_run: bool, token: str | None, endpoint: str | None,
              commit_message: str | None, as_json: bool) -> None:
     """Push a variant bundle of SOURCE to the Hub as one commit.
 
@@ -145,7 +149,7 @@ def push_hub(source: str, repo_id: str, ranks: Any, scale_mode: str, base_model:
 
     with BarProgress("onnx export", unit="step") as export_bar, BarProgress("bundling") as bar:
         published = publish(source, repo_id, ranks=ranks, scale_mode=scale_mode, base_model_id=base_model, license_id=license_id,
-                            default_rank=default_rank, onnx_base=onnx_base, private=private, revision=revision, branches=branches,
+                            default_rank=default_rank, onnx_base=onnx_base, measure_latency=measure_latency, private=private, revision=revision, branches=branches,
                             dry_run=dry_run, token=token, endpoint=endpoint, commit_message=commit_message, progress=bar,
                             export_progress=export_bar)
     if published.ignored:
@@ -175,36 +179,53 @@ def push_hub(source: str, repo_id: str, ranks: Any, scale_mode: str, base_model:
 
 @click.command("pull")
 @click.argument("repo_id")
-@click.option("--rank", required=True, type=RankOrAuto(), help="Rank to fetch, or 'auto' for the largest that fits --max-bytes/--max-params.")
+@click.option("--rank", required=True, type=RankOrAuto(),
+              help="Rank to fetch, or 'auto' to choose it by the limits and scores below.")
 @click.option("--output", "-o", required=True, type=click.Path(path_type=str), help="Folder to create: a plain PEFT adapter.")
 @click.option("--revision", default="main", show_default=True, help="Branch, tag or commit to pull from.")
 @click.option("--max-bytes", type=ByteSize(), help="With --rank auto: the download size limit (e.g. 50MB, 1GiB).")
 @click.option("--max-params", type=click.IntRange(min=1), help="With --rank auto: the parameter count limit.")
+@click.option("--max-latency-ms", type=click.FloatRange(min=0, min_open=True),
+              help="With --rank auto: the per-forward latency limit, as the bundle recorded it (bundle --measure-latency).")
+@click.option("--min-score", type=float,
+              help="With --rank auto: the smallest rank whose recorded score reaches this (percent for accuracy and exact-match).")
+@click.option("--within", type=click.FloatRange(min=0),
+              help="With --rank auto: the smallest rank within this many points of the best recorded score.")
+@click.option("--metric", type=click.Choice(list(METRICS)), help="The recorded evaluation --min-score/--within judge by (default: the first recorded).")
 @click.option("--token", help="Hub token (default: HF_TOKEN, then the `hf auth login` cache). Never printed.")
 @click.option("--endpoint", help="Hub URL for private deployments and mirrors (default: HF_ENDPOINT, then huggingface.co).")
 @force_option
 @json_option
 @handle_errors
 def pull(repo_id: str, rank: Any, output: str, revision: str, max_bytes: int | None, max_params: int | None,
+         max_latency_ms: float | None, min_score: float | None, within: float | None, metric: str | None,
          token: str | None, endpoint: str | None, force: bool, as_json: bool) -> None:
     """Fetch one rank of a variant bundle from the Hub, sha256-verified against its manifest.
 
     Only manifest.json, matryoshka_config.json and the rank's folder are downloaded. OUTPUT is
-    a plain PEFT adapter folder; nothing is written unless every file checks out.
+    a plain PEFT adapter folder; nothing is written unless every file checks out. With --rank
+    auto, the limits keep the ranks that fit; --min-score or --within then take the smallest
+    of them that reaches the score, otherwise the largest is taken; the choice is explained.
 
     \b
     Example:
       mlora-export pull my-org/llama-1b-gsm8k-mlora --rank 8 --output ./r8
       mlora-export pull my-org/llama-1b-gsm8k-mlora --rank auto --max-bytes 20MB --output ./adapter
+      mlora-export pull my-org/llama-1b-gsm8k-mlora --rank auto --within 2 --max-latency-ms 15 --output ./adapter
     """
     from ..converters.hub.pull import pull_rank
 
-    if rank != "auto" and (max_bytes is not None or max_params is not None):
-        raise click.UsageError("--max-bytes/--max-params only apply with --rank auto")
+    limits = {"--max-bytes": max_bytes, "--max-params": max_params, "--max-latency-ms": max_latency_ms,
+              "--min-score": min_score, "--within": within, "--metric": metric}
+    if rank != "auto" and any(v is not None for v in limits.values()):
+        raise click.UsageError(f"{', '.join(k for k, v in limits.items() if v is not None)} only apply with --rank auto")
     result = pull_rank(repo_id, rank, output, revision=revision, endpoint=endpoint, token=token,
-                       max_bytes=max_bytes, max_params=max_params, force=force)
+                       max_bytes=max_bytes, max_params=max_params, max_latency_ms=max_latency_ms,
+                       min_score=min_score, within=within, metric=metric, force=force)
     if as_json:
         echo_json(result.to_dict())
         return
     click.echo(f"rank {result.rank} of {repo_id} @ {result.commit[:10]} -> {result.path} "
                f"({result.params:,} params, {human_bytes(result.bytes)}; sha256 verified)")
+    if rank == "auto":
+        click.echo(f"chosen: {result.reason}")

@@ -25,7 +25,6 @@ from . import (
 )
 from ._errors import flush_warnings, hold_warning
 
-
 #: ``ctx.meta`` keys: the group's ``-v`` count and the function that applies a verbosity; whether
 #: the group set ``TRANSFORMERS_VERBOSITY`` itself (so that a later ``-v`` may lift it).
 _VERBOSITY = "mlora_export.verbosity"

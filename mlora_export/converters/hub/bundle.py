@@ -45,7 +45,7 @@ from ...errors import ConfigError, IntegrityError, InvalidAdapterError, RankErro
 from ...fs import atomic_output_dir, check_free_space, check_output_path
 from ...progress import Progress
 from ...provenance import created_by
-from ...validate import is_int
+from ...validate import is_finite_real, is_int
 from ..slice import check_scale_mode, resolve_ranks, write_slices
 from .card import check_license, hub_base_model, render_card
 
@@ -226,8 +226,15 @@ def check_manifest(data: Any, source: str) -> dict[str, Any]:
             raise InvalidAdapterError(f"{source}: folder {folder!r} is given for two ranks; the bundle is broken")
         if folder in paths:
             raise InvalidAdapterError(f"{source}: rank folder {folder!r} is listed as a file; the bundle is broken")
+        metrics = r.get("metrics", {})
+        if not (isinstance(metrics, dict) and all(isinstance(m, str) and is_finite_real(v) for m, v in metrics.items())):
+            raise InvalidAdapterError(f"{source}: rank {r['rank']}'s metrics must map metric names to finite numbers; the bundle is broken")
         ranks.add(r["rank"])
         folders.add(folder)
+    latency = data.get("latency")
+    if latency is not None and not (isinstance(latency, dict) and isinstance(latency.get("ms"), dict)
+                                    and all(str(k).isdigit() and is_finite_real(v) and v >= 0 for k, v in latency["ms"].items())):
+        raise InvalidAdapterError(f"{source}: 'latency' must hold 'ms', a map of rank to non-negative milliseconds; the bundle is broken")
     return data
 
 
@@ -296,6 +303,7 @@ def write_bundle(
     onnx_dir: str | os.PathLike[str] | None = None,
     onnx_base: str | os.PathLike[str] | None = None,
     default_rank: int | None = None,
+    measure_latency: bool = False,
     force: bool = False,
     progress: Progress | None = None,
     export_progress: Progress | None = None,
@@ -311,6 +319,9 @@ def write_bundle(
     and carried in ``onnx/``: the one place a converter composes another (DESIGN §3).
     ``default_rank`` (one of ``ranks``) is also written at the bundle's root; by default the best
     rank by the adapter's recorded evaluation, else the largest (:func:`choose_default_rank`).
+    ``measure_latency`` times the ONNX export (a dynamic-rank one) in ONNX Runtime at every rank on
+    this machine and records the milliseconds, with the machine, in the manifest (``latency``),
+    for ``pull_rank(..., max_latency_ms=...)``.
     ``warn_local_base=False`` silences the warning about a base model that is a local path.
     The folder appears at once, complete (written in a temporary sibling, then renamed).
 
@@ -333,8 +344,8 @@ def write_bundle(
         with tempfile.TemporaryDirectory(prefix="mlora-onnx-") as tmp:
             exported = export_onnx(adapter, onnx_base, Path(tmp) / ONNX_DIR, progress=export_progress)
             return write_bundle(adapter, ranks, output, scale_mode=scale_mode, base_model_id=base_model_id, license_id=license_id,
-                                repo_id=repo_id, onnx_dir=exported.path, default_rank=default_rank, force=force,
-                                progress=progress, warn_local_base=warn_local_base)
+                                repo_id=repo_id, onnx_dir=exported.path, default_rank=default_rank, measure_latency=measure_latency,
+                                force=force, progress=progress, warn_local_base=warn_local_base)
     # The NaN/inf check is made by write_slices, alongside the writing.
     nested = adapter if isinstance(adapter, NestedAdapter) else NestedAdapter.load(adapter, check_finite=False)
     if not nested.is_nested:
@@ -355,6 +366,14 @@ def write_bundle(
     if default_rank is not None and default_rank not in ks:
         raise RankError(f"default rank {default_rank!r} is not one of the bundle's ranks {list(ks)}")
     root_rank, chosen_by = (default_rank, "option") if default_rank is not None else choose_default_rank(ks, raw_cfg.get("evaluation"))
+    latency = None
+    if measure_latency:
+        if onnx_src is None or not (onnx_src / "model.onnx").is_file():
+            raise ConfigError("measuring latency needs an ONNX export (onnx_dir or onnx_base) of the dynamic kind", option="measure_latency")
+        from ..onnx.latency import measure_rank_latency
+
+        latency = measure_rank_latency(onnx_src / "model.onnx", ks).to_dict()
+        logger.info("bundle: latency per rank (ms): %s", latency["ms"])
 
     with atomic_output_dir(output, force, inputs) as tmp:
         (tmp / NESTED_DIR).mkdir()
@@ -382,6 +401,7 @@ def write_bundle(
                 "scale": res.scale,
                 "trained": k in nested.config.train_ranks,
                 "metrics": metrics.get(k, {}),
+                **({"latency_ms": latency["ms"][str(k)]} if latency else {}),
             })
             logger.info("bundle: wrote rank %d (%d params)", k, res.params)
         for name in (PEFT_CONFIG_NAME, WEIGHTS_NAME):  # the default rank at the root
@@ -417,6 +437,8 @@ def write_bundle(
             }
         if onnx_entries:
             manifest["onnx"] = onnx_entries
+        if latency is not None:
+            manifest["latency"] = latency
         (tmp / README_NAME).write_text(render_card(manifest, repo_id=repo_id, license_id=license_id), encoding="utf-8")
         all_files = [p for p in tmp.rglob("*") if p.is_file() and p != tmp / MANIFEST_NAME]
         manifest["files"] = [
@@ -435,14 +457,8 @@ def is_bundle(path: str | os.PathLike[str]) -> bool:
     return (Path(path) / MANIFEST_NAME).is_file()
 
 
-def pick_rank(ranks: Sequence[BundleRank], max_bytes: int | None, max_params: int | None) -> BundleRank | None:
-    """The largest rank whose download size and parameter count fit the limits (``None`` if none fits)."""
-    fits = [r for r in ranks if (max_bytes is None or r.bytes <= max_bytes) and (max_params is None or r.params <= max_params)]
-    return max(fits, key=lambda r: r.rank) if fits else None
-
-
 __all__ = [
     "BUNDLE_FORMAT", "MANIFEST_NAME", "README_NAME", "NESTED_DIR", "ONNX_DIR",
-    "Bundle", "BundleFile", "BundleRank", "check_file", "check_manifest", "is_bundle", "pick_rank", "safe_relpath",
+    "Bundle", "BundleFile", "BundleRank", "check_file", "check_manifest", "is_bundle", "safe_relpath",
     "rank_dir", "read_manifest", "sha256_file", "write_bundle",
 ]

@@ -1,7 +1,7 @@
 """Pull one rank of a variant bundle from the Hub, sha256-verified against the bundle's manifest.
 
 Only ``manifest.json`` is read first (to choose the rank: an explicit one, or with ``"auto"`` the
-largest that fits ``max_bytes``/``max_params``); then only the files the manifest lists for that
+one a budget of size, parameters, latency and recorded score selects, :mod:`.choose`); then only the files the manifest lists for that
 rank's folder, and the bundle's ``matryoshka_config.json``, are downloaded one by one, all at the
 one commit the revision pointed to when the pull started. The remote is untrusted: every path
 is proven a plain relative path (:func:`~.bundle.safe_relpath`) before anything is fetched, a
@@ -34,7 +34,8 @@ from ...errors import (
 )
 from ...fs import atomic_output_dir, check_output_path, read_json
 from ...validate import is_int
-from .bundle import MANIFEST_NAME, BundleRank, check_file, check_manifest, pick_rank
+from .bundle import MANIFEST_NAME, BundleRank, check_file, check_manifest
+from .choose import RankBudget, RankChoice, choose_rank_by_budget
 from .remote import check_repo_id, hub_errors, make_api, resolve_endpoint
 
 logger = logging.getLogger(__name__)
@@ -55,37 +56,32 @@ class PullResult:
     params: int
     bytes: int
     files: list[str]
+    #: Why this rank: asked for, or what the budget of ``rank="auto"`` selected it by.
+    reason: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {"repo_id": self.repo_id, "rank": self.rank, "path": str(self.path), "commit": self.commit,
-                "params": self.params, "bytes": self.bytes, "files": self.files}
+                "params": self.params, "bytes": self.bytes, "files": self.files, "reason": self.reason}
 
 
-def _check_limit(name: str, value: int | None) -> None:
-    if value is not None and (not is_int(value) or value < 1):
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-
-
-def choose_rank(ranks: list[BundleRank], rank: int | str, max_bytes: int | None, max_params: int | None, repo_id: str) -> BundleRank:
-    """The bundle rank to pull: ``rank`` itself, or with ``"auto"`` the largest that fits the limits.
+def choose_rank(ranks: list[BundleRank], rank: int | str, budget: RankBudget, manifest: dict[str, Any], repo_id: str) -> RankChoice:
+    """The bundle rank to pull: ``rank`` itself, or with ``"auto"`` the one ``budget`` selects
+    (:func:`~.choose.choose_rank_by_budget`), with the reason.
 
     Raises:
-        RankError: the rank is not in the bundle, or no rank fits the limits.
+        RankError: the rank is not in the bundle, or no rank meets the budget.
+        ConfigError: the budget asks for something the bundle does not record (latency, scores).
     """
-    available = ", ".join(str(r.rank) for r in ranks) or "none"
     if rank == "auto":
-        chosen = pick_rank(ranks, max_bytes, max_params)
-        if chosen is None:
-            smallest = min(ranks, key=lambda r: r.rank) if ranks else None
-            limits = " and ".join(x for x in (f"max bytes {max_bytes}" if max_bytes is not None else "",
-                                              f"max params {max_params}" if max_params is not None else "") if x)
-            detail = f"; the smallest, rank {smallest.rank}, has {smallest.bytes} bytes and {smallest.params} parameters" if smallest else ""
-            raise RankError(f"no rank of {repo_id!r} fits {limits}{detail}; raise the limit", option="max_bytes")
-        return chosen
+        try:
+            return choose_rank_by_budget(ranks, budget, manifest)
+        except RankError as e:
+            raise RankError(f"{repo_id!r}: {e}", option=e.option) from None
     for r in ranks:
         if r.rank == rank:
-            return r
-    raise RankError(f"rank {rank} is not in the bundle {repo_id!r}; it has ranks {available}")
+            return RankChoice(r, f"rank {rank}: asked for")
+    available = ", ".join(str(r.rank) for r in ranks) or "none"
+    raise RankError(f"rank {rank} is not in the bundle {repo_id!r}; it has ranks {available}", rank=rank, option="rank")
 
 
 def pull_rank(
@@ -98,9 +94,18 @@ def pull_rank(
     token: str | None = None,
     max_bytes: int | None = None,
     max_params: int | None = None,
+    max_latency_ms: float | None = None,
+    min_score: float | None = None,
+    within: float | None = None,
+    metric: str | None = None,
     force: bool = False,
 ) -> PullResult:
     """Download rank ``rank`` (or ``"auto"``) of the bundle ``repo_id`` into the new folder ``output``.
+
+    With ``"auto"`` the rank is chosen by the budget (see :mod:`.choose`): the largest rank that
+    fits ``max_bytes``, ``max_params`` and ``max_latency_ms`` (per-rank latency the bundle
+    recorded), or, with ``min_score`` or ``within``, the smallest of those that reaches the
+    score (of ``metric``, as recorded by an evaluation). ``result.reason`` says why.
 
     Raises:
         ConfigError: an invalid repo id or endpoint, ``"auto"`` without a limit, or an invalid limit or rank.
@@ -113,16 +118,17 @@ def pull_rank(
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import RemoteEntryNotFoundError
 
-    check_repo_id(repo_id, require_namespace=False, option="repo id")
+    check_repo_id(repo_id, require_namespace=False)
     if not revision or not revision.strip():
         raise ConfigError("the revision is empty; give a branch, tag or commit (default: main)", option="revision")
+    budget = RankBudget(max_bytes, max_params, max_latency_ms, min_score, within, metric).check()
     if rank == "auto":
-        if max_bytes is None and max_params is None:
-            raise ConfigError("rank 'auto' needs a byte and/or parameter limit to choose the largest rank that fits", option="max_bytes")
+        if budget.empty:
+            raise ConfigError("rank 'auto' needs a limit (bytes, parameters, latency) or a score to reach to choose a rank", option="max_bytes")
     elif not is_int(rank) or rank < 1:
         raise ConfigError(f"rank must be a positive integer or 'auto', got {rank!r}", option="rank")
-    _check_limit("max bytes", max_bytes)
-    _check_limit("max params", max_params)
+    elif not budget.empty:
+        raise ConfigError("limits and scores choose a rank only with rank 'auto'", option="rank")
     check_output_path(output, force)
     url_endpoint = resolve_endpoint(endpoint)
     api = make_api(endpoint, token)
@@ -159,7 +165,9 @@ def pull_rank(
             raise InvalidAdapterError(str(e).replace(str(manifest_path), source)) from e
         manifest = check_manifest(raw_manifest, source)
         ranks = [BundleRank(r["rank"], r["path"].rstrip("/"), r["params"], r["bytes"], dict(r.get("metrics") or {})) for r in manifest["ranks"]]
-        chosen = choose_rank(ranks, rank, max_bytes, max_params, repo_id)
+        choice = choose_rank(ranks, rank, budget, manifest, repo_id)
+        chosen = choice.rank
+        logger.info("%s", choice.reason)
         prefix = chosen.path + "/"
         entries = [f for f in manifest["files"] if f["path"].startswith(prefix)]
         if not entries:
@@ -209,7 +217,7 @@ def pull_rank(
         write_json(prov / "source.json", {"repo_id": repo_id, "revision": revision, "commit": commit, "endpoint": url_endpoint, "rank": chosen.rank})
         shutil.rmtree(dl)
     logger.info("pulled rank %d of %s into %s", chosen.rank, repo_id, output)
-    return PullResult(repo_id, chosen.rank, Path(output), commit, chosen.params, chosen.bytes, sorted(files))
+    return PullResult(repo_id, chosen.rank, Path(output), commit, chosen.params, chosen.bytes, sorted(files), choice.reason)
 
 
 def _inside_real(path: Path, folder: Path) -> bool:

@@ -261,6 +261,7 @@ def publish(
     license_id: str | None = None,
     default_rank: int | None = None,
     onnx_base: str | os.PathLike[str] | None = None,
+    measure_latency: bool = False,
     private: bool = False,
     revision: str = "main",
     branches: bool = False,
@@ -290,13 +291,13 @@ def publish(
         ignored: list[str] = []
         if is_bundle(source):
             ignored = [name for name, value in (("ranks", ranks != "all"), ("base_model_id", base_model_id), ("license_id", license_id),
-                                                ("default_rank", default_rank), ("onnx_base", onnx_base),
+                                                ("default_rank", default_rank), ("onnx_base", onnx_base), ("measure_latency", measure_latency),
                                                 ("scale_mode", scale_mode != "baked")) if value]
             bundle = Bundle.load(source, verify=True)
         else:
             bundle = write_bundle(source, ranks, Path(tmp) / "bundle", scale_mode=scale_mode, base_model_id=base_model_id,
                                   license_id=license_id, repo_id=repo_id, onnx_base=onnx_base, default_rank=default_rank,
-                                  progress=progress, export_progress=export_progress)
+                                  measure_latency=measure_latency, progress=progress, export_progress=export_progress)
         if dry_run:
             return PublishResult(bundle, True, listing=dry_run_listing(bundle, branches), ignored=ignored)
         result = push_bundle(bundle.path, repo_id, private=private, revision=revision, branches=branches, token=token,

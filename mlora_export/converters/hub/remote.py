@@ -31,14 +31,15 @@ def resolve_endpoint(endpoint: str | None) -> str:
     """
     from huggingface_hub import constants
 
-    source = "--endpoint" if endpoint else "HF_ENDPOINT" if os.environ.get("HF_ENDPOINT") else "the default endpoint"
+    source = "endpoint" if endpoint else "HF_ENDPOINT" if os.environ.get("HF_ENDPOINT") else "the default endpoint"
     value = (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).strip()
     if not re.fullmatch(r"https?://[^/\s?#]+(/[^\s?#]*)?", value):
-        raise ConfigError(f"{source} {value!r} is not an http(s) URL; give the Hub's address, e.g. https://huggingface.co")
+        raise ConfigError(f"{source} {value!r} is not an http(s) URL; give the Hub's address, e.g. https://huggingface.co",
+                          option="endpoint" if endpoint else None)
     return value.rstrip("/")
 
 
-def check_repo_id(repo_id: str, *, require_namespace: bool = True, option: str = "repo id") -> str:
+def check_repo_id(repo_id: str, *, require_namespace: bool = True) -> str:
     """Validate a Hub repo id (``namespace/name``; ``name`` alone when ``require_namespace`` is false) before any I/O.
 
     Raises:
@@ -49,9 +50,9 @@ def check_repo_id(repo_id: str, *, require_namespace: bool = True, option: str =
     try:
         validate_repo_id(repo_id)
     except HFValidationError as e:
-        raise ConfigError(f"{option} {repo_id!r} is not a valid Hub repo id; expected namespace/name, e.g. my-org/llama-1b-gsm8k-mlora") from e
+        raise ConfigError(f"repo id {repo_id!r} is not a valid Hub repo id; expected namespace/name, e.g. my-org/llama-1b-gsm8k-mlora", option="repo_id") from e
     if require_namespace and "/" not in repo_id:
-        raise ConfigError(f"{option} {repo_id!r} needs a namespace: give it as namespace/name, e.g. my-org/{repo_id}")
+        raise ConfigError(f"repo id {repo_id!r} needs a namespace: give it as namespace/name, e.g. my-org/{repo_id}", option="repo_id")
     return repo_id
 
 

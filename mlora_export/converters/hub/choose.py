@@ -1,0 +1,166 @@
+"""Choosing a bundle's rank by a budget: size, parameters, latency, and the recorded score.
+
+The limits on cost (``max_bytes``, ``max_params``, ``max_latency_ms``) keep the ranks that fit;
+a demand on quality (``min_score``, or ``within`` points of the best recorded score) then takes
+the *smallest* rank that meets it; with no demand on quality the *largest* rank that fits is
+taken. The choice comes with the reason, in words, so that a user sees why a rank was picked.
+
+Scores are those the bundle's manifest records from ``mlora-export eval --record``. For
+``accuracy`` and ``exact-match`` (stored as fractions), ``min_score`` and ``within`` are in
+percent (``within=2``: at most 2 percentage points below the best); for ``loss`` (lower is
+better) they are in loss units (``within=0.05``: at most 0.05 above the lowest).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ...errors import ConfigError, RankError
+from ...validate import is_finite_real, is_int
+from .bundle import BundleRank
+
+#: Metrics whose recorded scores are fractions, shown and compared in percent.
+PERCENT_METRICS = ("accuracy", "exact-match")
+
+
+@dataclass(frozen=True)
+class RankBudget:
+    """What the chosen rank must satisfy (``None``: no limit)."""
+
+    max_bytes: int | None = None
+    max_params: int | None = None
+    max_latency_ms: float | None = None
+    min_score: float | None = None
+    within: float | None = None
+    metric: str | None = None
+
+    def check(self) -> "RankBudget":
+        """Raise :class:`ConfigError` for a limit that is not a positive number, or for both quality demands at once."""
+        for name in ("max_bytes", "max_params"):
+            value = getattr(self, name)
+            if value is not None and (not is_int(value) or value < 1):
+                raise ConfigError(f"{name.replace('_', ' ')} must be a positive integer, got {value!r}", option=name)
+        if self.max_latency_ms is not None and (not is_finite_real(self.max_latency_ms) or self.max_latency_ms <= 0):
+            raise ConfigError(f"max latency must be a positive number of milliseconds, got {self.max_latency_ms!r}", option="max_latency_ms")
+        for name in ("min_score", "within"):
+            value = getattr(self, name)
+            if value is not None and (not is_finite_real(value) or (name == "within" and value < 0)):
+                raise ConfigError(f"{name.replace('_', ' ')} must be a finite{' non-negative' if name == 'within' else ''} number, got {value!r}", option=name)
+        if self.min_score is not None and self.within is not None:
+            raise ConfigError("give a minimum score or a distance from the best score, not both", option="min_score")
+        return self
+
+    @property
+    def empty(self) -> bool:
+        return all(v is None for v in (self.max_bytes, self.max_params, self.max_latency_ms, self.min_score, self.within))
+
+
+@dataclass(frozen=True)
+class RankChoice:
+    """The chosen rank and why it was chosen."""
+
+    rank: BundleRank
+    reason: str
+
+
+def _pick_metric(evaluation: Mapping[str, Any], wanted: str | None) -> tuple[str, bool]:
+    """``(metric, higher_is_better)`` of the recorded evaluation to judge scores by."""
+    recorded = [m for m, e in evaluation.items() if isinstance(e, Mapping)]
+    if not recorded:
+        raise ConfigError("the bundle records no evaluation, so no rank can be chosen by score; "
+                          "record one with eval's record option and rebuild the bundle", option="min_score")
+    if wanted is not None and wanted not in recorded:
+        raise ConfigError(f"the bundle records no {wanted!r} evaluation; it has {', '.join(recorded)}", option="metric")
+    metric = wanted or recorded[0]
+    return metric, evaluation[metric].get("higher_is_better", metric != "loss") is not False
+
+
+def _unit(metric: str) -> tuple[float, str]:
+    """Factor from a recorded score to the unit of ``min_score``/``within``, and that unit's name."""
+    return (100.0, " points") if metric in PERCENT_METRICS else (1.0, "")
+
+
+def _fmt(metric: str, score: float) -> str:
+    return f"{score * 100:.1f}%" if metric in PERCENT_METRICS else f"{score:.4g}"
+
+
+def choose_rank_by_budget(ranks: Sequence[BundleRank], budget: RankBudget, manifest: Mapping[str, Any]) -> RankChoice:
+    """The bundle rank that ``budget`` selects (see the module docstring), with the reason.
+
+    Raises:
+        ConfigError: an invalid budget, a latency limit for a bundle that records no latency, or
+            a score demand for a bundle that records no evaluation (or not the metric named).
+        RankError: no rank fits the limits, or none that fits meets the score.
+    """
+    budget.check()
+    if budget.empty:
+        raise ConfigError("choosing a rank automatically needs a limit (bytes, parameters, latency) or a score to reach", option="max_bytes")
+    latency = manifest.get("latency") if isinstance(manifest.get("latency"), Mapping) else None
+    ms: dict[int, float] = {}
+    if budget.max_latency_ms is not None:
+        if latency is None or not isinstance(latency.get("ms"), Mapping):
+            raise ConfigError("the bundle records no per-rank latency; rebuild it with an ONNX export and latency measurement", option="max_latency_ms")
+        ms = {int(k): float(v) for k, v in latency["ms"].items() if str(k).isdigit() and is_finite_real(v)}
+
+    fits: list[BundleRank] = []
+    limits: list[str] = []
+    for r in sorted(ranks, key=lambda r: r.rank):
+        if budget.max_bytes is not None and r.bytes > budget.max_bytes:
+            continue
+        if budget.max_params is not None and r.params > budget.max_params:
+            continue
+        if budget.max_latency_ms is not None and (r.rank not in ms or ms[r.rank] > budget.max_latency_ms):
+            continue
+        fits.append(r)
+    if budget.max_bytes is not None:
+        limits.append(f"{budget.max_bytes:,} bytes")
+    if budget.max_params is not None:
+        limits.append(f"{budget.max_params:,} parameters")
+    if budget.max_latency_ms is not None:
+        machine = (latency or {}).get("machine") or {}
+        limits.append(f"{budget.max_latency_ms:g} ms per forward (as measured on {machine.get('cpu', 'the bundling machine')})")
+    if not fits:
+        smallest = min(ranks, key=lambda r: r.rank) if ranks else None
+        detail = ""
+        if smallest is not None:
+            detail = f"; the smallest, rank {smallest.rank}, has {smallest.bytes:,} bytes, {smallest.params:,} parameters"
+            if smallest.rank in ms:
+                detail += f", {ms[smallest.rank]:.3g} ms"
+        raise RankError(f"no rank fits {' and '.join(limits)}{detail}; raise the limit",
+                        option="max_latency_ms" if budget.max_latency_ms is not None else "max_bytes")
+    within = f"within {' and '.join(limits)}" if limits else "with no limit on cost"
+
+    if budget.min_score is None and budget.within is None:
+        chosen = fits[-1]
+        return RankChoice(chosen, f"rank {chosen.rank}: the largest rank {within}")
+
+    evaluation = manifest.get("evaluation") if isinstance(manifest.get("evaluation"), Mapping) else {}
+    metric, higher = _pick_metric(evaluation, budget.metric)
+    scores = {r.rank: r.metrics[metric] for r in ranks if metric in r.metrics and is_finite_real(r.metrics[metric])}
+    if not scores:
+        raise ConfigError(f"the bundle's ranks record no {metric} score; rebuild it from an adapter with a recorded evaluation", option="metric")
+    factor, unit = _unit(metric)
+    best_rank = max(scores, key=lambda k: (scores[k] if higher else -scores[k], -k))  # the best score; ties: the smaller rank
+    best = scores[best_rank]
+    if budget.min_score is not None:
+        threshold = budget.min_score / factor
+        goal = f"{metric} {'≥' if higher else '≤'} {_fmt(metric, threshold)}"
+    else:
+        margin = float(budget.within) / factor  # type: ignore[arg-type]
+        threshold = best - margin if higher else best + margin
+        goal = f"{metric} within {budget.within:g}{unit} of the best ({_fmt(metric, best)} at rank {best_rank})"
+
+    def meets(k: int) -> bool:
+        s = scores.get(k)
+        return s is not None and (s >= threshold - 1e-12 if higher else s <= threshold + 1e-12)
+
+    good = [r for r in fits if meets(r.rank)]
+    if not good:
+        shown = ", ".join(f"r{r.rank} {_fmt(metric, scores[r.rank])}" for r in fits if r.rank in scores) or "none scored"
+        raise RankError(f"no rank {within} reaches {goal} (recorded: {shown}); relax the score or raise the limit",
+                        option="min_score" if budget.min_score is not None else "within")
+    chosen = good[0]
+    return RankChoice(chosen, f"rank {chosen.rank}: the smallest rank {within} with {goal} "
+                              f"(it scored {_fmt(metric, scores[chosen.rank])})")
