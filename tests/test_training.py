@@ -427,7 +427,7 @@ def test_diagonal_switches_back_and_survives_a_deep_copy() -> None:
         ({"warmup_steps": -2}, "warmup steps must be a non-negative integer"),
         ({"warmup_steps": 1.5}, "warmup steps must be a non-negative integer"),
         ({"dtype": "float8"}, "unknown dtype 'float8'"),
-        ({"epochs": None, "max_steps": None}, "give a number of epochs or --max-steps"),
+        ({"epochs": None, "max_steps": None}, "give a number of epochs or a number of steps (max_steps)"),
     ],
 )
 def test_train_settings_refuse_bad_loop_settings(kwargs: dict, message: str) -> None:
