@@ -139,7 +139,7 @@ def check_output_path(path: PathLike, force: bool = False, inputs: Iterable[Path
         )
     if out.exists() or out.is_symlink():
         if not force:
-            raise OutputExistsError(f"output {str(out)!r} already exists: choose another path or allow replacing it", path=out, option="force")
+            raise OutputExistsError(f"output {str(out)!r} already exists: choose another path", path=out, option="force")
         if not out.is_dir():
             raise OutputExistsError(f"output {str(out)!r} exists and is not a folder: remove it or choose another path")
     if not probe.is_dir():

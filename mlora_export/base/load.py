@@ -111,9 +111,10 @@ def load_base_model(
     torch_dtype: Any = "auto" if dtype == "auto" else getattr(torch, dtype)
     try:
         model = auto.from_pretrained(str(p), local_files_only=True, use_safetensors=True, dtype=torch_dtype)
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BaseModelError(f"cannot load {str(p)!r} as a {'sequence classifier' if task == TASK_SEQ_CLS else 'causal language model'}: {first}") from e
+    except Exception as e:  # noqa: BLE001 - any failure to build the model from the folder is a bad base folder
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        kind = "a sequence classifier" if task == TASK_SEQ_CLS else "a causal language model"
+        raise BaseModelError(f"{str(p)!r}: transformers cannot load it as {kind} ({type(e).__name__}: {first})") from e
     if device is not None:
         model = model.to(device)
     return model.eval()

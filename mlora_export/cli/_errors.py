@@ -50,7 +50,7 @@ EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
 #: What to add to a message whose ``option`` names a library parameter: the flag(s) to use.
 #: An error of type :class:`OutputExistsError` with option ``force`` gets its own wording.
 FLAG_HINTS: dict[str, str] = {
-    "force": "pass --force to replace it",
+    "force": "or pass --force to replace it",
     "ranks": "see --ranks",
     "rank": "see --rank",
     "record": "see --record",
@@ -69,6 +69,7 @@ FLAG_HINTS: dict[str, str] = {
     "private": "see --private",
     "license": "see --license",
     "max_bytes": "see --max-bytes / --max-params",
+    "budget": "give --max-bytes, --max-params, --max-latency-ms, --min-score or --within",
     "max_latency_ms": "see --max-latency-ms",
     "min_score": "see --min-score",
     "within": "see --within",
@@ -135,7 +136,7 @@ def message_for(exc: BaseException) -> str:
         text = str(exc)
         hint = flag_hint(exc)
         if hint:
-            text = f"{text.rstrip('. ')}; {hint}" if isinstance(exc, OutputExistsError) else f"{text.rstrip('. ')} ({hint})"
+            text = f"{text.rstrip('. ')} {hint}" if isinstance(exc, OutputExistsError) else f"{text.rstrip('. ')} ({hint})"
     elif isinstance(exc, RecursionError):
         text = "an input file is nested too deeply to read (a JSON array or object thousands of levels deep); fix or re-create it"
     elif isinstance(exc, OSError) and disk_full_error(exc, exc.filename or ".") is not None:

@@ -78,6 +78,7 @@ def run_demo(
             report = fn(ctx) or StageReport()
             report.seconds = time.perf_counter() - t0
             retarget_paths(tmp, Path(output).absolute())  # before a later stage copies (and hashes) what it recorded
+            report.data = _retargeter(tmp, Path(output).absolute())(report.data)
             ctx.results[stage.name] = report.data
             reports.append((stage, report))
             if on_stage is not None:
@@ -90,10 +91,31 @@ def retarget_paths(root: Path, final: Path) -> int:
 
     The stages write into a temporary sibling that is renamed to the output at the end, so the
     sources the converters record (a slice's nested adapter, an ONNX export's base) name the
-    temporary folder: they are made to name the folder the user gets. Returns the number of files changed.
+    temporary folder: they are made to name the folder the user gets. A variant bundle (a folder
+    with ``manifest.json``) is left as it is: its manifest holds the sha256 of every file, and it
+    copies files only after this has run on them. Returns the number of files changed.
     """
     import json
 
+    fix = _retargeter(root, final)
+    bundles = [m.parent for m in root.rglob("manifest.json")]
+    changed = 0
+    for path in sorted(root.rglob("*.json")):
+        if any(b == path.parent or b in path.parents for b in bundles) or path.stat().st_size > (1 << 24):
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # not ours to fix
+        new = fix(data)
+        if new != data:
+            path.write_text(json.dumps(new, indent=2) + "\n", encoding="utf-8")
+            changed += 1
+    return changed
+
+
+def _retargeter(root: Path, final: Path) -> Callable[[Any], Any]:
+    """A function mapping any JSON value to the same value with paths under ``root`` moved under ``final``."""
     olds = sorted({str(root), str(root.absolute()), str(root.resolve())}, key=len, reverse=True)
 
     def fix(value: Any) -> Any:
@@ -101,21 +123,14 @@ def retarget_paths(root: Path, final: Path) -> int:
             for old in olds:
                 if value == old or value.startswith(old + os.sep):
                     return str(final) + value[len(old):]
+            return value
         if isinstance(value, list):
             return [fix(v) for v in value]
         if isinstance(value, dict):
             return {k: fix(v) for k, v in value.items()}
         return value
 
-    changed = 0
-    for path in sorted(root.rglob("*.json")):
-        text = path.read_text(encoding="utf-8")
-        if not any(old in text for old in olds):
-            continue
-        data = json.loads(text)
-        path.write_text(json.dumps(fix(data), indent=2) + "\n", encoding="utf-8")
-        changed += 1
-    return changed
+    return fix
 
 
 __all__ = ["STAGES", "retarget_paths", "run_demo"]

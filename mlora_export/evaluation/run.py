@@ -134,7 +134,7 @@ def evaluate(
     check_dtype(dtype)
     device = check_device(device) if device is not None else None
     check_base_model_dir(base_model)
-    tokenizer = load_tokenizer(tokenizer_dir if tokenizer_dir is not None else base_model, hint="save one there or give a tokenizer folder", option="tokenizer_dir")
+    tokenizer = load_tokenizer(tokenizer_dir if tokenizer_dir is not None else base_model, hint="save one there", option="tokenizer_dir")
     max_len = _max_positions(base_model)
     data = load_eval_data(data_path, tokenizer, max_length=max_len, max_examples=max_examples)  # before loading weights
     if metric == "exact-match" and data.kind != "prompt-completion":

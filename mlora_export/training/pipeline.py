@@ -224,7 +224,7 @@ def train(
 
     Everything is validated before the model is loaded. Works in one process and under
     ``torchrun``/``accelerate launch`` (DDP) alike; only the main process writes ``output``.
-    ``base_model_id`` is what the adapter records as its base (PEFT's ``base_model_id_or_path``;
+    ``base_model_id`` is what the adapter records as its base (PEFT's ``base_model_name_or_path``;
     default ``base_model`` as given), e.g. a Hub id when the local folder is a copy of one.
 
     Raises:

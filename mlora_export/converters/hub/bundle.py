@@ -41,7 +41,7 @@ from ...adapter import (
     NestedAdapter,
     write_json,
 )
-from ...errors import ConfigError, IntegrityError, InvalidAdapterError, RankError
+from ...errors import ConfigError, ExportError, IntegrityError, InvalidAdapterError, RankError
 from ...fs import atomic_output_dir, check_free_space, check_output_path
 from ...progress import Progress
 from ...provenance import created_by
@@ -342,7 +342,11 @@ def write_bundle(
         from ..onnx import export_onnx
 
         with tempfile.TemporaryDirectory(prefix="mlora-onnx-") as tmp:
-            exported = export_onnx(adapter, onnx_base, Path(tmp) / ONNX_DIR, progress=export_progress)
+            try:
+                exported = export_onnx(adapter, onnx_base, Path(tmp) / ONNX_DIR, progress=export_progress)
+            except ExportError as e:
+                e.option = None  # the opset is the export's default here, not an option of the bundle
+                raise
             return write_bundle(adapter, ranks, output, scale_mode=scale_mode, base_model_id=base_model_id, license_id=license_id,
                                 repo_id=repo_id, onnx_dir=exported.path, default_rank=default_rank, measure_latency=measure_latency,
                                 force=force, progress=progress, warn_local_base=warn_local_base)
@@ -447,7 +451,7 @@ def write_bundle(
         ]
         write_json(tmp / MANIFEST_NAME, manifest)
     if base and hub_base is None and warn_local_base:  # after the writing: an error stays the one line on stderr
-        logger.warning("base model %r is not a Hub repo id, so the model card leaves base_model out; pass --base-model org/name", base)
+        logger.warning("base model %r is not a Hub repo id, so the model card leaves base_model out; give the Hub id of the base (base_model_id)", base)
     logger.info("bundle: wrote %s (ranks %s)", output, list(ks))
     return Bundle.load(output, verify=False)
 

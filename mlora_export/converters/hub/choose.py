@@ -96,7 +96,7 @@ def choose_rank_by_budget(ranks: Sequence[BundleRank], budget: RankBudget, manif
     """
     budget.check()
     if budget.empty:
-        raise ConfigError("choosing a rank automatically needs a limit (bytes, parameters, latency) or a score to reach", option="max_bytes")
+        raise ConfigError("choosing a rank automatically needs a limit (bytes, parameters, latency) or a score to reach", option="budget")
     latency = manifest.get("latency") if isinstance(manifest.get("latency"), Mapping) else None
     ms: dict[int, float] = {}
     if budget.max_latency_ms is not None:

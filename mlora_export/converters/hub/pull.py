@@ -76,7 +76,7 @@ def choose_rank(ranks: list[BundleRank], rank: int | str, budget: RankBudget, ma
         try:
             return choose_rank_by_budget(ranks, budget, manifest)
         except RankError as e:
-            raise RankError(f"{repo_id!r}: {e}", option=e.option) from None
+            raise RankError(f"{repo_id!r}: {e}", rank=e.rank, option=e.option) from None
     for r in ranks:
         if r.rank == rank:
             return RankChoice(r, f"rank {rank}: asked for")
@@ -118,13 +118,13 @@ def pull_rank(
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import RemoteEntryNotFoundError
 
-    check_repo_id(repo_id, require_namespace=False)
+    check_repo_id(repo_id, require_namespace=False, option=None)  # REPO_ID is an argument
     if not revision or not revision.strip():
         raise ConfigError("the revision is empty; give a branch, tag or commit (default: main)", option="revision")
     budget = RankBudget(max_bytes, max_params, max_latency_ms, min_score, within, metric).check()
     if rank == "auto":
         if budget.empty:
-            raise ConfigError("rank 'auto' needs a limit (bytes, parameters, latency) or a score to reach to choose a rank", option="max_bytes")
+            raise ConfigError("rank 'auto' needs a limit (bytes, parameters, latency) or a score to reach to choose a rank", option="budget")
     elif not is_int(rank) or rank < 1:
         raise ConfigError(f"rank must be a positive integer or 'auto', got {rank!r}", option="rank")
     elif not budget.empty:

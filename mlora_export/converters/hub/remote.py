@@ -39,8 +39,10 @@ def resolve_endpoint(endpoint: str | None) -> str:
     return value.rstrip("/")
 
 
-def check_repo_id(repo_id: str, *, require_namespace: bool = True) -> str:
+def check_repo_id(repo_id: str, *, require_namespace: bool = True, option: str | None = "repo_id") -> str:
     """Validate a Hub repo id (``namespace/name``; ``name`` alone when ``require_namespace`` is false) before any I/O.
+
+    ``option`` is the error's field naming the caller's parameter (``None`` where the id is not an option).
 
     Raises:
         ConfigError: not a valid Hub repo id, or no namespace where one is required.
@@ -50,9 +52,9 @@ def check_repo_id(repo_id: str, *, require_namespace: bool = True) -> str:
     try:
         validate_repo_id(repo_id)
     except HFValidationError as e:
-        raise ConfigError(f"repo id {repo_id!r} is not a valid Hub repo id; expected namespace/name, e.g. my-org/llama-1b-gsm8k-mlora", option="repo_id") from e
+        raise ConfigError(f"repo id {repo_id!r} is not a valid Hub repo id; expected namespace/name, e.g. my-org/llama-1b-gsm8k-mlora", option=option) from e
     if require_namespace and "/" not in repo_id:
-        raise ConfigError(f"repo id {repo_id!r} needs a namespace: give it as namespace/name, e.g. my-org/{repo_id}", option="repo_id")
+        raise ConfigError(f"repo id {repo_id!r} needs a namespace: give it as namespace/name, e.g. my-org/{repo_id}", option=option)
     return repo_id
 
 

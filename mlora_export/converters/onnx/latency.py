@@ -81,7 +81,7 @@ def measure_rank_latency(
 ) -> LatencyReport:
     """Time ``model_path`` (a dynamic-rank export: it has a ``lora_rank`` input) at rank 0 and every rank of ``ranks``.
 
-    The input is ``batch × seq`` random token ids (below ``vocab``, read from the logits' shape by default).
+    The input is ``batch × seq`` random token ids below ``vocab`` (default: all 3, valid in any model).
 
     Ranks are measured interleaved (round robin over the repeats), so that a change in the
     machine's load during the measurement shifts every rank alike.
@@ -95,10 +95,8 @@ def measure_rank_latency(
     session = make_session(Path(model_path), provider, threads)
     if "lora_rank" not in [i.name for i in session.get_inputs()]:
         raise ConfigError(f"{model_path}: not a dynamic-rank export (no lora_rank input); latency per rank needs one", option="onnx_base")
-    if vocab is None:  # the logits' last dimension is the vocabulary (static in our exports)
-        last = session.get_outputs()[0].shape[-1]
-        vocab = last if isinstance(last, int) and last > 3 else 100
-    feeds = sample_inputs(vocab, batch=batch, seq=seq)
+    # the token values do not change the time; without a vocabulary every id is 3, valid in any model
+    feeds = sample_inputs(vocab if vocab is not None else 4, batch=batch, seq=seq)
     order = [0, *sorted(set(ranks))]
     for k in order:
         for _ in range(max(warmup, 0)):
