@@ -201,10 +201,10 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
     with open(p, "rb") as f:
         raw = f.read(8)
         if len(raw) < 8:
-            raise InvalidAdapterError(f"{p}: not a safetensors file ({size} bytes, header missing); re-download or re-save it")
+            raise InvalidAdapterError(f"{p}: not a safetensors file ({size} bytes, header missing); re-download or re-save it", path=p)
         (n,) = struct.unpack("<Q", raw)
         if n > size - 8 or n > MAX_HEADER_BYTES:
-            raise InvalidAdapterError(f"{p}: corrupt safetensors header (declares {n} header bytes in a {size}-byte file); re-download or re-save it")
+            raise InvalidAdapterError(f"{p}: corrupt safetensors header (declares {n} header bytes in a {size}-byte file); re-download or re-save it", path=p)
         raw = f.read(n)
     return parse_header(raw, size - 8 - n, str(p))
 

@@ -64,3 +64,22 @@ def test_library_errors_speak_library_terms_and_the_cli_adds_the_flag(tmp_path) 
     assert res.exit_code == 2 and "pass --force to replace it" in res.stderr
     assert exit_code_for(ExportError("x")) == exit_code_for(HubError("x")) == 1 and exit_code_for(MloraError("x")) == 2
     assert all(not hasattr(cls, "exit_code") for cls, _ in EXIT_CODES)  # the codes live in the CLI's table only
+
+
+def test_errors_carry_the_path_tensor_and_rank(tmp_path) -> None:  # noqa: ANN001
+    """The fields say what the message says, for code that acts on an error."""
+    import pytest
+
+    from mlora_export.adapter import NestedAdapter
+    from mlora_export.errors import InvalidAdapterError, RankError
+    from tests.common import build_model, poison_weights, random_nested
+
+    nested = random_nested(build_model("llama"), tmp_path / "nested", arch="llama")
+    with pytest.raises(RankError) as r:
+        nested.check_rank(99)
+    assert r.value.rank == 99 and r.value.path == str(nested.path)
+    key = next(iter(nested.header.tensors))
+    poison_weights(nested.weights_path, {key: float("nan")})
+    with pytest.raises(InvalidAdapterError) as e:
+        NestedAdapter.load(nested.path)
+    assert e.value.path == str(nested.weights_path) and e.value.tensor == key and key in str(e.value)

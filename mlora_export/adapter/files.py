@@ -94,7 +94,7 @@ def check_finite(weights: Path, header: SafetensorsHeader, buffer: Any = None, k
     else:
         bad = find_non_finite(buffer, header, names=keys)
     if bad is not None:
-        raise InvalidAdapterError(f"{weights}: tensor {bad!r} has NaN or infinite values; the training diverged or the file is corrupt")
+        raise InvalidAdapterError(f"{weights}: tensor {bad!r} has NaN or infinite values; the training diverged or the file is corrupt", path=weights, tensor=bad)
 
 
 def read_json(path: Path) -> Any:
@@ -133,11 +133,11 @@ def adapter_files(path: str | os.PathLike[str]) -> tuple[Path, Path, Path]:
         inner = sorted(p.name for p in root.iterdir() if p.is_dir() and (p / WEIGHTS_NAME).is_file())
         if inner:  # a folder of adapters: the output of `slice`, a grid of LoRA runs
             shown = ", ".join(f"{n}/" for n in inner[:6]) + (f" and {len(inner) - 6} more" if len(inner) > 6 else "")
-            raise InvalidAdapterError(f"{root}: no {WEIGHTS_NAME} here, but it holds adapter folders {shown}: pass one of them")
-        raise InvalidAdapterError(f"{root}: no {WEIGHTS_NAME} found; is this a PEFT LoRA adapter folder?")
+            raise InvalidAdapterError(f"{root}: no {WEIGHTS_NAME} here, but it holds adapter folders {shown}: pass one of them", path=root)
+        raise InvalidAdapterError(f"{root}: no {WEIGHTS_NAME} found; is this a PEFT LoRA adapter folder?", path=root)
     peft_path = root / PEFT_CONFIG_NAME
     if not peft_path.exists() and not peft_path.is_symlink():
-        raise InvalidAdapterError(f"{root}: no {PEFT_CONFIG_NAME} found; is this a PEFT LoRA adapter folder?")
+        raise InvalidAdapterError(f"{root}: no {PEFT_CONFIG_NAME} found; is this a PEFT LoRA adapter folder?", path=root)
     return root, weights, peft_path
 
 
@@ -167,22 +167,22 @@ def lora_tensor_pairs(weights: Path, header: SafetensorsHeader) -> dict[str, tup
         m = _KEY_RE.match(key)
         if m is None:
             hint = next((f" ({text})" for part, text in TENSOR_HINTS if part in key), "")
-            raise InvalidAdapterError(f"{weights}: unexpected tensor {key!r}{hint}; expected only {KEY_PREFIX}<module>.lora_A/lora_B.weight")
+            raise InvalidAdapterError(f"{weights}: unexpected tensor {key!r}{hint}; expected only {KEY_PREFIX}<module>.lora_A/lora_B.weight", path=weights, tensor=key)
         parts.setdefault(m["module"], {})[m["part"]] = info
     if not parts:
-        raise InvalidAdapterError(f"{weights}: holds no LoRA tensors")
+        raise InvalidAdapterError(f"{weights}: holds no LoRA tensors", path=weights)
     out = {}
     for name, p in parts.items():
         for need, other in (("lora_A", "lora_B"), ("lora_B", "lora_A")):
             if need not in p:
-                raise InvalidAdapterError(f"{weights}: module {name!r} has {other} but no {need}; the file is incomplete")
+                raise InvalidAdapterError(f"{weights}: module {name!r} has {other} but no {need}; the file is incomplete", path=weights)
         for info in (p["lora_A"], p["lora_B"]):
             if info.dtype not in FLOAT_DTYPES:
-                raise InvalidAdapterError(f"{weights}: tensor {info.name!r} has dtype {info.dtype}; expected a float type")
+                raise InvalidAdapterError(f"{weights}: tensor {info.name!r} has dtype {info.dtype}; expected a float type", path=weights, tensor=info.name)
             if len(info.shape) != 2:
-                raise InvalidAdapterError(f"{weights}: tensor {info.name!r} has shape {list(info.shape)}; expected 2 dimensions (linear or Conv1D targets)")
+                raise InvalidAdapterError(f"{weights}: tensor {info.name!r} has shape {list(info.shape)}; expected 2 dimensions (linear or Conv1D targets)", path=weights, tensor=info.name)
             if 0 in info.shape:
-                raise InvalidAdapterError(f"{weights}: tensor {info.name!r} has shape {list(info.shape)}, a zero-size dimension; the file is corrupt")
+                raise InvalidAdapterError(f"{weights}: tensor {info.name!r} has shape {list(info.shape)}, a zero-size dimension; the file is corrupt", path=weights, tensor=info.name)
         out[name] = (p["lora_A"], p["lora_B"])
     return out
 

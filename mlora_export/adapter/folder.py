@@ -98,17 +98,17 @@ class NestedAdapter:
             slice_info, raw_cfg = raw_cfg, None
             rank = slice_info.get("rank")
             if rank is not None and (not is_int(rank) or rank != peft_config["r"]):
-                raise InvalidAdapterError(f"{cfg_path}: the slice says rank {json.dumps(rank)[:40]} but {PEFT_CONFIG_NAME} has r = {peft_config['r']}")
+                raise InvalidAdapterError(f"{cfg_path}: the slice says rank {json.dumps(rank)[:40]} but {PEFT_CONFIG_NAME} has r = {peft_config['r']}", path=cfg_path)
         # Cheapest checks first: r against max_rank and the weights' shapes (header only) before
         # anything of size max_rank (the diagonal p) is computed.
         r = peft_config["r"]
         if isinstance(raw_cfg, dict):
             max_rank = raw_cfg.get("max_rank")
             if is_int(max_rank) and max_rank != r:
-                raise InvalidAdapterError(f"{peft_path}: r = {r} but {CONFIG_NAME} says max_rank = {max_rank}; they must agree")
+                raise InvalidAdapterError(f"{peft_path}: r = {r} but {CONFIG_NAME} says max_rank = {max_rank}; they must agree", path=peft_path)
             stored_p = raw_cfg.get("p")
             if isinstance(stored_p, list) and len(stored_p) != r:
-                raise InvalidAdapterError(f"{cfg_path}: stored p has {len(stored_p)} values but max_rank is {r}; remove 'p' or fix the other fields")
+                raise InvalidAdapterError(f"{cfg_path}: stored p has {len(stored_p)} values but max_rank is {r}; remove 'p' or fix the other fields", path=cfg_path)
         header, modules, dtype = cls._scan_weights(weights, r, check_finite=False)
         if raw_cfg is not None:
             config = MatryoshkaConfig.from_dict(raw_cfg, str(cfg_path))
@@ -143,13 +143,13 @@ class NestedAdapter:
         dtypes = set()
         for name, (a, b) in lora_tensor_pairs(weights, header).items():
             if a.shape[0] != r:
-                raise InvalidAdapterError(f"{weights}: {a.name!r} has shape {list(a.shape)} but the adapter rank is {r}; expected [{r}, in_features]")
+                raise InvalidAdapterError(f"{weights}: {a.name!r} has shape {list(a.shape)} but the adapter rank is {r}; expected [{r}, in_features]", path=weights)
             if b.shape[1] != r:
-                raise InvalidAdapterError(f"{weights}: {b.name!r} has shape {list(b.shape)} but the adapter rank is {r}; expected [out_features, {r}]")
+                raise InvalidAdapterError(f"{weights}: {b.name!r} has shape {list(b.shape)} but the adapter rank is {r}; expected [out_features, {r}]", path=weights)
             dtypes.update((a.dtype, b.dtype))
             modules[name] = LoraModule(name, in_features=a.shape[1], out_features=b.shape[0])
         if len(dtypes) != 1:
-            raise InvalidAdapterError(f"{weights}: LoRA tensors mix dtypes {sorted(dtypes)}; save them in one dtype")
+            raise InvalidAdapterError(f"{weights}: LoRA tensors mix dtypes {sorted(dtypes)}; save them in one dtype", path=weights)
         if check_finite:
             _check_finite(weights, header)
         return header, modules, dtypes.pop()
@@ -187,7 +187,7 @@ class NestedAdapter:
             RankError: ``k`` is outside ``[1, r]``.
         """
         if not is_int(k) or not 1 <= k <= self.max_rank:
-            raise RankError(f"rank {k!r} is outside [1, {self.max_rank}] for adapter {str(self.path)!r} (max rank {self.max_rank})")
+            raise RankError(f"rank {k!r} is outside [1, {self.max_rank}] for adapter {str(self.path)!r} (max rank {self.max_rank})", path=self.path, rank=k)
         if k not in self.config.train_ranks:
             logger.warning("rank %d was not trained; the trained ranks are %s", k, list(self.config.train_ranks))
         return k
@@ -324,9 +324,9 @@ def record_in_config(adapter_dir: str | os.PathLike[str], section: str, key: str
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
-        raise InvalidAdapterError(f"{path}: cannot read it to record results ({e})") from e
+        raise InvalidAdapterError(f"{path}: cannot read it to record results ({e})", path=path) from e
     if not isinstance(data, dict) or data.get("format") != NESTED_FORMAT:
-        raise InvalidAdapterError(f"{path}: not a nested adapter config ({NESTED_FORMAT}); results are recorded for nested adapters only")
+        raise InvalidAdapterError(f"{path}: not a nested adapter config ({NESTED_FORMAT}); results are recorded for nested adapters only", path=path)
     current = data.get(section)
     data[section] = {**(current if isinstance(current, dict) else {}), key: entry}
     fd, tmp = tempfile.mkstemp(prefix=f".{CONFIG_NAME}.", suffix=".tmp", dir=path.parent)

@@ -53,30 +53,30 @@ def check_peft_config(cfg: Any, path: Path) -> None:
         InvalidAdapterError: naming the key, the expected type and the value found.
     """
     if not isinstance(cfg, dict):
-        raise InvalidAdapterError(f"{path}: expected a JSON object, found {type(cfg).__name__}")
+        raise InvalidAdapterError(f"{path}: expected a JSON object, found {type(cfg).__name__}", path=path)
     peft_type = cfg.get("peft_type")
     if peft_type != "LORA":
-        raise InvalidAdapterError(f"{path}: peft_type is {str(peft_type)[:40]!r}; only LoRA adapters (peft_type 'LORA') are supported")
+        raise InvalidAdapterError(f"{path}: peft_type is {str(peft_type)[:40]!r}; only LoRA adapters (peft_type 'LORA') are supported", path=path)
     for key, (expected, ok) in _PEFT_TYPES.items():
         if key in cfg and not ok(cfg[key]):
-            raise InvalidAdapterError(f"{path}: {key} must be {expected}, found {json.dumps(cfg[key])[:60]}; fix the file")
+            raise InvalidAdapterError(f"{path}: {key} must be {expected}, found {json.dumps(cfg[key])[:60]}; fix the file", path=path)
     if cfg.get("use_dora"):
-        raise InvalidAdapterError(f"{path}: use_dora is true; DoRA adapters are not supported (their magnitude vector does not slice)")
+        raise InvalidAdapterError(f"{path}: use_dora is true; DoRA adapters are not supported (their magnitude vector does not slice)", path=path)
     for key in ("rank_pattern", "alpha_pattern"):
         if cfg.get(key):
-            raise InvalidAdapterError(f"{path}: {key} is set; per-module ranks or alphas are not supported, use one r and lora_alpha")
+            raise InvalidAdapterError(f"{path}: {key} is set; per-module ranks or alphas are not supported, use one r and lora_alpha", path=path)
     if cfg.get("lora_bias"):
-        raise InvalidAdapterError(f"{path}: lora_bias is true; LoRA adapters with a bias on lora_B are not supported")
+        raise InvalidAdapterError(f"{path}: lora_bias is true; LoRA adapters with a bias on lora_B are not supported", path=path)
     if cfg.get("bias", "none") != "none":
-        raise InvalidAdapterError(f"{path}: bias is {cfg['bias']!r}; LoRA adapters that train biases are not supported (use bias 'none')")
+        raise InvalidAdapterError(f"{path}: bias is {cfg['bias']!r}; LoRA adapters that train biases are not supported (use bias 'none')", path=path)
     r = cfg.get("r")
     if not is_int(r) or r < 1:
-        raise InvalidAdapterError(f"{path}: r must be a positive integer, found {json.dumps(r)[:40]}")
+        raise InvalidAdapterError(f"{path}: r must be a positive integer, found {json.dumps(r)[:40]}", path=path)
     if r > MAX_LORA_RANK:
-        raise InvalidAdapterError(f"{path}: r = {str(r)[:20]}{'…' if len(str(r)) > 20 else ''} is above {MAX_LORA_RANK}, the largest LoRA rank supported")
+        raise InvalidAdapterError(f"{path}: r = {str(r)[:20]}{'…' if len(str(r)) > 20 else ''} is above {MAX_LORA_RANK}, the largest LoRA rank supported", path=path)
     alpha = cfg.get("lora_alpha", 8)
     if not is_finite_real(alpha) or alpha <= 0:
-        raise InvalidAdapterError(f"{path}: lora_alpha must be a positive number, found {json.dumps(alpha)[:40]}")
+        raise InvalidAdapterError(f"{path}: lora_alpha must be a positive number, found {json.dumps(alpha)[:40]}", path=path)
 
 
 def peft_scaling(peft_config: Mapping[str, Any]) -> float:

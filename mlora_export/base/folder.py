@@ -90,10 +90,10 @@ def check_base_config(root: Path) -> dict[str, Any]:
         raise BaseModelError(f"base model folder {str(root)!r} has no config.json; save the model there with save_pretrained()")
     cfg = read_json(path, BaseModelError, what="model config")
     if not isinstance(cfg, dict):
-        raise BaseModelError(f"{path}: expected a JSON object, found {type(cfg).__name__}; re-download or re-save the base model")
+        raise BaseModelError(f"{path}: expected a JSON object, found {type(cfg).__name__}; re-download or re-save the base model", path=path)
     model_type = cfg.get("model_type")
     if not isinstance(model_type, str) or not model_type:
-        raise BaseModelError(f"{path}: no model_type; re-download or re-save the base model with save_pretrained()")
+        raise BaseModelError(f"{path}: no model_type; re-download or re-save the base model with save_pretrained()", path=path)
     if not isinstance(cfg.get("auto_map"), dict):
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
@@ -118,13 +118,13 @@ def _shard_names(root: Path) -> tuple[list[str], dict[str, str] | None, dict[str
         index = read_json(index_path, BaseModelError, what="weight index")
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
-            raise BaseModelError(f"{index_path}: expected a non-empty 'weight_map' of tensor name → shard file; re-download or re-save the base model")
+            raise BaseModelError(f"{index_path}: expected a non-empty 'weight_map' of tensor name → shard file; re-download or re-save the base model", path=index_path)
         names = list(dict.fromkeys(weight_map.values()))
         for name in names:
             if not name or Path(name).name != name or name in (".", "..") or "\\" in name:
-                raise BaseModelError(f"{index_path}: shard name {name[:80]!r} is not a plain file name in the folder")
+                raise BaseModelError(f"{index_path}: shard name {name[:80]!r} is not a plain file name in the folder", path=index_path)
             if not (root / name).exists():
-                raise BaseModelError(f"{index_path}: names shard {name!r}, which is missing from {str(root)!r}; re-download the base model")
+                raise BaseModelError(f"{index_path}: names shard {name!r}, which is missing from {str(root)!r}; re-download the base model", path=index_path)
         return names, weight_map, index  # type: ignore[return-value]
     if (root / SAFE_SINGLE).exists() or (root / SAFE_SINGLE).is_symlink():
         return [SAFE_SINGLE], None, None

@@ -194,32 +194,32 @@ def _positive_number(value: Any) -> bool:
 def _check_peft_config(cfg: Any, path: Path) -> None:
     """Refuse what a re-nesting cannot keep: non-LoRA, DoRA, biases, modules saved whole, bad ranks."""
     if not isinstance(cfg, dict):
-        raise InvalidAdapterError(f"{path}: expected a JSON object")
+        raise InvalidAdapterError(f"{path}: expected a JSON object", path=path)
     if cfg.get("peft_type") != "LORA":
-        raise InvalidAdapterError(f"{path}: peft_type is {cfg.get('peft_type')!r}; only LoRA adapters (peft_type 'LORA') can be re-nested")
+        raise InvalidAdapterError(f"{path}: peft_type is {cfg.get('peft_type')!r}; only LoRA adapters (peft_type 'LORA') can be re-nested", path=path)
     for key, reason in _REFUSED_SETTINGS.items():
         if cfg.get(key):
-            raise InvalidAdapterError(f"{path}: {key} is set ({cfg[key]!r}); {reason}")
+            raise InvalidAdapterError(f"{path}: {key} is set ({cfg[key]!r}); {reason}", path=path)
     bias = cfg.get("bias", "none")
     if bias not in (None, "none"):
-        raise InvalidAdapterError(f"{path}: bias is {bias!r}; adapters that train the base biases are not supported, only bias 'none'")
+        raise InvalidAdapterError(f"{path}: bias is {bias!r}; adapters that train the base biases are not supported, only bias 'none'", path=path)
     r = cfg.get("r", 8)
     if not is_int(r) or r < 1:
-        raise InvalidAdapterError(f"{path}: r must be a positive integer, found {r!r}")
+        raise InvalidAdapterError(f"{path}: r must be a positive integer, found {r!r}", path=path)
     if not _positive_number(cfg.get("lora_alpha", 8)):
-        raise InvalidAdapterError(f"{path}: lora_alpha must be a positive number, found {cfg.get('lora_alpha')!r}")
+        raise InvalidAdapterError(f"{path}: lora_alpha must be a positive number, found {cfg.get('lora_alpha')!r}", path=path)
     for key, valid, expected in (("rank_pattern", lambda v: is_int(v) and v > 0, "positive integers"),
                                  ("alpha_pattern", _positive_number, "positive numbers")):
         pattern = cfg.get(key) or {}
         if not isinstance(pattern, dict):
-            raise InvalidAdapterError(f"{path}: {key} must be an object mapping module patterns to {expected}, found {pattern!r}")
+            raise InvalidAdapterError(f"{path}: {key} must be an object mapping module patterns to {expected}, found {pattern!r}", path=path)
         for name, value in pattern.items():
             if not valid(value):
-                raise InvalidAdapterError(f"{path}: {key}[{name!r}] is {value!r}; expected one of {expected}")
+                raise InvalidAdapterError(f"{path}: {key}[{name!r}] is {value!r}; expected one of {expected}", path=path)
             try:
                 re.compile(rf"(.*\.)?({name})$")
             except re.error as e:
-                raise InvalidAdapterError(f"{path}: {key} key {name!r} is not a valid regular expression ({e})") from e
+                raise InvalidAdapterError(f"{path}: {key} key {name!r} is not a valid regular expression ({e})", path=path) from e
 
 
 def _module_scale(cfg: Mapping[str, Any], name: str) -> tuple[int, float]:
@@ -300,7 +300,7 @@ def _check_finite(x: np.ndarray, info: TensorInfo, weights: Path) -> None:
     # A float64 sum of values that were at most float32 cannot overflow: a finite sum proves every
     # element finite. Only a non-finite sum (or a float64 source that overflowed) takes the exact test.
     if not math.isfinite(float(x.sum())) and not np.isfinite(x).all():
-        raise InvalidAdapterError(f"{weights}: tensor {info.name!r} has NaN or infinite values; the training diverged or the file is corrupt")
+        raise InvalidAdapterError(f"{weights}: tensor {info.name!r} has NaN or infinite values; the training diverged or the file is corrupt", path=weights, tensor=info.name)
 
 
 #: Condition numbers of a factor up to which its ``R`` comes from one Cholesky of its Gram matrix

@@ -76,10 +76,10 @@ def load_eval_data(
         item = tokenize_example(rec, tokenizer, 1 << 30)
         ids, labels = item["input_ids"], item["labels"]
         if max_length is not None and len(ids) > max_length:
-            raise DataError(f"{p}, line {rec.line}: {len(ids)} tokens, more than the model's {max_length} positions; shorten it")
+            raise DataError(f"{p}, line {rec.line}: {len(ids)} tokens, more than the model's {max_length} positions; shorten it", path=p)
         first = max(1, next((i for i, t in enumerate(labels) if t != IGNORE_INDEX), len(ids)))
         if first >= len(ids):
-            raise DataError(f"{p}, line {rec.line}: nothing to score (a text of one token or an empty completion)")
+            raise DataError(f"{p}, line {rec.line}: nothing to score (a text of one token or an empty completion)", path=p)
         n_comp = len(ids) - first - int(tokenizer.eos_token_id is not None and ids[-1] == tokenizer.eos_token_id)
         examples.append(EvalExample(tuple(ids), first, rec.prompt, rec.completion, max(1, n_comp)))
     digest = hashlib.sha256(p.read_bytes()).hexdigest()

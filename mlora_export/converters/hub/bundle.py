@@ -141,7 +141,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
     from ...fs import read_json
 
     if not path.exists():
-        raise InvalidAdapterError(f"{path}: not found; is {str(path.parent)!r} a bundle written by `mlora-export bundle`?")
+        raise InvalidAdapterError(f"{path}: not found; is {str(path.parent)!r} a bundle written by `mlora-export bundle`?", path=path)
     return check_manifest(read_json(path, InvalidAdapterError, what="manifest"), str(path))
 
 
