@@ -26,6 +26,7 @@ from typing import Any
 
 from .adapter import MatryoshkaConfig
 from .base_model import DTYPES, check_base_model_dir, load_base_model, load_tokenizer
+from .distributed import cpu_training_args, engine_of
 from .errors import ConfigError, ExportError
 from .fs import check_output_path
 from .method import check_method
@@ -170,6 +171,8 @@ class TrainResult:
     is_main_process: bool
     trainable_params: int
     losses: list[tuple[int, float]] = field(default_factory=list)
+    #: What held the parameters (:func:`~mlora_export.distributed.engine_of`): single, ddp, fsdp1, fsdp2, deepspeed, deepspeed-zero3.
+    engine: str = "single"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -289,7 +292,8 @@ def train(
             dataloader_drop_last=False,
             dataloader_pin_memory=torch.cuda.is_available(),
             # without an accelerator, accelerate only sets up multi-process (gloo) DDP when told "cpu"
-            use_cpu=not _has_accelerator(),
+            # (and then ignores FSDP/DeepSpeed configs: see mlora_export.distributed.cpu_training_args)
+            **cpu_training_args(_has_accelerator()),
             **settings.extra_training_args,
         )
         trainer = Trainer(
@@ -319,12 +323,16 @@ def train(
         main = trainer.is_world_process_zero()
         world = args.world_size
         failure: BaseException | None = None
+        nested.model.eval()
+        # under FSDP/ZeRO-3 the LoRA factors (only they) are gathered: a collective, on every process
+        factors = nested.factors(main_only=True)
+        engine = engine_of(nested.model)
         if main:
-            nested.model.eval()
             try:
                 nested.save(
                     output,
                     force=force,
+                    factors=factors,
                     extra={
                         "training": {
                             "data": Path(data_path).name,
@@ -364,6 +372,7 @@ def train(
         is_main_process=main,
         trainable_params=trainable,
         losses=losses,
+        engine=engine,
     )
 
 
