@@ -4,8 +4,8 @@ global batch gives, saved whole (the LoRA factors gathered, never shards), and a
 written mid-run resumes to the uninterrupted result.
 
 accelerate sets up FSDP only on accelerator devices (on CPU it runs an FSDP config as DDP), so the
-FSDP runs go through tests/launch/cpu_fsdp.py, which lifts that one gate; DeepSpeed runs on CPU
-as it is (its CPU accelerator, gloo). Each run records the engine that held its parameters, so a
+runs go through tests/launch/cpu_accelerate.py, which lifts that one gate (and keeps DeepSpeed
+from JIT-building its CPU shared-memory op: gloo does its collectives instead). Each run records the engine that held its parameters, so a
 silent fallback to DDP fails the test. Tolerance: the 1-process run is float32 with the same
 global batch; observed max difference ≈ 3e-7 (reduction order), asserted rtol 1e-4, atol 1e-5.
 """
@@ -91,11 +91,9 @@ def _env() -> dict[str, str]:
 
 
 def _launch(setup: dict[str, Path], engine: str, *program: str, timeout: int = 480) -> subprocess.CompletedProcess[str]:
-    """``accelerate launch --config_file <engine>.yaml PROGRAM`` with the FSDP gate lifted for FSDP."""
-    entry = [str(LAUNCH / "cpu_fsdp.py")] if engine.startswith("fsdp") else ["-m", "mlora_export"]
+    """``accelerate launch --config_file <engine>.yaml tests/launch/cpu_accelerate.py PROGRAM``."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(setup["root"] / f"{engine}.yaml"),
-           "--main_process_port", "0", *entry, *program]
-    # the first DeepSpeed run on a machine JIT-builds its CPU shared-memory op (minutes, cached after)
+           "--main_process_port", "0", str(LAUNCH / "cpu_accelerate.py"), *program]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-6000:]
     return proc
