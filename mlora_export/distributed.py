@@ -197,8 +197,9 @@ def cpu_training_args(has_accelerator: bool) -> dict[str, Any]:
         return {"use_cpu": False}
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         return {"use_cpu": False, "ddp_backend": "gloo"}
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and process_layout()[1] > 1:
-        logger.warning("accelerate runs an FSDP config as plain DDP on a CPU-only host (every process holds the whole model)")
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 \
+            and os.environ.get("RANK", "0") == "0":
+        logger.warning("accelerate runs an FSDP config as plain DDP on a CPU-only host: every process holds the whole model")
     return {"use_cpu": True}
 
 

@@ -162,3 +162,62 @@ def test_fsdp2_trainer_checkpoint_resumes_to_the_uninterrupted_run(setup: dict[s
     assert json.loads((root / "resumed" / "steps.json").read_text()) == [3, 4, 5]
     # the same computation in the same order: observed bit-identical
     _assert_same_adapter(root / "resumed", root / "full", rtol=0, atol=1e-6)
+
+
+def test_gather_from_torch_fsdp1_and_fsdp2() -> None:
+    """torch's own FSDP1 and FSDP2 on 2 processes: the LoRA factors are sharded, and ``factors()``
+    returns them whole and bit-identical on the main process (nothing on the other)."""
+    root = Path(__file__).resolve().parent.parent
+    env = {**_env(), "PYTHONPATH": os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(LAUNCH / "fsdp_gather.py")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "fsdp1: 14 modules gathered whole" in proc.stdout and "fsdp2: 14 modules gathered whole" in proc.stdout
+
+
+def test_engine_and_names_of_a_single_process_model() -> None:
+    from mlora_export.adapter import MatryoshkaConfig
+    from mlora_export.distributed import engine_of, module_name
+    from mlora_export.training import add_nested_adapter
+    from tests.common import build_model
+
+    nested = add_nested_adapter(build_model("llama"), MatryoshkaConfig("dylora", 4, (1, 2, 4)))
+    assert engine_of(nested.model) == "single"
+    assert module_name("base_model.model.model.layers.0._fsdp_wrapped_module._checkpoint_wrapped_module.self_attn.q_proj") == \
+        "model.layers.0.self_attn.q_proj"
+    assert list(nested.factors(main_only=True)) == nested.module_names  # one process is the main one
+
+
+def test_a_shard_is_refused_not_written(tmp_path: Path) -> None:
+    """Factors that are still shards (FSDP flattens and splits them) never reach the disk."""
+    from mlora_export.adapter import MatryoshkaConfig
+    from mlora_export.errors import ExportError
+    from mlora_export.training import add_nested_adapter
+    from tests.common import build_model
+
+    nested = add_nested_adapter(build_model("llama"), MatryoshkaConfig("dylora", 4, (1, 2, 4)))
+    factors = nested.factors()
+    name = next(iter(factors))
+    a, b = factors[name]
+    factors[name] = (a[:2], b)  # half of A's rows, as a 2-way shard on dim 0 holds
+    with pytest.raises(ExportError, match=name) as err:
+        nested.save(tmp_path / "out", factors=factors)
+    assert "gathered" in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cpu_training_args_follow_the_launch_config(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from mlora_export.distributed import cpu_training_args
+
+    for key in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP", "WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(key, raising=False)
+    assert cpu_training_args(True) == {"use_cpu": False}
+    assert cpu_training_args(False) == {"use_cpu": True}
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    assert cpu_training_args(False) == {"use_cpu": False, "ddp_backend": "gloo"}  # accelerate skips DeepSpeed under use_cpu
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with caplog.at_level("WARNING", logger="mlora_export.distributed"):
+        assert cpu_training_args(False) == {"use_cpu": True}
+    assert "plain DDP" in caplog.text
