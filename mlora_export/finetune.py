@@ -6,9 +6,10 @@ adapter on it (:func:`~mlora_export.training.add_nested_adapter`), trains it wit
 nested adapter format (DESIGN.md §2) atomically.
 
 It runs unchanged under ``torchrun``/``accelerate launch``: ``Trainer`` wraps the model in
-DistributedDataParallel and shards the batches; the training diagonal depends only on the step, so
-DyLoRA's ``b`` is the same on every process; only the main process writes the output, and the
-others wait for it.
+DistributedDataParallel, FSDP or DeepSpeed (as the launch config says) and shards the batches; the
+training diagonal depends only on ``(seed, step, global position)``, so every process trains what
+one process would; the LoRA factors are gathered whole (:mod:`mlora_export.distributed`), only the
+main process writes the output, and the others wait for it (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -227,7 +228,8 @@ def train(
     """Train a nested adapter on ``base_model_dir`` with the JSONL file ``data_path``; write it to ``output``.
 
     Everything is validated before the model is loaded. Works in one process and under
-    ``torchrun``/``accelerate launch`` (DDP) alike; only the main process writes ``output``.
+    ``torchrun``/``accelerate launch`` (DDP, FSDP, DeepSpeed ZeRO-2/3) alike; only the main process
+    writes ``output``.
     ``base_model_name`` is what the adapter records as its base (PEFT's ``base_model_name_or_path``;
     default ``base_model_dir`` as given), e.g. a Hub id when the local folder is a copy of one.
 
