@@ -13,8 +13,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-
-
 pytestmark = pytest.mark.slow  # end-to-end: see tests/conftest.py
 
 @pytest.fixture(scope="module")

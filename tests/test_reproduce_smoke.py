@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-
 pytestmark = pytest.mark.slow  # end-to-end: see tests/conftest.py
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "reproduce" / "reproduce.py"

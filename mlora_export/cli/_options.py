@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -137,6 +138,17 @@ def threads_option(func: Any) -> Any:
         help="torch intra-op threads of this process. [default: torch's, one per core, or OMP_NUM_THREADS] "
              "On a machine shared with other jobs, or with several processes per machine, 1 is often much faster.",
     )(func)
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Send what the block prints on stdout to stderr, so that stdout holds only the command's result.
+
+    Libraries loaded while training write there: DeepSpeed's logger prints on stdout (from its
+    import on, which ``transformers.Trainer`` triggers whenever DeepSpeed is installed).
+    """
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
 
 
 @contextlib.contextmanager

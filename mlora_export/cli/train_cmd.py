@@ -18,6 +18,7 @@ from ._options import (
     json_option,
     maybe_torch_threads,
     quiet_transformers_bars,
+    stdout_to_stderr,
     threads_option,
 )
 
@@ -60,8 +61,9 @@ def train(
 ) -> None:
     """Train a nested adapter (nested-loss by default) on a local model and write it to --output.
 
-    Runs unchanged under several processes (DistributedDataParallel), e.g.
-    `torchrun --nproc_per_node 2 -m mlora_export train ...` or `accelerate launch -m mlora_export train ...`.
+    Runs unchanged under several processes: DDP (`torchrun --nproc_per_node 2 -m mlora_export train ...`),
+    and FSDP or DeepSpeed ZeRO-2/3 (`accelerate launch --config_file cfg.yaml -m mlora_export train ...`);
+    the adapter is saved whole (see docs/distributed.md).
 
     \b
     Example:
@@ -76,7 +78,7 @@ def train(
         epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum, seed=seed,
         max_length=max_length, dtype=dtype,
     )
-    with maybe_torch_threads(threads), quiet_transformers_bars(), BarProgress("training", unit="step") as bar:
+    with stdout_to_stderr(), maybe_torch_threads(threads), quiet_transformers_bars(), BarProgress("training", unit="step") as bar:
         result = run_train(base_model, data, output, settings, force=force, progress=bar)
     if not result.is_main_process:
         return

@@ -41,8 +41,10 @@ hands back a plain PEFT adapter at rank ``r`` and ``s(r)``), or merge a slice on
 
 Under ``torchrun``/``accelerate launch`` (DDP) nothing changes: DyLoRA's diagonal depends on the
 step only, and ``nested-loss``'s per-example ranks on ``(seed, step, global position)`` only, so a
-distributed run trains what one process with the same global batch would; save from the main
-process only.
+distributed run trains what one process with the same global batch would. Under FSDP (1 or 2) and
+DeepSpeed ZeRO-3 the parameters are sharded: :meth:`NestedLoraModel.save` then gathers the LoRA
+factors (never the base) and must be called on every process; only the main one writes
+(:mod:`mlora_export.training.distributed`).
 """
 
 from __future__ import annotations
@@ -286,19 +288,16 @@ class NestedLoraModel:
         self.set_diagonal(rank_diagonal(r, k, self.config.scaling, self.config.alpha))
 
     # -- saving ---------------------------------------------------------------------------
-    def factors(self) -> dict[str, tuple["torch.Tensor", "torch.Tensor"]]:
-        """Module name → ``(A [r, in], B [out, r])`` detached on CPU, in model order."""
-        from peft.tuners.lora import LoraLayer
+    def factors(self, *, main_only: bool = False) -> dict[str, tuple["torch.Tensor", "torch.Tensor"]]:
+        """Module name → ``(A [r, in], B [out, r])`` detached on CPU, in model order.
 
-        out = {}
-        for name, layer in self.model.named_modules():
-            if isinstance(layer, LoraLayer) and self.adapter_name in layer.lora_A:
-                short = name[len("base_model.model."):] if name.startswith("base_model.model.") else name
-                out[short] = (
-                    layer.lora_A[self.adapter_name].weight.detach().cpu().clone(),
-                    layer.lora_B[self.adapter_name].weight.detach().cpu().clone(),
-                )
-        return out
+        Whole factors under every engine: under FSDP or DeepSpeed ZeRO-3 they are gathered (only
+        the LoRA factors), which is a collective, so call it on every process
+        (:func:`~mlora_export.training.distributed.gather_lora_factors`); ``main_only`` leaves the others ``{}``.
+        """
+        from .distributed import gather_lora_factors
+
+        return gather_lora_factors(self.model, self.adapter_name, main_only=main_only)
 
     @property
     def fan_in_fan_out(self) -> bool:
@@ -306,15 +305,36 @@ class NestedLoraModel:
         cfg = self.model.peft_config[self.adapter_name]
         return bool(getattr(cfg, "fan_in_fan_out", False))
 
-    def save(self, path: str | os.PathLike[str], *, force: bool = False, extra: dict[str, Any] | None = None) -> Path:
-        """Write the nested adapter format (docs/design.md §2) atomically; returns the folder."""
+    def save(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        force: bool = False,
+        extra: dict[str, Any] | None = None,
+        factors: dict[str, tuple["torch.Tensor", "torch.Tensor"]] | None = None,
+    ) -> Path:
+        """Write the nested adapter format (docs/design.md §2) atomically; returns the folder.
+
+        Under FSDP or DeepSpeed ZeRO-3 call it on every process: the LoRA factors are gathered
+        (a collective) and only the main process writes. Under DDP calling it on the main process
+        alone is enough. ``factors`` (from :meth:`factors`) skips the gathering.
+
+        Raises:
+            ExportError: the factors are shards, not whole rank-``r`` factors.
+        """
+        from .distributed import check_full_factors, is_main_process
+
+        if factors is None:
+            factors = self.factors(main_only=True)
+            if not is_main_process():
+                return Path(path)
+        check_full_factors(factors, self.config.max_rank)
         cfg = self.config
         if extra:
             cfg = dataclasses.replace(cfg, extra={**cfg.extra, **extra})
         peft_cfg = self.model.peft_config[self.adapter_name]
         task_type = getattr(peft_cfg, "task_type", None)
         task_type = getattr(task_type, "value", task_type)
-        factors = self.factors()
         targets = peft_cfg.target_modules
         if _narrowed(peft_cfg):
             # layers_to_transform / exclude_modules are not written (minimal adapter_config): name the modules exactly

@@ -6,9 +6,10 @@ adapter on it (:func:`~mlora_export.training.add_nested_adapter`), trains it wit
 nested adapter format (docs/design.md §2) atomically.
 
 It runs unchanged under ``torchrun``/``accelerate launch``: ``Trainer`` wraps the model in
-DistributedDataParallel and shards the batches; the training diagonal depends only on the step, so
-DyLoRA's ``b`` is the same on every process; only the main process writes the output, and the
-others wait for it.
+DistributedDataParallel, FSDP or DeepSpeed (as the launch config says) and shards the batches; the
+training diagonal depends only on ``(seed, step, global position)``, so every process trains what
+one process would; the LoRA factors are gathered whole (:mod:`mlora_export.training.distributed`), only the
+main process writes the output, and the others wait for it (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from ..fs import check_output_path
 from ..method import check_method
 from ..progress import Progress
 from ..validate import is_finite_real, is_int
+from .distributed import cpu_training_args, engine_of
 
 logger = logging.getLogger(__name__)
 
@@ -169,6 +171,8 @@ class TrainResult:
     is_main_process: bool
     trainable_params: int
     losses: list[tuple[int, float]] = field(default_factory=list)
+    #: What held the parameters (:func:`~mlora_export.training.distributed.engine_of`): single, ddp, fsdp1, fsdp2, deepspeed, deepspeed-zero3.
+    engine: str = "single"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -223,7 +227,8 @@ def train(
     """Train a nested adapter on ``base_model`` with the JSONL file ``data_path``; write it to ``output``.
 
     Everything is validated before the model is loaded. Works in one process and under
-    ``torchrun``/``accelerate launch`` (DDP) alike; only the main process writes ``output``.
+    ``torchrun``/``accelerate launch`` (DDP, FSDP, DeepSpeed ZeRO-2/3) alike; only the main process
+    writes ``output``.
     ``base_model_id`` is what the adapter records as its base (PEFT's ``base_model_name_or_path``;
     default ``base_model`` as given), e.g. a Hub id when the local folder is a copy of one.
 
@@ -288,7 +293,8 @@ def train(
             dataloader_drop_last=False,
             dataloader_pin_memory=torch.cuda.is_available(),
             # without an accelerator, accelerate only sets up multi-process (gloo) DDP when told "cpu"
-            use_cpu=not _has_accelerator(),
+            # (and then ignores FSDP/DeepSpeed configs: see mlora_export.training.distributed.cpu_training_args)
+            **cpu_training_args(_has_accelerator()),
             **settings.extra_training_args,
         )
         trainer = Trainer(
@@ -318,12 +324,16 @@ def train(
         main = trainer.is_world_process_zero()
         world = args.world_size
         failure: BaseException | None = None
+        nested.model.eval()
+        # under FSDP/ZeRO-3 the LoRA factors (only they) are gathered: a collective, on every process
+        factors = nested.factors(main_only=True)
+        engine = engine_of(nested.model)
         if main:
-            nested.model.eval()
             try:
                 nested.save(
                     output,
                     force=force,
+                    factors=factors,
                     extra={
                         "training": {
                             "data": Path(data_path).name,
@@ -363,6 +373,7 @@ def train(
         is_main_process=main,
         trainable_params=trainable,
         losses=losses,
+        engine=engine,
     )
 
 

@@ -41,7 +41,13 @@ from ...adapter import (
     NestedAdapter,
     write_json,
 )
-from ...errors import ConfigError, ExportError, IntegrityError, InvalidAdapterError, RankError
+from ...errors import (
+    ConfigError,
+    ExportError,
+    IntegrityError,
+    InvalidAdapterError,
+    RankError,
+)
 from ...fs import atomic_output_dir, check_free_space, check_output_path
 from ...progress import Progress
 from ...provenance import created_by
