@@ -73,3 +73,12 @@ class RemoteIntegrityError(IntegrityError):
     """A file fetched from the Hub does not match the bundle's manifest (corrupt or changed remote copy)."""
 
     exit_code = 1
+
+
+class UnsupportedArchitectureError(ConfigError):
+    """A base architecture, or a target module of it, that the export target (llama.cpp's GGUF) cannot represent."""
+
+    def __init__(self, message: str, *, architecture: str | None = None, modules: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.architecture = architecture
+        self.modules = modules

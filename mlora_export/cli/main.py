@@ -12,7 +12,7 @@ from collections.abc import Callable
 import click
 
 from .. import __version__
-from . import demo_cmd, eval_cmd, hub_cmd, inspect_cmd, merge_cmd, onnx_cmd, renest_cmd, slice_cmd, train_cmd
+from . import demo_cmd, eval_cmd, gguf_cmd, hub_cmd, inspect_cmd, merge_cmd, onnx_cmd, renest_cmd, slice_cmd, train_cmd
 from ._errors import flush_warnings, hold_warning
 
 
@@ -132,4 +132,5 @@ main.add_command(hub_cmd.pull)
 main.add_command(demo_cmd.demo)
 main.add_command(train_cmd.train)
 main.add_command(onnx_cmd.onnx)
+main.add_command(gguf_cmd.gguf)
 main.add_command(eval_cmd.eval_)
