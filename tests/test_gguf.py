@@ -348,3 +348,20 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_bundle_gguf(cases: dict[str, Any], tmp_path: Path) -> None:
+    """``bundle --gguf BASE`` adds ``r{k}/adapter.gguf`` (the same file as ``gguf``), listed in the manifest and checksummed."""
+    from mlora_export.converters.hub.bundle import Bundle
+
+    c = cases["llama-float32"]
+    res = CliRunner().invoke(main, ["bundle", str(c["nested"].path), "--ranks", "2,8", "--gguf", str(c["base"]), "-o", str(tmp_path / "b")])
+    assert res.exit_code == 0, res.output
+    b = Bundle.load(tmp_path / "b", verify=True)
+    assert [r["gguf"] for r in b.manifest["ranks"]] == ["r2/adapter.gguf", "r8/adapter.gguf"]
+    export_gguf(c["nested"], [2, 8], tmp_path / "g", base_model=c["base"])
+    for k in (2, 8):
+        assert (tmp_path / "b" / f"r{k}" / "adapter.gguf").read_bytes() == (tmp_path / "g" / f"r{k}.gguf").read_bytes()
+        assert f"r{k}/adapter.gguf" in {f.path for f in b.files}
+    res = CliRunner().invoke(main, ["bundle", str(c["nested"].path), "--ranks", "2", "--gguf", str(tmp_path / "g"), "-o", str(tmp_path / "b2")])
+    assert res.exit_code == 2 and "config.json" in res.output and not (tmp_path / "b2").exists()

@@ -74,7 +74,8 @@ def _bundle_options(func: Any) -> Any:
 
 
 def _build(adapter: str, ranks: Any, output: Path, *, scale_mode: str, base_model: str | None, license_id: str | None,
-           repo_id: str | None, force: bool, onnx_base: str | None = None, default_rank: int | None = None) -> Any:
+           repo_id: str | None, force: bool, onnx_base: str | None = None, default_rank: int | None = None,
+           gguf_base: str | None = None) -> Any:
     from ..converters.hub.bundle import write_bundle
     from ..fs import check_output_path
 
@@ -86,21 +87,30 @@ def _build(adapter: str, ranks: Any, output: Path, *, scale_mode: str, base_mode
 
             with BarProgress("onnx export", unit="step") as bar:
                 onnx_dir = export_onnx(adapter, onnx_base, Path(tmp) / "onnx", progress=bar).path
+        gguf_dir = None
+        if gguf_base is not None:
+            from ..converters.gguf import export_gguf
+
+            gguf_dir = Path(tmp) / "gguf"
+            export_gguf(adapter, ranks, gguf_dir, base_model=gguf_base, scale_mode=scale_mode)
         with BarProgress("bundling") as bar:
             return write_bundle(adapter, ranks, output, scale_mode=scale_mode, base_model=base_model, license_id=license_id,
-                                repo_id=repo_id, onnx_dir=onnx_dir, default_rank=default_rank, force=force, progress=bar)
+                                repo_id=repo_id, onnx_dir=onnx_dir, default_rank=default_rank, force=force, progress=bar,
+                                gguf_dir=gguf_dir)
 
 
 @click.command("bundle")
 @click.argument("adapter", type=click.Path(path_type=str))
 @click.option("--output", "-o", required=True, type=click.Path(path_type=str), help="Bundle folder to create (same layout as the Hub repo).")
 @_bundle_options
+@click.option("--gguf", "gguf_base", type=click.Path(path_type=str), metavar="BASE",
+              help="Also write each rank's llama.cpp LoRA adapter, r{k}/adapter.gguf; BASE: the local base model folder or its config.json (for the architecture).")
 @click.option("--repo-id", help="Repo id to show in the card's snippets (default: a placeholder).")
 @force_option
 @json_option
 @handle_errors
 def bundle(adapter: str, output: str, ranks: Any, scale_mode: str, base_model: str | None, license_id: str | None,
-           default_rank: int | None, onnx_base: str | None, repo_id: str | None, force: bool, as_json: bool) -> None:
+           default_rank: int | None, onnx_base: str | None, gguf_base: str | None, repo_id: str | None, force: bool, as_json: bool) -> None:
     """Write a variant bundle of a nested ADAPTER to a local folder (no network).
 
     The folder holds README.md (model card), matryoshka_config.json, manifest.json (every
@@ -110,13 +120,14 @@ def bundle(adapter: str, output: str, ranks: Any, scale_mode: str, base_model: s
     Example:
       mlora-export bundle ./nested --ranks 4,8,16,32 --output ./bundle
       mlora-export bundle ./nested --ranks 8,16 --with-onnx ./base-model --output ./bundle
+      mlora-export bundle ./nested --ranks 8,16 --gguf ./base-model --output ./bundle
     """
     if repo_id is not None:
         from ..converters.hub.push import check_repo_id
 
         check_repo_id(repo_id)
     b = _build(adapter, ranks, Path(output), scale_mode=scale_mode, base_model=base_model, license_id=license_id, repo_id=repo_id,
-               force=force, onnx_base=onnx_base, default_rank=default_rank)
+               force=force, onnx_base=onnx_base, default_rank=default_rank, gguf_base=gguf_base)
     if as_json:
         echo_json({"path": str(b.path), "ranks": [r.__dict__ for r in b.ranks], "files": [f.__dict__ for f in b.files], "bytes": b.total_bytes})
         return

@@ -46,6 +46,8 @@ MANIFEST_NAME = BUNDLE_MANIFEST_NAME
 README_NAME = "README.md"
 NESTED_DIR = BUNDLE_NESTED_DIR
 ONNX_DIR = "onnx"
+#: A rank folder's llama.cpp LoRA adapter (``bundle --gguf``).
+GGUF_NAME = "adapter.gguf"
 #: ``progress(done, total)`` in bytes.
 Progress = Callable[[int, int], None]
 
@@ -290,12 +292,15 @@ def write_bundle(
     force: bool = False,
     progress: Progress | None = None,
     warn_local_base: bool = True,
+    gguf_dir: str | os.PathLike[str] | None = None,
 ) -> Bundle:
     """Write the variant bundle of a nested ``adapter`` at ``ranks`` into the new folder ``output``.
 
     ``base_model`` overrides the base model recorded in the adapter (the card's ``base_model``
     must be a Hub repo id; a local path is left out of the card with a warning). ``repo_id`` is
-    only used in the card's snippets. ``onnx_dir``, when given, is copied into ``onnx/``.
+    only used in the card's snippets. ``onnx_dir``, when given, is copied into ``onnx/``;
+    ``gguf_dir`` (written by :func:`mlora_export.converters.gguf.export_gguf` at these ranks): its
+    ``r{k}.gguf`` becomes ``r{k}/adapter.gguf``, the rank's llama.cpp LoRA adapter.
     ``default_rank`` (one of ``ranks``) is also written at the bundle's root; by default the best
     rank by the adapter's recorded evaluation, else the largest (:func:`choose_default_rank`).
     ``warn_local_base=False`` silences the warning about a base model that is a local path.
@@ -310,7 +315,7 @@ def write_bundle(
     """
     check_scale_mode(scale_mode)
     check_license(license_id)
-    inputs = [adapter.path if isinstance(adapter, NestedAdapter) else adapter, onnx_dir]
+    inputs = [adapter.path if isinstance(adapter, NestedAdapter) else adapter, onnx_dir, gguf_dir]
     check_output_path(output, force, inputs)
     # The NaN/inf check is made by write_slices, alongside the writing.
     nested = adapter if isinstance(adapter, NestedAdapter) else NestedAdapter.load(adapter, check_finite=False)
@@ -350,6 +355,10 @@ def write_bundle(
             slice_cfg["source"]["path"] = f"../{NESTED_DIR}"
             write_json(folder / CONFIG_NAME, slice_cfg)
             _portable_peft_config(folder / PEFT_CONFIG_NAME, hub_base)
+            gguf_entry = {}
+            if gguf_dir is not None:
+                shutil.copyfile(Path(gguf_dir) / f"r{k}.gguf", folder / GGUF_NAME)
+                gguf_entry = {"gguf": f"{rank_dir(k)}/{GGUF_NAME}"}
             files = _folder_files(tmp, rank_dir(k))
             rank_entries.append({
                 "rank": k,
@@ -359,6 +368,7 @@ def write_bundle(
                 "scale": res.scale,
                 "trained": k in nested.config.train_ranks,
                 "metrics": metrics.get(k, {}),
+                **gguf_entry,
             })
             logger.info("bundle: wrote rank %d (%d params)", k, res.params)
         for name in (PEFT_CONFIG_NAME, WEIGHTS_NAME):  # the default rank at the root
