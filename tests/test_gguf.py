@@ -143,11 +143,11 @@ def read_gguf(path: Path) -> tuple[list[tuple[str, Any, Any]], list[tuple[str, s
 
 
 @pytest.fixture(scope="session")
-def cases(tmp_path_factory: pytest.TempPathFactory, llama_cpp: Path) -> dict[str, Any]:
-    """Per arch and adapter dtype: base folder, nested adapter, our files and the converter's files."""
+def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Per arch and adapter dtype: base folder, nested adapter, its slices and our files; ``"jobs"``:
+    the converter runs that write the reference files next to ours."""
     root = tmp_path_factory.mktemp("gguf")
-    out: dict[str, Any] = {}
-    jobs: list[list[str]] = []
+    out: dict[str, Any] = {"jobs": []}
     for arch in ARCHS:
         model = tiny_model(arch)
         base = root / f"base-{arch}"
@@ -164,10 +164,17 @@ def cases(tmp_path_factory: pytest.TempPathFactory, llama_cpp: Path) -> dict[str
                     export_gguf(nested, RANKS, case / f"ours-{mode}-{t}", base_model=base, out_type=t, scale_mode=mode, name="R{rank}")
                     (case / f"ref-{mode}-{t}").mkdir()
                     for k in RANKS:
-                        jobs.append(["--base", str(base), "--outtype", t, "--outfile", str(case / f"ref-{mode}-{t}" / f"r{k}.gguf"), str(case / f"slices-{mode}" / f"r{k}")])
+                        out["jobs"].append(["--base", str(base), "--outtype", t, "--outfile", str(case / f"ref-{mode}-{t}" / f"r{k}.gguf"),
+                                            str(case / f"slices-{mode}" / f"r{k}")])
             out[f"{arch}-{dtype_name}"] = {"base": base, "case": case, "nested": nested, "model": model, "modes": modes}
-    run_converter(llama_cpp, jobs)
     return out
+
+
+@pytest.fixture(scope="session")
+def cases(built: dict[str, Any], llama_cpp: Path) -> dict[str, Any]:
+    """:func:`built`, with the converter's files written."""
+    run_converter(llama_cpp, built["jobs"])
+    return built
 
 
 def _params() -> list[Any]:
@@ -212,10 +219,10 @@ def _undo_rope_permute(b: np.ndarray, n_head: int) -> np.ndarray:
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("k", RANKS)
-def test_file_applies_delta_k(cases: dict[str, Any], arch: str, k: int) -> None:
+def test_file_applies_delta_k(built: dict[str, Any], arch: str, k: int) -> None:
     """llama.cpp applies ``(alpha / k) · lora_b · lora_a``: that is ``s(k)·B[:, :k]·A[:k]`` (DESIGN.md §1),
     with the Llama q/k rows in llama.cpp's rotary order."""
-    c = cases[f"{arch}-float32"]
+    c = built[f"{arch}-float32"]
     nested: NestedAdapter = c["nested"]
     cfg = c["model"].config
     for mode in c["modes"]:
@@ -233,20 +240,20 @@ def test_file_applies_delta_k(cases: dict[str, Any], arch: str, k: int) -> None:
                 np.testing.assert_allclose(delta, rd.delta(module, k).double().numpy(), rtol=1e-5, atol=1e-6)
 
 
-def test_arch_without_config(cases: dict[str, Any], tmp_path: Path) -> None:
+def test_arch_without_config(built: dict[str, Any], tmp_path: Path) -> None:
     """``arch`` alone (a base that is not local) gives the same file for Qwen2 and GPT-2; Llama needs the head counts."""
     for arch in ("qwen2", "gpt2"):
-        c = cases[f"{arch}-float32"]
+        c = built[f"{arch}-float32"]
         export_gguf(c["nested"], [2], tmp_path / arch, arch=arch, out_type="f32", name="R{rank}")
         assert (tmp_path / arch / "r2.gguf").read_bytes() == (c["case"] / "ours-baked-f32" / "r2.gguf").read_bytes()
     with pytest.raises(BaseModelError, match="num_attention_heads"):
-        export_gguf(cases["llama-float32"]["nested"], [2], tmp_path / "llama", arch="llama")
+        export_gguf(built["llama-float32"]["nested"], [2], tmp_path / "llama", arch="llama")
     with pytest.raises(BaseModelError, match="not a local folder"):
-        export_gguf(cases["llama-float32"]["nested"], [2], tmp_path / "llama")
+        export_gguf(built["llama-float32"]["nested"], [2], tmp_path / "llama")
     assert not (tmp_path / "llama").exists()
     # the base folder, its config.json and the config as a mapping are the same
-    base = cases["llama-float32"]["base"]
-    nested = cases["llama-float32"]["nested"]
+    base = built["llama-float32"]["base"]
+    nested = built["llama-float32"]["nested"]
     cfg = json.loads((base / "config.json").read_text())
     found = {(b.architecture, b.n_layers, b.n_head, b.n_head_kv) for b in (resolve_base(nested, base), resolve_base(nested, base / "config.json"), resolve_base(nested, cfg))}
     assert found == {("LlamaForCausalLM", 2, 4, 2)}
@@ -299,8 +306,8 @@ def test_unmappable_modules(base_dirs: dict[str, Path], tmp_path: Path) -> None:
     assert res.exit_code == 2 and "rotary_gate" in res.output and not (tmp_path / "out").exists()
 
 
-def test_bad_inputs(cases: dict[str, Any], tmp_path: Path) -> None:
-    c = cases["llama-float32"]
+def test_bad_inputs(built: dict[str, Any], tmp_path: Path) -> None:
+    c = built["llama-float32"]
     with pytest.raises(RankError):
         export_gguf(c["nested"], [2, 9], tmp_path / "o", base_model=c["base"])
     with pytest.raises(RankError):
@@ -320,8 +327,8 @@ def test_bad_inputs(cases: dict[str, Any], tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["r2.gguf"]
 
 
-def test_cli(cases: dict[str, Any], tmp_path: Path) -> None:
-    c = cases["llama-bfloat16"]
+def test_cli(built: dict[str, Any], tmp_path: Path) -> None:
+    c = built["llama-bfloat16"]
     runner = CliRunner()
     args = ["gguf", str(c["nested"].path), "--ranks", "8,2", "--base-model", str(c["base"]), "-o", str(tmp_path / "g"), "--name", "R{rank}", "--json"]
     res = runner.invoke(main, args)
@@ -350,11 +357,11 @@ def _umask() -> int:
     return mask
 
 
-def test_bundle_gguf(cases: dict[str, Any], tmp_path: Path) -> None:
+def test_bundle_gguf(built: dict[str, Any], tmp_path: Path) -> None:
     """``bundle --gguf BASE`` adds ``r{k}/adapter.gguf`` (the same file as ``gguf``), listed in the manifest and checksummed."""
     from mlora_export.converters.hub.bundle import Bundle
 
-    c = cases["llama-float32"]
+    c = built["llama-float32"]
     res = CliRunner().invoke(main, ["bundle", str(c["nested"].path), "--ranks", "2,8", "--gguf", str(c["base"]), "-o", str(tmp_path / "b")])
     assert res.exit_code == 0, res.output
     b = Bundle.load(tmp_path / "b", verify=True)
