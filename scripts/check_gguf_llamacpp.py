@@ -4,8 +4,8 @@
 1. Downloads the ``llama-cpp-python==0.3.36`` source package with pip and builds llama.cpp from its
    ``vendor/llama.cpp`` (CMake, CPU only, ``nice -n 10``, ``--jobs`` parallel jobs; only the tools
    used here: ``llama-debug`` and ``llama-completion``). A build already in ``--work`` is reused.
-2. Builds a tiny Llama (grouped-query attention, so the key permutation is exercised) and a tiny
-   GPT-2 (Conv1D targets) with one byte-level BPE tokenizer trained on the built-in data, and
+2. Builds a tiny Llama (grouped-query attention, so the key permutation is exercised), a tiny
+   Qwen2 and a tiny GPT-2 (Conv1D targets) with one byte-level BPE tokenizer trained on the built-in data, and
    converts each base to GGUF (f32) with llama.cpp's own ``convert_hf_to_gguf.py``. (The converter
    identifies a BPE pre-tokenizer by hashing a vocabulary it knows; ours is new, so its check is
    told the pre-tokenizer is ``gpt-2``, the regex the tokenizer was trained with.)
@@ -36,6 +36,7 @@ from typing import Any
 
 SDIST = "llama-cpp-python==0.3.36"
 TOOLS = ("llama-debug", "llama-completion")
+ARCHS = ("llama", "qwen2", "gpt2")
 PROMPT = "sort jigb = bgij sort lok ="
 N_PREDICT = 24
 
@@ -105,6 +106,12 @@ def build_base(arch: str, tokenizer: Any, out: Path) -> Any:
         cfg = tf.LlamaConfig(vocab_size=v, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                              num_key_value_heads=2, max_position_embeddings=256, bos_token_id=0, eos_token_id=1, tie_word_embeddings=False)
         model = tf.LlamaForCausalLM(cfg)
+    elif arch == "qwen2":
+        # transformers (and so the converter) loads this folder's tokenizer as a Qwen2Tokenizer, which
+        # adds <|endoftext|> as id v: the vocabulary has room for it
+        cfg = tf.Qwen2Config(vocab_size=v + 1, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, max_position_embeddings=256, bos_token_id=0, eos_token_id=1, tie_word_embeddings=False)
+        model = tf.Qwen2ForCausalLM(cfg)
     else:
         cfg = tf.GPT2Config(vocab_size=v, n_embd=64, n_layer=2, n_head=4, n_positions=256, n_ctx=256, bos_token_id=0, eos_token_id=1)
         model = tf.GPT2LMHeadModel(cfg)
@@ -116,26 +123,48 @@ def build_base(arch: str, tokenizer: Any, out: Path) -> Any:
     return model
 
 
-def build_nested(model: Any, arch: str, out: Path, r: int = 16) -> None:
+def build_nested(model: Any, arch: str, out: Path, r: int = 16, std: float = 0.15) -> None:
     import torch
     from transformers.pytorch_utils import Conv1D
 
     from mlora_export.adapter import MatryoshkaConfig, save_nested
 
-    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj") if arch == "llama" else ("c_attn", "c_proj", "c_fc")
+    targets = ("c_attn", "c_proj", "c_fc") if arch == "gpt2" else ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     gen = torch.Generator().manual_seed(1)
     factors = {}
     for name, mod in model.named_modules():
         if isinstance(mod, (torch.nn.Linear, Conv1D)) and name.rsplit(".", 1)[-1] in targets:
             fan_in, fan_out = (mod.weight.shape[0], mod.weight.shape[1]) if isinstance(mod, Conv1D) else (mod.in_features, mod.out_features)
-            factors[name] = (torch.randn(r, fan_in, generator=gen) * 0.15, torch.randn(fan_out, r, generator=gen) * 0.15)
+            factors[name] = (torch.randn(r, fan_in, generator=gen) * std, torch.randn(fan_out, r, generator=gen) * std)
     out.mkdir(parents=True)
     save_nested(out, factors, MatryoshkaConfig("matryoshka", r, (4, 8, 16), "sqrt", 1.0, extra={"base_model": str(out.parent / f"base-{arch}")}),
                 fan_in_fan_out=arch == "gpt2")
 
 
 def run_tool(cmd: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=600)
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, inverted: the character that stands for each byte → the byte."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def token_bytes(tokenizer: Any, ids: list[int]) -> bytes:
+    """The bytes that ``ids`` stand for, as llama-completion prints them: special tokens print
+    nothing, and a NUL byte neither (it prints each piece with ``LOG("%s", piece.c_str())``)."""
+    dec = _byte_decoder()
+    special = set(tokenizer.all_special_ids)
+    out = b"".join(bytes(dec[ch] for ch in tokenizer.convert_ids_to_tokens(i)) for i in ids if i not in special)
+    return out.replace(b"\x00", b"")
 
 
 def llama_logits(bins: Path, base_gguf: Path, lora: Path | None, out: Path, threads: int) -> tuple[Any, list[int], str]:
@@ -148,29 +177,34 @@ def llama_logits(bins: Path, base_gguf: Path, lora: Path | None, out: Path, thre
     proc = run_tool(cmd)
     stem = out / f"llamacpp-{base_gguf.stem}"
     if proc.returncode != 0 or not Path(f"{stem}.bin").is_file():
-        return None, [], (proc.stderr or proc.stdout)[-600:]
+        return None, [], proc.stderr[-3000:]
     return np.fromfile(f"{stem}.bin", dtype=np.float32), np.fromfile(f"{stem}-tokens.bin", dtype=np.int32).tolist(), ""
 
 
-def llama_greedy(bins: Path, base_gguf: Path, lora: Path | None, threads: int) -> str:
+def llama_greedy(bins: Path, base_gguf: Path, lora: Path | None, threads: int) -> bytes:
     cmd = [str(bins / "llama-completion"), "-m", str(base_gguf), "-p", PROMPT, "-n", str(N_PREDICT), "--temp", "0", "--top-k", "1",
            "-t", str(threads), "-c", "256", "--no-display-prompt", "-no-cnv", "--seed", "0"]
     if lora is not None:
         cmd += ["--lora", str(lora)]
-    proc = run_tool(cmd)
-    if proc.returncode != 0:
-        raise RuntimeError(f"llama-completion failed: {proc.stderr[-800:]}")
-    return proc.stdout
+    # llama.cpp prints through an asynchronous logger that can lose the tail of stdout at exit: a
+    # complete run ends with the "\n\n" printed after the last token, so retry until one does.
+    for _ in range(10):
+        proc = subprocess.run(cmd, capture_output=True, timeout=600)  # bytes: a token may be part of a UTF-8 character
+        if proc.returncode != 0:
+            raise RuntimeError(f"llama-completion failed: {proc.stderr[-800:].decode(errors='replace')}")
+        if proc.stdout.endswith(b"\n\n"):
+            return proc.stdout[:-2]
+    raise RuntimeError("llama-completion's output was cut short 10 times in a row")
 
 
-def hf_outputs(model: Any, tokenizer: Any, ids: list[int]) -> tuple[Any, str]:
+def hf_outputs(model: Any, tokenizer: Any, ids: list[int]) -> tuple[Any, bytes]:
     import torch
 
     x = torch.tensor([ids])
     with torch.no_grad():
         logits = model(x).logits[0, -1].float().numpy()
         gen = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=N_PREDICT, do_sample=False, pad_token_id=1)
-    return logits, tokenizer.decode(gen[0, len(ids):], skip_special_tokens=True)
+    return logits, token_bytes(tokenizer, gen[0, len(ids):].tolist())
 
 
 def check_arch(arch: str, work: Path, llama_cpp: Path, ranks: tuple[int, ...], threads: int) -> dict[str, Any]:
@@ -191,10 +225,13 @@ def check_arch(arch: str, work: Path, llama_cpp: Path, ranks: tuple[int, ...], t
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     subprocess.run([sys.executable, "-c", CONVERT_BASE, str(llama_cpp), str(d / f"base-{arch}"), "--outtype", "f32", "--outfile", str(base_gguf)],
                    check=True, env=env, capture_output=True)
-    build_nested(model, arch, d / "nested")
+    build_nested(model, arch, d / "nested", std=0.4 if arch == "gpt2" else 0.15)  # GPT-2's layer norms damp the adapter more
     export_gguf(d / "nested", ranks, d / "gguf", base_model=d / f"base-{arch}", out_type="f32")
     slice_adapter(d / "nested", ranks, d / "slices")
 
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(d / f"base-{arch}")  # as the converter reads it
     base_logits, ids, err = llama_logits(bins, base_gguf, None, d / "logits-base", threads)
     if base_logits is None:
         raise RuntimeError(f"llama-debug failed on the base: {err}")
@@ -219,8 +256,8 @@ def check_arch(arch: str, work: Path, llama_cpp: Path, ranks: tuple[int, ...], t
             "argmax_equal": int(logits.argmax()) == int(hf_logits.argmax()),
             "greedy_equal": cpp_text == hf_text,
             "greedy_differs_from_base": hf_text != hf_base_text,
-            "greedy_text_llamacpp": cpp_text,
-            "greedy_text_peft": hf_text,
+            "greedy_bytes_llamacpp": cpp_text.decode(errors="backslashreplace"),
+            "greedy_bytes_peft": hf_text.decode(errors="backslashreplace"),
         }
         model = peft_model.unload()
     if arch == "gpt2":  # what llama.cpp says of the converter's file for the same slice
@@ -229,8 +266,8 @@ def check_arch(arch: str, work: Path, llama_cpp: Path, ranks: tuple[int, ...], t
         subprocess.run([sys.executable, str(llama_cpp / "convert_lora_to_gguf.py"), "--base", str(d / f"base-{arch}"), "--outtype", "f32",
                         "--outfile", str(ref), str(d / "slices" / f"r{k}")], check=True, env=env, capture_output=True)
         logits, _, err = llama_logits(bins, base_gguf, ref, d / "logits-converter", threads)
-        lines = [line for line in err.splitlines() if "shape" in line or "error" in line.lower() or "failed" in line]
-        result["converter_file_in_llamacpp"] = {"rank": k, "loaded": logits is not None, "message": " | ".join(lines[-3:])}
+        lines = [line.split(" E ", 1)[-1] for line in err.splitlines() if "lora" in line.lower()]
+        result["converter_file_in_llamacpp"] = {"rank": k, "loaded": logits is not None, "message": " | ".join(lines[:2])}
     return result
 
 
@@ -247,12 +284,12 @@ def main() -> None:
     ranks = tuple(sorted(int(k) for k in args.ranks.split(",")))
     llama_cpp, build_s = fetch_and_build(args.work, args.jobs)
     summary: dict[str, Any] = {"llama_cpp": str(llama_cpp), "build_seconds": build_s, "ranks": ranks, "prompt": PROMPT, "n_predict": N_PREDICT}
-    for arch in ("llama", "gpt2"):
+    for arch in ARCHS:
         log(f"checking {arch}")
         summary[arch] = check_arch(arch, args.work, llama_cpp, ranks, args.threads)
     (args.work / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
-    ok = all(r["greedy_equal"] and r["argmax_equal"] for a in ("llama", "gpt2") for r in summary[a]["ranks"].values())
+    ok = all(r["greedy_equal"] and r["argmax_equal"] for a in ARCHS for r in summary[a]["ranks"].values())
     sys.exit(0 if ok else 1)
 
 
