@@ -283,7 +283,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     ranks = tuple(sorted(int(k) for k in args.ranks.split(",")))
     llama_cpp, build_s = fetch_and_build(args.work, args.jobs)
-    summary: dict[str, Any] = {"llama_cpp": str(llama_cpp), "build_seconds": build_s, "ranks": ranks, "prompt": PROMPT, "n_predict": N_PREDICT}
+    summary: dict[str, Any] = {"llama_cpp": f"{SDIST} sdist, vendor/llama.cpp", "build_seconds": build_s, "ranks": ranks, "prompt": PROMPT, "n_predict": N_PREDICT}
     for arch in ARCHS:
         log(f"checking {arch}")
         summary[arch] = check_arch(arch, args.work, llama_cpp, ranks, args.threads)
