@@ -28,6 +28,7 @@ _EXPORTS: dict[str, str] = {
     "train": "mlora_export.finetune",
     "merge_adapter": "mlora_export.converters.merge",
     "export_onnx": "mlora_export.converters.onnx",
+    "export_gguf": "mlora_export.converters.gguf",
     "write_bundle": "mlora_export.converters.hub",
     "push_bundle": "mlora_export.converters.hub",
     "pull_rank": "mlora_export.converters.hub",
