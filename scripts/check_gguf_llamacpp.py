@@ -142,7 +142,7 @@ def build_nested(model: Any, arch: str, out: Path, r: int = 16, std: float = 0.1
 
 
 def run_tool(cmd: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=600)
+    return subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=600, check=False)
 
 
 def _byte_decoder() -> dict[str, int]:
@@ -189,7 +189,7 @@ def llama_greedy(bins: Path, base_gguf: Path, lora: Path | None, threads: int) -
     # llama.cpp prints through an asynchronous logger that can lose the tail of stdout at exit: a
     # complete run ends with the "\n\n" printed after the last token, so retry until one does.
     for _ in range(10):
-        proc = subprocess.run(cmd, capture_output=True, timeout=600)  # bytes: a token may be part of a UTF-8 character
+        proc = subprocess.run(cmd, capture_output=True, timeout=600, check=False)  # bytes: a token may be part of a UTF-8 character
         if proc.returncode != 0:
             raise RuntimeError(f"llama-completion failed: {proc.stderr[-800:].decode(errors='replace')}")
         if proc.stdout.endswith(b"\n\n"):

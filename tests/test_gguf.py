@@ -22,6 +22,7 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
 import pytest
 import torch
@@ -33,8 +34,6 @@ from mlora_export.converters.gguf import base_from_config, export_gguf, resolve_
 from mlora_export.converters.slice import slice_adapter
 from mlora_export.errors import BaseModelError, ConfigError, OutputExistsError, RankError, UnsupportedArchitectureError
 from tests.common import build_model, random_nested
-
-gguf = pytest.importorskip("gguf")
 
 SDIST = "llama-cpp-python==0.3.36"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"  # PyPI's, checked after the download
@@ -63,7 +62,7 @@ def _fetch_llama_cpp(cache: Path) -> Path:
     dl.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run(
         [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", "--disable-pip-version-check", "-q", "-d", str(dl), SDIST],
-        capture_output=True, text=True, timeout=900,
+        capture_output=True, text=True, timeout=900, check=False,
     )
     archives = sorted(dl.glob("llama_cpp_python-*.tar.gz"))
     if proc.returncode != 0 or not archives:
@@ -113,7 +112,7 @@ for argv in json.load(sys.stdin):
 
 def run_converter(llama_cpp: Path, jobs: list[list[str]]) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    proc = subprocess.run([sys.executable, "-c", DRIVER, str(llama_cpp)], input=json.dumps(jobs), capture_output=True, text=True, env=env, timeout=900)
+    proc = subprocess.run([sys.executable, "-c", DRIVER, str(llama_cpp)], input=json.dumps(jobs), capture_output=True, text=True, env=env, timeout=900, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
@@ -197,7 +196,7 @@ def test_equals_llama_cpp_converter(cases: dict[str, Any], arch: str, dtype_name
         ours_kv, ours = read_gguf(c["case"] / f"ours-{mode}-{out_type}" / f"r{k}.gguf")
         ref_kv, ref = read_gguf(c["case"] / f"ref-{mode}-{out_type}" / f"r{k}.gguf")
         assert ours_kv == ref_kv
-        assert dict((key, v) for key, _, v in ours_kv)["adapter.lora.alpha"] == pytest.approx(
+        assert {key: v for key, _, v in ours_kv}["adapter.lora.alpha"] == pytest.approx(
             k if mode == "baked" else c["nested"].scale(k) * k, rel=1e-6)
         assert [t[0] for t in ours] == [t[0] for t in ref]
         assert len(ours) == 2 * len(c["nested"].modules)
@@ -207,7 +206,7 @@ def test_equals_llama_cpp_converter(cases: dict[str, Any], arch: str, dtype_name
             # q8_0: rows whose length is not a multiple of 32 fall back to F16, in both
             assert qtype == rtype and (out_type == "q8_0" or qtype == out_type.upper()), name
             if arch == "gpt2":  # see the docstring: transposed back
-                partner = [t for t in ref if t[0] == name[:-1] + ("b" if name.endswith("a") else "a")][0]
+                partner = next(t for t in ref if t[0] == name[:-1] + ("b" if name.endswith("a") else "a"))
                 rshape, rdata = partner[2][::-1], partner[3].T
             assert shape == rshape, name
             assert data.dtype == rdata.dtype and np.array_equal(data.view(np.uint8), np.ascontiguousarray(rdata).view(np.uint8)), name
@@ -227,7 +226,7 @@ def test_file_applies_delta_k(built: dict[str, Any], arch: str, k: int) -> None:
     cfg = c["model"].config
     for mode in c["modes"]:
         kv, tensors = read_gguf(c["case"] / f"ours-{mode}-f32" / f"r{k}.gguf")
-        alpha = dict((key, v) for key, _, v in kv)["adapter.lora.alpha"]
+        alpha = {key: v for key, _, v in kv}["adapter.lora.alpha"]
         by_name = {t[0]: t[3].astype(np.float64) for t in tensors}
         with nested.reader() as rd:
             for i, module in enumerate(nested.modules):
@@ -314,6 +313,8 @@ def test_bad_inputs(built: dict[str, Any], tmp_path: Path) -> None:
         export_gguf(c["nested"], [], tmp_path / "o", base_model=c["base"])
     with pytest.raises(ConfigError, match="out type"):
         export_gguf(c["nested"], [2], tmp_path / "o", base_model=c["base"], out_type="q4_k")
+    with pytest.raises(ConfigError, match="only {adapter} and {rank}"):
+        export_gguf(c["nested"], [2], tmp_path / "o", base_model=c["base"], name="{model}-{rank}")
     with pytest.raises(ConfigError, match="scale mode"):
         export_gguf(c["nested"], [2], tmp_path / "o", base_model=c["base"], scale_mode="rslora")
     (tmp_path / "empty").mkdir()

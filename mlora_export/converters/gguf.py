@@ -205,8 +205,8 @@ def resolve_base(
         config, source = read_json(path, BaseModelError, "base model config"), str(path)
     else:
         recorded = adapter.base_model
-        if recorded and _config_file(Path(recorded)).is_file() and Path(recorded).is_dir():
-            path = _config_file(Path(recorded))
+        if recorded and (Path(recorded) / "config.json").is_file():
+            path = Path(recorded) / "config.json"
             config, source = read_json(path, BaseModelError, "base model config"), str(path)
     if config is not None and not isinstance(config, Mapping):
         raise BaseModelError(f"{source}: expected a JSON object")
@@ -331,6 +331,18 @@ def resolve_ranks(adapter: NestedAdapter, ranks: Sequence[int] | str) -> tuple[i
     return out
 
 
+def format_name(name: str, adapter: NestedAdapter, k: int) -> str:
+    """``general.name`` of the rank-``k`` file: ``name`` with ``{adapter}`` and ``{rank}`` filled in.
+
+    Raises:
+        ConfigError: ``name`` has another ``{field}`` or unbalanced braces.
+    """
+    try:
+        return name.format(adapter=adapter.path.name, rank=k)
+    except (KeyError, IndexError, ValueError) as e:
+        raise ConfigError(f"name {name!r}: only {{adapter}} and {{rank}} can be filled in ({e}); double a literal brace: {{{{ }}}}") from e
+
+
 def check_out_type(out_type: str | None, adapter: NestedAdapter) -> str:
     """The out type to write (``None``: the one that keeps the adapter's dtype).
 
@@ -398,7 +410,7 @@ def write_gguf(
     # the key order of convert_lora_to_gguf.py: type, name, alpha, quantization version
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
-    writer.add_name(name.format(adapter=adapter.path.name, rank=k))
+    writer.add_name(format_name(name, adapter, k))
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     count = 0
@@ -452,6 +464,7 @@ def export_gguf(
     nested = adapter if isinstance(adapter, NestedAdapter) else NestedAdapter.load(adapter)
     ks = resolve_ranks(nested, ranks if isinstance(ranks, str) else list(ranks))
     out_type = check_out_type(out_type, nested)
+    format_name(name, nested, ks[0])
     base = resolve_base(nested, base_model, arch=arch)
     tensor_names(nested, base)  # refuse unmappable modules before anything is written
     total = sum(nested.bytes_at(k) for k in ks)
@@ -480,6 +493,7 @@ __all__ = [
     "check_out_type",
     "check_scale_mode",
     "export_gguf",
+    "format_name",
     "gguf_alpha",
     "resolve_base",
     "resolve_ranks",
