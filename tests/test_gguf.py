@@ -96,7 +96,9 @@ def llama_cpp(request: pytest.FixtureRequest) -> Path:
     env = os.environ.get("MLORA_LLAMA_CPP_DIR")
     if env:
         return Path(env)
-    return _fetch_llama_cpp(Path(request.config.cache.mkdir("llama-cpp-python-0.3.36")))
+    cache = getattr(request.config, "cache", None)  # None under -p no:cacheprovider: a folder of this session
+    folder = cache.mkdir("llama-cpp-python-0.3.36") if cache is not None else request.getfixturevalue("tmp_path_factory").mktemp("llama-cpp")
+    return _fetch_llama_cpp(Path(folder))
 
 
 #: Runs convert_lora_to_gguf.py once per job in one process (imports shared): argv lists on stdin, as JSON.
