@@ -48,6 +48,7 @@ _EXPORTS: dict[str, str] = {
     "train": "mlora_export.training",
     "merge_adapter": "mlora_export.converters.merge",
     "export_onnx": "mlora_export.converters.onnx",
+    "export_gguf": "mlora_export.converters.gguf",
     "write_bundle": "mlora_export.converters.hub",
     "push_bundle": "mlora_export.converters.hub",
     "publish": "mlora_export.converters.hub",

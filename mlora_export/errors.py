@@ -86,3 +86,12 @@ class IntegrityError(MloraError, ValueError):
 
 class RemoteIntegrityError(IntegrityError):
     """A file fetched from the Hub does not match the bundle's manifest (corrupt or changed remote copy)."""
+
+
+class UnsupportedArchitectureError(ConfigError):
+    """A base architecture, or a target module of it, that the export target (llama.cpp's GGUF) cannot represent."""
+
+    def __init__(self, message: str, *, architecture: str | None = None, modules: tuple[str, ...] = (), **fields: Any) -> None:
+        super().__init__(message, **fields)
+        self.architecture = architecture
+        self.modules = modules

@@ -84,12 +84,14 @@ def _bundle_options(func: Any) -> Any:
 @click.argument("adapter", type=click.Path(path_type=str))
 @click.option("--output", "-o", required=True, type=click.Path(path_type=str), help="Bundle folder to create (same layout as the Hub repo).")
 @_bundle_options
+@click.option("--gguf", "gguf_base", type=click.Path(path_type=str), metavar="BASE",
+              help="Also write each rank's llama.cpp LoRA adapter, r{k}/adapter.gguf; BASE: the local base model folder or its config.json (for the architecture).")
 @click.option("--repo-id", help="Repo id to show in the card's snippets (default: a placeholder).")
 @force_option
 @json_option
 @handle_errors
 def bundle(adapter: str, output: str, ranks: Any, scale_mode: str, base_model: str | None, license_id: str | None,
-           default_rank: int | None, onnx_base: str | None, measure_latency: bool, repo_id: str | None, force: bool, as_json: bool) -> None:
+           default_rank: int | None, onnx_base: str | None, measure_latency: bool, gguf_base: str | None, repo_id: str | None, force: bool, as_json: bool) -> None:
     """Write a variant bundle of a nested ADAPTER to a local folder (no network).
 
     The folder holds README.md (model card), matryoshka_config.json, manifest.json (every
@@ -99,6 +101,7 @@ def bundle(adapter: str, output: str, ranks: Any, scale_mode: str, base_model: s
     Example:
       mlora-export bundle ./nested --ranks 4,8,16,32 --output ./bundle
       mlora-export bundle ./nested --ranks 8,16 --with-onnx ./base-model --output ./bundle
+      mlora-export bundle ./nested --ranks 8,16 --gguf ./base-model --output ./bundle
     """
     if repo_id is not None:
         from ..converters.hub.push import check_repo_id
@@ -109,7 +112,7 @@ def bundle(adapter: str, output: str, ranks: Any, scale_mode: str, base_model: s
     with BarProgress("onnx export", unit="step") as export_bar, BarProgress("bundling") as bar:
         b = write_bundle(adapter, ranks, output, scale_mode=scale_mode, base_model_id=base_model, license_id=license_id,
                          repo_id=repo_id, onnx_base=onnx_base, default_rank=default_rank, measure_latency=measure_latency,
-                         force=force, progress=bar,
+                         gguf_base=gguf_base, force=force, progress=bar,
                          export_progress=export_bar)
     if as_json:
         echo_json({"path": str(b.path), "ranks": [r.__dict__ for r in b.ranks], "files": [f.__dict__ for f in b.files], "bytes": b.total_bytes})

@@ -15,6 +15,7 @@ from .. import __version__
 from . import (
     demo_cmd,
     eval_cmd,
+    gguf_cmd,
     hub_cmd,
     inspect_cmd,
     merge_cmd,
@@ -162,6 +163,7 @@ main.add_command(hub_cmd.pull)
 main.add_command(demo_cmd.demo)
 main.add_command(train_cmd.train)
 main.add_command(onnx_cmd.onnx)
+main.add_command(gguf_cmd.gguf)
 main.add_command(eval_cmd.eval_)
 
 # The verbosity options work after the command name too (`mlora-export onnx ... -v`).

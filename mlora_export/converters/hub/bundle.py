@@ -62,6 +62,8 @@ MANIFEST_NAME = BUNDLE_MANIFEST_NAME
 README_NAME = "README.md"
 NESTED_DIR = BUNDLE_NESTED_DIR
 ONNX_DIR = "onnx"
+#: A rank folder's llama.cpp LoRA adapter (``bundle --gguf``).
+GGUF_NAME = "adapter.gguf"
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
@@ -314,6 +316,8 @@ def write_bundle(
     progress: Progress | None = None,
     export_progress: Progress | None = None,
     warn_local_base: bool = True,
+    gguf_dir: str | os.PathLike[str] | None = None,
+    gguf_base: str | os.PathLike[str] | None = None,
 ) -> Bundle:
     """Write the variant bundle of a nested ``adapter`` at ``ranks`` into the new folder ``output``.
 
@@ -322,7 +326,11 @@ def write_bundle(
     only used in the card's snippets. ``onnx_dir``, when given, is copied into ``onnx/``; with
     ``onnx_base`` (a local base model folder) a dynamic-rank ONNX model is exported and verified
     first (:func:`~mlora_export.converters.onnx.export_onnx`, reporting to ``export_progress``)
-    and carried in ``onnx/``: the one place a converter composes another (DESIGN §3).
+    and carried in ``onnx/`` (the one place a converter composes another, docs/design.md §3).
+    ``gguf_dir`` (written by :func:`mlora_export.converters.gguf.export_gguf` at these ranks): its
+    ``r{k}.gguf`` becomes ``r{k}/adapter.gguf``, the rank's llama.cpp LoRA adapter; with
+    ``gguf_base`` (the base's folder or ``config.json``) they are written first
+    (:func:`~mlora_export.converters.gguf.export_gguf`, in the bundle's scale mode).
     ``default_rank`` (one of ``ranks``) is also written at the bundle's root; by default the best
     rank by the adapter's recorded evaluation, else the largest (:func:`choose_default_rank`).
     ``measure_latency`` times the ONNX export (a dynamic-rank one) in ONNX Runtime at every rank on
@@ -340,22 +348,30 @@ def write_bundle(
     """
     check_scale_mode(scale_mode)
     check_license(license_id)
-    inputs = [adapter.path if isinstance(adapter, NestedAdapter) else adapter, onnx_dir, onnx_base]
+    inputs = [adapter.path if isinstance(adapter, NestedAdapter) else adapter, onnx_dir, onnx_base, gguf_dir, gguf_base]
     check_output_path(output, force, inputs)
-    if onnx_base is not None:
-        if onnx_dir is not None:
+    if onnx_base is not None or gguf_base is not None:
+        if onnx_base is not None and onnx_dir is not None:
             raise ConfigError("give an existing ONNX export (onnx_dir) or a base model to export one (onnx_base), not both", option="onnx_base")
-        from ..onnx import export_onnx
+        if gguf_base is not None and gguf_dir is not None:
+            raise ConfigError("give existing GGUF files (gguf_dir) or a base model to write them (gguf_base), not both", option="gguf_base")
+        with tempfile.TemporaryDirectory(prefix="mlora-bundle-exports-") as tmp:
+            if onnx_base is not None:
+                from ..onnx import export_onnx
 
-        with tempfile.TemporaryDirectory(prefix="mlora-onnx-") as tmp:
-            try:
-                exported = export_onnx(adapter, onnx_base, Path(tmp) / ONNX_DIR, progress=export_progress)
-            except ExportError as e:
-                e.option = None  # the opset is the export's default here, not an option of the bundle
-                raise
+                try:
+                    onnx_dir = export_onnx(adapter, onnx_base, Path(tmp) / ONNX_DIR, progress=export_progress).path
+                except ExportError as e:
+                    e.option = None  # the opset is the export's default here, not an option of the bundle
+                    raise
+            if gguf_base is not None:
+                from ..gguf import export_gguf
+
+                gguf_dir = Path(tmp) / "gguf"
+                export_gguf(adapter, ranks, gguf_dir, base_model=gguf_base, scale_mode=scale_mode)
             return write_bundle(adapter, ranks, output, scale_mode=scale_mode, base_model_id=base_model_id, license_id=license_id,
-                                repo_id=repo_id, onnx_dir=exported.path, default_rank=default_rank, measure_latency=measure_latency,
-                                force=force, progress=progress, warn_local_base=warn_local_base)
+                                repo_id=repo_id, onnx_dir=onnx_dir, gguf_dir=gguf_dir, default_rank=default_rank,
+                                measure_latency=measure_latency, force=force, progress=progress, warn_local_base=warn_local_base)
     # The NaN/inf check is made by write_slices, alongside the writing.
     nested = adapter if isinstance(adapter, NestedAdapter) else NestedAdapter.load(adapter, check_finite=False)
     if not nested.is_nested:
@@ -402,6 +418,10 @@ def write_bundle(
             slice_cfg["source"]["path"] = f"../{NESTED_DIR}"
             write_json(folder / CONFIG_NAME, slice_cfg)
             _portable_peft_config(folder / PEFT_CONFIG_NAME, hub_base)
+            gguf_entry = {}
+            if gguf_dir is not None:
+                shutil.copyfile(Path(gguf_dir) / f"r{k}.gguf", folder / GGUF_NAME)
+                gguf_entry = {"gguf": f"{rank_dir(k)}/{GGUF_NAME}"}
             files = _folder_files(tmp, rank_dir(k))
             rank_entries.append({
                 "rank": k,
@@ -412,6 +432,7 @@ def write_bundle(
                 "trained": k in nested.config.train_ranks,
                 "metrics": metrics.get(k, {}),
                 **({"latency_ms": latency["ms"][str(k)]} if latency else {}),
+                **gguf_entry,
             })
             logger.info("bundle: wrote rank %d (%d params)", k, res.params)
         for name in (PEFT_CONFIG_NAME, WEIGHTS_NAME):  # the default rank at the root
