@@ -5,7 +5,14 @@ from __future__ import annotations
 import click
 
 from ._errors import handle_errors
-from ._options import BarProgress, RankList, echo_json, echo_table, force_option, json_option
+from ._options import (
+    BarProgress,
+    RankList,
+    echo_json,
+    echo_table,
+    force_option,
+    json_option,
+)
 
 
 @click.command("gguf")

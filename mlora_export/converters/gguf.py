@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,15 +38,18 @@ from typing import Any
 import numpy as np
 
 from ..adapter import AdapterReader, NestedAdapter
-from ..errors import BaseModelError, ConfigError, RankError, UnsupportedArchitectureError
+from ..adapter.ranks import SCALE_MODES, check_scale_mode, resolve_ranks
+from ..errors import (
+    BaseModelError,
+    ConfigError,
+    UnsupportedArchitectureError,
+)
 from ..fs import atomic_output_dir, check_output_path, read_json
 from ..method import peft_alpha_for
-from ..validate import is_int
+from ..progress import Progress
 
 logger = logging.getLogger(__name__)
 
-#: ``progress(done, total)`` in bytes.
-Progress = Callable[[int, int], None]
 
 #: Output tensor types, as ``convert_lora_to_gguf.py --outtype`` names them.
 OUT_TYPES: tuple[str, ...] = ("f32", "f16", "bf16", "q8_0")
@@ -298,37 +301,6 @@ def _quantize(name: str, data: np.ndarray, out_type: str) -> tuple[np.ndarray, A
 
 
 #: How ``s(k)`` is expressed, as for slices (DESIGN.md §2).
-SCALE_MODES: tuple[str, ...] = ("baked", "native")
-
-
-def check_scale_mode(scale_mode: str) -> None:
-    """Raise :class:`ConfigError` unless ``scale_mode`` is ``baked`` or ``native``."""
-    if scale_mode not in SCALE_MODES:
-        raise ConfigError(f"unknown scale mode {scale_mode!r}: expected one of {', '.join(SCALE_MODES)}")
-
-
-def resolve_ranks(adapter: NestedAdapter, ranks: Sequence[int] | str) -> tuple[int, ...]:
-    """``"all"`` → the train ranks; explicit ranks sorted, de-duplicated and checked against ``[1, r]``.
-
-    Raises:
-        RankError: a rank is outside ``[1, r]``, or none is given.
-    """
-    if isinstance(ranks, str):
-        if ranks != "all":
-            raise RankError(f"ranks must be a list of integers or 'all', got {ranks!r}")
-        return tuple(adapter.config.train_ranks)
-    out = tuple(sorted(set(ranks)))
-    if not out:
-        raise RankError("no ranks requested: give e.g. --ranks 8,16 or --ranks all")
-    bad = [k for k in out if not is_int(k) or not 1 <= k <= adapter.max_rank]
-    if bad:
-        raise RankError(
-            f"rank(s) {bad} are outside [1, {adapter.max_rank}] for adapter {str(adapter.path)!r}; "
-            f"its train ranks are {list(adapter.config.train_ranks)}"
-        )
-    for k in out:
-        adapter.check_rank(k)  # warns about untrained ranks
-    return out
 
 
 def format_name(name: str, adapter: NestedAdapter, k: int) -> str:

@@ -17,11 +17,11 @@ import logging
 import os
 import queue
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
@@ -36,18 +36,21 @@ from ..adapter import (
     scratch_bytes,
     write_json,
 )
-from ..errors import ConfigError, InvalidAdapterError, OutputExistsError, RankError
+from ..adapter.ranks import (
+    SCALE_MODES,
+    check_ranks_in_range,
+    check_scale_mode,
+    resolve_ranks,
+)
+from ..errors import InvalidAdapterError, OutputExistsError
 from ..fs import atomic_output_dir, check_free_space, check_output_path
 from ..method import peft_alpha_for
 from ..progress import Progress
 from ..safetensors_io import SafetensorsWriter
 from ..threads import worker_threads
-from ..validate import is_int
 
 logger = logging.getLogger(__name__)
 
-ScaleMode = Literal["baked", "native"]
-SCALE_MODES: tuple[str, ...] = ("baked", "native")
 
 
 @dataclass(frozen=True)
@@ -59,43 +62,6 @@ class SliceResult:
     params: int
     bytes: int
     scale: float
-
-
-def check_scale_mode(scale_mode: str) -> None:
-    """Raise :class:`ConfigError` unless ``scale_mode`` is one of :data:`SCALE_MODES`."""
-    if scale_mode not in SCALE_MODES:
-        raise ConfigError(f"unknown scale mode {scale_mode!r}: expected one of {', '.join(SCALE_MODES)}")
-
-
-def _check_in_range(adapter: NestedAdapter, ranks: Iterable[object]) -> None:
-    bad = [k for k in ranks if not is_int(k) or not 1 <= k <= adapter.max_rank]
-    if bad:
-        raise RankError(
-            f"rank(s) {bad} are outside [1, {adapter.max_rank}] for adapter {str(adapter.path)!r}; "
-            f"its train ranks are {list(adapter.config.train_ranks)}"
-        )
-
-
-def resolve_ranks(adapter: NestedAdapter, ranks: Sequence[int] | str) -> tuple[int, ...]:
-    """Turn ``"all"`` into the train ranks and validate explicit ranks against ``[1, r]``.
-
-    Raises:
-        RankError: a rank is outside ``[1, r]``, or none is given.
-    """
-    if isinstance(ranks, str):
-        if ranks != "all":
-            raise RankError(f"ranks must be a list of integers or 'all', got {ranks!r}")
-        return tuple(adapter.config.train_ranks)
-    out = tuple(sorted(set(ranks)))
-    if not out:
-        raise RankError("no ranks requested: give e.g. 8,16 or 'all'", option="ranks")
-    _check_in_range(adapter, out)
-    untrained = [k for k in out if k not in adapter.config.train_ranks]
-    if untrained:
-        logger.warning(
-            "rank(s) %s were not trained and may be weaker; the trained ranks are %s", untrained, list(adapter.config.train_ranks)
-        )
-    return out
 
 
 def slice_peft_config(adapter: NestedAdapter, k: int, scale_mode: str) -> dict[str, Any]:
@@ -241,7 +207,7 @@ def write_slices(
         InvalidAdapterError: a tensor holds NaN or infinity (the first such in the file is named).
     """
     check_scale_mode(scale_mode)
-    _check_in_range(adapter, folders)
+    check_ranks_in_range(adapter, folders)
     if not folders:
         return []
     if reader is None:

@@ -41,6 +41,7 @@ from ...adapter import (
     NestedAdapter,
     write_json,
 )
+from ...adapter.ranks import check_scale_mode, resolve_ranks
 from ...errors import (
     ConfigError,
     ExportError,
@@ -52,7 +53,7 @@ from ...fs import atomic_output_dir, check_free_space, check_output_path
 from ...progress import Progress
 from ...provenance import created_by
 from ...validate import is_finite_real, is_int
-from ..slice import check_scale_mode, resolve_ranks, write_slices
+from ..slice import write_slices
 from .card import check_license, hub_base_model, render_card
 
 logger = logging.getLogger(__name__)
