@@ -419,7 +419,7 @@ def test_unknown_repo_revision_rank_and_network_down(hub: HubServer, pushed: dic
         (["pull", REPO, "--rank", "2", "--revision", "v9"], 1, "revision 'v9' not found"),
         (["pull", REPO, "--rank", "2", "--revision", ""], 2, "the revision is empty; give a branch, tag or commit (default: main) (see --revision)"),
         (["pull", REPO, "--rank", "16"], 2, "rank 16 is not in the bundle 'org/tiny-llama-mlora'; it has ranks 2, 4, 8"),
-        (["pull", REPO, "--rank", "auto"], 2, "rank 'auto' needs a limit (bytes, parameters, latency) or a score to reach to choose a rank (see --max-bytes"),
+        (["pull", REPO, "--rank", "auto"], 2, "rank 'auto' needs a limit (bytes, parameters, latency) or a score to reach to choose a rank (give --max-bytes, --max-params, --max-latency-ms, --min-score or --within)"),
         (["pull", REPO, "--rank", "auto", "--max-bytes", "1KB"], 2, "'org/tiny-llama-mlora': no rank fits 1,000 bytes; the smallest, rank 2,"),
         (["pull", REPO, "--rank", "zero"], 2, "is not a rank"),
         (["pull", REPO, "--rank", "4", "--max-bytes", "10MB"], 2, "only apply with --rank auto"),
