@@ -32,35 +32,22 @@ TRAIN_RANKS = (1, 2, 4, 8)
 VOCAB = 320  # 256 byte symbols, 3 specials, some merges
 PROMPT = [1, 72, 101, 108, 108, 111, 44, 32, 119]
 NEW_TOKENS = 12
-CORPUS = [
-    "hello world, the quick brown fox jumps over the lazy dog.",
-    "nested adapters slice into every rank; the first k components are a rank-k adapter.",
-    "onnx runtime generates with a key value cache, one token at a time.",
-] * 20
 
 
 def byte_bpe_tokenizer() -> Any:
-    """A byte-level BPE ``PreTrainedTokenizerFast`` of :data:`VOCAB` tokens: ``<pad>`` 0, ``<s>`` 1, ``</s>`` 2."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from mlora_export.bpe_tokenizer import build_byte_bpe_tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )
-    tok.train_from_iterator(CORPUS, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    return build_byte_bpe_tokenizer(VOCAB)
 
 
 def decoder_config(arch: str) -> Any:
     import transformers as tf
 
-    common = dict(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
-    )
+    common: dict[str, Any] = {
+        "vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "max_position_embeddings": 64, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
+        "tie_word_embeddings": False,
+    }
     if arch == "llama":
         return tf.LlamaConfig(**common)
     return tf.Qwen2Config(**common, use_sliding_window=False)
@@ -187,6 +174,8 @@ def test_genai_lora_rank_per_request(arch: str, exports, refs) -> None:
                 g.generate_next_token()
     assert until_eos([int(t) for t in a.get_sequence(0)]) == refs(arch, 1)
     assert until_eos([int(t) for t in b.get_sequence(0)]) == refs(arch, R)
+    with pytest.raises(Exception, match="lora_rank"):  # a required input: no silent default
+        generator(model)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -36,9 +36,23 @@ from ...base_model import check_base_model_dir, check_float_targets
 from ...errors import ConfigError, ExportError
 from ...fs import atomic_output_dir, check_free_space, check_output_path
 from .export import INFO_NAME, MODEL_NAME, OnnxExportResult, Progress, check_opset
-from .genai_graph import build_decoder_top, export_decoder, input_names, kv_shape, past_names, present_names
-from .graph import DEFAULT_OPSET, EXTERNAL_DATA_BYTES, TASK_CAUSAL_LM, check_fits, load_base_model, param_bytes
-from .ort_adapter import add_empty_defaults, adapter_file_name, write_ort_adapter
+from .genai_graph import (
+    build_decoder_top,
+    export_decoder,
+    input_names,
+    kv_shape,
+    past_names,
+    present_names,
+)
+from .graph import (
+    DEFAULT_OPSET,
+    EXTERNAL_DATA_BYTES,
+    TASK_CAUSAL_LM,
+    check_fits,
+    load_base_model,
+    param_bytes,
+)
+from .ort_adapter import adapter_file_name, add_empty_defaults, write_ort_adapter
 from .verify import ATOL, RTOL, compare, make_session, reference_logits, sample_inputs
 
 if TYPE_CHECKING:

@@ -28,7 +28,14 @@ from typing import TYPE_CHECKING, Any
 
 from ...adapter import NestedAdapter
 from ...errors import ExportError
-from .graph import DEFAULT_OPSET, _quiet, adapter_input_names, build_export_model, input_factors, scale_tensor
+from .graph import (
+    DEFAULT_OPSET,
+    _quiet,
+    adapter_input_names,
+    build_export_model,
+    input_factors,
+    scale_tensor,
+)
 
 if TYPE_CHECKING:
     import torch
