@@ -32,7 +32,13 @@ from mlora_export.adapter import MatryoshkaConfig, NestedAdapter, save_nested
 from mlora_export.cli.main import main
 from mlora_export.converters.gguf import base_from_config, export_gguf, resolve_base
 from mlora_export.converters.slice import slice_adapter
-from mlora_export.errors import BaseModelError, ConfigError, OutputExistsError, RankError, UnsupportedArchitectureError
+from mlora_export.errors import (
+    BaseModelError,
+    ConfigError,
+    OutputExistsError,
+    RankError,
+    UnsupportedArchitectureError,
+)
 from tests.common import build_model, random_nested
 
 SDIST = "llama-cpp-python==0.3.36"

@@ -162,7 +162,8 @@ def test_dynamic_rank_clamps_out_of_range(exports, nested_dirs) -> None:
 
 
 def test_onnx_adapter_files_round_trip(exports, nested_dirs) -> None:
-    """read_adapter gives A[:k] and s(k)·B[:, :k]; running it equals the fixed-rank export; no adapter = base."""
+    """read_adapter gives Olive's <module>.lora_A.weight = A[:k]ᵀ [in, k] and lora_B.weight = (s(k)·B[:, :k])ᵀ [k, out];
+    running it equals the fixed-rank export; no adapter = base."""
     from mlora_export.adapter import NestedAdapter
 
     folder = exports("llama", "adapters")
@@ -173,8 +174,8 @@ def test_onnx_adapter_files_round_trip(exports, nested_dirs) -> None:
         assert len(params) == 2 * len(nested.modules)
         with nested.reader() as rd:
             for name in nested.modules:
-                np.testing.assert_allclose(params[f"{name}.lora_A"], rd.lora_A(name, k).numpy(), rtol=0, atol=0)
-                np.testing.assert_allclose(params[f"{name}.lora_B"], rd.lora_B(name, k).numpy() * nested.scale(k), rtol=1e-6, atol=1e-7)
+                np.testing.assert_allclose(params[f"{name}.lora_A.weight"], rd.lora_A(name, k).numpy().T, rtol=0, atol=0)
+                np.testing.assert_allclose(params[f"{name}.lora_B.weight"], rd.lora_B(name, k).numpy().T * nested.scale(k), rtol=1e-6, atol=1e-7)
     sess = session(folder)
     fixed = session(exports("llama", "fixed"))
     for batch, seq in SHAPES:

@@ -102,12 +102,21 @@ class OnnxExportResult:
         }
 
 
-def resolve_kind(rank: int | None, merged: bool, adapters_per_rank: bool) -> str:
-    """The export kind from the options: a rank, merged, one adapter file per rank.
+def resolve_kind(rank: int | None, merged: bool, adapters_per_rank: bool, genai: bool = False) -> str:
+    """The export kind from the options: a rank, merged, one adapter file per rank, a GenAI decoder.
 
     Raises:
-        ConfigError: ``merged`` without ``rank``, or ``adapters_per_rank`` with ``rank``/``merged``.
+        ConfigError: ``merged`` without ``rank``, ``adapters_per_rank`` with ``rank``/``merged``,
+            or ``genai`` with ``rank``/``merged``.
     """
+    if genai:
+        if rank is not None or merged:
+            raise ConfigError(
+                "a GenAI decoder with a KV cache takes its rank per request (lora_rank, or one adapter file per train rank); "
+                "it cannot be combined with a fixed rank or a merged export",
+                option="genai",
+            )
+        return "genai-adapters" if adapters_per_rank else "genai"
     if adapters_per_rank:
         if rank is not None or merged:
             raise ConfigError("one adapter file per train rank cannot be combined with a fixed rank or a merged export", option="adapters_per_rank")
@@ -149,8 +158,12 @@ def export_onnx(
     rtol: float = RTOL,
     external_data: bool | None = None,
     progress: Progress | None = None,
+    genai: bool = False,
 ) -> OnnxExportResult:
     """Export ``adapter`` on ``base_model`` to the folder ``output`` (see the module docstring).
+
+    ``genai``: a decoder with a KV cache and ``genai_config.json`` for ONNX Runtime GenAI instead
+    (:func:`~mlora_export.converters.onnx.genai.export_genai`; with ``adapters_per_rank``, Olive-style adapter files).
 
     ``external_data``: store the weights in ``model.onnx.data``; ``None`` (default) does so when
     they exceed :data:`EXTERNAL_DATA_BYTES` (protobuf caps one file at 2 GB).
@@ -166,7 +179,14 @@ def export_onnx(
     import onnx
 
     t0 = time.perf_counter()
-    kind = resolve_kind(rank, merged, adapters_per_rank)
+    kind = resolve_kind(rank, merged, adapters_per_rank, genai)
+    if genai:
+        from .genai import export_genai
+
+        return export_genai(
+            adapter, base_model, output, adapters_per_rank=adapters_per_rank, opset=opset, verify=verify, force=force,
+            provider=provider, atol=atol, rtol=rtol, external_data=external_data, progress=progress,
+        )
     check_opset(opset)
     inputs = [adapter.path if isinstance(adapter, NestedAdapter) else adapter, base_model]
     check_output_path(output, force, inputs)
@@ -226,7 +246,7 @@ def export_onnx(
                 files[k] = f"adapters/{adapter_file_name(k)}"
                 tick(f"wrote {files[k]}")
         inputs = ["input_ids", "attention_mask"] + (["lora_rank"] if kind == "dynamic" else adapter_input_names(nested) if kind == "adapters" else [])
-        result = OnnxExportResult(kind, Path(output), task, exporter, opset, rank, inputs if kind != "adapters" else inputs[:2] + ["<module>.lora_A", "<module>.lora_B"], external)
+        result = OnnxExportResult(kind, Path(output), task, exporter, opset, rank, inputs if kind != "adapters" else inputs[:2] + ["<module>.lora_A.weight", "<module>.lora_B.weight"], external)
         result.adapter_files = files
         if verify:
             session = make_session(path, provider)

@@ -9,9 +9,10 @@ A targeted ``nn.Linear`` / ``Conv1D`` of the base model is replaced by a small w
   zero delta). The factors are *sliced* by ``k`` (ONNX ``Slice`` with a runtime end), so a lower
   rank does less work.
 - ``_FixedLora`` (``fixed``): the same with constant ``A[:k]`` and ``s(k)·B[:, :k]``.
-- ``_InputLora`` (``adapters``): ``A`` (``[k, in]``) and ``s(k)·B`` (``[out, k]``) are graph
-  inputs named ``<module>.lora_A`` / ``<module>.lora_B`` with a symbolic rank dimension, so that an
-  ONNX Runtime adapter file (``.onnx_adapter``) can supply them per run.
+- ``_InputLora`` (``adapters``): ``Aᵀ`` (``[in, k]``) and ``(s(k)·B)ᵀ`` (``[k, out]``) are graph
+  inputs named ``<module>.lora_A.weight`` / ``<module>.lora_B.weight`` with a symbolic rank
+  dimension (Olive's and ONNX Runtime GenAI's naming and layout: ``y = base(x) + (x·Aᵀ)·Bᵀ``), so
+  that an ONNX Runtime adapter file (``.onnx_adapter``) can supply them per run.
 
 ``merged`` exports need no wrapper: the deltas are added to the float32 base weights.
 
@@ -110,7 +111,7 @@ def _wrappers() -> dict[str, type]:
             return self.base(x) + F.linear(F.linear(x, self.lora_A), self.lora_B)
 
     class _InputLora(torch.nn.Module):
-        """``base(x) + B · (A · x)`` with ``A``, ``B`` graph inputs taken from :class:`RankState`."""
+        """``base(x) + (x · Aᵀ) · Bᵀ`` with ``Aᵀ [in, k]``, ``Bᵀ [k, out]`` graph inputs from :class:`RankState`."""
 
         def __init__(self, base: torch.nn.Module, name: str, state: RankState) -> None:
             super().__init__()
@@ -119,8 +120,8 @@ def _wrappers() -> dict[str, type]:
             self.state = state
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            a, b = self.state.weights[self.name]
-            return self.base(x) + F.linear(F.linear(x, a), b)
+            a_t, b_t = self.state.weights[self.name]
+            return self.base(x) + torch.matmul(torch.matmul(x, a_t), b_t)
 
     return {"dynamic": _DynamicRankLora, "fixed": _FixedLora, "input": _InputLora}
 
@@ -232,12 +233,23 @@ def build_export_model(
     return top.eval(), state
 
 
+def lora_input_names(module: str) -> tuple[str, str]:
+    """``(<module>.lora_A.weight, <module>.lora_B.weight)``: Olive's names for the LoRA graph inputs."""
+    return f"{module}.lora_A.weight", f"{module}.lora_B.weight"
+
+
 def adapter_input_names(adapter: NestedAdapter) -> list[str]:
     """Graph input names of the LoRA weights in an ``adapters`` export, in forward order."""
-    out = []
+    out: list[str] = []
     for name in adapter.modules:
-        out += [f"{name}.lora_A", f"{name}.lora_B"]
+        out += lora_input_names(name)
     return out
+
+
+def input_factors(adapter: NestedAdapter, k: int | None = None) -> Iterator[tuple[str, "torch.Tensor", "torch.Tensor"]]:
+    """``(name, A[:k]ᵀ, (s(k)·B[:, :k])ᵀ)`` in float32, contiguous: the ``[in, k]`` / ``[k, out]`` graph inputs."""
+    for name, a, b in _factors(adapter, k, baked=True):
+        yield name, a.T.contiguous(), b.T.contiguous()
 
 
 # -- export ---------------------------------------------------------------------------------
@@ -270,7 +282,7 @@ def _example_inputs(top: "torch.nn.Module", kind: str, adapter: NestedAdapter, v
     if kind == "dynamic":
         return ids, mask, torch.tensor(adapter.max_rank, dtype=torch.int64)
     if kind == "adapters":
-        return (ids, mask, *[t for _, a, b in _factors(adapter, baked=True) for t in (a, b)])
+        return (ids, mask, *[t for _, a, b in input_factors(adapter) for t in (a, b)])
     return ids, mask
 
 
@@ -310,7 +322,7 @@ def export_graph(
     elif kind == "adapters":
         rank_dim = torch.export.Dim("lora_r", min=1, max=max(2, adapter.max_rank)) if adapter.max_rank > 1 else None
         for _ in adapter.modules:
-            dyn += [{0: rank_dim} if rank_dim else None, {1: rank_dim} if rank_dim else None]
+            dyn += [{1: rank_dim} if rank_dim else None, {0: rank_dim} if rank_dim else None]
     try:
         with _quiet():
             prog = torch.onnx.export(
@@ -330,7 +342,7 @@ def export_graph(
     axes: dict[str, dict[int, str]] = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}}
     if kind == "adapters":
         for n in names[2:]:
-            axes[n] = {0 if n.endswith("lora_A") else 1: "lora_r"}
+            axes[n] = {1 if n.endswith("lora_A.weight") else 0: "lora_r"}
     axes["logits"] = {0: "batch", 1: "sequence"} if args[0].dim() == 2 and _is_lm(top, args) else {0: "batch"}
     if hasattr(top, "torchscript"):
         top.torchscript = True
@@ -368,5 +380,6 @@ def param_bytes(model: "torch.nn.Module") -> int:
 
 __all__ = [
     "DEFAULT_OPSET", "EXTERNAL_DATA_BYTES", "TASK_CAUSAL_LM", "TASK_SEQ_CLS", "RankState", "build_export_model",
-    "adapter_input_names", "export_graph", "load_export_model", "param_bytes", "scale_tensor",
+    "adapter_input_names", "export_graph", "input_factors", "load_export_model", "lora_input_names",
+    "param_bytes", "scale_tensor",
 ]

@@ -1,10 +1,15 @@
 """ONNX Runtime adapter files (``.onnx_adapter``), one per rank.
 
-An ``adapters`` export takes every LoRA factor as a graph input (``<module>.lora_A`` ``[k, in]``,
-``<module>.lora_B`` ``[out, k]``, symbolic ``k``). A rank-``k`` adapter file holds ``A[:k]`` and
-``s(k)·B[:, :k]`` (the scale baked into ``B``, in float32) under those names; ONNX Runtime loads
-it with ``onnxruntime.LoraAdapter`` and feeds it per run through
-``RunOptions.add_active_adapter`` — the multi-LoRA mechanism of ONNX Runtime GenAI.
+An ``adapters`` export takes every LoRA factor as a graph input in Olive's naming and layout
+(``<module>.lora_A.weight`` ``[in, k]``, ``<module>.lora_B.weight`` ``[k, out]``, symbolic ``k``;
+what ``olive convert-adapters`` writes and ONNX Runtime GenAI's ``Adapters`` feed). A rank-``k``
+adapter file holds ``A[:k]ᵀ`` and ``(s(k)·B[:, :k])ᵀ`` (the scale baked into ``B``, in float32)
+under those names; ONNX Runtime loads it with ``onnxruntime.LoraAdapter`` and feeds it per run
+through ``RunOptions.add_active_adapter``, GenAI through ``Adapters.load`` and
+``Generator.set_active_adapter``.
+
+Before issue 14 the names were ``<module>.lora_A`` ``[k, in]`` / ``<module>.lora_B`` ``[out, k]``;
+files of that form do not fit exports made since (re-export both).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import os
 from pathlib import Path
 
 from ...adapter import NestedAdapter
+from .graph import input_factors, lora_input_names
 
 logger = logging.getLogger(__name__)
 
@@ -33,17 +39,13 @@ def write_ort_adapter(adapter: NestedAdapter, k: int, path: str | os.PathLike[st
     """
     import numpy as np
     import onnxruntime as ort
-    import torch
 
     adapter.check_rank(k)
-    s = adapter.scale(k)
     params = {}
-    with adapter.reader() as rd:
-        for name in adapter.modules:
-            a = rd.lora_A(name, k).to(torch.float32).numpy()
-            b = (rd.lora_B(name, k).to(torch.float32) * s).numpy()
-            params[f"{name}.lora_A"] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a))
-            params[f"{name}.lora_B"] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(b))
+    for name, a_t, b_t in input_factors(adapter, k):
+        key_a, key_b = lora_input_names(name)
+        params[key_a] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a_t.numpy()))
+        params[key_b] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(b_t.numpy()))
     fmt = ort.AdapterFormat()
     fmt.set_adapter_version(k)
     fmt.set_model_version(1)
@@ -55,7 +57,7 @@ def write_ort_adapter(adapter: NestedAdapter, k: int, path: str | os.PathLike[st
 
 
 def add_empty_defaults(model_path: str | os.PathLike[str], adapter: NestedAdapter) -> int:
-    """Give every LoRA input of an ``adapters`` export a rank-0 default (``[0, in]`` / ``[out, 0]``).
+    """Give every LoRA input of an ``adapters`` export a rank-0 default (``[in, 0]`` / ``[0, out]``).
 
     ONNX Runtime then treats the inputs as optional: a run without an active adapter (and without
     feeding them) is the base model, and an active adapter overrides the defaults. Returns how
@@ -70,7 +72,8 @@ def add_empty_defaults(model_path: str | os.PathLike[str], adapter: NestedAdapte
     inputs = {i.name for i in model.graph.input}
     added = 0
     for name, m in adapter.modules.items():
-        for key, shape in ((f"{name}.lora_A", (0, m.in_features)), (f"{name}.lora_B", (m.out_features, 0))):
+        key_a, key_b = lora_input_names(name)
+        for key, shape in ((key_a, (m.in_features, 0)), (key_b, (0, m.out_features))):
             if key in inputs and key not in present:
                 model.graph.initializer.append(numpy_helper.from_array(np.zeros(shape, dtype=np.float32), key))
                 added += 1
