@@ -38,6 +38,7 @@ from .graph import (
     load_export_model,
     param_bytes,
 )
+from .kinds import EXPORT_KINDS, ExportKind
 from .ort_adapter import adapter_file_name, add_empty_defaults, write_ort_adapter
 from .verify import (
     ATOL,
@@ -54,7 +55,6 @@ from .verify import (
 
 logger = logging.getLogger(__name__)
 
-EXPORT_KINDS: tuple[str, ...] = ("dynamic", "fixed", "merged", "adapters")
 MODEL_NAME = "model.onnx"
 INFO_NAME = "export_info.json"
 INFO_FORMAT = "mlora-onnx/1"
@@ -102,7 +102,7 @@ class OnnxExportResult:
         }
 
 
-def resolve_kind(rank: int | None, merged: bool, adapters_per_rank: bool, genai: bool = False) -> str:
+def resolve_kind(rank: int | None, merged: bool, adapters_per_rank: bool, genai: bool = False) -> ExportKind:
     """The export kind from the options: a rank, merged, one adapter file per rank, a GenAI decoder.
 
     Raises:
@@ -116,16 +116,16 @@ def resolve_kind(rank: int | None, merged: bool, adapters_per_rank: bool, genai:
                 "it cannot be combined with a fixed rank or a merged export",
                 option="genai",
             )
-        return "genai-adapters" if adapters_per_rank else "genai"
+        return ExportKind.GENAI_ADAPTERS if adapters_per_rank else ExportKind.GENAI
     if adapters_per_rank:
         if rank is not None or merged:
             raise ConfigError("one adapter file per train rank cannot be combined with a fixed rank or a merged export", option="adapters_per_rank")
-        return "adapters"
+        return ExportKind.ADAPTERS
     if merged:
         if rank is None:
             raise ConfigError("a merged export needs a rank: the rank whose delta is merged into the base weights", option="merged")
-        return "merged"
-    return "fixed" if rank is not None else "dynamic"
+        return ExportKind.MERGED
+    return ExportKind.FIXED if rank is not None else ExportKind.DYNAMIC
 
 
 def check_opset(opset: int) -> int:
@@ -199,8 +199,8 @@ def export_onnx(
     if verify:
         check_provider(provider)
     train_ranks = list(nested.config.train_ranks)
-    adapter_ranks = train_ranks if kind == "adapters" else []
-    verify_ranks = ([0] + train_ranks if kind == "dynamic" else train_ranks if kind == "adapters" else [int(rank)]) if verify else []
+    adapter_ranks = train_ranks if kind.factor_inputs else []
+    verify_ranks = ([0] + train_ranks if kind.rank_input else train_ranks if kind.factor_inputs else [int(rank)]) if verify else []
     total = 4 + len(adapter_ranks) + len(verify_ranks)
     step = [0]
 
@@ -229,7 +229,7 @@ def export_onnx(
         tick("model wrapped")
         path = tmp / MODEL_NAME
         exporter = export_graph(top, kind, nested, vocab, path, opset=opset, external_data=external)
-        if kind == "adapters":
+        if kind.factor_inputs:
             add_empty_defaults(path, nested)  # no active adapter = the base model
         tick(f"exported with the {exporter} exporter")
         try:
@@ -245,15 +245,16 @@ def export_onnx(
                 write_ort_adapter(nested, k, tmp / "adapters" / adapter_file_name(k))
                 files[k] = f"adapters/{adapter_file_name(k)}"
                 tick(f"wrote {files[k]}")
-        inputs = ["input_ids", "attention_mask"] + (["lora_rank"] if kind == "dynamic" else adapter_input_names(nested) if kind == "adapters" else [])
-        result = OnnxExportResult(kind, Path(output), task, exporter, opset, rank, inputs if kind != "adapters" else inputs[:2] + ["<module>.lora_A.weight", "<module>.lora_B.weight"], external)
+        inputs = ["input_ids", "attention_mask"] + (["lora_rank"] if kind.rank_input else adapter_input_names(nested) if kind.factor_inputs else [])
+        shown = inputs[:2] + ["<module>.lora_A.weight", "<module>.lora_B.weight"] if kind.factor_inputs else inputs
+        result = OnnxExportResult(kind, Path(output), task, exporter, opset, rank, shown, external)
         result.adapter_files = files
         if verify:
             session = make_session(path, provider)
             for k in verify_ranks:
-                if kind == "dynamic":
+                if kind.rank_input:
                     got = run_rank(session, feeds, k)
-                elif kind == "adapters":
+                elif kind.factor_inputs:
                     got = run_adapter(session, feeds, tmp / files[k])
                 else:
                     got = session.run(["logits"], feeds)[0]
@@ -278,7 +279,7 @@ def export_onnx(
             "inputs": inputs,
             "lora_rank": (
                 {"dtype": "int64", "shape": [], "range": [0, nested.max_rank], "out_of_range": "clamped into [0, r]; 0 = base model"}
-                if kind == "dynamic" else None
+                if kind.rank_input else None
             ),
             "adapter": {
                 "source": str(nested.path), "max_rank": nested.max_rank, "train_ranks": train_ranks,
@@ -293,4 +294,4 @@ def export_onnx(
     return result
 
 
-__all__ = ["EXPORT_KINDS", "INFO_NAME", "MODEL_NAME", "OnnxExportResult", "check_opset", "export_onnx", "resolve_kind"]
+__all__ = ["EXPORT_KINDS", "ExportKind", "INFO_NAME", "MODEL_NAME", "OnnxExportResult", "check_opset", "export_onnx", "resolve_kind"]

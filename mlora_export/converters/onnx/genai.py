@@ -52,6 +52,7 @@ from .graph import (
     load_export_model,
     param_bytes,
 )
+from .kinds import ExportKind
 from .ort_adapter import adapter_file_name, add_empty_defaults, write_ort_adapter
 from .verify import ATOL, RTOL, compare, make_session, reference_logits, sample_inputs
 
@@ -63,7 +64,7 @@ logger = logging.getLogger(__name__)
 
 GENAI_CONFIG_NAME = "genai_config.json"
 INFO_FORMAT = "mlora-onnx-genai/1"
-GENAI_KINDS: tuple[str, ...] = ("genai", "genai-adapters")
+GENAI_KINDS: tuple[str, ...] = tuple(k.value for k in ExportKind if k.decoder)
 #: transformers ``model_type`` → GenAI's model ``type``: the decoders this export is tested on.
 GENAI_MODEL_TYPES: dict[str, str] = {"llama": "llama", "qwen2": "qwen2"}
 #: Tokenizer files of the base model folder that GenAI (onnxruntime-extensions) reads, copied when present.
@@ -246,8 +247,8 @@ def export_genai(
     from .verify import check_provider
 
     t0 = time.perf_counter()
-    kind = "genai-adapters" if adapters_per_rank else "genai"
-    graph_kind = "adapters" if adapters_per_rank else "dynamic"
+    kind = ExportKind.GENAI_ADAPTERS if adapters_per_rank else ExportKind.GENAI
+    graph_kind = ExportKind.ADAPTERS if adapters_per_rank else ExportKind.DYNAMIC  # how the decoder takes the LoRA
     check_opset(opset)
     sources = [adapter.path if isinstance(adapter, NestedAdapter) else adapter, base_model]
     check_output_path(output, force, sources)
@@ -277,7 +278,7 @@ def export_genai(
     check_fits(nested, model, base=str(base_model))
     layers, kv_heads, head = kv_shape(model.config)
     vocab = int(model.config.vocab_size)
-    nbytes = param_bytes(model) + 4 * nested.params_at(nested.max_rank if graph_kind == "dynamic" else 0)
+    nbytes = param_bytes(model) + 4 * nested.params_at(nested.max_rank if graph_kind.rank_input else 0)
     external = nbytes > EXTERNAL_DATA_BYTES if external_data is None else bool(external_data)
     tick("base model loaded")
     ids = sample_inputs(vocab, batch=2, seq=sum(STEPS))["input_ids"]
@@ -306,14 +307,14 @@ def export_genai(
                 files[k] = f"adapters/{adapter_file_name(k)}"
                 tick(f"wrote {files[k]}")
         names = input_names(layers, nested, graph_kind)
-        shown = names if graph_kind == "dynamic" else names[: 3 + 2 * layers] + ["<module>.lora_A.weight", "<module>.lora_B.weight"]
+        shown = names if graph_kind.rank_input else names[: 3 + 2 * layers] + ["<module>.lora_A.weight", "<module>.lora_B.weight"]
         outputs = ["logits", *present_names(layers)]
         result = GenaiExportResult(kind, Path(output), task, "dynamo", opset, None, shown, external, outputs=outputs, model_type=model_type)
         result.adapter_files = files
         if verify:
             session = make_session(path, provider)
             for k in verify_ranks:
-                if graph_kind == "dynamic":
+                if graph_kind.rank_input:
                     got = run_steps(session, ids, layers, kv_heads, head, {"lora_rank": np.array(k, dtype=np.int64)})
                 else:
                     ro, lora = _active(tmp / files[k]) if k else (None, None)
@@ -346,7 +347,7 @@ def export_genai(
             "lora_rank": (
                 {"dtype": "int64", "shape": [], "range": [0, nested.max_rank], "out_of_range": "clamped into [0, r]; 0 = base model",
                  "required": True, "genai": "generator.set_model_input('lora_rank', np.array(k, dtype=np.int64))"}
-                if graph_kind == "dynamic" else None
+                if graph_kind.rank_input else None
             ),
             "adapter": {
                 "source": str(nested.path), "max_rank": nested.max_rank, "train_ranks": train_ranks,

@@ -36,6 +36,7 @@ from .graph import (
     input_factors,
     scale_tensor,
 )
+from .kinds import ExportKind
 
 if TYPE_CHECKING:
     import torch
@@ -75,7 +76,7 @@ def _cache_keyword(model: "torch.nn.Module") -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def build_decoder_top(model: "torch.nn.Module", adapter: NestedAdapter, kind: str) -> "torch.nn.Module":
+def build_decoder_top(model: "torch.nn.Module", adapter: NestedAdapter, kind: ExportKind) -> "torch.nn.Module":
     """Wrap the causal LM ``model`` in place for ``kind`` (``dynamic`` or ``adapters``); return the top module.
 
     The top module's forward is ``(input_ids, attention_mask, position_ids, past, extra) →
@@ -125,11 +126,11 @@ def build_decoder_top(model: "torch.nn.Module", adapter: NestedAdapter, kind: st
 
     if kind not in ("dynamic", "adapters"):
         raise ValueError(f"unknown decoder export kind {kind!r}")
-    top = DecoderRankTop() if kind == "dynamic" else DecoderAdapterTop()
+    top = DecoderRankTop() if kind.rank_input else DecoderAdapterTop()
     return top.eval()
 
 
-def _example_inputs(model: "torch.nn.Module", adapter: NestedAdapter, kind: str) -> tuple[Any, ...]:
+def _example_inputs(model: "torch.nn.Module", adapter: NestedAdapter, kind: ExportKind) -> tuple[Any, ...]:
     import torch
 
     layers, kv_heads, head = kv_shape(model.config)
@@ -140,21 +141,21 @@ def _example_inputs(model: "torch.nn.Module", adapter: NestedAdapter, kind: str)
     mask = torch.ones(batch, past + seq, dtype=torch.int64)
     pos = torch.arange(past, past + seq, dtype=torch.int64).expand(batch, seq).contiguous()
     cache = tuple(torch.randn(batch, kv_heads, past, head, generator=gen) for _ in range(2 * layers))
-    if kind == "dynamic":
+    if kind.rank_input:
         extra: Any = torch.tensor(adapter.max_rank, dtype=torch.int64)
     else:
         extra = tuple(t for _, a, b in input_factors(adapter) for t in (a, b))
     return ids, mask, pos, cache, extra
 
 
-def input_names(num_layers: int, adapter: NestedAdapter, kind: str) -> list[str]:
+def input_names(num_layers: int, adapter: NestedAdapter, kind: ExportKind) -> list[str]:
     """The graph inputs of a decoder export, in order."""
     head = ["input_ids", "attention_mask", "position_ids", *past_names(num_layers)]
-    return head + (["lora_rank"] if kind == "dynamic" else adapter_input_names(adapter))
+    return head + (["lora_rank"] if kind.rank_input else adapter_input_names(adapter))
 
 
 def export_decoder(
-    top: "torch.nn.Module", model_config: Any, adapter: NestedAdapter, kind: str, path: Path, *, opset: int = DEFAULT_OPSET,
+    top: "torch.nn.Module", model_config: Any, adapter: NestedAdapter, kind: ExportKind, path: Path, *, opset: int = DEFAULT_OPSET,
     external_data: bool = False,
 ) -> None:
     """Export ``top`` (from :func:`build_decoder_top`) to ``path`` with the dynamo exporter.
@@ -172,7 +173,7 @@ def export_decoder(
     batch, seq = torch.export.Dim(BATCH), torch.export.Dim(SEQUENCE)
     past = torch.export.Dim(PAST, min=0)
     dyn_past = tuple({0: batch, 2: past} for _ in range(2 * layers))
-    if kind == "dynamic":
+    if kind.rank_input:
         dyn_extra: Any = None
     else:
         rank_dim = torch.export.Dim("lora_r", min=1, max=max(2, adapter.max_rank)) if adapter.max_rank > 1 else None

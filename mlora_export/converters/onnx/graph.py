@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 from ...adapter import NestedAdapter
 from ...base import TASK_CAUSAL_LM, TASK_SEQ_CLS, base_task, load_base_model
 from ...errors import ExportError
+from .kinds import ExportKind
 
 if TYPE_CHECKING:
     import torch
@@ -159,7 +160,7 @@ def _factors(adapter: NestedAdapter, k: int | None = None, *, baked: bool) -> It
 
 
 def build_export_model(
-    model: "torch.nn.Module", task: str, adapter: NestedAdapter, kind: str, rank: int | None
+    model: "torch.nn.Module", task: str, adapter: NestedAdapter, kind: ExportKind, rank: int | None
 ) -> tuple["torch.nn.Module", RankState]:
     """Wrap ``model`` in place for ``kind`` (``dynamic|fixed|merged|adapters``); return the top module.
 
@@ -170,18 +171,18 @@ def build_export_model(
     wrappers = _wrappers()
     state = RankState()
     r = adapter.max_rank
-    if kind == "dynamic":
+    if kind is ExportKind.DYNAMIC:
         for name, a, b in _factors(adapter, baked=False):
             _replace_module(model, name, wrappers["dynamic"](model.get_submodule(name), a, b, state))
-    elif kind == "fixed":
+    elif kind is ExportKind.FIXED:
         for name, a, b in _factors(adapter, rank, baked=True):
             _replace_module(model, name, wrappers["fixed"](model.get_submodule(name), a, b))
-    elif kind == "merged":
+    elif kind is ExportKind.MERGED:
         with adapter.reader() as rd, torch.no_grad():
             for name in adapter.modules:
                 w = model.get_submodule(name).weight
                 w.add_(rd.delta_weight(name, int(rank)))  # float32 base + float32 delta
-    elif kind == "adapters":
+    elif kind is ExportKind.ADAPTERS:
         for name in adapter.modules:
             _replace_module(model, name, wrappers["input"](model.get_submodule(name), name, state))
     else:
@@ -273,22 +274,22 @@ def _quiet() -> Iterator[None]:
             logger.debug("%s", line)
 
 
-def _example_inputs(top: "torch.nn.Module", kind: str, adapter: NestedAdapter, vocab: int) -> tuple[Any, ...]:
+def _example_inputs(top: "torch.nn.Module", kind: ExportKind, adapter: NestedAdapter, vocab: int) -> tuple[Any, ...]:
     import torch
 
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(min(3, vocab - 1), vocab, (2, 7), generator=gen)
     mask = torch.ones_like(ids)
-    if kind == "dynamic":
+    if kind.rank_input:
         return ids, mask, torch.tensor(adapter.max_rank, dtype=torch.int64)
-    if kind == "adapters":
+    if kind.factor_inputs:
         return (ids, mask, *[t for _, a, b in input_factors(adapter) for t in (a, b)])
     return ids, mask
 
 
 def export_graph(
     top: "torch.nn.Module",
-    kind: str,
+    kind: ExportKind,
     adapter: NestedAdapter,
     vocab: int,
     path: Path,
@@ -308,18 +309,18 @@ def export_graph(
 
     args = _example_inputs(top, kind, adapter, vocab)
     names = ["input_ids", "attention_mask"]
-    if kind == "dynamic":
+    if kind.rank_input:
         names.append("lora_rank")
-    elif kind == "adapters":
+    elif kind.factor_inputs:
         names += adapter_input_names(adapter)
     errors = []
 
     # dynamo exporter
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
     dyn: list[Any] = [{0: batch, 1: seq}, {0: batch, 1: seq}]
-    if kind == "dynamic":
+    if kind.rank_input:
         dyn.append(None)
-    elif kind == "adapters":
+    elif kind.factor_inputs:
         rank_dim = torch.export.Dim("lora_r", min=1, max=max(2, adapter.max_rank)) if adapter.max_rank > 1 else None
         for _ in adapter.modules:
             dyn += [{1: rank_dim} if rank_dim else None, {0: rank_dim} if rank_dim else None]
@@ -327,7 +328,7 @@ def export_graph(
         with _quiet():
             prog = torch.onnx.export(
                 top, args, dynamo=True, input_names=names, output_names=["logits"],
-                dynamic_shapes=(dyn[0], dyn[1], tuple(dyn[2:])) if kind == "adapters" else tuple(dyn),
+                dynamic_shapes=(dyn[0], dyn[1], tuple(dyn[2:])) if kind.factor_inputs else tuple(dyn),
                 opset_version=opset, optimize=True, verbose=False,
             )
             prog.save(str(path), external_data=external_data)
@@ -340,7 +341,7 @@ def export_graph(
 
     # TorchScript exporter
     axes: dict[str, dict[int, str]] = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}}
-    if kind == "adapters":
+    if kind.factor_inputs:
         for n in names[2:]:
             axes[n] = {1 if n.endswith("lora_A.weight") else 0: "lora_r"}
     axes["logits"] = {0: "batch", 1: "sequence"} if args[0].dim() == 2 and _is_lm(top, args) else {0: "batch"}
