@@ -218,8 +218,11 @@ def test_demo_quick_end_to_end(tmp_path: Path) -> None:
     slice_cfg = json.loads((out / "slices" / "r2" / "matryoshka_config.json").read_text())
     assert slice_cfg["source"]["path"] == str((out / "nested").absolute())
     # every stage ran, and what the outputs point at exists after the final rename
-    for name in ("merge", "onnx", "bundle"):
+    for name in ("merge", "onnx", "gguf", "genai", "bundle"):
         assert f"[{name}]" in text
+    assert (out / "gguf" / "r8.gguf").is_file() and (out / "bundle" / "r8" / "adapter.gguf").is_file()
+    assert json.loads((out / "base" / "tokenizer.json").read_text())["model"]["type"] == "BPE"  # a format llama.cpp and GenAI read
+    assert "greedy tokens equal transformers + the PEFT slice at every rank" in text  # onnxruntime-genai is in the test extra
     recorded = json.loads((out / "nested" / "matryoshka_config.json").read_text())["base_model"]
     assert Path(recorded) == (out / "base").resolve()
     assert json.loads((out / "slices/r8/adapter_config.json").read_text())["base_model_name_or_path"] == recorded

@@ -1,4 +1,4 @@
-"""The demo's converter stages: merge, ONNX export, Hub bundle, each run on the demo's outputs.
+"""The demo's converter stages: merge, ONNX export, GGUF, ONNX Runtime GenAI, Hub bundle, each run on the demo's outputs.
 
 The converters know nothing of the demo; these stages call them and say what they did.
 """
@@ -67,25 +67,106 @@ def stage_onnx(ctx: DemoContext) -> StageReport:
     )
 
 
+def stage_gguf(ctx: DemoContext) -> StageReport:
+    """Demo stage ``gguf``: one llama.cpp LoRA adapter per sliced rank (``gguf/r{k}.gguf``), read back with ``gguf``'s own reader."""
+    import gguf
+
+    from ..converters.gguf import export_gguf
+
+    out = ctx.root / "gguf"
+    results = export_gguf(ctx.nested_dir, ctx.slice_ranks, out, base_model=ctx.base_dir)
+    rows = []
+    for r in results:
+        reader = gguf.GGUFReader(str(r.path))
+        rows.append([r.rank, r.path.name, len(reader.tensors), f"{float(reader.fields['adapter.lora.alpha'].parts[-1][0]):g}", r.bytes])
+    return StageReport(
+        lines=[
+            f"llama.cpp LoRA adapters ({results[0].architecture}, {results[0].out_type}) -> {ctx.output / 'gguf'}; "
+            f"serve one with `llama-cli -m base.gguf --lora {ctx.output / 'gguf' / results[-1].path.name}` "
+            "(base.gguf: llama.cpp's convert_hf_to_gguf.py on base/)"
+        ],
+        headers=["rank", "file", "tensors", "adapter.lora.alpha", "bytes"],
+        rows=rows,
+        data={"path": "gguf", "files": [r.to_dict() for r in results]},
+    )
+
+
+def stage_genai(ctx: DemoContext) -> StageReport:
+    """Demo stage ``genai``: a decoder with a KV cache for ONNX Runtime GenAI, generated from at each sliced rank
+    and compared with transformers + the PEFT slice (skipped, saying so, when ``onnxruntime-genai`` is not installed)."""
+    import importlib.util
+
+    if importlib.util.find_spec("onnxruntime_genai") is None:
+        return StageReport(lines=["skipped: onnxruntime-genai is not installed (pip install onnxruntime-genai) to export for and run ONNX Runtime GenAI"],
+                           data={"skipped": True})
+    import numpy as np
+    import onnxruntime_genai as og
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    def progress(done: int, total: int) -> None:
+        ctx.report_progress("genai export", done, total)
+
+    out = ctx.root / "genai"
+    res = export_onnx(ctx.nested_dir, ctx.base_dir, out, genai=True, progress=progress)
+    tok = AutoTokenizer.from_pretrained(ctx.base_dir)
+    prompt = tok("sort dcab =")["input_ids"]
+    model = og.Model(str(out))
+    rows = []
+    for k in ctx.slice_ranks:
+        rank = np.array(k, dtype=np.int64)  # GenAI does not copy it: it must live as long as the generator
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(prompt) + 8, do_sample=False)
+        gen = og.Generator(model, params)
+        gen.set_model_input("lora_rank", rank)
+        gen.append_tokens(prompt)
+        while not gen.is_done():
+            gen.generate_next_token()
+        got = list(gen.get_sequence(0))[len(prompt):]
+        del gen
+        ref_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(ctx.base_dir), str(ctx.slices_dir / f"r{k}")).eval()
+        with torch.no_grad():
+            ref = ref_model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id,
+                                     eos_token_id=tok.eos_token_id)[0, len(prompt):].tolist()
+        got, ref = (_until_eos([int(x) for x in seq], tok.eos_token_id) for seq in (got, ref))  # GenAI leaves EOS out
+        rows.append([k, repr(tok.decode(got, skip_special_tokens=True)), "yes" if got == ref else "NO"])
+    same = all(r[2] == "yes" for r in rows)
+    return StageReport(
+        lines=[f"ONNX Runtime GenAI decoder (KV cache, lora_rank per request) -> {ctx.output / 'genai'}; greedy tokens "
+               + ("equal transformers + the PEFT slice at every rank" if same else "DIFFER from transformers + the PEFT slice")],
+        headers=["lora_rank", "GenAI greedy completion of 'sort dcab ='", "same as PEFT"],
+        rows=rows,
+        data={**res.to_dict(), "path": "genai", "same_as_peft": same},
+    )
+
+
 def stage_bundle(ctx: DemoContext) -> StageReport:
     """Demo stage ``bundle``: the demo's nested adapter as a Hub variant bundle in ``bundle/`` (no network).
 
-    Includes the demo's ONNX export in ``onnx/`` when an earlier ``onnx`` stage wrote one.
+    Includes the demo's ONNX export in ``onnx/`` and each rank's ``adapter.gguf`` when the ``onnx``
+    and ``gguf`` stages wrote them.
     """
 
     def progress(done: int, total: int) -> None:
         ctx.report_progress("bundling", done, total)
 
-    onnx = ctx.root / ONNX_DIR
+    onnx, gguf_dir = ctx.root / ONNX_DIR, ctx.root / "gguf"
     b = write_bundle(ctx.nested_dir, ctx.slice_ranks, ctx.root / "bundle", onnx_dir=onnx if onnx.is_dir() else None,
-                     progress=progress, warn_local_base=False)
+                     gguf_dir=gguf_dir if gguf_dir.is_dir() else None, progress=progress, warn_local_base=False)
     return StageReport(
         lines=[
             f"variant bundle (model card, manifest with sha256 of {len(b.files) + 1} files, nested/ + "
             + ", ".join(f"{r.path}/" for r in b.ranks) + (", onnx/" if b.manifest.get("onnx") else "")
+            + (", with adapter.gguf in each rank" if gguf_dir.is_dir() else "")
             + f") -> {ctx.output / 'bundle'}; publish it with `mlora-export push-hub {ctx.output / 'bundle'} --repo-id <namespace>/<repo>`"
         ],
         headers=["rank", "folder", "params", "bytes"],
         rows=[[r.rank, r.path + "/", f"{r.params:,}", r.bytes] for r in b.ranks],
         data={"path": "bundle", "ranks": [r.__dict__ for r in b.ranks], "files": len(b.files) + 1, "bytes": b.total_bytes},
     )
+
+
+def _until_eos(tokens: list[int], eos: int | None) -> list[int]:
+    """The tokens before the first EOS."""
+    return tokens[: tokens.index(eos)] if eos is not None and eos in tokens else tokens

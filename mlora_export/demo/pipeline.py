@@ -42,6 +42,8 @@ STAGES: list[Stage] = [
     Stage("evaluate", "held-out loss and exact match per rank", stage_evaluate),
     Stage("merge", "merge the largest sliced rank into the base", "mlora_export.demo.convert_stages:stage_merge"),
     Stage("onnx", "export to ONNX with the rank as an input, verify in ONNX Runtime", "mlora_export.demo.convert_stages:stage_onnx"),
+    Stage("gguf", "write llama.cpp LoRA adapters (GGUF), one per sliced rank", "mlora_export.demo.convert_stages:stage_gguf"),
+    Stage("genai", "export a KV-cache decoder for ONNX Runtime GenAI and generate at each sliced rank", "mlora_export.demo.convert_stages:stage_genai"),
     Stage("bundle", "write a Hub variant bundle (local, no network)", "mlora_export.demo.convert_stages:stage_bundle"),
 ]
 

@@ -16,12 +16,14 @@ logger = logging.getLogger(__name__)
 
 
 def stage_base(ctx: DemoContext) -> StageReport:
-    """Build the tiny base model and its character tokenizer into ``ctx.base_dir``."""
+    """Build the tiny base model and its byte-level tokenizer (one token per character, a standard
+    ``tokenizer.json`` that llama.cpp and ONNX Runtime GenAI read) into ``ctx.base_dir``."""
     from .tiny import build_tiny_model
 
-    info = build_tiny_model(ctx.base_dir, seed=ctx.seed)
+    info = build_tiny_model(ctx.base_dir, seed=ctx.seed, tokenizer="byte-bpe")
     return StageReport(
-        lines=[f"tiny Llama-style causal LM: {info['params']:,} parameters, vocabulary {info['vocab_size']} characters -> {ctx.output / 'base'}"],
+        lines=[f"tiny Llama-style causal LM: {info['params']:,} parameters, byte-level BPE vocabulary of {info['vocab_size']} tokens "
+               f"-> {ctx.output / 'base'}"],
         data=info,
     )
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import string
-from typing import Any
+from typing import Any, Literal
 
 from ..fs import atomic_output_dir
 
@@ -72,14 +72,23 @@ def tiny_llama_config(vocab_size: int, **overrides: Any) -> Any:
     )
 
 
+#: Byte-level BPE with no merges: one token per byte (so per ASCII character, as the character
+#: tokenizer), in the standard ``tokenizer.json`` form that llama.cpp's converter and ONNX Runtime
+#: GenAI read; 3 special tokens + 256 bytes.
+BYTE_VOCAB_SIZE = 259
+
+
 def build_tiny_model(
-    output: str | os.PathLike[str], *, seed: int = 0, force: bool = False, head_std: float | None = None, **overrides: Any
+    output: str | os.PathLike[str], *, seed: int = 0, force: bool = False, head_std: float | None = None,
+    tokenizer: Literal["char", "byte-bpe"] = "char", **overrides: Any,
 ) -> dict[str, Any]:
     """Write a randomly initialised tiny causal LM and its tokenizer to ``output`` (safetensors).
 
     The weights are a function of ``seed`` (torch's global random state is left as it was).
     ``head_std`` is the standard deviation of the output head (default ``hidden_size ** -0.5``);
-    ``overrides`` replace fields of :data:`TINY_SHAPE`. Returns ``{"path", "params", "vocab_size", "config"}``.
+    ``overrides`` replace fields of :data:`TINY_SHAPE`. ``tokenizer``: ``char`` (:func:`build_char_tokenizer`)
+    or ``byte-bpe`` (a byte-level BPE of :data:`BYTE_VOCAB_SIZE` tokens, the format llama.cpp and
+    ONNX Runtime GenAI read). Returns ``{"path", "params", "vocab_size", "tokenizer", "config"}``.
 
     Raises:
         OutputExistsError: ``output`` exists and ``force`` is false.
@@ -87,8 +96,21 @@ def build_tiny_model(
     import torch
     from transformers import LlamaForCausalLM
 
-    tokenizer = build_char_tokenizer()
-    config = tiny_llama_config(len(tokenizer), **overrides)
+    if tokenizer == "byte-bpe":
+        from .bpe_tokenizer import build_byte_bpe_tokenizer
+
+        from tokenizers import processors
+
+        tok = build_byte_bpe_tokenizer(BYTE_VOCAB_SIZE, corpus=["a"])  # 259 tokens leave no room for merges
+        # <s> first, as the character tokenizer does (the tiny model's attention leans on it)
+        tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, tok.convert_tokens_to_ids(BOS))]
+        )
+    elif tokenizer == "char":
+        tok = build_char_tokenizer()
+    else:
+        raise ValueError(f"unknown tokenizer {tokenizer!r}: expected 'char' or 'byte-bpe'")
+    config = tiny_llama_config(len(tok), **overrides)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
@@ -99,9 +121,9 @@ def build_tiny_model(
     params = sum(p.numel() for p in model.parameters())
     with atomic_output_dir(output, force) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
     logger.info("wrote a tiny Llama-style model (%d parameters) to %s", params, output)
-    return {"path": str(output), "params": params, "vocab_size": len(tokenizer), "config": {**TINY_SHAPE, **overrides}}
+    return {"path": str(output), "params": params, "vocab_size": len(tok), "tokenizer": tokenizer, "config": {**TINY_SHAPE, **overrides}}
 
 
-__all__ = ["build_char_tokenizer", "build_tiny_model", "tiny_llama_config", "CHARACTERS", "TINY_SHAPE"]
+__all__ = ["BYTE_VOCAB_SIZE", "CHARACTERS", "TINY_SHAPE", "build_char_tokenizer", "build_tiny_model", "tiny_llama_config"]
