@@ -77,9 +77,9 @@ def check_base_config(root: Path) -> dict[str, Any]:
     if not isinstance(model_type, str) or not model_type:
         raise BaseModelError(f"{path}: no model_type; re-download or re-save the base model with save_pretrained()")
     if not isinstance(cfg.get("auto_map"), dict):
-        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+        from .model_types import known_model_type
 
-        if model_type not in CONFIG_MAPPING_NAMES:
+        if not known_model_type(model_type):
             raise BaseModelError(
                 f"{path}: model_type {model_type[:60]!r} is unknown to this transformers; upgrade transformers or fix the folder"
             )

@@ -25,11 +25,11 @@ with the expected shape and a float dtype, and the disk has room. The output app
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import logging
 import os
 import shutil
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Iterator
@@ -55,9 +55,11 @@ from ..safetensors_io import (
     torch_dtype,
     write_safetensors,
 )
-from ..threads import torch_threads, worker_threads
+from ..threads import blas_threads, torch_threads, worker_threads
+from . import merge_kernels as mk
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 logger = logging.getLogger(__name__)
@@ -280,9 +282,10 @@ def resolve_weight_keys(modules: Iterable[str], keys: Collection[str], *, where:
 
 
 def _expected_shape(out_features: int, in_features: int, fan_in_fan_out: bool) -> tuple[int, ...]:
-    import torch
+    import numpy as np
 
-    return tuple(orient_delta(torch.empty(out_features, in_features, device="meta"), fan_in_fan_out).shape)
+    # a view of one element broadcast to [out, in]: no memory, and no torch import for a shape
+    return tuple(orient_delta(np.broadcast_to(np.empty((), np.uint8), (out_features, in_features)), fan_in_fan_out).shape)
 
 
 # -- reading and merging one tensor --------------------------------------------------------
@@ -304,29 +307,29 @@ class _Buffers:
         self._max = max_bytes
         self._lock = threading.Lock()
 
-    def get(self, nbytes: int) -> "torch.Tensor":
-        import torch
+    def get(self, nbytes: int) -> "np.ndarray":
+        import numpy as np
 
         with self._lock:
             free = self._free.get(nbytes)
             if free:
                 self._idle -= nbytes
-                return free.pop()
-        return torch.empty(nbytes, dtype=torch.uint8)
+                return free.pop()  # type: ignore[no-any-return]
+        return np.empty(nbytes, dtype=np.uint8)
 
-    def put(self, bufs: Iterable["torch.Tensor"]) -> None:
+    def put(self, bufs: Iterable["np.ndarray"]) -> None:
         with self._lock:
             for buf in bufs:
-                n = buf.numel()
+                n = buf.size
                 if n and self._idle + n <= self._max:
                     self._free.setdefault(n, []).append(buf)
                     self._idle += n
 
 
-def _pread(fd: int, nbytes: int, offset: int, buffers: _Buffers) -> "torch.Tensor":
-    """``nbytes`` from ``fd`` at ``offset`` into a uint8 tensor (short reads retried)."""
+def _pread(fd: int, nbytes: int, offset: int, buffers: _Buffers) -> "np.ndarray":
+    """``nbytes`` from ``fd`` at ``offset`` into a uint8 array (short reads retried)."""
     buf = buffers.get(nbytes)
-    view = memoryview(buf.numpy()) if nbytes else memoryview(b"")
+    view = memoryview(buf) if nbytes else memoryview(b"")
     done = 0
     while done < nbytes:
         n = os.preadv(fd, [view[done:]], offset + done)
@@ -336,19 +339,62 @@ def _pread(fd: int, nbytes: int, offset: int, buffers: _Buffers) -> "torch.Tenso
     return buf
 
 
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
 def _merge_one(
-    fd: int, data_start: int, info: TensorInfo, module: str, rd: AdapterReader, k: int, out_dtype: str, buffers: _Buffers
-) -> "tuple[torch.Tensor, list[torch.Tensor]]":
+    fd: int, data_start: int, info: TensorInfo, module: str, rd: AdapterReader, k: int, out_dtype: str, buffers: _Buffers, scratch: Callable[[], mk.Scratch]
+) -> "tuple[Any, list[np.ndarray]]":
     """Read one base weight and return ``W + s(k)·B[:, :k]·A[:k]`` in ``out_dtype`` (and its buffers).
 
-    The sum runs in float32 row blocks of :data:`_BLOCK_ELEMENTS` (``addmm_`` adds the block of
-    ``B·A`` to the block of ``W`` while both are in cache) and each block is rounded once.
+    bfloat16 and float32 go through :func:`~mlora_export.converters.merge_kernels.merge_tensor`
+    (numpy, float32 tiles, rounded once, in place into the read buffer when the dtype stays);
+    other dtypes through :func:`_merge_torch`.
+    """
+    if not mk.supports(info.dtype, out_dtype):
+        return _merge_torch(fd, data_start, info, module, rd, k, out_dtype, buffers)
+    import numpy as np
+
+    adapter = rd.adapter
+    raw = _pread(fd, info.nbytes, data_start + info.begin, buffers)
+    w = raw.view(mk.NUMPY_TYPES[info.dtype]).reshape(info.shape)
+    a_data, b_data = rd.lora_A_data(module, k), rd.lora_B_data(module, k)
+    a = mk.as_float32(a_data, adapter.dtype)
+    bs = mk.as_float32(b_data, adapter.dtype)
+    del a_data, b_data  # views of the adapter's map
+    bs *= np.float32(adapter.scale(k))
+    if adapter.fan_in_fan_out:  # Conv1D stores W as [in, out]: add orient_delta(sB·A) = Aᵀ·(sB)ᵀ
+        left, right = np.ascontiguousarray(orient_delta(a, True)), np.ascontiguousarray(orient_delta(bs, True))
+    else:
+        left, right = bs, a
+    bufs = [raw]
+    if out_dtype == info.dtype:
+        out = w  # rounded in place: each tile is widened before it is overwritten
+    else:
+        bufs.append(buffers.get(_numel(info.shape) * DTYPE_SIZES[out_dtype]))
+        out = bufs[-1].view(mk.NUMPY_TYPES[out_dtype]).reshape(info.shape)
+    mk.merge_tensor(w, info.dtype, left, right, out, out_dtype, scratch())
+    return out, bufs
+
+
+def _merge_torch(
+    fd: int, data_start: int, info: TensorInfo, module: str, rd: AdapterReader, k: int, out_dtype: str, buffers: _Buffers
+) -> "tuple[torch.Tensor, list[np.ndarray]]":
+    """:func:`_merge_one` for float16 and float64 (numpy's float16 casts are slow): torch row blocks.
+
+    The sum runs in float32 (float64 for a float64 base) row blocks of :data:`_BLOCK_ELEMENTS`
+    (``addmm_`` adds the block of ``B·A`` to the block of ``W`` while both are in cache) and
+    each block is rounded once.
     """
     import torch
 
     adapter = rd.adapter
     raw = _pread(fd, info.nbytes, data_start + info.begin, buffers)
-    w = raw.view(torch_dtype(info.dtype)).view(info.shape)
+    w = torch.from_numpy(raw).view(torch_dtype(info.dtype)).view(info.shape)
     cdt = torch.float64 if w.dtype == torch.float64 else torch.float32
     odt = torch_dtype(out_dtype)
     a = rd.lora_A(module, k).to(cdt)
@@ -358,7 +404,7 @@ def _merge_one(
         out = w  # merged in place in our own read buffer
     else:
         bufs.append(buffers.get(w.numel() * DTYPE_SIZES[out_dtype]))
-        out = bufs[-1].view(odt).view(info.shape)
+        out = torch.from_numpy(bufs[-1]).view(odt).view(info.shape)
     w_o = orient_delta(w, adapter.fan_in_fan_out)  # [out, in] views of the base layout
     out_o = orient_delta(out, adapter.fan_in_fan_out)
     rows = max(1, _BLOCK_ELEMENTS // max(1, w_o.shape[1]))
@@ -370,12 +416,18 @@ def _merge_one(
     return out, bufs
 
 
-def _copy_one(fd: int, data_start: int, info: TensorInfo, out_dtype: str, buffers: _Buffers) -> "tuple[Any, list[torch.Tensor]]":
+def _copy_one(fd: int, data_start: int, info: TensorInfo, out_dtype: str, buffers: _Buffers, scratch: Callable[[], mk.Scratch]) -> "tuple[Any, list[np.ndarray]]":
     """A non-targeted tensor: its raw bytes, or the tensor cast to ``out_dtype`` (and its buffers)."""
     buf = _pread(fd, info.nbytes, data_start + info.begin, buffers)
     if out_dtype == info.dtype:
-        return (memoryview(buf.numpy()) if info.nbytes else memoryview(b"")), [buf]
-    return buf.view(torch_dtype(info.dtype)).view(info.shape).to(torch_dtype(out_dtype)), [buf]
+        return (memoryview(buf) if info.nbytes else memoryview(b"")), [buf]
+    if mk.supports(info.dtype, out_dtype):
+        out = buffers.get(_numel(info.shape) * DTYPE_SIZES[out_dtype])
+        mk.cast(buf.view(mk.NUMPY_TYPES[info.dtype]), info.dtype, out.view(mk.NUMPY_TYPES[out_dtype]), out_dtype, scratch())
+        return out, [buf, out]
+    import torch
+
+    return torch.from_numpy(buf).view(torch_dtype(info.dtype)).view(info.shape).to(torch_dtype(out_dtype)), [buf]
 
 
 def _lookahead(pool: ThreadPoolExecutor, jobs: Iterable[Callable[[], Any]], depth: int) -> Iterator[Any]:
@@ -516,17 +568,32 @@ def merge_adapter(
     )
 
     # -- write -------------------------------------------------------------------------------
-    importlib.import_module("torch")  # loaded before the clock starts: ``seconds`` is the merge's own time, not the import's
+    # torch only where numpy's kernels do not reach (float16, float64): a bfloat16 or float32
+    # base is merged without importing it (its import costs more than a small-rank merge)
+    needs_torch = any(
+        (name in targets or odt != info.dtype) and not mk.supports(info.dtype, odt)
+        for shard, specs in plans
+        for (name, odt, _), info in zip(specs, shard.header.tensors.values())
+    )
     started = time.perf_counter()
     done = [0]
     written = 0
     merged = copied = 0
     workers = worker_threads(_MAX_WORKERS)
     buffers = _Buffers()
+    local = threading.local()
+
+    def scratch() -> mk.Scratch:
+        """This worker thread's tiles, made on its first tensor."""
+        if not hasattr(local, "scratch"):
+            local.scratch = mk.Scratch()
+        return local.scratch  # type: ignore[no-any-return]
+
     with (
         atomic_output_dir(out_path, force, inputs, needed_bytes=needed) as tmp,
         nested.reader() as rd,
-        torch_threads(1),  # one intra-op thread per tensor: parallelism comes from the pool
+        blas_threads(1),  # one BLAS thread per tile: parallelism comes from the pool
+        torch_threads(1) if needs_torch else contextlib.nullcontext(),
         ThreadPoolExecutor(workers, "mlora-merge") as pool,
     ):
         for shard, specs in plans:
@@ -536,10 +603,10 @@ def merge_adapter(
                 jobs: list[Callable[[], Any]] = []
                 for (name, odt, _shape), info in zip(specs, shard.header.tensors.values()):
                     if name in targets:
-                        jobs.append(lambda fd=fd, start=start, info=info, odt=odt, m=targets[name]: _merge_one(fd, start, info, m, rd, k, odt, buffers))
+                        jobs.append(lambda fd=fd, start=start, info=info, odt=odt, m=targets[name]: _merge_one(fd, start, info, m, rd, k, odt, buffers, scratch))
                         merged += 1
                     else:
-                        jobs.append(lambda fd=fd, start=start, info=info, odt=odt: _copy_one(fd, start, info, odt, buffers))
+                        jobs.append(lambda fd=fd, start=start, info=info, odt=odt: _copy_one(fd, start, info, odt, buffers, scratch))
                         copied += 1
 
                 def stream(results: Iterator[Any], specs: list[tuple[str, str, tuple[int, ...]]] = specs) -> Iterator[Any]:
