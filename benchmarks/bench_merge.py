@@ -56,7 +56,8 @@ def build_base(path: Path, layers: int, dtype_name: str) -> None:
     import torch
     import transformers as tf
 
-    from mlora_export.safetensors_io import dtype_name as st_name, write_safetensors
+    from mlora_export.safetensors_io import dtype_name as st_name
+    from mlora_export.safetensors_io import write_safetensors
 
     if (path / "model.safetensors.index.json").exists():
         return
@@ -160,20 +161,23 @@ model.save_pretrained(out)
 """
 
 
-def measure(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float, str]:
-    """Run ``cmd`` under ``/usr/bin/time``; return (wall seconds, peak RSS in MiB, stdout).
+def measure(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float, float, str]:
+    """Run ``cmd`` under ``/usr/bin/time``; return (wall seconds, peak RSS in MiB, CPU seconds (user + system), stdout).
+
+    On a shared machine the CPU seconds say what a job costs whatever the others are doing; the
+    wall time is what a user waits.
 
     ``/usr/bin/time`` reports the peak RSS of the command itself (measuring from this process
     with ``wait4`` would count the pages a forked child inherits from this fat parent).
     """
     with tempfile.NamedTemporaryFile("r", suffix=".time") as tf:
         t0 = time.perf_counter()
-        proc = subprocess.run(["/usr/bin/time", "-f", "%e %M", "-o", tf.name, *cmd], capture_output=True, text=True, env=env)
+        proc = subprocess.run(["/usr/bin/time", "-f", "%e %M %U %S", "-o", tf.name, *cmd], capture_output=True, text=True, env=env, check=False)
         wall = time.perf_counter() - t0
         if proc.returncode != 0:
             raise RuntimeError(f"{cmd[:3]}… failed ({proc.returncode}): {proc.stderr[-2000:]}")
-        _, max_kb = tf.read().split()[-2:]
-    return wall, int(max_kb) / 1024, proc.stdout
+        _, max_kb, user, system = tf.read().split()[-4:]
+    return wall, int(max_kb) / 1024, float(user) + float(system), proc.stdout
 
 
 def _uptime() -> str:
@@ -245,11 +249,12 @@ def main() -> None:
             # the inputs in the page cache for every job alike, then no writeback left over in its time
             subprocess.run(f"cat {src}/*.safetensors {nested}/* > /dev/null", shell=True, check=True)
             subprocess.run(["sync"], check=False)
-            wall, rss, stdout = measure(cmd, env)
+            wall, rss, cpu, stdout = measure(cmd, env)
             inner = json.loads(stdout)["seconds"] if kind == "ours" else None
             key = f"{kind}/{d}/{k}"
-            results.setdefault(key, []).append({"wall": wall, "rss": rss, "inner": inner, "load": os.getloadavg()[0]})
-            print(f"round {rnd + 1} {key}: {wall:.2f} s, {rss:.0f} MiB" + (f" (merge itself {inner:.2f} s)" if inner else ""), file=sys.stderr)
+            results.setdefault(key, []).append({"wall": wall, "rss": rss, "cpu": cpu, "inner": inner, "load": os.getloadavg()[0]})
+            print(f"round {rnd + 1} {key}: {wall:.2f} s, {cpu:.2f} s CPU, {rss:.0f} MiB" + (f" (merge itself {inner:.2f} s)" if inner else ""),
+                  file=sys.stderr)
             shutil.rmtree(out, ignore_errors=True)
     subprocess.run(["sync"], check=False)
 
@@ -261,8 +266,8 @@ def main() -> None:
         shutil.rmtree(out, ignore_errors=True)
         subprocess.run(f"cat {base2}/*.safetensors > /dev/null", shell=True, check=True)
         subprocess.run(["sync"], check=False)
-        wall, rss, _ = measure(ours_cmd(base2, MAX_RANK, out), env)
-        double = {"wall": wall, "rss": rss, "layers": 2 * layers}
+        wall, rss, cpu, _ = measure(ours_cmd(base2, MAX_RANK, out), env)
+        double = {"wall": wall, "rss": rss, "cpu": cpu, "layers": 2 * layers}
         print(f"ours on {2 * layers} layers: {wall:.2f} s, {rss:.0f} MiB", file=sys.stderr)
         shutil.rmtree(out, ignore_errors=True)
         if args.clean:
@@ -293,6 +298,14 @@ def main() -> None:
 
             print(f"| {d} | {k} | {f(cp)} | {f(o)} | {f(oi)} | {f(p)} | {f(o / cp if o and cp else None)}× | "
                   f"{f(p / o if p and o else None)}× | {f(ro, '{:.0f}')} | {f(rp, '{:.0f}')} | {f(ro / rp if ro and rp else None)} |")
+    print("\nCPU seconds (user + system) of each job, the same runs: what it costs whatever else the machine runs.\n")
+    print("| base | rank | cp -r | ours | PEFT | ours / cp | PEFT / ours |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for d in dtypes:
+        cp = best(f"cp/{d}/None", "cpu")
+        for k in ranks:
+            o, p = best(f"ours/{d}/{k}", "cpu"), best(f"peft/{d}/{k}", "cpu")
+            print(f"| {d} | {k} | {f(cp)} | {f(o)} | {f(p)} | {f(o / cp if o and cp else None)}× | {f(p / o if p and o else None)}× |")
     if double:
         print(f"\nflat memory: ours at rank {MAX_RANK} on a {double['layers']}-layer bfloat16 base: {double['wall']:.2f} s, "
               f"peak RSS {double['rss']:.0f} MiB (vs {f(peak(f'ours/bfloat16/{MAX_RANK}'), '{:.0f}')} MiB on {layers} layers)")

@@ -126,11 +126,12 @@ def main() -> None:
                                 ta, tb = torch.from_numpy(a), torch.from_numpy(bs)
                                 tout = torch.empty_like(tw)
                                 rows = max(1, 256 * 1024 // tw.shape[1])
-                                blocks = [(r0, r0 + rows) for r0 in range(0, tw.shape[0], rows)]
+                                blocks = [(r0, min(tw.shape[0], r0 + rows)) for r0 in range(0, tw.shape[0], rows)]
                                 t0 = time.perf_counter()
                                 for r0, r1 in blocks:
                                     blk = tw[r0:r1].to(torch.float32)
                                 t0 = tick("torch: bf16→f32", t0)
+                                blk = torch.empty(rows, tw.shape[1])
                                 prod = torch.empty(rows, tw.shape[1])
                                 for r0, r1 in blocks:
                                     torch.mm(tb[r0:r1], ta, out=prod[: r1 - r0])

@@ -10,11 +10,17 @@ The output is a Hugging Face model folder with the base's layout: the same shard
 tensors in the same order, the same ``model.safetensors.index.json`` (rewritten only when
 ``dtype`` changes ``total_size``), and every non-targeted tensor byte-identical (copied as raw
 bytes). Memory stays bounded by a few tensors plus the adapter (and at most 1 GiB of idle
-reusable buffers), whatever the model size: each
-shard is read tensor by tensor with ``pread`` (no whole-shard mapping), merged in row blocks
-that stay in the CPU cache, and written as it is produced. A small thread pool reads and merges
-the next tensors (one tensor per thread, torch held to one intra-op thread during the merge: no
-OpenMP barriers, which stall badly on a busy machine) while the current one is being written.
+reusable buffers), whatever the model size: each shard is read tensor by tensor (each tensor
+mapped on its own while it is in flight, no whole-shard mapping), merged in tiles that stay in
+the CPU cache, and written as it is produced. A thread pool (one thread per CPU, at most
+:data:`_MAX_WORKERS`) reads and merges the next tensors, one tensor per thread, while the current
+one is being written.
+
+A bfloat16 or float32 base is merged by numpy
+(:mod:`~mlora_export.converters.merge_kernels`, one BLAS thread per tile) and the command never
+imports torch, whose import alone costs about as long as copying a 1B model; float16 and float64
+weights are merged by torch (numpy's float16 casts are slow), held to one intra-op thread during
+the merge (no OpenMP barriers, which stall badly on a busy machine).
 
 Everything is checked before any output is written: the base has safetensors weights (a
 ``.bin``-only base is refused, nothing is unpickled), every adapter target exists in the base
@@ -339,6 +345,46 @@ def _pread(fd: int, nbytes: int, offset: int, buffers: _Buffers) -> "np.ndarray"
     return buf
 
 
+class _Region:
+    """One tensor's bytes mapped read-only from its shard (pages read in at once), until :meth:`close`.
+
+    The merge reads the base through these maps rather than ``pread``: the kernels read the page
+    cache's pages in place, and untouched tensors go from the map straight to ``pwrite``, so no
+    copy of the data is made on the way in. Only the tensors in flight are mapped, so memory
+    stays bounded whatever the shard size.
+    """
+
+    def __init__(self, fd: int, nbytes: int, offset: int) -> None:
+        import mmap
+
+        self._mm: Any = None
+        if nbytes == 0:
+            self.view = memoryview(b"")
+            return
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        try:
+            self._mm = mmap.mmap(
+                fd, offset + nbytes - start, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), prot=mmap.PROT_READ, offset=start
+            )
+        except ValueError as e:  # the range lies past the end of the file: it shrank since it was checked
+            raise BaseModelError(f"unexpected end of file while reading the base model at byte {offset + nbytes}; re-download it") from e
+        self.view = memoryview(self._mm)[offset - start : offset - start + nbytes]
+
+    def array(self, dtype: Any, shape: tuple[int, ...]) -> "np.ndarray":
+        """The bytes as a read-only array (drop it before :meth:`close`)."""
+        import numpy as np
+
+        return np.frombuffer(self.view, dtype=dtype).reshape(shape)
+
+    def close(self) -> None:
+        """Unmap; where a view of the bytes is still alive, the map goes when that view does."""
+        with contextlib.suppress(BufferError):
+            self.view.release()
+        if self._mm is not None:
+            with contextlib.suppress(BufferError):
+                self._mm.close()
+
+
 def _numel(shape: tuple[int, ...]) -> int:
     n = 1
     for s in shape:
@@ -360,8 +406,6 @@ def _merge_one(
     import numpy as np
 
     adapter = rd.adapter
-    raw = _pread(fd, info.nbytes, data_start + info.begin, buffers)
-    w = raw.view(mk.NUMPY_TYPES[info.dtype]).reshape(info.shape)
     a_data, b_data = rd.lora_A_data(module, k), rd.lora_B_data(module, k)
     a = mk.as_float32(a_data, adapter.dtype)
     bs = mk.as_float32(b_data, adapter.dtype)
@@ -371,14 +415,16 @@ def _merge_one(
         left, right = np.ascontiguousarray(orient_delta(a, True)), np.ascontiguousarray(orient_delta(bs, True))
     else:
         left, right = bs, a
-    bufs = [raw]
-    if out_dtype == info.dtype:
-        out = w  # rounded in place: each tile is widened before it is overwritten
-    else:
-        bufs.append(buffers.get(_numel(info.shape) * DTYPE_SIZES[out_dtype]))
-        out = bufs[-1].view(mk.NUMPY_TYPES[out_dtype]).reshape(info.shape)
-    mk.merge_tensor(w, info.dtype, left, right, out, out_dtype, scratch())
-    return out, bufs
+    buf = buffers.get(_numel(info.shape) * DTYPE_SIZES[out_dtype])
+    out = buf.view(mk.NUMPY_TYPES[out_dtype]).reshape(info.shape)
+    region = _Region(fd, info.nbytes, data_start + info.begin)
+    try:
+        w = region.array(mk.NUMPY_TYPES[info.dtype], info.shape)
+        mk.merge_tensor(w, info.dtype, left, right, out, out_dtype, scratch())
+        del w
+    finally:
+        region.close()
+    return out, [buf]
 
 
 def _merge_torch(
@@ -417,14 +463,22 @@ def _merge_torch(
 
 
 def _copy_one(fd: int, data_start: int, info: TensorInfo, out_dtype: str, buffers: _Buffers, scratch: Callable[[], mk.Scratch]) -> "tuple[Any, list[np.ndarray]]":
-    """A non-targeted tensor: its raw bytes, or the tensor cast to ``out_dtype`` (and its buffers)."""
-    buf = _pread(fd, info.nbytes, data_start + info.begin, buffers)
+    """A non-targeted tensor: its raw bytes (mapped, closed once written), or the tensor cast to
+    ``out_dtype`` (and its buffers)."""
     if out_dtype == info.dtype:
-        return (memoryview(buf) if info.nbytes else memoryview(b"")), [buf]
+        region = _Region(fd, info.nbytes, data_start + info.begin)
+        return region.view, [region]
     if mk.supports(info.dtype, out_dtype):
         out = buffers.get(_numel(info.shape) * DTYPE_SIZES[out_dtype])
-        mk.cast(buf.view(mk.NUMPY_TYPES[info.dtype]), info.dtype, out.view(mk.NUMPY_TYPES[out_dtype]), out_dtype, scratch())
-        return out, [buf, out]
+        region = _Region(fd, info.nbytes, data_start + info.begin)
+        try:
+            src = region.array(mk.NUMPY_TYPES[info.dtype], (_numel(info.shape),))
+            mk.cast(src, info.dtype, out.view(mk.NUMPY_TYPES[out_dtype]), out_dtype, scratch())
+            del src
+        finally:
+            region.close()
+        return out, [out]
+    buf = _pread(fd, info.nbytes, data_start + info.begin, buffers)
     import torch
 
     return torch.from_numpy(buf).view(torch_dtype(info.dtype)).view(info.shape).to(torch_dtype(out_dtype)), [buf]
@@ -507,8 +561,9 @@ def merge_adapter(
     ``W + s(k)·B[:, :k]·A[:k, :]`` (transposed for ``Conv1D``), computed in float32 and rounded
     once; ``dtype`` (``"float32"``, ``"float16"`` or ``"bfloat16"``) casts every float tensor of
     the output, else each tensor keeps the base's dtype and untouched tensors keep their bytes.
-    ``progress(done, total)`` is called in output data bytes. While it runs, torch is held to one
-    intra-op thread (the merge parallelises over tensors instead); the setting is restored after.
+    ``progress(done, total)`` is called in output data bytes. While it runs, numpy's BLAS (and
+    torch, where float16 or float64 weights need it) is held to one thread (the merge
+    parallelises over tensors instead); the settings are restored after.
 
     Raises:
         InvalidAdapterError: the adapter folder is invalid.
@@ -612,8 +667,11 @@ def merge_adapter(
                 def stream(results: Iterator[Any], specs: list[tuple[str, str, tuple[int, ...]]] = specs) -> Iterator[Any]:
                     for (item, bufs), (_, odt, shape) in zip(results, specs):
                         yield item
-                        del item  # written: its buffers may be reused
-                        buffers.put(bufs)
+                        del item  # written: its buffers may be reused, its maps closed
+                        for region in bufs:
+                            if isinstance(region, _Region):
+                                region.close()
+                        buffers.put(b for b in bufs if not isinstance(b, _Region))
                         n = DTYPE_SIZES[odt]
                         for s in shape:
                             n *= s

@@ -126,4 +126,4 @@ def cast(data: np.ndarray, src_dtype: str, out: np.ndarray, out_dtype: str, scra
             np.copyto(out[start:stop], tile[0])
 
 
-__all__ = ["NUMPY_TYPES", "Scratch", "TILE_COLUMNS", "TILE_ELEMENTS", "as_float32", "cast", "merge_tensor", "round_bf16", "supports", "widen_bf16"]
+__all__ = ["NUMPY_TYPES", "TILE_COLUMNS", "TILE_ELEMENTS", "Scratch", "as_float32", "cast", "merge_tensor", "round_bf16", "supports", "widen_bf16"]
