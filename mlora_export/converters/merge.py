@@ -682,7 +682,7 @@ def merge_adapter(
                 # closing() stops the workers (cancel queued jobs, wait for running ones) before
                 # the shard's file is closed, also when writing fails half-way
                 with contextlib.closing(_lookahead(pool, jobs, workers)) as results:
-                    written += write_safetensors(tmp / shard.name, specs, stream(results), shard.header.metadata)
+                    written += write_safetensors(tmp / shard.name, specs, stream(results), shard.header.metadata, direct=True)
             finally:
                 os.close(fd)
             logger.debug("wrote %s", shard.name)
