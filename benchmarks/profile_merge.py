@@ -48,6 +48,7 @@ def main() -> None:
     from mlora_export.adapter import NestedAdapter
     from mlora_export.converters import merge as merge_mod
     from mlora_export.converters import merge_kernels as mk
+    from mlora_export.direct_io import DirectAppender
     from mlora_export.threads import blas_threads
 
     times: dict[str, float] = {}
@@ -76,6 +77,7 @@ def main() -> None:
         torch.set_num_threads(1)
     out_file = args.base.parent / "profile-out.tmp"
     wfd = os.open(out_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    direct = DirectAppender(args.base.parent / "profile-direct.tmp")
     offset = 0
     n_target = n_elems = 0
     try:
@@ -122,8 +124,15 @@ def main() -> None:
                                     tile, _, bits = scratch.views(r1 - r0, c1 - c0)
                                     mk.round_bf16(tile, out[r0:r1, c0:c1], bits)
                                 t0 = tick("numpy: round f32→bf16", t0)
-                                mk.merge_tensor(w, "BF16", bs, a, out, "BF16", scratch)
-                                t0 = tick("numpy: all four fused (merge_tensor)", t0)
+                                mk._merge_bf16_pairs(w, bs, a, out, scratch)
+                                t0 = tick("numpy: all four, uint32 column pairs (the merge's path)", t0)
+                                for r0, r1, c0, c1 in tiles:
+                                    tile, prod, bits = scratch.views(r1 - r0, c1 - c0)
+                                    mk.widen_bf16(w[r0:r1, c0:c1], tile)
+                                    np.matmul(bs[r0:r1], a[:, c0:c1], out=prod)
+                                    np.add(tile, prod, out=tile)
+                                    mk.round_bf16(tile, out[r0:r1, c0:c1], bits)
+                                t0 = tick("numpy: all four in one pass over the tiles (with casts)", t0)
                             if "torch" in variants:
                                 tw = torch.from_numpy(w.view(np.int16)).view(torch.bfloat16)
                                 ta, tb = torch.from_numpy(a), torch.from_numpy(bs)
@@ -153,13 +162,17 @@ def main() -> None:
                         t0 = time.perf_counter()
                         os.pwrite(wfd, memoryview(raw), offset)
                         offset += info.nbytes
-                        tick("write (pwrite into the page cache, all tensors)", t0)
+                        t0 = tick("write: pwrite into the page cache (before), all tensors", t0)
+                        direct.write(memoryview(raw))
+                        tick("write: O_DIRECT from a staging buffer (after), all tensors", t0)
                         buffers.put([raw])
                 finally:
                     os.close(fd)
     finally:
         os.close(wfd)
         os.unlink(out_file)
+        direct.close()
+        os.unlink(args.base.parent / "profile-direct.tmp")
     print(f"{n_target} targeted weights ({n_elems / 1e9:.2f} G elements), rank {k}, load average {os.getloadavg()}")
     print("| stage | seconds (one thread) |")
     print("|---|---:|")
