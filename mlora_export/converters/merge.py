@@ -12,7 +12,9 @@ tensors in the same order, the same ``model.safetensors.index.json`` (rewritten 
 bytes). Memory stays bounded by a few tensors plus the adapter (and at most 1 GiB of idle
 reusable buffers), whatever the model size: each shard is read tensor by tensor (each tensor
 mapped on its own while it is in flight, no whole-shard mapping), merged in tiles that stay in
-the CPU cache, and written as it is produced. A thread pool (one thread per CPU, at most
+the CPU cache, and written as it is produced, past the page cache where the file system allows
+(``O_DIRECT``, :mod:`~mlora_export.direct_io`: gigabytes written once cost the page cache seconds
+of system CPU). A thread pool (one thread per CPU, at most
 :data:`_MAX_WORKERS`) reads and merges the next tensors, one tensor per thread, while the current
 one is being written.
 
@@ -349,7 +351,7 @@ class _Region:
     """One tensor's bytes mapped read-only from its shard (pages read in at once), until :meth:`close`.
 
     The merge reads the base through these maps rather than ``pread``: the kernels read the page
-    cache's pages in place, and untouched tensors go from the map straight to ``pwrite``, so no
+    cache's pages in place, and untouched tensors go from the map straight to the writer, so no
     copy of the data is made on the way in. Only the tensors in flight are mapped, so memory
     stays bounded whatever the shard size.
     """
