@@ -15,6 +15,7 @@ import errno
 import logging
 import mmap
 import os
+from collections.abc import Callable
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +35,10 @@ class DirectAppender:
     written through the page cache instead, with the same result.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], pwrite: Callable[[int, list[memoryview], int], None] | None = None) -> None:
+        """``pwrite(fd, buffers, offset)`` writes every byte of ``buffers`` at ``offset`` (or raises);
+        by default a loop over ``os.pwritev``."""
+        self._pwrite = pwrite or _pwrite_fully
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
         direct = getattr(os, "O_DIRECT", 0)
         self.direct = bool(direct)
@@ -65,14 +69,13 @@ class DirectAppender:
                 self._flush(STAGE_BYTES)
 
     def _flush(self, nbytes: int) -> None:
-        done = 0
-        while done < nbytes:
-            try:
-                done += os.pwritev(self.fd, [self._view[done:nbytes]], self._offset + done)
-            except OSError as e:
-                if not (self.direct and e.errno == errno.EINVAL):
-                    raise
-                self._buffered()  # the file system takes O_DIRECT at open but not these writes
+        try:
+            self._pwrite(self.fd, [self._view[:nbytes]], self._offset)
+        except OSError as e:
+            if not (self.direct and e.errno == errno.EINVAL):
+                raise
+            self._buffered()  # the file system takes O_DIRECT at open but not these writes
+            self._pwrite(self.fd, [self._view[:nbytes]], self._offset)
         self._offset += nbytes
         self._fill = 0
 
@@ -107,6 +110,14 @@ class DirectAppender:
             self._view.release()
             with contextlib.suppress(BufferError):
                 self._stage.close()
+
+
+def _pwrite_fully(fd: int, buffers: list[memoryview], offset: int) -> None:
+    for buf in buffers:
+        done = 0
+        while done < buf.nbytes:
+            done += os.pwritev(fd, [buf[done:]], offset + done)
+        offset += buf.nbytes
 
 
 __all__ = ["ALIGN", "STAGE_BYTES", "DirectAppender"]

@@ -517,7 +517,8 @@ def _write_direct(
 
     head, sizes = _header_bytes(specs, metadata)
     total = len(head) + sum(sizes)
-    out = DirectAppender(path)
+    lock = threading.Lock()
+    out = DirectAppender(path, pwrite=lambda fd, buffers, offset: _pwrite_all(fd, buffers, offset, lock))
     try:
         _preallocate(out.fd, total, path)
         out.write(memoryview(head))
