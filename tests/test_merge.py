@@ -21,7 +21,7 @@ from mlora_export.safetensors_io import read_header, save_tensors
 from tests.common import build_model, random_nested, sample_ids, tiny_config
 
 RANKS = (2, 8)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @pytest.fixture(scope="module")
@@ -198,6 +198,48 @@ def test_dtype_casts_whole_output(work: dict[str, Path], tmp_path: Path) -> None
     ref = _peft_logits(base, work["slices-llama"] / "r8", torch.bfloat16)
     with torch.no_grad():
         torch.testing.assert_close(merged(sample_ids()).logits.float(), ref.float(), atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("src, dtype", [("bfloat16", "float32"), ("bfloat16", "float16"), ("float16", "bfloat16")])
+def test_dtype_casts_between_every_float_dtype(work: dict[str, Path], tmp_path: Path, src: str, dtype: str) -> None:
+    """numpy's kernels (bfloat16 ↔ float32) and torch's (float16) cast alike: merged weights are the
+    one-rounding reference, untouched tensors exactly torch's cast of the base's."""
+    base = work[f"llama-{src}-sharded"]
+    out = tmp_path / "merged"
+    merge_adapter(work["nested-llama"], base, 8, out, dtype=dtype)
+    dt = DTYPES[dtype]
+    state, base_state = _state(out), _state(base)
+    expected = _expected_weights(base, work["nested-llama"], 8, False, dt)
+    for key, t in state.items():
+        assert t.dtype == dt, key
+        if key in expected:
+            torch.testing.assert_close(t, expected[key], rtol=2**-7, atol=1e-6)
+        else:
+            assert torch.equal(t, base_state[key].to(dt)), key
+
+
+@pytest.mark.parametrize("dname", ["bfloat16", "float32"])
+def test_bfloat16_and_float32_merge_without_torch(work: dict[str, Path], tmp_path: Path, dname: str) -> None:
+    """A bfloat16 or float32 base is merged (and cast between the two) without importing torch or
+    transformers: their import would cost more than a small-rank merge. A fresh process, through the CLI."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "merged"
+    code = (
+        "import sys\n"
+        "from mlora_export.cli import main\n"
+        "try:\n"
+        f"    main([{str(work['nested-llama'])!r}, '--base-model', {str(work[f'llama-{dname}-sharded'])!r}, '--rank', '8',"
+        f" '--output', {str(out)!r}, '--dtype', {'float32' if dname == 'bfloat16' else 'bfloat16'!r}], prog_name='mlora-export', standalone_mode=False)\n"
+        "except SystemExit as e:\n"
+        "    assert not e.code, e.code\n"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code.replace("main([", "main(['merge', ")], capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout
+    assert (out / "model.safetensors.index.json").exists()
 
 
 # -- module name ↔ weight key resolution --------------------------------------------------
@@ -431,22 +473,39 @@ def test_failure_mid_merge_leaves_no_output(work: dict[str, Path], tmp_path: Pat
         _no_output(out)
 
 
-def test_failure_inside_a_worker_leaves_no_output(work: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fault injection: a read in a worker thread fails mid-shard; the error surfaces, nothing is left."""
-    real = merge_mod.os.preadv
+@pytest.mark.parametrize("read", ["map", "pread"])
+def test_failure_inside_a_worker_leaves_no_output(work: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, read: str) -> None:
+    """Fault injection: a read in a worker thread fails mid-shard; the error surfaces, nothing is left.
+
+    Both ways the base is read: mapped (bfloat16 and float32 bases) and ``pread`` (float16 bases,
+    merged by torch)."""
     count = [0]
+    if read == "pread":
+        base = work["llama-float16-sharded"]
+        real = merge_mod.os.preadv
 
-    def flaky(fd: int, buffers: list, offset: int) -> int:  # type: ignore[type-arg]
-        count[0] += 1
-        if count[0] == 12:
-            raise OSError("read error")
-        return real(fd, buffers, offset)
+        def flaky(fd: int, buffers: list, offset: int) -> int:  # type: ignore[type-arg]
+            count[0] += 1
+            if count[0] == 12:
+                raise OSError("read error")
+            return real(fd, buffers, offset)
 
-    monkeypatch.setattr(merge_mod.os, "preadv", flaky)
+        monkeypatch.setattr(merge_mod.os, "preadv", flaky)
+    else:
+        base = work["llama-float32-sharded"]
+
+        class FlakyRegion(merge_mod._Region):
+            def __init__(self, fd: int, nbytes: int, offset: int) -> None:
+                count[0] += 1
+                if count[0] == 12:
+                    raise OSError("read error")
+                super().__init__(fd, nbytes, offset)
+
+        monkeypatch.setattr(merge_mod, "_Region", FlakyRegion)
     out = tmp_path / "out"
     threads = torch.get_num_threads()
     with pytest.raises(OSError, match="read error"):
-        merge_adapter(work["nested-llama"], work["llama-float32-sharded"], 8, out)
+        merge_adapter(work["nested-llama"], base, 8, out)
     _no_output(out)
     assert torch.get_num_threads() == threads  # the one-thread setting of the merge is undone on failure too
 

@@ -95,9 +95,9 @@ def check_base_config(root: Path) -> dict[str, Any]:
     if not isinstance(model_type, str) or not model_type:
         raise BaseModelError(f"{path}: no model_type; re-download or re-save the base model with save_pretrained()", path=path)
     if not isinstance(cfg.get("auto_map"), dict):
-        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+        from .model_types import known_model_type
 
-        if model_type not in CONFIG_MAPPING_NAMES:
+        if not known_model_type(model_type):
             raise BaseModelError(
                 f"{path}: model_type {model_type[:60]!r} is unknown to this transformers; upgrade transformers or fix the folder"
             )
@@ -131,7 +131,7 @@ def _shard_names(root: Path) -> tuple[list[str], dict[str, str] | None, dict[str
     pickles = sorted(q.name for q in root.iterdir() if q.name.endswith(PICKLE_SUFFIXES))
     if pickles:
         raise BaseModelError(
-            f"base model folder {str(root)!r} has only pickle weights ({', '.join(pickles[:3])}), which are never loaded "
+            f"base model folder {str(root)!r} has only pickle weights ({', '.join(pickles[:3])}): pickle weights are refused "
             f"(unpickling runs arbitrary code); {convert_hint(root)}"
         )
     raise BaseModelError(f"base model folder {str(root)!r} has no {SAFE_SINGLE} or {SAFE_INDEX}; save the model there with save_pretrained()")

@@ -1,6 +1,6 @@
 """Streaming merge: fold the rank-``k`` delta of a nested adapter into a base model, shard by shard.
 
-For every targeted linear layer the merged weight is ``W + s(k)·B[:, :k]·A[:k, :]`` (DESIGN.md §1),
+For every targeted linear layer the merged weight is ``W + s(k)·B[:, :k]·A[:k, :]`` (docs/design.md §1),
 computed in float32 and rounded once to the output dtype (the base tensor's dtype, or ``dtype``
 when given). ``Conv1D`` targets (``fan_in_fan_out``) are handled by viewing the base weight and
 the output through :func:`~mlora_export.adapter.orient_delta`, so the orientation stays in one
@@ -10,11 +10,19 @@ The output is a Hugging Face model folder with the base's layout: the same shard
 tensors in the same order, the same ``model.safetensors.index.json`` (rewritten only when
 ``dtype`` changes ``total_size``), and every non-targeted tensor byte-identical (copied as raw
 bytes). Memory stays bounded by a few tensors plus the adapter (and at most 1 GiB of idle
-reusable buffers), whatever the model size: each
-shard is read tensor by tensor with ``pread`` (no whole-shard mapping), merged in row blocks
-that stay in the CPU cache, and written as it is produced. A small thread pool reads and merges
-the next tensors (one tensor per thread, torch held to one intra-op thread during the merge: no
-OpenMP barriers, which stall badly on a busy machine) while the current one is being written.
+reusable buffers), whatever the model size: each shard is read tensor by tensor (each tensor
+mapped on its own while it is in flight, no whole-shard mapping), merged in tiles that stay in
+the CPU cache, and written as it is produced, past the page cache where the file system allows
+(``O_DIRECT``, :mod:`~mlora_export.direct_io`: gigabytes written once cost the page cache seconds
+of system CPU). A thread pool (one thread per CPU, at most
+:data:`_MAX_WORKERS`) reads and merges the next tensors, one tensor per thread, while the current
+one is being written.
+
+A bfloat16 or float32 base is merged by numpy
+(:mod:`~mlora_export.converters.merge_kernels`, one BLAS thread per tile) and the command never
+imports torch, whose import alone costs about as long as copying a 1B model; float16 and float64
+weights are merged by torch (numpy's float16 casts are slow), held to one intra-op thread during
+the merge (no OpenMP barriers, which stall badly on a busy machine).
 
 Everything is checked before any output is written: the base has safetensors weights (a
 ``.bin``-only base is refused, nothing is unpickled), every adapter target exists in the base
@@ -25,11 +33,11 @@ with the expected shape and a float dtype, and the disk has room. The output app
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import logging
 import os
 import shutil
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Iterator
@@ -39,26 +47,25 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..adapter import AdapterReader, NestedAdapter, orient_delta
-from ..base import SAFE_INDEX, SAFE_SINGLE, check_base_config
+from ..base import SAFE_INDEX, Shard, check_fits_weights, scan_base
 from ..errors import (
     BaseModelError,
     BaseModelMismatchError,
     ConfigError,
-    InvalidAdapterError,
 )
-from ..fs import atomic_output_dir, check_free_space, check_output_path, read_json
+from ..fs import atomic_output_dir, check_free_space, check_output_path
 from ..progress import Progress
 from ..safetensors_io import (
     DTYPE_SIZES,
-    SafetensorsHeader,
     TensorInfo,
-    read_header,
     torch_dtype,
     write_safetensors,
 )
-from ..threads import torch_threads, worker_threads
+from ..threads import blas_threads, torch_threads, worker_threads
+from . import merge_kernels as mk
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 logger = logging.getLogger(__name__)
@@ -66,15 +73,8 @@ logger = logging.getLogger(__name__)
 
 #: ``--dtype`` values and their safetensors names.
 OUTPUT_DTYPES: dict[str, str] = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
-#: Base dtypes a targeted weight may have (a quantized base cannot be merged into exactly).
-MERGEABLE_DTYPES = ("F32", "F16", "BF16", "F64")
 #: Float dtypes that ``dtype`` casts (other tensors, e.g. integer buffers, are copied as they are).
 CASTABLE_DTYPES = ("F32", "F16", "BF16", "F64")
-
-PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
-#: Files never copied from the base: weights in any format (they would be the un-merged ones).
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".onnx_data", ".npz")
-_WEIGHT_INDEX_SUFFIXES = (".bin.index.json", ".safetensors.index.json")
 
 #: Elements per row block of the merge (float32: 1 MiB), sized to stay in the CPU cache.
 _BLOCK_ELEMENTS = 256 * 1024
@@ -115,109 +115,6 @@ class MergeResult:
             "copied_files": self.copied_files,
             "skipped_files": self.skipped_files,
         }
-
-
-@dataclass(frozen=True)
-class _Shard:
-    name: str
-    path: Path
-    header: SafetensorsHeader
-
-
-@dataclass(frozen=True)
-class _BaseModel:
-    root: Path
-    shards: list[_Shard]
-    index_path: Path | None
-    index: dict[str, Any] | None
-    copy_files: list[Path]
-    skipped: list[str]
-
-    def locate(self) -> dict[str, tuple[_Shard, TensorInfo]]:
-        """Tensor name → (shard, header entry), over all shards."""
-        out: dict[str, tuple[_Shard, TensorInfo]] = {}
-        for shard in self.shards:
-            for name, info in shard.header.tensors.items():
-                out.setdefault(name, (shard, info))
-        return out
-
-
-# -- the base model ------------------------------------------------------------------------
-
-
-def _convert_hint(root: Path) -> str:
-    return (
-        "pickle weights are refused (unpickling runs arbitrary code); in a trusted environment convert them once with "
-        f"`python -c \"from transformers import AutoModelForCausalLM as M; M.from_pretrained('{root}').save_pretrained('{root}-safetensors')\"` "
-        "and pass the new folder"
-    )
-
-
-def _is_weight_file(name: str) -> bool:
-    return name.endswith(WEIGHT_SUFFIXES) or name.endswith(_WEIGHT_INDEX_SUFFIXES)
-
-
-def _scan_base(path: str | os.PathLike[str]) -> _BaseModel:
-    """Find and validate the safetensors weights of a base model folder.
-
-    Raises:
-        BaseModelError: the folder is missing, has only pickle weights, has no weights, or its
-            index or shards are corrupt or incomplete.
-    """
-    root = Path(path)
-    if not root.exists():
-        raise BaseModelError(f"base model folder {str(root)!r} does not exist")
-    if not root.is_dir():
-        raise BaseModelError(f"base model path {str(root)!r} is a file; pass the model folder (with config.json and the weights)")
-    check_base_config(root)
-    index_path = root / SAFE_INDEX
-    index: dict[str, Any] | None = None
-    if index_path.exists():
-        index = read_json(index_path, BaseModelError, what="weight index")  # type: ignore[assignment]
-        weight_map = index.get("weight_map") if isinstance(index, dict) else None
-        if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
-            raise BaseModelError(f"{index_path}: expected a non-empty 'weight_map' of tensor name → shard file; re-download or re-save the base model")
-        names = list(dict.fromkeys(weight_map.values()))
-        for name in names:
-            if Path(name).name != name or name in (".", ".."):
-                raise BaseModelError(f"{index_path}: shard name {name!r} is not a plain file name")
-            if not (root / name).is_file():
-                raise BaseModelError(f"{index_path}: names shard {name!r}, which is missing from {str(root)!r}; re-download the base model")
-    elif (root / SAFE_SINGLE).is_file():
-        names = [SAFE_SINGLE]
-        weight_map = None
-    else:
-        if any((root / n).exists() for n in PICKLE_NAMES):
-            raise BaseModelError(f"base model {str(root)!r} has only pytorch_model*.bin weights: {_convert_hint(root)}")
-        raise BaseModelError(
-            f"base model {str(root)!r} has no {SAFE_SINGLE} or {SAFE_INDEX}; pass a Hugging Face model folder with safetensors weights"
-        )
-    shards = []
-    for name in names:
-        try:
-            header = read_header(root / name)
-        except InvalidAdapterError as e:  # read_header's error class; here it is the base model that is bad
-            raise BaseModelError(str(e)) from e
-        shards.append(_Shard(name, root / name, header))
-    if weight_map is not None:
-        by_name = {s.name: s for s in shards}
-        for key, shard_name in weight_map.items():
-            if key not in by_name[shard_name].header.tensors:
-                raise BaseModelError(
-                    f"{index_path}: tensor {key!r} is mapped to {shard_name!r} but that shard does not hold it; re-download the base model"
-                )
-    copy_files: list[Path] = []
-    skipped: list[str] = []
-    for entry in sorted(root.iterdir()):
-        if entry.name in names or entry.name == SAFE_INDEX:
-            continue
-        if entry.name.startswith(".") or not entry.is_file() or _is_weight_file(entry.name):
-            skipped.append(entry.name + ("/" if entry.is_dir() else ""))
-            continue
-        copy_files.append(entry)
-    if skipped:
-        logger.info("not copying from the base: %s (weights in other formats, sub-folders, hidden files)", ", ".join(skipped))
-    return _BaseModel(root, shards, index_path if index is not None else None, index, copy_files, skipped)
 
 
 def resolve_weight_keys(modules: Iterable[str], keys: Collection[str], *, where: str = "the base model") -> tuple[dict[str, str], str, str]:
@@ -278,12 +175,6 @@ def resolve_weight_keys(modules: Iterable[str], keys: Collection[str], *, where:
     )
 
 
-def _expected_shape(out_features: int, in_features: int, fan_in_fan_out: bool) -> tuple[int, ...]:
-    import torch
-
-    return tuple(orient_delta(torch.empty(out_features, in_features, device="meta"), fan_in_fan_out).shape)
-
-
 # -- reading and merging one tensor --------------------------------------------------------
 
 
@@ -303,29 +194,29 @@ class _Buffers:
         self._max = max_bytes
         self._lock = threading.Lock()
 
-    def get(self, nbytes: int) -> "torch.Tensor":
-        import torch
+    def get(self, nbytes: int) -> "np.ndarray":
+        import numpy as np
 
         with self._lock:
             free = self._free.get(nbytes)
             if free:
                 self._idle -= nbytes
-                return free.pop()
-        return torch.empty(nbytes, dtype=torch.uint8)
+                return free.pop()  # type: ignore[no-any-return]
+        return np.empty(nbytes, dtype=np.uint8)
 
-    def put(self, bufs: Iterable["torch.Tensor"]) -> None:
+    def put(self, bufs: Iterable["np.ndarray"]) -> None:
         with self._lock:
             for buf in bufs:
-                n = buf.numel()
+                n = buf.size
                 if n and self._idle + n <= self._max:
                     self._free.setdefault(n, []).append(buf)
                     self._idle += n
 
 
-def _pread(fd: int, nbytes: int, offset: int, buffers: _Buffers) -> "torch.Tensor":
-    """``nbytes`` from ``fd`` at ``offset`` into a uint8 tensor (short reads retried)."""
+def _pread(fd: int, nbytes: int, offset: int, buffers: _Buffers) -> "np.ndarray":
+    """``nbytes`` from ``fd`` at ``offset`` into a uint8 array (short reads retried)."""
     buf = buffers.get(nbytes)
-    view = memoryview(buf.numpy()) if nbytes else memoryview(b"")
+    view = memoryview(buf) if nbytes else memoryview(b"")
     done = 0
     while done < nbytes:
         n = os.preadv(fd, [view[done:]], offset + done)
@@ -335,19 +226,102 @@ def _pread(fd: int, nbytes: int, offset: int, buffers: _Buffers) -> "torch.Tenso
     return buf
 
 
+class _Region:
+    """One tensor's bytes mapped read-only from its shard (pages read in at once), until :meth:`close`.
+
+    The merge reads the base through these maps rather than ``pread``: the kernels read the page
+    cache's pages in place, and untouched tensors go from the map straight to the writer, so no
+    copy of the data is made on the way in. Only the tensors in flight are mapped, so memory
+    stays bounded whatever the shard size.
+    """
+
+    def __init__(self, fd: int, nbytes: int, offset: int) -> None:
+        import mmap
+
+        self._mm: Any = None
+        if nbytes == 0:
+            self.view = memoryview(b"")
+            return
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        try:
+            self._mm = mmap.mmap(
+                fd, offset + nbytes - start, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), prot=mmap.PROT_READ, offset=start
+            )
+        except ValueError as e:  # the range lies past the end of the file: it shrank since it was checked
+            raise BaseModelError(f"unexpected end of file while reading the base model at byte {offset + nbytes}; re-download it") from e
+        self.view = memoryview(self._mm)[offset - start : offset - start + nbytes]
+
+    def array(self, dtype: Any, shape: tuple[int, ...]) -> "np.ndarray":
+        """The bytes as a read-only array (drop it before :meth:`close`)."""
+        import numpy as np
+
+        return np.frombuffer(self.view, dtype=dtype).reshape(shape)
+
+    def close(self) -> None:
+        """Unmap; where a view of the bytes is still alive, the map goes when that view does."""
+        with contextlib.suppress(BufferError):
+            self.view.release()
+        if self._mm is not None:
+            with contextlib.suppress(BufferError):
+                self._mm.close()
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
 def _merge_one(
-    fd: int, data_start: int, info: TensorInfo, module: str, rd: AdapterReader, k: int, out_dtype: str, buffers: _Buffers
-) -> "tuple[torch.Tensor, list[torch.Tensor]]":
+    fd: int, data_start: int, info: TensorInfo, module: str, rd: AdapterReader, k: int, out_dtype: str, buffers: _Buffers, scratch: Callable[[], mk.Scratch]
+) -> "tuple[Any, list[np.ndarray]]":
     """Read one base weight and return ``W + s(k)·B[:, :k]·A[:k]`` in ``out_dtype`` (and its buffers).
 
-    The sum runs in float32 row blocks of :data:`_BLOCK_ELEMENTS` (``addmm_`` adds the block of
-    ``B·A`` to the block of ``W`` while both are in cache) and each block is rounded once.
+    bfloat16 and float32 go through :func:`~mlora_export.converters.merge_kernels.merge_tensor`
+    (numpy, float32 tiles, rounded once, in place into the read buffer when the dtype stays);
+    other dtypes through :func:`_merge_torch`.
+    """
+    if not mk.supports(info.dtype, out_dtype):
+        return _merge_torch(fd, data_start, info, module, rd, k, out_dtype, buffers)
+    import numpy as np
+
+    adapter = rd.adapter
+    a_data, b_data = rd.lora_A_data(module, k), rd.lora_B_data(module, k)
+    a = mk.as_float32(a_data, adapter.dtype)
+    bs = mk.as_float32(b_data, adapter.dtype)
+    del a_data, b_data  # views of the adapter's map
+    bs *= np.float32(adapter.scale(k))
+    if adapter.fan_in_fan_out:  # Conv1D stores W as [in, out]: add orient_delta(sB·A) = Aᵀ·(sB)ᵀ
+        left, right = np.ascontiguousarray(orient_delta(a, True)), np.ascontiguousarray(orient_delta(bs, True))
+    else:
+        left, right = bs, a
+    buf = buffers.get(_numel(info.shape) * DTYPE_SIZES[out_dtype])
+    out = buf.view(mk.NUMPY_TYPES[out_dtype]).reshape(info.shape)
+    region = _Region(fd, info.nbytes, data_start + info.begin)
+    try:
+        w = region.array(mk.NUMPY_TYPES[info.dtype], info.shape)
+        mk.merge_tensor(w, info.dtype, left, right, out, out_dtype, scratch())
+        del w
+    finally:
+        region.close()
+    return out, [buf]
+
+
+def _merge_torch(
+    fd: int, data_start: int, info: TensorInfo, module: str, rd: AdapterReader, k: int, out_dtype: str, buffers: _Buffers
+) -> "tuple[torch.Tensor, list[np.ndarray]]":
+    """:func:`_merge_one` for float16 and float64 (numpy's float16 casts are slow): torch row blocks.
+
+    The sum runs in float32 (float64 for a float64 base) row blocks of :data:`_BLOCK_ELEMENTS`
+    (``addmm_`` adds the block of ``B·A`` to the block of ``W`` while both are in cache) and
+    each block is rounded once.
     """
     import torch
 
     adapter = rd.adapter
     raw = _pread(fd, info.nbytes, data_start + info.begin, buffers)
-    w = raw.view(torch_dtype(info.dtype)).view(info.shape)
+    w = torch.from_numpy(raw).view(torch_dtype(info.dtype)).view(info.shape)
     cdt = torch.float64 if w.dtype == torch.float64 else torch.float32
     odt = torch_dtype(out_dtype)
     a = rd.lora_A(module, k).to(cdt)
@@ -357,7 +331,7 @@ def _merge_one(
         out = w  # merged in place in our own read buffer
     else:
         bufs.append(buffers.get(w.numel() * DTYPE_SIZES[out_dtype]))
-        out = bufs[-1].view(odt).view(info.shape)
+        out = torch.from_numpy(bufs[-1]).view(odt).view(info.shape)
     w_o = orient_delta(w, adapter.fan_in_fan_out)  # [out, in] views of the base layout
     out_o = orient_delta(out, adapter.fan_in_fan_out)
     rows = max(1, _BLOCK_ELEMENTS // max(1, w_o.shape[1]))
@@ -369,12 +343,26 @@ def _merge_one(
     return out, bufs
 
 
-def _copy_one(fd: int, data_start: int, info: TensorInfo, out_dtype: str, buffers: _Buffers) -> "tuple[Any, list[torch.Tensor]]":
-    """A non-targeted tensor: its raw bytes, or the tensor cast to ``out_dtype`` (and its buffers)."""
-    buf = _pread(fd, info.nbytes, data_start + info.begin, buffers)
+def _copy_one(fd: int, data_start: int, info: TensorInfo, out_dtype: str, buffers: _Buffers, scratch: Callable[[], mk.Scratch]) -> "tuple[Any, list[np.ndarray]]":
+    """A non-targeted tensor: its raw bytes (mapped, closed once written), or the tensor cast to
+    ``out_dtype`` (and its buffers)."""
     if out_dtype == info.dtype:
-        return (memoryview(buf.numpy()) if info.nbytes else memoryview(b"")), [buf]
-    return buf.view(torch_dtype(info.dtype)).view(info.shape).to(torch_dtype(out_dtype)), [buf]
+        region = _Region(fd, info.nbytes, data_start + info.begin)
+        return region.view, [region]
+    if mk.supports(info.dtype, out_dtype):
+        out = buffers.get(_numel(info.shape) * DTYPE_SIZES[out_dtype])
+        region = _Region(fd, info.nbytes, data_start + info.begin)
+        try:
+            src = region.array(mk.NUMPY_TYPES[info.dtype], (_numel(info.shape),))
+            mk.cast(src, info.dtype, out.view(mk.NUMPY_TYPES[out_dtype]), out_dtype, scratch())
+            del src
+        finally:
+            region.close()
+        return out, [out]
+    buf = _pread(fd, info.nbytes, data_start + info.begin, buffers)
+    import torch
+
+    return torch.from_numpy(buf).view(torch_dtype(info.dtype)).view(info.shape).to(torch_dtype(out_dtype)), [buf]
 
 
 def _lookahead(pool: ThreadPoolExecutor, jobs: Iterable[Callable[[], Any]], depth: int) -> Iterator[Any]:
@@ -406,7 +394,7 @@ def _output_dtype(info: TensorInfo, dtype: str | None) -> str:
     return dtype if dtype is not None and info.dtype in CASTABLE_DTYPES else info.dtype
 
 
-def _shard_specs(shard: _Shard, dtype: str | None) -> list[tuple[str, str, tuple[int, ...]]]:
+def _shard_specs(shard: Shard, dtype: str | None) -> list[tuple[str, str, tuple[int, ...]]]:
     return [(name, _output_dtype(info, dtype), info.shape) for name, info in shard.header.tensors.items()]
 
 
@@ -439,7 +427,7 @@ def _write_config(src: Path, dst: Path, dtype_name: str | None) -> None:
 
 def merge_adapter(
     adapter: NestedAdapter | str | os.PathLike[str],
-    base_model_dir: str | os.PathLike[str],
+    base_model: str | os.PathLike[str],
     rank: int,
     output: str | os.PathLike[str],
     *,
@@ -454,8 +442,9 @@ def merge_adapter(
     ``W + s(k)·B[:, :k]·A[:k, :]`` (transposed for ``Conv1D``), computed in float32 and rounded
     once; ``dtype`` (``"float32"``, ``"float16"`` or ``"bfloat16"``) casts every float tensor of
     the output, else each tensor keeps the base's dtype and untouched tensors keep their bytes.
-    ``progress(done, total)`` is called in output data bytes. While it runs, torch is held to one
-    intra-op thread (the merge parallelises over tensors instead); the setting is restored after.
+    ``progress(done, total)`` is called in output data bytes. While it runs, numpy's BLAS (and
+    torch, where float16 or float64 weights need it) is held to one thread (the merge
+    parallelises over tensors instead); the settings are restored after.
 
     Raises:
         InvalidAdapterError: the adapter folder is invalid.
@@ -471,40 +460,18 @@ def merge_adapter(
     if dtype is not None and dtype not in OUTPUT_DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}: expected one of {', '.join(OUTPUT_DTYPES)}")
     out_dtype = OUTPUT_DTYPES[dtype] if dtype is not None else None
-    inputs = [adapter.path if isinstance(adapter, NestedAdapter) else adapter, base_model_dir]
+    inputs = [adapter.path if isinstance(adapter, NestedAdapter) else adapter, base_model]
     out_path = check_output_path(output, force, inputs)
     nested = adapter if isinstance(adapter, NestedAdapter) else NestedAdapter.load(adapter)
     k = nested.check_rank(rank)
-    base = _scan_base(base_model_dir)
+    base = scan_base(base_model)
+    if base.skipped:
+        logger.info("not copying from the base: %s (weights in other formats, sub-folders, hidden files)", ", ".join(base.skipped))
 
     # -- every check before anything is written --------------------------------------------
     located = base.locate()
     mapping, strip, add = resolve_weight_keys(nested.modules, located, where=f"base model {str(base.root)!r}")
-    targets: dict[str, str] = {}  # weight key → module
-    for name, key in mapping.items():
-        shard, info = located[key]
-        mod = nested.modules[name]
-        expected = _expected_shape(mod.out_features, mod.in_features, nested.fan_in_fan_out)
-        if info.shape != expected:
-            hint = ""
-            if info.shape == expected[::-1] and len(expected) == 2:
-                hint = (
-                    " (the transpose: the adapter's fan_in_fan_out is "
-                    f"{str(nested.fan_in_fan_out).lower()}, which does not match this layer's type)"
-                )
-            raise BaseModelMismatchError(
-                f"adapter module {name!r} expects base weight {key!r} of shape {list(expected)} "
-                f"([out_features, in_features] = [{mod.out_features}, {mod.in_features}]{', transposed for Conv1D' if nested.fan_in_fan_out else ''}) "
-                f"but {shard.name} holds {list(info.shape)}{hint}; is this the base model the adapter was trained on?"
-            )
-        if info.dtype not in MERGEABLE_DTYPES:
-            raise BaseModelError(
-                f"base weight {key!r} in {shard.name} has dtype {info.dtype}; only float weights ({', '.join(MERGEABLE_DTYPES)}) "
-                "can be merged into exactly: merge into the unquantized base model and quantize afterwards"
-            )
-        targets[key] = name
-    if len(targets) != len(mapping):
-        raise BaseModelMismatchError("two adapter modules map to the same base weight; the adapter does not fit this base model")
+    targets = check_fits_weights(nested, {key: (shard.name, info) for key, (shard, info) in located.items()}, mapping)  # weight key → module
 
     plans = [(shard, _shard_specs(shard, out_dtype)) for shard in base.shards]
     total = sum(_data_bytes(specs) for _, specs in plans)
@@ -515,17 +482,32 @@ def merge_adapter(
     )
 
     # -- write -------------------------------------------------------------------------------
-    importlib.import_module("torch")  # loaded before the clock starts: ``seconds`` is the merge's own time, not the import's
+    # torch only where numpy's kernels do not reach (float16, float64): a bfloat16 or float32
+    # base is merged without importing it (its import costs more than a small-rank merge)
+    needs_torch = any(
+        (name in targets or odt != info.dtype) and not mk.supports(info.dtype, odt)
+        for shard, specs in plans
+        for (name, odt, _), info in zip(specs, shard.header.tensors.values())
+    )
     started = time.perf_counter()
     done = [0]
     written = 0
     merged = copied = 0
     workers = worker_threads(_MAX_WORKERS)
     buffers = _Buffers()
+    local = threading.local()
+
+    def scratch() -> mk.Scratch:
+        """This worker thread's tiles, made on its first tensor."""
+        if not hasattr(local, "scratch"):
+            local.scratch = mk.Scratch()
+        return local.scratch  # type: ignore[no-any-return]
+
     with (
         atomic_output_dir(out_path, force, inputs, needed_bytes=needed) as tmp,
         nested.reader() as rd,
-        torch_threads(1),  # one intra-op thread per tensor: parallelism comes from the pool
+        blas_threads(1),  # one BLAS thread per tile: parallelism comes from the pool
+        torch_threads(1) if needs_torch else contextlib.nullcontext(),
         ThreadPoolExecutor(workers, "mlora-merge") as pool,
     ):
         for shard, specs in plans:
@@ -535,17 +517,20 @@ def merge_adapter(
                 jobs: list[Callable[[], Any]] = []
                 for (name, odt, _shape), info in zip(specs, shard.header.tensors.values()):
                     if name in targets:
-                        jobs.append(lambda fd=fd, start=start, info=info, odt=odt, m=targets[name]: _merge_one(fd, start, info, m, rd, k, odt, buffers))
+                        jobs.append(lambda fd=fd, start=start, info=info, odt=odt, m=targets[name]: _merge_one(fd, start, info, m, rd, k, odt, buffers, scratch))
                         merged += 1
                     else:
-                        jobs.append(lambda fd=fd, start=start, info=info, odt=odt: _copy_one(fd, start, info, odt, buffers))
+                        jobs.append(lambda fd=fd, start=start, info=info, odt=odt: _copy_one(fd, start, info, odt, buffers, scratch))
                         copied += 1
 
                 def stream(results: Iterator[Any], specs: list[tuple[str, str, tuple[int, ...]]] = specs) -> Iterator[Any]:
                     for (item, bufs), (_, odt, shape) in zip(results, specs):
                         yield item
-                        del item  # written: its buffers may be reused
-                        buffers.put(bufs)
+                        del item  # written: its buffers may be reused, its maps closed
+                        for region in bufs:
+                            if isinstance(region, _Region):
+                                region.close()
+                        buffers.put(b for b in bufs if not isinstance(b, _Region))
                         n = DTYPE_SIZES[odt]
                         for s in shape:
                             n *= s
@@ -556,7 +541,7 @@ def merge_adapter(
                 # closing() stops the workers (cancel queued jobs, wait for running ones) before
                 # the shard's file is closed, also when writing fails half-way
                 with contextlib.closing(_lookahead(pool, jobs, workers)) as results:
-                    written += write_safetensors(tmp / shard.name, specs, stream(results), shard.header.metadata)
+                    written += write_safetensors(tmp / shard.name, specs, stream(results), shard.header.metadata, direct=True)
             finally:
                 os.close(fd)
             logger.debug("wrote %s", shard.name)
