@@ -257,7 +257,7 @@ def test_demo_verdict_is_computed_from_the_table() -> None:
     good = [_row(0, 5.0, 0.0, 0.0), _row(1, 3.0, 0.2, 0.1), _row(2, 2.0, 0.5, 0.4), _row(4, 1.0, 0.9, 0.8)]
     lines = demo_verdict(good, "nested-loss")
     assert lines[0].startswith("nested-loss: 3/3 ranks beat the base on held-out loss, 3/3 on exact match (base 0.0%; best rank 4: 90.0%")
-    assert lines[1] == "every trained rank works on this task: one training run, every rank usable"
+    assert lines[1] == "every trained rank beats the base on both measures (which is not the same as good enough: evaluate on your task before deploying)"
     assert lines[2].startswith("re-nested plain LoRA (SVD): AURAC v2 ")
     bad = [_row(0, 5.0, 0.1), _row(1, 6.0, 0.0), _row(2, 4.0, 0.1), _row(4, 1.0, 0.9)]
     lines = demo_verdict(bad, "matryoshka")

@@ -171,7 +171,7 @@ def demo_verdict(table: Sequence[dict[str, Any]], method: str) -> list[str]:
         f"(base {base['exact_match'] * 100:.1f}%; best rank {best['rank']}: {best['exact_match'] * 100:.1f}%; AURAC v2 {au * 100:.1f})"
     )
     if len(loss_ok) == len(ks) and len(em_ok) == len(ks):
-        lines.append("every trained rank works on this task: one training run, every rank usable")
+        lines.append("every trained rank beats the base on both measures (which is not the same as good enough: evaluate on your task before deploying)")
     else:
         weak = sorted(set(ks) - set(em_ok) | set(ks) - set(loss_ok))
         lines.append(f"warning: rank(s) {', '.join(map(str, weak))} do not beat the base here; evaluate before deploying them")
