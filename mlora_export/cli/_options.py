@@ -68,6 +68,16 @@ class ModuleList(click.ParamType):
         return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
+def adapter_argument(func: Callable[..., Any]) -> Callable[..., Any]:
+    """The ``ADAPTER`` argument of the commands that read one nested adapter."""
+    return click.argument("adapter", type=click.Path(path_type=str))(func)
+
+
+def ranks_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    """``--ranks 8,16`` or ``all`` (the train ranks), required."""
+    return click.option("--ranks", required=True, type=RankList(), help="Comma-separated ranks (e.g. 8,16) or 'all' for the train ranks.")(func)
+
+
 def force_option(func: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--force", is_flag=True, help="Replace an existing output.")(func)
 

@@ -4,28 +4,31 @@ from __future__ import annotations
 
 import click
 
+from ..adapter.ranks import SCALE_MODES
+from ..converters.gguf import OUT_TYPES
 from ._errors import handle_errors
 from ._options import (
     BarProgress,
-    RankList,
+    adapter_argument,
     echo_json,
     echo_table,
     force_option,
     json_option,
+    ranks_option,
 )
 
 
 @click.command("gguf")
-@click.argument("adapter", type=click.Path(path_type=str))
-@click.option("--ranks", required=True, type=RankList(), help="Comma-separated ranks (e.g. 8,16) or 'all' for the train ranks.")
+@adapter_argument
+@ranks_option
 @click.option("--output", "-o", required=True, type=click.Path(path_type=str), help="Folder to create; one r{k}.gguf per rank.")
 @click.option("--base-model", "base_model", type=click.Path(path_type=str), default=None,
               help="The base model folder, or just its config.json (only the config is read). [default: the adapter's recorded base, if it is a local folder]")
 @click.option("--arch", default=None,
               help="Name the architecture (llama, mistral, qwen2, qwen3, gpt2) for a base that is not local; Llama-family bases still need --base-model (head counts).")
-@click.option("--outtype", "out_type", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default=None,
+@click.option("--outtype", "out_type", type=click.Choice(list(OUT_TYPES)), default=None,
               help="Tensor type, as convert_lora_to_gguf.py --outtype. [default: the adapter's dtype]")
-@click.option("--scale-mode", type=click.Choice(["baked", "native"]), default="baked", show_default=True,
+@click.option("--scale-mode", type=click.Choice(list(SCALE_MODES)), default="baked", show_default=True,
               help="baked: s(k) folded into lora_b, alpha = k; native: exact prefix, alpha = s(k)·k. llama.cpp applies alpha/k either way.")
 @click.option("--name", default="{adapter}-r{rank}", show_default=True, help="general.name of each file ({adapter}: the adapter folder's name, {rank}: the rank).")
 @force_option

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from ..converters.merge import OUTPUT_DTYPES
 from ._errors import handle_errors
 from ._options import BarProgress, echo_json, force_option, json_option
 
@@ -14,7 +15,7 @@ from ._options import BarProgress, echo_json, force_option, json_option
               help="Hugging Face model folder with safetensors weights (config.json, model*.safetensors).")
 @click.option("--rank", "-r", required=True, type=int, help="The rank k to merge: W + s(k)·B[:, :k]·A[:k].")
 @click.option("--output", "-o", required=True, type=click.Path(path_type=str), help="Model folder to create.")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
+@click.option("--dtype", type=click.Choice(list(OUTPUT_DTYPES)), default=None,
               help="Cast every float tensor of the output (default: keep the base's dtypes and bytes).")
 @force_option
 @json_option

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import click
 
+from ..converters.renest import DTYPES
 from ._errors import handle_errors
 from ._options import BarProgress, echo_json, echo_table, force_option, json_option
 
@@ -15,7 +16,7 @@ from ._options import BarProgress, echo_json, echo_table, force_option, json_opt
 @click.option("--max-rank", type=click.IntRange(min=1), default=None, help="Keep only the first R components (a smaller file). Default: the source's rank.")
 @click.option("--energy", type=click.FloatRange(min=0, max=1, min_open=True), default=None,
               help="Print, and record in the output, the smallest rank keeping this share of the sum of ||ΔW||² (e.g. 0.9).")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None, help="Output dtype. Default: the source's.")
+@click.option("--dtype", type=click.Choice(list(DTYPES)), default=None, help="Output dtype. Default: the source's.")
 @force_option
 @json_option
 @handle_errors

@@ -4,22 +4,24 @@ from __future__ import annotations
 
 import click
 
+from ..adapter.ranks import SCALE_MODES
 from ._errors import handle_errors
 from ._options import (
     BarProgress,
-    RankList,
+    adapter_argument,
     echo_json,
     echo_table,
     force_option,
     json_option,
+    ranks_option,
 )
 
 
 @click.command("slice")
-@click.argument("adapter", type=click.Path(path_type=str))
-@click.option("--ranks", required=True, type=RankList(), help="Comma-separated ranks (e.g. 8,16) or 'all' for the train ranks.")
+@adapter_argument
+@ranks_option
 @click.option("--output", "-o", required=True, type=click.Path(path_type=str), help="Folder to create; one r{k}/ PEFT adapter per rank.")
-@click.option("--scale-mode", type=click.Choice(["baked", "native"]), default="baked", show_default=True,
+@click.option("--scale-mode", type=click.Choice(list(SCALE_MODES)), default="baked", show_default=True,
               help="baked: s(k) folded into lora_B, lora_alpha = k (every runtime reads it alike); native: exact prefix, s(k) as lora_alpha = s(k)·k (no use_rslora).")
 @force_option
 @json_option

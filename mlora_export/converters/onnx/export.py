@@ -39,11 +39,15 @@ from .graph import (
     param_bytes,
 )
 from .kinds import EXPORT_KINDS, ExportKind
-from .ort_adapter import adapter_file_name, add_empty_defaults, write_ort_adapter
+from .ort_adapter import (
+    add_empty_defaults,
+    write_adapter_files,
+)
 from .verify import (
     ATOL,
     RTOL,
     RankCheck,
+    check_onnx_model,
     check_provider,
     compare,
     make_session,
@@ -176,7 +180,6 @@ def export_onnx(
         InvalidAdapterError, BaseModelError, BaseModelMismatchError: bad inputs.
         ExportError: the exporters fail, or ONNX Runtime disagrees with PyTorch beyond tolerance.
     """
-    import onnx
 
     t0 = time.perf_counter()
     kind = resolve_kind(rank, merged, adapters_per_rank, genai)
@@ -232,19 +235,9 @@ def export_onnx(
         if kind.factor_inputs:
             add_empty_defaults(path, nested)  # no active adapter = the base model
         tick(f"exported with the {exporter} exporter")
-        try:
-            onnx.checker.check_model(str(path))
-        except Exception as e:  # noqa: BLE001 - onnx raises several types
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ExportError(f"the exported model fails onnx.checker ({first}); try another opset (default {DEFAULT_OPSET})", option="opset") from e
+        check_onnx_model(path, DEFAULT_OPSET)
         tick("onnx.checker passed")
-        files: dict[int, str] = {}
-        if adapter_ranks:
-            (tmp / "adapters").mkdir()
-            for k in adapter_ranks:
-                write_ort_adapter(nested, k, tmp / "adapters" / adapter_file_name(k))
-                files[k] = f"adapters/{adapter_file_name(k)}"
-                tick(f"wrote {files[k]}")
+        files = write_adapter_files(nested, adapter_ranks, tmp, tick)
         inputs = ["input_ids", "attention_mask"] + (["lora_rank"] if kind.rank_input else adapter_input_names(nested) if kind.factor_inputs else [])
         shown = inputs[:2] + ["<module>.lora_A.weight", "<module>.lora_B.weight"] if kind.factor_inputs else inputs
         result = OnnxExportResult(kind, Path(output), task, exporter, opset, rank, shown, external)

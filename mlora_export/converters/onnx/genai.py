@@ -53,8 +53,19 @@ from .graph import (
     param_bytes,
 )
 from .kinds import ExportKind
-from .ort_adapter import adapter_file_name, add_empty_defaults, write_ort_adapter
-from .verify import ATOL, RTOL, compare, make_session, reference_logits, sample_inputs
+from .ort_adapter import (
+    add_empty_defaults,
+    write_adapter_files,
+)
+from .verify import (
+    ATOL,
+    RTOL,
+    check_onnx_model,
+    compare,
+    make_session,
+    reference_logits,
+    sample_inputs,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -242,7 +253,6 @@ def export_genai(
         ExportError: the exporter fails, or ONNX Runtime disagrees with PyTorch beyond tolerance.
     """
     import numpy as np
-    import onnx
 
     from .verify import check_provider
 
@@ -293,19 +303,9 @@ def export_genai(
         if adapters_per_rank:
             add_empty_defaults(path, nested)  # no active adapter = the base model
         tick("exported with the dynamo exporter")
-        try:
-            onnx.checker.check_model(str(path))
-        except Exception as e:  # noqa: BLE001 - onnx raises several types
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ExportError(f"the exported model fails onnx.checker ({first}); try another opset (default {DEFAULT_OPSET})", option="opset") from e
+        check_onnx_model(path, DEFAULT_OPSET)
         tick("onnx.checker passed")
-        files: dict[int, str] = {}
-        if adapter_ranks:
-            (tmp / "adapters").mkdir()
-            for k in adapter_ranks:
-                write_ort_adapter(nested, k, tmp / "adapters" / adapter_file_name(k))
-                files[k] = f"adapters/{adapter_file_name(k)}"
-                tick(f"wrote {files[k]}")
+        files = write_adapter_files(nested, adapter_ranks, tmp, tick)
         names = input_names(layers, nested, graph_kind)
         shown = names if graph_kind.rank_input else names[: 3 + 2 * layers] + ["<module>.lora_A.weight", "<module>.lora_B.weight"]
         outputs = ["logits", *present_names(layers)]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ...adapter import NestedAdapter
@@ -82,3 +83,16 @@ def add_empty_defaults(model_path: str | os.PathLike[str], adapter: NestedAdapte
 
 
 __all__ = ["ADAPTER_SUFFIX", "add_empty_defaults", "adapter_file_name", "write_ort_adapter"]
+
+
+def write_adapter_files(adapter: NestedAdapter, ranks: Sequence[int], folder: Path, tick: Callable[[str], None]) -> dict[int, str]:
+    """One ``adapters/r{k}.onnx_adapter`` per rank under ``folder`` (created); rank → relative path."""
+    files: dict[int, str] = {}
+    if ranks:
+        (folder / "adapters").mkdir()
+        for k in ranks:
+            write_ort_adapter(adapter, k, folder / "adapters" / adapter_file_name(k))
+            files[k] = f"adapters/{adapter_file_name(k)}"
+            tick(f"wrote {files[k]}")
+    return files
+

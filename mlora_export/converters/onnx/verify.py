@@ -156,3 +156,21 @@ def compare(rank: int, got: "np.ndarray", ref: "np.ndarray", atol: float = ATOL,
 
 
 __all__ = ["ATOL", "RTOL", "RankCheck", "check_provider", "compare", "make_session", "merged_at", "reference_logits", "run_adapter", "run_rank", "sample_inputs"]
+
+
+def check_onnx_model(path: str | os.PathLike[str], default_opset: int) -> None:
+    """``onnx.checker`` on the written model (external data too).
+
+    Raises:
+        ExportError: the checker refuses it (with its first line and the opset hint).
+    """
+    import onnx
+
+    from ...errors import ExportError
+
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as e:  # noqa: BLE001 - onnx raises several types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(f"the exported model fails onnx.checker ({first}); try another opset (default {default_opset})", option="opset") from e
+
