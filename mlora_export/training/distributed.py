@@ -37,7 +37,6 @@ SHARDED_ENGINES = frozenset({"fsdp1", "fsdp2", "deepspeed-zero3"})
 
 #: Name components that wrappers insert into module names (FSDP1, activation checkpointing, torch.compile).
 _WRAPPER_NAMES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
-_PEFT_PREFIX = "base_model.model."
 
 
 def process_layout() -> tuple[int, int]:
@@ -91,7 +90,9 @@ def module_name(name: str) -> str:
     ``base_model.model.`` prefix and without the names that FSDP1/checkpoint wrappers insert."""
     for token in _WRAPPER_NAMES:
         name = name.replace(token, "")
-    return name[len(_PEFT_PREFIX):] if name.startswith(_PEFT_PREFIX) else name
+    from ..adapter import KEY_PREFIX
+
+    return name[len(KEY_PREFIX):] if name.startswith(KEY_PREFIX) else name
 
 
 def _lora_layers(model: Any, adapter_name: str) -> list[tuple[str, Any]]:

@@ -59,7 +59,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..adapter import MatryoshkaConfig, NestedAdapter, save_nested
+from ..adapter import KEY_PREFIX, MatryoshkaConfig, NestedAdapter, save_nested
 from ..errors import ConfigError, RankError
 from ..fs import atomic_output_dir
 from ..method import (
@@ -154,7 +154,7 @@ class NestedLoraModel:
         self._per_example = False
         self._layout: tuple[int, int] | None = None
         r = config.max_rank
-        prefix = "base_model.model."
+        prefix = KEY_PREFIX
         for name, layer in model.named_modules():
             if not isinstance(layer, LoraLayer) or adapter_name not in layer.lora_A:
                 continue

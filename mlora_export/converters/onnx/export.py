@@ -265,26 +265,36 @@ def export_onnx(
                     option="opset",
                 )
         result.seconds = time.perf_counter() - t0
-        info = {
-            "format": INFO_FORMAT,
-            **{k: v for k, v in result.to_dict().items() if k not in ("path", "model", "seconds")},
-            "model": MODEL_NAME,
-            "inputs": inputs,
-            "lora_rank": (
-                {"dtype": "int64", "shape": [], "range": [0, nested.max_rank], "out_of_range": "clamped into [0, r]; 0 = base model"}
-                if kind.rank_input else None
-            ),
-            "adapter": {
-                "source": str(nested.path), "max_rank": nested.max_rank, "train_ranks": train_ranks,
-                "scaling": nested.config.scaling, "alpha": nested.config.alpha, "method": nested.config.method,
-            },
-            "base_model": str(base_model),
-            "created_by": created_by(),
-        }
-        with open(tmp / INFO_NAME, "w", encoding="utf-8") as f:
-            json.dump(info, f, indent=2)
-            f.write("\n")
+        write_export_info(tmp, result, nested, base_model, inputs)
     return result
 
 
-__all__ = ["EXPORT_KINDS", "ExportKind", "INFO_NAME", "MODEL_NAME", "OnnxExportResult", "check_opset", "export_onnx", "resolve_kind"]
+def write_export_info(
+    folder: Path, result: OnnxExportResult, adapter: NestedAdapter, base_model: str | os.PathLike[str], inputs: list[str],
+    **extra: Any,
+) -> None:
+    """``export_info.json``: what was exported, its inputs, the rank input's contract, the source adapter."""
+    info = {
+        "format": INFO_FORMAT,
+        **{k: v for k, v in result.to_dict().items() if k not in ("path", "model", "seconds")},
+        "model": MODEL_NAME,
+        "inputs": inputs,
+        **{k: v for k, v in extra.items() if k != "lora_rank"},
+        "lora_rank": (
+            {"dtype": "int64", "shape": [], "range": [0, adapter.max_rank], "out_of_range": "clamped into [0, r]; 0 = base model",
+             **extra.get("lora_rank", {})}
+            if ExportKind(result.kind).rank_input else None
+        ),
+        "adapter": {
+            "source": str(adapter.path), "max_rank": adapter.max_rank, "train_ranks": list(adapter.config.train_ranks),
+            "scaling": adapter.config.scaling, "alpha": adapter.config.alpha, "method": adapter.config.method,
+        },
+        "base_model": str(base_model),
+        "created_by": created_by(),
+    }
+    with open(folder / INFO_NAME, "w", encoding="utf-8") as f:
+        json.dump(info, f, indent=2)
+        f.write("\n")
+
+
+__all__ = ["EXPORT_KINDS", "ExportKind", "INFO_NAME", "MODEL_NAME", "OnnxExportResult", "check_opset", "export_onnx", "resolve_kind", "write_export_info"]

@@ -35,8 +35,7 @@ from ...base import check_fits, check_float_targets, scan_base
 from ...errors import ConfigError, ExportError
 from ...fs import atomic_output_dir, check_free_space, check_output_path
 from ...progress import Progress
-from ...provenance import created_by
-from .export import INFO_NAME, MODEL_NAME, OnnxExportResult, check_opset
+from .export import MODEL_NAME, OnnxExportResult, check_opset, write_export_info
 from .genai_graph import (
     build_decoder_top,
     export_decoder,
@@ -338,27 +337,8 @@ def export_genai(
             f.write("\n")
         tokenizer_files = copy_tokenizer(root, tmp)
         result.seconds = time.perf_counter() - t0
-        info = {
-            "format": INFO_FORMAT,
-            **{k: v for k, v in result.to_dict().items() if k not in ("path", "model", "seconds")},
-            "model": MODEL_NAME,
-            "inputs": names,
-            "tokenizer_files": tokenizer_files,
-            "lora_rank": (
-                {"dtype": "int64", "shape": [], "range": [0, nested.max_rank], "out_of_range": "clamped into [0, r]; 0 = base model",
-                 "required": True, "genai": "generator.set_model_input('lora_rank', np.array(k, dtype=np.int64))"}
-                if graph_kind.rank_input else None
-            ),
-            "adapter": {
-                "source": str(nested.path), "max_rank": nested.max_rank, "train_ranks": train_ranks,
-                "scaling": nested.config.scaling, "alpha": nested.config.alpha, "method": nested.config.method,
-            },
-            "base_model": str(base_model),
-            "created_by": created_by(),
-        }
-        with open(tmp / INFO_NAME, "w", encoding="utf-8") as f:
-            json.dump(info, f, indent=2)
-            f.write("\n")
+        write_export_info(tmp, result, nested, base_model, names, tokenizer_files=tokenizer_files,
+                          lora_rank={"required": True, "genai": "generator.set_model_input('lora_rank', np.array(k, dtype=np.int64))"})
     return result
 
 
