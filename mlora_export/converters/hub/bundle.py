@@ -300,6 +300,91 @@ def _folder_files(root: Path, sub: str) -> list[Path]:
     return sorted(p for p in (root / sub).rglob("*") if p.is_file())
 
 
+def _exports(
+    adapter: NestedAdapter | str | os.PathLike[str], ranks: Iterable[int] | str, tmp: Path, onnx_base: Any, gguf_base: Any,
+    scale_mode: str, export_progress: Progress | None, onnx_dir: Any, gguf_dir: Any,
+) -> tuple[Any, Any]:
+    """Run the exports a bundle was asked to carry into ``tmp``: an ONNX model (``onnx_base``), GGUF files (``gguf_base``)."""
+    if onnx_base is not None:
+        from ..onnx import export_onnx
+
+        try:
+            onnx_dir = export_onnx(adapter, onnx_base, tmp / ONNX_DIR, progress=export_progress).path
+        except ExportError as e:
+            e.option = None  # the opset is the export's default here, not an option of the bundle
+            raise
+    if gguf_base is not None:
+        from ..gguf import export_gguf
+
+        gguf_dir = tmp / "gguf"
+        export_gguf(adapter, ranks, gguf_dir, base_model=gguf_base, scale_mode=scale_mode)
+    return onnx_dir, gguf_dir
+
+
+def _finish_rank(
+    tmp: Path, nested: NestedAdapter, res: Any, hub_base: str | None, gguf_dir: Any, metrics: dict[str, float], latency: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """Make a written slice folder portable (its source relative, the Hub id as its base), add its
+    GGUF file, and return its manifest entry."""
+    k, folder = res.rank, res.path
+    # record the source relative to the bundle (deterministic; no local path on the Hub)
+    slice_cfg = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+    slice_cfg["source"]["path"] = f"../{NESTED_DIR}"
+    write_json(folder / CONFIG_NAME, slice_cfg)
+    _portable_peft_config(folder / PEFT_CONFIG_NAME, hub_base)
+    gguf_entry = {}
+    if gguf_dir is not None:
+        shutil.copyfile(Path(gguf_dir) / f"r{k}.gguf", folder / GGUF_NAME)
+        gguf_entry = {"gguf": f"{rank_dir(k)}/{GGUF_NAME}"}
+    return {
+        "rank": k,
+        "path": rank_dir(k),
+        "params": res.params,
+        "bytes": sum(p.stat().st_size for p in _folder_files(tmp, rank_dir(k))),
+        "scale": res.scale,
+        "trained": k in nested.config.train_ranks,
+        "metrics": metrics,
+        **({"latency_ms": latency["ms"][str(k)]} if latency else {}),
+        **gguf_entry,
+    }
+
+
+def _manifest(
+    nested: NestedAdapter, hub_base: str | None, scale_mode: str, rank_entries: list[dict[str, Any]], default: tuple[int, str],
+    evaluation: Any, nested_bytes: int, onnx_entries: list[str], latency: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """``manifest.json`` without its ``files`` list (added once every file is written)."""
+    root_rank, chosen_by = default
+    manifest: dict[str, Any] = {
+        "format": BUNDLE_FORMAT,
+        "created_by": created_by(),
+        "base_model": hub_base,
+        "task_type": nested.peft_config.get("task_type"),
+        "dtype": nested.dtype,
+        "scale_mode": scale_mode,
+        "config": {
+            "method": nested.config.method,
+            "max_rank": nested.max_rank,
+            "train_ranks": list(nested.config.train_ranks),
+            "scaling": nested.config.scaling,
+            "alpha": nested.config.alpha,
+        },
+        "nested": {"path": NESTED_DIR, "rank": nested.max_rank, "params": nested.params_at(nested.max_rank), "bytes": nested_bytes},
+        "ranks": rank_entries,
+        "default_rank": {"rank": root_rank, "path": ".", "source": rank_dir(root_rank), "chosen_by": chosen_by},
+    }
+    if isinstance(evaluation, dict):
+        manifest["evaluation"] = {
+            m: {"metric": e.get("metric", m), "higher_is_better": e.get("higher_is_better"), "aurac": e.get("aurac"), "data": e.get("data")}
+            for m, e in evaluation.items() if isinstance(e, dict)
+        }
+    if onnx_entries:
+        manifest["onnx"] = onnx_entries
+    if latency is not None:
+        manifest["latency"] = latency
+    return manifest
+
+
 def write_bundle(
     adapter: NestedAdapter | str | os.PathLike[str],
     ranks: Iterable[int] | str,
@@ -357,19 +442,7 @@ def write_bundle(
         if gguf_base is not None and gguf_dir is not None:
             raise ConfigError("give existing GGUF files (gguf_dir) or a base model to write them (gguf_base), not both", option="gguf_base")
         with tempfile.TemporaryDirectory(prefix="mlora-bundle-exports-") as tmp:
-            if onnx_base is not None:
-                from ..onnx import export_onnx
-
-                try:
-                    onnx_dir = export_onnx(adapter, onnx_base, Path(tmp) / ONNX_DIR, progress=export_progress).path
-                except ExportError as e:
-                    e.option = None  # the opset is the export's default here, not an option of the bundle
-                    raise
-            if gguf_base is not None:
-                from ..gguf import export_gguf
-
-                gguf_dir = Path(tmp) / "gguf"
-                export_gguf(adapter, ranks, gguf_dir, base_model=gguf_base, scale_mode=scale_mode)
+            onnx_dir, gguf_dir = _exports(adapter, ranks, Path(tmp), onnx_base, gguf_base, scale_mode, export_progress, onnx_dir, gguf_dir)
             return write_bundle(adapter, ranks, output, scale_mode=scale_mode, base_model_id=base_model_id, license_id=license_id,
                                 repo_id=repo_id, onnx_dir=onnx_dir, gguf_dir=gguf_dir, default_rank=default_rank,
                                 measure_latency=measure_latency, force=force, progress=progress, warn_local_base=warn_local_base)
@@ -413,64 +486,16 @@ def write_bundle(
         for folder in folders.values():
             folder.mkdir()
         for res in write_slices(nested, folders, scale_mode, progress=progress):
-            k, folder = res.rank, res.path
-            # record the source relative to the bundle (deterministic; no local path on the Hub)
-            slice_cfg = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
-            slice_cfg["source"]["path"] = f"../{NESTED_DIR}"
-            write_json(folder / CONFIG_NAME, slice_cfg)
-            _portable_peft_config(folder / PEFT_CONFIG_NAME, hub_base)
-            gguf_entry = {}
-            if gguf_dir is not None:
-                shutil.copyfile(Path(gguf_dir) / f"r{k}.gguf", folder / GGUF_NAME)
-                gguf_entry = {"gguf": f"{rank_dir(k)}/{GGUF_NAME}"}
-            files = _folder_files(tmp, rank_dir(k))
-            rank_entries.append({
-                "rank": k,
-                "path": rank_dir(k),
-                "params": res.params,
-                "bytes": sum(p.stat().st_size for p in files),
-                "scale": res.scale,
-                "trained": k in nested.config.train_ranks,
-                "metrics": metrics.get(k, {}),
-                **({"latency_ms": latency["ms"][str(k)]} if latency else {}),
-                **gguf_entry,
-            })
-            logger.info("bundle: wrote rank %d (%d params)", k, res.params)
+            rank_entries.append(_finish_rank(tmp, nested, res, hub_base, gguf_dir, metrics.get(res.rank, {}), latency))
+            logger.info("bundle: wrote rank %d (%d params)", res.rank, res.params)
         for name in (PEFT_CONFIG_NAME, WEIGHTS_NAME):  # the default rank at the root
             shutil.copyfile(folders[root_rank] / name, tmp / name)
         onnx_entries = []
         if onnx_src is not None:
             shutil.copytree(onnx_src, tmp / ONNX_DIR)
             onnx_entries = [p.relative_to(tmp).as_posix() for p in _folder_files(tmp, ONNX_DIR)]
-        nested_files = _folder_files(tmp, NESTED_DIR)
-        manifest: dict[str, Any] = {
-            "format": BUNDLE_FORMAT,
-            "created_by": created_by(),
-            "base_model": hub_base,
-            "task_type": nested.peft_config.get("task_type"),
-            "dtype": nested.dtype,
-            "scale_mode": scale_mode,
-            "config": {
-                "method": nested.config.method,
-                "max_rank": nested.max_rank,
-                "train_ranks": list(nested.config.train_ranks),
-                "scaling": nested.config.scaling,
-                "alpha": nested.config.alpha,
-            },
-            "nested": {"path": NESTED_DIR, "rank": nested.max_rank, "params": nested.params_at(nested.max_rank),
-                       "bytes": sum(p.stat().st_size for p in nested_files)},
-            "ranks": rank_entries,
-            "default_rank": {"rank": root_rank, "path": ".", "source": rank_dir(root_rank), "chosen_by": chosen_by},
-        }
-        if isinstance(raw_cfg.get("evaluation"), dict):
-            manifest["evaluation"] = {
-                m: {"metric": e.get("metric", m), "higher_is_better": e.get("higher_is_better"), "aurac": e.get("aurac"), "data": e.get("data")}
-                for m, e in raw_cfg["evaluation"].items() if isinstance(e, dict)
-            }
-        if onnx_entries:
-            manifest["onnx"] = onnx_entries
-        if latency is not None:
-            manifest["latency"] = latency
+        manifest = _manifest(nested, hub_base, scale_mode, rank_entries, (root_rank, chosen_by), raw_cfg.get("evaluation"),
+                             sum(p.stat().st_size for p in _folder_files(tmp, NESTED_DIR)), onnx_entries, latency)
         (tmp / README_NAME).write_text(render_card(manifest, repo_id=repo_id, license_id=license_id), encoding="utf-8")
         all_files = [p for p in tmp.rglob("*") if p.is_file() and p != tmp / MANIFEST_NAME]
         manifest["files"] = [
