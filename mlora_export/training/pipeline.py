@@ -214,6 +214,80 @@ def heldout_loss(model: Any, features: Sequence[dict[str, list[int]]], pad_token
     return total / max(count, 1)
 
 
+def _training_arguments(settings: TrainSettings, scratch: Path) -> Any:
+    """The ``TrainingArguments`` of a run: the settings, no checkpoints or reports, our own progress."""
+    import torch
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(scratch),
+        per_device_train_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.grad_accum,
+        learning_rate=settings.lr,
+        num_train_epochs=float(settings.epochs or 1.0),
+        max_steps=settings.max_steps if settings.max_steps is not None else -1,
+        lr_scheduler_type=settings.lr_scheduler,
+        warmup_steps=settings.warmup_steps,
+        weight_decay=settings.weight_decay,
+        max_grad_norm=settings.max_grad_norm,
+        seed=settings.seed,
+        data_seed=settings.seed,
+        logging_steps=settings.logging_steps,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        ddp_find_unused_parameters=False,
+        dataloader_drop_last=False,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        # without an accelerator, accelerate only sets up multi-process (gloo) DDP when told "cpu"
+        # (and then ignores FSDP/DeepSpeed configs: see mlora_export.training.distributed.cpu_training_args)
+        **cpu_training_args(_has_accelerator()),
+        **settings.extra_training_args,
+    )
+
+
+def _warn_few_steps(settings: TrainSettings, examples: int, world_size: int) -> None:
+    """Warn when the epochs give fewer than :data:`FEW_STEPS` optimisation steps (each rank gets a share of them)."""
+    if settings.max_steps is not None:
+        return
+    global_batch = settings.batch_size * world_size * settings.grad_accum
+    planned = math.ceil(examples / global_batch) * float(settings.epochs or 1.0)
+    if planned < FEW_STEPS:
+        logger.warning(
+            "only %d optimisation steps (%g epoch(s) of %d examples at a global batch of %d): each train rank gets a "
+            "share of them, and so little training may leave the ranks near the base; raise the epochs or set max steps",
+            math.ceil(planned), float(settings.epochs or 1.0), examples, global_batch,
+        )
+
+
+def _save_on_main(nested: Any, output: str | os.PathLike[str], *, force: bool, main: bool, world: int, extra: dict[str, Any]) -> None:
+    """Gather the LoRA factors (a collective under FSDP/ZeRO-3, on every process), write them on the
+    main process, and let the others fail with it rather than hang.
+
+    Raises:
+        ExportError: on a process other than the main one, when the main one failed to write.
+        whatever the write raised, on the main process.
+    """
+    factors = nested.factors(main_only=True)
+    failure: BaseException | None = None
+    if main:
+        try:
+            nested.save(output, force=force, factors=factors, extra=extra)
+            logger.info("wrote the nested adapter to %s", output)
+        except Exception as e:  # noqa: BLE001 - re-raised below, after telling the other processes
+            failure = e
+    if world > 1:
+        from accelerate.utils import broadcast_object_list
+
+        status = broadcast_object_list([None if failure is None else f"{type(failure).__name__}: {failure}"], from_process=0)[0]
+        if status is not None and failure is None:
+            raise ExportError(f"the main process failed to write {str(output)!r}: {status}")
+    if failure is not None:
+        raise failure
+
+
 def train(
     base_model: str | os.PathLike[str],
     data_path: str | os.PathLike[str],
@@ -247,8 +321,7 @@ def train(
     examples = load_jsonl(data_path)
     base = check_base_model_dir(base_model)  # its model_type check imports transformers (about a second)
 
-    import torch
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from .callbacks import NestedRankCallback, StepProgressCallback
@@ -270,33 +343,7 @@ def train(
 
     scratch = Path(tempfile.mkdtemp(prefix="mlora-train-"))
     try:
-        args = TrainingArguments(
-            output_dir=str(scratch),
-            per_device_train_batch_size=settings.batch_size,
-            gradient_accumulation_steps=settings.grad_accum,
-            learning_rate=settings.lr,
-            num_train_epochs=float(settings.epochs or 1.0),
-            max_steps=settings.max_steps if settings.max_steps is not None else -1,
-            lr_scheduler_type=settings.lr_scheduler,
-            warmup_steps=settings.warmup_steps,
-            weight_decay=settings.weight_decay,
-            max_grad_norm=settings.max_grad_norm,
-            seed=settings.seed,
-            data_seed=settings.seed,
-            logging_steps=settings.logging_steps,
-            save_strategy="no",
-            eval_strategy="no",
-            report_to=[],
-            disable_tqdm=True,
-            remove_unused_columns=False,
-            ddp_find_unused_parameters=False,
-            dataloader_drop_last=False,
-            dataloader_pin_memory=torch.cuda.is_available(),
-            # without an accelerator, accelerate only sets up multi-process (gloo) DDP when told "cpu"
-            # (and then ignores FSDP/DeepSpeed configs: see mlora_export.training.distributed.cpu_training_args)
-            **cpu_training_args(_has_accelerator()),
-            **settings.extra_training_args,
-        )
+        args = _training_arguments(settings, scratch)
         trainer = Trainer(
             model=nested.model,
             args=args,
@@ -309,54 +356,26 @@ def train(
         trainer.remove_callback(ProgressCallback)
         if progress is not None:
             trainer.add_callback(StepProgressCallback(progress))
-        if settings.max_steps is None:
-            planned = math.ceil(len(features) / (settings.batch_size * args.world_size * settings.grad_accum)) * float(settings.epochs or 1.0)
-            if planned < FEW_STEPS and trainer.is_world_process_zero():
-                logger.warning(
-                    "only %d optimisation steps (%g epoch(s) of %d examples at a global batch of %d): each train rank gets a "
-                    "share of them, and so little training may leave the ranks near the base; raise the epochs or set max steps",
-                    math.ceil(planned), float(settings.epochs or 1.0), len(features), settings.batch_size * args.world_size * settings.grad_accum,
-                )
+        if trainer.is_world_process_zero():
+            _warn_few_steps(settings, len(features), args.world_size)
         t0 = time.perf_counter()
         out = trainer.train()
         seconds = time.perf_counter() - t0
         losses = [(int(h["step"]), float(h["loss"])) for h in trainer.state.log_history if "loss" in h]
         main = trainer.is_world_process_zero()
         world = args.world_size
-        failure: BaseException | None = None
         nested.model.eval()
-        # under FSDP/ZeRO-3 the LoRA factors (only they) are gathered: a collective, on every process
-        factors = nested.factors(main_only=True)
         engine = engine_of(nested.model)
-        if main:
-            try:
-                nested.save(
-                    output,
-                    force=force,
-                    factors=factors,
-                    extra={
-                        "training": {
-                            "data": Path(data_path).name,
-                            "steps": trainer.state.global_step,
-                            "lr": settings.lr,
-                            "seed": settings.seed,
-                            "batch_size": settings.batch_size * settings.grad_accum * world,
-                            "target_modules": targets,
-                        }
-                    },
-                )
-                logger.info("wrote the nested adapter to %s", output)
-            except Exception as e:  # noqa: BLE001 - re-raised below, after telling the other processes
-                failure = e
-        if world > 1:
-            # the other processes wait for the main one's write, and fail with it rather than hang
-            from accelerate.utils import broadcast_object_list
-
-            status = broadcast_object_list([None if failure is None else f"{type(failure).__name__}: {failure}"], from_process=0)[0]
-            if status is not None and failure is None:
-                raise ExportError(f"the main process failed to write {str(output)!r}: {status}")
-        if failure is not None:
-            raise failure
+        _save_on_main(nested, output, force=force, main=main, world=world, extra={
+            "training": {
+                "data": Path(data_path).name,
+                "steps": trainer.state.global_step,
+                "lr": settings.lr,
+                "seed": settings.seed,
+                "batch_size": settings.batch_size * settings.grad_accum * world,
+                "target_modules": targets,
+            }
+        })
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return TrainResult(
