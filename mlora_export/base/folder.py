@@ -131,7 +131,7 @@ def _shard_names(root: Path) -> tuple[list[str], dict[str, str] | None, dict[str
     pickles = sorted(q.name for q in root.iterdir() if q.name.endswith(PICKLE_SUFFIXES))
     if pickles:
         raise BaseModelError(
-            f"base model folder {str(root)!r} has only pickle weights ({', '.join(pickles[:3])}): pickle weights are refused "
+            f"base model folder {str(root)!r} has only pickle weights ({', '.join(pickles[:3])}): pickle weights are refused, never loaded "
             f"(unpickling runs arbitrary code); {convert_hint(root)}"
         )
     raise BaseModelError(f"base model folder {str(root)!r} has no {SAFE_SINGLE} or {SAFE_INDEX}; save the model there with save_pretrained()")
