@@ -24,7 +24,7 @@ from typing import Any
 
 from ...adapter import NestedAdapter
 from ...base import check_fits, check_float_targets, scan_base
-from ...errors import ConfigError, ExportError, RankError
+from ...errors import ConfigError, RankError
 from ...fs import atomic_output_dir, check_free_space, check_output_path
 from ...progress import Progress
 from ...provenance import created_by
@@ -51,6 +51,7 @@ from .verify import (
     check_provider,
     compare,
     make_session,
+    raise_on_mismatch,
     reference_logits,
     run_adapter,
     run_rank,
@@ -256,14 +257,7 @@ def export_onnx(
                 result.checks.append(check)
                 tick(f"verified rank {k}")
             del session
-            bad = [c for c in result.checks if not c.ok]
-            if bad:
-                raise ExportError(
-                    "ONNX Runtime disagrees with PyTorch: "
-                    + ", ".join(f"rank {c.rank} max abs diff {c.max_abs_diff:.3g} > {c.tolerance:.3g}" for c in bad)
-                    + f" ({provider}); nothing was written. Try another opset, or report this with MLORA_DEBUG=1 -vv",
-                    option="opset",
-                )
+            raise_on_mismatch(result.checks, provider, "ONNX Runtime")
         result.seconds = time.perf_counter() - t0
         write_export_info(tmp, result, nested, base_model, inputs)
     return result

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from ...adapter import NestedAdapter
 from ...base import check_fits, check_float_targets, scan_base
-from ...errors import ConfigError, ExportError
+from ...errors import ConfigError
 from ...fs import atomic_output_dir, check_free_space, check_output_path
 from ...progress import Progress
 from .export import MODEL_NAME, OnnxExportResult, check_opset, write_export_info
@@ -62,6 +62,7 @@ from .verify import (
     check_onnx_model,
     compare,
     make_session,
+    raise_on_mismatch,
     reference_logits,
     sample_inputs,
 )
@@ -324,14 +325,7 @@ def export_genai(
                 result.checks.append(check)
                 tick(f"verified rank {k}")
             del session
-            bad = [c for c in result.checks if not c.ok]
-            if bad:
-                raise ExportError(
-                    "ONNX Runtime (with its KV cache) disagrees with PyTorch: "
-                    + ", ".join(f"rank {c.rank} max abs diff {c.max_abs_diff:.3g} > {c.tolerance:.3g}" for c in bad)
-                    + f" ({provider}); nothing was written. Try another opset, or report this with MLORA_DEBUG=1 -vv",
-                    option="opset",
-                )
+            raise_on_mismatch(result.checks, provider, "ONNX Runtime (with its KV cache)")
         with open(tmp / GENAI_CONFIG_NAME, "w", encoding="utf-8") as f:
             json.dump(genai_config(model.config, model_type), f, indent=2)
             f.write("\n")

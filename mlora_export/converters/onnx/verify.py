@@ -174,3 +174,17 @@ def check_onnx_model(path: str | os.PathLike[str], default_opset: int) -> None:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ExportError(f"the exported model fails onnx.checker ({first}); try another opset (default {default_opset})", option="opset") from e
 
+
+def raise_on_mismatch(checks: list[RankCheck], provider: str, what: str = "ONNX Runtime") -> None:
+    """Raise :class:`ExportError` naming every rank where ``what`` disagreed with PyTorch beyond tolerance."""
+    from ...errors import ExportError
+
+    bad = [c for c in checks if not c.ok]
+    if bad:
+        raise ExportError(
+            f"{what} disagrees with PyTorch: "
+            + ", ".join(f"rank {c.rank} max abs diff {c.max_abs_diff:.3g} > {c.tolerance:.3g}" for c in bad)
+            + f" ({provider}); nothing was written. Try another opset, or report this with MLORA_DEBUG=1 -vv",
+            option="opset",
+        )
+
