@@ -163,7 +163,7 @@ def scan_base(path: str | os.PathLike[str]) -> BaseFolder:
         try:
             header = read_header(root / name)
         except InvalidAdapterError as e:  # read_header's error class; here it is the base model that is bad
-            raise BaseModelError(str(e)) from e
+            raise BaseModelError(str(e), path=e.path, tensor=e.tensor) from e
         shards.append(Shard(name, root / name, header))
     if weight_map is not None:
         by_name = {s.name: s for s in shards}

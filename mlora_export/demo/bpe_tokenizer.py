@@ -2,7 +2,7 @@
 
 ONNX Runtime GenAI (onnxruntime-extensions) and llama.cpp's converter read byte-level BPE
 tokenizers (the GPT-2 / Llama 3 / Qwen2 family); the character-level WordLevel tokenizer of
-:mod:`mlora_export.tiny` is rejected by GenAI (a space maps to −1). Tests and benchmarks of the
+:mod:`mlora_export.demo.tiny` is rejected by GenAI (a space maps to −1). Tests and benchmarks of the
 GenAI export use this one.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-#: ``<pad>`` 0, ``<s>`` 1, ``</s>`` 2: the ids of :func:`mlora_export.tiny.tiny_llama_config`.
+#: ``<pad>`` 0, ``<s>`` 1, ``</s>`` 2: the ids of :func:`mlora_export.demo.tiny.tiny_llama_config`.
 BPE_SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<s>", "</s>")
 #: A default training text: enough pairs for a few dozen merges over the 256 byte symbols.
 DEFAULT_CORPUS: tuple[str, ...] = (

@@ -434,6 +434,7 @@ def write_bundle(
     """
     check_scale_mode(scale_mode)
     check_license(license_id)
+    ranks = ranks if isinstance(ranks, str) else list(ranks)  # used more than once below
     inputs = [adapter.path if isinstance(adapter, NestedAdapter) else adapter, onnx_dir, onnx_base, gguf_dir, gguf_base]
     check_output_path(output, force, inputs)
     if onnx_base is not None or gguf_base is not None:
@@ -460,7 +461,13 @@ def write_bundle(
     slice_total = sum(nested.bytes_at(k) for k in ks)
     onnx_src = Path(onnx_dir) if onnx_dir is not None else None
     onnx_bytes = sum(p.stat().st_size for p in onnx_src.rglob("*") if p.is_file()) if onnx_src else 0
-    check_free_space(Path(output).absolute().parent, slice_total + sum(p.stat().st_size for p in src_files) * 2 + onnx_bytes)
+    gguf_files = [Path(gguf_dir) / f"r{k}.gguf" for k in ks] if gguf_dir is not None else []
+    missing = [p.name for p in gguf_files if not p.is_file()]
+    if missing:
+        raise ConfigError(f"{gguf_dir}: no {', '.join(missing)}; write the GGUF files at the bundle's ranks first (export_gguf)",
+                          path=gguf_dir, option="gguf_base")
+    gguf_bytes = sum(p.stat().st_size for p in gguf_files)
+    check_free_space(Path(output).absolute().parent, slice_total + sum(p.stat().st_size for p in src_files) * 2 + onnx_bytes + gguf_bytes)
     raw_cfg = json.loads((nested.path / CONFIG_NAME).read_text(encoding="utf-8"))
     metrics = _metrics_by_rank(raw_cfg.get("evaluation"))
     if default_rank is not None and default_rank not in ks:

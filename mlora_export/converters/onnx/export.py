@@ -265,11 +265,11 @@ def export_onnx(
 
 def write_export_info(
     folder: Path, result: OnnxExportResult, adapter: NestedAdapter, base_model: str | os.PathLike[str], inputs: list[str],
-    **extra: Any,
+    *, info_format: str = INFO_FORMAT, **extra: Any,
 ) -> None:
     """``export_info.json``: what was exported, its inputs, the rank input's contract, the source adapter."""
     info = {
-        "format": INFO_FORMAT,
+        "format": info_format,
         **{k: v for k, v in result.to_dict().items() if k not in ("path", "model", "seconds")},
         "model": MODEL_NAME,
         "inputs": inputs,

@@ -331,7 +331,7 @@ def export_genai(
             f.write("\n")
         tokenizer_files = copy_tokenizer(root, tmp)
         result.seconds = time.perf_counter() - t0
-        write_export_info(tmp, result, nested, base_model, names, tokenizer_files=tokenizer_files,
+        write_export_info(tmp, result, nested, base_model, names, info_format=INFO_FORMAT, tokenizer_files=tokenizer_files,
                           lora_rank={"required": True, "genai": "generator.set_model_input('lora_rank', np.array(k, dtype=np.int64))"})
     return result
 

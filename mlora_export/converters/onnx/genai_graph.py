@@ -83,6 +83,7 @@ def build_decoder_top(model: "torch.nn.Module", adapter: NestedAdapter, kind: Ex
     (logits, *present)`` with ``past`` the flat tuple of cache tensors and ``extra`` either the
     ``lora_rank`` tensor or the flat tuple of LoRA factors.
     """
+    kind = ExportKind(kind)
     import torch
     from transformers import DynamicCache
 
@@ -133,6 +134,7 @@ def build_decoder_top(model: "torch.nn.Module", adapter: NestedAdapter, kind: Ex
 def _example_inputs(model: "torch.nn.Module", adapter: NestedAdapter, kind: ExportKind) -> tuple[Any, ...]:
     import torch
 
+    kind = ExportKind(kind)
     layers, kv_heads, head = kv_shape(model.config)
     vocab = int(model.config.vocab_size)
     gen = torch.Generator().manual_seed(0)
@@ -150,6 +152,7 @@ def _example_inputs(model: "torch.nn.Module", adapter: NestedAdapter, kind: Expo
 
 def input_names(num_layers: int, adapter: NestedAdapter, kind: ExportKind) -> list[str]:
     """The graph inputs of a decoder export, in order."""
+    kind = ExportKind(kind)
     head = ["input_ids", "attention_mask", "position_ids", *past_names(num_layers)]
     return head + (["lora_rank"] if kind.rank_input else adapter_input_names(adapter))
 
@@ -168,6 +171,7 @@ def export_decoder(
     """
     import torch
 
+    kind = ExportKind(kind)
     layers, _, _ = kv_shape(model_config)
     args = _example_inputs(top.model, adapter, kind)
     batch, seq = torch.export.Dim(BATCH), torch.export.Dim(SEQUENCE)

@@ -168,6 +168,7 @@ def build_export_model(
     """
     import torch
 
+    kind = ExportKind(kind)
     wrappers = _wrappers()
     state = RankState()
     r = adapter.max_rank
@@ -277,6 +278,7 @@ def _quiet() -> Iterator[None]:
 def _example_inputs(top: "torch.nn.Module", kind: ExportKind, adapter: NestedAdapter, vocab: int) -> tuple[Any, ...]:
     import torch
 
+    kind = ExportKind(kind)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(min(3, vocab - 1), vocab, (2, 7), generator=gen)
     mask = torch.ones_like(ids)
@@ -307,6 +309,7 @@ def export_graph(
     """
     import torch
 
+    kind = ExportKind(kind)
     args = _example_inputs(top, kind, adapter, vocab)
     names = ["input_ids", "attention_mask"]
     if kind.rank_input:

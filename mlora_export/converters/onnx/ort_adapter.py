@@ -82,7 +82,7 @@ def add_empty_defaults(model_path: str | os.PathLike[str], adapter: NestedAdapte
     return added
 
 
-__all__ = ["ADAPTER_SUFFIX", "add_empty_defaults", "adapter_file_name", "write_ort_adapter"]
+__all__ = ["ADAPTER_SUFFIX", "add_empty_defaults", "adapter_file_name", "write_ort_adapter", "write_adapter_files"]
 
 
 def write_adapter_files(adapter: NestedAdapter, ranks: Sequence[int], folder: Path, tick: Callable[[str], None]) -> dict[int, str]:

@@ -155,7 +155,7 @@ def compare(rank: int, got: "np.ndarray", ref: "np.ndarray", atol: float = ATOL,
     return RankCheck(rank, diff, atol + rtol * float(np.max(np.abs(ref))) if ref.size else atol)
 
 
-__all__ = ["ATOL", "RTOL", "RankCheck", "check_provider", "compare", "make_session", "merged_at", "reference_logits", "run_adapter", "run_rank", "sample_inputs"]
+__all__ = ["ATOL", "RTOL", "RankCheck", "check_provider", "compare", "make_session", "merged_at", "reference_logits", "run_adapter", "run_rank", "sample_inputs", "check_onnx_model", "raise_on_mismatch"]
 
 
 def check_onnx_model(path: str | os.PathLike[str], default_opset: int) -> None:
