@@ -8,7 +8,10 @@ normal ``A`` and ``B`` (a real delta: no zeros, no repeated pattern). Inputs are
 ``--workdir``. Then, side by side in one run, each job in its own process (wall time and peak
 RSS from ``/usr/bin/time``), inputs read once into the page cache and ``sync`` before each job:
 
-- ``cp``: ``cp -r base copy`` (one per dtype);
+- ``cp``: ``cp -r base copy`` (one per dtype): page cache to page cache inside the kernel, and
+  it returns before anything reaches the disk;
+- ``disk``: the same number of bytes written past the page cache (``O_DIRECT``, 8 MiB writes of
+  random bytes), which is how the merge writes: the floor of the merge's own write;
 - ``ours``: ``mlora-export merge nested --base-model base --rank K`` (the CLI, end to end,
   Python start-up included), for each ``--ranks`` K;
 - ``peft``: ``from_pretrained`` + ``PeftModel.from_pretrained`` (the rank-K slice) +
@@ -149,6 +152,19 @@ def build_slices(nested: Path, out: Path, ranks: list[int]) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+DISK_SCRIPT = """
+import mmap, os, sys
+path, total = sys.argv[1], int(sys.argv[2])
+os.makedirs(os.path.dirname(path), exist_ok=True)
+buf = mmap.mmap(-1, 8 << 20)
+buf.write(os.urandom(8 << 20))
+fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_DIRECT", 0), 0o644)
+done = 0
+while done < total:
+    done += os.pwrite(fd, memoryview(buf), done)
+os.close(fd)
+"""
+
 PEFT_SCRIPT = """
 import sys, torch
 from transformers import AutoModelForCausalLM
@@ -198,6 +214,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="rounds of every job (each round runs all jobs side by side)")
     ap.add_argument("--clean", action="store_true", help="delete the work dir's inputs at the end")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--warm-memory", type=float, default=0.0, metavar="GIB",
+                    help="touch this much memory once before the jobs (on a VM whose host backs guest pages lazily, "
+                         "the first write to a page costs ~3 s/GiB: page-cache jobs such as cp pay it, O_DIRECT ones do not)")
     args = ap.parse_args()
     layers = 4 if args.small else args.layers
     dtypes = [d for d in args.dtypes.split(",") if d]
@@ -233,6 +252,8 @@ def main() -> None:
     for d in dtypes:
         base = bases[d]
         jobs.append(("cp", d, None, ["cp", "-r", str(base), str(wd / "out-cp")], wd / "out-cp", base))
+        nbytes = sum(p.stat().st_size for p in base.glob("*.safetensors"))
+        jobs.append(("disk", d, None, [sys.executable, "-c", DISK_SCRIPT, str(wd / "out-disk" / "x"), str(nbytes)], wd / "out-disk", base))
         for k in ranks:
             jobs.append(("ours", d, k, ours_cmd(base, k, wd / "out-ours"), wd / "out-ours", base))
             if not args.skip_peft and k in peft_ranks:
@@ -240,6 +261,10 @@ def main() -> None:
                 jobs.append(("peft", d, k, [sys.executable, "-c", PEFT_SCRIPT, str(base), str(adapter), str(wd / "out-peft"), d],
                              wd / "out-peft", base))
 
+    if args.warm_memory:
+        t1 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", f"bytearray({int(args.warm_memory * 2**30)})"], check=True)
+        print(f"touched {args.warm_memory:g} GiB in {time.perf_counter() - t1:.1f} s", file=sys.stderr)
     load_before = _uptime()
     print(f"load average before: {load_before}", file=sys.stderr)
     results: dict[str, list[dict[str, object]]] = {}
@@ -288,24 +313,26 @@ def main() -> None:
     print(f"\nTinyLlama-shaped base, {layers} layers, random normal weights, ~500 MB shards; rank-{MAX_RANK} random normal "
           f"adapter on 7 projections. {os.cpu_count()} CPUs; load average (1, 5, 15 min) before {load_before}, after {load_after}. "
           f"{args.repeats} round(s), best of rounds; each job its own process, inputs in the page cache, `sync` before each.\n")
-    print("| base | rank | cp -r (s) | ours (s) | ours: merge itself (s) | PEFT (s) | ours / cp | PEFT / ours | RSS ours (MiB) | RSS PEFT (MiB) | RSS ours / PEFT |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| base | rank | cp -r (s) | O_DIRECT write (s) | ours (s) | ours: merge itself (s) | PEFT (s) | ours / cp | ours / O_DIRECT write | PEFT / ours "
+          "| RSS ours (MiB) | RSS PEFT (MiB) | RSS ours / PEFT |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for d in dtypes:
-        cp = best(f"cp/{d}/None")
+        cp, disk = best(f"cp/{d}/None"), best(f"disk/{d}/None")
         for k in ranks:
             o, oi, p = best(f"ours/{d}/{k}"), best(f"ours/{d}/{k}", "inner"), best(f"peft/{d}/{k}")
             ro, rp = peak(f"ours/{d}/{k}"), peak(f"peft/{d}/{k}")
 
-            print(f"| {d} | {k} | {f(cp)} | {f(o)} | {f(oi)} | {f(p)} | {f(o / cp if o and cp else None)}× | "
-                  f"{f(p / o if p and o else None)}× | {f(ro, '{:.0f}')} | {f(rp, '{:.0f}')} | {f(ro / rp if ro and rp else None)} |")
+            print(f"| {d} | {k} | {f(cp)} | {f(disk)} | {f(o)} | {f(oi)} | {f(p)} | {f(o / cp if o and cp else None)}× | "
+                  f"{f(o / disk if o and disk else None)}× | {f(p / o if p and o else None)}× | {f(ro, '{:.0f}')} | {f(rp, '{:.0f}')} | "
+                  f"{f(ro / rp if ro and rp else None)} |")
     print("\nCPU seconds (user + system) of each job, the same runs: what it costs whatever else the machine runs.\n")
-    print("| base | rank | cp -r | ours | PEFT | ours / cp | PEFT / ours |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| base | rank | cp -r | O_DIRECT write | ours | PEFT | ours / cp | PEFT / ours |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for d in dtypes:
-        cp = best(f"cp/{d}/None", "cpu")
+        cp, disk = best(f"cp/{d}/None", "cpu"), best(f"disk/{d}/None", "cpu")
         for k in ranks:
             o, p = best(f"ours/{d}/{k}", "cpu"), best(f"peft/{d}/{k}", "cpu")
-            print(f"| {d} | {k} | {f(cp)} | {f(o)} | {f(p)} | {f(o / cp if o and cp else None)}× | {f(p / o if p and o else None)}× |")
+            print(f"| {d} | {k} | {f(cp)} | {f(disk)} | {f(o)} | {f(p)} | {f(o / cp if o and cp else None)}× | {f(p / o if p and o else None)}× |")
     if double:
         print(f"\nflat memory: ours at rank {MAX_RANK} on a {double['layers']}-layer bfloat16 base: {double['wall']:.2f} s, "
               f"peak RSS {double['rss']:.0f} MiB (vs {f(peak(f'ours/bfloat16/{MAX_RANK}'), '{:.0f}')} MiB on {layers} layers)")

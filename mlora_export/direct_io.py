@@ -2,9 +2,11 @@
 
 Writing a 2 GB model through the page cache costs the writer seconds of system CPU (page
 allocation, copying, reclaim when memory is short) and leaves gigabytes of dirty pages behind
-it; written with ``O_DIRECT`` from an aligned staging buffer, the same bytes cost a memcpy and
-go to the disk while the caller computes the next ones (measured on this project's VM: 0.1 s of
-system CPU instead of 1–6 s for 2.2 GB). Where ``O_DIRECT`` is refused (tmpfs, some network file
+it; written with ``O_DIRECT``, the same bytes go to the disk while the caller computes the next
+ones (measured on this project's VM: 0.1 s of system CPU instead of 1–6 s for 2.2 GB). Bytes are
+gathered in an aligned staging buffer, except large buffers whose address is congruent to their
+place in the file modulo :data:`ALIGN`: those are written from where they lie, with no copy (the
+merge allocates its output tensors so). Where ``O_DIRECT`` is refused (tmpfs, some network file
 systems, a platform without it) the file is written the usual way.
 """
 
@@ -24,6 +26,8 @@ logger = logging.getLogger(__name__)
 ALIGN = 4096
 #: Size of the staging buffer (one ``pwrite`` each time it fills).
 STAGE_BYTES = 8 * 2**20
+#: Smallest buffer written from where it lies rather than through the staging buffer.
+ZERO_COPY_BYTES = 1 << 20
 
 
 class DirectAppender:
@@ -59,6 +63,20 @@ class DirectAppender:
     def write(self, data: memoryview) -> None:
         """Append ``data`` (a contiguous byte buffer)."""
         data = data.cast("B") if data.format != "B" or data.ndim != 1 else data
+        n = data.nbytes
+        if self.direct and n >= ZERO_COPY_BYTES and (_address(data) - (self._offset + self._fill)) % ALIGN == 0:
+            head = -(self._offset + self._fill) % ALIGN  # bytes up to the next aligned file offset
+            self._copy_in(data[:head])
+            if self._fill:
+                self._flush(self._fill)  # aligned now: the staged bytes end where ``data[head:]`` begins
+            body = (n - head) // ALIGN * ALIGN
+            self._write_at(data[head : head + body], self._offset)
+            self._offset += body
+            data = data[head + body :]
+        self._copy_in(data)
+
+    def _copy_in(self, data: memoryview) -> None:
+        """Copy ``data`` into the staging buffer, writing it out each time it fills."""
         pos, n = 0, data.nbytes
         while pos < n:
             take = min(STAGE_BYTES - self._fill, n - pos)
@@ -69,15 +87,18 @@ class DirectAppender:
                 self._flush(STAGE_BYTES)
 
     def _flush(self, nbytes: int) -> None:
+        self._write_at(self._view[:nbytes], self._offset)
+        self._offset += nbytes
+        self._fill = 0
+
+    def _write_at(self, data: memoryview, offset: int) -> None:
         try:
-            self._pwrite(self.fd, [self._view[:nbytes]], self._offset)
+            self._pwrite(self.fd, [data], offset)
         except OSError as e:
             if not (self.direct and e.errno == errno.EINVAL):
                 raise
             self._buffered()  # the file system takes O_DIRECT at open but not these writes
-            self._pwrite(self.fd, [self._view[:nbytes]], self._offset)
-        self._offset += nbytes
-        self._fill = 0
+            self._pwrite(self.fd, [data], offset)
 
     def _buffered(self) -> None:
         import fcntl
@@ -112,6 +133,13 @@ class DirectAppender:
                 self._stage.close()
 
 
+def _address(data: memoryview) -> int:
+    """Address of a contiguous buffer's first byte (read-only buffers too)."""
+    import numpy as np
+
+    return int(np.frombuffer(data, np.uint8).ctypes.data) if data.nbytes else 0
+
+
 def _pwrite_fully(fd: int, buffers: list[memoryview], offset: int) -> None:
     for buf in buffers:
         done = 0
@@ -120,4 +148,4 @@ def _pwrite_fully(fd: int, buffers: list[memoryview], offset: int) -> None:
         offset += buf.nbytes
 
 
-__all__ = ["ALIGN", "STAGE_BYTES", "DirectAppender"]
+__all__ = ["ALIGN", "STAGE_BYTES", "ZERO_COPY_BYTES", "DirectAppender"]

@@ -360,6 +360,17 @@ def _pwrite_all(fd: int, buffers: list[memoryview], offset: int, lock: threading
             buffers[0] = buffers[0][n:]
 
 
+def data_offsets(specs: list[tuple[str, str, tuple[int, ...]]], metadata: Mapping[str, str] | None = None) -> list[int]:
+    """File offset of each tensor's first byte in the file :func:`write_safetensors` writes from
+    ``specs`` and ``metadata`` (for buffers placed to be written without a copy)."""
+    head, sizes = _header_bytes(specs, metadata)
+    offsets, at = [], len(head)
+    for size in sizes:
+        offsets.append(at)
+        at += size
+    return offsets
+
+
 def _item_bytes(path: Path, spec: tuple[str, str, tuple[int, ...]], size: int, item: Any) -> memoryview:
     """The bytes of one tensor to write (a torch tensor, or its raw bytes as any contiguous buffer), checked against its spec."""
     name, dtype, shape = spec

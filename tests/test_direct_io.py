@@ -65,3 +65,67 @@ def test_direct_safetensors_equal_buffered(tmp_path: Path) -> None:
         write_safetensors(tmp_path / "c.safetensors", specs, arrays[:2], direct=True)
     with pytest.raises(ValueError, match="has 8 bytes, expected 12"):
         write_safetensors(tmp_path / "d.safetensors", specs, [arrays[0][:2], *arrays[1:]], direct=True)
+
+
+def _placed(data: bytes, phase: int) -> memoryview:
+    """``data`` in a buffer whose address is ``phase`` past a page boundary."""
+    raw = np.empty(len(data) + 2 * direct_io.ALIGN, np.uint8)
+    start = -raw.ctypes.data % direct_io.ALIGN + phase
+    raw[start : start + len(data)] = np.frombuffer(data, np.uint8)
+    return memoryview(raw[start : start + len(data)])
+
+
+@pytest.mark.parametrize("fallback", [False, True])
+def test_appender_writes_placed_buffers_in_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fallback: bool) -> None:
+    """Large buffers congruent to their file offset are written from where they lie (no copy
+    into the staging buffer), others are staged; the file holds the same bytes either way, also
+    when the file system refuses those direct writes (the page-cache fallback)."""
+    if not getattr(os, "O_DIRECT", 0):
+        pytest.skip("no O_DIRECT on this platform")
+    sizes = [37, direct_io.ZERO_COPY_BYTES + 4099, 5, 3 * direct_io.ZERO_COPY_BYTES, direct_io.ZERO_COPY_BYTES - 1, 2 * direct_io.ZERO_COPY_BYTES + 1]
+    parts = _chunks(7, sizes)
+    direct_writes: list[int] = []
+    real = direct_io._pwrite_fully
+
+    def spy(fd: int, buffers: list[memoryview], offset: int) -> None:
+        for b in buffers:
+            placed = direct_io._address(b) % direct_io.ALIGN == 0 and b.nbytes % direct_io.ALIGN == 0 and offset % direct_io.ALIGN == 0
+            assert placed or not out.direct, "a direct write that is not aligned"
+            if fallback and out.direct:
+                raise OSError(errno.EINVAL, "Invalid argument")
+            direct_writes.append(b.nbytes)
+        real(fd, buffers, offset)
+
+    staged = [0]
+    copy_in = DirectAppender._copy_in
+
+    def count(self: DirectAppender, data: memoryview) -> None:
+        staged[0] += data.nbytes
+        copy_in(self, data)
+
+    monkeypatch.setattr(DirectAppender, "_copy_in", count)
+    path = tmp_path / "f.bin"
+    out = DirectAppender(path, pwrite=spy)
+    assert out.direct
+    offset = 0
+    for p in parts:
+        out.write(_placed(p, offset % direct_io.ALIGN))  # placed as it will lie in the file
+        offset += len(p)
+    out.close()
+    assert path.read_bytes() == b"".join(parts)
+    if not fallback:
+        # only the small parts and the unaligned ends of the three large ones went through the stage
+        small = sum(n for n in sizes if n < direct_io.ZERO_COPY_BYTES)
+        assert staged[0] <= small + 3 * 2 * direct_io.ALIGN, staged[0]
+        assert len(direct_writes) >= 4
+
+
+def test_appender_stages_buffers_that_are_not_placed(tmp_path: Path) -> None:
+    """A large buffer whose address does not match its file offset is copied through the stage."""
+    parts = _chunks(8, [100, 2 * direct_io.ZERO_COPY_BYTES])
+    path = tmp_path / "f.bin"
+    out = DirectAppender(path)
+    out.write(memoryview(parts[0]))
+    out.write(_placed(parts[1], 1))  # file offset 100, address 1 past a page: not congruent
+    out.close()
+    assert path.read_bytes() == b"".join(parts)

@@ -200,10 +200,16 @@ def test_dtype_casts_whole_output(work: dict[str, Path], tmp_path: Path) -> None
         torch.testing.assert_close(merged(sample_ids()).logits.float(), ref.float(), atol=5e-2, rtol=5e-2)
 
 
-@pytest.mark.parametrize("src, dtype", [("bfloat16", "float32"), ("bfloat16", "float16"), ("float16", "bfloat16")])
-def test_dtype_casts_between_every_float_dtype(work: dict[str, Path], tmp_path: Path, src: str, dtype: str) -> None:
-    """numpy's kernels (bfloat16 ↔ float32) and torch's (float16) cast alike: merged weights are the
-    one-rounding reference, untouched tensors exactly torch's cast of the base's."""
+@pytest.mark.parametrize("kernel", ["c", "numpy"])
+@pytest.mark.parametrize("src, dtype", [("bfloat16", "float32"), ("bfloat16", "float16"), ("float16", "bfloat16"), ("float32", "float16")])
+def test_dtype_casts_between_every_float_dtype(
+    work: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, src: str, dtype: str, kernel: str
+) -> None:
+    """The compiled kernel, and where it is not built numpy's (bfloat16 ↔ float32) and torch's
+    (float16), cast alike: merged weights are the one-rounding reference, untouched tensors exactly
+    torch's cast of the base's."""
+    if kernel == "numpy":
+        monkeypatch.setattr(merge_mod.mk, "KERNELS", ("numpy",))
     base = work[f"llama-{src}-sharded"]
     out = tmp_path / "merged"
     merge_adapter(work["nested-llama"], base, 8, out, dtype=dtype)
@@ -218,10 +224,11 @@ def test_dtype_casts_between_every_float_dtype(work: dict[str, Path], tmp_path: 
             assert torch.equal(t, base_state[key].to(dt)), key
 
 
-@pytest.mark.parametrize("dname", ["bfloat16", "float32"])
-def test_bfloat16_and_float32_merge_without_torch(work: dict[str, Path], tmp_path: Path, dname: str) -> None:
-    """A bfloat16 or float32 base is merged (and cast between the two) without importing torch or
-    transformers: their import would cost more than a small-rank merge. A fresh process, through the CLI."""
+@pytest.mark.parametrize("dname, cast", [("bfloat16", "float32"), ("float32", "bfloat16"), ("float16", "bfloat16"), ("bfloat16", "float16")])
+def test_merge_without_torch(work: dict[str, Path], tmp_path: Path, dname: str, cast: str) -> None:
+    """A bfloat16, float16 or float32 base is merged (and cast between them) without importing
+    torch or transformers: their import would cost more than a small-rank merge. A fresh process,
+    through the CLI."""
     import subprocess
     import sys
 
@@ -231,7 +238,7 @@ def test_bfloat16_and_float32_merge_without_torch(work: dict[str, Path], tmp_pat
         "from mlora_export.cli import main\n"
         "try:\n"
         f"    main([{str(work['nested-llama'])!r}, '--base-model', {str(work[f'llama-{dname}-sharded'])!r}, '--rank', '8',"
-        f" '--output', {str(out)!r}, '--dtype', {'float32' if dname == 'bfloat16' else 'bfloat16'!r}], prog_name='mlora-export', standalone_mode=False)\n"
+        f" '--output', {str(out)!r}, '--dtype', {cast!r}], prog_name='mlora-export', standalone_mode=False)\n"
         "except SystemExit as e:\n"
         "    assert not e.code, e.code\n"
         "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
@@ -240,6 +247,23 @@ def test_bfloat16_and_float32_merge_without_torch(work: dict[str, Path], tmp_pat
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout
     assert (out / "model.safetensors.index.json").exists()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_fallback_kernels_merge_alike(work: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, arch: str) -> None:
+    """Where the compiled kernel is not built (no C compiler at install), numpy merges bfloat16 and
+    float32 bases and torch float16 ones: the same one-rounding weights as the compiled kernel's,
+    for ``nn.Linear`` and ``Conv1D`` targets."""
+    monkeypatch.setattr(merge_mod.mk, "KERNELS", ("numpy",))
+    for dname, dt in DTYPES.items():
+        base = work[f"{arch}-{dname}-sharded"]
+        out = tmp_path / f"merged-{dname}"
+        merge_adapter(work[f"nested-{arch}"], base, 8, out)
+        state = _state(out)
+        wtol = {"rtol": 1e-6, "atol": 1e-6} if dt == torch.float32 else {"rtol": 2**-7, "atol": 1e-6}
+        for key, want in _expected_weights(base, work[f"nested-{arch}"], 8, arch == "gpt2").items():
+            assert state[key].dtype == dt
+            torch.testing.assert_close(state[key], want, **wtol)
 
 
 # -- module name ↔ weight key resolution --------------------------------------------------
@@ -477,10 +501,11 @@ def test_failure_mid_merge_leaves_no_output(work: dict[str, Path], tmp_path: Pat
 def test_failure_inside_a_worker_leaves_no_output(work: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, read: str) -> None:
     """Fault injection: a read in a worker thread fails mid-shard; the error surfaces, nothing is left.
 
-    Both ways the base is read: mapped (bfloat16 and float32 bases) and ``pread`` (float16 bases,
-    merged by torch)."""
+    Both ways the base is read: mapped (the compiled and numpy kernels) and ``pread`` (torch: float64
+    bases, or float16 where the compiled kernel is not built, as here)."""
     count = [0]
     if read == "pread":
+        monkeypatch.setattr(merge_mod.mk, "KERNELS", ("numpy",))
         base = work["llama-float16-sharded"]
         real = merge_mod.os.preadv
 

@@ -33,6 +33,7 @@ with the expected shape and a float dtype, and the disk has room. The output app
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -47,7 +48,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..adapter import AdapterReader, NestedAdapter, orient_delta
-from ..base import SAFE_INDEX, Shard, check_fits_weights, scan_base
+from ..base import SAFE_INDEX, BaseFolder, Shard, check_fits_weights, scan_base
 from ..errors import (
     BaseModelError,
     BaseModelMismatchError,
@@ -58,9 +59,11 @@ from ..progress import Progress
 from ..safetensors_io import (
     DTYPE_SIZES,
     TensorInfo,
+    data_offsets,
     torch_dtype,
     write_safetensors,
 )
+from ..direct_io import ALIGN
 from ..threads import blas_threads, torch_threads, worker_threads
 from . import merge_kernels as mk
 
@@ -179,37 +182,46 @@ def resolve_weight_keys(modules: Iterable[str], keys: Collection[str], *, where:
 
 
 class _Buffers:
-    """Reusable uint8 buffers, by exact size, shared by the worker threads.
+    """Reusable uint8 buffers, by size, shared by the worker threads.
 
     The same shapes repeat in every layer; reusing their buffers saves the kernel from mapping
     and zeroing fresh pages for every tensor (about a third of the system time otherwise). At
-    most ``max_bytes`` are kept idle.
+    most ``max_bytes`` are kept idle. A buffer can be placed at a given offset from a page
+    boundary (``phase``): one whose address is congruent to its place in the output file is
+    written from where it lies, with no copy (:class:`~mlora_export.direct_io.DirectAppender`).
     """
 
     def __init__(self, max_bytes: int = 1 << 30) -> None:
-        import threading
-
         self._free: dict[int, list[Any]] = {}
         self._idle = 0
         self._max = max_bytes
         self._lock = threading.Lock()
 
-    def get(self, nbytes: int) -> "np.ndarray":
+    def get(self, nbytes: int, phase: int = 0) -> "np.ndarray":
+        """A buffer of ``nbytes`` whose address is ``phase`` bytes past a multiple of ``ALIGN``."""
         import numpy as np
 
+        size = nbytes + 2 * ALIGN
         with self._lock:
-            free = self._free.get(nbytes)
-            if free:
-                self._idle -= nbytes
-                return free.pop()  # type: ignore[no-any-return]
-        return np.empty(nbytes, dtype=np.uint8)
+            free = self._free.get(size)
+            raw = free.pop() if free else None
+            if raw is not None:
+                self._idle -= size
+        if raw is None:
+            raw = np.empty(size, dtype=np.uint8)
+        start = -raw.ctypes.data % ALIGN + phase % ALIGN
+        return raw[start : start + nbytes]  # type: ignore[no-any-return]
 
     def put(self, bufs: Iterable["np.ndarray"]) -> None:
+        """Give back buffers from :meth:`get` (views of them are fine)."""
         with self._lock:
             for buf in bufs:
-                n = buf.size
+                raw = buf
+                while raw.base is not None:  # the pooled allocation behind a view
+                    raw = raw.base
+                n = raw.size
                 if n and self._idle + n <= self._max:
-                    self._free.setdefault(n, []).append(buf)
+                    self._free.setdefault(n, []).append(raw)
                     self._idle += n
 
 
@@ -274,7 +286,16 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def _merge_one(
-    fd: int, data_start: int, info: TensorInfo, module: str, rd: AdapterReader, k: int, out_dtype: str, buffers: _Buffers, scratch: Callable[[], mk.Scratch]
+    fd: int,
+    data_start: int,
+    info: TensorInfo,
+    module: str,
+    rd: AdapterReader,
+    k: int,
+    out_dtype: str,
+    buffers: _Buffers,
+    scratch: Callable[[], mk.Scratch],
+    phase: int = 0,
 ) -> "tuple[Any, list[np.ndarray]]":
     """Read one base weight and return ``W + s(k)·B[:, :k]·A[:k]`` in ``out_dtype`` (and its buffers).
 
@@ -296,7 +317,7 @@ def _merge_one(
         left, right = np.ascontiguousarray(orient_delta(a, True)), np.ascontiguousarray(orient_delta(bs, True))
     else:
         left, right = bs, a
-    buf = buffers.get(_numel(info.shape) * DTYPE_SIZES[out_dtype])
+    buf = buffers.get(_numel(info.shape) * DTYPE_SIZES[out_dtype], phase)
     out = buf.view(mk.NUMPY_TYPES[out_dtype]).reshape(info.shape)
     region = _Region(fd, info.nbytes, data_start + info.begin)
     try:
@@ -343,14 +364,16 @@ def _merge_torch(
     return out, bufs
 
 
-def _copy_one(fd: int, data_start: int, info: TensorInfo, out_dtype: str, buffers: _Buffers, scratch: Callable[[], mk.Scratch]) -> "tuple[Any, list[np.ndarray]]":
+def _copy_one(
+    fd: int, data_start: int, info: TensorInfo, out_dtype: str, buffers: _Buffers, scratch: Callable[[], mk.Scratch], phase: int = 0
+) -> "tuple[Any, list[np.ndarray]]":
     """A non-targeted tensor: its raw bytes (mapped, closed once written), or the tensor cast to
     ``out_dtype`` (and its buffers)."""
     if out_dtype == info.dtype:
         region = _Region(fd, info.nbytes, data_start + info.begin)
         return region.view, [region]
     if mk.supports(info.dtype, out_dtype):
-        out = buffers.get(_numel(info.shape) * DTYPE_SIZES[out_dtype])
+        out = buffers.get(_numel(info.shape) * DTYPE_SIZES[out_dtype], phase)
         region = _Region(fd, info.nbytes, data_start + info.begin)
         try:
             src = region.array(mk.NUMPY_TYPES[info.dtype], (_numel(info.shape),))
@@ -425,6 +448,139 @@ def _write_config(src: Path, dst: Path, dtype_name: str | None) -> None:
         f.write("\n")
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """What a merge will write, worked out (and checked) before anything is written."""
+
+    base: BaseFolder
+    #: weight key → adapter module, for every targeted weight
+    targets: dict[str, str]
+    #: the prefix stripped from / added to the adapter's module names to find the base's keys
+    strip: str
+    add: str
+    #: per shard, its tensors' ``(name, output dtype, shape)``, in the base's order
+    shards: list[tuple[Shard, list[tuple[str, str, tuple[int, ...]]]]]
+    #: output tensor bytes, all shards
+    total: int
+    #: output bytes on disk, headers and side files included
+    needed: int
+
+
+def _plan(nested: NestedAdapter, base_model: str | os.PathLike[str], out_dtype: str | None) -> _Plan:
+    """Scan the base and check that the adapter fits it (names, shapes, float dtypes)."""
+    base = scan_base(base_model)
+    if base.skipped:
+        logger.info("not copying from the base: %s (weights in other formats, sub-folders, hidden files)", ", ".join(base.skipped))
+    located = base.locate()
+    mapping, strip, add = resolve_weight_keys(nested.modules, located, where=f"base model {str(base.root)!r}")
+    targets = check_fits_weights(nested, {key: (shard.name, info) for key, (shard, info) in located.items()}, mapping)
+    shards = [(shard, _shard_specs(shard, out_dtype)) for shard in base.shards]
+    total = sum(_data_bytes(specs) for _, specs in shards)
+    needed = total + sum(s.header.data_start for s in base.shards) + sum(p.stat().st_size for p in base.copy_files)
+    return _Plan(base, targets, strip, add, shards, total, needed)
+
+
+def _needs_torch(plan: _Plan) -> bool:
+    """Whether a tensor to merge or cast has a dtype the kernels here do not handle (float64, or
+    float16 without the compiled kernel): torch is imported only then."""
+    return any(
+        (name in plan.targets or odt != info.dtype) and not mk.supports(info.dtype, odt)
+        for shard, specs in plan.shards
+        for (name, odt, _), info in zip(specs, shard.header.tensors.values())
+    )
+
+
+def _in_shard(path: Path, job: Callable[[int], Any]) -> Any:
+    """Run ``job(fd)`` on the shard file opened read-only (a map it makes outlives the descriptor)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return job(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_shards(plan: _Plan, rd: AdapterReader, k: int, tmp: Path, progress: Progress | None) -> int:
+    """Write every output shard; returns the bytes written.
+
+    The jobs of all shards form one stream: worker threads read and merge up to
+    :func:`_lookahead`'s depth of tensors ahead of the one being written, across shard
+    boundaries too (a pipeline that emptied at every shard would leave the disk idle while the
+    next shard's first tensor is merged). Each tensor's buffers are released once written.
+    """
+    workers = worker_threads(_MAX_WORKERS)
+    buffers = _Buffers()
+    local = threading.local()
+
+    def scratch() -> mk.Scratch:
+        """This worker thread's tiles, made on its first tensor."""
+        if not hasattr(local, "scratch"):
+            local.scratch = mk.Scratch()
+        return local.scratch  # type: ignore[no-any-return]
+
+    def jobs() -> Iterator[Callable[[], Any]]:
+        for shard, specs in plan.shards:
+            start = shard.header.data_start
+            # each output buffer is placed as its bytes lie in the output file: written without a copy
+            phases = [offset % ALIGN for offset in data_offsets(specs, shard.header.metadata)]
+            for (name, odt, _), info, phase in zip(specs, shard.header.tensors.values(), phases):
+                module = plan.targets.get(name)
+                common = {"data_start": start, "info": info, "out_dtype": odt, "buffers": buffers, "scratch": scratch, "phase": phase}
+                if module is not None:
+                    job = functools.partial(_merge_one, module=module, rd=rd, k=k, **common)
+                else:
+                    job = functools.partial(_copy_one, **common)
+                yield functools.partial(_in_shard, shard.path, job)
+
+    done = 0
+    written = 0
+
+    def stream(results: Iterator[Any], specs: list[tuple[str, str, tuple[int, ...]]]) -> Iterator[Any]:
+        """This shard's tensors, each released (maps closed, buffers back to the pool) once written."""
+        nonlocal done
+        for (_, odt, shape), (item, bufs) in zip(specs, results):  # specs first: no result is pulled past the shard
+            yield item
+            del item
+            for region in bufs:
+                if isinstance(region, _Region):
+                    region.close()
+            buffers.put(b for b in bufs if not isinstance(b, _Region))
+            done += _numel(shape) * DTYPE_SIZES[odt]
+            if progress is not None:
+                progress(done, plan.total)
+
+    with (
+        blas_threads(1),  # one BLAS thread per tile: parallelism comes from the pool
+        torch_threads(1) if _needs_torch(plan) else contextlib.nullcontext(),
+        ThreadPoolExecutor(workers, "mlora-merge") as pool,
+        # closing() stops the workers (cancel queued jobs, wait for running ones) also when
+        # writing fails half-way
+        contextlib.closing(_lookahead(pool, jobs(), 2 * workers)) as results,
+    ):
+        for shard, specs in plan.shards:
+            written += write_safetensors(tmp / shard.name, specs, stream(results, specs), shard.header.metadata, direct=True)
+            logger.debug("wrote %s", shard.name)
+    return written
+
+
+def _write_side_files(base: BaseFolder, tmp: Path, dtype: str | None, total: int) -> None:
+    """The index (its ``total_size`` updated when ``dtype`` changes it) and the files a copy keeps
+    (``config.json`` with its dtype updated)."""
+    if base.index_path is not None:
+        if dtype is None:
+            shutil.copyfile(base.index_path, tmp / SAFE_INDEX)
+        else:
+            index = dict(base.index or {})
+            index["metadata"] = {**(index.get("metadata") or {}), "total_size": total}
+            with open(tmp / SAFE_INDEX, "w", encoding="utf-8") as f:
+                json.dump(index, f, indent=2, sort_keys=True)
+                f.write("\n")
+    for src in base.copy_files:
+        if src.name == "config.json":
+            _write_config(src, tmp / src.name, dtype)
+        else:
+            shutil.copyfile(src, tmp / src.name)
+
+
 def merge_adapter(
     adapter: NestedAdapter | str | os.PathLike[str],
     base_model: str | os.PathLike[str],
@@ -443,8 +599,8 @@ def merge_adapter(
     once; ``dtype`` (``"float32"``, ``"float16"`` or ``"bfloat16"``) casts every float tensor of
     the output, else each tensor keeps the base's dtype and untouched tensors keep their bytes.
     ``progress(done, total)`` is called in output data bytes. While it runs, numpy's BLAS (and
-    torch, where float16 or float64 weights need it) is held to one thread (the merge
-    parallelises over tensors instead); the settings are restored after.
+    torch, where float64 weights need it) is held to one thread (the merge parallelises over
+    tensors instead); the settings are restored after.
 
     Raises:
         InvalidAdapterError: the adapter folder is invalid.
@@ -458,122 +614,33 @@ def merge_adapter(
         InsufficientDiskError: not enough free disk for the output.
     """
     if dtype is not None and dtype not in OUTPUT_DTYPES:
-        raise ConfigError(f"unknown dtype {dtype!r}: expected one of {', '.join(OUTPUT_DTYPES)}")
+        raise ConfigError(f"unknown dtype {dtype!r}: expected one of {', '.join(OUTPUT_DTYPES)}", option="dtype")
     out_dtype = OUTPUT_DTYPES[dtype] if dtype is not None else None
     inputs = [adapter.path if isinstance(adapter, NestedAdapter) else adapter, base_model]
     out_path = check_output_path(output, force, inputs)
     nested = adapter if isinstance(adapter, NestedAdapter) else NestedAdapter.load(adapter)
     k = nested.check_rank(rank)
-    base = scan_base(base_model)
-    if base.skipped:
-        logger.info("not copying from the base: %s (weights in other formats, sub-folders, hidden files)", ", ".join(base.skipped))
-
-    # -- every check before anything is written --------------------------------------------
-    located = base.locate()
-    mapping, strip, add = resolve_weight_keys(nested.modules, located, where=f"base model {str(base.root)!r}")
-    targets = check_fits_weights(nested, {key: (shard.name, info) for key, (shard, info) in located.items()}, mapping)  # weight key → module
-
-    plans = [(shard, _shard_specs(shard, out_dtype)) for shard in base.shards]
-    total = sum(_data_bytes(specs) for _, specs in plans)
-    needed = total + sum(s.header.data_start for s in base.shards) + sum(p.stat().st_size for p in base.copy_files)
-    check_free_space(out_path.absolute().parent, needed)
-    logger.info(
-        "merging rank %d (s = %g) of %d modules into %d shard(s) of %s", k, nested.scale(k), len(targets), len(base.shards), base.root
-    )
-
-    # -- write -------------------------------------------------------------------------------
-    # torch only where numpy's kernels do not reach (float16, float64): a bfloat16 or float32
-    # base is merged without importing it (its import costs more than a small-rank merge)
-    needs_torch = any(
-        (name in targets or odt != info.dtype) and not mk.supports(info.dtype, odt)
-        for shard, specs in plans
-        for (name, odt, _), info in zip(specs, shard.header.tensors.values())
-    )
+    plan = _plan(nested, base_model, out_dtype)  # every check before anything is written
+    check_free_space(out_path.absolute().parent, plan.needed)
+    base = plan.base
+    logger.info("merging rank %d (s = %g) of %d modules into %d shard(s) of %s", k, nested.scale(k), len(plan.targets), len(base.shards), base.root)
     started = time.perf_counter()
-    done = [0]
-    written = 0
-    merged = copied = 0
-    workers = worker_threads(_MAX_WORKERS)
-    buffers = _Buffers()
-    local = threading.local()
-
-    def scratch() -> mk.Scratch:
-        """This worker thread's tiles, made on its first tensor."""
-        if not hasattr(local, "scratch"):
-            local.scratch = mk.Scratch()
-        return local.scratch  # type: ignore[no-any-return]
-
-    with (
-        atomic_output_dir(out_path, force, inputs, needed_bytes=needed) as tmp,
-        nested.reader() as rd,
-        blas_threads(1),  # one BLAS thread per tile: parallelism comes from the pool
-        torch_threads(1) if needs_torch else contextlib.nullcontext(),
-        ThreadPoolExecutor(workers, "mlora-merge") as pool,
-    ):
-        for shard, specs in plans:
-            fd = os.open(shard.path, os.O_RDONLY)
-            try:
-                start = shard.header.data_start
-                jobs: list[Callable[[], Any]] = []
-                for (name, odt, _shape), info in zip(specs, shard.header.tensors.values()):
-                    if name in targets:
-                        jobs.append(lambda fd=fd, start=start, info=info, odt=odt, m=targets[name]: _merge_one(fd, start, info, m, rd, k, odt, buffers, scratch))
-                        merged += 1
-                    else:
-                        jobs.append(lambda fd=fd, start=start, info=info, odt=odt: _copy_one(fd, start, info, odt, buffers, scratch))
-                        copied += 1
-
-                def stream(results: Iterator[Any], specs: list[tuple[str, str, tuple[int, ...]]] = specs) -> Iterator[Any]:
-                    for (item, bufs), (_, odt, shape) in zip(results, specs):
-                        yield item
-                        del item  # written: its buffers may be reused, its maps closed
-                        for region in bufs:
-                            if isinstance(region, _Region):
-                                region.close()
-                        buffers.put(b for b in bufs if not isinstance(b, _Region))
-                        n = DTYPE_SIZES[odt]
-                        for s in shape:
-                            n *= s
-                        done[0] += n
-                        if progress is not None:
-                            progress(done[0], total)
-
-                # closing() stops the workers (cancel queued jobs, wait for running ones) before
-                # the shard's file is closed, also when writing fails half-way
-                with contextlib.closing(_lookahead(pool, jobs, workers)) as results:
-                    written += write_safetensors(tmp / shard.name, specs, stream(results), shard.header.metadata, direct=True)
-            finally:
-                os.close(fd)
-            logger.debug("wrote %s", shard.name)
-        if base.index_path is not None:
-            if out_dtype is None:
-                shutil.copyfile(base.index_path, tmp / SAFE_INDEX)
-            else:
-                index = dict(base.index or {})
-                meta = dict(index.get("metadata") or {})
-                meta["total_size"] = total
-                index["metadata"] = meta
-                with open(tmp / SAFE_INDEX, "w", encoding="utf-8") as f:
-                    json.dump(index, f, indent=2, sort_keys=True)
-                    f.write("\n")
-        for src in base.copy_files:
-            if src.name == "config.json":
-                _write_config(src, tmp / src.name, dtype)
-            else:
-                shutil.copyfile(src, tmp / src.name)
+    with atomic_output_dir(out_path, force, inputs, needed_bytes=plan.needed) as tmp, nested.reader() as rd:
+        written = _write_shards(plan, rd, k, tmp, progress)
+        _write_side_files(base, tmp, dtype, plan.total)
     seconds = time.perf_counter() - started
-    logger.info("wrote %s (%d merged, %d copied tensors, %.1f s)", out_path, merged, copied, seconds)
+    logger.info("wrote %s (%d merged, %d copied tensors, %.1f s)", out_path, len(plan.targets), sum(len(s) for _, s in plan.shards) - len(plan.targets), seconds)
     return MergeResult(
         path=out_path,
         rank=k,
         scale=nested.scale(k),
         dtype=dtype,
         shards=[s.name for s in base.shards],
-        merged_tensors=merged,
-        copied_tensors=copied,
+        merged_tensors=len(plan.targets),
+        copied_tensors=sum(len(specs) for _, specs in plan.shards) - len(plan.targets),
         bytes=written,
         seconds=seconds,
-        key_prefix={"strip": strip, "add": add} if strip or add else {},
+        key_prefix={"strip": plan.strip, "add": plan.add} if plan.strip or plan.add else {},
         copied_files=[p.name for p in base.copy_files],
         skipped_files=base.skipped,
     )

@@ -1,24 +1,33 @@
-"""numpy kernels of the streaming merge: ``W + L·R`` in float32 tiles, rounded once, without torch.
+"""Kernels of the streaming merge: ``W + L·R`` summed in float32, rounded once, without torch.
 
-The merge of a bfloat16 or float32 base needs no torch: the base weight is widened to float32
-(bfloat16 is the top half of a float32: a shift), the rank-``k`` product of the tile is one
-BLAS ``sgemm`` (numpy's OpenBLAS, float32 accumulation), added, and the sum is rounded once
-to the output dtype (bfloat16: round-to-nearest-even on the bit pattern, as torch rounds).
+Two implementations of the same definition (docs/design.md §1):
+
+- ``"c"``: the compiled kernel :mod:`mlora_export.converters._merge_ext` (built at install where
+  a C compiler is found): each block of 4 × 16 outputs is summed over all ``k`` in registers
+  (fused multiply-adds in order, as a BLAS micro-kernel sums them), ``W`` widened and added, and
+  the result rounded and stored in the same pass, with the GIL released; AVX2 + FMA + F16C where
+  the CPU has them, portable C elsewhere. bfloat16, float16 and float32 in and out; on AVX2 the
+  result is bit-identical to torch's ``W.float().addmm(L, R)`` rounded to the output dtype.
+- ``"numpy"``: where the extension was not built. The base weight is widened to float32
+  (bfloat16 is the top half of a float32: a shift), the rank-``k`` product of a tile is one BLAS
+  ``sgemm`` (numpy's OpenBLAS, float32 accumulation), added, and rounded once to the output dtype
+  (bfloat16: round-to-nearest-even on the bit pattern, as torch rounds), in tiles of about
+  :data:`TILE_ELEMENTS` elements that stay in the L2 cache. bfloat16 and float32 only (numpy's
+  float16 casts are scalar code): :func:`supports` says which pairs, the merge uses torch for
+  the rest.
+
 Skipping the torch import (about 2 s of start-up, more than the merge's own arithmetic at small
 ranks) is what lets a merge approach the speed of copying the files.
-
-The tensor is walked in tiles of about :data:`TILE_ELEMENTS` elements (rows × columns, both
-bounded so that the GEMM's packed operands stay small next to the tile), so the widened tile,
-the product and the rounding scratch stay in the CPU's L2 cache. Each worker thread owns one
-:class:`Scratch`.
-
-Float16 and float64 are not handled here (numpy's float16 casts are scalar code, several times
-slower than torch's); :func:`supports` says which dtype pairs are.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+try:
+    from . import _merge_ext
+except ImportError:  # built without a C compiler: the numpy kernels
+    _merge_ext = None  # type: ignore[assignment]
 
 #: Elements per tile (float32: 256 KiB), sized to leave the tile, its product and the rounding
 #: scratch in a 1 MiB L2 cache.
@@ -26,15 +35,26 @@ TILE_ELEMENTS = 64 * 1024
 #: Widest tile: a GEMM's packed right operand (``k × columns``) stays small next to the tile.
 TILE_COLUMNS = 512
 
-#: The (base dtype, output dtype) pairs these kernels merge.
-_PAIRS = {("BF16", "BF16"), ("BF16", "F32"), ("F32", "F32"), ("F32", "BF16")}
+#: The kernels available here, best last: ``"numpy"``, and ``"c"`` where the extension was built.
+KERNELS: tuple[str, ...] = ("numpy", "c") if _merge_ext is not None else ("numpy",)
+#: Which build of the compiled kernel runs on this CPU (``"avx2"`` or ``"generic"``), or None.
+C_BUILD: str | None = _merge_ext.builds()[-1] if _merge_ext is not None else None
+#: Index of the compiled kernel's best build for this CPU (an argument of its functions).
+_C_BUILD_INDEX = len(_merge_ext.builds()) - 1 if _merge_ext is not None else -1
+#: The compiled kernel's dtype codes.
+_C_CODES = {"F32": 0, "BF16": 1, "F16": 2}
+#: The (base dtype, output dtype) pairs the numpy kernels merge.
+_NUMPY_PAIRS = {("BF16", "BF16"), ("BF16", "F32"), ("F32", "F32"), ("F32", "BF16")}
 #: numpy type of each handled dtype's raw elements (bfloat16 as its uint16 bit patterns).
-NUMPY_TYPES: dict[str, type[np.generic]] = {"BF16": np.uint16, "F32": np.float32}
+NUMPY_TYPES: dict[str, type[np.generic]] = {"BF16": np.uint16, "F32": np.float32, "F16": np.float16}
 
 
-def supports(base_dtype: str, out_dtype: str) -> bool:
-    """Whether a ``base_dtype`` weight merges into ``out_dtype`` here (else the caller uses torch)."""
-    return (base_dtype, out_dtype) in _PAIRS
+def supports(base_dtype: str, out_dtype: str, kernel: str | None = None) -> bool:
+    """Whether a ``base_dtype`` weight merges into ``out_dtype`` with ``kernel`` (default: the
+    best here); else the caller uses torch."""
+    if (kernel or KERNELS[-1]) == "c":
+        return base_dtype in _C_CODES and out_dtype in _C_CODES
+    return (base_dtype, out_dtype) in _NUMPY_PAIRS
 
 
 class Scratch:
@@ -86,15 +106,22 @@ def as_float32(data: np.ndarray, dtype: str) -> np.ndarray:
     return np.asarray(data, dtype=np.float32).copy()
 
 
-def merge_tensor(w: np.ndarray, base_dtype: str, left: np.ndarray, right: np.ndarray, out: np.ndarray, out_dtype: str, scratch: Scratch) -> None:
-    """``out = round(float32(w) + left · right)``, tile by tile (DESIGN.md §1, one rounding).
+def merge_tensor(
+    w: np.ndarray, base_dtype: str, left: np.ndarray, right: np.ndarray, out: np.ndarray, out_dtype: str, scratch: Scratch, kernel: str | None = None
+) -> None:
+    """``out = round(float32(w) + left · right)`` (docs/design.md §1, one rounding).
 
     ``w`` is the base weight's raw elements (``[m, n]``, C-contiguous, :data:`NUMPY_TYPES`);
     ``left`` (``[m, k]``) and ``right`` (``[k, n]``) are float32 and C-contiguous; ``out`` is
-    ``[m, n]`` of ``out_dtype``'s raw elements and may be ``w`` itself (each tile is widened
+    ``[m, n]`` of ``out_dtype``'s raw elements and may be ``w`` itself (each element is read
     before it is overwritten), which is how the merge rounds in place into its read buffer.
+    ``kernel`` is one of :data:`KERNELS` (default: the best); ``scratch`` serves the numpy one.
     """
     m, n = w.shape
+    if (kernel or KERNELS[-1]) == "c":
+        k = left.shape[1]
+        _merge_ext.merge(w, _C_CODES[base_dtype], left, right, out, _C_CODES[out_dtype], m, n, k, _C_BUILD_INDEX)
+        return
     if base_dtype == out_dtype == "BF16" and n % 2 == 0 and _u32_aligned(w) and _u32_aligned(out):
         _merge_bf16_pairs(w, left, right, out, scratch)
         return
@@ -166,8 +193,12 @@ def _merge_bf16_pairs(w: np.ndarray, left: np.ndarray, right: np.ndarray, out: n
             np.bitwise_or(even, odd, out=out_pairs[r0:r1, c0:c1])
 
 
-def cast(data: np.ndarray, src_dtype: str, out: np.ndarray, out_dtype: str, scratch: Scratch) -> None:
-    """Cast a non-targeted tensor's raw elements between bfloat16 and float32 (flat arrays), in tiles."""
+def cast(data: np.ndarray, src_dtype: str, out: np.ndarray, out_dtype: str, scratch: Scratch, kernel: str | None = None) -> None:
+    """Cast a non-targeted tensor's raw elements (flat arrays) between the dtypes :func:`supports`
+    names, rounded as torch rounds."""
+    if (kernel or KERNELS[-1]) == "c":
+        _merge_ext.cast(data, _C_CODES[src_dtype], out, _C_CODES[out_dtype], data.size, _C_BUILD_INDEX)
+        return
     for start in range(0, data.size, TILE_ELEMENTS):
         stop = min(data.size, start + TILE_ELEMENTS)
         tile, _, bits = scratch.views(1, stop - start)
@@ -181,4 +212,4 @@ def cast(data: np.ndarray, src_dtype: str, out: np.ndarray, out_dtype: str, scra
             np.copyto(out[start:stop], tile[0])
 
 
-__all__ = ["NUMPY_TYPES", "TILE_COLUMNS", "TILE_ELEMENTS", "Scratch", "as_float32", "cast", "merge_tensor", "round_bf16", "supports", "widen_bf16"]
+__all__ = ["C_BUILD", "KERNELS", "NUMPY_TYPES", "TILE_COLUMNS", "TILE_ELEMENTS", "Scratch", "as_float32", "cast", "merge_tensor", "round_bf16", "supports", "widen_bf16"]

@@ -1,0 +1,429 @@
+/* Fused merge kernel of the streaming merge: out = round(float32(W) + L·R), one pass, GIL released.
+ *
+ * W is a [m, n] weight in bfloat16, float16 or float32 (raw elements), L [m, k] and R [k, n]
+ * float32 (the scaled adapter factors, already oriented), out [m, n] in any of the three dtypes
+ * and possibly W itself. Each output element is the float32 sum of its k products (fused
+ * multiply-adds in order, as a BLAS micro-kernel sums them), plus W widened to float32, rounded
+ * once to the output dtype with torch's rounding (round to nearest even; NaN -> 0x7FC0 in
+ * bfloat16 and sign|0x7E00 in float16, as c10 does). A 4 x 16 block of outputs stays in
+ * registers over all k, so W is read once and out written once, straight from registers: no
+ * float32 tile goes through memory (numpy needs seven passes over one for the same result).
+ *
+ * Two builds of the same loops: AVX2 + FMA + F16C (chosen at run time where the CPU has them)
+ * and portable C. Docs: docs/design.md section 1 (the definition), docs/benchmarks.md (speed).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2, DT_COUNT = 3 };
+static const size_t DT_SIZE[DT_COUNT] = {4, 2, 2};
+
+#if defined(__GNUC__) || defined(__clang__)
+#define INLINE static inline __attribute__((always_inline))
+#else
+#define INLINE static inline
+#endif
+
+/* -- scalar conversions, bit-exact with torch (c10/util/BFloat16.h, c10/util/Half.h) -------- */
+
+INLINE uint32_t f32_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+INLINE float bits_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+
+INLINE float bf16_to_f32(uint16_t h) { return bits_f32((uint32_t)h << 16); }
+
+INLINE uint16_t f32_to_bf16(float f) {
+    if (f != f) return 0x7FC0;
+    uint32_t u = f32_bits(f);
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+INLINE float f16_to_f32(uint16_t h) {
+    const uint32_t w = (uint32_t)h << 16;
+    const uint32_t sign = w & 0x80000000u;
+    const uint32_t two_w = w + w;
+    const float normalized = bits_f32((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+    const float denormalized = bits_f32((two_w >> 17) | (126u << 23)) - 0.5f;
+    return bits_f32(sign | (two_w < (1u << 27) ? f32_bits(denormalized) : f32_bits(normalized)));
+}
+
+INLINE uint16_t f32_to_f16(float f) {
+    float base = (fabsf(f) * 0x1.0p+112f) * 0x1.0p-110f;
+    const uint32_t w = f32_bits(f);
+    const uint32_t shl1_w = w + w;
+    const uint32_t sign = w & 0x80000000u;
+    uint32_t bias = shl1_w & 0xFF000000u;
+    if (bias < 0x71000000u) bias = 0x71000000u;
+    base = bits_f32((bias >> 1) + 0x07800000u) + base;
+    const uint32_t bits = f32_bits(base);
+    const uint32_t nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
+    return (uint16_t)((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+}
+
+INLINE float load1(const char *p, int dt) {
+    uint16_t h;
+    float f;
+    switch (dt) {
+    case DT_F32: memcpy(&f, p, 4); return f;
+    case DT_BF16: memcpy(&h, p, 2); return bf16_to_f32(h);
+    default: memcpy(&h, p, 2); return f16_to_f32(h);
+    }
+}
+
+INLINE void store1(char *p, float v, int dt) {
+    uint16_t h;
+    switch (dt) {
+    case DT_F32: memcpy(p, &v, 4); return;
+    case DT_BF16: h = f32_to_bf16(v); memcpy(p, &h, 2); return;
+    default: h = f32_to_f16(v); memcpy(p, &h, 2); return;
+    }
+}
+
+/* Rows per block: the block's rows of L (rows x k floats) stay in the L2 cache while every
+ * 16-column strip of R (k x 16 floats, in L1) passes over them. */
+static Py_ssize_t block_rows(Py_ssize_t k) {
+    Py_ssize_t rows = 32768 / (k > 0 ? k : 1);
+    rows -= rows % 4;
+    return rows < 4 ? 4 : rows;
+}
+
+/* -- portable C ------------------------------------------------------------------------------ */
+
+#define STRIP 16
+/* One rounding per product-add where the hardware fuses them; else two (fmaf in software is slow). */
+#ifdef FP_FAST_FMAF
+#define MULADD(a, b, c) fmaf(a, b, c)
+#else
+#define MULADD(a, b, c) ((c) + (a) * (b))
+#endif
+
+INLINE void merge_generic(const char *w, int wt, const float *L, const float *R, char *out, int ot,
+                          Py_ssize_t m, Py_ssize_t n, Py_ssize_t k) {
+    const size_t ws = DT_SIZE[wt], os = DT_SIZE[ot];
+    const Py_ssize_t rb = block_rows(k);
+    for (Py_ssize_t i0 = 0; i0 < m; i0 += rb) {
+        const Py_ssize_t i1 = i0 + rb < m ? i0 + rb : m;
+        for (Py_ssize_t j0 = 0; j0 < n; j0 += STRIP) {
+            const Py_ssize_t width = n - j0 < STRIP ? n - j0 : STRIP;
+            for (Py_ssize_t i = i0; i < i1; i++) {
+                float acc[STRIP];
+                for (Py_ssize_t t = 0; t < STRIP; t++) acc[t] = -0.0f; /* k = 0 keeps W's signed zeros */
+                const float *l = L + i * k;
+                for (Py_ssize_t kk = 0; kk < k; kk++) {
+                    const float x = l[kk];
+                    const float *r = R + kk * n + j0;
+                    for (Py_ssize_t t = 0; t < width; t++) acc[t] = MULADD(x, r[t], acc[t]);
+                }
+                const size_t at = (size_t)(i * n + j0);
+                for (Py_ssize_t t = 0; t < width; t++)
+                    store1(out + (at + t) * os, acc[t] + load1(w + (at + t) * ws, wt), ot);
+            }
+        }
+    }
+}
+
+INLINE void cast_generic(const char *src, int st, char *out, int ot, Py_ssize_t count) {
+    const size_t ss = DT_SIZE[st], os = DT_SIZE[ot];
+    for (Py_ssize_t i = 0; i < count; i++) store1(out + i * os, load1(src + i * ss, st), ot);
+}
+
+/* -- AVX2 + FMA + F16C ----------------------------------------------------------------------- */
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define HAVE_X86 1
+#include <immintrin.h>
+#define X86 __attribute__((target("avx2,fma,f16c")))
+#define X86_INLINE static inline __attribute__((always_inline, target("avx2,fma,f16c")))
+
+X86_INLINE __m256 load8(const char *p, int dt) {
+    switch (dt) {
+    case DT_F32: return _mm256_loadu_ps((const float *)p);
+    case DT_BF16:
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+    default: return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+    }
+}
+
+X86_INLINE void store8(char *p, __m256 v, int dt) {
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    if (dt == DT_F32) {
+        _mm256_storeu_ps((float *)p, v);
+    } else if (dt == DT_BF16) {
+        const __m256i u = _mm256_castps_si256(v);
+        const __m256i bias = _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1)), _mm256_set1_epi32(0x7FFF));
+        __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, bias), 16);
+        r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
+        _mm_storeu_si128((__m128i *)p, _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+    } else {
+        __m128i h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        /* NaN: c10's sign | 0x7E00 (F16C keeps the payload) */
+        const __m256i sign = _mm256_srli_epi32(_mm256_and_si256(_mm256_castps_si256(v), _mm256_set1_epi32((int)0x80000000u)), 16);
+        const __m256i canon = _mm256_or_si256(sign, _mm256_set1_epi32(0x7E00));
+        const __m128i canon16 = _mm_packus_epi32(_mm256_castsi256_si128(canon), _mm256_extracti128_si256(canon, 1));
+        const __m128i nan16 = _mm_packs_epi32(_mm256_castsi256_si128(nan), _mm256_extracti128_si256(nan, 1));
+        _mm_storeu_si128((__m128i *)p, _mm_blendv_epi8(h, canon16, nan16));
+    }
+}
+
+/* ROWS x 16 outputs in registers over all k, then + W, rounded, stored. */
+#define ROW_FMA(r)                                                   \
+    do {                                                             \
+        const __m256 x = _mm256_broadcast_ss(l##r + kk);             \
+        a##r##0 = _mm256_fmadd_ps(x, b0, a##r##0);                   \
+        a##r##1 = _mm256_fmadd_ps(x, b1, a##r##1);                   \
+    } while (0)
+#define ROW_STORE(r)                                                                                   \
+    do {                                                                                               \
+        const size_t at = (size_t)((i + r) * n + j0);                                                  \
+        store8(out + at * os, _mm256_add_ps(a##r##0, load8(w + at * ws, wt)), ot);                     \
+        store8(out + (at + 8) * os, _mm256_add_ps(a##r##1, load8(w + (at + 8) * ws, wt)), ot);         \
+    } while (0)
+
+/* R's 16-column strips, each k x 16 contiguous: the k loads of a strip are one stream (rows of
+ * R a power-of-two apart would fall into the same cache sets). */
+X86_INLINE void pack_strips(const float *R, float *pack, Py_ssize_t n, Py_ssize_t k) {
+    for (Py_ssize_t j0 = 0; j0 + 16 <= n; j0 += 16) {
+        float *dst = pack + (j0 / 16) * k * 16;
+        for (Py_ssize_t kk = 0; kk < k; kk++, dst += 16) {
+            _mm256_storeu_ps(dst, _mm256_loadu_ps(R + kk * n + j0));
+            _mm256_storeu_ps(dst + 8, _mm256_loadu_ps(R + kk * n + j0 + 8));
+        }
+    }
+}
+
+X86_INLINE void merge_x86(const char *w, int wt, const float *L, const float *R, char *out, int ot,
+                          Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, float *pack) {
+    const size_t ws = DT_SIZE[wt], os = DT_SIZE[ot];
+    const Py_ssize_t rb = block_rows(k);
+    pack_strips(R, pack, n, k);
+    for (Py_ssize_t i0 = 0; i0 < m; i0 += rb) {
+        const Py_ssize_t i1 = i0 + rb < m ? i0 + rb : m;
+        Py_ssize_t j0 = 0;
+        for (; j0 + 16 <= n; j0 += 16) {
+            Py_ssize_t i = i0;
+            for (; i + 4 <= i1; i += 4) {
+                __m256 a00 = _mm256_set1_ps(-0.0f), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00;
+                const float *l0 = L + i * k, *l1 = l0 + k, *l2 = l1 + k, *l3 = l2 + k;
+                const float *r = pack + (j0 / 16) * k * 16;
+                for (Py_ssize_t kk = 0; kk < k; kk++, r += 16) {
+                    const __m256 b0 = _mm256_loadu_ps(r), b1 = _mm256_loadu_ps(r + 8);
+                    ROW_FMA(0);
+                    ROW_FMA(1);
+                    ROW_FMA(2);
+                    ROW_FMA(3);
+                }
+                ROW_STORE(0);
+                ROW_STORE(1);
+                ROW_STORE(2);
+                ROW_STORE(3);
+            }
+            for (; i < i1; i++) {
+                __m256 a00 = _mm256_set1_ps(-0.0f), a01 = a00;
+                const float *l0 = L + i * k;
+                const float *r = pack + (j0 / 16) * k * 16;
+                for (Py_ssize_t kk = 0; kk < k; kk++, r += 16) {
+                    const __m256 b0 = _mm256_loadu_ps(r), b1 = _mm256_loadu_ps(r + 8);
+                    ROW_FMA(0);
+                }
+                ROW_STORE(0);
+            }
+        }
+        for (Py_ssize_t i = i0; j0 < n && i < i1; i++) { /* the last n % 16 columns */
+            for (Py_ssize_t j = j0; j < n; j++) {
+                float s = -0.0f;
+                for (Py_ssize_t kk = 0; kk < k; kk++) s = fmaf(L[i * k + kk], R[kk * n + j], s);
+                const size_t at = (size_t)(i * n + j);
+                store1(out + at * os, s + load1(w + at * ws, wt), ot);
+            }
+        }
+    }
+}
+
+X86_INLINE void cast_x86(const char *src, int st, char *out, int ot, Py_ssize_t count) {
+    const size_t ss = DT_SIZE[st], os = DT_SIZE[ot];
+    Py_ssize_t i = 0;
+    for (; i + 8 <= count; i += 8) store8(out + i * os, load8(src + i * ss, st), ot);
+    for (; i < count; i++) store1(out + i * os, load1(src + i * ss, st), ot);
+}
+#endif
+
+/* -- one specialised function per (input dtype, output dtype) and build ---------------------- */
+
+typedef void (*merge_fn)(const char *, const float *, const float *, char *, Py_ssize_t, Py_ssize_t, Py_ssize_t, float *);
+typedef void (*cast_fn)(const char *, char *, Py_ssize_t);
+
+#define GENERIC_PAIR(A, B)                                                                                     \
+    static void merge_generic_##A##_##B(const char *w, const float *L, const float *R, char *out, Py_ssize_t m, \
+                                        Py_ssize_t n, Py_ssize_t k, float *pack) {                             \
+        (void)pack;                                                                                            \
+        merge_generic(w, A, L, R, out, B, m, n, k);                                                            \
+    }                                                                                                          \
+    static void cast_generic_##A##_##B(const char *s, char *o, Py_ssize_t c) { cast_generic(s, A, o, B, c); }
+#define GENERIC_ROW(A) GENERIC_PAIR(A, DT_F32) GENERIC_PAIR(A, DT_BF16) GENERIC_PAIR(A, DT_F16)
+GENERIC_ROW(DT_F32)
+GENERIC_ROW(DT_BF16)
+GENERIC_ROW(DT_F16)
+#define GENERIC_ENTRY(A) {merge_generic_##A##_DT_F32, merge_generic_##A##_DT_BF16, merge_generic_##A##_DT_F16}
+#define GENERIC_CAST(A) {cast_generic_##A##_DT_F32, cast_generic_##A##_DT_BF16, cast_generic_##A##_DT_F16}
+static const merge_fn MERGE_GENERIC[DT_COUNT][DT_COUNT] = {GENERIC_ENTRY(DT_F32), GENERIC_ENTRY(DT_BF16), GENERIC_ENTRY(DT_F16)};
+static const cast_fn CAST_GENERIC[DT_COUNT][DT_COUNT] = {GENERIC_CAST(DT_F32), GENERIC_CAST(DT_BF16), GENERIC_CAST(DT_F16)};
+
+#ifdef HAVE_X86
+#define X86_PAIR(A, B)                                                                                             \
+    X86 static void merge_x86_##A##_##B(const char *w, const float *L, const float *R, char *out, Py_ssize_t m,    \
+                                        Py_ssize_t n, Py_ssize_t k, float *pack) {                                 \
+        merge_x86(w, A, L, R, out, B, m, n, k, pack);                                                              \
+    }                                                                                                              \
+    X86 static void cast_x86_##A##_##B(const char *s, char *o, Py_ssize_t c) { cast_x86(s, A, o, B, c); }
+#define X86_ROW(A) X86_PAIR(A, DT_F32) X86_PAIR(A, DT_BF16) X86_PAIR(A, DT_F16)
+X86_ROW(DT_F32)
+X86_ROW(DT_BF16)
+X86_ROW(DT_F16)
+#define X86_ENTRY(A) {merge_x86_##A##_DT_F32, merge_x86_##A##_DT_BF16, merge_x86_##A##_DT_F16}
+#define X86_CAST(A) {cast_x86_##A##_DT_F32, cast_x86_##A##_DT_BF16, cast_x86_##A##_DT_F16}
+static const merge_fn MERGE_X86[DT_COUNT][DT_COUNT] = {X86_ENTRY(DT_F32), X86_ENTRY(DT_BF16), X86_ENTRY(DT_F16)};
+static const cast_fn CAST_X86[DT_COUNT][DT_COUNT] = {X86_CAST(DT_F32), X86_CAST(DT_BF16), X86_CAST(DT_F16)};
+#endif
+
+/* Builds this CPU runs, best last (the caller picks: no state is kept here). */
+static PyObject *py_builds(PyObject *self, PyObject *unused) {
+    (void)self;
+    (void)unused;
+#ifdef HAVE_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+        return Py_BuildValue("(ss)", "generic", "avx2");
+#endif
+    return Py_BuildValue("(s)", "generic");
+}
+
+static int check_build(int build) {
+#ifdef HAVE_X86
+    if (build == 1) return 1;
+#endif
+    if (build != 0) {
+        PyErr_Format(PyExc_ValueError, "build %d is not available here", build);
+        return -1;
+    }
+    return 0;
+}
+
+/* -- Python interface ------------------------------------------------------------------------ */
+
+static int check_dtype(int dt, const char *what) {
+    if (dt < 0 || dt >= DT_COUNT) {
+        PyErr_Format(PyExc_ValueError, "%s: unknown dtype code %d", what, dt);
+        return -1;
+    }
+    return 0;
+}
+
+static int check_len(const Py_buffer *b, Py_ssize_t need, const char *what) {
+    if (b->len < need) {
+        PyErr_Format(PyExc_ValueError, "%s: %zd bytes, need %zd", what, b->len, need);
+        return -1;
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(merge_doc,
+             "merge(w, w_dtype, left, right, out, out_dtype, m, n, k, build)\n--\n\n"
+             "out = round(float32(w) + left @ right): w and out [m, n] raw elements of dtype codes 0 (float32), 1 "
+             "(bfloat16), 2 (float16); left [m, k] and right [k, n] C-contiguous float32. out may be w. build: 0 "
+             "portable C, 1 AVX2 (an index into builds()).");
+
+static PyObject *py_merge(PyObject *self, PyObject *args) {
+    Py_buffer w, l, r, o;
+    int wt, ot;
+    Py_ssize_t m, n, k;
+    int build;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*iy*y*w*innni", &w, &wt, &l, &r, &o, &ot, &m, &n, &k, &build)) return NULL;
+    PyObject *result = NULL;
+    const int x86 = check_build(build);
+    if (x86 < 0 || check_dtype(wt, "w") || check_dtype(ot, "out")) goto done;
+    if (m < 0 || n < 0 || k < 0) {
+        PyErr_SetString(PyExc_ValueError, "negative shape");
+        goto done;
+    }
+    if (check_len(&w, m * n * (Py_ssize_t)DT_SIZE[wt], "w") || check_len(&l, m * k * 4, "left") || check_len(&r, k * n * 4, "right") ||
+        check_len(&o, m * n * (Py_ssize_t)DT_SIZE[ot], "out"))
+        goto done;
+    if (((uintptr_t)l.buf | (uintptr_t)r.buf) % sizeof(float)) {
+        PyErr_SetString(PyExc_ValueError, "left and right must be 4-byte aligned float32");
+        goto done;
+    }
+    {
+        float *pack = x86 ? PyMem_RawMalloc((size_t)(k * (n / 16) * 16) * sizeof(float) + sizeof(float)) : NULL;
+        if (x86 && !pack) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        Py_BEGIN_ALLOW_THREADS
+#ifdef HAVE_X86
+        if (x86)
+            MERGE_X86[wt][ot]((const char *)w.buf, (const float *)l.buf, (const float *)r.buf, (char *)o.buf, m, n, k, pack);
+        else
+#endif
+            MERGE_GENERIC[wt][ot]((const char *)w.buf, (const float *)l.buf, (const float *)r.buf, (char *)o.buf, m, n, k, pack);
+        Py_END_ALLOW_THREADS
+        PyMem_RawFree(pack);
+    }
+    Py_INCREF(Py_None);
+    result = Py_None;
+done:
+    PyBuffer_Release(&w);
+    PyBuffer_Release(&l);
+    PyBuffer_Release(&r);
+    PyBuffer_Release(&o);
+    return result;
+}
+
+PyDoc_STRVAR(cast_doc, "cast(src, src_dtype, out, out_dtype, count, build)\n--\n\nConvert count elements between dtype codes, rounded as torch rounds.");
+
+static PyObject *py_cast(PyObject *self, PyObject *args) {
+    Py_buffer s, o;
+    int st, ot;
+    Py_ssize_t count;
+    int build;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*iw*ini", &s, &st, &o, &ot, &count, &build)) return NULL;
+    PyObject *result = NULL;
+    const int x86 = check_build(build);
+    if (x86 < 0 || check_dtype(st, "src") || check_dtype(ot, "out")) goto done;
+    if (count < 0) {
+        PyErr_SetString(PyExc_ValueError, "negative count");
+        goto done;
+    }
+    if (check_len(&s, count * (Py_ssize_t)DT_SIZE[st], "src") || check_len(&o, count * (Py_ssize_t)DT_SIZE[ot], "out")) goto done;
+    {
+        Py_BEGIN_ALLOW_THREADS
+#ifdef HAVE_X86
+        if (x86)
+            CAST_X86[st][ot]((const char *)s.buf, (char *)o.buf, count);
+        else
+#endif
+            CAST_GENERIC[st][ot]((const char *)s.buf, (char *)o.buf, count);
+        Py_END_ALLOW_THREADS
+        (void)x86;
+    }
+    Py_INCREF(Py_None);
+    result = Py_None;
+done:
+    PyBuffer_Release(&s);
+    PyBuffer_Release(&o);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"merge", py_merge, METH_VARARGS, merge_doc},
+    {"cast", py_cast, METH_VARARGS, cast_doc},
+    {"builds", py_builds, METH_NOARGS, "builds() -> the builds of the loops this CPU runs, best last."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_merge_ext", "Fused merge kernel (see merge_kernels.py).", -1, methods, NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__merge_ext(void) { return PyModule_Create(&module); }
