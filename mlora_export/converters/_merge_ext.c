@@ -82,9 +82,11 @@ INLINE void store1(char *p, float v, int dt) {
 }
 
 /* Rows per block: the block's rows of L (rows x k floats) stay in the L2 cache while every
- * 16-column strip of R (k x 16 floats, in L1) passes over them. */
+ * 16-column strip of R (k x 16 floats, in L1) passes over them, and a strip's rows of W and out
+ * (one page apart for a 2048-wide bfloat16 weight) stay within the TLB's reach. */
 static Py_ssize_t block_rows(Py_ssize_t k) {
     Py_ssize_t rows = 32768 / (k > 0 ? k : 1);
+    if (rows > 128) rows = 128;
     rows -= rows % 4;
     return rows < 4 ? 4 : rows;
 }
