@@ -334,4 +334,7 @@ def write_export_info(
         f.write("\n")
 
 
-__all__ = ["EXPORT_KINDS", "ExportKind", "INFO_NAME", "MODEL_NAME", "OnnxExportResult", "check_opset", "export_onnx", "resolve_kind", "write_export_info"]
+__all__ = [
+    "EXPORT_KINDS", "ExportKind", "INFO_NAME", "MODEL_NAME", "OnnxExportResult", "check_opset", "check_room", "export_onnx", "finish_model",
+    "graph_size", "open_export_inputs", "resolve_kind", "write_export_info",
+]
