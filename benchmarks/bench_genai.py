@@ -28,37 +28,15 @@ import tempfile
 import time
 from pathlib import Path
 
-HIDDEN, INTER, LAYERS, HEADS, VOCAB = 512, 1376, 8, 8, 32000
-RANK = 64
-TRAIN_RANKS = (8, 16, 32, 64)
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from _models import TRAIN_RANKS, VOCAB, build_llama_nested
+
 
 
 def build(work: Path) -> tuple[Path, Path]:
-    """The base model folder (with a byte-level BPE tokenizer) and the nested adapter."""
-    import torch
-    import transformers as tf
-
-    from mlora_export.adapter import MatryoshkaConfig, save_nested
+    """The base model folder (with token ids and a byte-level BPE tokenizer, for GenAI) and the nested adapter."""
     from mlora_export.demo.bpe_tokenizer import build_byte_bpe_tokenizer
 
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-        num_key_value_heads=HEADS, max_position_embeddings=1024, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    )
-    model = tf.LlamaForCausalLM(cfg).eval()
-    base = work / "base"
-    model.save_pretrained(base)
-    build_byte_bpe_tokenizer(512).save_pretrained(base)
-    gen = torch.Generator().manual_seed(1)
-    factors = {}
-    for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear) and name.rsplit(".", 1)[-1] in TARGETS:
-            factors[name] = (torch.randn(RANK, mod.in_features, generator=gen) * 0.02, torch.randn(mod.out_features, RANK, generator=gen) * 0.02)
-    nested = work / "nested"
-    save_nested(nested, factors, MatryoshkaConfig("matryoshka", RANK, TRAIN_RANKS, "sqrt", 1.0))
-    return base, nested
+    return build_llama_nested(work, config={"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}, tokenizer=build_byte_bpe_tokenizer(512))
 
 
 def prepare(work: Path) -> None:
@@ -133,7 +111,7 @@ def main() -> None:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-genai-"))
     work.mkdir(parents=True, exist_ok=True)
     if not (work / "builder").exists():
-        subprocess.run([sys.executable, "-c", f"import sys; sys.argv=['x']; from benchmarks.bench_genai import prepare; from pathlib import Path; prepare(Path({str(work)!r}))"],
+        subprocess.run([sys.executable, "-c", f"import sys; sys.argv=['x']; sys.path.insert(1, 'benchmarks'); from bench_genai import prepare; from pathlib import Path; prepare(Path({str(work)!r}))"],
                        check=True, cwd=Path(__file__).resolve().parent.parent)
     jobs = [("GenAI model builder, base (fp32)", {"folder": str(work / "builder")})]
     jobs += [(f"--genai, lora_rank={k}", {"folder": str(work / "genai"), "rank": k}) for k in (0, *TRAIN_RANKS)]

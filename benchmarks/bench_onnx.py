@@ -21,34 +21,13 @@ import tempfile
 import time
 from pathlib import Path
 
-HIDDEN, INTER, LAYERS, HEADS, VOCAB = 512, 1376, 8, 8, 32000
-RANK = 64
-TRAIN_RANKS = (8, 16, 32, 64)
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from _models import VOCAB, build_llama_nested
+
 
 
 def build(work: Path) -> tuple[Path, Path]:
-    import torch
-    import transformers as tf
-
-    from mlora_export.adapter import MatryoshkaConfig, save_nested
-
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-        num_key_value_heads=HEADS, max_position_embeddings=1024, tie_word_embeddings=False,
-    )
-    model = tf.LlamaForCausalLM(cfg).eval()
-    base = work / "base"
-    model.save_pretrained(base)
-    gen = torch.Generator().manual_seed(1)
-    factors = {}
-    for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear) and name.rsplit(".", 1)[-1] in TARGETS:
-            factors[name] = (torch.randn(RANK, mod.in_features, generator=gen) * 0.02, torch.randn(mod.out_features, RANK, generator=gen) * 0.02)
-    nested = work / "nested"
-    save_nested(nested, factors, MatryoshkaConfig("matryoshka", RANK, TRAIN_RANKS, "sqrt", 1.0))
-    return base, nested
+    """The base model folder and the nested adapter (:mod:`_models`)."""
+    return build_llama_nested(work)
 
 
 def main() -> None:

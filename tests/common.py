@@ -164,3 +164,46 @@ def poison_weights(path: Path, values: dict[str, float]) -> None:
         tensors[key].view(-1)[tensors[key].numel() // 2] = value
     specs = [(k, dtype_name(tensors[k].dtype), tuple(tensors[k].shape)) for k in order]
     write_safetensors(path, specs, [tensors[k] for k in order], {"format": "pt"})
+
+
+# -- multi-process training runs (tests/test_ddp.py, tests/test_sharded.py) -----------------------
+
+#: The words of the sort task the multi-process runs train on (each sorted is the completion).
+SORT_WORDS = ("cab", "fed", "hgi", "lkj", "onm", "rqp", "uts", "xwv", "bca", "edf", "gih", "jlk", "mon", "pqr", "tsu", "wxv")
+
+
+def write_sort_task(root: Path) -> dict[str, Path]:
+    """A tiny Llama base (``root/base``) and 128 sort-task records (``root/train.jsonl``), the input
+    of every multi-process training test; returns ``{"root", "base", "data"}``."""
+    import json
+
+    from mlora_export.demo.tiny import build_tiny_model
+
+    build_tiny_model(root / "base", seed=0, hidden_size=32, intermediate_size=48)
+    rows = [{"prompt": f"sort {w} =", "completion": " " + "".join(sorted(w))} for w in SORT_WORDS] * 8
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return {"root": root, "base": root / "base", "data": root / "train.jsonl"}
+
+
+def launch_env() -> dict[str, str]:
+    """The environment of a launched training run: one thread per process, debug tracebacks, and
+    none of the launcher variables of an enclosing run (the launcher sets its own)."""
+    import os
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "MLORA_DEBUG": "1"}
+    for key in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def sort_train_args(s: dict[str, Path], out: Path, batch: int, method: str) -> list[str]:
+    """``mlora-export train`` on the sort task: 6 steps of ``batch`` × 2 micro-batches per process.
+
+    The runs compared must train alike on any number of processes: for dylora the sampled rank
+    must agree across processes; for nested-loss each example's rank must be that of its position
+    in the global batch, whichever process runs it; or the runs diverge."""
+    return [
+        "train", "--base-model", str(s["base"]), "--data", str(s["data"]), "--ranks", "1,2,4,8", "--method", method,
+        "--output", str(out), "--max-steps", "6", "--batch-size", str(batch), "--grad-accum", "2", "--lr", "0.02",
+        "--seed", "3", "--json",
+    ]

@@ -561,6 +561,28 @@ def test_bundle_with_onnx_export_cli(nested: Path, base_dirs: dict, tmp_path: Pa
     assert res.exit_code == 2 and leftovers(tmp_path, "c") == []
 
 
+def test_bundle_with_a_bad_gguf_base_fails_before_any_export(nested: Path, base_dirs: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--gguf BASE`` is checked before the ONNX export (or anything else) runs: a base without a
+    config.json, or of an architecture llama.cpp cannot take, is exit 2 and leaves nothing behind."""
+    from mlora_export.converters import gguf as gguf_mod
+    from mlora_export.converters import onnx as onnx_pkg
+    from mlora_export.errors import BaseModelError, UnsupportedArchitectureError
+
+    def no_export(*a: object, **kw: object) -> None:
+        pytest.fail("an export ran before the GGUF base was checked")
+
+    monkeypatch.setattr(onnx_pkg, "export_onnx", no_export)
+    monkeypatch.setattr(gguf_mod, "export_gguf", no_export)
+    (tmp_path / "empty").mkdir()
+    for bad, error in ((tmp_path / "empty", BaseModelError), (base_dirs["bert"], UnsupportedArchitectureError)):
+        with pytest.raises(error):
+            write_bundle(nested, [2, 8], tmp_path / "b", onnx_base=base_dirs["llama"], gguf_base=bad)
+        assert leftovers(tmp_path, "b") == []
+        res = run("bundle", nested, "--ranks", "2,8", "--with-onnx", base_dirs["llama"], "--gguf", bad, "--output", tmp_path / "c")
+        assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+        assert leftovers(tmp_path, "c") == []
+
+
 @pytest.mark.slow
 def test_pull_auto_chooses_by_measured_latency_and_recorded_score(hub: HubServer, nested: Path, base_dirs: dict, tmp_path: Path) -> None:
     """``bundle --with-onnx --measure-latency`` records ms per rank with the machine; ``pull --rank auto``

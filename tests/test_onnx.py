@@ -311,14 +311,14 @@ def test_cli_failed_verification_keeps_previous_output(tmp_path: Path, exports, 
     """A mismatch above tolerance is exit 1 with the numbers; with --force the previous output stays intact."""
     import shutil
 
-    from mlora_export.converters.onnx import export as export_mod
+    from mlora_export.converters.onnx import verify as verify_mod
     from mlora_export.converters.onnx.verify import RankCheck
 
     out = tmp_path / "out"
     shutil.copytree(exports("gpt2", "fixed"), out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     calls: list[int] = []
-    monkeypatch.setattr(export_mod, "compare", lambda k, got, ref, atol, rtol: calls.append(k) or RankCheck(k, 0.5, 1e-4))
+    monkeypatch.setattr(verify_mod, "compare", lambda k, got, ref, atol, rtol: calls.append(k) or RankCheck(k, 0.5, 1e-4))
     args = ["onnx", str(nested_dirs["gpt2"]), "--base-model", str(base_dirs["gpt2"]), "--output", str(out), "--rank", str(FIXED_RANK), "--force"]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 1, res.output

@@ -22,6 +22,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.common import launch_env, sort_train_args, write_sort_task
+
 LAUNCH = Path(__file__).parent / "launch"
 
 _COMMON = """compute_environment: LOCAL_MACHINE
@@ -71,40 +73,19 @@ ENGINES = {"fsdp2": "fsdp2", "zero2": "deepspeed", "zero3": "deepspeed-zero3"}
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from mlora_export.demo.tiny import build_tiny_model
-
-    root = tmp_path_factory.mktemp("sharded")
-    build_tiny_model(root / "base", seed=0, hidden_size=32, intermediate_size=48)
-    rows = [{"prompt": f"sort {w} =", "completion": " " + "".join(sorted(w))}
-            for w in ("cab", "fed", "hgi", "lkj", "onm", "rqp", "uts", "xwv", "bca", "edf", "gih", "jlk", "mon", "pqr", "tsu", "wxv")] * 8
-    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    s = write_sort_task(tmp_path_factory.mktemp("sharded"))
     for name, text in CONFIGS.items():
-        (root / f"{name}.yaml").write_text(text, encoding="utf-8")
-    return {"root": root, "base": root / "base", "data": root / "train.jsonl"}
-
-
-def _env() -> dict[str, str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "MLORA_DEBUG": "1"}
-    for key in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return env
+        (s["root"] / f"{name}.yaml").write_text(text, encoding="utf-8")
+    return s
 
 
 def _launch(setup: dict[str, Path], engine: str, *program: str, timeout: int = 480) -> subprocess.CompletedProcess[str]:
     """``accelerate launch --config_file <engine>.yaml tests/launch/cpu_accelerate.py PROGRAM``."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(setup["root"] / f"{engine}.yaml"),
            "--main_process_port", "0", str(LAUNCH / "cpu_accelerate.py"), *program]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, env=launch_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-6000:]
     return proc
-
-
-def _train_args(s: dict[str, Path], out: Path, batch: int, method: str) -> list[str]:
-    return [
-        "train", "--base-model", str(s["base"]), "--data", str(s["data"]), "--ranks", "1,2,4,8", "--method", method,
-        "--output", str(out), "--max-steps", "6", "--batch-size", str(batch), "--grad-accum", "2", "--lr", "0.02",
-        "--seed", "3", "--json",
-    ]
 
 
 _single: dict[str, Path] = {}
@@ -114,8 +95,8 @@ def _one_process(setup: dict[str, Path], method: str) -> Path:
     """The 1-process run with the same global batch (8 × 2 micro-batches), once per method per module."""
     if method not in _single:
         out = setup["root"] / f"one-{method}"
-        proc = subprocess.run([sys.executable, "-m", "mlora_export", *_train_args(setup, out, batch=8, method=method)],
-                              env=_env(), capture_output=True, text=True, timeout=240)
+        proc = subprocess.run([sys.executable, "-m", "mlora_export", *sort_train_args(setup, out, batch=8, method=method)],
+                              env=launch_env(), capture_output=True, text=True, timeout=240)
         assert proc.returncode == 0, proc.stderr[-4000:]
         assert json.loads(proc.stdout)["engine"] == "single"
         _single[method] = out
@@ -141,7 +122,7 @@ def test_sharded_run_equals_one_process(setup: dict[str, Path], engine: str, met
         pytest.importorskip("deepspeed")
     root = setup["root"] / f"{engine}-{method}"
     root.mkdir()
-    proc = _launch(setup, engine, *_train_args(setup, root / "out", batch=4, method=method))
+    proc = _launch(setup, engine, *sort_train_args(setup, root / "out", batch=4, method=method))
     info = json.loads(proc.stdout[proc.stdout.index("{"):proc.stdout.rindex("}") + 1])  # printed once, by the main process
     assert proc.stdout.count('"world_size"') == 1 and info["world_size"] == 2 and info["steps"] == 6
     assert info["engine"] == ENGINES[engine]
@@ -168,7 +149,7 @@ def test_gather_from_torch_fsdp1_and_fsdp2() -> None:
     """torch's own FSDP1 and FSDP2 on 2 processes: the LoRA factors are sharded, and ``factors()``
     returns them whole and bit-identical on the main process (nothing on the other)."""
     root = Path(__file__).resolve().parent.parent
-    env = {**_env(), "PYTHONPATH": os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)}
+    env = {**launch_env(), "PYTHONPATH": os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(LAUNCH / "fsdp_gather.py")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=root)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -583,6 +583,30 @@ def test_base_without_tokenizer_is_named(proj: Path, tmp_path: Path) -> None:
     assert res.exit_code == 2 and "has no tokenizer" in one_line(res), res.output
 
 
+@pytest.mark.parametrize("error", [MemoryError("out of memory"), torch.OutOfMemoryError("CUDA out of memory")])
+def test_out_of_memory_while_loading_the_base_is_not_a_bad_base(proj: Path, monkeypatch: pytest.MonkeyPatch, error: BaseException) -> None:
+    """Running out of memory is the machine's limit, not a fault of the folder: it propagates unchanged
+    (exit 1 in the CLI), while any other loader failure stays a BaseModelError (exit 2)."""
+    import transformers
+
+    from mlora_export.base import load_base_model
+    from mlora_export.errors import BaseModelError
+
+    def fail(*a: object, **kw: object) -> None:
+        raise error
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fail)
+    with pytest.raises(type(error)) as got:
+        load_base_model(proj / "base")
+    assert got.value is error and not isinstance(got.value, BaseModelError)
+    res = run("eval", "nested", "--base-model", "base", "--data", "data/train.jsonl", "--device", "cpu", "--output", "out")
+    assert res.exit_code == 1, res.output
+    assert not (proj / "out").exists()
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **kw: (_ for _ in ()).throw(ValueError("bad weights")))
+    with pytest.raises(BaseModelError, match="bad weights"):
+        load_base_model(proj / "base")
+
+
 @pytest.mark.parametrize("device", ["bogus", "cuda:7", "cuda:99"])
 def test_eval_bad_device(proj: Path, device: str) -> None:
     if device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.device_count() > int(device.split(":")[1]):

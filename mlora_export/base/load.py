@@ -88,6 +88,15 @@ def base_task(path: str | os.PathLike[str]) -> Task:
     )
 
 
+def _not_input_errors(torch: Any) -> tuple[type[BaseException], ...]:
+    """Failures of the machine, not of the base folder, that loading lets through unchanged: out of
+    host memory (``MemoryError``) or of accelerator memory (``torch.OutOfMemoryError``). They are
+    resource limits to report as such (exit 1), not bad input. (A ``RecursionError`` stays a bad
+    folder: only a hostile file gets the loader there.)"""
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)
+    return (MemoryError,) + ((oom,) if isinstance(oom, type) else ())
+
+
 def load_base_model(
     path: str | os.PathLike[str], dtype: str = "float32", *, device: str | None = None, task: Task = TASK_CAUSAL_LM,
 ) -> Any:
@@ -99,6 +108,7 @@ def load_base_model(
     Raises:
         ConfigError: an unknown ``dtype`` or ``device``.
         BaseModelError: the folder fails :func:`~.folder.scan_base` or transformers cannot load it.
+        MemoryError, torch.OutOfMemoryError: not enough memory for the model (propagated unchanged).
     """
     import torch
     import transformers
@@ -111,7 +121,9 @@ def load_base_model(
     torch_dtype: Any = "auto" if dtype == "auto" else getattr(torch, dtype)
     try:
         model = auto.from_pretrained(str(p), local_files_only=True, use_safetensors=True, dtype=torch_dtype)
-    except Exception as e:  # noqa: BLE001 - any failure to build the model from the folder is a bad base folder
+    except _not_input_errors(torch):
+        raise  # the machine ran out of something: not a fault of the folder, so not a BaseModelError (exit 2)
+    except Exception as e:  # noqa: BLE001 - any other failure to build the model from the folder is a bad base folder
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         kind = "a sequence classifier" if task == TASK_SEQ_CLS else "a causal language model"
         raise BaseModelError(f"{str(p)!r}: transformers cannot load it as {kind} ({type(e).__name__}: {first})") from e

@@ -10,6 +10,8 @@ from typing import Any
 
 import click
 
+from ..adapter.ranks import SCALE_MODES
+
 
 class RankList(click.ParamType):
     """``--ranks 8,16`` → ``(8, 16)`` sorted and de-duplicated; ``all`` passes through when allowed."""
@@ -76,6 +78,12 @@ def adapter_argument(func: Callable[..., Any]) -> Callable[..., Any]:
 def ranks_option(func: Callable[..., Any]) -> Callable[..., Any]:
     """``--ranks 8,16`` or ``all`` (the train ranks), required."""
     return click.option("--ranks", required=True, type=RankList(), help="Comma-separated ranks (e.g. 8,16) or 'all' for the train ranks.")(func)
+
+
+def scale_mode_option(help: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--scale-mode baked|native`` (default ``baked``): how a written slice expresses ``s(k)``,
+    one choice list and default for every command that writes slices; ``help`` says it in the command's terms."""
+    return click.option("--scale-mode", type=click.Choice(list(SCALE_MODES)), default="baked", show_default=True, help=help)
 
 
 def force_option(func: Callable[..., Any]) -> Callable[..., Any]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import click
 
-from ..adapter.ranks import SCALE_MODES
 from ..converters.gguf import OUT_TYPES
 from ._errors import handle_errors
 from ._options import (
@@ -15,6 +14,7 @@ from ._options import (
     force_option,
     json_option,
     ranks_option,
+    scale_mode_option,
 )
 
 
@@ -28,8 +28,8 @@ from ._options import (
               help="Name the architecture (llama, mistral, qwen2, qwen3, gpt2) for a base that is not local; Llama-family bases still need --base-model (head counts).")
 @click.option("--outtype", "out_type", type=click.Choice(list(OUT_TYPES)), default=None,
               help="Tensor type, as convert_lora_to_gguf.py --outtype. [default: the adapter's dtype]")
-@click.option("--scale-mode", type=click.Choice(list(SCALE_MODES)), default="baked", show_default=True,
-              help="baked: s(k) folded into lora_b, alpha = k; native: exact prefix, alpha = s(k)·k. llama.cpp applies alpha/k either way.")
+@scale_mode_option(
+    "baked: s(k) folded into lora_b, alpha = k; native: exact prefix, alpha = s(k)·k. llama.cpp applies alpha/k either way.")
 @click.option("--name", default="{adapter}-r{rank}", show_default=True, help="general.name of each file ({adapter}: the adapter folder's name, {rank}: the rank).")
 @force_option
 @json_option

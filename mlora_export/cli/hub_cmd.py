@@ -7,7 +7,6 @@ from typing import Any
 
 import click
 
-from ..adapter.ranks import SCALE_MODES
 from ..evaluation.scoring import METRICS
 from ..units import human_bytes
 from ._errors import handle_errors
@@ -18,6 +17,7 @@ from ._options import (
     echo_table,
     force_option,
     json_option,
+    scale_mode_option,
 )
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
@@ -67,7 +67,7 @@ _BUNDLE_FLAGS = {"ranks": "--ranks", "base_model_id": "--base-model", "license_i
 def _bundle_options(func: Any) -> Any:
     for opt in reversed([
         click.option("--ranks", type=RankList(), default="all", show_default=True, help="Comma-separated ranks (e.g. 4,8,16) or 'all' for the train ranks."),
-        click.option("--scale-mode", type=click.Choice(list(SCALE_MODES)), default="baked", show_default=True, help="How the slices express s(k) (see `mlora-export slice --help`)."),
+        scale_mode_option("How the slices express s(k) (see `mlora-export slice --help`)."),
         click.option("--base-model", help="Hub id of the base model for the card (default: the one recorded in the adapter)."),
         click.option("--license", "license_id", help="License id for the card, e.g. apache-2.0."),
         click.option("--default-rank", type=click.IntRange(min=1),

@@ -153,18 +153,13 @@ class _EchoHandler(logging.Handler):
             self.handleError(record)
 
 
-main.add_command(inspect_cmd.inspect)
-main.add_command(slice_cmd.slice_)
-main.add_command(renest_cmd.renest)
-main.add_command(merge_cmd.merge)
-main.add_command(hub_cmd.bundle)
-main.add_command(hub_cmd.push_hub)
-main.add_command(hub_cmd.pull)
-main.add_command(demo_cmd.demo)
-main.add_command(train_cmd.train)
-main.add_command(onnx_cmd.onnx)
-main.add_command(gguf_cmd.gguf)
-main.add_command(eval_cmd.eval_)
+#: Every command of ``mlora-export`` (``--help`` lists them by name).
+COMMANDS: tuple[click.Command, ...] = (
+    inspect_cmd.inspect, slice_cmd.slice_, renest_cmd.renest, merge_cmd.merge, hub_cmd.bundle, hub_cmd.push_hub, hub_cmd.pull,
+    demo_cmd.demo, train_cmd.train, onnx_cmd.onnx, gguf_cmd.gguf, eval_cmd.eval_,
+)
+for _command in COMMANDS:
+    main.add_command(_command)
 
 # The verbosity options work after the command name too (`mlora-export onnx ... -v`).
 for _command in main.commands.values():

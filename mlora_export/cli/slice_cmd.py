@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import click
 
-from ..adapter.ranks import SCALE_MODES
 from ._errors import handle_errors
 from ._options import (
     BarProgress,
@@ -14,6 +13,7 @@ from ._options import (
     force_option,
     json_option,
     ranks_option,
+    scale_mode_option,
 )
 
 
@@ -21,8 +21,8 @@ from ._options import (
 @adapter_argument
 @ranks_option
 @click.option("--output", "-o", required=True, type=click.Path(path_type=str), help="Folder to create; one r{k}/ PEFT adapter per rank.")
-@click.option("--scale-mode", type=click.Choice(list(SCALE_MODES)), default="baked", show_default=True,
-              help="baked: s(k) folded into lora_B, lora_alpha = k (every runtime reads it alike); native: exact prefix, s(k) as lora_alpha = s(k)·k (no use_rslora).")
+@scale_mode_option(
+    "baked: s(k) folded into lora_B, lora_alpha = k (every runtime reads it alike); native: exact prefix, s(k) as lora_alpha = s(k)·k (no use_rslora).")
 @force_option
 @json_option
 @handle_errors

@@ -400,6 +400,32 @@ def write_gguf(
     return GGUFResult(k, Path(path), alpha, adapter.scale(k), count, size, out_type, base.architecture)
 
 
+def check_gguf_export(
+    adapter: NestedAdapter,
+    ranks: Iterable[int] | str,
+    *,
+    base_model: str | os.PathLike[str] | Mapping[str, Any] | None = None,
+    arch: str | None = None,
+    out_type: str | None = None,
+    name: str = DEFAULT_NAME,
+) -> tuple[tuple[int, ...], str, GGUFBase]:
+    """Every check :func:`export_gguf` makes on its options and the base before it writes a byte
+    (the ranks, the out type, the name template, the base's architecture and tensor names), so
+    a caller with more expensive work to do first (``write_bundle``) can make them up front.
+
+    Returns ``(ranks, out_type, base)``, resolved.
+
+    Raises:
+        RankError, ConfigError, BaseModelError, UnsupportedArchitectureError: see :func:`export_gguf`.
+    """
+    ks = resolve_ranks(adapter, ranks if isinstance(ranks, str) else list(ranks))
+    out_type = check_out_type(out_type, adapter)
+    format_name(name, adapter, ks[0])
+    base = resolve_base(adapter, base_model, arch=arch)
+    tensor_names(adapter, base)  # refuse unmappable modules before anything is written
+    return ks, out_type, base
+
+
 def export_gguf(
     adapter: NestedAdapter | str | os.PathLike[str],
     ranks: Iterable[int] | str,
@@ -434,11 +460,7 @@ def export_gguf(
         inputs.append(base_model)
     check_output_path(output, force, inputs)
     nested = adapter if isinstance(adapter, NestedAdapter) else NestedAdapter.load(adapter)
-    ks = resolve_ranks(nested, ranks if isinstance(ranks, str) else list(ranks))
-    out_type = check_out_type(out_type, nested)
-    format_name(name, nested, ks[0])
-    base = resolve_base(nested, base_model, arch=arch)
-    tensor_names(nested, base)  # refuse unmappable modules before anything is written
+    ks, out_type, base = check_gguf_export(nested, ranks, base_model=base_model, arch=arch, out_type=out_type, name=name)
     total = sum(nested.bytes_at(k) for k in ks)
     done = 0
     results = []
@@ -462,6 +484,7 @@ __all__ = [
     "GGUFBase",
     "GGUFResult",
     "base_from_config",
+    "check_gguf_export",
     "check_out_type",
     "check_scale_mode",
     "export_gguf",

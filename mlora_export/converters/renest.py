@@ -545,31 +545,59 @@ def renest_adapter(
     out_dtype = _check_options(max_rank, energy, dtype, workers)
     check_output_path(output, force, inputs=(source,))
     src = _read_source(source)
-    out_dtype = out_dtype or src.dtype
-    if out_dtype is None:
-        found = sorted({t.dtype for m in src.modules for t in (m.a, m.b)})
-        raise InvalidAdapterError(f"{src.weights}: LoRA tensors mix dtypes {found}; choose the output dtype", option="dtype")
+    out_dtype = _output_dtype(src, out_dtype)
     source_rank = src.rank
     if max_rank is not None and max_rank > source_rank:
         raise RankError(f"max rank {max_rank} is outside [1, {source_rank}] for adapter {str(src.path)!r} (its largest rank is {source_rank})")
     rank = max_rank or source_rank
-    specs: list[tuple[str, str, tuple[int, ...]]] = []
-    for m in src.modules:
-        specs.append((m.a.name, out_dtype, (rank, m.in_features)))
-        specs.append((m.b.name, out_dtype, (m.out_features, rank)))
     params = sum(rank * (m.in_features + m.out_features) for m in src.modules)
     check_free_space(Path(output).absolute().parent, params * DTYPE_SIZES[out_dtype])
+    with atomic_output_dir(output, force) as tmp:
+        sigmas, nbytes = _write_factors(src, tmp / WEIGHTS_NAME, rank, out_dtype, workers, progress)
+        full = _energy(sigmas, source_rank)
+        kept = full[:rank]
+        target = float(energy) if energy is not None else None
+        at = _energy_at(full, target, rank)
+        write_json(tmp / PEFT_CONFIG_NAME, _output_peft_config(src, rank))
+        write_json(tmp / CONFIG_NAME, _output_config(src, rank, kept, target, at).to_dict())
+    logger.info("re-nested %d modules of %s at rank %d into %s", len(src.modules), src.path, rank, output)
+    return RenestResult(
+        path=Path(output), source=src.path, max_rank=rank, source_rank=source_rank, modules=len(src.modules), params=params,
+        bytes=nbytes, dtype=out_dtype, source_dtype=src.dtype or "mixed", energy=tuple(kept), energy_target=target,
+        energy_rank=at, seconds=time.perf_counter() - t0,
+    )
 
-    total = sum(m.a.nbytes + m.b.nbytes for m in src.modules)
-    lock = threading.Lock()
-    done = [0]
 
-    def report(nbytes: int) -> None:
-        with lock:
-            done[0] += nbytes
-            if progress is not None:
-                progress(done[0], total)
+def _output_dtype(src: _Source, dtype: str | None) -> str:
+    """The output dtype: the one asked for, else the source's own.
 
+    Raises:
+        InvalidAdapterError: none asked for and the source's LoRA tensors mix dtypes.
+    """
+    out_dtype = dtype or src.dtype
+    if out_dtype is None:
+        found = sorted({t.dtype for m in src.modules for t in (m.a, m.b)})
+        raise InvalidAdapterError(f"{src.weights}: LoRA tensors mix dtypes {found}; choose the output dtype", option="dtype")
+    return out_dtype
+
+
+def _write_factors(
+    src: _Source, path: Path, rank: int, dtype: str, workers: int | None, progress: Progress | None,
+) -> tuple[list[np.ndarray], int]:
+    """Re-nest every module of ``src`` into the safetensors file ``path`` (``rank`` components,
+    ``dtype``), with ``workers`` threads sharing the modules (:func:`_renest_modules`).
+
+    Returns each module's singular values (in module order) and the bytes written; ``progress``
+    is told the source bytes done.
+
+    Raises:
+        InvalidAdapterError: the first module (in file order) with a NaN or an infinity.
+    """
+    specs: list[tuple[str, str, tuple[int, ...]]] = []
+    for m in src.modules:
+        specs.append((m.a.name, dtype, (rank, m.in_features)))
+        specs.append((m.b.name, dtype, (m.out_features, rank)))
+    report = _ByteProgress(sum(m.a.nbytes + m.b.nbytes for m in src.modules), progress)
     sigmas: list[np.ndarray | None] = [None] * len(src.modules)
     todo: "queue.SimpleQueue[int]" = queue.SimpleQueue()
     for i in range(len(src.modules)):
@@ -577,43 +605,58 @@ def renest_adapter(
     bad: list[tuple[int, InvalidAdapterError]] = []
     stop = threading.Event()
     threads = max(1, min(workers or worker_threads(_MAX_WORKERS), len(src.modules)))
-    with atomic_output_dir(output, force) as tmp:
-        with open(src.weights, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            with SafetensorsWriter(tmp / WEIGHTS_NAME, specs, {"format": "pt"}) as writer, blas_threads(1):
-                with ThreadPoolExecutor(max_workers=threads) as pool:
-                    futures = [pool.submit(_renest_modules, src, mm, writer, rank, out_dtype, todo, sigmas, bad, stop, report) for _ in range(threads)]
-                    try:
-                        wait(futures)
-                    finally:
-                        stop.set()  # on Ctrl-C the threads stop at their next module
-                errors = [e for e in (f.exception() for f in futures) if e is not None and not isinstance(e, _Cancelled)]
-                if errors:
-                    raise errors[0]
-                if bad:
-                    raise min(bad, key=lambda item: item[0])[1]  # the first bad module in file order
-            nbytes = writer.bytes_written
-        full = _energy([s for s in sigmas if s is not None], source_rank)
-        kept = full[:rank]
-        target = float(energy) if energy is not None else None
-        at = energy_rank(full, target) if target is not None else None
-        if at is not None and at > rank:
-            logger.warning(
-                "the smallest rank keeping %g of the energy is %d (%.4g), above the output's max rank %d (which keeps %.4g)",
-                target, at, full[at - 1], rank, kept[-1],
-            )
-        extra: dict[str, Any] = {"base_model": src.peft_config.get("base_model_name_or_path"), "energy": kept}
-        if target is not None:
-            extra.update({"energy_target": target, "energy_rank": at})
-        extra["source"] = {**src.provenance, "dtype": src.dtype, "rank": source_rank}
-        config = MatryoshkaConfig("svd", rank, tuple(range(1, rank + 1)), "none", 1.0, extra=extra)
-        write_json(tmp / PEFT_CONFIG_NAME, _output_peft_config(src, rank))
-        write_json(tmp / CONFIG_NAME, config.to_dict())
-    logger.info("re-nested %d modules of %s at rank %d into %s", len(src.modules), src.path, rank, output)
-    return RenestResult(
-        path=Path(output), source=src.path, max_rank=rank, source_rank=source_rank, modules=len(src.modules), params=params,
-        bytes=nbytes, dtype=out_dtype, source_dtype=src.dtype or "mixed", energy=tuple(kept), energy_target=target,
-        energy_rank=at, seconds=time.perf_counter() - t0,
-    )
+    with open(src.weights, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        with SafetensorsWriter(path, specs, {"format": "pt"}) as writer, blas_threads(1):
+            with ThreadPoolExecutor(max_workers=threads) as pool:
+                futures = [pool.submit(_renest_modules, src, mm, writer, rank, dtype, todo, sigmas, bad, stop, report) for _ in range(threads)]
+                try:
+                    wait(futures)
+                finally:
+                    stop.set()  # on Ctrl-C the threads stop at their next module
+            errors = [e for e in (f.exception() for f in futures) if e is not None and not isinstance(e, _Cancelled)]
+            if errors:
+                raise errors[0]
+            if bad:
+                raise min(bad, key=lambda item: item[0])[1]  # the first bad module in file order
+        return [s for s in sigmas if s is not None], writer.bytes_written
+
+
+class _ByteProgress:
+    """``progress(done, total)`` in bytes, safe to call from several threads at once."""
+
+    def __init__(self, total: int, progress: Progress | None) -> None:
+        self.total = total
+        self.done = 0
+        self._progress = progress
+        self._lock = threading.Lock()
+
+    def __call__(self, nbytes: int) -> None:
+        with self._lock:
+            self.done += nbytes
+            if self._progress is not None:
+                self._progress(self.done, self.total)
+
+
+def _energy_at(full: Sequence[float], target: float | None, rank: int) -> int | None:
+    """The smallest rank keeping ``target`` of the energy (``None`` without a target); warns when
+    it lies above the output's ``rank``, which then keeps less."""
+    at = energy_rank(full, target) if target is not None else None
+    if at is not None and at > rank:
+        logger.warning(
+            "the smallest rank keeping %g of the energy is %d (%.4g), above the output's max rank %d (which keeps %.4g)",
+            target, at, full[at - 1], rank, full[rank - 1],
+        )
+    return at
+
+
+def _output_config(src: _Source, rank: int, kept: Sequence[float], target: float | None, at: int | None) -> MatryoshkaConfig:
+    """The output's ``matryoshka_config.json``: method ``svd``, train ranks ``1…rank``, scaling
+    ``none`` with alpha 1 (the scale is in ``B'``), the energy kept per rank, the source's provenance."""
+    extra: dict[str, Any] = {"base_model": src.peft_config.get("base_model_name_or_path"), "energy": list(kept)}
+    if target is not None:
+        extra.update({"energy_target": target, "energy_rank": at})
+    extra["source"] = {**src.provenance, "dtype": src.dtype, "rank": src.rank}
+    return MatryoshkaConfig("svd", rank, tuple(range(1, rank + 1)), "none", 1.0, extra=extra)
 
 
 __all__ = ["DTYPES", "RenestResult", "energy_rank", "pattern_key", "r_factor", "renest_adapter", "renest_factors"]

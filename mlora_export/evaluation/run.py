@@ -116,14 +116,9 @@ def evaluate(
         BaseModelMismatchError: bad inputs (see the helpers above); ``record`` with no nested
             adapter folder among ``adapters`` (ConfigError).
     """
-    from ..training import load_nested_adapter
     from .report import record_entry, record_evaluation
 
-    check_metric(metric)
-    if not is_int(batch_size) or batch_size < 1:
-        raise ConfigError(f"batch size must be a positive integer, got {batch_size!r}")
-    if max_new_tokens is not None and (not is_int(max_new_tokens) or max_new_tokens < 1):
-        raise ConfigError(f"max new tokens must be a positive integer, got {max_new_tokens!r}")
+    _check_scoring_options(metric, batch_size, max_new_tokens)
     t0 = time.perf_counter()
     curves = plan_curves(adapters, ranks)
     if record and not any(c.recordable for c in curves):
@@ -144,31 +139,10 @@ def evaluate(
         for a, _ in c.members:
             check_fits(a, model, base=str(base_model))
     total = sum(len(ks) for c in curves for _, ks in c.members) + int(with_base)
-    done = 0
-    kw = {"metric": metric, "batch_size": batch_size, "max_new_tokens": max_new_tokens}
-    base_score = None
-    if with_base:
-        base_score = score_model(model, tokenizer, data, rank=0, **kw)
-        done += 1
-        if progress:
-            progress(done, total)
+    score = _Scorer(tokenizer, data, {"metric": metric, "batch_size": batch_size, "max_new_tokens": max_new_tokens}, total, progress)
+    base_score = score(model, 0) if with_base else None
     for c in curves:
-        for adapter, ks in c.members:
-            handle = load_nested_adapter(model, adapter)
-            try:
-                for k in ks:
-                    handle.set_rank(k)
-                    point = score_model(handle.model, tokenizer, data, rank=k, **kw)
-                    point.adapter = str(adapter.path)
-                    c.points.append(point)
-                    logger.info("%s rank %d: %s = %.6g", c.label, k, metric, point.score)
-                    done += 1
-                    if progress:
-                        progress(done, total)
-            finally:
-                handle.remove()
-                model = handle.model.unload()
-        c.aurac = aurac([p.rank for p in c.points], [p.score for p in c.points])
+        model = _score_curve(model, c, score)
     result = EvalResult(metric, curves, data, str(base_model), base_score, time.perf_counter() - t0)
     if record:
         for c in curves:
@@ -179,3 +153,51 @@ def evaluate(
     return result
 
 
+def _check_scoring_options(metric: str, batch_size: int, max_new_tokens: int | None) -> None:
+    """Validate how each rank is scored.
+
+    Raises:
+        ConfigError: an unknown metric, or a batch size or generation budget that is not a positive integer.
+    """
+    check_metric(metric)
+    if not is_int(batch_size) or batch_size < 1:
+        raise ConfigError(f"batch size must be a positive integer, got {batch_size!r}")
+    if max_new_tokens is not None and (not is_int(max_new_tokens) or max_new_tokens < 1):
+        raise ConfigError(f"max new tokens must be a positive integer, got {max_new_tokens!r}")
+
+
+class _Scorer:
+    """Scores one model at one rank on the evaluation data (:func:`~.scoring.score_model`) and
+    reports ``progress(done, total)`` in scored ranks."""
+
+    def __init__(self, tokenizer: Any, data: EvalData, options: dict[str, Any], total: int, progress: Progress | None) -> None:
+        self.tokenizer, self.data, self.options = tokenizer, data, options
+        self.total, self.done, self.progress = total, 0, progress
+
+    def __call__(self, model: Any, rank: int) -> RankScore:
+        point = score_model(model, self.tokenizer, self.data, rank=rank, **self.options)
+        self.done += 1
+        if self.progress:
+            self.progress(self.done, self.total)
+        return point
+
+
+def _score_curve(model: Any, curve: Curve, score: _Scorer) -> Any:
+    """Score every member of ``curve`` at its ranks, each put on ``model`` and switched in place,
+    then unloaded again; fill the curve's points and AURAC. Returns the bare base model."""
+    from ..training import load_nested_adapter
+
+    for adapter, ks in curve.members:
+        handle = load_nested_adapter(model, adapter)
+        try:
+            for k in ks:
+                handle.set_rank(k)
+                point = score(handle.model, k)
+                point.adapter = str(adapter.path)
+                curve.points.append(point)
+                logger.info("%s rank %d: %s = %.6g", curve.label, k, score.options["metric"], point.score)
+        finally:
+            handle.remove()
+            model = handle.model.unload()
+    curve.aurac = aurac([p.rank for p in curve.points], [p.score for p in curve.points])
+    return model

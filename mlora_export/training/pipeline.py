@@ -312,70 +312,36 @@ def train(
         BaseModelError: the base folder is missing, pickle-only or unloadable.
         DataError: the data file is missing or malformed (the message names the line).
     """
-    from ..data import CompletionCollator, load_jsonl, tokenize_examples
+    from ..data import load_jsonl, tokenize_examples
 
     # every check that needs no torch first: a bad argument or file is reported in a blink
     settings = settings or TrainSettings()
-    cfg = settings.validate()
+    settings.validate()
     check_output_path(output, force, inputs=(base_model, data_path))  # --force may never replace an input
     examples = load_jsonl(data_path)
     base = check_base_model_dir(base_model)  # its model_type check imports transformers (about a second)
 
-    from transformers import Trainer
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-    from .callbacks import NestedRankCallback, StepProgressCallback
-    from .model import add_nested_adapter
-
     tokenizer = load_tokenizer(base)
     features = tokenize_examples(examples, tokenizer, settings.max_length, source=str(data_path))
-    model = load_base_model(base, settings.dtype)
-    if getattr(model.config, "use_cache", None):
-        model.config.use_cache = False
     cfg = settings.nested_config(base_model=base_model_id or str(base_model))
-    targets = settings.target_modules if isinstance(settings.target_modules, str) else list(settings.target_modules)
-    nested = add_nested_adapter(model, cfg, target_modules=targets, dropout=settings.dropout, seed=settings.seed)
-    if settings.gradient_checkpointing:
-        nested.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        nested.model.enable_input_require_grads()
+    nested, targets = _nested_model(base, settings, cfg)
     trainable = sum(p.numel() for p in nested.model.parameters() if p.requires_grad)
-    _warn_rank_above_width(nested)
 
     scratch = Path(tempfile.mkdtemp(prefix="mlora-train-"))
     try:
-        args = _training_arguments(settings, scratch)
-        trainer = Trainer(
-            model=nested.model,
-            args=args,
-            train_dataset=features,
-            data_collator=CompletionCollator(tokenizer.pad_token_id),
-            callbacks=[NestedRankCallback(nested)],
-        )
-        # no log lines on stdout (the CLI's --json owns it); our own bar instead of Trainer's
-        trainer.remove_callback(PrinterCallback)
-        trainer.remove_callback(ProgressCallback)
-        if progress is not None:
-            trainer.add_callback(StepProgressCallback(progress))
+        trainer = _make_trainer(nested, settings, scratch, features, tokenizer.pad_token_id, progress)
+        world = trainer.args.world_size
         if trainer.is_world_process_zero():
-            _warn_few_steps(settings, len(features), args.world_size)
+            _warn_few_steps(settings, len(features), world)
         t0 = time.perf_counter()
         out = trainer.train()
         seconds = time.perf_counter() - t0
         losses = [(int(h["step"]), float(h["loss"])) for h in trainer.state.log_history if "loss" in h]
         main = trainer.is_world_process_zero()
-        world = args.world_size
         nested.model.eval()
         engine = engine_of(nested.model)
-        _save_on_main(nested, output, force=force, main=main, world=world, extra={
-            "training": {
-                "data": Path(data_path).name,
-                "steps": trainer.state.global_step,
-                "lr": settings.lr,
-                "seed": settings.seed,
-                "batch_size": settings.batch_size * settings.grad_accum * world,
-                "target_modules": targets,
-            }
-        })
+        record = _training_record(settings, data_path, trainer.state.global_step, world, targets)
+        _save_on_main(nested, output, force=force, main=main, world=world, extra={"training": record})
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return TrainResult(
@@ -394,6 +360,66 @@ def train(
         losses=losses,
         engine=engine,
     )
+
+
+def _nested_model(base: Path, settings: TrainSettings, cfg: MatryoshkaConfig) -> tuple[Any, str | list[str]]:
+    """``(nested, targets)``: the base model loaded in the settings' dtype (no KV cache: training
+    never decodes) with a nested adapter of ``cfg`` on its target modules, gradient checkpointing on
+    when asked; warns about targets narrower than the rank.
+
+    Raises:
+        BaseModelError: transformers cannot load the base.
+        ConfigError: the target modules match nothing in the model.
+    """
+    from .model import add_nested_adapter
+
+    model = load_base_model(base, settings.dtype)
+    if getattr(model.config, "use_cache", None):
+        model.config.use_cache = False
+    targets = settings.target_modules if isinstance(settings.target_modules, str) else list(settings.target_modules)
+    nested = add_nested_adapter(model, cfg, target_modules=targets, dropout=settings.dropout, seed=settings.seed)
+    if settings.gradient_checkpointing:
+        nested.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        nested.model.enable_input_require_grads()
+    _warn_rank_above_width(nested)
+    return nested, targets
+
+
+def _make_trainer(nested: Any, settings: TrainSettings, scratch: Path, features: Sequence[dict[str, list[int]]], pad_token_id: int,
+                  progress: Progress | None) -> Any:
+    """A stock ``transformers.Trainer`` on the nested model with :class:`~.callbacks.NestedRankCallback`;
+    no log lines on stdout (the CLI's ``--json`` owns it) and our own progress instead of Trainer's bar."""
+    from transformers import Trainer
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from ..data import CompletionCollator
+    from .callbacks import NestedRankCallback, StepProgressCallback
+
+    trainer = Trainer(
+        model=nested.model,
+        args=_training_arguments(settings, scratch),
+        train_dataset=features,
+        data_collator=CompletionCollator(pad_token_id),
+        callbacks=[NestedRankCallback(nested)],
+    )
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    if progress is not None:
+        trainer.add_callback(StepProgressCallback(progress))
+    return trainer
+
+
+def _training_record(settings: TrainSettings, data_path: str | os.PathLike[str], steps: int, world: int, targets: str | list[str]) -> dict[str, Any]:
+    """The ``training`` section the adapter records: the data file's name, steps, learning rate,
+    seed, global batch size and target modules."""
+    return {
+        "data": Path(data_path).name,
+        "steps": steps,
+        "lr": settings.lr,
+        "seed": settings.seed,
+        "batch_size": settings.batch_size * settings.grad_accum * world,
+        "target_modules": targets,
+    }
 
 
 __all__ = ["TrainResult", "TrainSettings", "heldout_loss", "train"]

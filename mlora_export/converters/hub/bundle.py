@@ -20,6 +20,7 @@ re-pushing an unchanged bundle uploads nothing (:mod:`.push`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -431,35 +432,108 @@ def write_bundle(
         ConfigError: unknown ``scale_mode`` or an invalid license id.
         OutputExistsError: ``output`` exists and ``force`` is false.
         OutputPathError: ``output`` is, holds or lies inside the adapter or ``onnx_dir``.
+        BaseModelError, UnsupportedArchitectureError: ``gguf_base`` has no readable ``config.json``,
+            or llama.cpp cannot take its architecture or a target module (checked before any export runs).
     """
     check_scale_mode(scale_mode)
     check_license(license_id)
     ranks = ranks if isinstance(ranks, str) else list(ranks)  # used more than once below
     inputs = [adapter.path if isinstance(adapter, NestedAdapter) else adapter, onnx_dir, onnx_base, gguf_dir, gguf_base]
     check_output_path(output, force, inputs)
-    if onnx_base is not None or gguf_base is not None:
-        if onnx_base is not None and onnx_dir is not None:
-            raise ConfigError("give an existing ONNX export (onnx_dir) or a base model to export one (onnx_base), not both", option="onnx_base")
-        if gguf_base is not None and gguf_dir is not None:
-            raise ConfigError("give existing GGUF files (gguf_dir) or a base model to write them (gguf_base), not both", option="gguf_base")
-        with tempfile.TemporaryDirectory(prefix="mlora-bundle-exports-") as tmp:
-            onnx_dir, gguf_dir = _exports(adapter, ranks, Path(tmp), onnx_base, gguf_base, scale_mode, export_progress, onnx_dir, gguf_dir)
-            return write_bundle(adapter, ranks, output, scale_mode=scale_mode, base_model_id=base_model_id, license_id=license_id,
-                                repo_id=repo_id, onnx_dir=onnx_dir, gguf_dir=gguf_dir, default_rank=default_rank,
-                                measure_latency=measure_latency, force=force, progress=progress, warn_local_base=warn_local_base)
-    # The NaN/inf check is made by write_slices, alongside the writing.
+    exporting = onnx_base is not None or gguf_base is not None
+    if exporting:
+        _check_export_options(onnx_base, onnx_dir, gguf_base, gguf_dir)
+    nested = _open_nested(adapter)
+    ks = resolve_ranks(nested, ranks)
+    if gguf_base is not None:  # the GGUF base is read in a blink: refuse a bad one before the ONNX export runs
+        from ..gguf import check_gguf_export
+
+        check_gguf_export(nested, ks, base_model=gguf_base)
+    with tempfile.TemporaryDirectory(prefix="mlora-bundle-exports-") if exporting else contextlib.nullcontext() as exports:
+        if exports is not None:
+            onnx_dir, gguf_dir = _exports(adapter, ranks, Path(exports), onnx_base, gguf_base, scale_mode, export_progress, onnx_dir, gguf_dir)
+        _write_bundle(nested, ks, output, inputs, onnx_dir=onnx_dir, gguf_dir=gguf_dir, scale_mode=scale_mode, base_model_id=base_model_id,
+                      license_id=license_id, repo_id=repo_id, default_rank=default_rank, measure_latency=measure_latency, force=force,
+                      progress=progress, warn_local_base=warn_local_base)
+    return Bundle.load(output, verify=False)
+
+
+def _write_bundle(
+    nested: NestedAdapter, ks: Sequence[int], output: str | os.PathLike[str], inputs: list[Any], *, onnx_dir: Any, gguf_dir: Any,
+    scale_mode: str, base_model_id: str | None, license_id: str | None, repo_id: str | None, default_rank: int | None,
+    measure_latency: bool, force: bool, progress: Progress | None, warn_local_base: bool,
+) -> None:
+    """The writing half of :func:`write_bundle`, once its inputs are checked and its exports made
+    (``onnx_dir``, ``gguf_dir``): the room, the default rank and latency, then every file, the
+    card and the manifest last."""
+    base = base_model_id or nested.base_model
+    hub_base = hub_base_model(base)
+    onnx_src = Path(onnx_dir) if onnx_dir is not None else None
+    _check_bundle_room(output, nested, ks, onnx_src, gguf_dir)
+    evaluation = json.loads((nested.path / CONFIG_NAME).read_text(encoding="utf-8")).get("evaluation")
+    if default_rank is not None and default_rank not in ks:
+        raise RankError(f"default rank {default_rank!r} is not one of the bundle's ranks {list(ks)}")
+    root_rank, chosen_by = (default_rank, "option") if default_rank is not None else choose_default_rank(ks, evaluation)
+    latency = _measure_latency(onnx_src, ks) if measure_latency else None
+
+    with atomic_output_dir(output, force, inputs) as tmp:
+        _copy_nested(tmp, nested, hub_base)
+        folders = {k: tmp / rank_dir(k) for k in ks}
+        rank_entries = _write_ranks(tmp, nested, folders, scale_mode, progress, hub_base, gguf_dir, _metrics_by_rank(evaluation), latency)
+        for name in (PEFT_CONFIG_NAME, WEIGHTS_NAME):  # the default rank at the root
+            shutil.copyfile(folders[root_rank] / name, tmp / name)
+        onnx_entries = _copy_onnx(tmp, onnx_src)
+        manifest = _manifest(nested, hub_base, scale_mode, rank_entries, (root_rank, chosen_by), evaluation,
+                             sum(p.stat().st_size for p in _folder_files(tmp, NESTED_DIR)), onnx_entries, latency)
+        (tmp / README_NAME).write_text(render_card(manifest, repo_id=repo_id, license_id=license_id), encoding="utf-8")
+        _write_manifest(tmp, manifest)
+    if base and hub_base is None and warn_local_base:  # after the writing: an error stays the one line on stderr
+        logger.warning("base model %r is not a Hub repo id, so the model card leaves base_model out; give the Hub id of the base (base_model_id)", base)
+    logger.info("bundle: wrote %s (ranks %s)", output, list(ks))
+
+
+def _check_export_options(onnx_base: Any, onnx_dir: Any, gguf_base: Any, gguf_dir: Any) -> None:
+    """A bundle carries an existing export or one it makes, not both.
+
+    Raises:
+        ConfigError: ``onnx_base`` with ``onnx_dir``, or ``gguf_base`` with ``gguf_dir``.
+    """
+    if onnx_base is not None and onnx_dir is not None:
+        raise ConfigError("give an existing ONNX export (onnx_dir) or a base model to export one (onnx_base), not both", option="onnx_base")
+    if gguf_base is not None and gguf_dir is not None:
+        raise ConfigError("give existing GGUF files (gguf_dir) or a base model to write them (gguf_base), not both", option="gguf_base")
+
+
+def _open_nested(adapter: NestedAdapter | str | os.PathLike[str]) -> NestedAdapter:
+    """The nested adapter a bundle is made of (its NaN/inf check is made by ``write_slices``, alongside the writing).
+
+    Raises:
+        InvalidAdapterError: an invalid folder, or a plain PEFT LoRA adapter (only a nested adapter's prefixes are trained ranks).
+    """
     nested = adapter if isinstance(adapter, NestedAdapter) else NestedAdapter.load(adapter, check_finite=False)
     if not nested.is_nested:
         raise InvalidAdapterError(
             f"{nested.path}: a plain PEFT LoRA adapter (no nested {CONFIG_NAME}); a bundle needs a nested adapter "
             "written by mlora-export training, since only its prefixes are trained ranks"
         )
-    ks = resolve_ranks(nested, ranks if isinstance(ranks, str) else list(ranks))
-    base = base_model_id or nested.base_model
-    hub_base = hub_base_model(base)
-    src_files = [nested.path / n for n in (PEFT_CONFIG_NAME, WEIGHTS_NAME, CONFIG_NAME)]
+    return nested
+
+
+def _nested_files(nested: NestedAdapter) -> list[Path]:
+    """The nested adapter's three files, as ``nested/`` holds them."""
+    return [nested.path / n for n in (PEFT_CONFIG_NAME, WEIGHTS_NAME, CONFIG_NAME)]
+
+
+def _check_bundle_room(output: str | os.PathLike[str], nested: NestedAdapter, ks: Sequence[int], onnx_src: Path | None, gguf_dir: Any) -> None:
+    """Refuse a bundle whose GGUF files are missing or that the disk cannot hold: the slices, the
+    nested adapter (twice: ``nested/`` and the root's config copy are bounded by it), the ONNX
+    export and the GGUF files.
+
+    Raises:
+        ConfigError: ``gguf_dir`` lacks an ``r{k}.gguf`` of the bundle's ranks.
+        InsufficientDiskError: not enough free space next to ``output``.
+    """
     slice_total = sum(nested.bytes_at(k) for k in ks)
-    onnx_src = Path(onnx_dir) if onnx_dir is not None else None
     onnx_bytes = sum(p.stat().st_size for p in onnx_src.rglob("*") if p.is_file()) if onnx_src else 0
     gguf_files = [Path(gguf_dir) / f"r{k}.gguf" for k in ks] if gguf_dir is not None else []
     missing = [p.name for p in gguf_files if not p.is_file()]
@@ -467,53 +541,64 @@ def write_bundle(
         raise ConfigError(f"{gguf_dir}: no {', '.join(missing)}; write the GGUF files at the bundle's ranks first (export_gguf)",
                           path=gguf_dir, option="gguf_base")
     gguf_bytes = sum(p.stat().st_size for p in gguf_files)
-    check_free_space(Path(output).absolute().parent, slice_total + sum(p.stat().st_size for p in src_files) * 2 + onnx_bytes + gguf_bytes)
-    raw_cfg = json.loads((nested.path / CONFIG_NAME).read_text(encoding="utf-8"))
-    metrics = _metrics_by_rank(raw_cfg.get("evaluation"))
-    if default_rank is not None and default_rank not in ks:
-        raise RankError(f"default rank {default_rank!r} is not one of the bundle's ranks {list(ks)}")
-    root_rank, chosen_by = (default_rank, "option") if default_rank is not None else choose_default_rank(ks, raw_cfg.get("evaluation"))
-    latency = None
-    if measure_latency:
-        if onnx_src is None or not (onnx_src / "model.onnx").is_file():
-            raise ConfigError("measuring latency needs an ONNX export (onnx_dir or onnx_base) of the dynamic kind", option="measure_latency")
-        from ..onnx.latency import measure_rank_latency
+    check_free_space(Path(output).absolute().parent, slice_total + sum(p.stat().st_size for p in _nested_files(nested)) * 2 + onnx_bytes + gguf_bytes)
 
-        latency = measure_rank_latency(onnx_src / "model.onnx", ks).to_dict()
-        logger.info("bundle: latency per rank (ms): %s", latency["ms"])
 
-    with atomic_output_dir(output, force, inputs) as tmp:
-        (tmp / NESTED_DIR).mkdir()
-        for src in src_files:
-            shutil.copyfile(src, tmp / NESTED_DIR / src.name)
-        _portable_peft_config(tmp / NESTED_DIR / PEFT_CONFIG_NAME, hub_base)
-        shutil.copyfile(nested.path / CONFIG_NAME, tmp / CONFIG_NAME)
-        rank_entries = []
-        folders = {k: tmp / rank_dir(k) for k in ks}
-        for folder in folders.values():
-            folder.mkdir()
-        for res in write_slices(nested, folders, scale_mode, progress=progress):
-            rank_entries.append(_finish_rank(tmp, nested, res, hub_base, gguf_dir, metrics.get(res.rank, {}), latency))
-            logger.info("bundle: wrote rank %d (%d params)", res.rank, res.params)
-        for name in (PEFT_CONFIG_NAME, WEIGHTS_NAME):  # the default rank at the root
-            shutil.copyfile(folders[root_rank] / name, tmp / name)
-        onnx_entries = []
-        if onnx_src is not None:
-            shutil.copytree(onnx_src, tmp / ONNX_DIR)
-            onnx_entries = [p.relative_to(tmp).as_posix() for p in _folder_files(tmp, ONNX_DIR)]
-        manifest = _manifest(nested, hub_base, scale_mode, rank_entries, (root_rank, chosen_by), raw_cfg.get("evaluation"),
-                             sum(p.stat().st_size for p in _folder_files(tmp, NESTED_DIR)), onnx_entries, latency)
-        (tmp / README_NAME).write_text(render_card(manifest, repo_id=repo_id, license_id=license_id), encoding="utf-8")
-        all_files = [p for p in tmp.rglob("*") if p.is_file() and p != tmp / MANIFEST_NAME]
-        manifest["files"] = [
-            {"path": p.relative_to(tmp).as_posix(), "size": p.stat().st_size, "sha256": sha256_file(p)}
-            for p in sorted(all_files, key=lambda p: p.relative_to(tmp).as_posix())
-        ]
-        write_json(tmp / MANIFEST_NAME, manifest)
-    if base and hub_base is None and warn_local_base:  # after the writing: an error stays the one line on stderr
-        logger.warning("base model %r is not a Hub repo id, so the model card leaves base_model out; give the Hub id of the base (base_model_id)", base)
-    logger.info("bundle: wrote %s (ranks %s)", output, list(ks))
-    return Bundle.load(output, verify=False)
+def _measure_latency(onnx_src: Path | None, ks: Sequence[int]) -> dict[str, Any]:
+    """Milliseconds per rank of the (dynamic-rank) ONNX export on this machine, with the machine, for the manifest.
+
+    Raises:
+        ConfigError: no ONNX export of the dynamic kind to time.
+    """
+    if onnx_src is None or not (onnx_src / "model.onnx").is_file():
+        raise ConfigError("measuring latency needs an ONNX export (onnx_dir or onnx_base) of the dynamic kind", option="measure_latency")
+    from ..onnx.latency import measure_rank_latency
+
+    latency = measure_rank_latency(onnx_src / "model.onnx", ks).to_dict()
+    logger.info("bundle: latency per rank (ms): %s", latency["ms"])
+    return latency
+
+
+def _copy_nested(tmp: Path, nested: NestedAdapter, hub_base: str | None) -> None:
+    """``nested/`` (the adapter's three files, its PEFT config made portable) and the nested config at the root."""
+    (tmp / NESTED_DIR).mkdir()
+    for src in _nested_files(nested):
+        shutil.copyfile(src, tmp / NESTED_DIR / src.name)
+    _portable_peft_config(tmp / NESTED_DIR / PEFT_CONFIG_NAME, hub_base)
+    shutil.copyfile(nested.path / CONFIG_NAME, tmp / CONFIG_NAME)
+
+
+def _write_ranks(
+    tmp: Path, nested: NestedAdapter, folders: dict[int, Path], scale_mode: str, progress: Progress | None, hub_base: str | None,
+    gguf_dir: Any, metrics: dict[int, dict[str, float]], latency: dict[str, Any] | None,
+) -> list[dict[str, Any]]:
+    """One slice folder ``r{k}/`` per rank (:func:`~..slice.write_slices`), each made portable and
+    given its GGUF file; return their manifest entries."""
+    for folder in folders.values():
+        folder.mkdir()
+    entries = []
+    for res in write_slices(nested, folders, scale_mode, progress=progress):
+        entries.append(_finish_rank(tmp, nested, res, hub_base, gguf_dir, metrics.get(res.rank, {}), latency))
+        logger.info("bundle: wrote rank %d (%d params)", res.rank, res.params)
+    return entries
+
+
+def _copy_onnx(tmp: Path, onnx_src: Path | None) -> list[str]:
+    """Copy the ONNX export into ``onnx/``; return its files' bundle paths (none without an export)."""
+    if onnx_src is None:
+        return []
+    shutil.copytree(onnx_src, tmp / ONNX_DIR)
+    return [p.relative_to(tmp).as_posix() for p in _folder_files(tmp, ONNX_DIR)]
+
+
+def _write_manifest(tmp: Path, manifest: dict[str, Any]) -> None:
+    """Complete ``manifest`` with every file written so far (path, size, sha256, sorted by path) and write it."""
+    all_files = [p for p in tmp.rglob("*") if p.is_file() and p != tmp / MANIFEST_NAME]
+    manifest["files"] = [
+        {"path": p.relative_to(tmp).as_posix(), "size": p.stat().st_size, "sha256": sha256_file(p)}
+        for p in sorted(all_files, key=lambda p: p.relative_to(tmp).as_posix())
+    ]
+    write_json(tmp / MANIFEST_NAME, manifest)
 
 
 def is_bundle(path: str | os.PathLike[str]) -> bool:

@@ -98,14 +98,30 @@ def render_card(manifest: Mapping[str, Any], *, repo_id: str | None = None, lice
     Raises:
         ExportError: the card does not parse as a Hub model card (a bug, not a user error).
     """
+    repo = repo_id or PLACEHOLDER_REPO
+    lines = [
+        "---",
+        _front_matter(manifest, license_id),
+        "---",
+        "",
+        *_intro(manifest, repo),
+        *_rank_table(manifest),
+        *_aurac_lines(manifest),
+        *_snippets(manifest, repo),
+        *_file_list(manifest),
+    ]
+    text = "\n".join(lines)
+    validate_card(text)
+    return text
+
+
+def _front_matter(manifest: Mapping[str, Any], license_id: str | None) -> str:
+    """The card's YAML metadata (built with :class:`huggingface_hub.ModelCardData`): the base as an
+    adapter relation, the tags PEFT's own ``save_pretrained`` writes, then ours and one per rank."""
     from huggingface_hub import ModelCardData
 
-    repo = repo_id or PLACEHOLDER_REPO
     base = manifest.get("base_model")
-    ranks: Sequence[Mapping[str, Any]] = manifest["ranks"]
-    metrics = sorted({m for r in ranks for m in (r.get("metrics") or {})})
-    # the tags PEFT's own save_pretrained writes (base_model:adapter:<id>, transformers, lora), then ours
-    tags = ([f"base_model:adapter:{base}"] if base else []) + ["transformers", *REQUIRED_TAGS] + [f"rank-{r['rank']}" for r in ranks]
+    tags = ([f"base_model:adapter:{base}"] if base else []) + ["transformers", *REQUIRED_TAGS] + [f"rank-{r['rank']}" for r in manifest["ranks"]]
     data = ModelCardData(
         base_model=base,
         base_model_relation="adapter" if base else None,
@@ -114,13 +130,15 @@ def render_card(manifest: Mapping[str, Any], *, repo_id: str | None = None, lice
         pipeline_tag=PIPELINE_TAGS.get(str(manifest.get("task_type"))),
         license=license_id,
     )
+    return data.to_yaml()
+
+
+def _intro(manifest: Mapping[str, Any], repo: str) -> list[str]:
+    """The title and the paragraph that says what the bundle is: its base, method and ranks."""
+    base = manifest.get("base_model")
     cfg = manifest["config"]
     base_text = f"[`{base}`](https://huggingface.co/{base})" if base else "its base model (not recorded as a Hub id)"
-    lines = [
-        "---",
-        data.to_yaml(),
-        "---",
-        "",
+    return [
         f"# {repo.split('/')[-1]}: MatryoshkaLoRA variant bundle",
         "",
         f"One nested LoRA adapter for {base_text}, trained with **{cfg['method']}** "
@@ -128,6 +146,14 @@ def render_card(manifest: Mapping[str, Any], *, repo_id: str | None = None, lice
         f"published as one standard PEFT adapter per rank. Every rank is a prefix of the same factors: "
         f"`ΔW_k = s(k) · B[:, :k] · A[:k, :]`. Pick the rank that fits your memory and latency budget.",
         "",
+    ]
+
+
+def _rank_table(manifest: Mapping[str, Any]) -> list[str]:
+    """The table of ranks: folder, parameters, size and one column per recorded metric; the nested adapter last."""
+    ranks: Sequence[Mapping[str, Any]] = manifest["ranks"]
+    metrics = sorted({m for r in ranks for m in (r.get("metrics") or {})})
+    lines = [
         "| rank | folder | parameters | size |" + "".join(f" {m} |" for m in metrics),
         "|---:|---|---:|---:|" + "---:|" * len(metrics),
     ]
@@ -139,26 +165,36 @@ def render_card(manifest: Mapping[str, Any], *, repo_id: str | None = None, lice
         lines.append(row)
     nested = manifest["nested"]
     lines += [
-        f"| {cfg['max_rank']} (nested) | `{nested['path']}/` | {nested['params']:,} | {human_bytes(nested['bytes'])} |" + " |" * len(metrics),
+        f"| {manifest['config']['max_rank']} (nested) | `{nested['path']}/` | {nested['params']:,} | {human_bytes(nested['bytes'])} |" + " |" * len(metrics),
         "",
     ]
+    return lines
+
+
+def _aurac_lines(manifest: Mapping[str, Any]) -> list[str]:
+    """One ``AURAC (metric): v1 …, v2 …`` line per recorded evaluation that has them."""
+    lines = []
     for name, ev in (manifest.get("evaluation") or {}).items():
         aurac = ev.get("aurac") or {}
         if aurac:
             lines.append(f"AURAC ({name}): " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(aurac.items()) if isinstance(v, (int, float))))
             lines.append("")
+    return lines
+
+
+def _snippets(manifest: Mapping[str, Any], repo: str) -> list[str]:
+    """How to use the bundle: load a rank with PEFT, pull one rank, serve it with vLLM (for the middle
+    rank of the bundle, and the default rank at the root when there is one)."""
+    ranks: Sequence[Mapping[str, Any]] = manifest["ranks"]
+    max_rank = manifest["config"]["max_rank"]
     default = manifest.get("default_rank") or {}
     d = default.get("rank")
-    k = ranks[len(ranks) // 2]["rank"] if ranks else cfg["max_rank"]
-    top = max((r["rank"] for r in ranks), default=cfg["max_rank"])
-    base_arg = base or "<base-model>"
+    k = ranks[len(ranks) // 2]["rank"] if ranks else max_rank
+    top = max((r["rank"] for r in ranks), default=max_rank)
+    base_arg = manifest.get("base_model") or "<base-model>"
     task = manifest.get("task_type")
     auto_class = AUTO_CLASSES.get(str(task), "AutoModelForCausalLM" if task is None else "AutoModel")
-    if manifest.get("scale_mode", "baked") == "native":
-        slice_text = "the exact prefix of the factors, `s(k)` expressed through `lora_alpha = s(k)·k`"
-    else:
-        slice_text = "`s(k)` folded into `lora_B`, so every runtime reads it alike"
-    lines += [
+    return [
         "## Load a rank with PEFT",
         "",
         "```python",
@@ -187,20 +223,29 @@ def render_card(manifest: Mapping[str, Any], *, repo_id: str | None = None, lice
         f"vllm serve {base_arg} --enable-lora --max-lora-rank {vllm_max_lora_rank(top)} --lora-modules r{k}=./r{k}",
         "```",
         "",
+    ]
+
+
+def _file_list(manifest: Mapping[str, Any]) -> list[str]:
+    """The "Files" section: what each file and folder of the bundle is; then the ``created_by`` line."""
+    d = (manifest.get("default_rank") or {}).get("rank")
+    nested = manifest["nested"]
+    if manifest.get("scale_mode", "baked") == "native":
+        slice_text = "the exact prefix of the factors, `s(k)` expressed through `lora_alpha = s(k)·k`"
+    else:
+        slice_text = "`s(k)` folded into `lora_B`, so every runtime reads it alike"
+    lines = [
         "## Files",
         "",
         "- `manifest.json`: every file's path, size and sha256; every rank's folder, parameter count and size.",
         "- `matryoshka_config.json`: the nested adapter's method, ranks and scaling.",
         *([f"- `adapter_config.json`, `adapter_model.safetensors`: the default rank, a copy of `r{d}/`."] if d else []),
-        f"- `{nested['path']}/`: the full nested adapter (any rank up to {cfg['max_rank']} can still be cut from it with `mlora-export slice`).",
+        f"- `{nested['path']}/`: the full nested adapter (any rank up to {manifest['config']['max_rank']} can still be cut from it with `mlora-export slice`).",
         f"- `r{{k}}/`: one plain PEFT LoRA adapter per rank ({slice_text}).",
     ]
     if manifest.get("onnx"):
         lines.append("- `onnx/`: ONNX export(s) of the adapter.")
-    lines += ["", f"Made with mlora-export ({manifest.get('created_by', 'mlora-export')}).", ""]
-    text = "\n".join(lines)
-    validate_card(text)
-    return text
+    return lines + ["", f"Made with mlora-export ({manifest.get('created_by', 'mlora-export')}).", ""]
 
 
 def validate_card(text: str) -> dict[str, Any]:

@@ -115,13 +115,48 @@ def pull_rank(
         RemoteIntegrityError: a downloaded file does not match the manifest (names the file).
         HubError: unknown repo or revision, bad token, no permission, network down.
     """
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import RemoteEntryNotFoundError
+    budget = _check_pull_args(repo_id, rank, revision, RankBudget(max_bytes, max_params, max_latency_ms, min_score, within, metric))
+    check_output_path(output, force)
+    url_endpoint = resolve_endpoint(endpoint)
+    api = make_api(endpoint, token)
+    with hub_errors("pull", repo_id, url_endpoint, revision):
+        commit = api.repo_info(repo_id, revision=revision).sha
+    if not commit:
+        raise HubError(f"pull: the Hub at {url_endpoint} did not say which commit {revision!r} of {repo_id!r} is")
+    with atomic_output_dir(output, force) as tmp:
+        dl = _Downloads(repo_id, revision, commit, url_endpoint, token, tmp / DOWNLOAD_DIR, str(output))
+        dl.folder.mkdir()
+        manifest_path, manifest = _fetch_manifest(dl)
+        source = f"{repo_id}/{MANIFEST_NAME}"
+        ranks = [BundleRank(r["rank"], r["path"].rstrip("/"), r["params"], r["bytes"], dict(r.get("metrics") or {})) for r in manifest["ranks"]]
+        choice = choose_rank(ranks, rank, budget, manifest, repo_id)
+        chosen = choice.rank
+        logger.info("%s", choice.reason)
+        entries, config_entry = _rank_entries(manifest, chosen, source)
+        logger.info("pulling rank %d of %s@%s (%d bytes)", chosen.rank, repo_id, commit[:10], chosen.bytes)
+        hint = f"the copy on the Hub is corrupt or was changed after the bundle was written; nothing was written to {str(output)!r}"
+        # Only manifest-listed files are fetched, one by one, and each is verified before use.
+        for entry in [*entries, config_entry]:
+            check_file(dl.fetch(entry["path"]), entry, label=f"{repo_id}/{entry['path']}", error=RemoteIntegrityError, hint=hint)
+        _check_pulled_adapter(dl, chosen)
+        files = _move_into_place(dl, entries, chosen.path + "/", tmp, source)
+        _keep_provenance(dl, manifest_path, tmp, chosen.rank)
+        shutil.rmtree(dl.folder)
+    logger.info("pulled rank %d of %s into %s", chosen.rank, repo_id, output)
+    return PullResult(repo_id, chosen.rank, Path(output), commit, chosen.params, chosen.bytes, sorted(files), choice.reason)
 
+
+def _check_pull_args(repo_id: str, rank: int | str, revision: str, budget: RankBudget) -> RankBudget:
+    """Validate the arguments of :func:`pull_rank` before any request; return the checked budget.
+
+    Raises:
+        ConfigError: an invalid repo id, an empty revision, a bad limit, ``"auto"`` without a
+            limit, a rank that is not a positive integer, or limits with a fixed rank.
+    """
     check_repo_id(repo_id, require_namespace=False, option=None)  # REPO_ID is an argument
     if not revision or not revision.strip():
         raise ConfigError("the revision is empty; give a branch, tag or commit (default: main)", option="revision")
-    budget = RankBudget(max_bytes, max_params, max_latency_ms, min_score, within, metric).check()
+    budget = budget.check()
     if rank == "auto":
         if budget.empty:
             raise ConfigError("rank 'auto' needs a limit (bytes, parameters, latency) or a score to reach to choose a rank", option="budget")
@@ -129,95 +164,134 @@ def pull_rank(
         raise ConfigError(f"rank must be a positive integer or 'auto', got {rank!r}", option="rank")
     elif not budget.empty:
         raise ConfigError("limits and scores choose a rank only with rank 'auto'", option="rank")
-    check_output_path(output, force)
-    url_endpoint = resolve_endpoint(endpoint)
-    api = make_api(endpoint, token)
-    kw: dict[str, Any] = {"endpoint": url_endpoint, "token": token}
+    return budget
 
-    with hub_errors("pull", repo_id, url_endpoint, revision):
-        commit = api.repo_info(repo_id, revision=revision).sha
-    if not commit:
-        raise HubError(f"pull: the Hub at {url_endpoint} did not say which commit {revision!r} of {repo_id!r} is")
-    with atomic_output_dir(output, force) as tmp:
-        dl = tmp / DOWNLOAD_DIR
-        dl.mkdir()
 
-        def fetch(path: str) -> Path:
-            """Download the manifest-listed ``path`` (already proven safe) into ``dl``; prove the
-            result is a regular file inside ``dl``."""
-            with hub_errors("pull", repo_id, url_endpoint, revision):
-                got = Path(hf_hub_download(repo_id, path, revision=commit, local_dir=dl, **kw))
-            expected = dl.joinpath(*path.split("/"))
-            if got.absolute() != expected.absolute() or not _inside_real(expected, dl) or expected.is_symlink() or not expected.is_file():
-                raise RemoteIntegrityError(f"{repo_id}/{path}: the download did not arrive as a plain file at its place; nothing was written to {str(output)!r}")
-            return expected
+@dataclass(frozen=True)
+class _Downloads:
+    """Where and from what one pull downloads: the repo at the one ``commit`` the revision pointed
+    to, into ``folder`` (inside the temporary output); ``output`` is named in errors."""
 
-        try:
-            manifest_path = fetch(MANIFEST_NAME)
-        except HubError as e:
-            if isinstance(e.__cause__, RemoteEntryNotFoundError):
-                raise InvalidAdapterError(f"{repo_id!r} has no {MANIFEST_NAME} at revision {revision!r}: it is not a variant bundle written by mlora-export push-hub") from e
-            raise
-        source = f"{repo_id}/{MANIFEST_NAME}"
-        try:
-            raw_manifest = read_json(manifest_path, InvalidAdapterError, what="manifest")
-        except InvalidAdapterError as e:
-            raise InvalidAdapterError(str(e).replace(str(manifest_path), source)) from e
-        manifest = check_manifest(raw_manifest, source)
-        ranks = [BundleRank(r["rank"], r["path"].rstrip("/"), r["params"], r["bytes"], dict(r.get("metrics") or {})) for r in manifest["ranks"]]
-        choice = choose_rank(ranks, rank, budget, manifest, repo_id)
-        chosen = choice.rank
-        logger.info("%s", choice.reason)
-        prefix = chosen.path + "/"
-        entries = [f for f in manifest["files"] if f["path"].startswith(prefix)]
-        if not entries:
-            raise InvalidAdapterError(f"{source}: lists no files for rank {chosen.rank} ({prefix}); the bundle is broken")
-        config_entry = next((f for f in manifest["files"] if f["path"] == CONFIG_NAME), None)
-        if config_entry is None:
-            raise InvalidAdapterError(f"{source}: does not list {CONFIG_NAME}; the bundle is broken")
-        for entry in entries:
-            rel = entry["path"][len(prefix):]
-            if any(part.startswith(".") for part in entry["path"].split("/")):  # the client keeps its own metadata in .cache/
-                raise InvalidAdapterError(f"{source}: file {entry['path']!r} is a hidden path, which a bundle never holds; the bundle is broken")
-            if rel.split("/")[0] in (PROVENANCE_DIR, DOWNLOAD_DIR):
-                raise InvalidAdapterError(f"{source}: file {entry['path']!r} would take the place of the pulled folder's own {rel.split('/')[0]}/; the bundle is broken")
-        logger.info("pulling rank %d of %s@%s (%d bytes)", chosen.rank, repo_id, commit[:10], chosen.bytes)
-        hint = f"the copy on the Hub is corrupt or was changed after the bundle was written; nothing was written to {str(output)!r}"
-        # Only manifest-listed files are fetched, one by one, and each is verified before use.
-        for entry in [*entries, config_entry]:
-            local = fetch(entry["path"])
-            check_file(local, entry, label=f"{repo_id}/{entry['path']}", error=RemoteIntegrityError, hint=hint)
-        # The rank's folder must hold a valid adapter of that rank: checked exactly as a local one.
-        folder = dl.joinpath(*chosen.path.split("/"))
-        try:
-            pulled = NestedAdapter.load(folder, check_finite=True)
-        except InvalidAdapterError as e:
-            raise InvalidAdapterError(
-                f"{repo_id}/{chosen.path}: not a valid adapter ({str(e).replace(str(folder), chosen.path)}); nothing was written to {str(output)!r}"
-            ) from e
-        found = pulled.slice_info.get("rank") if pulled.slice_info else pulled.max_rank
-        if pulled.max_rank != chosen.rank or found != chosen.rank:
-            raise InvalidAdapterError(
-                f"{repo_id}/{chosen.path}: the manifest gives it as rank {chosen.rank} but it holds an adapter of rank "
-                f"{pulled.max_rank}; the bundle is broken, nothing was written to {str(output)!r}"
-            )
-        files = []
-        for entry in entries:
-            rel = entry["path"][len(prefix):]
-            dest = tmp.joinpath(*rel.split("/"))
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            if not _inside_real(dest.parent, tmp) or dest.exists() or dest.is_symlink():
-                raise InvalidAdapterError(f"{source}: file {entry['path']!r} does not have a place of its own in the output; the bundle is broken")
-            os.replace(dl.joinpath(*entry["path"].split("/")), dest)
-            files.append(rel)
-        prov = tmp / PROVENANCE_DIR
-        prov.mkdir()
-        os.replace(manifest_path, prov / MANIFEST_NAME)
-        os.replace(dl / CONFIG_NAME, prov / CONFIG_NAME)
-        write_json(prov / "source.json", {"repo_id": repo_id, "revision": revision, "commit": commit, "endpoint": url_endpoint, "rank": chosen.rank})
-        shutil.rmtree(dl)
-    logger.info("pulled rank %d of %s into %s", chosen.rank, repo_id, output)
-    return PullResult(repo_id, chosen.rank, Path(output), commit, chosen.params, chosen.bytes, sorted(files), choice.reason)
+    repo_id: str
+    revision: str
+    commit: str
+    endpoint: str
+    token: str | None
+    folder: Path
+    output: str
+
+    def fetch(self, path: str) -> Path:
+        """Download the manifest-listed ``path`` (already proven safe) into :attr:`folder`; prove
+        the result is a regular file inside it.
+
+        Raises:
+            HubError: the download fails (see :func:`~.remote.hub_errors`).
+            RemoteIntegrityError: the file did not arrive as a plain file at its place.
+        """
+        from huggingface_hub import hf_hub_download
+
+        with hub_errors("pull", self.repo_id, self.endpoint, self.revision):
+            got = Path(hf_hub_download(self.repo_id, path, revision=self.commit, local_dir=self.folder, endpoint=self.endpoint, token=self.token))
+        expected = self.folder.joinpath(*path.split("/"))
+        if got.absolute() != expected.absolute() or not _inside_real(expected, self.folder) or expected.is_symlink() or not expected.is_file():
+            raise RemoteIntegrityError(f"{self.repo_id}/{path}: the download did not arrive as a plain file at its place; nothing was written to {self.output!r}")
+        return expected
+
+
+def _fetch_manifest(dl: _Downloads) -> tuple[Path, dict[str, Any]]:
+    """``(path, manifest)``: the bundle's ``manifest.json``, downloaded and validated.
+
+    Raises:
+        InvalidAdapterError: the repo has no manifest (not a bundle), or an invalid one (named as
+            ``repo/manifest.json``, never by its local path).
+        HubError: any other download failure.
+    """
+    from huggingface_hub.errors import RemoteEntryNotFoundError
+
+    try:
+        manifest_path = dl.fetch(MANIFEST_NAME)
+    except HubError as e:
+        if isinstance(e.__cause__, RemoteEntryNotFoundError):
+            raise InvalidAdapterError(f"{dl.repo_id!r} has no {MANIFEST_NAME} at revision {dl.revision!r}: it is not a variant bundle written by mlora-export push-hub") from e
+        raise
+    source = f"{dl.repo_id}/{MANIFEST_NAME}"
+    try:
+        raw_manifest = read_json(manifest_path, InvalidAdapterError, what="manifest")
+    except InvalidAdapterError as e:
+        raise InvalidAdapterError(str(e).replace(str(manifest_path), source)) from e
+    return manifest_path, check_manifest(raw_manifest, source)
+
+
+def _rank_entries(manifest: dict[str, Any], chosen: BundleRank, source: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """``(entries, config_entry)``: the manifest's files of the chosen rank's folder and its
+    ``matryoshka_config.json``, the only files a pull fetches.
+
+    Raises:
+        InvalidAdapterError: no files for the rank, no config, or a file that is hidden or would
+            take the place of the pulled folder's own ``bundle/`` or ``.download/``.
+    """
+    prefix = chosen.path + "/"
+    entries = [f for f in manifest["files"] if f["path"].startswith(prefix)]
+    if not entries:
+        raise InvalidAdapterError(f"{source}: lists no files for rank {chosen.rank} ({prefix}); the bundle is broken")
+    config_entry = next((f for f in manifest["files"] if f["path"] == CONFIG_NAME), None)
+    if config_entry is None:
+        raise InvalidAdapterError(f"{source}: does not list {CONFIG_NAME}; the bundle is broken")
+    for entry in entries:
+        rel = entry["path"][len(prefix):]
+        if any(part.startswith(".") for part in entry["path"].split("/")):  # the client keeps its own metadata in .cache/
+            raise InvalidAdapterError(f"{source}: file {entry['path']!r} is a hidden path, which a bundle never holds; the bundle is broken")
+        if rel.split("/")[0] in (PROVENANCE_DIR, DOWNLOAD_DIR):
+            raise InvalidAdapterError(f"{source}: file {entry['path']!r} would take the place of the pulled folder's own {rel.split('/')[0]}/; the bundle is broken")
+    return entries, config_entry
+
+
+def _check_pulled_adapter(dl: _Downloads, chosen: BundleRank) -> None:
+    """The rank's downloaded folder must hold a valid, finite adapter of that rank: checked exactly as a local one.
+
+    Raises:
+        InvalidAdapterError: not a valid adapter, or one of another rank than the manifest gives.
+    """
+    folder = dl.folder.joinpath(*chosen.path.split("/"))
+    try:
+        pulled = NestedAdapter.load(folder, check_finite=True)
+    except InvalidAdapterError as e:
+        raise InvalidAdapterError(
+            f"{dl.repo_id}/{chosen.path}: not a valid adapter ({str(e).replace(str(folder), chosen.path)}); nothing was written to {dl.output!r}"
+        ) from e
+    found = pulled.slice_info.get("rank") if pulled.slice_info else pulled.max_rank
+    if pulled.max_rank != chosen.rank or found != chosen.rank:
+        raise InvalidAdapterError(
+            f"{dl.repo_id}/{chosen.path}: the manifest gives it as rank {chosen.rank} but it holds an adapter of rank "
+            f"{pulled.max_rank}; the bundle is broken, nothing was written to {dl.output!r}"
+        )
+
+
+def _move_into_place(dl: _Downloads, entries: list[dict[str, Any]], prefix: str, tmp: Path, source: str) -> list[str]:
+    """Move the verified files of the rank's folder to the root of the output; return their paths there.
+
+    Raises:
+        InvalidAdapterError: a file would not have a place of its own in the output.
+    """
+    files = []
+    for entry in entries:
+        rel = entry["path"][len(prefix):]
+        dest = tmp.joinpath(*rel.split("/"))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if not _inside_real(dest.parent, tmp) or dest.exists() or dest.is_symlink():
+            raise InvalidAdapterError(f"{source}: file {entry['path']!r} does not have a place of its own in the output; the bundle is broken")
+        os.replace(dl.folder.joinpath(*entry["path"].split("/")), dest)
+        files.append(rel)
+    return files
+
+
+def _keep_provenance(dl: _Downloads, manifest_path: Path, tmp: Path, rank: int) -> None:
+    """``bundle/``: the bundle's manifest and nested config, and ``source.json`` (repo, revision, commit, endpoint, rank)."""
+    prov = tmp / PROVENANCE_DIR
+    prov.mkdir()
+    os.replace(manifest_path, prov / MANIFEST_NAME)
+    os.replace(dl.folder / CONFIG_NAME, prov / CONFIG_NAME)
+    write_json(prov / "source.json", {"repo_id": dl.repo_id, "revision": dl.revision, "commit": dl.commit, "endpoint": dl.endpoint, "rank": rank})
 
 
 def _inside_real(path: Path, folder: Path) -> bool:

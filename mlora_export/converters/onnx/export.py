@@ -14,10 +14,12 @@ against PyTorch (DESIGN.md §1 reference) at every train rank; a mismatch raises
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ from ...adapter import NestedAdapter
 from ...base import check_fits, check_float_targets, scan_base
 from ...errors import ConfigError, RankError
 from ...fs import atomic_output_dir, check_free_space, check_output_path
-from ...progress import Progress
+from ...progress import Progress, StepCounter
 from ...provenance import created_by
 from ...validate import is_int
 from .graph import (
@@ -49,13 +51,11 @@ from .verify import (
     RankCheck,
     check_onnx_model,
     check_provider,
-    compare,
-    make_session,
-    raise_on_mismatch,
     reference_logits,
     run_adapter,
     run_rank,
     sample_inputs,
+    verify_export,
 )
 
 logger = logging.getLogger(__name__)
@@ -191,9 +191,54 @@ def export_onnx(
             adapter, base_model, output, adapters_per_rank=adapters_per_rank, opset=opset, verify=verify, force=force,
             provider=provider, atol=atol, rtol=rtol, external_data=external_data, progress=progress,
         )
+    nested, sources = open_export_inputs(adapter, base_model, output, opset=opset, force=force, verify=verify, provider=provider, rank=rank)
+    adapter_ranks, verify_ranks = _export_ranks(kind, nested, rank, verify)
+    tick = StepCounter(4 + len(adapter_ranks) + len(verify_ranks), progress, logger, "onnx export")
+    check_float_targets(scan_base(base_model), nested.modules)  # headers only: before the model loads
+    model, task = load_export_model(base_model)
+    check_fits(nested, model, base=str(base_model))
+    vocab = int(getattr(model.config, "vocab_size"))
+    # float32 bytes in the graph (the LoRA factors are constants in dynamic and fixed exports)
+    lora_in_graph = {"dynamic": nested.max_rank, "fixed": rank or 0}.get(kind, 0)
+    nbytes, external = graph_size(model, nested, lora_in_graph, external_data)
+    tick("base model loaded")
+    feeds = sample_inputs(vocab)
+    refs = reference_logits(model, task, nested, verify_ranks, feeds) if verify else {}
+
+    check_room(output, nbytes, nested, adapter_ranks)
+    with atomic_output_dir(output, force, sources) as tmp:
+        top, _ = build_export_model(model, task, nested, kind, rank)
+        tick("model wrapped")
+        path = tmp / MODEL_NAME
+        exporter = export_graph(top, kind, nested, vocab, path, opset=opset, external_data=external)
+        files = finish_model(path, nested, kind.factor_inputs, exporter, adapter_ranks, tick)
+        inputs = ["input_ids", "attention_mask"] + (["lora_rank"] if kind.rank_input else adapter_input_names(nested) if kind.factor_inputs else [])
+        shown = inputs[:2] + ["<module>.lora_A.weight", "<module>.lora_B.weight"] if kind.factor_inputs else inputs
+        result = OnnxExportResult(kind, Path(output), task, exporter, opset, rank, shown, external)
+        result.adapter_files = files
+        if verify:
+            run = functools.partial(_run_export, kind, feeds, {k: tmp / f for k, f in files.items()})
+            result.checks = verify_export(path, provider, verify_ranks, refs, run, atol=atol, rtol=rtol, tick=tick)
+        result.seconds = time.perf_counter() - t0
+        write_export_info(tmp, result, nested, base_model, inputs)
+    return result
+
+
+def open_export_inputs(
+    adapter: str | os.PathLike[str] | NestedAdapter, base_model: str | os.PathLike[str], output: str | os.PathLike[str], *,
+    opset: int, force: bool, verify: bool, provider: str, rank: int | None = None,
+) -> tuple[NestedAdapter, list[Any]]:
+    """The checks every ONNX export makes before it reads a weight, in this order: the opset, the
+    output against the inputs, the adapter, ``rank`` (when given), the provider (to verify).
+
+    Returns the opened adapter and the input paths the output must keep clear of.
+
+    Raises:
+        ConfigError, OutputExistsError, OutputPathError, InvalidAdapterError, RankError: see :func:`export_onnx`.
+    """
     check_opset(opset)
-    inputs = [adapter.path if isinstance(adapter, NestedAdapter) else adapter, base_model]
-    check_output_path(output, force, inputs)
+    sources = [adapter.path if isinstance(adapter, NestedAdapter) else adapter, base_model]
+    check_output_path(output, force, sources)
     nested = adapter if isinstance(adapter, NestedAdapter) else NestedAdapter.load(adapter)
     if rank is not None:
         if not is_int(rank) or not 1 <= rank <= nested.max_rank:
@@ -202,65 +247,63 @@ def export_onnx(
         nested.check_rank(rank)
     if verify:
         check_provider(provider)
+    return nested, sources
+
+
+def _export_ranks(kind: ExportKind, nested: NestedAdapter, rank: int | None, verify: bool) -> tuple[list[int], list[int]]:
+    """``(adapter_ranks, verify_ranks)``: the ranks that get an adapter file (the train ranks, for
+    factor inputs) and those checked in ONNX Runtime (with a rank input, also 0 = the base model)."""
     train_ranks = list(nested.config.train_ranks)
     adapter_ranks = train_ranks if kind.factor_inputs else []
-    verify_ranks = ([0] + train_ranks if kind.rank_input else train_ranks if kind.factor_inputs else [int(rank)]) if verify else []
-    total = 4 + len(adapter_ranks) + len(verify_ranks)
-    step = [0]
+    if not verify:
+        return adapter_ranks, []
+    return adapter_ranks, [0] + train_ranks if kind.rank_input else train_ranks if kind.factor_inputs else [int(rank or 0)]
 
-    def tick(what: str) -> None:
-        step[0] += 1
-        logger.info("onnx export: %s", what)
-        if progress is not None:
-            progress(step[0], total)
 
-    check_float_targets(scan_base(base_model), nested.modules)  # headers only: before the model loads
-    model, task = load_export_model(base_model)
-    check_fits(nested, model, base=str(base_model))
-    vocab = int(getattr(model.config, "vocab_size"))
-    # float32 bytes in the graph (the LoRA factors are constants in dynamic and fixed exports)
-    lora_in_graph = {"dynamic": nested.max_rank, "fixed": rank or 0}.get(kind, 0)
-    nbytes = param_bytes(model) + 4 * nested.params_at(lora_in_graph)
-    external = nbytes > EXTERNAL_DATA_BYTES if external_data is None else bool(external_data)
-    tick("base model loaded")
-    feeds = sample_inputs(vocab)
-    refs = reference_logits(model, task, nested, verify_ranks, feeds) if verify else {}
+def graph_size(model: Any, nested: NestedAdapter, lora_rank: int, external_data: bool | None) -> tuple[int, bool]:
+    """``(bytes, external)``: the float32 bytes of the graph (the base's parameters plus the LoRA
+    factors up to ``lora_rank`` held as constants) and whether they go to ``model.onnx.data``
+    (``external_data``, or by default when they exceed :data:`EXTERNAL_DATA_BYTES`)."""
+    nbytes = param_bytes(model) + 4 * nested.params_at(lora_rank)
+    return nbytes, nbytes > EXTERNAL_DATA_BYTES if external_data is None else bool(external_data)
 
-    # the model, plus one float32 adapter file per rank (A[:k] and s(k)·B[:, :k])
-    check_free_space(Path(output).absolute().parent, nbytes + sum(4 * nested.params_at(k) for k in adapter_ranks))
-    with atomic_output_dir(output, force, inputs) as tmp:
-        top, _ = build_export_model(model, task, nested, kind, rank)
-        tick("model wrapped")
-        path = tmp / MODEL_NAME
-        exporter = export_graph(top, kind, nested, vocab, path, opset=opset, external_data=external)
-        if kind.factor_inputs:
-            add_empty_defaults(path, nested)  # no active adapter = the base model
-        tick(f"exported with the {exporter} exporter")
-        check_onnx_model(path, DEFAULT_OPSET)
-        tick("onnx.checker passed")
-        files = write_adapter_files(nested, adapter_ranks, tmp, tick)
-        inputs = ["input_ids", "attention_mask"] + (["lora_rank"] if kind.rank_input else adapter_input_names(nested) if kind.factor_inputs else [])
-        shown = inputs[:2] + ["<module>.lora_A.weight", "<module>.lora_B.weight"] if kind.factor_inputs else inputs
-        result = OnnxExportResult(kind, Path(output), task, exporter, opset, rank, shown, external)
-        result.adapter_files = files
-        if verify:
-            session = make_session(path, provider)
-            for k in verify_ranks:
-                if kind.rank_input:
-                    got = run_rank(session, feeds, k)
-                elif kind.factor_inputs:
-                    got = run_adapter(session, feeds, tmp / files[k])
-                else:
-                    got = session.run(["logits"], feeds)[0]
-                check = compare(k, got, refs[k], atol, rtol)
-                logger.info("rank %d: max abs diff %.3g (tolerance %.3g)", k, check.max_abs_diff, check.tolerance)
-                result.checks.append(check)
-                tick(f"verified rank {k}")
-            del session
-            raise_on_mismatch(result.checks, provider, "ONNX Runtime")
-        result.seconds = time.perf_counter() - t0
-        write_export_info(tmp, result, nested, base_model, inputs)
-    return result
+
+def check_room(output: str | os.PathLike[str], graph_bytes: int, nested: NestedAdapter, adapter_ranks: list[int]) -> None:
+    """Refuse an export the disk cannot hold: the model plus one float32 adapter file per rank
+    (``A[:k]`` and ``s(k)·B[:, :k]``).
+
+    Raises:
+        InsufficientDiskError: not enough free space next to ``output``.
+    """
+    check_free_space(Path(output).absolute().parent, graph_bytes + sum(4 * nested.params_at(k) for k in adapter_ranks))
+
+
+def finish_model(
+    path: Path, nested: NestedAdapter, factor_inputs: bool, exporter: str, adapter_ranks: list[int], tick: Callable[[str], None],
+) -> dict[int, str]:
+    """After the exporter ran: empty default factors (no active adapter = the base model), the
+    ``onnx.checker``, then one ``.onnx_adapter`` file per rank of ``adapter_ranks`` next to the
+    model. Returns those files by rank.
+
+    Raises:
+        ExportError: the checker refuses the model.
+    """
+    if factor_inputs:
+        add_empty_defaults(path, nested)
+    tick(f"exported with the {exporter} exporter")
+    check_onnx_model(path, DEFAULT_OPSET)
+    tick("onnx.checker passed")
+    return write_adapter_files(nested, adapter_ranks, path.parent, tick)
+
+
+def _run_export(kind: ExportKind, feeds: dict[str, Any], adapter_files: dict[int, Path], session: Any, k: int) -> Any:
+    """The logits of a plain export at rank ``k``: fed as ``lora_rank``, with the rank's adapter
+    file active, or (fixed and merged) the one rank the graph holds."""
+    if kind.rank_input:
+        return run_rank(session, feeds, k)
+    if kind.factor_inputs:
+        return run_adapter(session, feeds, adapter_files[k])
+    return session.run(["logits"], feeds)[0]
 
 
 def write_export_info(
@@ -291,4 +334,7 @@ def write_export_info(
         f.write("\n")
 
 
-__all__ = ["EXPORT_KINDS", "ExportKind", "INFO_NAME", "MODEL_NAME", "OnnxExportResult", "check_opset", "export_onnx", "resolve_kind", "write_export_info"]
+__all__ = [
+    "EXPORT_KINDS", "ExportKind", "INFO_NAME", "MODEL_NAME", "OnnxExportResult", "check_opset", "check_room", "export_onnx", "finish_model",
+    "graph_size", "open_export_inputs", "resolve_kind", "write_export_info",
+]

@@ -20,7 +20,7 @@ the whole sequence at every checked rank.
 
 from __future__ import annotations
 
-import json
+import functools
 import logging
 import os
 import shutil
@@ -30,12 +30,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ...adapter import NestedAdapter
+from ...adapter import NestedAdapter, write_json
 from ...base import check_fits, check_float_targets, scan_base
 from ...errors import ConfigError
-from ...fs import atomic_output_dir, check_free_space, check_output_path
-from ...progress import Progress
-from .export import MODEL_NAME, OnnxExportResult, check_opset, write_export_info
+from ...fs import atomic_output_dir
+from ...progress import Progress, StepCounter
+from .export import (
+    MODEL_NAME,
+    OnnxExportResult,
+    check_room,
+    finish_model,
+    graph_size,
+    open_export_inputs,
+    write_export_info,
+)
 from .genai_graph import (
     build_decoder_top,
     export_decoder,
@@ -46,25 +54,16 @@ from .genai_graph import (
 )
 from .graph import (
     DEFAULT_OPSET,
-    EXTERNAL_DATA_BYTES,
     TASK_CAUSAL_LM,
     load_export_model,
-    param_bytes,
 )
 from .kinds import ExportKind
-from .ort_adapter import (
-    add_empty_defaults,
-    write_adapter_files,
-)
 from .verify import (
     ATOL,
     RTOL,
-    check_onnx_model,
-    compare,
-    make_session,
-    raise_on_mismatch,
     reference_logits,
     sample_inputs,
+    verify_export,
 )
 
 if TYPE_CHECKING:
@@ -254,86 +253,79 @@ def export_genai(
     """
     import numpy as np
 
-    from .verify import check_provider
-
     t0 = time.perf_counter()
     kind = ExportKind.GENAI_ADAPTERS if adapters_per_rank else ExportKind.GENAI
     graph_kind = ExportKind.ADAPTERS if adapters_per_rank else ExportKind.DYNAMIC  # how the decoder takes the LoRA
-    check_opset(opset)
-    sources = [adapter.path if isinstance(adapter, NestedAdapter) else adapter, base_model]
-    check_output_path(output, force, sources)
-    nested = adapter if isinstance(adapter, NestedAdapter) else NestedAdapter.load(adapter)
-    if verify:
-        check_provider(provider)
-    train_ranks = list(nested.config.train_ranks)
-    adapter_ranks = train_ranks if adapters_per_rank else []
-    verify_ranks = ([0] + train_ranks) if verify else []
-    total = 4 + len(adapter_ranks) + len(verify_ranks)
-    step = [0]
-
-    def tick(what: str) -> None:
-        step[0] += 1
-        logger.info("genai export: %s", what)
-        if progress is not None:
-            progress(step[0], total)
-
+    nested, sources = open_export_inputs(adapter, base_model, output, opset=opset, force=force, verify=verify, provider=provider)
+    adapter_ranks = list(nested.config.train_ranks) if adapters_per_rank else []
+    verify_ranks = [0, *nested.config.train_ranks] if verify else []
+    tick = StepCounter(4 + len(adapter_ranks) + len(verify_ranks), progress, logger, "genai export")
     base = scan_base(base_model)
-    root = base.root
     check_float_targets(base, nested.modules)  # headers only: before the model loads
-    _check_type_early(root, base_model)
-    model, task = load_export_model(base_model)
-    if task != TASK_CAUSAL_LM:
-        raise ConfigError(f"base model {str(base_model)!r} is not a causal LM; ONNX Runtime GenAI generates from decoders only")
-    model_type = genai_model_type(model.config, base_model)
-    check_fits(nested, model, base=str(base_model))
-    layers, kv_heads, head = kv_shape(model.config)
-    vocab = int(model.config.vocab_size)
-    nbytes = param_bytes(model) + 4 * nested.params_at(nested.max_rank if graph_kind.rank_input else 0)
-    external = nbytes > EXTERNAL_DATA_BYTES if external_data is None else bool(external_data)
+    _check_type_early(base.root, base_model)
+    model, task, model_type = _load_decoder(nested, base_model)
+    shape = kv_shape(model.config)  # (layers, kv_heads, head)
+    layers = shape[0]
+    nbytes, external = graph_size(model, nested, nested.max_rank if graph_kind.rank_input else 0, external_data)
     tick("base model loaded")
-    ids = sample_inputs(vocab, batch=2, seq=sum(STEPS))["input_ids"]
+    ids = sample_inputs(int(model.config.vocab_size), batch=2, seq=sum(STEPS))["input_ids"]
     refs = reference_logits(model, task, nested, verify_ranks, {"input_ids": ids, "attention_mask": np.ones_like(ids)}) if verify else {}
 
-    check_free_space(Path(output).absolute().parent, nbytes + sum(4 * nested.params_at(k) for k in adapter_ranks))
+    check_room(output, nbytes, nested, adapter_ranks)
     with atomic_output_dir(output, force, sources) as tmp:
         top = build_decoder_top(model, nested, graph_kind)
         tick("model wrapped")
         path = tmp / MODEL_NAME
         export_decoder(top, model.config, nested, graph_kind, path, opset=opset, external_data=external)
-        if adapters_per_rank:
-            add_empty_defaults(path, nested)  # no active adapter = the base model
-        tick("exported with the dynamo exporter")
-        check_onnx_model(path, DEFAULT_OPSET)
-        tick("onnx.checker passed")
-        files = write_adapter_files(nested, adapter_ranks, tmp, tick)
+        files = finish_model(path, nested, graph_kind.factor_inputs, "dynamo", adapter_ranks, tick)
         names = input_names(layers, nested, graph_kind)
         shown = names if graph_kind.rank_input else names[: 3 + 2 * layers] + ["<module>.lora_A.weight", "<module>.lora_B.weight"]
-        outputs = ["logits", *present_names(layers)]
-        result = GenaiExportResult(kind, Path(output), task, "dynamo", opset, None, shown, external, outputs=outputs, model_type=model_type)
+        result = GenaiExportResult(kind, Path(output), task, "dynamo", opset, None, shown, external,
+                                   outputs=["logits", *present_names(layers)], model_type=model_type)
         result.adapter_files = files
         if verify:
-            session = make_session(path, provider)
-            for k in verify_ranks:
-                if graph_kind.rank_input:
-                    got = run_steps(session, ids, layers, kv_heads, head, {"lora_rank": np.array(k, dtype=np.int64)})
-                else:
-                    ro, lora = _active(tmp / files[k]) if k else (None, None)
-                    got = run_steps(session, ids, layers, kv_heads, head, {}, ro)
-                    del ro, lora
-                check = compare(k, got, refs[k], atol, rtol)
-                logger.info("rank %d: max abs diff %.3g (tolerance %.3g)", k, check.max_abs_diff, check.tolerance)
-                result.checks.append(check)
-                tick(f"verified rank {k}")
-            del session
-            raise_on_mismatch(result.checks, provider, "ONNX Runtime (with its KV cache)")
-        with open(tmp / GENAI_CONFIG_NAME, "w", encoding="utf-8") as f:
-            json.dump(genai_config(model.config, model_type), f, indent=2)
-            f.write("\n")
-        tokenizer_files = copy_tokenizer(root, tmp)
+            run = functools.partial(_run_decoder, graph_kind.rank_input, ids, shape, {k: tmp / f for k, f in files.items()})
+            result.checks = verify_export(path, provider, verify_ranks, refs, run, atol=atol, rtol=rtol, tick=tick,
+                                          what="ONNX Runtime (with its KV cache)")
+        write_json(tmp / GENAI_CONFIG_NAME, genai_config(model.config, model_type))
+        tokenizer_files = copy_tokenizer(base.root, tmp)
         result.seconds = time.perf_counter() - t0
         write_export_info(tmp, result, nested, base_model, names, info_format=INFO_FORMAT, tokenizer_files=tokenizer_files,
                           lora_rank={"required": True, "genai": "generator.set_model_input('lora_rank', np.array(k, dtype=np.int64))"})
     return result
+
+
+def _load_decoder(nested: NestedAdapter, base_model: str | os.PathLike[str]) -> tuple[Any, str, str]:
+    """``(model, task, GenAI model type)``: the float32 base, refused unless it is a causal LM of a
+    supported type that the adapter fits.
+
+    Raises:
+        ConfigError: not a causal LM, or an architecture this export does not support.
+        BaseModelError, BaseModelMismatchError: see :func:`~mlora_export.base.check_fits`.
+    """
+    model, task = load_export_model(base_model)
+    if task != TASK_CAUSAL_LM:
+        raise ConfigError(f"base model {str(base_model)!r} is not a causal LM; ONNX Runtime GenAI generates from decoders only")
+    model_type = genai_model_type(model.config, base_model)
+    check_fits(nested, model, base=str(base_model))
+    return model, task, model_type
+
+
+def _run_decoder(
+    rank_input: bool, ids: "np.ndarray", shape: tuple[int, int, int], adapter_files: dict[int, Path],
+    session: "onnxruntime.InferenceSession", k: int,
+) -> "np.ndarray":
+    """The logits of the decoder at rank ``k``, step by step as GenAI runs it (:func:`run_steps`):
+    ``lora_rank`` fed, or the rank's adapter file active (none at ``k = 0``: the base model)."""
+    import numpy as np
+
+    layers, kv_heads, head = shape
+    if rank_input:
+        return run_steps(session, ids, layers, kv_heads, head, {"lora_rank": np.array(k, dtype=np.int64)})
+    ro, lora = _active(adapter_files[k]) if k else (None, None)
+    got = run_steps(session, ids, layers, kv_heads, head, {}, ro)
+    del ro, lora
+    return got
 
 
 __all__ = [

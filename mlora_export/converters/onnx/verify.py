@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -155,9 +155,6 @@ def compare(rank: int, got: "np.ndarray", ref: "np.ndarray", atol: float = ATOL,
     return RankCheck(rank, diff, atol + rtol * float(np.max(np.abs(ref))) if ref.size else atol)
 
 
-__all__ = ["ATOL", "RTOL", "RankCheck", "check_provider", "compare", "make_session", "merged_at", "reference_logits", "run_adapter", "run_rank", "sample_inputs", "check_onnx_model", "raise_on_mismatch"]
-
-
 def check_onnx_model(path: str | os.PathLike[str], default_opset: int) -> None:
     """``onnx.checker`` on the written model (external data too).
 
@@ -188,3 +185,44 @@ def raise_on_mismatch(checks: list[RankCheck], provider: str, what: str = "ONNX 
             option="opset",
         )
 
+
+
+def verify_export(
+    path: str | os.PathLike[str],
+    provider: str,
+    ranks: Sequence[int],
+    refs: dict[int, "np.ndarray"],
+    run: Callable[["onnxruntime.InferenceSession", int], "np.ndarray"],
+    *,
+    atol: float = ATOL,
+    rtol: float = RTOL,
+    tick: Callable[[str], None] | None = None,
+    what: str = "ONNX Runtime",
+) -> list[RankCheck]:
+    """Run the written model at each of ``ranks`` (``run(session, k)`` gives its logits) and compare
+    them with PyTorch's ``refs[k]``; log each rank's difference and ``tick`` after it.
+
+    One loop for every export kind, so each verifies, reports and fails alike; the session is
+    closed before the check that raises, so the output folder can be removed.
+
+    Raises:
+        ConfigError: ``provider`` is not available.
+        ExportError: a rank disagrees beyond tolerance (every such rank named, see :func:`raise_on_mismatch`).
+    """
+    session = make_session(path, provider)
+    checks = []
+    for k in ranks:
+        check = compare(k, run(session, k), refs[k], atol, rtol)
+        logger.info("rank %d: max abs diff %.3g (tolerance %.3g)", k, check.max_abs_diff, check.tolerance)
+        checks.append(check)
+        if tick is not None:
+            tick(f"verified rank {k}")
+    del session
+    raise_on_mismatch(checks, provider, what)
+    return checks
+
+
+__all__ = [
+    "ATOL", "RTOL", "RankCheck", "check_onnx_model", "check_provider", "compare", "make_session", "merged_at",
+    "raise_on_mismatch", "reference_logits", "run_adapter", "run_rank", "sample_inputs", "verify_export",
+]
