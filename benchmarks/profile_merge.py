@@ -7,10 +7,13 @@ Runs every stage of the merge on its own, single-threaded, over every tensor of 
   (each in a fresh process);
 - read: ``pread`` of every tensor into a reused buffer (before), or its read-only map (after);
 - bf16→f32, product (``s·B·A`` of the tile), add, round (f32→bf16): for the targeted weights, in
-  two variants: ``torch`` (the merge before issue 16: row blocks of 256 Ki elements,
-  ``.to(float32)``, ``addmm_``, ``copy_``; product and add also timed apart) and ``numpy`` (the
-  kernels of :mod:`mlora_export.converters.merge_kernels`);
-- write: ``pwritev`` of every output tensor into a file in the page cache (deleted after).
+  three variants: ``torch`` (the merge before issue 16: row blocks of 256 Ki elements,
+  ``.to(float32)``, ``addmm_``, ``copy_``; product and add also timed apart), ``numpy`` (the
+  numpy kernels of :mod:`mlora_export.converters.merge_kernels`, the merge's first issue-16
+  version and its fallback now) and ``c`` (the compiled kernel, all four in one pass);
+- write: ``pwritev`` of every output tensor into a file in the page cache (deleted after), and
+  through the ``O_DIRECT`` appender from a buffer it must copy (staged) or one placed as it lies
+  in the file (written where it is).
 
 Usage::
 
@@ -39,7 +42,7 @@ def main() -> None:
     ap.add_argument("--base", type=Path, required=True)
     ap.add_argument("--adapter", type=Path, required=True)
     ap.add_argument("--rank", type=int, default=64)
-    ap.add_argument("--variants", default="torch,numpy")
+    ap.add_argument("--variants", default="torch,numpy,c")
     args = ap.parse_args()
     variants = args.variants.split(",")
 
@@ -49,7 +52,7 @@ def main() -> None:
     from mlora_export.base import scan_base
     from mlora_export.converters import merge as merge_mod
     from mlora_export.converters import merge_kernels as mk
-    from mlora_export.direct_io import DirectAppender
+    from mlora_export.direct_io import ALIGN, DirectAppender
     from mlora_export.threads import blas_threads
 
     times: dict[str, float] = {}
@@ -79,6 +82,8 @@ def main() -> None:
     out_file = args.base.parent / "profile-out.tmp"
     wfd = os.open(out_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     direct = DirectAppender(args.base.parent / "profile-direct.tmp")
+    placed_out = DirectAppender(args.base.parent / "profile-placed.tmp")
+    placed_offset = 0
     offset = 0
     n_target = n_elems = 0
     try:
@@ -108,6 +113,7 @@ def main() -> None:
                                 rows = max(1, mk.TILE_ELEMENTS // cols)
                                 tiles = [(r0, min(m, r0 + rows), c0, min(n, c0 + cols)) for c0 in range(0, n, cols) for r0 in range(0, m, rows)]
                                 out = np.empty_like(w)
+                                out.fill(0)  # its pages touched before the clock starts, as the merge's reused buffers are
                                 t0 = time.perf_counter()
                                 for r0, r1, c0, c1 in tiles:
                                     tile, _, _ = scratch.views(r1 - r0, c1 - c0)
@@ -134,10 +140,16 @@ def main() -> None:
                                     np.add(tile, prod, out=tile)
                                     mk.round_bf16(tile, out[r0:r1, c0:c1], bits)
                                 t0 = tick("numpy: all four in one pass over the tiles (with casts)", t0)
+                            if "c" in variants:
+                                out = np.empty_like(w)
+                                out.fill(0)
+                                t0 = time.perf_counter()
+                                mk.merge_tensor(w, "BF16", bs, a, out, "BF16", scratch, kernel="c")
+                                t0 = tick("c: all four in one pass (the compiled kernel: the merge's path now)", t0)
                             if "torch" in variants:
                                 tw = torch.from_numpy(w.view(np.int16)).view(torch.bfloat16)
                                 ta, tb = torch.from_numpy(a), torch.from_numpy(bs)
-                                tout = torch.empty_like(tw)
+                                tout = torch.empty_like(tw).fill_(0)  # touched before the clock starts
                                 rows = max(1, 256 * 1024 // tw.shape[1])
                                 blocks = [(r0, min(tw.shape[0], r0 + rows)) for r0 in range(0, tw.shape[0], rows)]
                                 t0 = time.perf_counter()
@@ -165,8 +177,14 @@ def main() -> None:
                         offset += info.nbytes
                         t0 = tick("write: pwrite into the page cache (before), all tensors", t0)
                         direct.write(memoryview(raw))
-                        tick("write: O_DIRECT from a staging buffer (after), all tensors", t0)
-                        buffers.put([raw])
+                        tick("write: O_DIRECT through the staging buffer (a copy), all tensors", t0)
+                        placed = buffers.get(info.nbytes, placed_offset % ALIGN)  # as the merge places its output
+                        placed[:] = raw
+                        t0 = time.perf_counter()
+                        placed_out.write(memoryview(placed))
+                        tick("write: O_DIRECT from buffers placed as they lie in the file (the merge's path now), all tensors", t0)
+                        placed_offset += info.nbytes
+                        buffers.put([raw, placed])
                 finally:
                     os.close(fd)
     finally:
@@ -174,6 +192,8 @@ def main() -> None:
         os.unlink(out_file)
         direct.close()
         os.unlink(args.base.parent / "profile-direct.tmp")
+        placed_out.close()
+        os.unlink(args.base.parent / "profile-placed.tmp")
     print(f"{n_target} targeted weights ({n_elems / 1e9:.2f} G elements), rank {k}, load average {os.getloadavg()}")
     print("| stage | seconds (one thread) |")
     print("|---|---:|")

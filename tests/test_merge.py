@@ -208,6 +208,8 @@ def test_dtype_casts_between_every_float_dtype(
     """The compiled kernel, and where it is not built numpy's (bfloat16 ↔ float32) and torch's
     (float16), cast alike: merged weights are the one-rounding reference, untouched tensors exactly
     torch's cast of the base's."""
+    if kernel not in merge_mod.mk.KERNELS:
+        pytest.skip("the compiled kernel is not built")
     if kernel == "numpy":
         monkeypatch.setattr(merge_mod.mk, "KERNELS", ("numpy",))
     base = work[f"llama-{src}-sharded"]

@@ -164,6 +164,44 @@ def test_c_kernel_refuses_short_buffers() -> None:
         ext.merge(w, 1, left, right, np.zeros((4, 16), np.uint16), 1, 4, 16, 2, 9)
     with pytest.raises(TypeError):
         ext.merge(w, 1, left, right, w.tobytes(), 1, 4, 16, 2, 0)  # out must be writable
+    with pytest.raises(ValueError, match="too large"):  # sizes that overflow are refused, not wrapped
+        ext.merge(b"", 1, b"", b"", bytearray(0), 1, 2**62, 4, 0, 0)
+    with pytest.raises(ValueError, match="too large"):
+        ext.cast(b"", 0, bytearray(0), 1, 2**62, 0)
+    with pytest.raises(ValueError, match="negative"):
+        ext.merge(w, 1, left, right, np.zeros((4, 16), np.uint16), 1, -4, 16, 2, 0)
+    if len(ext.builds()) == 1:  # no AVX2 here: asking for it is an error, not an illegal instruction
+        with pytest.raises(ValueError, match="build 1"):
+            ext.merge(w, 1, left, right, np.zeros((4, 16), np.uint16), 1, 4, 16, 2, 1)
+
+
+def test_merge_tensor_checks_its_operands() -> None:
+    """Shapes, dtypes and layouts that do not fit are refused with the shapes named (the compiled
+    kernel itself checks byte counts only), and so is a kernel that is not here."""
+    w, left, right = np.zeros((4, 16), np.uint16), np.zeros((4, 2), np.float32), np.zeros((2, 16), np.float32)
+    out = np.zeros((4, 16), np.uint16)
+    with pytest.raises(ValueError, match="shapes do not agree"):
+        mk.merge_tensor(w, "BF16", left, np.zeros((2, 32), np.float32), out, "BF16")
+    with pytest.raises(ValueError, match="float32"):
+        mk.merge_tensor(w, "BF16", left.astype(np.float64), right, out, "BF16")
+    with pytest.raises(ValueError, match="not F32"):
+        mk.merge_tensor(w, "F32", left, right, out, "BF16")
+    with pytest.raises(ValueError, match="C-contiguous"):
+        mk.merge_tensor(np.zeros((16, 4), np.uint16).T, "BF16", left, right, out, "BF16")
+    with pytest.raises(ValueError, match="not available"):
+        mk.merge_tensor(w, "BF16", left, right, out, "BF16", kernel="fortran")
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=_variant_id)
+def test_zero_delta_on_negative_zero_is_torchs(variant: tuple[str, int | None]) -> None:
+    """-0 weights plus a delta of exact zeros (an untrained adapter, B = 0) give what torch's
+    ``addmm`` gives (+0: the sum starts at +0, as a BLAS's does), in every kernel alike."""
+    w = np.full((5, 40), 0x8000, np.uint16)  # bfloat16 -0.0
+    left, right = np.zeros((5, 3), np.float32), -np.ones((3, 40), np.float32)
+    want = _bits(_tensor(w.copy(), "BF16").float().addmm(torch.from_numpy(left), torch.from_numpy(right)).to(torch.bfloat16))
+    out = np.empty_like(w)
+    _merge(variant, w, "BF16", left, right, out, "BF16")
+    assert np.array_equal(out, want), (out[0, :4], want[0, :4])
 
 
 def test_cast_between_bf16_and_f32() -> None:

@@ -2,8 +2,9 @@
  *
  * W is a [m, n] weight in bfloat16, float16 or float32 (raw elements), L [m, k] and R [k, n]
  * float32 (the scaled adapter factors, already oriented), out [m, n] in any of the three dtypes
- * and possibly W itself. Each output element is the float32 sum of its k products (fused
- * multiply-adds in order, as a BLAS micro-kernel sums them), plus W widened to float32, rounded
+ * and possibly W itself. Each output element is the float32 sum of its k products (in order, as
+ * a BLAS micro-kernel sums them: fused multiply-adds in the AVX2 build, and in the portable one
+ * where the hardware fuses them), plus W widened to float32, rounded
  * once to the output dtype with torch's rounding (round to nearest even; NaN -> 0x7FC0 in
  * bfloat16 and sign|0x7E00 in float16, as c10 does). A 4 x 16 block of outputs stays in
  * registers over all k, so W is read once and out written once, straight from registers: no
@@ -81,6 +82,10 @@ INLINE void store1(char *p, float v, int dt) {
     }
 }
 
+/* The sums start at +0 as a BLAS's do (so a -0 weight plus a zero delta is +0, as torch's addmm
+ * gives), except for k = 0, where the output is W itself, its signed zeros kept. */
+#define ZERO(k) ((k) ? 0.0f : -0.0f)
+
 /* Rows per block: the block's rows of L (rows x k floats) stay in the L2 cache while every
  * 16-column strip of R (k x 16 floats, in L1) passes over them, and a strip's rows of W and out
  * (one page apart for a 2048-wide bfloat16 weight) stay within the TLB's reach. */
@@ -102,16 +107,18 @@ static Py_ssize_t block_rows(Py_ssize_t k) {
 #endif
 
 INLINE void merge_generic(const char *w, int wt, const float *L, const float *R, char *out, int ot,
-                          Py_ssize_t m, Py_ssize_t n, Py_ssize_t k) {
+                          Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, float *pack) {
+    (void)pack; /* reads R in place */
     const size_t ws = DT_SIZE[wt], os = DT_SIZE[ot];
     const Py_ssize_t rb = block_rows(k);
+    const float zero = ZERO(k);
     for (Py_ssize_t i0 = 0; i0 < m; i0 += rb) {
         const Py_ssize_t i1 = i0 + rb < m ? i0 + rb : m;
         for (Py_ssize_t j0 = 0; j0 < n; j0 += STRIP) {
             const Py_ssize_t width = n - j0 < STRIP ? n - j0 : STRIP;
             for (Py_ssize_t i = i0; i < i1; i++) {
                 float acc[STRIP];
-                for (Py_ssize_t t = 0; t < STRIP; t++) acc[t] = -0.0f; /* k = 0 keeps W's signed zeros */
+                for (Py_ssize_t t = 0; t < STRIP; t++) acc[t] = zero;
                 const float *l = L + i * k;
                 for (Py_ssize_t kk = 0; kk < k; kk++) {
                     const float x = l[kk];
@@ -199,6 +206,8 @@ X86_INLINE void merge_x86(const char *w, int wt, const float *L, const float *R,
                           Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, float *pack) {
     const size_t ws = DT_SIZE[wt], os = DT_SIZE[ot];
     const Py_ssize_t rb = block_rows(k);
+    const __m256 zero = _mm256_set1_ps(ZERO(k));
+    const float zero1 = ZERO(k);
     pack_strips(R, pack, n, k);
     for (Py_ssize_t i0 = 0; i0 < m; i0 += rb) {
         const Py_ssize_t i1 = i0 + rb < m ? i0 + rb : m;
@@ -206,7 +215,7 @@ X86_INLINE void merge_x86(const char *w, int wt, const float *L, const float *R,
         for (; j0 + 16 <= n; j0 += 16) {
             Py_ssize_t i = i0;
             for (; i + 4 <= i1; i += 4) {
-                __m256 a00 = _mm256_set1_ps(-0.0f), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00;
+                __m256 a00 = zero, a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00;
                 const float *l0 = L + i * k, *l1 = l0 + k, *l2 = l1 + k, *l3 = l2 + k;
                 const float *r = pack + (j0 / 16) * k * 16;
                 for (Py_ssize_t kk = 0; kk < k; kk++, r += 16) {
@@ -222,7 +231,7 @@ X86_INLINE void merge_x86(const char *w, int wt, const float *L, const float *R,
                 ROW_STORE(3);
             }
             for (; i < i1; i++) {
-                __m256 a00 = _mm256_set1_ps(-0.0f), a01 = a00;
+                __m256 a00 = zero, a01 = a00;
                 const float *l0 = L + i * k;
                 const float *r = pack + (j0 / 16) * k * 16;
                 for (Py_ssize_t kk = 0; kk < k; kk++, r += 16) {
@@ -234,7 +243,7 @@ X86_INLINE void merge_x86(const char *w, int wt, const float *L, const float *R,
         }
         for (Py_ssize_t i = i0; j0 < n && i < i1; i++) { /* the last n % 16 columns */
             for (Py_ssize_t j = j0; j < n; j++) {
-                float s = -0.0f;
+                float s = zero1;
                 for (Py_ssize_t kk = 0; kk < k; kk++) s = fmaf(L[i * k + kk], R[kk * n + j], s);
                 const size_t at = (size_t)(i * n + j);
                 store1(out + at * os, s + load1(w + at * ws, wt), ot);
@@ -256,37 +265,32 @@ X86_INLINE void cast_x86(const char *src, int st, char *out, int ot, Py_ssize_t 
 typedef void (*merge_fn)(const char *, const float *, const float *, char *, Py_ssize_t, Py_ssize_t, Py_ssize_t, float *);
 typedef void (*cast_fn)(const char *, char *, Py_ssize_t);
 
-#define GENERIC_PAIR(A, B)                                                                                     \
-    static void merge_generic_##A##_##B(const char *w, const float *L, const float *R, char *out, Py_ssize_t m, \
-                                        Py_ssize_t n, Py_ssize_t k, float *pack) {                             \
-        (void)pack;                                                                                            \
-        merge_generic(w, A, L, R, out, B, m, n, k);                                                            \
-    }                                                                                                          \
-    static void cast_generic_##A##_##B(const char *s, char *o, Py_ssize_t c) { cast_generic(s, A, o, B, c); }
-#define GENERIC_ROW(A) GENERIC_PAIR(A, DT_F32) GENERIC_PAIR(A, DT_BF16) GENERIC_PAIR(A, DT_F16)
-GENERIC_ROW(DT_F32)
-GENERIC_ROW(DT_BF16)
-GENERIC_ROW(DT_F16)
-#define GENERIC_ENTRY(A) {merge_generic_##A##_DT_F32, merge_generic_##A##_DT_BF16, merge_generic_##A##_DT_F16}
-#define GENERIC_CAST(A) {cast_generic_##A##_DT_F32, cast_generic_##A##_DT_BF16, cast_generic_##A##_DT_F16}
-static const merge_fn MERGE_GENERIC[DT_COUNT][DT_COUNT] = {GENERIC_ENTRY(DT_F32), GENERIC_ENTRY(DT_BF16), GENERIC_ENTRY(DT_F16)};
-static const cast_fn CAST_GENERIC[DT_COUNT][DT_COUNT] = {GENERIC_CAST(DT_F32), GENERIC_CAST(DT_BF16), GENERIC_CAST(DT_F16)};
+/* Per build (generic, x86): one function per (input dtype, output dtype), and the tables that pick them. */
+#define PAIR(ISA, ATTR, A, B)                                                                                      \
+    ATTR static void merge_##ISA##_##A##_##B(const char *w, const float *L, const float *R, char *out, Py_ssize_t m, \
+                                             Py_ssize_t n, Py_ssize_t k, float *pack) {                            \
+        merge_##ISA(w, A, L, R, out, B, m, n, k, pack);                                                            \
+    }                                                                                                              \
+    ATTR static void cast_##ISA##_##A##_##B(const char *s, char *o, Py_ssize_t c) { cast_##ISA(s, A, o, B, c); }
+#define ROW(ISA, ATTR, A) PAIR(ISA, ATTR, A, DT_F32) PAIR(ISA, ATTR, A, DT_BF16) PAIR(ISA, ATTR, A, DT_F16)
+#define ENTRY(F, ISA, A) {F##_##ISA##_##A##_DT_F32, F##_##ISA##_##A##_DT_BF16, F##_##ISA##_##A##_DT_F16}
+#define TABLES(ISA, ATTR)                                                                                        \
+    ROW(ISA, ATTR, DT_F32) ROW(ISA, ATTR, DT_BF16) ROW(ISA, ATTR, DT_F16)                                       \
+    static const merge_fn MERGE_##ISA[DT_COUNT][DT_COUNT] = {ENTRY(merge, ISA, DT_F32), ENTRY(merge, ISA, DT_BF16), \
+                                                             ENTRY(merge, ISA, DT_F16)};                       \
+    static const cast_fn CAST_##ISA[DT_COUNT][DT_COUNT] = {ENTRY(cast, ISA, DT_F32), ENTRY(cast, ISA, DT_BF16),    \
+                                                           ENTRY(cast, ISA, DT_F16)};
+#define NO_ATTR
+TABLES(generic, NO_ATTR)
+#ifdef HAVE_X86
+TABLES(x86, X86)
+#endif
 
 #ifdef HAVE_X86
-#define X86_PAIR(A, B)                                                                                             \
-    X86 static void merge_x86_##A##_##B(const char *w, const float *L, const float *R, char *out, Py_ssize_t m,    \
-                                        Py_ssize_t n, Py_ssize_t k, float *pack) {                                 \
-        merge_x86(w, A, L, R, out, B, m, n, k, pack);                                                              \
-    }                                                                                                              \
-    X86 static void cast_x86_##A##_##B(const char *s, char *o, Py_ssize_t c) { cast_x86(s, A, o, B, c); }
-#define X86_ROW(A) X86_PAIR(A, DT_F32) X86_PAIR(A, DT_BF16) X86_PAIR(A, DT_F16)
-X86_ROW(DT_F32)
-X86_ROW(DT_BF16)
-X86_ROW(DT_F16)
-#define X86_ENTRY(A) {merge_x86_##A##_DT_F32, merge_x86_##A##_DT_BF16, merge_x86_##A##_DT_F16}
-#define X86_CAST(A) {cast_x86_##A##_DT_F32, cast_x86_##A##_DT_BF16, cast_x86_##A##_DT_F16}
-static const merge_fn MERGE_X86[DT_COUNT][DT_COUNT] = {X86_ENTRY(DT_F32), X86_ENTRY(DT_BF16), X86_ENTRY(DT_F16)};
-static const cast_fn CAST_X86[DT_COUNT][DT_COUNT] = {X86_CAST(DT_F32), X86_CAST(DT_BF16), X86_CAST(DT_F16)};
+static int cpu_has_avx2(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
 #endif
 
 /* Builds this CPU runs, best last (the caller picks: no state is kept here). */
@@ -294,22 +298,19 @@ static PyObject *py_builds(PyObject *self, PyObject *unused) {
     (void)self;
     (void)unused;
 #ifdef HAVE_X86
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
-        return Py_BuildValue("(ss)", "generic", "avx2");
+    if (cpu_has_avx2()) return Py_BuildValue("(ss)", "generic", "avx2");
 #endif
     return Py_BuildValue("(s)", "generic");
 }
 
+/* 1 for the AVX2 build, 0 for the portable one, -1 (ValueError set) for one this CPU cannot run. */
 static int check_build(int build) {
+    if (build == 0) return 0;
 #ifdef HAVE_X86
-    if (build == 1) return 1;
+    if (build == 1 && cpu_has_avx2()) return 1;
 #endif
-    if (build != 0) {
-        PyErr_Format(PyExc_ValueError, "build %d is not available here", build);
-        return -1;
-    }
-    return 0;
+    PyErr_Format(PyExc_ValueError, "build %d is not available on this CPU (see builds())", build);
+    return -1;
 }
 
 /* -- Python interface ------------------------------------------------------------------------ */
@@ -322,7 +323,18 @@ static int check_dtype(int dt, const char *what) {
     return 0;
 }
 
+/* a * b * c bytes, or -1 (with ValueError set) when the product does not fit a Py_ssize_t. */
+static Py_ssize_t product(Py_ssize_t a, Py_ssize_t b, Py_ssize_t c) {
+    Py_ssize_t ab, abc;
+    if (a < 0 || b < 0 || c < 0 || __builtin_mul_overflow(a, b, &ab) || __builtin_mul_overflow(ab, c, &abc)) {
+        PyErr_SetString(PyExc_ValueError, "shape is negative or too large");
+        return -1;
+    }
+    return abc;
+}
+
 static int check_len(const Py_buffer *b, Py_ssize_t need, const char *what) {
+    if (need < 0) return -1; /* from product(): the error is set */
     if (b->len < need) {
         PyErr_Format(PyExc_ValueError, "%s: %zd bytes, need %zd", what, b->len, need);
         return -1;
@@ -346,19 +358,16 @@ static PyObject *py_merge(PyObject *self, PyObject *args) {
     PyObject *result = NULL;
     const int x86 = check_build(build);
     if (x86 < 0 || check_dtype(wt, "w") || check_dtype(ot, "out")) goto done;
-    if (m < 0 || n < 0 || k < 0) {
-        PyErr_SetString(PyExc_ValueError, "negative shape");
-        goto done;
-    }
-    if (check_len(&w, m * n * (Py_ssize_t)DT_SIZE[wt], "w") || check_len(&l, m * k * 4, "left") || check_len(&r, k * n * 4, "right") ||
-        check_len(&o, m * n * (Py_ssize_t)DT_SIZE[ot], "out"))
+    if (check_len(&w, product(m, n, (Py_ssize_t)DT_SIZE[wt]), "w") || check_len(&l, product(m, k, 4), "left") ||
+        check_len(&r, product(k, n, 4), "right") || check_len(&o, product(m, n, (Py_ssize_t)DT_SIZE[ot]), "out"))
         goto done;
     if (((uintptr_t)l.buf | (uintptr_t)r.buf) % sizeof(float)) {
         PyErr_SetString(PyExc_ValueError, "left and right must be 4-byte aligned float32");
         goto done;
     }
     {
-        float *pack = x86 ? PyMem_RawMalloc((size_t)(k * (n / 16) * 16) * sizeof(float) + sizeof(float)) : NULL;
+        /* k x (n rounded down to 16) floats: no larger than right, whose size was checked */
+        float *pack = x86 ? PyMem_RawMalloc((size_t)k * (size_t)(n / 16 * 16) * sizeof(float) + sizeof(float)) : NULL;
         if (x86 && !pack) {
             PyErr_NoMemory();
             goto done;
@@ -366,10 +375,10 @@ static PyObject *py_merge(PyObject *self, PyObject *args) {
         Py_BEGIN_ALLOW_THREADS
 #ifdef HAVE_X86
         if (x86)
-            MERGE_X86[wt][ot]((const char *)w.buf, (const float *)l.buf, (const float *)r.buf, (char *)o.buf, m, n, k, pack);
+            MERGE_x86[wt][ot]((const char *)w.buf, (const float *)l.buf, (const float *)r.buf, (char *)o.buf, m, n, k, pack);
         else
 #endif
-            MERGE_GENERIC[wt][ot]((const char *)w.buf, (const float *)l.buf, (const float *)r.buf, (char *)o.buf, m, n, k, pack);
+            MERGE_generic[wt][ot]((const char *)w.buf, (const float *)l.buf, (const float *)r.buf, (char *)o.buf, m, n, k, pack);
         Py_END_ALLOW_THREADS
         PyMem_RawFree(pack);
     }
@@ -395,19 +404,16 @@ static PyObject *py_cast(PyObject *self, PyObject *args) {
     PyObject *result = NULL;
     const int x86 = check_build(build);
     if (x86 < 0 || check_dtype(st, "src") || check_dtype(ot, "out")) goto done;
-    if (count < 0) {
-        PyErr_SetString(PyExc_ValueError, "negative count");
+    if (check_len(&s, product(count, 1, (Py_ssize_t)DT_SIZE[st]), "src") || check_len(&o, product(count, 1, (Py_ssize_t)DT_SIZE[ot]), "out"))
         goto done;
-    }
-    if (check_len(&s, count * (Py_ssize_t)DT_SIZE[st], "src") || check_len(&o, count * (Py_ssize_t)DT_SIZE[ot], "out")) goto done;
     {
         Py_BEGIN_ALLOW_THREADS
 #ifdef HAVE_X86
         if (x86)
-            CAST_X86[st][ot]((const char *)s.buf, (char *)o.buf, count);
+            CAST_x86[st][ot]((const char *)s.buf, (char *)o.buf, count);
         else
 #endif
-            CAST_GENERIC[st][ot]((const char *)s.buf, (char *)o.buf, count);
+            CAST_generic[st][ot]((const char *)s.buf, (char *)o.buf, count);
         Py_END_ALLOW_THREADS
         (void)x86;
     }

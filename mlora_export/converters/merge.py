@@ -11,18 +11,20 @@ tensors in the same order, the same ``model.safetensors.index.json`` (rewritten 
 ``dtype`` changes ``total_size``), and every non-targeted tensor byte-identical (copied as raw
 bytes). Memory stays bounded by a few tensors plus the adapter (and at most 1 GiB of idle
 reusable buffers), whatever the model size: each shard is read tensor by tensor (each tensor
-mapped on its own while it is in flight, no whole-shard mapping), merged in tiles that stay in
-the CPU cache, and written as it is produced, past the page cache where the file system allows
-(``O_DIRECT``, :mod:`~mlora_export.direct_io`: gigabytes written once cost the page cache seconds
-of system CPU). A thread pool (one thread per CPU, at most
-:data:`_MAX_WORKERS`) reads and merges the next tensors, one tensor per thread, while the current
-one is being written.
+mapped on its own while it is in flight, no whole-shard mapping), merged, and written as it is
+produced, past the page cache where the file system allows (``O_DIRECT``,
+:mod:`~mlora_export.direct_io`: gigabytes written once cost the page cache seconds of system
+CPU), straight from the merged tensor's buffer (placed in memory as its bytes lie in the file,
+so no copy is made on the way out). A thread pool (one thread per CPU, at most
+:data:`_MAX_WORKERS`) reads and merges up to two tensors per thread ahead of the one being
+written, across shard boundaries, so the disk is kept busy from the first tensor to the last.
 
-A bfloat16 or float32 base is merged by numpy
-(:mod:`~mlora_export.converters.merge_kernels`, one BLAS thread per tile) and the command never
-imports torch, whose import alone costs about as long as copying a 1B model; float16 and float64
-weights are merged by torch (numpy's float16 casts are slow), held to one intra-op thread during
-the merge (no OpenMP barriers, which stall badly on a busy machine).
+The arithmetic runs in :mod:`~mlora_export.converters.merge_kernels`: the compiled kernel
+(bfloat16, float16 and float32; one pass per tensor with the GIL released) where the package
+was built with a C compiler, numpy's kernels (bfloat16 and float32) where it was not. The
+command then never imports torch, whose import alone costs about as long as copying a 1B model;
+only float64 weights (and float16 ones without the compiled kernel) are merged by torch, held
+to one intra-op thread during the merge (no OpenMP barriers, which stall badly on a busy machine).
 
 Everything is checked before any output is written: the base has safetensors weights (a
 ``.bin``-only base is refused, nothing is unpickled), every adapter target exists in the base
@@ -49,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..adapter import AdapterReader, NestedAdapter, orient_delta
 from ..base import SAFE_INDEX, BaseFolder, Shard, check_fits_weights, scan_base
+from ..direct_io import ALIGN
 from ..errors import (
     BaseModelError,
     BaseModelMismatchError,
@@ -63,7 +66,6 @@ from ..safetensors_io import (
     torch_dtype,
     write_safetensors,
 )
-from ..direct_io import ALIGN
 from ..threads import blas_threads, torch_threads, worker_threads
 from . import merge_kernels as mk
 
@@ -299,9 +301,10 @@ def _merge_one(
 ) -> "tuple[Any, list[np.ndarray]]":
     """Read one base weight and return ``W + s(k)·B[:, :k]·A[:k]`` in ``out_dtype`` (and its buffers).
 
-    bfloat16 and float32 go through :func:`~mlora_export.converters.merge_kernels.merge_tensor`
-    (numpy, float32 tiles, rounded once, in place into the read buffer when the dtype stays);
-    other dtypes through :func:`_merge_torch`.
+    The dtypes :func:`~mlora_export.converters.merge_kernels.supports` names go through
+    :func:`~mlora_export.converters.merge_kernels.merge_tensor` (float32 sums, rounded once),
+    from the base's map into a buffer placed ``phase`` bytes past a page boundary (as the result
+    lies in the output file); the others through :func:`_merge_torch`.
     """
     if not mk.supports(info.dtype, out_dtype):
         return _merge_torch(fd, data_start, info, module, rd, k, out_dtype, buffers)
@@ -322,7 +325,7 @@ def _merge_one(
     region = _Region(fd, info.nbytes, data_start + info.begin)
     try:
         w = region.array(mk.NUMPY_TYPES[info.dtype], info.shape)
-        mk.merge_tensor(w, info.dtype, left, right, out, out_dtype, scratch())
+        mk.merge_tensor(w, info.dtype, left, right, out, out_dtype, scratch() if mk.KERNELS[-1] == "numpy" else None)
         del w
     finally:
         region.close()
@@ -332,7 +335,7 @@ def _merge_one(
 def _merge_torch(
     fd: int, data_start: int, info: TensorInfo, module: str, rd: AdapterReader, k: int, out_dtype: str, buffers: _Buffers
 ) -> "tuple[torch.Tensor, list[np.ndarray]]":
-    """:func:`_merge_one` for float16 and float64 (numpy's float16 casts are slow): torch row blocks.
+    """:func:`_merge_one` for float64, and float16 where the compiled kernel is not built: torch row blocks.
 
     The sum runs in float32 (float64 for a float64 base) row blocks of :data:`_BLOCK_ELEMENTS`
     (``addmm_`` adds the block of ``B·A`` to the block of ``W`` while both are in cache) and
@@ -377,7 +380,7 @@ def _copy_one(
         region = _Region(fd, info.nbytes, data_start + info.begin)
         try:
             src = region.array(mk.NUMPY_TYPES[info.dtype], (_numel(info.shape),))
-            mk.cast(src, info.dtype, out.view(mk.NUMPY_TYPES[out_dtype]), out_dtype, scratch())
+            mk.cast(src, info.dtype, out.view(mk.NUMPY_TYPES[out_dtype]), out_dtype, scratch() if mk.KERNELS[-1] == "numpy" else None)
             del src
         finally:
             region.close()
@@ -392,7 +395,7 @@ def _lookahead(pool: ThreadPoolExecutor, jobs: Iterable[Callable[[], Any]], dept
     """Run ``jobs`` on ``pool`` at most ``depth`` ahead of the consumer; yield results in order.
 
     When the consumer stops early (an error while writing), queued jobs are cancelled and the
-    running one is waited for, so no job outlives the file it reads.
+    running ones are waited for, so no job outlives the merge (or the adapter's map it reads).
     """
     pending: deque[Future[Any]] = deque()
     try:

@@ -49,10 +49,19 @@ _NUMPY_PAIRS = {("BF16", "BF16"), ("BF16", "F32"), ("F32", "F32"), ("F32", "BF16
 NUMPY_TYPES: dict[str, type[np.generic]] = {"BF16": np.uint16, "F32": np.float32, "F16": np.float16}
 
 
+def _kernel(kernel: str | None) -> str:
+    """``kernel``, or the best here; an error for one that is not here."""
+    if kernel is None:
+        return KERNELS[-1]
+    if kernel not in KERNELS:
+        raise ValueError(f"merge kernel {kernel!r} is not available here (available: {', '.join(KERNELS)})")
+    return kernel
+
+
 def supports(base_dtype: str, out_dtype: str, kernel: str | None = None) -> bool:
     """Whether a ``base_dtype`` weight merges into ``out_dtype`` with ``kernel`` (default: the
     best here); else the caller uses torch."""
-    if (kernel or KERNELS[-1]) == "c":
+    if _kernel(kernel) == "c":
         return base_dtype in _C_CODES and out_dtype in _C_CODES
     return (base_dtype, out_dtype) in _NUMPY_PAIRS
 
@@ -107,21 +116,33 @@ def as_float32(data: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def merge_tensor(
-    w: np.ndarray, base_dtype: str, left: np.ndarray, right: np.ndarray, out: np.ndarray, out_dtype: str, scratch: Scratch, kernel: str | None = None
+    w: np.ndarray,
+    base_dtype: str,
+    left: np.ndarray,
+    right: np.ndarray,
+    out: np.ndarray,
+    out_dtype: str,
+    scratch: Scratch | None = None,
+    kernel: str | None = None,
 ) -> None:
     """``out = round(float32(w) + left · right)`` (docs/design.md §1, one rounding).
 
     ``w`` is the base weight's raw elements (``[m, n]``, C-contiguous, :data:`NUMPY_TYPES`);
     ``left`` (``[m, k]``) and ``right`` (``[k, n]``) are float32 and C-contiguous; ``out`` is
     ``[m, n]`` of ``out_dtype``'s raw elements and may be ``w`` itself (each element is read
-    before it is overwritten), which is how the merge rounds in place into its read buffer.
-    ``kernel`` is one of :data:`KERNELS` (default: the best); ``scratch`` serves the numpy one.
+    before it is overwritten). ``kernel`` is one of :data:`KERNELS` (default: the best);
+    ``scratch`` (made here when not given) serves the numpy one.
+
+    Raises:
+        ValueError: shapes, dtypes or layouts other than these, or an unavailable kernel.
     """
+    _check_operands(w, base_dtype, left, right, out, out_dtype)
     m, n = w.shape
-    if (kernel or KERNELS[-1]) == "c":
+    if _kernel(kernel) == "c":
         k = left.shape[1]
         _merge_ext.merge(w, _C_CODES[base_dtype], left, right, out, _C_CODES[out_dtype], m, n, k, _C_BUILD_INDEX)
         return
+    scratch = scratch or Scratch()
     if base_dtype == out_dtype == "BF16" and n % 2 == 0 and _u32_aligned(w) and _u32_aligned(out):
         _merge_bf16_pairs(w, left, right, out, scratch)
         return
@@ -145,6 +166,22 @@ def merge_tensor(
                 round_bf16(tile, dst, bits)
             elif base_dtype == "BF16":
                 np.copyto(dst, tile)
+
+
+def _check_operands(w: np.ndarray, base_dtype: str, left: np.ndarray, right: np.ndarray, out: np.ndarray, out_dtype: str) -> None:
+    """The layout :func:`merge_tensor` needs (the compiled kernel checks only byte counts)."""
+    if w.ndim != 2 or left.ndim != 2 or right.ndim != 2:
+        raise ValueError(f"merge operands must be 2-D: w {w.shape}, left {left.shape}, right {right.shape}")
+    (m, n), k = w.shape, left.shape[1]
+    if left.shape[0] != m or right.shape != (k, n) or out.shape != (m, n):
+        raise ValueError(f"merge shapes do not agree: w {w.shape}, left {left.shape}, right {right.shape}, out {out.shape}")
+    if left.dtype != np.float32 or right.dtype != np.float32:
+        raise ValueError(f"left and right must be float32, not {left.dtype} and {right.dtype}")
+    for name, a, dt in (("w", w, base_dtype), ("out", out, out_dtype)):
+        if dt not in NUMPY_TYPES or a.dtype.itemsize != np.dtype(NUMPY_TYPES[dt]).itemsize:
+            raise ValueError(f"{name} holds {a.dtype} elements, not {dt}")
+    if not all(a.flags.c_contiguous for a in (w, left, right, out)):
+        raise ValueError("merge operands must be C-contiguous")
 
 
 def _u32_aligned(a: np.ndarray) -> bool:
@@ -193,12 +230,15 @@ def _merge_bf16_pairs(w: np.ndarray, left: np.ndarray, right: np.ndarray, out: n
             np.bitwise_or(even, odd, out=out_pairs[r0:r1, c0:c1])
 
 
-def cast(data: np.ndarray, src_dtype: str, out: np.ndarray, out_dtype: str, scratch: Scratch, kernel: str | None = None) -> None:
-    """Cast a non-targeted tensor's raw elements (flat arrays) between the dtypes :func:`supports`
-    names, rounded as torch rounds."""
-    if (kernel or KERNELS[-1]) == "c":
+def cast(data: np.ndarray, src_dtype: str, out: np.ndarray, out_dtype: str, scratch: Scratch | None = None, kernel: str | None = None) -> None:
+    """Cast a non-targeted tensor's raw elements (flat arrays of equal size) between the dtypes
+    :func:`supports` names, rounded as torch rounds."""
+    if data.size != out.size:
+        raise ValueError(f"cast of {data.size} elements into {out.size}")
+    if _kernel(kernel) == "c":
         _merge_ext.cast(data, _C_CODES[src_dtype], out, _C_CODES[out_dtype], data.size, _C_BUILD_INDEX)
         return
+    scratch = scratch or Scratch()
     for start in range(0, data.size, TILE_ELEMENTS):
         stop = min(data.size, start + TILE_ELEMENTS)
         tile, _, bits = scratch.views(1, stop - start)
