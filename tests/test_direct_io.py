@@ -129,3 +129,31 @@ def test_appender_stages_buffers_that_are_not_placed(tmp_path: Path) -> None:
     out.write(_placed(parts[1], 1))  # file offset 100, address 1 past a page: not congruent
     out.close()
     assert path.read_bytes() == b"".join(parts)
+
+
+def test_placed_write_from_a_read_only_file_map_stays_direct(tmp_path: Path) -> None:
+    """The merge writes untouched tensors straight from the base's read-only map: such a buffer
+    goes to the disk with ``O_DIRECT`` (no fallback to the page cache), and the bytes are exact."""
+    import mmap
+
+    if not getattr(os, "O_DIRECT", 0):
+        pytest.skip("no O_DIRECT on this platform")
+    src = tmp_path / "src.bin"
+    data = _chunks(9, [3 * direct_io.ZERO_COPY_BYTES])[0]
+    src.write_bytes(data)
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        mm = mmap.mmap(fd, len(data), prot=mmap.PROT_READ)
+    finally:
+        os.close(fd)
+    view = memoryview(mm)[direct_io.ALIGN + 5 :]  # 5 bytes past a page boundary
+    path = tmp_path / "f.bin"
+    out = DirectAppender(path)
+    direct_at_start = out.direct
+    out.write(memoryview(b"h" * (direct_io.ALIGN + 5)))  # the file offset 5 past a block too: congruent
+    out.write(view)
+    assert out.direct == direct_at_start
+    out.close()
+    assert path.read_bytes() == b"h" * (direct_io.ALIGN + 5) + data[direct_io.ALIGN + 5 :]
+    view.release()
+    mm.close()
