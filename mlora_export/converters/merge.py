@@ -296,7 +296,7 @@ def _merge_one(
     k: int,
     out_dtype: str,
     buffers: _Buffers,
-    scratch: Callable[[], mk.Scratch],
+    scratch: Callable[[], mk.Scratch | None],
     phase: int = 0,
 ) -> "tuple[Any, list[np.ndarray]]":
     """Read one base weight and return ``W + s(k)·B[:, :k]·A[:k]`` in ``out_dtype`` (and its buffers).
@@ -325,7 +325,7 @@ def _merge_one(
     region = _Region(fd, info.nbytes, data_start + info.begin)
     try:
         w = region.array(mk.NUMPY_TYPES[info.dtype], info.shape)
-        mk.merge_tensor(w, info.dtype, left, right, out, out_dtype, scratch() if mk.KERNELS[-1] == "numpy" else None)
+        mk.merge_tensor(w, info.dtype, left, right, out, out_dtype, scratch())
         del w
     finally:
         region.close()
@@ -368,7 +368,7 @@ def _merge_torch(
 
 
 def _copy_one(
-    fd: int, data_start: int, info: TensorInfo, out_dtype: str, buffers: _Buffers, scratch: Callable[[], mk.Scratch], phase: int = 0
+    fd: int, data_start: int, info: TensorInfo, out_dtype: str, buffers: _Buffers, scratch: Callable[[], mk.Scratch | None], phase: int = 0
 ) -> "tuple[Any, list[np.ndarray]]":
     """A non-targeted tensor: its raw bytes (mapped, closed once written), or the tensor cast to
     ``out_dtype`` (and its buffers)."""
@@ -380,7 +380,7 @@ def _copy_one(
         region = _Region(fd, info.nbytes, data_start + info.begin)
         try:
             src = region.array(mk.NUMPY_TYPES[info.dtype], (_numel(info.shape),))
-            mk.cast(src, info.dtype, out.view(mk.NUMPY_TYPES[out_dtype]), out_dtype, scratch() if mk.KERNELS[-1] == "numpy" else None)
+            mk.cast(src, info.dtype, out.view(mk.NUMPY_TYPES[out_dtype]), out_dtype, scratch())
             del src
         finally:
             region.close()
@@ -514,8 +514,10 @@ def _write_shards(plan: _Plan, rd: AdapterReader, k: int, tmp: Path, progress: P
     buffers = _Buffers()
     local = threading.local()
 
-    def scratch() -> mk.Scratch:
-        """This worker thread's tiles, made on its first tensor."""
+    def scratch() -> mk.Scratch | None:
+        """This worker thread's tiles, made on its first tensor (only the numpy kernels use them)."""
+        if mk.KERNELS[-1] != "numpy":
+            return None
         if not hasattr(local, "scratch"):
             local.scratch = mk.Scratch()
         return local.scratch  # type: ignore[no-any-return]

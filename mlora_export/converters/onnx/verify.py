@@ -186,7 +186,6 @@ def raise_on_mismatch(checks: list[RankCheck], provider: str, what: str = "ONNX 
         )
 
 
-
 def verify_export(
     path: str | os.PathLike[str],
     provider: str,
