@@ -198,7 +198,7 @@ def _load_hub_dataset(src: DataSource, split: str, token: str | None) -> Any:
         raise HubInputError(f"dataset {label!r} is not in the local cache and HF_HUB_OFFLINE is set; load it once online, "
                             "or unset HF_HUB_OFFLINE", repo_id=label) from e
     except transport_errors() as e:
-        if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        if datasets.config.HF_HUB_OFFLINE:  # datasets says "Couldn't reach …" for what it has not cached
             raise HubInputError(f"dataset {label!r} is not in the local cache and HF_HUB_OFFLINE is set; load it once online, "
                                 "or unset HF_HUB_OFFLINE", repo_id=label) from e
         raise HubError(f"dataset {label!r}: cannot reach the Hub at {endpoint()} ({type(e).__name__}); check the network and "
