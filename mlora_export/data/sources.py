@@ -183,6 +183,9 @@ def _load_hub_dataset(src: DataSource, split: str, token: str | None) -> Any:
         if src.revision is not None and "Revision" in str(e):
             raise HubInputError(f"dataset {label!r}: revision {src.revision!r} not found on {endpoint()}; check the revision",
                                 option="data_revision", repo_id=label) from e
+        if "gated" in str(e):
+            raise HubInputError(f"dataset {label!r} on {endpoint()} is gated; request access on its page, then {login_hint()}",
+                                repo_id=label) from e
         raise HubInputError(
             f"data {label!r} is not a local file, and the Hub at {endpoint()} has no dataset {label!r} that "
             f"{'the token' if has_token(token) else 'an anonymous request'} may read; check the id or the path, or {login_hint()}",
