@@ -209,13 +209,14 @@ def test_pull_places_only_listed_verified_files(hub, bundle_files: dict, tmp_pat
 
 
 def test_pull_checks_the_rank_folder_holds_that_rank(hub, bundle_files: dict, tmp_path: Path, hub_env: None) -> None:
-    # rank 8 now points at a folder holding rank 4
+    # rank 8 now points at a folder holding rank 4 (and gives that folder's size, as its files add up)
     def point_at_r4(manifest: dict, files: dict) -> None:
+        sizes = {r["rank"]: r["bytes"] for r in manifest["ranks"]}
         for r in manifest["ranks"]:
             if r["rank"] == 8:
-                r["path"] = "r4"
+                r["path"], r["bytes"] = "r4", sizes[4]
             if r["rank"] == 4:
-                r["path"] = "r8"
+                r["path"], r["bytes"] = "r8", sizes[8]
 
     res = pull(hub, seed(hub, "wrong-rank", bundle_files, point_at_r4), 8, tmp_path / "out")
     assert res.exit_code == 2, res.output
