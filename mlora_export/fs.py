@@ -27,6 +27,7 @@ import ctypes.util
 import errno
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -483,13 +484,22 @@ def _no_constant(name: str) -> object:
     raise _JsonFault(f"{name} is not a JSON number")
 
 
+def _finite_float(text: str) -> float:
+    """A JSON number as a float; one beyond float's range (``1e400``, which ``json`` reads as infinity) is refused."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise _JsonFault(f"the number {text[:40]} is beyond the range of a float")
+    return value
+
+
 def parse_json(text: str | bytes, source: str, error: type[Exception]) -> object:
-    """Parse JSON text strictly: a key twice, ``NaN``/``Infinity``, an integer too long to
-    convert and nesting too deep to parse are all errors of class ``error`` naming ``source``."""
+    """Parse JSON text strictly: a key twice, ``NaN``/``Infinity``, a number beyond a float's range
+    (``1e400``), an integer too long to convert and nesting too deep to parse are all errors of
+    class ``error`` naming ``source``."""
     try:
         if isinstance(text, bytes):
             text = text.decode("utf-8")
-        return json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+        return json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant, parse_float=_finite_float)
     except json.JSONDecodeError as e:
         raise error(f"{source}: not valid JSON ({e.msg} at line {e.lineno}); fix or re-create the file") from None
     except UnicodeDecodeError:

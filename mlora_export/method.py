@@ -167,7 +167,7 @@ def check_rank_weights(weights: Iterable[float] | None, train_ranks: Sequence[in
         raise ConfigError(f"{len(ws)} rank weights for {len(train_ranks)} train ranks {list(train_ranks)}: give one weight per train rank")
     for w in ws:
         if not is_finite_real(w) or w < 0:
-            raise ConfigError(f"rank weight {str(w)[:40]!r} is not a finite non-negative number")
+            raise ConfigError(f"rank weight {str(w)[:40]} is not a finite non-negative number")
     total = float(sum(ws))
     if total <= 0:
         raise ConfigError("rank weights are all zero: at least one train rank needs a positive weight")

@@ -7,7 +7,10 @@ and tags, list trees and refs, and download files (``resolve``), as described in
 content-addressed folder per repo) and keeps a commit history per branch. Authentication is by
 ``Authorization: Bearer <token>`` against a table of users; private repos answer 401 (anonymous)
 or 404 (another user) with ``X-Error-Code: RepoNotFound``, an unknown token 401 with the Hub's
-``Invalid credentials in Authorization header`` message, as the real Hub does. Every request is
+``Invalid credentials in Authorization header`` message, as the real Hub does. With
+``basic_auth=(user, password)`` it also stands for a mirror behind a proxy that takes HTTP Basic
+credentials (an endpoint ``http://user:password@host``): a request carrying exactly those acts as
+anonymous. Every request is
 appended to :attr:`HubServer.log` so that tests can assert on what the client did; a request
 that hits a bug of this server is answered 400 (not 5xx, which the client would retry) and also
 kept in :attr:`HubServer.bugs`, which tests check stays empty.
@@ -143,8 +146,10 @@ class HubError(Exception):
 class HubServer:
     """An in-process Hub over loopback; use as a context manager (starts and stops the thread)."""
 
-    def __init__(self, root: Path, users: dict[str, str] | None = None, orgs: dict[str, set[str]] | None = None) -> None:
+    def __init__(self, root: Path, users: dict[str, str] | None = None, orgs: dict[str, set[str]] | None = None,
+                 basic_auth: tuple[str, str] | None = None) -> None:
         self.root = Path(root)
+        self.basic_auth = basic_auth
         self.root.mkdir(parents=True, exist_ok=True)
         self.users = dict(users or {})  # token -> user name
         self.orgs = {k: set(v) for k, v in (orgs or {}).items()}  # org -> members
@@ -232,6 +237,9 @@ class HubServer:
         if not authorization:
             return None
         scheme, _, token = authorization.partition(" ")
+        if scheme.lower() == "basic" and self.basic_auth is not None:
+            if token.strip() == base64.b64encode(":".join(self.basic_auth).encode()).decode():
+                return None  # the proxy's credentials: anonymous behind it
         if scheme.lower() != "bearer" or token.strip() not in self.users:
             raise HubError(401, "Invalid credentials in Authorization header")
         return self.users[token.strip()]

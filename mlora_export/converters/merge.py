@@ -28,8 +28,10 @@ to one intra-op thread during the merge (no OpenMP barriers, which stall badly o
 
 Everything is checked before any output is written: the base has safetensors weights (a
 ``.bin``-only base is refused, nothing is unpickled), every adapter target exists in the base
-with the expected shape and a float dtype, and the disk has room. The output appears atomically
-(:func:`~mlora_export.fs.atomic_output_dir`).
+with the expected shape and a float dtype, and the disk has room. Every merged (or cast) value
+is checked finite in the output dtype by the kernel that computes it, in the same pass: an
+overflow (a huge scale, float16's range) is refused naming the weight. The output appears
+atomically (:func:`~mlora_export.fs.atomic_output_dir`).
 """
 
 from __future__ import annotations
