@@ -15,6 +15,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import struct
@@ -654,7 +655,8 @@ def test_full_disk_mid_run_is_one_line(proj: Path, monkeypatch: pytest.MonkeyPat
     res = run(*args, "--output", "out")
     assert res.exit_code != 0
     err = one_line(res)
-    assert "disk filled up while writing 'out'" in err and "GiB" in err, err
+    assert "disk filled up while writing 'out'" in err and re.search(r"\d (B|KiB|MiB|GiB) free", err), err
+    assert "0.00 GiB" not in err, err
     assert not (proj / "out").exists() and temporaries(proj) == []
     assert snapshot(proj) == before
 
@@ -966,6 +968,24 @@ def test_overflow_in_the_computed_output_is_refused(proj: Path, overflowing: Pat
     no_output_left(proj)
 
 
+def test_merge_of_a_float64_base_checks_what_torch_computes(proj: Path, overflowing: Path) -> None:
+    """float64 weights are merged (and cast) by torch, not the kernels: the same check applies."""
+    from safetensors.torch import load_file, save_file
+
+    path = proj / "base" / "model.safetensors"
+    tensors = {k: v.double() for k, v in load_file(str(path)).items()}
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    res = run("merge", "big", "--base-model", "base", "--rank", "8", "--dtype", "float32", "--output", "out")
+    assert res.exit_code == 2 and "'model.layers.0.self_attn.q_proj.weight'" in one_line(res), res.output
+    no_output_left(proj)
+    assert run("merge", "nested", "--base-model", "base", "--rank", "8", "--dtype", "float32", "--output", "out").exit_code == 0
+    tensors["model.norm.weight"][0] = 1e300  # a float64 weight no float32 holds
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    res = run("merge", "nested", "--base-model", "base", "--rank", "8", "--dtype", "float32", "--output", "out2")
+    assert res.exit_code == 2 and "the base weight 'model.norm.weight'" in one_line(res), res.output
+    no_output_left(proj, "out2")
+
+
 def test_baked_slices_that_overflow_float16_are_refused(proj: Path, tiny_base: Path) -> None:
     """float16 B of 30000 times s(k) = 4 is 120000: beyond float16. The native mode (exact
     prefix, the scale in lora_alpha) is fine."""
@@ -1024,8 +1044,6 @@ def finish(proc: subprocess.Popen, go: Path) -> tuple[int, str]:
 
 
 def kept_result(err: str) -> Path:
-    import re
-
     m = re.search(r"the new result is kept as '([^']+)'", err)
     assert m, err
     return Path(m.group(1))

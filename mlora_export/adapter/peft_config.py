@@ -257,7 +257,10 @@ def check_targets(cfg: Mapping[str, Any], modules: Iterable[str], path: Path) ->
         InvalidAdapterError: naming the first such module, how many there are and ``target_modules``.
     """
     names = list(modules)
-    missed = [m for m in names if not peft_targets(cfg, m)]
+    try:
+        missed = [m for m in names if not peft_targets(cfg, m)]
+    except re.error as e:  # layers_pattern is spliced into PEFT's own expression: it may not compile there
+        raise InvalidAdapterError(f"{path}: layers_pattern {_shown(cfg.get('layers_pattern'), 40)} does not make a valid regular expression ({e})", path=path) from e
     if missed:
         more = f" and {len(missed) - 1} more of the {len(names)}" if len(missed) > 1 else ""
         raise InvalidAdapterError(
