@@ -460,4 +460,12 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_merge_ext", "Fused merge kernel (see merge_kernels.py).", -1, methods, NULL, NULL, NULL, NULL};
 
-PyMODINIT_FUNC PyInit__merge_ext(void) { return PyModule_Create(&module); }
+/* API 2: merge() and cast() return whether every element written is finite (API 1 returned None). */
+PyMODINIT_FUNC PyInit__merge_ext(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (m != NULL && PyModule_AddIntConstant(m, "API", 2) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -30,9 +30,15 @@ import numpy as np
 
 from ..adapter.rounding import finite_in
 
+#: The compiled kernel's interface this module needs: ``merge``/``cast`` return whether what they
+#: wrote is finite (a build of an older source returns ``None``, and is not used).
+_C_API = 2
+
 try:
     from . import _merge_ext
 except ImportError:  # built without a C compiler: the numpy kernels
+    _merge_ext = None  # type: ignore[assignment]
+if _merge_ext is not None and getattr(_merge_ext, "API", 1) < _C_API:  # a stale build: rebuild it (pip install -e .)
     _merge_ext = None  # type: ignore[assignment]
 
 #: Elements per tile (float32: 256 KiB), sized to leave the tile, its product and the rounding
