@@ -34,6 +34,7 @@ from ..errors import (
     OutputExistsError,
     RemoteIntegrityError,
 )
+from ..urls import redact_url
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -138,13 +139,6 @@ def usage_message(exc: click.ClickException) -> str:
     ctx = getattr(exc, "ctx", None)
     if isinstance(exc, click.UsageError) and ctx is not None:
         text = f"{text.rstrip('.')} (see '{ctx.command_path} --help')"
-    return _redacted(text)
-
-
-def _redacted(text: str) -> str:
-    """``text`` with the credentials of any URL in it removed (an endpoint given as ``https://user:secret@host``)."""
-    from ..converters.hub.remote import redact_url
-
     return redact_url(text)
 
 
@@ -165,7 +159,7 @@ def message_for(exc: BaseException) -> str:
         text = f"{type(exc).__name__}: {exc}"
         if not debug_enabled():
             text += " (set MLORA_DEBUG=1 for a traceback)"
-    return _redacted(" ".join(text.split()))
+    return redact_url(" ".join(text.split()))
 
 
 @contextlib.contextmanager

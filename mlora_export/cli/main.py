@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from .. import __version__
+from ..urls import redact_url
 from . import (
     demo_cmd,
     eval_cmd,
@@ -182,8 +183,6 @@ class _EchoHandler(logging.Handler):
             message = f"{record.levelname.lower()}: {record.getMessage()}"
             if record.exc_info:
                 message += "\n" + "".join(traceback.format_exception(*record.exc_info)).rstrip()
-            from ..converters.hub.remote import redact_url
-
             message = redact_url(message)  # an endpoint's credentials are never shown
             if self.hold and record.levelno == logging.WARNING:
                 hold_warning(message)

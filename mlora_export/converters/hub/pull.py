@@ -35,10 +35,11 @@ from ...errors import (
     RemoteIntegrityError,
 )
 from ...fs import atomic_output_dir, check_output_path, read_json
+from ...urls import redact_url
 from ...validate import is_int
 from .bundle import MANIFEST_NAME, BundleRank, check_file, check_manifest
 from .choose import RankBudget, RankChoice, choose_rank_by_budget
-from .remote import check_repo_id, hub_errors, make_api, redact_url, resolve_endpoint
+from .remote import check_repo_id, hub_errors, make_api, resolve_endpoint
 
 logger = logging.getLogger(__name__)
 

@@ -25,9 +25,10 @@ from typing import TYPE_CHECKING, Any
 from ...adapter import CONFIG_NAME, PEFT_CONFIG_NAME, WEIGHTS_NAME
 from ...errors import ConfigError
 from ...progress import Progress
+from ...urls import redact_url
 from .bundle import README_NAME, Bundle, is_bundle, sha256_file, write_bundle
 from .card import PLACEHOLDER_REPO
-from .remote import check_repo_id, hub_errors, make_api, redact_url, resolve_endpoint
+from .remote import check_repo_id, hub_errors, make_api, resolve_endpoint
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi

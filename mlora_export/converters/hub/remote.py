@@ -18,21 +18,12 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from ...errors import ConfigError, HubError
+from ...urls import redact_url
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
 
 logger = logging.getLogger(__name__)
-
-
-#: The userinfo of a URL: everything between ``scheme://`` and the last ``@`` of the authority.
-_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/\s?#]*@")
-
-
-def redact_url(text: str) -> str:
-    """``text`` with the userinfo (``user:secret@``) of every URL in it replaced by ``***@``:
-    what is shown or recorded of an endpoint, never its credentials."""
-    return _USERINFO.sub(r"\g<scheme>***@", str(text))
 
 
 def resolve_endpoint(endpoint: str | None) -> str:
