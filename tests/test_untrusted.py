@@ -1423,7 +1423,7 @@ def small_disk(path: Path, size: str) -> Iterator[Path]:
         subprocess.run(["umount", str(path)], capture_output=True)
 
 
-def test_gguf_on_a_full_disk_says_so(proj: Path, tmp_path: Path) -> None:
+def test_gguf_on_a_full_disk_says_so(proj: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """On a real full disk the gguf package's writer (numpy's tofile) loses the tensors without an
     error: the file is shorter than the writer believes, which is a full disk, exit 2."""
     with small_disk(tmp_path / "disk", "200k") as disk:
@@ -1436,12 +1436,8 @@ def test_gguf_on_a_full_disk_says_so(proj: Path, tmp_path: Path) -> None:
         # past the check made up front: the disk fills up while the file is written
         import mlora_export.converters.gguf as g
 
-        real = g.check_free_space
-        try:
-            g.check_free_space = lambda *a, **k: None  # type: ignore[assignment]
-            res = run("gguf", "nested", "--base-model", "base", "--ranks", "8", "--output", disk / "out")
-        finally:
-            g.check_free_space = real  # type: ignore[assignment]
+        monkeypatch.setattr(g, "check_free_space", lambda *a, **k: None)
+        res = run("gguf", "nested", "--base-model", "base", "--ranks", "8", "--output", disk / "out")
         assert res.exit_code == 2, res.output
         assert "the disk filled up while writing" in one_line(res), res.stderr
         assert sorted(p.name for p in disk.iterdir()) == ["filler"]
