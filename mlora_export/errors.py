@@ -72,6 +72,11 @@ class InsufficientDiskError(MloraError, OSError):
     """Not enough free disk space for the output."""
 
 
+class NonFiniteOutputError(MloraError, ValueError):
+    """What a converter was about to write holds an infinity or a NaN (a scale or weights too large
+    for the output dtype): refused, naming the tensor, before the output appears."""
+
+
 class ExportError(MloraError, RuntimeError):
     """An export ran but its result failed verification."""
 

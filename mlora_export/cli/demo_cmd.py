@@ -6,6 +6,7 @@ import click
 
 from ._errors import handle_errors
 from ._options import (
+    AsciiIntRange,
     BarProgress,
     echo_json,
     echo_table,
@@ -37,7 +38,7 @@ class _StageBars:
 @click.command("demo")
 @click.argument("output", type=click.Path(path_type=str))
 @click.option("--quick", is_flag=True, help="A few training steps only (seconds, for tests); the numbers are not meaningful.")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the model, the adapter and the data order.")
+@click.option("--seed", type=AsciiIntRange(min=0), default=0, show_default=True, help="Seed of the model, the adapter and the data order.")
 @force_option
 @json_option
 @handle_errors

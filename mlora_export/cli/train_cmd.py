@@ -9,6 +9,8 @@ from ..method import SCALINGS, TRAIN_METHODS
 from ..training.pipeline import TrainSettings
 from ._errors import handle_errors
 from ._options import (
+    FLOAT,
+    INT,
     BarProgress,
     ModuleList,
     base_model_options,
@@ -34,7 +36,7 @@ _DEFAULTS = TrainSettings()
 @click.option("--train-on-prompt", is_flag=True,
               help="Learn every token; by default only the completion, or every assistant turn of a conversation (end-of-turn included).")
 @click.option("--ranks", required=True, type=RankList(allow_all=False), help="Train ranks T, comma-separated (e.g. 1,2,4,8,16,32).")
-@click.option("--max-rank", type=int, default=None, help="Adapter rank r; must be one of --ranks.  [default: max of --ranks]")
+@click.option("--max-rank", type=INT, default=None, help="Adapter rank r; must be one of --ranks.  [default: max of --ranks]")
 @click.option("--output", "-o", required=True, type=click.Path(path_type=str), help="Folder to create for the nested adapter.")
 @click.option("--method", type=click.Choice(list(TRAIN_METHODS)), default=_DEFAULTS.method, show_default=True,
               help="nested-loss: each example trained at one train rank exactly as it is served (ranks stratified per step); "
@@ -42,16 +44,16 @@ _DEFAULTS = TrainSettings()
 @click.option("--rank-weights", type=NumberList(), default=None,
               help="nested-loss only: one weight per train rank for the per-example assignment, e.g. 1,1,1,1,2,2.  [default: uniform]")
 @click.option("--scaling", type=click.Choice(list(SCALINGS)), default=_DEFAULTS.scaling, show_default=True, help="s(k) = alpha/sqrt(k), alpha/k or alpha.")
-@click.option("--alpha", type=float, default=_DEFAULTS.alpha, show_default=True, help="The alpha of s(k).")
+@click.option("--alpha", type=FLOAT, default=_DEFAULTS.alpha, show_default=True, help="The alpha of s(k).")
 @click.option("--target-modules", type=ModuleList(), default=_DEFAULTS.target_modules, show_default=True,
               help="'all-linear' (every Linear/Conv1D but the output head) or module names, e.g. q_proj,v_proj.")
-@click.option("--epochs", type=float, default=_DEFAULTS.epochs, show_default=True, help="Passes over the data (ignored with --max-steps).")
-@click.option("--max-steps", type=int, default=None, help="Stop after this many optimisation steps.")
-@click.option("--lr", type=float, default=_DEFAULTS.lr, show_default=True, help="Peak learning rate (linear decay).")
-@click.option("--batch-size", type=int, default=_DEFAULTS.batch_size, show_default=True, help="Examples per step and process.")
-@click.option("--grad-accum", type=int, default=_DEFAULTS.grad_accum, show_default=True, help="Micro-batches per optimisation step.")
-@click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True, help="Seed of the adapter init, the data order and DyLoRA's sampling.")
-@click.option("--max-length", type=int, default=_DEFAULTS.max_length, show_default=True, help="Truncate examples to this many tokens.")
+@click.option("--epochs", type=FLOAT, default=_DEFAULTS.epochs, show_default=True, help="Passes over the data (ignored with --max-steps).")
+@click.option("--max-steps", type=INT, default=None, help="Stop after this many optimisation steps.")
+@click.option("--lr", type=FLOAT, default=_DEFAULTS.lr, show_default=True, help="Peak learning rate (linear decay).")
+@click.option("--batch-size", type=INT, default=_DEFAULTS.batch_size, show_default=True, help="Examples per step and process.")
+@click.option("--grad-accum", type=INT, default=_DEFAULTS.grad_accum, show_default=True, help="Micro-batches per optimisation step.")
+@click.option("--seed", type=INT, default=_DEFAULTS.seed, show_default=True, help="Seed of the adapter init, the data order and DyLoRA's sampling.")
+@click.option("--max-length", type=INT, default=_DEFAULTS.max_length, show_default=True, help="Truncate examples to this many tokens.")
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default=_DEFAULTS.dtype, show_default=True, help="Dtype of the base model.")
 @threads_option
 @force_option

@@ -8,6 +8,7 @@ from __future__ import annotations
 from ..converters.hub.bundle import ONNX_DIR, write_bundle
 from ..converters.merge import merge_adapter
 from ..converters.onnx.export import MODEL_NAME, export_onnx
+from ..units import human_bytes
 from .context import DemoContext, StageReport
 
 
@@ -42,7 +43,7 @@ def stage_merge(ctx: DemoContext) -> StageReport:
     return StageReport(
         lines=[
             f"rank {k} merged into {res.merged_tensors} base weights ({res.copied_tensors} tensors copied unchanged, "
-            f"{res.bytes / 2**20:.1f} MiB in {res.seconds:.2f} s) -> {ctx.output / out.name}{check}"
+            f"{human_bytes(res.bytes)} in {res.seconds:.2f} s) -> {ctx.output / out.name}{check}"
         ],
         data={**res.to_dict(), "path": out.name, "max_abs_logit_diff_vs_peft": diff},
     )
