@@ -532,7 +532,7 @@ def _break_base(base: Path, case: str, tmp_path: Path) -> None:
         outside = tmp_path / "outside"
         outside.mkdir()
         os.replace(base / "model.safetensors", outside / "model.safetensors")
-        from mlora_export.safetensors_io import read_header
+        from mlora_export.io.safetensors import read_header
 
         keys = read_header(outside / "model.safetensors").tensors
         (base / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {k: "../outside/model.safetensors" for k in keys}}))
@@ -639,7 +639,7 @@ def test_overlong_jsonl_record_is_refused_before_it_is_held(proj: Path) -> None:
 @pytest.mark.parametrize("command", ["merge", "train", "eval"])
 def test_full_disk_mid_run_is_one_line(proj: Path, monkeypatch: pytest.MonkeyPatch, command: str) -> None:
     import mlora_export.evaluation.plot as plotting
-    import mlora_export.safetensors_io as sio
+    import mlora_export.io.safetensors as sio
 
     def full(*args: object, **kwargs: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -701,7 +701,7 @@ headers = st.dictionaries(
 @given(header=headers, data_len=st.integers(0, 128))
 def test_fuzz_header_reader_loads_valid_or_raises_ours(header: dict, data_len: int) -> None:
     from mlora_export.errors import InvalidAdapterError
-    from mlora_export.safetensors_io import DTYPE_BITS, parse_header
+    from mlora_export.io.safetensors import DTYPE_BITS, parse_header
 
     raw = json.dumps(header).encode()
     try:
@@ -724,7 +724,7 @@ def test_fuzz_header_reader_is_no_looser_than_safetensors(tmp_path_factory: pyte
     from safetensors import safe_open
 
     from mlora_export.errors import InvalidAdapterError
-    from mlora_export.safetensors_io import read_header
+    from mlora_export.io.safetensors import read_header
 
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)
@@ -742,7 +742,7 @@ def test_fuzz_header_reader_is_no_looser_than_safetensors(tmp_path_factory: pyte
 @given(raw=st.binary(max_size=64) | st.text(max_size=64).map(str.encode))
 def test_fuzz_header_bytes(raw: bytes) -> None:
     from mlora_export.errors import InvalidAdapterError
-    from mlora_export.safetensors_io import parse_header
+    from mlora_export.io.safetensors import parse_header
 
     try:
         parse_header(raw, 0, "fuzz")
@@ -1445,7 +1445,7 @@ def test_gguf_on_a_full_disk_says_so(proj: Path, tmp_path: Path, monkeypatch: py
 
 _FULL_DISK_TRAIN = """
 import errno, sys
-import mlora_export.safetensors_io as sio
+import mlora_export.io.safetensors as sio
 def full(*a, **k):
     raise OSError(errno.ENOSPC, "No space left on device")
 sio._pwrite_all = full
@@ -1544,7 +1544,7 @@ def test_inspect_shows_ill_typed_energy_without_crashing(proj: Path) -> None:
 
 
 def test_merge_dtype_with_an_index_whose_metadata_is_not_an_object(proj: Path, tmp_path: Path) -> None:
-    from mlora_export.safetensors_io import read_header
+    from mlora_export.io.safetensors import read_header
 
     keys = read_header(proj / "base" / "model.safetensors").tensors
     (proj / "base" / "model.safetensors.index.json").write_text(json.dumps({"metadata": [1], "weight_map": {k: "model.safetensors" for k in keys}}))

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, InvalidAdapterError, RankError
 from ..method import MAX_SCALE, peft_alpha_for
-from ..safetensors_io import DTYPE_SIZES, SafetensorsHeader, read_header, save_tensors
+from ..io.jsonio import dumps, write_json
+from ..io.safetensors import DTYPE_SIZES, SafetensorsHeader, read_header, save_tensors
 from ..validate import is_finite_real, is_int
 from .config import MatryoshkaConfig
 from .files import (
@@ -308,18 +309,6 @@ def save_nested(
     return root
 
 
-def write_json(path: Path, data: Any) -> None:
-    """Write ``data`` as indented JSON with a final newline (the form every file of ours has).
-
-    Never writes ``NaN`` or ``Infinity``, which are not JSON and which our own readers refuse:
-    a value like that is a bug upstream, raised here as ``ValueError`` rather than written.
-    """
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, allow_nan=False)
-        f.write("\n")
-
-
-
 def record_in_config(adapter_dir: str | os.PathLike[str], section: str, key: str, entry: Any) -> Path:
     """Set ``section[key] = entry`` in a nested adapter's ``matryoshka_config.json``, atomically
     (a temporary file in the folder, then a rename; the file's mode is kept).
@@ -339,8 +328,7 @@ def record_in_config(adapter_dir: str | os.PathLike[str], section: str, key: str
     try:
         os.chmod(tmp, path.stat().st_mode & 0o777)
         with os.fdopen(fd, "w", encoding="utf-8") as out:
-            json.dump(data, out, indent=2, allow_nan=False)
-            out.write("\n")
+            out.write(dumps(data))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

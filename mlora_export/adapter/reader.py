@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..safetensors_io import DTYPE_SIZES
+from ..io.safetensors import DTYPE_SIZES
 from .files import check_finite
 from .rounding import NUMPY_TYPES, scaled_copy
 
@@ -43,7 +43,7 @@ class AdapterReader:
     def _view(self, key: str) -> "torch.Tensor":
         import torch
 
-        from ..safetensors_io import torch_dtype
+        from ..io.safetensors import torch_dtype
 
         info = self.adapter.header.tensors[key]
         dtype = torch_dtype(info.dtype)

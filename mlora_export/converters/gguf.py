@@ -48,7 +48,8 @@ from ..errors import (
     NonFiniteOutputError,
     UnsupportedArchitectureError,
 )
-from ..fs import atomic_output_dir, check_free_space, check_output_path, check_written, read_json
+from ..fs import atomic_output_dir, check_free_space, check_output_path, check_written
+from ..io.jsonio import read_json
 from ..method import peft_alpha_for
 from ..progress import Progress
 from ..validate import is_int

@@ -23,7 +23,6 @@ pointing at a template with generation markers.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
+from ..io.jsonio import JsonFault, loads
 from .records import ASSISTANT, Example
 
 #: Two characters from Unicode's private use area, appended to an assistant turn's content to
@@ -66,8 +66,8 @@ def read_chat_template(path: str | os.PathLike[str]) -> str:
         raise DataError(f"chat template {str(p)!r} is not UTF-8 text ({e.reason} at byte {e.start})", path=p, option="chat_template") from e
     if p.suffix.lower() == ".json":
         try:
-            obj = json.loads(text)
-        except ValueError:
+            obj = loads(text)
+        except JsonFault:
             obj = None
         text = obj.get("chat_template") if isinstance(obj, dict) else None
         if not isinstance(text, str):

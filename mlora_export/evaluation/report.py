@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -11,6 +10,7 @@ from typing import Any
 
 from ..adapter import record_in_config
 from ..fs import atomic_output_dir
+from ..io.jsonio import write_json
 from ..provenance import created_by
 from .plan import Curve
 from .run import EvalResult
@@ -37,9 +37,7 @@ def write_results(result: EvalResult, output: str | os.PathLike[str], *, force: 
     inputs = [result.base_model, *([result.data.path] if result.data.path is not None else []), *(c.path for c in result.curves),
               *(m.path for c in result.curves for m, _ in c.members)]
     with atomic_output_dir(output, force, inputs) as tmp:
-        with open(tmp / RESULTS_NAME, "w", encoding="utf-8") as f:
-            json.dump(result.to_dict(), f, indent=2)
-            f.write("\n")
+        write_json(tmp / RESULTS_NAME, result.to_dict(), allow_nan=True)  # a diverged model's loss is NaN: reported as such
         plot_rank_curves(result.to_dict(), tmp / PLOT_NAME)
     return Path(output)
 

@@ -25,7 +25,7 @@ from ..errors import (
     ConfigError,
     DataError,
 )
-from ..fs import read_json
+from ..io.jsonio import read_json
 from ..method import aurac
 from ..progress import Progress
 from ..provenance import created_by

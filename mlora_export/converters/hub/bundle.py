@@ -52,6 +52,7 @@ from ...errors import (
     RankError,
 )
 from ...fs import atomic_output_dir, check_free_space, check_output_path
+from ...io.jsonio import read_json
 from ...progress import Progress
 from ...provenance import created_by
 from ...validate import ascii_int, is_finite_real, is_int
@@ -149,8 +150,6 @@ def read_manifest(path: Path) -> dict[str, Any]:
     Raises:
         InvalidAdapterError: missing, not JSON, another format, or missing fields.
     """
-    from ...fs import read_json
-
     if not path.exists():
         raise InvalidAdapterError(f"{path}: not found; is {str(path.parent)!r} a bundle written by `mlora-export bundle`?", path=path)
     return check_manifest(read_json(path, InvalidAdapterError, what="manifest"), str(path))
@@ -339,7 +338,7 @@ def choose_default_rank(ranks: Sequence[int], recorded: Mapping[str, RecordedEva
 
 def _portable_peft_config(path: Path, hub_base: str | None) -> None:
     """Set ``base_model_name_or_path`` of the ``adapter_config.json`` at ``path`` to ``hub_base`` (``None``: unset)."""
-    cfg = json.loads(path.read_text(encoding="utf-8"))
+    cfg = read_json(path, InvalidAdapterError, what="adapter config")
     cfg["base_model_name_or_path"] = hub_base
     write_json(path, cfg)
 
@@ -376,7 +375,7 @@ def _finish_rank(
     GGUF file, and return its manifest entry."""
     k, folder = res.rank, res.path
     # record the source relative to the bundle (deterministic; no local path on the Hub)
-    slice_cfg = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+    slice_cfg = read_json(folder / CONFIG_NAME, InvalidAdapterError, what="slice config")
     slice_cfg["source"]["path"] = f"../{NESTED_DIR}"
     write_json(folder / CONFIG_NAME, slice_cfg)
     _portable_peft_config(folder / PEFT_CONFIG_NAME, hub_base)

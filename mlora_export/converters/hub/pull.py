@@ -34,7 +34,8 @@ from ...errors import (
     RankError,
     RemoteIntegrityError,
 )
-from ...fs import atomic_output_dir, check_output_path, read_json
+from ...fs import atomic_output_dir, check_output_path
+from ...io.jsonio import read_json
 from ...urls import redact_url
 from ...validate import is_int
 from .bundle import MANIFEST_NAME, BundleRank, check_file, check_manifest

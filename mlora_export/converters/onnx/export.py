@@ -15,7 +15,6 @@ against PyTorch (DESIGN.md §1 reference) at every train rank; a mismatch raises
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import time
@@ -28,6 +27,7 @@ from ...adapter import NestedAdapter
 from ...base import check_fits, check_float_targets, scan_base
 from ...errors import ConfigError, RankError
 from ...fs import atomic_output_dir, check_free_space, check_output_path
+from ...io.jsonio import write_json
 from ...progress import Progress, StepCounter
 from ...provenance import created_by
 from ...validate import is_int
@@ -329,9 +329,7 @@ def write_export_info(
         "base_model": str(base_model),
         "created_by": created_by(),
     }
-    with open(folder / INFO_NAME, "w", encoding="utf-8") as f:
-        json.dump(info, f, indent=2)
-        f.write("\n")
+    write_json(folder / INFO_NAME, info)
 
 
 __all__ = [
