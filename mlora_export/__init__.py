@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and
         train,
     )
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 _EXPORTS: dict[str, str] = {
     "NestedAdapter": "mlora_export.adapter",

@@ -19,7 +19,7 @@ from ._options import (
 
 @click.command("slice")
 @adapter_argument
-@ranks_option
+@ranks_option()
 @click.option("--output", "-o", required=True, type=click.Path(path_type=str), help="Folder to create; one r{k}/ PEFT adapter per rank.")
 @scale_mode_option(
     "baked: s(k) folded into lora_B, lora_alpha = k (every runtime reads it alike); native: exact prefix, s(k) as lora_alpha = s(k)·k (no use_rslora).")

@@ -12,6 +12,8 @@ from ._options import (
     FLOAT,
     INT,
     BarProgress,
+    BaseModelArg,
+    DataArgs,
     ModuleList,
     base_model_options,
     data_options,
@@ -20,7 +22,6 @@ from ._options import (
     echo_json,
     force_option,
     json_option,
-    maybe_torch_threads,
     quiet_transformers_bars,
     stdout_to_stderr,
     threads_option,
@@ -60,10 +61,9 @@ _DEFAULTS = TrainSettings()
 @json_option
 @handle_errors
 def train(
-    base_model: str, revision: str | None, data: str, data_split: str | None, data_config: str | None, data_columns: str | None,
-    chat_template: str | None, train_on_prompt: bool, ranks: tuple[int, ...], max_rank: int | None, output: str, method: str, scaling: str,
+    base: BaseModelArg, data: DataArgs, train_on_prompt: bool, ranks: tuple[int, ...], max_rank: int | None, output: str, method: str, scaling: str,
     rank_weights: tuple[float, ...] | None, alpha: float, target_modules: str | tuple[str, ...], epochs: float, max_steps: int | None, lr: float, batch_size: int, grad_accum: int,
-    seed: int, max_length: int, dtype: str, threads: int | None, force: bool, as_json: bool,
+    seed: int, max_length: int, dtype: str, force: bool, as_json: bool,
 ) -> None:
     """Train a nested adapter (nested-loss by default) on a base model and write it to --output.
 
@@ -83,19 +83,18 @@ def train(
           --data HuggingFaceH4/no_robots --data-columns messages=messages \\
           --ranks 1,2,4,8,16 --output ./nested --max-length 1024
     """
-    from ..data import DataSource, parse_columns, read_chat_template
     from ..training.pipeline import train as run_train
 
-    source = DataSource(data, split=data_split, config=data_config, columns=parse_columns(data_columns))
-    template = read_chat_template(chat_template) if chat_template is not None else None
+    source = data.source()
+    template = data.chat_template()
     settings = TrainSettings(
         method=method, rank_weights=rank_weights, train_ranks=tuple(ranks), max_rank=max_rank, scaling=scaling, alpha=alpha,
         target_modules=target_modules,
         epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum, seed=seed,
         max_length=max_length, dtype=dtype, train_on_prompt=train_on_prompt, chat_template=template,
     )
-    with stdout_to_stderr(), maybe_torch_threads(threads), quiet_transformers_bars(), BarProgress("training", unit="step") as bar:
-        result = run_train(base_model, source, output, settings, force=force, progress=bar, revision=revision)
+    with stdout_to_stderr(), quiet_transformers_bars(), BarProgress("training", unit="step") as bar:
+        result = run_train(base.spec, source, output, settings, force=force, progress=bar, revision=base.revision)
     if not result.is_main_process:
         return
     if as_json:

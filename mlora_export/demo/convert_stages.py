@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from ..converters.hub.bundle import ONNX_DIR, write_bundle
 from ..converters.merge import merge_adapter
-from ..converters.onnx.export import MODEL_NAME, export_onnx
+from ..converters.onnx import MODEL_NAME, export_genai, export_onnx
 from ..units import human_bytes
 from .context import DemoContext, StageReport
 
@@ -110,7 +110,7 @@ def stage_genai(ctx: DemoContext) -> StageReport:
         ctx.report_progress("genai export", done, total)
 
     out = ctx.root / "genai"
-    res = export_onnx(ctx.nested_dir, ctx.base_dir, out, genai=True, progress=progress)
+    res = export_genai(ctx.nested_dir, ctx.base_dir, out, progress=progress)
     tok = AutoTokenizer.from_pretrained(ctx.base_dir)
     prompt = tok("sort dcab =")["input_ids"]
     model = og.Model(str(out))

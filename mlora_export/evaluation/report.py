@@ -13,7 +13,7 @@ from ..fs import atomic_output_dir
 from ..io.jsonio import write_json
 from ..provenance import created_by
 from .plan import Curve
-from .run import EvalResult
+from .result import EvalResult
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,21 @@ def record_entry(result: EvalResult, curve: Curve) -> dict[str, Any]:
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "created_by": created_by(),
     }
+
+
+def record_results(result: EvalResult) -> None:
+    """Store each curve of ``result`` in its nested adapter's ``matryoshka_config.json``
+    (:func:`record_evaluation`), listing the files in ``result.recorded``; the labels of curves that
+    are not one nested adapter folder go to ``result.not_recorded``.
+
+    Raises:
+        InvalidAdapterError: a recordable folder has no nested ``matryoshka_config.json`` (any more).
+    """
+    for c in result.curves:
+        if c.recordable:
+            result.recorded.append(str(record_evaluation(c.path, record_entry(result, c))))
+        else:
+            result.not_recorded.append(c.label)
 
 
 def record_evaluation(adapter_dir: str | os.PathLike[str], entry: dict[str, Any]) -> Path:

@@ -78,7 +78,7 @@ def check_license(license_id: str | None) -> str | None:
         raise ConfigError(
             f"license {license_id[:60]!r} is not a Hub license id; use one such as apache-2.0, mit or llama3.1, "
             "or 'other' for a license the Hub does not list",
-            option="license",
+            option="license_id",
         )
     return license_id
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from ...adapter.config import RecordedEvaluation
 from ...errors import ConfigError, InvalidAdapterError, RankError
+from ...params import param
 from ...validate import ascii_int, is_finite_real, is_int
 from .bundle import BundleRank
 
@@ -33,12 +34,19 @@ PERCENT_METRICS = ("accuracy", "exact-match")
 class RankBudget:
     """What the chosen rank must satisfy (``None``: no limit)."""
 
-    max_bytes: int | None = None
-    max_params: int | None = None
-    max_latency_ms: float | None = None
-    min_score: float | None = None
-    within: float | None = None
-    metric: str | None = None
+    max_bytes: int | None = param(None, flag="--max-bytes", hint="see --max-bytes / --max-params",
+                                  help="With --rank auto: the download size limit (e.g. 50MB, 1GiB).")
+    max_params: int | None = param(None, flag="--max-params", min=1, help="With --rank auto: the parameter count limit.")
+    max_latency_ms: float | None = param(
+        None, flag="--max-latency-ms", min=0, min_open=True,
+        help="With --rank auto: the per-forward latency limit, as the bundle recorded it (bundle --measure-latency).")
+    min_score: float | None = param(
+        None, flag="--min-score",
+        help="With --rank auto: the smallest rank whose recorded score reaches this (percent for accuracy and exact-match).")
+    within: float | None = param(None, flag="--within", min=0,
+                                 help="With --rank auto: the smallest rank within this many points of the best recorded score.")
+    metric: str | None = param(None, flag="--metric",
+                               help="The recorded evaluation --min-score/--within judge by (default: the first recorded).")
 
     def check(self) -> "RankBudget":
         """Raise :class:`ConfigError` for a limit that is not a positive number, or for both quality demands at once."""
