@@ -33,6 +33,12 @@ class NestedRankCallback(TrainerCallback):
     When training ends the model is switched to the full rank ``r`` (``set_rank(r)``), i.e. what
     the saved adapter computes in PEFT.
 
+    Packing (TRL's ``SFTConfig(packing=True)`` or ``padding_free=True``): ``nested-loss`` gives every
+    packed sequence its own rank, from the boundaries the batch carries (``position_ids`` or
+    ``cu_seq_lens_q``). At the start of training this callback reads those settings from ``args``:
+    with them, a batch without boundaries is refused; TRL's ``packing_strategy="wrapped"`` without
+    ``padding_free`` (rows with no boundaries at all) is refused at once.
+
     Example::
 
         nested = add_nested_adapter(model, MatryoshkaConfig("dylora", 32, (1, 2, 4, 8, 16, 32)))
@@ -46,6 +52,7 @@ class NestedRankCallback(TrainerCallback):
         self.nested = nested
 
     def on_train_begin(self, args: "TrainingArguments", state: "TrainerState", control: "TrainerControl", **kwargs: Any) -> None:
+        check_packing(self.nested, args)
         self.nested.train_diagonal(state.global_step)
 
     def on_step_begin(self, args: "TrainingArguments", state: "TrainerState", control: "TrainerControl", **kwargs: Any) -> None:
@@ -53,6 +60,28 @@ class NestedRankCallback(TrainerCallback):
 
     def on_train_end(self, args: "TrainingArguments", state: "TrainerState", control: "TrainerControl", **kwargs: Any) -> None:
         self.nested.set_rank(self.nested.config.max_rank)
+
+
+def check_packing(nested: "NestedLoraModel", args: Any) -> None:
+    """Tell ``nested`` whether the run packs sequences (TRL's ``packing``/``padding_free`` in ``args``).
+
+    Raises:
+        ConfigError: ``nested-loss`` with TRL's ``wrapped`` packing and no ``padding_free``: its rows
+            join sequences with no boundary the model (or the rank assignment) can see.
+    """
+    from ..errors import ConfigError
+    from ..method import PER_EXAMPLE_METHODS
+
+    packing = bool(getattr(args, "packing", False))
+    padding_free = bool(getattr(args, "padding_free", False))
+    if nested.config.method not in PER_EXAMPLE_METHODS:
+        return
+    if packing and getattr(args, "packing_strategy", None) == "wrapped" and not padding_free:
+        raise ConfigError(
+            "nested-loss cannot train TRL's packing_strategy='wrapped' rows: they join sequences with no boundary "
+            "(no position_ids), so each could not get its own rank; use packing_strategy='bfd' (the default) or padding_free=True"
+        )
+    nested.expect_packed = packing or padding_free
 
 
 class StepProgressCallback(TrainerCallback):
@@ -70,4 +99,4 @@ class StepProgressCallback(TrainerCallback):
             self.progress(state.global_step, state.max_steps)
 
 
-__all__ = ["NestedRankCallback", "StepProgressCallback"]
+__all__ = ["NestedRankCallback", "StepProgressCallback", "check_packing"]
