@@ -79,6 +79,16 @@ FLAG_HINTS: dict[str, str] = {
     "measure_latency": "see --measure-latency and --with-onnx",
     "onnx_base": "see --with-onnx",
     "rank_weights": "see --rank-weights",
+    "report_to": "see --report-to",
+    "load_in_4bit": "see --load-in-4bit",
+    "bf16": "see --bf16",
+    "resume": "see --resume",
+    "run_dir": "see --run-dir",
+    "eval_data": "see --eval-data",
+    "eval_ranks": "see --eval-ranks",
+    "eval_steps": "see --eval-steps",
+    "save_steps": "see --save-steps",
+    "warmup_ratio": "see --warmup-ratio / --warmup-steps",
 }
 
 #: Signals handled like Ctrl-C while a command runs.

@@ -6,7 +6,7 @@ import click
 
 from ..base import DTYPES
 from ..method import SCALINGS, TRAIN_METHODS
-from ..training.pipeline import TrainSettings
+from ..training.pipeline import REPORTERS, TrainSettings
 from ._errors import handle_errors
 from ._options import (
     BarProgress,
@@ -50,6 +50,29 @@ _DEFAULTS = TrainSettings()
 @click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True, help="Seed of the adapter init, the data order and DyLoRA's sampling.")
 @click.option("--max-length", type=int, default=_DEFAULTS.max_length, show_default=True, help="Truncate examples to this many tokens.")
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default=_DEFAULTS.dtype, show_default=True, help="Dtype of the base model.")
+@click.option("--lora-dropout", type=float, default=_DEFAULTS.dropout, show_default=True, help="LoRA dropout on the adapter's input, in [0, 1).")
+@click.option("--warmup-steps", type=int, default=_DEFAULTS.warmup_steps, show_default=True, help="Linear learning-rate warmup, in steps.")
+@click.option("--warmup-ratio", type=float, default=_DEFAULTS.warmup_ratio, show_default=True,
+              help="Linear learning-rate warmup as a share of the steps, in [0, 1) (instead of --warmup-steps).")
+@click.option("--gradient-checkpointing", is_flag=True, default=_DEFAULTS.gradient_checkpointing,
+              help="Recompute activations in the backward pass: less activation memory, one more forward pass of each layer per step.")
+@click.option("--bf16", is_flag=True, default=_DEFAULTS.bf16,
+              help="bfloat16 mixed precision (autocast; the adapter stays float32): GPUs with bfloat16 (Ampere+) and CPUs "
+                   "(emulated, slower than float32, on CPUs without AVX512-BF16/AMX).")
+@click.option("--load-in-4bit", is_flag=True, default=_DEFAULTS.load_in_4bit,
+              help="QLoRA: quantise the frozen base to 4-bit NF4 with bitsandbytes (needs a bitsandbytes with a backend for this device).")
+@click.option("--eval-data", type=click.Path(path_type=str), default=None,
+              help="Held-out file (same format as --data): its loss at --eval-ranks is logged every --eval-steps and at the end.")
+@click.option("--eval-steps", type=int, default=_DEFAULTS.eval_steps, help="Score --eval-data every this many steps.  [default: at the end only]")
+@click.option("--eval-ranks", type=RankList(allow_all=False), default=None,
+              help="Ranks to score --eval-data at.  [default: the smallest, a middle and the largest train rank]")
+@click.option("--report-to", type=click.Choice(list(REPORTERS)), default=_DEFAULTS.report_to, show_default=True,
+              help="Send the training logs to TensorBoard (logs in --run-dir) or Weights & Biases, as transformers does.")
+@click.option("--save-steps", type=int, default=_DEFAULTS.save_steps, help="Write a checkpoint to --run-dir every this many steps (resume with --resume).")
+@click.option("--resume", type=click.Path(path_type=str), default=None,
+              help="Continue the run that wrote this checkpoint-N folder, exactly (same settings and data).")
+@click.option("--run-dir", type=str, default=None,
+              help="Folder for checkpoints and TensorBoard logs.  [default: <output>-run, or the folder of --resume]")
 @threads_option
 @force_option
 @json_option
@@ -57,7 +80,9 @@ _DEFAULTS = TrainSettings()
 def train(
     base_model: str, data: str, ranks: tuple[int, ...], max_rank: int | None, output: str, method: str, scaling: str,
     rank_weights: tuple[float, ...] | None, alpha: float, target_modules: str | tuple[str, ...], epochs: float, max_steps: int | None, lr: float, batch_size: int, grad_accum: int,
-    seed: int, max_length: int, dtype: str, threads: int | None, force: bool, as_json: bool,
+    seed: int, max_length: int, dtype: str, lora_dropout: float, warmup_steps: int, warmup_ratio: float, gradient_checkpointing: bool,
+    bf16: bool, load_in_4bit: bool, eval_data: str | None, eval_steps: int | None, eval_ranks: tuple[int, ...] | None, report_to: str,
+    save_steps: int | None, resume: str | None, run_dir: str | None, threads: int | None, force: bool, as_json: bool,
 ) -> None:
     """Train a nested adapter (nested-loss by default) on a local model and write it to --output.
 
@@ -69,6 +94,8 @@ def train(
     Example:
       mlora-export train --base-model ./my-model --data train.jsonl \\
           --ranks 1,2,4,8,16,32 --output ./nested --max-steps 500
+      mlora-export train ... --save-steps 100            # checkpoints in ./nested-run
+      mlora-export train ... --resume ./nested-run/checkpoint-300
     """
     from ..training.pipeline import train as run_train
 
@@ -76,10 +103,12 @@ def train(
         method=method, rank_weights=rank_weights, train_ranks=tuple(ranks), max_rank=max_rank, scaling=scaling, alpha=alpha,
         target_modules=target_modules,
         epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum, seed=seed,
-        max_length=max_length, dtype=dtype,
+        max_length=max_length, dtype=dtype, dropout=lora_dropout, warmup_steps=warmup_steps, warmup_ratio=warmup_ratio,
+        gradient_checkpointing=gradient_checkpointing, bf16=bf16, load_in_4bit=load_in_4bit, eval_steps=eval_steps, eval_ranks=eval_ranks,
+        report_to=report_to, save_steps=save_steps,
     )
     with stdout_to_stderr(), maybe_torch_threads(threads), quiet_transformers_bars(), BarProgress("training", unit="step") as bar:
-        result = run_train(base_model, data, output, settings, force=force, progress=bar)
+        result = run_train(base_model, data, output, settings, force=force, progress=bar, eval_data=eval_data, resume=resume, run_dir=run_dir)
     if not result.is_main_process:
         return
     if as_json:
@@ -90,3 +119,8 @@ def train(
         f"{', '.join(map(str, result.train_ranks))}; {result.steps} steps on {result.examples} examples "
         f"({result.world_size} process{'es' if result.world_size > 1 else ''}, {result.seconds:.1f} s), final loss {result.final_loss:.4f}"
     )
+    if result.eval_losses:
+        last = max(step for step, _, _ in result.eval_losses)
+        click.echo(f"held-out loss at step {last}: " + ", ".join(f"r{k} {v:.4f}" for s, k, v in result.eval_losses if s == last))
+    if result.checkpoints:
+        click.echo(f"checkpoints: {', '.join(result.checkpoints)}")

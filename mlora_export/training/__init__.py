@@ -15,12 +15,12 @@ from .model import NestedLoraModel, add_nested_adapter, load_nested_adapter
 from .pipeline import TrainResult, TrainSettings, heldout_loss, train
 
 if TYPE_CHECKING:
-    from .callbacks import NestedRankCallback, StepProgressCallback
+    from .callbacks import HeldoutRanksCallback, NestedRankCallback, StepProgressCallback
 
 
 def __getattr__(name: str) -> Any:
     # the callbacks subclass transformers.TrainerCallback: import transformers only when asked
-    if name in ("NestedRankCallback", "StepProgressCallback"):
+    if name in ("HeldoutRanksCallback", "NestedRankCallback", "StepProgressCallback"):
         from . import callbacks
 
         return getattr(callbacks, name)
@@ -28,6 +28,6 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "NestedLoraModel", "NestedRankCallback", "StepProgressCallback", "TrainResult", "TrainSettings",
+    "HeldoutRanksCallback", "NestedLoraModel", "NestedRankCallback", "StepProgressCallback", "TrainResult", "TrainSettings",
     "add_nested_adapter", "heldout_loss", "load_nested_adapter", "train",
 ]

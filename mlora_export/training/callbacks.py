@@ -84,6 +84,49 @@ def check_packing(nested: "NestedLoraModel", args: Any) -> None:
     nested.expect_packed = packing or padding_free
 
 
+class HeldoutRanksCallback(TrainerCallback):
+    """Score held-out data at a few ranks during training: every ``every`` optimisation steps (if
+    given) and after the last one.
+
+    Each evaluation switches the model to rank ``k`` (:meth:`NestedLoraModel.set_rank`), computes
+    the mean cross-entropy per supervised token (:func:`~mlora_export.training.pipeline.heldout_loss`),
+    and logs ``eval_loss_r{k}`` through ``log`` (``Trainer.log``: the log history and ``report_to``);
+    the next step re-installs the training diagonal. Evaluation runs in eval mode without
+    gradients and draws no random number, so it leaves the run (and its resumption) unchanged.
+    ``results`` holds ``(step, rank, loss)``.
+    """
+
+    def __init__(self, nested: "NestedLoraModel", features: Any, pad_token_id: int, ranks: Any, *, every: int | None = None,
+                 batch_size: int = 8) -> None:
+        self.nested = nested
+        self.features = features
+        self.pad_token_id = pad_token_id
+        self.ranks = tuple(ranks)
+        self.every = every
+        self.batch_size = batch_size
+        self.results: list[tuple[int, int, float]] = []
+        self.log: Callable[[dict[str, float]], None] | None = None
+
+    def on_step_end(self, args: "TrainingArguments", state: "TrainerState", control: "TrainerControl", **kwargs: Any) -> None:
+        step = state.global_step
+        if (self.every and step % self.every == 0) or step >= state.max_steps:
+            self.evaluate(step)
+
+    def evaluate(self, step: int) -> dict[int, float]:
+        """Score every rank now; return ``{rank: loss}``."""
+        from .pipeline import heldout_loss
+
+        losses = {}
+        for k in self.ranks:
+            self.nested.set_rank(k)
+            losses[k] = heldout_loss(self.nested.model, self.features, self.pad_token_id, batch_size=self.batch_size)
+            self.results.append((step, k, losses[k]))
+        logger.info("step %d: held-out loss %s", step, ", ".join(f"r{k} {v:.4f}" for k, v in losses.items()))
+        if self.log is not None:
+            self.log({f"eval_loss_r{k}": v for k, v in losses.items()})
+        return losses
+
+
 class StepProgressCallback(TrainerCallback):
     """Report ``progress(done_steps, total_steps)`` after every optimisation step, on the main process only."""
 
@@ -99,4 +142,4 @@ class StepProgressCallback(TrainerCallback):
             self.progress(state.global_step, state.max_steps)
 
 
-__all__ = ["NestedRankCallback", "StepProgressCallback", "check_packing"]
+__all__ = ["HeldoutRanksCallback", "NestedRankCallback", "StepProgressCallback", "check_packing"]
