@@ -210,7 +210,7 @@ class HubServer:
         return repo.read_blob(self.head_tree(repo_id, branch, repo_type)[path].sha256)
 
     def seed_repo(self, repo_id: str, files: dict[str, bytes], *, branch: str = "main", private: bool = False,
-                  lfs_suffixes: tuple[str, ...] = (".safetensors",)) -> str:
+                  lfs_suffixes: tuple[str, ...] = (".safetensors",), repo_type: str = "models") -> str:
         """Make ``branch`` of ``repo_id`` (created if needed) hold exactly ``files`` (path → bytes)
         plus ``.gitattributes``, in one commit written straight into the store; returns the commit.
 
@@ -218,7 +218,7 @@ class HubServer:
         push (paths that mirror absolute paths, files a manifest does not list, wrong folders).
         """
         with self._lock:
-            repo = self.repos.get(("models", repo_id)) or self.create_repo("models", repo_id, private)
+            repo = self.repos.get((repo_type, repo_id)) or self.create_repo(repo_type, repo_id, private)
             tree = {".gitattributes": Entry(repo.put_blob(DEFAULT_GITATTRIBUTES), len(DEFAULT_GITATTRIBUTES), False)}
             for path, data in files.items():
                 tree[path] = Entry(repo.put_blob(data), len(data), path.endswith(lfs_suffixes))

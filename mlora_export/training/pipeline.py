@@ -23,16 +23,19 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..adapter import MatryoshkaConfig
-from ..base import DTYPES, check_base_model_dir, load_base_model, load_tokenizer
+from ..base import DTYPES, check_base_model_dir, load_base_model, load_tokenizer, resolve_base_model
 from ..errors import ConfigError, ExportError
 from ..fs import check_output_path
 from ..method import check_method
 from ..progress import Progress
 from ..validate import is_finite_real, is_int
 from .distributed import cpu_training_args, engine_of
+
+if TYPE_CHECKING:
+    from ..data import DataSource
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +89,11 @@ class TrainSettings:
     save_steps: int | None = None
     load_in_4bit: bool = False
     extra_training_args: dict[str, Any] = field(default_factory=dict)
+    #: Learn every token (prompt, system and user turns too), not only the completion or the assistant turns.
+    train_on_prompt: bool = False
+    #: Jinja text of a chat template that renders conversations instead of the tokenizer's own
+    #: (:func:`mlora_export.data.read_chat_template` reads one from a file).
+    chat_template: str | None = None
 
     def nested_config(self, base_model: str | None = None) -> MatryoshkaConfig:
         """The adapter's :class:`MatryoshkaConfig` (validates method, scaling, alpha and ranks).
@@ -406,18 +414,26 @@ def _save_on_main(nested: Any, output: str | os.PathLike[str], *, force: bool, m
 
 def train(
     base_model: str | os.PathLike[str],
-    data_path: str | os.PathLike[str],
+    data_path: "str | os.PathLike[str] | DataSource",
     output: str | os.PathLike[str],
     settings: TrainSettings | None = None,
     *,
     force: bool = False,
     progress: Progress | None = None,
     base_model_id: str | None = None,
-    eval_data: str | os.PathLike[str] | None = None,
+    revision: str | None = None,
+    eval_data: "DataSource | str | os.PathLike[str] | None" = None,
     resume: str | os.PathLike[str] | None = None,
     run_dir: str | os.PathLike[str] | None = None,
 ) -> TrainResult:
-    """Train a nested adapter on ``base_model`` with the JSONL file ``data_path``; write it to ``output``.
+    """Train a nested adapter on ``base_model`` with the data ``data_path``; write it to ``output``.
+
+    ``base_model`` is a local folder or a Hub model id (``revision``: its branch, tag or commit),
+    resolved by :func:`~mlora_export.base.hub.resolve_base_model`; ``data_path`` is a local
+    ``.jsonl``/``.json``/``.parquet`` file, a Hub dataset id or a :class:`~mlora_export.data.DataSource`
+    (split ``train`` unless it names one), read by :func:`~mlora_export.data.read_records` and
+    tokenised by :func:`~mlora_export.data.tokenize_records` (conversations with the chat template,
+    loss on the assistant turns unless ``settings.train_on_prompt``).
 
     Everything is validated before the model is loaded. Works in one process and under
     ``torchrun``/``accelerate launch`` (DDP, FSDP, DeepSpeed ZeRO-2/3) alike; only the main process
@@ -425,8 +441,9 @@ def train(
     ``base_model_id`` is what the adapter records as its base (PEFT's ``base_model_name_or_path``;
     default ``base_model`` as given), e.g. a Hub id when the local folder is a copy of one.
 
-    ``eval_data``: a held-out file, read as ``data_path`` is, scored at ``settings.eval_ranks``
-    every ``settings.eval_steps`` steps and at the end. ``run_dir`` holds the checkpoints
+    ``eval_data``: held-out data, read and tokenised as ``data_path`` is (a Hub dataset's split
+    ``test`` unless it names one), scored at ``settings.eval_ranks`` every ``settings.eval_steps``
+    steps and at the end. ``run_dir`` holds the checkpoints
     (``settings.save_steps``) and TensorBoard logs (default: ``<output>-run``, or the folder of the
     checkpoint resumed from); ``resume``, a ``checkpoint-N`` folder of a run with the same settings
     and data, continues that run exactly where it stopped (adapter, optimiser, scheduler, random
@@ -440,9 +457,11 @@ def train(
         OutputExistsError: ``output`` exists, or ``run_dir`` holds checkpoints of another run, and
             ``force`` is false.
         BaseModelError: the base folder is missing, pickle-only or unloadable.
-        DataError: the data file is missing or malformed (the message names the line).
+        DataError: the data is missing or malformed (the message names the line), or conversations
+            have no chat template.
+        HubInputError, HubError: a Hub model or dataset that cannot be read.
     """
-    from ..data import load_jsonl
+    from ..data import as_source, read_records
     from .checkpoint import checkpoints_in, read_checkpoint
 
     # every check that needs no torch first: a bad argument or file is reported in a blink
@@ -450,21 +469,24 @@ def train(
     settings.validate()
     if settings.eval_steps is not None and eval_data is None:
         raise ConfigError("eval steps need evaluation data (eval_data) to score", option="eval_data")
-    inputs = (base_model, data_path, eval_data, resume)
-    check_output_path(output, force, inputs=inputs)  # --force may never replace an input
-    folder = _run_folder(output, settings, resume, run_dir, force, inputs)
-    examples = load_jsonl(data_path)
-    eval_examples = load_jsonl(eval_data) if eval_data is not None else None
-    base = check_base_model_dir(base_model)  # its model_type check imports transformers (about a second)
+    source = as_source(data_path)
+    eval_source = as_source(eval_data) if eval_data is not None else None
+    given = [os.fspath(base_model), source.location, *([eval_source.location] if eval_source else []), *([os.fspath(resume)] if resume else [])]
+    locals_ = [p for p in given if Path(p).exists()]
+    check_output_path(output, force, inputs=locals_)  # --force may never replace an input
+    folder = _run_folder(output, settings, resume, run_dir, force, locals_)
+    records = read_records(source, default_split="train")
+    eval_records = read_records(eval_source, default_split="test") if eval_source is not None else None
+    base = check_base_model_dir(resolve_base_model(base_model, revision=revision))  # its model_type check imports transformers
     check_environment(settings)
 
     tokenizer = load_tokenizer(base)
-    features = _features(examples, tokenizer, settings, data_path)
-    eval_features = _features(eval_examples, tokenizer, settings, eval_data) if eval_examples is not None else None
+    features = _features(records, tokenizer, settings)
+    eval_features = _features(eval_records, tokenizer, settings) if eval_records is not None else None
     record = _resume_record(settings, features, base)
     if resume is not None:
         read_checkpoint(resume, record, world_size=_launch_world_size())
-    cfg = settings.nested_config(base_model=base_model_id or str(base_model))
+    cfg = settings.nested_config(base_model=base_model_id or os.fspath(base_model))
     nested, targets = _nested_model(base, settings, cfg)
     trainable = sum(p.numel() for p in nested.model.parameters() if p.requires_grad)
 
@@ -488,7 +510,7 @@ def train(
         main = trainer.is_world_process_zero()
         nested.model.eval()
         engine = engine_of(nested.model)
-        training = _training_record(settings, data_path, trainer.state.global_step, world, targets)
+        training = _training_record(settings, records, trainer.state.global_step, world, targets)
         _save_on_main(nested, output, force=force, main=main, world=world, extra={"training": training})
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -513,11 +535,11 @@ def train(
     )
 
 
-def _features(examples: Any, tokenizer: Any, settings: TrainSettings, path: str | os.PathLike[str]) -> list[dict[str, list[int]]]:
-    """Tokenised ``{"input_ids", "labels"}`` of the examples read from ``path``."""
-    from ..data import tokenize_examples
+def _features(records: Any, tokenizer: Any, settings: TrainSettings) -> list[dict[str, list[int]]]:
+    """Tokenised ``{"input_ids", "labels"}`` of ``records`` (conversations with the chat template)."""
+    from ..data import tokenize_records
 
-    return tokenize_examples(examples, tokenizer, settings.max_length, source=str(path))
+    return tokenize_records(records, tokenizer, settings.max_length, train_on_prompt=settings.train_on_prompt, chat_template=settings.chat_template)
 
 
 def _launch_world_size() -> int:
@@ -548,8 +570,11 @@ def _run_folder(output: str | os.PathLike[str], settings: TrainSettings, resume:
     if folder.absolute() == out or out in folder.absolute().parents:
         raise ConfigError(f"run folder {str(folder)!r} is the output or inside it; give another", option="run_dir")
     real = folder.resolve()
-    for given in (i for i in inputs if i is not None and i is not resume):
+    resumed = Path(resume).resolve() if resume is not None else None
+    for given in (i for i in inputs if i is not None):
         other = Path(given).resolve()
+        if other == resumed:
+            continue
         if real == other or other in real.parents or real in other.parents:
             raise ConfigError(f"run folder {str(folder)!r} overlaps the input {str(given)!r}; give another run folder", option="run_dir")
     if folder.exists() and not folder.is_dir():
@@ -602,7 +627,11 @@ def _nested_model(base: Path, settings: TrainSettings, cfg: MatryoshkaConfig) ->
     targets = settings.target_modules if isinstance(settings.target_modules, str) else list(settings.target_modules)
     nested = add_nested_adapter(model, cfg, target_modules=targets, dropout=settings.dropout, seed=settings.seed)
     if settings.gradient_checkpointing:
-        nested.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        inner = nested.model.get_base_model()
+        if hasattr(inner, "activation_checkpointing_enable"):  # transformers 5.25 renamed gradient_checkpointing_enable
+            inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         nested.model.enable_input_require_grads()
     _warn_rank_above_width(nested)
     return nested, targets
@@ -665,11 +694,12 @@ def default_eval_ranks(train_ranks: Sequence[int]) -> tuple[int, ...]:
     return tuple(sorted({ranks[0], ranks[len(ranks) // 2], ranks[-1]}))
 
 
-def _training_record(settings: TrainSettings, data_path: str | os.PathLike[str], steps: int, world: int, targets: str | list[str]) -> dict[str, Any]:
-    """The ``training`` section the adapter records: the data file's name, steps, learning rate,
-    seed, global batch size and target modules."""
+def _training_record(settings: TrainSettings, records: Any, steps: int, world: int, targets: str | list[str]) -> dict[str, Any]:
+    """The ``training`` section the adapter records: the data's name (file name, or Hub id with
+    split) and record kind, steps, learning rate, seed, global batch size and target modules."""
     return {
-        "data": Path(data_path).name,
+        "data": records.name,
+        "data_kind": records.kind,
         "steps": steps,
         "lr": settings.lr,
         "seed": settings.seed,
