@@ -71,6 +71,8 @@ _DEFAULTS = TrainSettings()
 @click.option("--eval-steps", type=int, default=_DEFAULTS.eval_steps, help="Score --eval-data every this many steps.  [default: at the end only]")
 @click.option("--eval-ranks", type=RankList(allow_all=False), default=None,
               help="Ranks to score --eval-data at.  [default: the smallest, a middle and the largest train rank]")
+@click.option("--logging-steps", type=int, default=_DEFAULTS.logging_steps, show_default=True,
+              help="Record the training loss every this many steps (in --json's losses and --report-to).")
 @click.option("--report-to", type=click.Choice(list(REPORTERS)), default=_DEFAULTS.report_to, show_default=True,
               help="Send the training logs to TensorBoard (logs in --run-dir) or Weights & Biases, as transformers does.")
 @click.option("--save-steps", type=int, default=_DEFAULTS.save_steps, help="Write a checkpoint to --run-dir every this many steps (resume with --resume).")
@@ -87,7 +89,7 @@ def train(
     chat_template: str | None, train_on_prompt: bool, ranks: tuple[int, ...], max_rank: int | None, output: str, method: str, scaling: str,
     rank_weights: tuple[float, ...] | None, alpha: float, target_modules: str | tuple[str, ...], epochs: float, max_steps: int | None, lr: float, batch_size: int, grad_accum: int,
     seed: int, max_length: int, dtype: str, lora_dropout: float, warmup_steps: int, warmup_ratio: float, gradient_checkpointing: bool,
-    bf16: bool, load_in_4bit: bool, eval_data: str | None, eval_split: str | None, eval_steps: int | None, eval_ranks: tuple[int, ...] | None, report_to: str,
+    bf16: bool, load_in_4bit: bool, eval_data: str | None, eval_split: str | None, eval_steps: int | None, eval_ranks: tuple[int, ...] | None, logging_steps: int, report_to: str,
     save_steps: int | None, resume: str | None, run_dir: str | None, threads: int | None, force: bool, as_json: bool,
 ) -> None:
     """Train a nested adapter (nested-loss by default) on a base model and write it to --output.
@@ -121,7 +123,7 @@ def train(
         epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum, seed=seed,
         max_length=max_length, dtype=dtype, train_on_prompt=train_on_prompt, chat_template=template, dropout=lora_dropout,
         warmup_steps=warmup_steps, warmup_ratio=warmup_ratio, gradient_checkpointing=gradient_checkpointing, bf16=bf16,
-        load_in_4bit=load_in_4bit, eval_steps=eval_steps, eval_ranks=eval_ranks, report_to=report_to, save_steps=save_steps,
+        load_in_4bit=load_in_4bit, eval_steps=eval_steps, eval_ranks=eval_ranks, logging_steps=logging_steps, report_to=report_to, save_steps=save_steps,
     )
     eval_source = DataSource(eval_data, split=eval_split, config=data_config, columns=source.columns) if eval_data is not None else None
     with stdout_to_stderr(), maybe_torch_threads(threads), quiet_transformers_bars(), BarProgress("training", unit="step") as bar:
