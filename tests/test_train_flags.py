@@ -215,9 +215,9 @@ def test_a_stopped_and_resumed_run_equals_an_uninterrupted_run_bit_for_bit(task,
     assert resumed["steps"] == 6 and resumed["resumed_from"].endswith("checkpoint-3")
     assert resumed["eval_losses"] == [e for e in info["eval_losses"] if e[0] > 3]
     # a resumption that skipped the random state would not be equal: the check above has teeth
-    from mlora_export.training import checkpoint as ck
+    from mlora_export.training.trainer import nested_trainer_class
 
-    trainer_cls = ck.checkpoint_trainer_class()
+    trainer_cls = nested_trainer_class()
     original = trainer_cls._load_rng_state
     trainer_cls._load_rng_state = lambda self, c: None
     try:

@@ -3,10 +3,11 @@
 ``transformers.Trainer`` writes a checkpoint's optimizer, scheduler and RNG states with
 ``torch.save`` and reads them back with ``torch.load`` (its restricted ``weights_only`` unpickler).
 The project never unpickles a user's file (docs/design.md §2), and a checkpoint folder is one, so
-:class:`CheckpointTrainer` writes those states as a safetensors file of the tensors plus a JSON file
+:class:`~.trainer.NestedTrainer` writes those states as a safetensors file of the tensors plus a JSON file
 of everything else, and reads only those. The rest of a checkpoint is already pickle-free: the
 LoRA factors (PEFT's ``adapter_model.safetensors``) and ``trainer_state.json``; the
-``training_args.bin`` pickle that ``Trainer`` adds is removed. Last, ``mlora_checkpoint.json``
+``training_args.bin`` pickle that ``Trainer`` adds is removed. (The ``Trainer`` overrides that do
+this are in :mod:`.trainer`.) Last, ``mlora_checkpoint.json``
 records the run's settings and data fingerprint; it is written after everything else, so a folder
 without it is an incomplete checkpoint.
 
@@ -28,7 +29,7 @@ from ..errors import ConfigError, ExportError
 
 logger = logging.getLogger(__name__)
 
-#: The file :class:`CheckpointTrainer` writes last in each checkpoint (what resuming checks).
+#: The file :class:`~.trainer.NestedTrainer` writes last in each checkpoint (what resuming checks).
 MARKER = "mlora_checkpoint.json"
 FORMAT = "mlora-checkpoint/1"
 OPTIMIZER = "optimizer"
@@ -155,77 +156,6 @@ def rng_name(process_index: int, world_size: int) -> str:
     return "rng_state" if world_size <= 1 else f"rng_state_{process_index}"
 
 
-# -- the Trainer ---------------------------------------------------------------------------------
-def checkpoint_trainer_class() -> type:
-    """:class:`CheckpointTrainer` (a ``transformers.Trainer`` subclass, made on first use: it imports transformers)."""
-    global _TRAINER
-    if _TRAINER is None:
-        _TRAINER = _make_trainer_class()
-    return _TRAINER
-
-
-_TRAINER: type | None = None
-
-
-def _make_trainer_class() -> type:
-    from transformers import Trainer
-
-    class CheckpointTrainer(Trainer):
-        """``transformers.Trainer`` whose checkpoints hold no pickle (see the module docstring).
-
-        ``checkpoint_record`` (a JSON-able dict) is written to each checkpoint's :data:`MARKER`.
-        """
-
-        checkpoint_record: dict[str, Any] = {}
-
-        def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-            if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-                raise ConfigError("checkpoints of nested-adapter training hold no pickle and are written in one process or under DDP only, not under FSDP or DeepSpeed")
-            if self.args.should_save:
-                os.makedirs(output_dir, exist_ok=True)
-                save_state(self.optimizer.state_dict(), output_dir, OPTIMIZER)
-                save_state(self.lr_scheduler.state_dict(), output_dir, SCHEDULER)
-
-        def _save_scaler(self, output_dir: str) -> None:
-            if getattr(self.accelerator, "scaler", None) is not None and self.args.should_save:
-                save_state(self.accelerator.scaler.state_dict(), output_dir, "scaler")
-
-        def _save_rng_state(self, output_dir: str) -> None:
-            os.makedirs(output_dir, exist_ok=True)
-            save_state(rng_states(), output_dir, rng_name(self.args.process_index, self.args.world_size))
-
-        def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-            super()._save(output_dir, state_dict)
-            if self.args.should_save:
-                Path(output_dir or self.args.output_dir, "training_args.bin").unlink(missing_ok=True)
-
-        def _save_checkpoint(self, model: Any, trial: Any) -> None:
-            super()._save_checkpoint(model, trial)
-            folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
-            if self.args.world_size > 1:
-                self.accelerator.wait_for_everyone()  # every process's random state is written
-            if self.args.should_save:
-                record = {"format": FORMAT, "step": self.state.global_step, "world_size": self.args.world_size, **self.checkpoint_record}
-                (folder / MARKER).write_text(json.dumps(record, indent=1), encoding="utf-8")
-
-        def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-            if checkpoint is None:
-                return
-            self.optimizer.load_state_dict(load_state(checkpoint, OPTIMIZER))
-            self.lr_scheduler.load_state_dict(load_state(checkpoint, SCHEDULER))
-
-        def _load_scaler(self, checkpoint: str | None) -> None:
-            if checkpoint is not None and getattr(self.accelerator, "scaler", None) is not None:
-                self.accelerator.scaler.load_state_dict(load_state(checkpoint, "scaler"))
-
-        def _load_rng_state(self, checkpoint: str | None) -> None:
-            if checkpoint is None:
-                return
-            set_rng_states(load_state(checkpoint, rng_name(self.args.process_index, self.args.world_size)))
-
-    return CheckpointTrainer
-
-
 # -- resuming ------------------------------------------------------------------------------------
 def read_checkpoint(path: str | os.PathLike[str], record: Mapping[str, Any], world_size: int | None = None) -> dict[str, Any]:
     """Check that ``path`` is a complete checkpoint of a run with the same ``record`` (settings and
@@ -297,4 +227,4 @@ def checkpoints_in(folder: str | os.PathLike[str]) -> list[Path]:
     return sorted(found, key=lambda c: int(c.name[len("checkpoint-"):]))
 
 
-__all__ = ["MARKER", "checkpoint_trainer_class", "checkpoints_in", "load_state", "read_checkpoint", "rng_states", "save_state", "set_rng_states"]
+__all__ = ["FORMAT", "MARKER", "OPTIMIZER", "SCHEDULER", "checkpoints_in", "rng_name", "load_state", "read_checkpoint", "rng_states", "save_state", "set_rng_states"]

@@ -659,16 +659,17 @@ def _load_quantized(base: Path, settings: TrainSettings) -> Any:
 
 def _make_trainer(nested: Any, settings: TrainSettings, folder: Path, features: Sequence[dict[str, list[int]]], pad_token_id: int,
                   progress: Progress | None, eval_features: Sequence[dict[str, list[int]]] | None = None) -> tuple[Any, Any]:
-    """``(trainer, heldout callback or None)``: a ``transformers.Trainer`` whose checkpoints hold no pickle
-    (:mod:`.checkpoint`) on the nested model with :class:`~.callbacks.NestedRankCallback`; no log lines
-    on stdout (the CLI's ``--json`` owns it) and our own progress instead of Trainer's bar."""
+    """``(trainer, heldout callback or None)``: a ``transformers.Trainer`` (:mod:`.trainer`: checkpoints
+    without pickles, the loss from the supervised positions' logits only) on the nested model with
+    :class:`~.callbacks.NestedRankCallback`; no log lines on stdout (the CLI's ``--json`` owns it)
+    and our own progress instead of Trainer's bar."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from ..data import CompletionCollator
     from .callbacks import HeldoutRanksCallback, NestedRankCallback, StepProgressCallback
-    from .checkpoint import checkpoint_trainer_class
+    from .trainer import nested_trainer_class
 
-    trainer = checkpoint_trainer_class()(
+    trainer = nested_trainer_class()(
         model=nested.model,
         args=_training_arguments(settings, folder),
         train_dataset=features,
