@@ -138,10 +138,14 @@ def test_eval_data_is_scored_at_the_eval_ranks_every_eval_steps(task, tmp_path) 
         (["--warmup-ratio", "0.2", "--warmup-steps", "1"], ["not both"]),
         (["--lora-dropout", "1.0"], ["dropout must be a number in [0, 1)"]),
         (["--lora-dropout", "-0.1"], ["dropout must be a number in [0, 1)"]),
+        (["--eval-split", "test"], ["evaluation split needs evaluation data", "--eval-data"]),
+        (["--run-dir", "RUN"], ["this run writes neither", "--run-dir"]),
+        (["--report-to", "tensorboard", "--run-dir", "DATA"], ["overlaps the input", "--run-dir"]),
     ],
 )
 def test_bad_flag_values_exit_2_and_write_nothing(task, tmp_path, extra: list[str], fragments: list[str]) -> None:
-    extra = [str(task["eval"]) if e == "EVAL" else str(tmp_path / "nope.jsonl") if e == "MISSING" else e for e in extra]
+    names = {"EVAL": str(task["eval"]), "MISSING": str(tmp_path / "nope.jsonl"), "RUN": str(tmp_path / "run"), "DATA": str(task["root"])}
+    extra = [names.get(e, e) for e in extra]
     _refused(_train(task, tmp_path / "bad", *extra), *fragments)
     _nothing_written(tmp_path, "bad")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from ..base import DTYPES
+from ..errors import ConfigError
 from ..method import SCALINGS, TRAIN_METHODS
 from ..training.pipeline import REPORTERS, TrainSettings
 from ._errors import handle_errors
@@ -125,6 +126,8 @@ def train(
         warmup_steps=warmup_steps, warmup_ratio=warmup_ratio, gradient_checkpointing=gradient_checkpointing, bf16=bf16,
         load_in_4bit=load_in_4bit, eval_steps=eval_steps, eval_ranks=eval_ranks, logging_steps=logging_steps, report_to=report_to, save_steps=save_steps,
     )
+    if eval_split is not None and eval_data is None:
+        raise ConfigError("an evaluation split needs evaluation data", option="eval_data")
     eval_source = DataSource(eval_data, split=eval_split, config=data_config, columns=source.columns) if eval_data is not None else None
     with stdout_to_stderr(), maybe_torch_threads(threads), quiet_transformers_bars(), BarProgress("training", unit="step") as bar:
         result = run_train(base_model, source, output, settings, force=force, progress=bar, revision=revision, eval_data=eval_source,

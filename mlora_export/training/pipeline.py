@@ -289,7 +289,7 @@ class TrainResult:
     engine: str = "single"
     #: ``(step, rank, held-out loss)`` for every evaluation during training (with evaluation data).
     eval_losses: list[tuple[int, int, float]] = field(default_factory=list)
-    #: The checkpoint folders this run wrote (``save_steps``), and the one it resumed from.
+    #: The checkpoint folders in the run folder when training ended (``save_steps``), and the one the run resumed from.
     checkpoints: list[str] = field(default_factory=list)
     resumed_from: str | None = None
 
@@ -475,10 +475,10 @@ def train(
     locals_ = [p for p in given if Path(p).exists()]
     check_output_path(output, force, inputs=locals_)  # --force may never replace an input
     folder = _run_folder(output, settings, resume, run_dir, force, locals_)
+    check_environment(settings)
     records = read_records(source, default_split="train")
     eval_records = read_records(eval_source, default_split="test") if eval_source is not None else None
     base = check_base_model_dir(resolve_base_model(base_model, revision=revision))  # its model_type check imports transformers
-    check_environment(settings)
 
     tokenizer = load_tokenizer(base)
     features = _features(records, tokenizer, settings)
@@ -564,6 +564,9 @@ def _run_folder(output: str | os.PathLike[str], settings: TrainSettings, resume:
     if resume is not None:
         read_checkpoint(resume, {})  # a complete checkpoint of ours (its settings and data are compared later)
     if not (settings.save_steps or settings.report_to == "tensorboard"):
+        if run_dir is not None:
+            raise ConfigError("a run folder holds checkpoints (save_steps) and TensorBoard logs (report_to 'tensorboard'); "
+                              "this run writes neither", option="run_dir")
         return None
     folder = Path(run_dir) if run_dir is not None else Path(resume).parent if resume is not None else Path(f"{output}-run")
     out = Path(output).absolute()
@@ -652,7 +655,7 @@ def _load_quantized(base: Path, settings: TrainSettings) -> Any:
 
     compute = torch.bfloat16 if settings.bf16 or settings.dtype == "bfloat16" else torch.float32
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute)
-    model = load_base_model(base, settings.dtype if settings.dtype != "float32" else "auto", quantization_config=quant)
+    model = load_base_model(base, settings.dtype, quantization_config=quant)
     with quiet_peft():
         return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
