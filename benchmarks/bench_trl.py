@@ -10,7 +10,7 @@ Two comparisons, each job in its own process, `sync` between jobs, rounds altern
    both sides: TRL's `assistant_only_loss` needs `{% generation %}` markers, so both get SmolLM2's
    template with markers) and rank; float32 on the CPU, no gradient checkpointing, no bf16 (TRL's
    defaults for those are turned off on both sides). A step is the time between two `on_step_end`
-   callbacks; the first `--warmup` steps of each job are dropped.
+   callbacks (wall and process CPU time); the first `--warmup` steps of each job are dropped.
    Goal (issue 21): ours ≤ 1.05× TRL's.
 2. **Tokenising a 10,000-conversation file.** Our reader (:func:`~mlora_export.data.read_records` +
    :func:`~mlora_export.data.tokenize_records`: reading and validating the JSONL, rendering with the
@@ -68,6 +68,13 @@ def conversations(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+def _steps(stamps: list[tuple[float, float]], warmup: int) -> dict:
+    """Wall and CPU seconds of each step after the first ``warmup`` (stamps at the end of each step)."""
+    wall = [b[0] - x[0] for x, b in zip(stamps, stamps[1:])][warmup - 1:]
+    cpu = [b[1] - x[1] for x, b in zip(stamps, stamps[1:])][warmup - 1:]
+    return {"step_s": wall, "step_cpu_s": cpu}
+
+
 def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -76,15 +83,15 @@ def _rss_mib() -> float:
 def job_ours_step(a: argparse.Namespace) -> dict:
     from mlora_export.training import TrainSettings, train
 
-    stamps: list[float] = []
+    stamps: list[tuple[float, float]] = []
     settings = TrainSettings(train_ranks=RANKS, max_steps=a.warmup + a.steps, batch_size=a.batch, lr=1e-4, seed=0, max_length=a.max_length,
                              chat_template=Path(a.template).read_text(encoding="utf-8"), logging_steps=10**6)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        train(a.model, a.data_small, Path(tmp) / "nested", settings, progress=lambda done, total: stamps.append(time.perf_counter()) if done else None)
+        train(a.model, a.data_small, Path(tmp) / "nested", settings,
+              progress=lambda done, total: stamps.append((time.perf_counter(), time.process_time())) if done else None)
         total = time.perf_counter() - t0
-    steps = [b - x for x, b in zip(stamps, stamps[1:])][a.warmup - 1:]
-    return {"step_s": steps, "job_s": total, "rss_mib": _rss_mib()}
+    return {**_steps(stamps, a.warmup), "job_s": total, "rss_mib": _rss_mib()}
 
 
 def job_trl_step(a: argparse.Namespace) -> dict:
@@ -94,11 +101,11 @@ def job_trl_step(a: argparse.Namespace) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    stamps: list[float] = []
+    stamps: list[tuple[float, float]] = []
 
     class Clock(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):  # noqa: ANN001, ANN003
-            stamps.append(time.perf_counter())
+            stamps.append((time.perf_counter(), time.process_time()))
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
@@ -114,8 +121,7 @@ def job_trl_step(a: argparse.Namespace) -> dict:
                              peft_config=LoraConfig(r=16, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM"))
         trainer.train()
         total = time.perf_counter() - t0
-    steps = [b - x for x, b in zip(stamps, stamps[1:])][a.warmup - 1:]
-    return {"step_s": steps, "job_s": total, "rss_mib": _rss_mib()}
+    return {**_steps(stamps, a.warmup), "job_s": total, "rss_mib": _rss_mib()}
 
 
 def job_ours_tok(a: argparse.Namespace) -> dict:
@@ -251,7 +257,8 @@ def main() -> None:
 def _print_round(r: int, rnd: dict) -> None:
     if "ours-step" in rnd:
         o, t = statistics.median(rnd["ours-step"]["step_s"]), statistics.median(rnd["trl-step"]["step_s"])
-        print(f"round {r}: step  ours {o * 1e3:7.0f} ms  TRL+PEFT {t * 1e3:7.0f} ms  ratio {o / t:.3f}   "
+        oc, tc = statistics.median(rnd["ours-step"]["step_cpu_s"]), statistics.median(rnd["trl-step"]["step_cpu_s"])
+        print(f"round {r}: step  ours {o * 1e3:7.0f} ms  TRL+PEFT {t * 1e3:7.0f} ms  ratio {o / t:.3f} (CPU time {oc / tc:.3f})   "
               f"RSS {rnd['ours-step']['rss_mib']:.0f} / {rnd['trl-step']['rss_mib']:.0f} MiB   load {rnd['ours-step']['load_before']['load_1m']}")
     if "ours-tok" in rnd:
         o, t = rnd["ours-tok"]["seconds"], rnd["trl-tok"]["seconds"]
@@ -264,8 +271,12 @@ def _summary(rounds: list[dict]) -> dict:
     if all("ours-step" in r for r in rounds) and rounds:
         ours = [s for r in rounds for s in r["ours-step"]["step_s"]]
         trl = [s for r in rounds for s in r["trl-step"]["step_s"]]
+        ours_cpu = [s for r in rounds for s in r["ours-step"]["step_cpu_s"]]
+        trl_cpu = [s for r in rounds for s in r["trl-step"]["step_cpu_s"]]
         out["step_ms"] = {"ours": statistics.median(ours) * 1e3, "trl_peft": statistics.median(trl) * 1e3,
                           "ratio_of_medians": statistics.median(ours) / statistics.median(trl),
+                          "cpu_ours": statistics.median(ours_cpu) * 1e3, "cpu_trl_peft": statistics.median(trl_cpu) * 1e3,
+                          "cpu_ratio_of_medians": statistics.median(ours_cpu) / statistics.median(trl_cpu),
                           "per_round": [statistics.median(r["ours-step"]["step_s"]) / statistics.median(r["trl-step"]["step_s"]) for r in rounds],
                           "rss_mib": {"ours": max(r["ours-step"]["rss_mib"] for r in rounds), "trl_peft": max(r["trl-step"]["rss_mib"] for r in rounds)}}
     if all("ours-tok" in r for r in rounds) and rounds:
