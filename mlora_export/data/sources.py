@@ -149,13 +149,14 @@ def _file_sha256(path: Path) -> str:
 
 @contextlib.contextmanager
 def _quiet_datasets() -> Iterator[None]:
-    """``datasets``' progress bars and info logs off while it loads (the CLI's stderr is one line on error)."""
+    """``datasets``' progress bars and its own log lines off while it loads (it logs to stderr itself,
+    even the failures it then raises: the CLI's stderr stays one line on error)."""
     import datasets
 
     was = datasets.utils.logging.is_progress_bar_enabled()
     level = datasets.utils.logging.get_verbosity()
     datasets.utils.logging.disable_progress_bar()
-    datasets.utils.logging.set_verbosity_error()
+    datasets.utils.logging.set_verbosity(logging.CRITICAL + 1)
     try:
         yield
     finally:
