@@ -4,7 +4,10 @@
   switching, saving), with :func:`add_nested_adapter` and :func:`load_nested_adapter`;
 - :mod:`.callbacks`: ``transformers.Trainer`` callbacks (imported on first use: they import
   transformers);
-- :mod:`.pipeline`: the ``train()`` pipeline behind ``mlora-export train`` (:class:`TrainSettings`).
+- :mod:`.pipeline`: the ``train()`` pipeline behind ``mlora-export train`` (:class:`TrainSettings`);
+- :mod:`.packing`: where packed sequences begin, so that each gets its own rank;
+- :mod:`.trainer` and :mod:`.checkpoint`: the pipeline's ``Trainer`` (the loss on supervised
+  tokens only) and its checkpoints without pickles.
 """
 
 from __future__ import annotations
