@@ -255,6 +255,9 @@ def test_bad_resumptions_are_refused(task, tmp_path) -> None:
     (ckpt / "mlora_checkpoint.json").rename(ckpt / "marker.json")
     _refused(_run([*base_args, "--lr", "0.02", "--output", out, "--resume", ckpt]), "incomplete checkpoint")
     (ckpt / "marker.json").rename(ckpt / "mlora_checkpoint.json")
+    with pytest.MonkeyPatch.context() as mp:  # a launch of 2 processes (refused before any process group is set up)
+        mp.setenv("WORLD_SIZE", "2")
+        _refused(_run([*base_args, "--lr", "0.02", "--output", out, "--resume", ckpt]), "written by 1 process(es), this run has 2")
     _nothing_written(tmp_path, "out")
     # a run folder holding another run's checkpoints is not overwritten without --force
     res = _run([*base_args, "--lr", "0.02", "--output", tmp_path / "r2", "--run-dir", tmp_path / "r-run"])
