@@ -78,6 +78,8 @@ def hub(tmp_path_factory: pytest.TempPathFactory, tiny: Path) -> HubServer:
                                          "hard/train-00000-of-00001.parquet": parquet([{"question": "zyx", "answer": "xyz"}])},
                          repo_type="datasets", lfs_suffixes=(".parquet",))
         server.seed_repo("org/private-data", {"train.jsonl": _jsonl([_chat(w) for w in WORDS[:4]])}, repo_type="datasets", private=True)
+        server.seed_repo("other/gated-data", {"train.jsonl": _jsonl([_chat(w) for w in WORDS[:4]])}, repo_type="datasets", gated=True,
+                         granted={"bob"})
         yield server
     assert server.bugs == [], f"requests that hit a bug of the local Hub: {server.bugs}"
 
@@ -221,6 +223,9 @@ def test_dataset_by_hub_id_splits_configs_and_columns(hub: HubServer, hub_env: P
     with pytest.raises(HubInputError, match="has no dataset 'org/private-data' that an anonymous request may read"):
         read_records("org/private-data")
     assert len(read_records("org/private-data", token=ALICE)) == 4
+    with pytest.raises(HubInputError, match="'other/gated-data' on .* is gated"):
+        read_records("other/gated-data", token=ALICE)  # 403: alice was not granted access
+    assert len(read_records("other/gated-data", token=BOB)) == 4
 
 
 def test_private_vanished_and_offline_datasets(hub: HubServer, hub_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:

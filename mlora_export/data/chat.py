@@ -103,7 +103,8 @@ def resolve_template(tokenizer: Any, override: str | None, source: str, tools: S
     )
 
 
-def _template_error_types() -> tuple[type[BaseException], ...]:
+def template_error_types() -> tuple[type[BaseException], ...]:
+    """What a chat template raises on a conversation it cannot render (its own ``raise_exception`` included)."""
     from jinja2.exceptions import TemplateError
 
     return (TemplateError, TypeError, ValueError, KeyError, AttributeError, IndexError)
@@ -122,7 +123,7 @@ def render(tokenizer: Any, messages: Sequence[Mapping[str, Any]], template: str,
             [dict(m) for m in messages], tools=list(ex.tools) if ex.tools else None, chat_template=template, tokenize=False,
             add_generation_prompt=add_generation_prompt, **dict(ex.template_kwargs or {}),
         )
-    except _template_error_types() as e:
+    except template_error_types() as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise DataError(f"{ex.where or 'record'}: the chat template cannot render this conversation ({first}); "
                         "fix the record or supply a template that renders it") from e

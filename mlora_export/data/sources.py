@@ -183,6 +183,9 @@ def _load_hub_dataset(src: DataSource, split: str, token: str | None) -> Any:
         if src.revision is not None and "Revision" in str(e):
             raise HubInputError(f"dataset {label!r}: revision {src.revision!r} not found on {endpoint()}; check the revision",
                                 option="data_revision", repo_id=label) from e
+        if "gated" in str(e):
+            raise HubInputError(f"dataset {label!r} on {endpoint()} is gated; request access on its page, then {login_hint()}",
+                                repo_id=label) from e
         raise HubInputError(
             f"data {label!r} is not a local file, and the Hub at {endpoint()} has no dataset {label!r} that "
             f"{'the token' if has_token(token) else 'an anonymous request'} may read; check the id or the path, or {login_hint()}",
@@ -198,7 +201,7 @@ def _load_hub_dataset(src: DataSource, split: str, token: str | None) -> Any:
         raise HubInputError(f"dataset {label!r} is not in the local cache and HF_HUB_OFFLINE is set; load it once online, "
                             "or unset HF_HUB_OFFLINE", repo_id=label) from e
     except transport_errors() as e:
-        if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        if datasets.config.HF_HUB_OFFLINE:  # datasets says "Couldn't reach …" for what it has not cached
             raise HubInputError(f"dataset {label!r} is not in the local cache and HF_HUB_OFFLINE is set; load it once online, "
                                 "or unset HF_HUB_OFFLINE", repo_id=label) from e
         raise HubError(f"dataset {label!r}: cannot reach the Hub at {endpoint()} ({type(e).__name__}); check the network and "

@@ -102,9 +102,9 @@ def _by_markers(tokenizer: Any, ex: Example, template: str) -> ConversationToken
             **dict(ex.template_kwargs or {}),
         )
     except Exception as e:  # noqa: BLE001 - the template's error, reported for the record
-        from .chat import _template_error_types
+        from .chat import template_error_types
 
-        if not isinstance(e, _template_error_types()):
+        if not isinstance(e, template_error_types()):
             raise
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise DataError(f"{ex.where or 'record'}: the chat template cannot render this conversation ({first})") from e
