@@ -56,9 +56,9 @@ _DEFAULTS = TrainSettings()
 @click.option("--seed", type=INT, default=_DEFAULTS.seed, show_default=True, help="Seed of the adapter init, the data order and DyLoRA's sampling.")
 @click.option("--max-length", type=INT, default=_DEFAULTS.max_length, show_default=True, help="Truncate examples to this many tokens.")
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default=_DEFAULTS.dtype, show_default=True, help="Dtype of the base model.")
-@click.option("--lora-dropout", type=float, default=_DEFAULTS.dropout, show_default=True, help="LoRA dropout on the adapter's input, in [0, 1).")
-@click.option("--warmup-steps", type=int, default=_DEFAULTS.warmup_steps, show_default=True, help="Linear learning-rate warmup, in steps.")
-@click.option("--warmup-ratio", type=float, default=_DEFAULTS.warmup_ratio, show_default=True,
+@click.option("--lora-dropout", type=FLOAT, default=_DEFAULTS.dropout, show_default=True, help="LoRA dropout on the adapter's input, in [0, 1).")
+@click.option("--warmup-steps", type=INT, default=_DEFAULTS.warmup_steps, show_default=True, help="Linear learning-rate warmup, in steps.")
+@click.option("--warmup-ratio", type=FLOAT, default=_DEFAULTS.warmup_ratio, show_default=True,
               help="Linear learning-rate warmup as a share of the steps, in [0, 1) (instead of --warmup-steps).")
 @click.option("--gradient-checkpointing", is_flag=True, default=_DEFAULTS.gradient_checkpointing,
               help="Recompute activations in the backward pass: less activation memory, one more forward pass of each layer per step.")
@@ -71,14 +71,14 @@ _DEFAULTS = TrainSettings()
               help="Held-out data (a file or a Hub dataset id, read like --data with its --data-config and --data-columns): "
                    "its loss at --eval-ranks is logged every --eval-steps and at the end.")
 @click.option("--eval-split", default=None, help="Split of a Hub --eval-data.  [default: test]")
-@click.option("--eval-steps", type=int, default=_DEFAULTS.eval_steps, help="Score --eval-data every this many steps.  [default: at the end only]")
+@click.option("--eval-steps", type=INT, default=_DEFAULTS.eval_steps, help="Score --eval-data every this many steps.  [default: at the end only]")
 @click.option("--eval-ranks", type=RankList(allow_all=False), default=None,
               help="Ranks to score --eval-data at.  [default: the smallest, a middle and the largest train rank]")
-@click.option("--logging-steps", type=int, default=_DEFAULTS.logging_steps, show_default=True,
+@click.option("--logging-steps", type=INT, default=_DEFAULTS.logging_steps, show_default=True,
               help="Record the training loss every this many steps (in --json's losses and --report-to).")
 @click.option("--report-to", type=click.Choice(list(REPORTERS)), default=_DEFAULTS.report_to, show_default=True,
               help="Send the training logs to TensorBoard (logs in --run-dir) or Weights & Biases, as transformers does.")
-@click.option("--save-steps", type=int, default=_DEFAULTS.save_steps, help="Write a checkpoint to --run-dir every this many steps (resume with --resume).")
+@click.option("--save-steps", type=INT, default=_DEFAULTS.save_steps, help="Write a checkpoint to --run-dir every this many steps (resume with --resume).")
 @click.option("--resume", type=click.Path(path_type=str), default=None,
               help="Continue the run that wrote this checkpoint-N folder, exactly (same settings and data).")
 @click.option("--run-dir", type=str, default=None,
