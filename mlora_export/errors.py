@@ -103,6 +103,14 @@ class RemoteIntegrityError(IntegrityError):
     """A file fetched from the Hub does not match the bundle's manifest (corrupt or changed remote copy)."""
 
 
+class MissingDependencyError(MloraError, ImportError):
+    """An optional package that a requested feature needs is not installed (``package`` names it)."""
+
+    def __init__(self, message: str, *, package: str, **fields: Any) -> None:
+        super().__init__(message, **fields)
+        self.package = package
+
+
 class UnsupportedArchitectureError(ConfigError):
     """A base architecture, or a target module of it, that the export target (llama.cpp's GGUF) cannot represent."""
 
