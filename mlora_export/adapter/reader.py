@@ -9,19 +9,35 @@ from __future__ import annotations
 
 import mmap
 import warnings
-from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from ..io.safetensors import DTYPE_SIZES
+from ..io.safetensors import DTYPE_SIZES, SafetensorsHeader
 from .files import check_finite
 from .rounding import NUMPY_TYPES, scaled_copy
 
 if TYPE_CHECKING:
     import torch
 
-    from .folder import NestedAdapter
+
+class ReadableAdapter(Protocol):
+    """What a reader reads (a :class:`~.folder.NestedAdapter`, which opens readers with its
+    ``reader()``): the weights file, its header, the modules' tensor names, the scale."""
+
+    @property
+    def weights_path(self) -> Path: ...
+    @property
+    def header(self) -> SafetensorsHeader: ...
+    @property
+    def modules(self) -> Mapping[str, Any]: ...
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def fan_in_fan_out(self) -> bool: ...
+    def scale(self, k: int) -> float: ...
 
 
 def orient_delta(delta: "torch.Tensor", fan_in_fan_out: bool) -> "torch.Tensor":
@@ -36,7 +52,7 @@ class AdapterReader:
     first ``k`` rows, ``B[:, :k]`` gathers ``k`` columns into a new contiguous tensor.
     """
 
-    def __init__(self, adapter: NestedAdapter, mm: "mmap.mmap") -> None:
+    def __init__(self, adapter: ReadableAdapter, mm: "mmap.mmap") -> None:
         self.adapter = adapter
         self._mm = mm
 

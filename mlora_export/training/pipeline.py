@@ -33,6 +33,7 @@ from ..method import check_method
 from ..progress import Progress
 from ..validate import is_finite_real, is_int
 from .distributed import cpu_training_args, engine_of
+from .heldout import heldout_loss as heldout_loss  # its home until 0.2; kept importable from here
 
 if TYPE_CHECKING:
     from ..data import DataSource
@@ -309,29 +310,6 @@ def _has_accelerator() -> bool:
     if acc is not None and hasattr(acc, "is_available"):
         return bool(acc.is_available())
     return bool(torch.cuda.is_available())
-
-
-def heldout_loss(model: Any, features: Sequence[dict[str, list[int]]], pad_token_id: int, *, batch_size: int = 32) -> float:
-    """Mean cross-entropy per supervised token (labels ≠ -100) of ``model`` on tokenised ``features``."""
-    import torch
-
-    from ..data import IGNORE_INDEX, CompletionCollator
-
-    collate = CompletionCollator(pad_token_id)
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        for i in range(0, len(features), batch_size):
-            batch = collate(features[i : i + batch_size])
-            logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-            labels = batch["labels"].to(device)[:, 1:]
-            lg = logits[:, :-1].float()
-            total += float(torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"))
-            count += int((labels != IGNORE_INDEX).sum())
-    model.train(was_training)
-    return total / max(count, 1)
 
 
 def _training_arguments(settings: TrainSettings, folder: Path) -> Any:
