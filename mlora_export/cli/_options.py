@@ -218,6 +218,22 @@ def collect(cls: type, target: str, also: Sequence[str] = ()) -> Callable[[F], F
     return decorate
 
 
+def collect_into(target: str, build: Callable[..., Any], names: Mapping[str, str]) -> Callable[[F], F]:
+    """Hand the command ``target=build(**values)`` instead of the options ``names`` maps (the
+    command's parameter name → the keyword ``build`` takes), for options that are no
+    :func:`field_options`."""
+
+    def decorate(func: F) -> F:
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            kwargs[target] = build(**{key: kwargs.pop(name) for name, key in names.items()})
+            return func(*args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
 # -- the shared options, defined once -----------------------------------------------------------
 
 

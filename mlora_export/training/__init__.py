@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from .model import NestedLoraModel, add_nested_adapter, load_nested_adapter
 from .heldout import heldout_loss
-from .pipeline import TrainResult, TrainSettings, train
+from .pipeline import RunOptions, TrainResult, TrainSettings, train
 
 if TYPE_CHECKING:
     from .callbacks import HeldoutRanksCallback, NestedRankCallback, StepProgressCallback
@@ -33,6 +33,6 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "HeldoutRanksCallback", "NestedLoraModel", "NestedRankCallback", "StepProgressCallback", "TrainResult", "TrainSettings",
+    "HeldoutRanksCallback", "NestedLoraModel", "NestedRankCallback", "RunOptions", "StepProgressCallback", "TrainResult", "TrainSettings",
     "add_nested_adapter", "heldout_loss", "load_nested_adapter", "train",
 ]
