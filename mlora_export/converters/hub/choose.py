@@ -139,6 +139,21 @@ def choose_rank_by_budget(
     budget.check()
     if budget.empty:
         raise ConfigError("choosing a rank automatically needs a limit (bytes, parameters, latency) or a score to reach", option="budget")
+    fits, within = _fits_by_cost(ranks, budget, manifest)
+    if budget.min_score is None and budget.within is None:
+        chosen = fits[-1]
+        return RankChoice(chosen, f"rank {chosen.rank}: the largest rank {within}")
+    return _smallest_by_score(ranks, fits, within, budget, manifest, recorded, source)
+
+
+def _fits_by_cost(ranks: Sequence[BundleRank], budget: RankBudget, manifest: Mapping[str, Any]) -> tuple[list[BundleRank], str]:
+    """``(fits, within)``: the ranks that fit the budget's limits on cost (size, parameters, latency),
+    smallest first, and those limits in words.
+
+    Raises:
+        ConfigError: a latency limit for a bundle that records no latency.
+        RankError: no rank fits.
+    """
     latency = manifest.get("latency") if isinstance(manifest.get("latency"), Mapping) else None
     ms: dict[int, float] = {}
     if budget.max_latency_ms is not None:
@@ -173,12 +188,20 @@ def choose_rank_by_budget(
                 detail += f", {ms[smallest.rank]:.3g} ms"
         raise RankError(f"no rank fits {' and '.join(limits)}{detail}; raise the limit",
                         option="max_latency_ms" if budget.max_latency_ms is not None else "max_bytes")
-    within = f"within {' and '.join(limits)}" if limits else "with no limit on cost"
+    return fits, f"within {' and '.join(limits)}" if limits else "with no limit on cost"
 
-    if budget.min_score is None and budget.within is None:
-        chosen = fits[-1]
-        return RankChoice(chosen, f"rank {chosen.rank}: the largest rank {within}")
 
+def _smallest_by_score(
+    ranks: Sequence[BundleRank], fits: list[BundleRank], within: str, budget: RankBudget, manifest: Mapping[str, Any],
+    recorded: Mapping[str, RecordedEvaluation] | None, source: str,
+) -> RankChoice:
+    """The smallest of ``fits`` whose recorded score meets the budget's ``min_score`` or ``within``.
+
+    Raises:
+        ConfigError: the bundle records no evaluation (or not the metric named), or no score of it.
+        RankError: no rank that fits meets the score.
+        InvalidAdapterError: the manifest's scores disagree with ``recorded``.
+    """
     evaluation = manifest.get("evaluation") if isinstance(manifest.get("evaluation"), Mapping) else {}
     metric, higher = _pick_metric(evaluation, budget.metric)
     if recorded is not None:

@@ -39,9 +39,20 @@ from .common import (
     resolve_kind,
     write_export_info,
 )
-from .graph import adapter_input_names, build_export_model, export_graph, load_export_model
+from .graph import (
+    adapter_input_names,
+    build_export_model,
+    export_graph,
+    load_export_model,
+)
 from .kinds import EXPORT_KINDS, ExportKind
-from .verify import reference_logits, run_adapter, run_rank, sample_inputs, verify_export
+from .verify import (
+    reference_logits,
+    run_adapter,
+    run_rank,
+    sample_inputs,
+    verify_export,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +117,7 @@ def export_onnx(
         result.adapter_files = files
         if options.verify:
             run = functools.partial(_run_export, kind, feeds, {k: tmp / f for k, f in files.items()})
-            result.checks = verify_export(path, options.provider, verify_ranks, refs, run, atol=options.atol, rtol=options.rtol, tick=tick)
+            result.checks = verify_export(path, options.provider, verify_ranks, refs, run, tolerance=(options.atol, options.rtol), tick=tick)
         result.seconds = time.perf_counter() - t0
         write_export_info(tmp, result, nested, base_model, inputs)
     return result

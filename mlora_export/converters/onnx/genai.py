@@ -279,7 +279,7 @@ def export_genai(
         result.adapter_files = files
         if options.verify:
             run = functools.partial(_run_decoder, graph_kind.rank_input, ids, shape, {k: tmp / f for k, f in files.items()})
-            result.checks = verify_export(path, options.provider, verify_ranks, refs, run, atol=options.atol, rtol=options.rtol, tick=tick,
+            result.checks = verify_export(path, options.provider, verify_ranks, refs, run, tolerance=(options.atol, options.rtol), tick=tick,
                                           what="ONNX Runtime (with its KV cache)")
         write_json(tmp / GENAI_CONFIG_NAME, genai_config(model.config, model_type))
         tokenizer_files = copy_tokenizer(base.root, tmp)

@@ -193,13 +193,13 @@ def verify_export(
     refs: dict[int, "np.ndarray"],
     run: Callable[["onnxruntime.InferenceSession", int], "np.ndarray"],
     *,
-    atol: float = ATOL,
-    rtol: float = RTOL,
+    tolerance: tuple[float, float] = (ATOL, RTOL),
     tick: Callable[[str], None] | None = None,
     what: str = "ONNX Runtime",
 ) -> list[RankCheck]:
     """Run the written model at each of ``ranks`` (``run(session, k)`` gives its logits) and compare
-    them with PyTorch's ``refs[k]``; log each rank's difference and ``tick`` after it.
+    them with PyTorch's ``refs[k]`` within ``tolerance`` (``(atol, rtol)``, :func:`compare`); log
+    each rank's difference and ``tick`` after it.
 
     One loop for every export kind, so each verifies, reports and fails alike; the session is
     closed before the check that raises, so the output folder can be removed.
@@ -211,7 +211,7 @@ def verify_export(
     session = make_session(path, provider)
     checks = []
     for k in ranks:
-        check = compare(k, run(session, k), refs[k], atol, rtol)
+        check = compare(k, run(session, k), refs[k], *tolerance)
         logger.info("rank %d: max abs diff %.3g (tolerance %.3g)", k, check.max_abs_diff, check.tolerance)
         checks.append(check)
         if tick is not None:
