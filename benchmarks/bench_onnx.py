@@ -70,7 +70,7 @@ def main() -> None:
     ]
     times: dict[str, list[float]] = {c[0]: [] for c in cases}
     for _ in range(3):  # warm-up
-        for label, s, extra in cases:
+        for _label, s, extra in cases:
             sessions[s].run(["logits"], {**feeds, **extra})
     for _ in range(args.rounds):
         for label, s, extra in cases:

@@ -477,26 +477,34 @@ def test_tampered_file_fails_naming_it_and_leaves_nothing(hub: HubServer, pushed
     assert run("pull", REPO, "--rank", "2", "--revision", "tampered", "--output", out, "--endpoint", hub.endpoint).exit_code == 0
 
 
-def test_dry_run_makes_no_request(hub: HubServer, nested: Path) -> None:
+#: ``push-hub`` calls that must send nothing: ``(arguments, exit code, a fragment of the output)``;
+#: ``{hub}`` stands for the local Hub's endpoint.
+DRY_RUN_CASES: dict[str, tuple[list[str], int, str | None]] = {
+    "dry run, listed as JSON": (["--repo-id", "org/dry", "--ranks", "2,8", "--branches", "--dry-run", "--endpoint", "{hub}", "--json"], 0, None),
+    "dry run, endpoint unreachable": (["--repo-id", "org/dry", "--ranks", "2", "--dry-run", "--endpoint", "http://127.0.0.1:9"], 0, "nothing was sent"),
+    "repo id invalid": (["--repo-id", "not a repo id", "--dry-run"], 2, "not a valid Hub repo id"),
+    "repo id without namespace": (["--repo-id", "no-namespace", "--endpoint", "{hub}", "--token", ALICE], 2, "namespace/name"),
+    # a commit id, nothing: push-hub commits to a branch
+    "revision a commit id": (["--repo-id", "org/dry", "--revision", "0123456789abcdef0123456789abcdef01234567", "--endpoint", "{hub}", "--token", ALICE],
+                             2, "is not a branch name"),
+    "revision empty": (["--repo-id", "org/dry", "--revision", "", "--endpoint", "{hub}", "--token", ALICE], 2, "is not a branch name"),
+    "endpoint not a URL": (["--repo-id", "org/dry", "--endpoint", "huggingface.co", "--token", ALICE], 2, "is not an http(s) URL"),
+}
+
+
+@pytest.mark.parametrize("case", list(DRY_RUN_CASES))
+def test_dry_run_makes_no_request(hub: HubServer, nested: Path, case: str) -> None:
+    args, code, fragment = DRY_RUN_CASES[case]
     hub.clear_log()
-    res = run("push-hub", nested, "--repo-id", "org/dry", "--ranks", "2,8", "--branches", "--dry-run", "--endpoint", hub.endpoint, "--json")
-    assert res.exit_code == 0, res.output
-    info = json.loads(res.stdout)
-    paths = {f["path"] for f in info["files"]}
-    assert {"README.md", "manifest.json", "r2/adapter_model.safetensors", "r8@adapter_model.safetensors"} <= paths
-    assert all(f["size"] > 0 for f in info["files"])
-    res = run("push-hub", nested, "--repo-id", "org/dry", "--ranks", "2", "--dry-run", "--endpoint", "http://127.0.0.1:9")
-    assert res.exit_code == 0 and "nothing was sent" in res.output
-    assert hub.log == []
-    res = run("push-hub", nested, "--repo-id", "not a repo id", "--dry-run")
-    assert res.exit_code == 2 and "not a valid Hub repo id" in res.output
-    res = run("push-hub", nested, "--repo-id", "no-namespace", "--endpoint", hub.endpoint, "--token", ALICE)
-    assert res.exit_code == 2 and "namespace/name" in res.output and hub.log == []
-    for bad in ("0123456789abcdef0123456789abcdef01234567", ""):  # a commit id, nothing: push-hub commits to a branch
-        res = run("push-hub", nested, "--repo-id", "org/dry", "--revision", bad, "--endpoint", hub.endpoint, "--token", ALICE)
-        assert res.exit_code == 2 and "is not a branch name" in res.output, res.output
-    res = run("push-hub", nested, "--repo-id", "org/dry", "--endpoint", "huggingface.co", "--token", ALICE)
-    assert res.exit_code == 2 and "is not an http(s) URL" in res.output, res.output
+    res = run("push-hub", nested, *[a.replace("{hub}", hub.endpoint) for a in args])
+    assert res.exit_code == code, res.output
+    if fragment is not None:
+        assert fragment in res.output, res.output
+    if "--json" in args:
+        info = json.loads(res.stdout)
+        paths = {f["path"] for f in info["files"]}
+        assert {"README.md", "manifest.json", "r2/adapter_model.safetensors", "r8@adapter_model.safetensors"} <= paths
+        assert all(f["size"] > 0 for f in info["files"])
     assert hub.log == []
 
 

@@ -79,7 +79,7 @@ def test_gradient_checkpointing_recomputes_layers_and_trains_the_same_adapter(ta
     calls = {"n": 0}
     forward = modeling_llama.LlamaMLP.forward  # inside a decoder layer (whose own forward transformers wraps)
 
-    def counted(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+    def counted(self, *args, **kwargs):
         calls["n"] += 1
         return forward(self, *args, **kwargs)
 

@@ -535,7 +535,7 @@ def _break_base(base: Path, case: str, tmp_path: Path) -> None:
         from mlora_export.io.safetensors import read_header
 
         keys = read_header(outside / "model.safetensors").tensors
-        (base / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {k: "../outside/model.safetensors" for k in keys}}))
+        (base / "model.safetensors.index.json").write_text(json.dumps({"weight_map": dict.fromkeys(keys, "../outside/model.safetensors")}))
     elif case == "index not json":
         (base / "model.safetensors.index.json").write_text("not json")
     elif case == "truncated shard":
@@ -1551,7 +1551,7 @@ def test_merge_dtype_with_an_index_whose_metadata_is_not_an_object(proj: Path, t
     from mlora_export.io.safetensors import read_header
 
     keys = read_header(proj / "base" / "model.safetensors").tensors
-    (proj / "base" / "model.safetensors.index.json").write_text(json.dumps({"metadata": [1], "weight_map": {k: "model.safetensors" for k in keys}}))
+    (proj / "base" / "model.safetensors.index.json").write_text(json.dumps({"metadata": [1], "weight_map": dict.fromkeys(keys, "model.safetensors")}))
     res = run("merge", "nested", "--base-model", "base", "--rank", "2", "--dtype", "bfloat16", "--output", "out")
     assert res.exit_code == 0, res.output
     index = json.loads((proj / "out" / "model.safetensors.index.json").read_text())

@@ -128,7 +128,7 @@ def check_peft_config(cfg: Any, path: Path, *, patterns: bool = False, refuse: M
                 raise InvalidAdapterError(f"{path}: {key} is set; per-module ranks or alphas are not supported, use one r and lora_alpha", path=path)
     if cfg.get("bias", "none") != "none":
         raise InvalidAdapterError(f"{path}: bias is {cfg['bias']!r}; LoRA adapters that train biases are not supported (use bias 'none')", path=path)
-    r = cfg.get("r")
+    r: int = cfg.get("r")  # type: ignore[assignment]  # checked just below
     _check_rank(r, "r", path)
     alpha = cfg.get("lora_alpha", 8)
     if not is_finite_real(alpha) or alpha <= 0:

@@ -11,7 +11,7 @@ import mmap
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -40,9 +40,20 @@ class ReadableAdapter(Protocol):
     def scale(self, k: int) -> float: ...
 
 
-def orient_delta(delta: "torch.Tensor", fan_in_fan_out: bool) -> "torch.Tensor":
-    """Return ``delta`` (``[out, in]``) in the layout of the base weight: transposed for ``Conv1D``."""
-    return delta.T if fan_in_fan_out else delta
+class _Matrix(Protocol):
+    """A torch tensor or a numpy array: what has a transpose ``.T``."""
+
+    @property
+    def T(self) -> Any: ...  # the name torch and numpy give it
+
+
+M = TypeVar("M", bound=_Matrix)
+
+
+def orient_delta(delta: M, fan_in_fan_out: bool) -> M:
+    """Return ``delta`` (``[out, in]``, a tensor or an array) in the layout of the base weight:
+    transposed for ``Conv1D``."""
+    return delta.T if fan_in_fan_out else delta  # type: ignore[no-any-return]
 
 
 class AdapterReader:

@@ -234,7 +234,7 @@ def handle_errors(func: F) -> F:
             drop_warnings()
             click.echo("error: interrupted; no output was written", err=True)
             sys.exit(130)
-        except Exception as exc:  # noqa: BLE001 - the one place that turns errors into exit codes
+        except Exception as exc:  # the one place that turns errors into exit codes
             if debug_enabled():
                 logging.getLogger("mlora_export").exception("command failed")
             drop_warnings()

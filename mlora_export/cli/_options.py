@@ -245,6 +245,19 @@ class BaseModelArg:
     spec: str | None
     revision: str | None = None
 
+    @property
+    def given(self) -> str:
+        """The ``--base-model`` given (a required one always is).
+
+        Raises:
+            ConfigError: none was given.
+        """
+        if self.spec is None:
+            from ..errors import ConfigError
+
+            raise ConfigError("a base model is needed; give --base-model", option="base_model")
+        return self.spec
+
     def resolve(self, config_only: bool = False) -> Path:
         """The local folder (a Hub id downloaded into the Hugging Face cache; ``config_only``: its config only).
 
@@ -455,7 +468,7 @@ def threads_option(func: F) -> F:
         with maybe_torch_threads(kwargs.pop("threads")):
             return func(*args, **kwargs)
 
-    return click.option(  # type: ignore[no-any-return]
+    return click.option(  # type: ignore[return-value]
         "--threads", type=AsciiIntRange(min=1), default=None,
         help="torch intra-op threads of this process. [default: torch's, one per core, or OMP_NUM_THREADS] "
              "On a machine shared with other jobs, or with several processes per machine, 1 is often much faster.",

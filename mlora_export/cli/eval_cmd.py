@@ -69,7 +69,7 @@ def eval_(
     source = data.source()
     options = dataclasses.replace(options, revision=base.revision, chat_template=data.chat_template())
     with BarProgress("evaluating", unit="rank") as bar:
-        result = evaluate(list(adapters), base.spec, source, ranks, options, progress=bar)
+        result = evaluate(list(adapters), base.given, source, ranks, options, progress=bar)
     write_results(result, output, force=force)
     recorded = result.recorded
     for label in result.not_recorded:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import re
 from collections.abc import Callable
 from typing import Any
@@ -142,7 +143,7 @@ def _bundle_bases(options: BundleOptions, base: BaseModelArg, output: str | None
     return replace(options, base_model_id=card, onnx_base=_local_base(onnx, output, force), gguf_base=_local_base(gguf, output, force, config_only=True))
 
 
-def _local_base(spec: str | None, output: str | None, force: bool, config_only: bool = False) -> str | None:
+def _local_base(spec: str | os.PathLike[str] | None, output: str | None, force: bool, config_only: bool = False) -> str | None:
     """The local folder of an export's base (a Hub id downloaded; the output checked first)."""
     if spec is None:
         return None

@@ -132,7 +132,7 @@ def train(base: BaseModelArg, data: DataArgs, settings: TrainSettings, run: dict
                    if run["eval_data"] is not None else None)
     options = RunOptions(revision=base.revision, eval_data=eval_source, resume=run["resume"], run_dir=run["run_dir"])
     with stdout_to_stderr(), quiet_transformers_bars(), BarProgress("training", unit="step") as bar:
-        result = run_train(base.spec, source, output, settings, options, force=force, progress=bar)
+        result = run_train(base.given, source, output, settings, options, force=force, progress=bar)
     if not result.is_main_process:
         return
     if as_json:

@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..adapter import AdapterReader, NestedAdapter, orient_delta
+from ..adapter.reader import ReadableAdapter
 from ..adapter.rounding import DTYPE_NAMES, ROUNDS_TO_INF
 from ..base import SAFE_INDEX, BaseFolder, Shard, check_fits_weights, scan_base
 from ..errors import (
@@ -253,7 +254,7 @@ def _merge_one(
     return out, [buf]
 
 
-def _non_finite(name: str, out_dtype: str, adapter: NestedAdapter | None = None, k: int = 0) -> NonFiniteOutputError:
+def _non_finite(name: str, out_dtype: str, adapter: ReadableAdapter | None = None, k: int = 0) -> NonFiniteOutputError:
     """The error for a merged (``adapter`` and ``k`` given) or cast weight that is not finite in ``out_dtype``."""
     what = DTYPE_NAMES.get(out_dtype, out_dtype)
     if adapter is not None:
@@ -284,7 +285,7 @@ def _merge_torch(
     odt = torch_dtype(out_dtype)
     a = rd.lora_A(module, k).to(cdt)
     bs = rd.lora_B(module, k).to(cdt) * adapter.scale(k)
-    bufs = [raw]
+    bufs: list[Any] = [raw]
     if w.dtype == odt == cdt:
         out = w  # merged in place in our own read buffer
     else:
@@ -309,12 +310,12 @@ def _merge_torch(
 
 def _copy_one(
     fd: int, data_start: int, info: TensorInfo, out_dtype: str, buffers: BufferPool, scratch: Callable[[], mk.Scratch | None], phase: int = 0
-) -> "tuple[Any, list[np.ndarray]]":
+) -> tuple[Any, list[Any]]:
     """A non-targeted tensor: its raw bytes (mapped, closed once written), or the tensor cast to
     ``out_dtype`` (and its buffers)."""
     if out_dtype == info.dtype:
         region = MappedRegion(fd, info.nbytes, data_start + info.begin)
-        return region.view, [region]
+        return region.view, [region]  # the map is closed once written (release)
     if mk.supports(info.dtype, out_dtype):
         out = buffers.get(_numel(info.shape) * DTYPE_SIZES[out_dtype], phase)
         region = MappedRegion(fd, info.nbytes, data_start + info.begin)
@@ -449,7 +450,7 @@ def _write_shards(plan: _Plan, rd: AdapterReader, k: int, tmp: Path, progress: P
             phases = [offset % ALIGN for offset in data_offsets(specs, shard.header.metadata)]
             for (name, odt, _), info, phase in zip(specs, shard.header.tensors.values(), phases):
                 module = plan.targets.get(name)
-                common = {"data_start": start, "info": info, "out_dtype": odt, "buffers": buffers, "scratch": scratch, "phase": phase}
+                common: dict[str, Any] = {"data_start": start, "info": info, "out_dtype": odt, "buffers": buffers, "scratch": scratch, "phase": phase}
                 if module is not None:
                     job = functools.partial(_merge_one, module=module, rd=rd, k=k, **common)
                 else:

@@ -162,7 +162,8 @@ class _Source:
 # -- reading the source ------------------------------------------------------------------------
 
 def _scan_modules(weights: Path, header: SafetensorsHeader, cfg: Mapping[str, Any], config_path: Path) -> tuple[list[_Module], str | None]:
-    modules, dtypes = [], set()
+    modules: list[_Module] = []
+    dtypes: set[str] = set()
     for name, (a, b) in lora_tensor_pairs(weights, header).items():
         if a.shape[0] != b.shape[1]:
             raise InvalidAdapterError(
@@ -256,7 +257,7 @@ def r_factor(x: np.ndarray) -> np.ndarray:
             r1 = np.linalg.cholesky(x.T @ x).T
             sv = np.linalg.svd(r1, compute_uv=False)
         except np.linalg.LinAlgError:
-            return np.linalg.qr(x, mode="r")
+            return np.asarray(np.linalg.qr(x, mode="r"))
         kappa = sv[0] / sv[-1] if sv[-1] > 0 else math.inf
         if kappa <= _ONE_PASS_KAPPA:
             return r1
@@ -266,7 +267,7 @@ def r_factor(x: np.ndarray) -> np.ndarray:
                 return np.linalg.cholesky(q1.T @ q1).T @ r1
             except np.linalg.LinAlgError:
                 pass
-    return np.linalg.qr(x, mode="r")
+    return np.asarray(np.linalg.qr(x, mode="r"))
 
 
 def renest_factors(a: np.ndarray, b: np.ndarray, scale: float, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

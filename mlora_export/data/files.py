@@ -94,7 +94,7 @@ def _parquet_records(p: Path) -> Iterator[tuple[Any, str, int]]:
 
     try:
         table = pq.read_table(p)
-    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a damaged file
+    except Exception as e:  # pyarrow raises several types for a damaged file
         raise DataError(f"{p}: not a readable Parquet file ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})", path=p) from e
     for i, row in enumerate(table.to_pylist(), 1):
         yield row, f"{p}, row {i}", i

@@ -34,7 +34,7 @@ def write_results(result: EvalResult, output: str | os.PathLike[str], *, force: 
     """
     from .plot import plot_rank_curves
 
-    inputs = [result.base_model, *([result.data.path] if result.data.path is not None else []), *(c.path for c in result.curves),
+    inputs: list[Any] = [result.base_model, *([result.data.path] if result.data.path is not None else []), *(c.path for c in result.curves),
               *(m.path for c in result.curves for m, _ in c.members)]
     with atomic_output_dir(output, force, inputs) as tmp:
         write_json(tmp / RESULTS_NAME, result.to_dict(), allow_nan=True)  # a diverged model's loss is NaN: reported as such

@@ -53,7 +53,7 @@ def _max_positions(base_model: str | os.PathLike[str]) -> int | None:
     if not isinstance(cfg, dict):
         return None
     value = cfg.get("max_position_embeddings") or cfg.get("n_positions")
-    return value if is_int(value) and value > 0 else None
+    return value if isinstance(value, int) and is_int(value) and value > 0 else None
 
 
 # -- evaluate ----------------------------------------------------------------------------------

@@ -293,7 +293,7 @@ def tensor_bytes(t: "torch.Tensor") -> memoryview:
     t = t.contiguous().reshape(-1)
     if t.dtype == torch.bool:
         t = t.to(torch.uint8)
-    return memoryview(t.view(torch.uint8).numpy())
+    return t.view(torch.uint8).numpy().data
 
 
 @functools.cache
@@ -373,7 +373,7 @@ def _item_bytes(path: Path, spec: TensorSpec, size: int, item: Any) -> memoryvie
     """The bytes of one tensor to write (a torch tensor, or its raw bytes as any contiguous buffer), checked against its spec."""
     name, dtype, shape = spec
     if isinstance(item, (bytes, bytearray, memoryview, np.ndarray)):
-        data = memoryview(item).cast("B")
+        data = (item.data if isinstance(item, np.ndarray) else memoryview(item)).cast("B")
     else:
         if tuple(item.shape) != tuple(shape) or dtype_name(item.dtype) != dtype:
             raise ValueError(f"{path}: tensor {name!r} is {dtype_name(item.dtype)}{list(item.shape)}, spec says {dtype}{list(shape)}")

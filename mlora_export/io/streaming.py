@@ -15,7 +15,7 @@ import contextlib
 import os
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -85,7 +85,7 @@ def pread(fd: int, nbytes: int, offset: int, buffers: BufferPool) -> "np.ndarray
         ShortReadError: the file ends first.
     """
     buf = buffers.get(nbytes)
-    view = memoryview(buf) if nbytes else memoryview(b"")
+    view = buf.data if nbytes else memoryview(b"")
     done = 0
     while done < nbytes:
         n = os.preadv(fd, [view[done:]], offset + done)
@@ -156,7 +156,7 @@ def in_file(path: str | os.PathLike[str], job: Callable[[int], Any]) -> Any:
         os.close(fd)
 
 
-def lookahead(pool: ThreadPoolExecutor, jobs: Iterable[Callable[[], Any]], depth: int) -> Iterator[Any]:
+def lookahead(pool: ThreadPoolExecutor, jobs: Iterable[Callable[[], Any]], depth: int) -> Generator[Any, None, None]:
     """Run ``jobs`` on ``pool`` at most ``depth`` ahead of the consumer; yield results in order.
 
     When the consumer stops early (an error while writing), queued jobs are cancelled and the

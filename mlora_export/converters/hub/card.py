@@ -259,7 +259,7 @@ def validate_card(text: str) -> dict[str, Any]:
 
     try:
         card = ModelCard(text, ignore_metadata_errors=False)
-    except Exception as e:  # noqa: BLE001 - the card class raises ValueError or yaml errors
+    except Exception as e:  # the card class raises ValueError or yaml errors
         raise ExportError(f"model card: invalid YAML front matter ({e})") from e
     meta = card.data.to_dict()
     if meta.get("library_name") != "peft":

@@ -202,7 +202,7 @@ def _smallest_by_score(
         RankError: no rank that fits meets the score.
         InvalidAdapterError: the manifest's scores disagree with ``recorded``.
     """
-    evaluation = manifest.get("evaluation") if isinstance(manifest.get("evaluation"), Mapping) else {}
+    evaluation: Mapping[str, Any] = manifest["evaluation"] if isinstance(manifest.get("evaluation"), Mapping) else {}
     metric, higher = _pick_metric(evaluation, budget.metric)
     if recorded is not None:
         check_recorded_scores(ranks, metric, higher, recorded, source)

@@ -88,7 +88,7 @@ def choose_rank(ranks: list[BundleRank], rank: int | str, budget: RankBudget, ma
         if r.rank == rank:
             return RankChoice(r, f"rank {rank}: asked for")
     available = ", ".join(str(r.rank) for r in ranks) or "none"
-    raise RankError(f"rank {rank} is not in the bundle {repo_id!r}; it has ranks {available}", rank=rank, option="rank")
+    raise RankError(f"rank {rank} is not in the bundle {repo_id!r}; it has ranks {available}", rank=int(rank), option="rank")
 
 
 def pull_rank(
@@ -170,7 +170,7 @@ def _check_pull_args(repo_id: str, rank: int | str, revision: str, budget: RankB
     if rank == "auto":
         if budget.empty:
             raise ConfigError("rank 'auto' needs a limit (bytes, parameters, latency) or a score to reach to choose a rank", option="budget")
-    elif not is_int(rank) or rank < 1:
+    elif not is_int(rank) or int(rank) < 1:
         raise ConfigError(f"rank must be a positive integer or 'auto', got {rank!r}", option="rank")
     elif not budget.empty:
         raise ConfigError("limits and scores choose a rank only with rank 'auto'", option="rank")

@@ -68,7 +68,7 @@ def make_api(endpoint: str | None, token: str | None) -> "HfApi":
     return HfApi(endpoint=resolve_endpoint(endpoint), token=token, library_name="mlora-export")
 
 
-def _one_line(text: str, limit: int = 300) -> str:
+def _one_line(text: object, limit: int = 300) -> str:
     line = " ".join(str(text).split())
     return line if len(line) <= limit else line[: limit - 1] + "…"
 
@@ -103,7 +103,7 @@ def hub_errors(action: str, repo_id: str, endpoint: str, revision: str | None = 
         yield
     except HubError:
         raise
-    except Exception as e:  # noqa: BLE001 - mapped, and its text redacted, by _hub_error
+    except Exception as e:  # mapped, and its text redacted, by _hub_error
         mapped = _hub_error(e, action, repo_id, redact_url(endpoint), revision)
         if mapped is None:
             raise

@@ -96,7 +96,7 @@ def export_onnx(
     check_float_targets(scan_base(base_model), nested.modules)  # headers only: before the model loads
     model, task = load_export_model(base_model)
     check_fits(nested, model, base=str(base_model))
-    vocab = int(getattr(model.config, "vocab_size"))
+    vocab = int(getattr(model.config, "vocab_size"))  # noqa: B009 - torch types a module attribute as Tensor | Module
     # float32 bytes in the graph (the LoRA factors are constants in dynamic and fixed exports)
     lora_in_graph = {"dynamic": nested.max_rank, "fixed": rank or 0}.get(kind, 0)
     nbytes, external = graph_size(model, nested, lora_in_graph, options.external_data)

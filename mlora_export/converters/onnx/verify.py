@@ -167,7 +167,7 @@ def check_onnx_model(path: str | os.PathLike[str], default_opset: int) -> None:
 
     try:
         onnx.checker.check_model(str(path))
-    except Exception as e:  # noqa: BLE001 - onnx raises several types
+    except Exception as e:  # onnx raises several types
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ExportError(f"the exported model fails onnx.checker ({first}); try another opset (default {default_opset})", option="opset") from e
 
