@@ -551,6 +551,46 @@ def test_push_to_another_revision_and_a_modified_local_bundle(hub: HubServer, pu
     assert hub.log == []
 
 
+def test_base_model_means_the_base_model(nested: Path, base_dirs: dict, tmp_path: Path) -> None:
+    """``--base-model`` is the base (what ``--gguf`` and ``--with-onnx`` build on); ``--base-model-id``
+    names the card's base; the older spellings (``--gguf BASE``, ``--base-model`` as the card's id
+    alone) still work, the export's one with a deprecation warning after the success."""
+    from mlora_export.converters.hub.bundle import Bundle
+
+    llama = base_dirs["llama"]
+
+    def bundle(name: str, *args: object) -> tuple[object, dict]:
+        res = run("bundle", nested, "--ranks", "2", *args, "--output", tmp_path / name)
+        assert res.exit_code == 0, res.output
+        return res, Bundle.load(tmp_path / name, verify=True).manifest
+
+    _, m = bundle("flag", "--gguf", "--base-model", llama)  # a local base: the card keeps the adapter's recorded base
+    assert m["base_model"] == "tiny-llama" and m["ranks"][0]["gguf"] == "r2/adapter.gguf"
+    _, m = bundle("with-id", "--gguf", "--base-model", llama, "--base-model-id", "org/other")
+    assert m["base_model"] == "org/other"
+    res, m = bundle("card-only", "--base-model", "org/older")  # without an export: the card's Hub id, as it always was
+    assert m["base_model"] == "org/older" and "gguf" not in m["ranks"][0] and "deprecated" not in res.stderr
+    res, m = bundle("older-gguf", "--gguf", llama, "--base-model", "org/card")  # the older spelling: --base-model is the card's
+    assert m["base_model"] == "org/card" and m["ranks"][0]["gguf"] == "r2/adapter.gguf"
+    assert "--gguf BASE is deprecated" in res.stderr
+    for flag in ("--with-onnx", "--gguf"):
+        res = run("bundle", nested, "--ranks", "2", flag, "--output", tmp_path / "no-base")
+        assert res.exit_code == 2 and f"{flag} builds on the base model: give --base-model" in res.stderr, res.output
+        assert len(res.stderr.strip().splitlines()) == 1 and leftovers(tmp_path, "no-base") == []
+
+
+def test_bundle_options_in_the_older_keyword_style(nested: Path, tmp_path: Path) -> None:
+    """``write_bundle(..., scale_mode=...)`` (the options as keywords) still works for one release,
+    with a DeprecationWarning, and writes what the options object writes; an unknown keyword is a TypeError."""
+    new = write_bundle(nested, (2,), tmp_path / "new", BundleOptions(scale_mode="native", base_model_id="org/x"))
+    with pytest.warns(DeprecationWarning, match=r"write_bundle\(scale_mode=..., base_model_id=...\) is deprecated"):
+        old = write_bundle(nested, (2,), tmp_path / "old", scale_mode="native", base_model_id="org/x")
+    assert [f.sha256 for f in old.files] == [f.sha256 for f in new.files]
+    with pytest.raises(TypeError, match="unexpected keyword argument 'scale'"):
+        write_bundle(nested, (2,), tmp_path / "bad", scale="native")
+    assert leftovers(tmp_path, "bad") == []
+
+
 @pytest.mark.slow
 def test_bundle_with_onnx_export_cli(nested: Path, base_dirs: dict, tmp_path: Path) -> None:
     """``--with-onnx --base-model BASE`` runs the real ONNX exporter (verified in ONNX Runtime) into ``onnx/``."""
