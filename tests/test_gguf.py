@@ -6,7 +6,7 @@ pytest's cache folder (``.pytest_cache/d/llama-cpp-python-0.3.36``; or set ``MLO
 to a llama.cpp checkout). It is run in one subprocess with its own ``gguf-py``, on the baked (and
 native) PEFT slices that ``mlora-export slice`` writes, and its files are compared with ours
 through ``gguf.GGUFReader``: the metadata (every key, type and value), the tensor names and
-order, types, shapes and bytes. Our files are also checked numerically against DESIGN.md §1.
+order, types, shapes and bytes. Our files are also checked numerically against docs/design.md §1.
 """
 
 from __future__ import annotations
@@ -227,7 +227,7 @@ def _undo_rope_permute(b: np.ndarray, n_head: int) -> np.ndarray:
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("k", RANKS)
 def test_file_applies_delta_k(built: dict[str, Any], arch: str, k: int) -> None:
-    """llama.cpp applies ``(alpha / k) · lora_b · lora_a``: that is ``s(k)·B[:, :k]·A[:k]`` (DESIGN.md §1),
+    """llama.cpp applies ``(alpha / k) · lora_b · lora_a``: that is ``s(k)·B[:, :k]·A[:k]`` (docs/design.md §1),
     with the Llama q/k rows in llama.cpp's rotary order."""
     c = built[f"{arch}-float32"]
     nested: NestedAdapter = c["nested"]

@@ -1,7 +1,7 @@
 """llama.cpp LoRA adapters (GGUF), one file per rank, written with llama.cpp's own ``gguf`` package.
 
 The file at rank ``k`` is what llama.cpp's ``convert_lora_to_gguf.py`` writes for the rank-``k``
-PEFT slice of the same adapter (DESIGN.md §2), tensor for tensor, with its metadata
+PEFT slice of the same adapter (docs/design.md §2), tensor for tensor, with its metadata
 (``general.type = adapter``, ``adapter.type = lora``, ``adapter.lora.alpha``, ``general.name``,
 ``general.architecture``, ``general.quantization_version``), without writing the slice first:
 
@@ -417,7 +417,7 @@ def _quantize(name: str, data: np.ndarray, out_type: str) -> tuple[np.ndarray, A
         return gguf.quants.quantize(data, gguf.GGMLQuantizationType.F16), gguf.GGMLQuantizationType.F16
 
 
-#: How ``s(k)`` is expressed, as for slices (DESIGN.md §2).
+#: How ``s(k)`` is expressed, as for slices (docs/design.md §2).
 
 
 def format_name(name: str, adapter: NestedAdapter, k: int) -> str:

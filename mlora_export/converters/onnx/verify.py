@@ -1,6 +1,6 @@
 """Check an exported model in ONNX Runtime against PyTorch, rank by rank.
 
-The reference at rank ``k`` is DESIGN.md §1 applied to the float32 base model:
+The reference at rank ``k`` is docs/design.md §1 applied to the float32 base model:
 ``W + s(k)·B[:, :k]·A[:k, :]`` written into the weights (then restored), independent of the
 wrappers that were exported. ``k = 0`` is the base model itself.
 """
