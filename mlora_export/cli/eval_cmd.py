@@ -8,22 +8,8 @@ import click
 
 from ..evaluation.options import EvalOptions
 from ._errors import handle_errors
-from ._options import (
-    BarProgress,
-    BaseModelArg,
-    DataArgs,
-    base_model_options,
-    collect,
-    data_options,
-    echo_json,
-    echo_table,
-    field_options,
-    force_option,
-    json_option,
-    output_option,
-    ranks_option,
-    threads_option,
-)
+from ._options import BarProgress, BaseModelArg, DataArgs, base_model_options, collect, data_options, echo_json
+from ._options import echo_table, field_options, force_option, json_option, output_option, ranks_option, threads_option
 
 
 def _fmt(x: float | None) -> str:

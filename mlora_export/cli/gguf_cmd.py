@@ -6,20 +6,8 @@ import click
 
 from ..converters.gguf import GgufOptions
 from ._errors import handle_errors
-from ._options import (
-    BarProgress,
-    BaseModelArg,
-    adapter_argument,
-    base_model_option,
-    collect,
-    echo_json,
-    echo_table,
-    field_options,
-    force_option,
-    json_option,
-    output_option,
-    ranks_option,
-)
+from ._options import BarProgress, BaseModelArg, adapter_argument, base_model_option, collect, echo_json
+from ._options import echo_table, field_options, force_option, json_option, output_option, ranks_option
 
 
 @click.command("gguf")

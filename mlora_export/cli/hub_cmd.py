@@ -23,23 +23,8 @@ from ..params import fields_of
 from ..units import human_bytes
 from ..validate import ascii_int
 from ._errors import handle_errors
-from ._options import (
-    BarProgress,
-    BaseModelArg,
-    adapter_argument,
-    base_model_option,
-    collect,
-    echo_json,
-    echo_table,
-    field_help,
-    field_option,
-    field_options,
-    force_option,
-    json_option,
-    output_option,
-    ranks_option,
-    revision_option,
-)
+from ._options import BarProgress, BaseModelArg, adapter_argument, base_model_option, collect, echo_json, echo_table
+from ._options import field_help, field_option, field_options, force_option, json_option, output_option, ranks_option, revision_option
 
 F = TypeVar("F", bound=Callable[..., Any])
 logger = logging.getLogger("mlora_export.cli")

@@ -6,19 +6,8 @@ import click
 
 from ..converters.onnx.common import OnnxExportOptions
 from ._errors import handle_errors
-from ._options import (
-    BarProgress,
-    BaseModelArg,
-    adapter_argument,
-    base_model_options,
-    collect,
-    echo_json,
-    echo_table,
-    field_options,
-    force_option,
-    json_option,
-    output_option,
-)
+from ._options import BarProgress, BaseModelArg, adapter_argument, base_model_options, collect
+from ._options import echo_json, echo_table, field_options, force_option, json_option, output_option
 
 
 def _collapse_kv(names: list[str]) -> list[str]:

@@ -5,16 +5,8 @@ from __future__ import annotations
 import click
 
 from ._errors import handle_errors
-from ._options import (
-    BarProgress,
-    adapter_argument,
-    echo_json,
-    echo_table,
-    force_option,
-    json_option,
-    ranks_option,
-    scale_mode_option,
-)
+from ._options import BarProgress, adapter_argument, echo_json, echo_table
+from ._options import force_option, json_option, ranks_option, scale_mode_option
 
 
 @click.command("slice")

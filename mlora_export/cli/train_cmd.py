@@ -12,25 +12,8 @@ from ..errors import ConfigError
 from ..method import SCALINGS, TRAIN_METHODS
 from ..training.pipeline import REPORTERS, TrainSettings
 from ._errors import handle_errors
-from ._options import (
-    FLOAT,
-    INT,
-    BarProgress,
-    BaseModelArg,
-    DataArgs,
-    ModuleList,
-    base_model_options,
-    collect_into,
-    data_options,
-    NumberList,
-    RankList,
-    echo_json,
-    force_option,
-    json_option,
-    quiet_transformers_bars,
-    stdout_to_stderr,
-    threads_option,
-)
+from ._options import FLOAT, INT, BarProgress, BaseModelArg, DataArgs, ModuleList, base_model_options, collect_into
+from ._options import data_options, NumberList, RankList, echo_json, force_option, json_option, quiet_transformers_bars, stdout_to_stderr, threads_option
 
 #: The defaults of every option come from the library's settings.
 _DEFAULTS = TrainSettings()

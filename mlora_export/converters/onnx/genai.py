@@ -220,16 +220,8 @@ def _active(adapter_file: Path) -> tuple[Any, Any]:
     return ro, lora
 
 
-def export_genai(
-    adapter: str | os.PathLike[str] | NestedAdapter,
-    base_model: str | os.PathLike[str],
-    output: str | os.PathLike[str],
-    options: OnnxExportOptions | None = None,
-    *,
-    force: bool = False,
-    progress: Progress | None = None,
-    **legacy: Any,
-) -> GenaiExportResult:
+def export_genai(adapter: str | os.PathLike[str] | NestedAdapter, base_model: str | os.PathLike[str], output: str | os.PathLike[str],
+                 options: OnnxExportOptions | None = None, *, force: bool = False, progress: Progress | None = None, **legacy: Any) -> GenaiExportResult:
     """Export ``adapter`` on the decoder ``base_model`` to a GenAI model folder ``output`` (module docstring).
 
     ``options`` (:class:`~.common.OnnxExportOptions`, ``genai`` implied): ``adapters_per_rank``
