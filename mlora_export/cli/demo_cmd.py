@@ -1,4 +1,4 @@
-"""``mlora-export demo``: the whole pipeline on a built-in tiny model and task."""
+"""``mlora-export demo``: the whole pipeline on a built-in pre-trained model and task."""
 
 from __future__ import annotations
 
@@ -37,15 +37,17 @@ class _StageBars:
 @click.command("demo")
 @click.argument("output", type=click.Path(path_type=str))
 @click.option("--quick", is_flag=True, help="A few training steps only (seconds, for tests); the numbers are not meaningful.")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the model, the adapter and the data order.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the adapters' initialisation and the data order (the base is the shipped pre-trained one).")
 @force_option
 @json_option
 @handle_errors
 def demo(output: str, quick: bool, seed: int, force: bool, as_json: bool) -> None:
-    """Build a tiny model, train a nested adapter for about a minute, slice it, and show the loss per rank.
+    """Fine-tune a small pre-trained model with a nested adapter, evaluate every rank, and run every converter.
 
-    Everything is written under OUTPUT: base/ (the tiny model), nested/ (the nested adapter),
-    slices/ (PEFT adapters), and whatever later stages add.
+    The base (0.56 M parameters) ships with the package, pre-trained on a letter-string language
+    whose rare operation it half knows; the adapter learns that operation. Everything is written
+    under OUTPUT: base/ (a copy of the base), nested/ (the nested adapter), slices/ (PEFT adapters),
+    and whatever later stages add. Under a minute on 2 CPU cores.
 
     \b
     Example:

@@ -38,7 +38,7 @@ class DemoContext:
 
     @property
     def base_dir(self) -> Path:
-        """The tiny base model (a transformers model folder, safetensors) with its tokenizer."""
+        """The base model (a transformers model folder, safetensors) with its tokenizer: a copy of the package's pre-trained one."""
         return self.root / "base"
 
     @property

@@ -5,6 +5,8 @@ The converters know nothing of the demo; these stages call them and say what the
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..converters.hub.bundle import ONNX_DIR, write_bundle
 from ..converters.merge import merge_adapter
 from ..converters.onnx.export import MODEL_NAME, export_onnx
@@ -111,7 +113,8 @@ def stage_genai(ctx: DemoContext) -> StageReport:
     out = ctx.root / "genai"
     res = export_onnx(ctx.nested_dir, ctx.base_dir, out, genai=True, progress=progress)
     tok = AutoTokenizer.from_pretrained(ctx.base_dir)
-    prompt = tok("sort dcab =")["input_ids"]
+    text = _first_prompt(ctx.eval_path)
+    prompt = tok(text)["input_ids"]
     model = og.Model(str(out))
     rows = []
     for k in ctx.slice_ranks:
@@ -135,7 +138,7 @@ def stage_genai(ctx: DemoContext) -> StageReport:
     return StageReport(
         lines=[f"ONNX Runtime GenAI decoder (KV cache, lora_rank per request) -> {ctx.output / 'genai'}; greedy tokens "
                + ("equal transformers + the PEFT slice at every rank" if same else "DIFFER from transformers + the PEFT slice")],
-        headers=["lora_rank", "GenAI greedy completion of 'sort dcab ='", "same as PEFT"],
+        headers=["lora_rank", f"GenAI greedy completion of {text!r}", "same as PEFT"],
         rows=rows,
         data={**res.to_dict(), "path": "genai", "same_as_peft": same},
     )
@@ -165,6 +168,14 @@ def stage_bundle(ctx: DemoContext) -> StageReport:
         rows=[[r.rank, r.path + "/", f"{r.params:,}", r.bytes] for r in b.ranks],
         data={"path": "bundle", "ranks": [r.__dict__ for r in b.ranks], "files": len(b.files) + 1, "bytes": b.total_bytes},
     )
+
+
+def _first_prompt(path: Path) -> str:
+    """The prompt of the first record of a JSONL file (the demo's held-out split)."""
+    import json
+
+    with open(path, encoding="utf-8") as f:
+        return str(json.loads(f.readline())["prompt"])
 
 
 def _until_eos(tokens: list[int], eos: int | None) -> list[int]:

@@ -1,9 +1,10 @@
 """``mlora-export demo``: the whole pipeline on a built-in default, as a list of stages.
 
-The demo builds a tiny Llama-style causal LM from a config (no download), trains a nested adapter
-with the default method (``nested-loss``) on a small task shipped with the package
-(:mod:`mlora_export.demo.builtin`), trains one plain LoRA at the same rank and re-nests it by SVD, slices the
-nested adapter into PEFT adapters and prints the held-out loss and exact match at every rank of both.
+The demo takes the small pre-trained Llama-style causal LM shipped with the package (no download),
+fine-tunes a nested adapter with the default method (``nested-loss``) on a task the base half knows
+(:mod:`mlora_export.demo.builtin`: both from the reproduction's ``skill`` regime), trains one plain
+LoRA at the max rank and re-nests it by SVD, slices the nested adapter into PEFT adapters and prints
+the held-out loss and exact match at every rank of both.
 
 It is a list of :class:`Stage` objects run in order on one shared :class:`DemoContext`. To add a
 stage (merge, ONNX, bundle…), write a function ``my_stage(ctx: DemoContext) -> StageReport`` (in
@@ -35,7 +36,7 @@ from .stages import stage_base, stage_evaluate, stage_renest, stage_slice, stage
 logger = logging.getLogger(__name__)
 
 STAGES: list[Stage] = [
-    Stage("base", "build a tiny base model", stage_base),
+    Stage("base", "the pre-trained base model", stage_base),
     Stage("train", "train a nested adapter", stage_train),
     Stage("renest", "train one plain LoRA and re-nest it by SVD", stage_renest),
     Stage("slice", "slice it into PEFT adapters", stage_slice),
@@ -70,7 +71,7 @@ def run_demo(
     check_output_path(output, force)
     chosen = list(STAGES if stages is None else stages)
     reports: list[tuple[Stage, StageReport]] = []
-    # The demo's matrices are tiny (64 wide): more threads cannot speed them up.
+    # The demo's matrices are tiny (128 wide): more threads cannot speed them up.
     with torch_threads(1), atomic_output_dir(output, force) as tmp:
         ctx = DemoContext(output=Path(output), root=tmp, quick=quick, seed=seed, progress=progress)
         for stage in chosen:
