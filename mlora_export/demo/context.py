@@ -46,6 +46,8 @@ class DemoModel:
     eval_batch_size: int = 64
     #: held-out examples scored with ``quick`` (all of them otherwise)
     quick_eval_examples: int = 64
+    #: torch threads while the demo runs (``None``: torch's own default, every core)
+    threads: int | None = 1
 
     def prepare_base(self, ctx: "DemoContext") -> "StageReport":
         return _resolve(self.prepare, f"demo model {self.name!r}")(ctx)
@@ -60,12 +62,12 @@ class DemoModel:
 
 #: The demo's base models by name (``mlora-export demo --model``).
 DEMO_MODELS: dict[str, DemoModel] = {
-    "builtin": DemoModel(
+    "builtin": DemoModel(  # its matrices are 128 wide: more threads than one cannot speed them up
         "builtin", "the pre-trained 0.56 M-parameter model shipped with the package, on a task it half knows",
         "mlora_export.demo.stages:prepare_builtin_base", "mlora_export.demo.stages:demo_train_settings",
     ),
     "smollm2": DemoModel(
-        "smollm2", "SmolLM2-135M-Instruct (mlora_export.base.packaged), on ISO 3166-1 country codes through its chat template",
+        "smollm2", "SmolLM2-135M-Instruct (mlora_export.base.packaged), on the capitals of countries through its chat template",
         "mlora_export.demo.real_model:prepare_smollm2", "mlora_export.demo.real_model:smollm2_train_settings",
         skip=(
             ("onnx", "the ONNX export of a 135 M-parameter model takes minutes and its verifier is being reworked for deep "
@@ -74,6 +76,7 @@ DEMO_MODELS: dict[str, DemoModel] = {
         ),
         eval_batch_size=32,
         quick_eval_examples=8,
+        threads=None,
     ),
 }
 

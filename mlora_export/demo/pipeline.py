@@ -21,6 +21,7 @@ finishes; the finished folder appears at once), reads what earlier stages left i
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -76,8 +77,8 @@ def run_demo(
     check_output_path(output, force)
     chosen = list(STAGES if stages is None else stages)
     reports: list[tuple[Stage, StageReport]] = []
-    # The demo's matrices are tiny (128 wide): more threads cannot speed them up.
-    with torch_threads(1), atomic_output_dir(output, force) as tmp:
+    threads = torch_threads(spec.threads) if spec.threads is not None else contextlib.nullcontext()
+    with threads, atomic_output_dir(output, force) as tmp:
         ctx = DemoContext(output=Path(output), root=tmp, quick=quick, seed=seed, progress=progress, model=spec)
         for stage in chosen:
             logger.info("demo stage %s: %s", stage.name, stage.title)

