@@ -266,6 +266,60 @@ def test_demo_verdict_is_computed_from_the_table() -> None:
     assert len(lines) == 2  # no re-nested numbers, no line about them
 
 
+def test_demo_model_choice_and_an_unknown_model(tmp_path: Path) -> None:
+    """``--model`` offers every demo model; an unknown one is refused (exit 2 from the CLI, ConfigError from
+    the library) before anything is written."""
+    from mlora_export.demo import DEMO_MODELS, run_demo
+    from mlora_export.errors import ConfigError
+
+    res = _run(["demo", "--help"])
+    assert all(name in res.stdout for name in DEMO_MODELS)
+    out = tmp_path / "d"
+    res = _run(["demo", str(out), "--model", "nope"])
+    assert res.exit_code == 2 and "nope" in res.stderr
+    with pytest.raises(ConfigError, match="unknown demo model 'nope'") as e:
+        run_demo(out, model="nope")
+    assert e.value.option == "model"
+    _nothing_written(tmp_path, out)
+
+
+def test_demo_base_stage_and_a_stage_a_model_skips(tmp_path: Path) -> None:
+    """The builtin base stage copies the package's pre-trained base and says what it knows; a stage the demo
+    model skips is reported in its place with the reason, and does nothing."""
+    import dataclasses
+
+    from mlora_export.demo import DEMO_MODELS, STAGES, pretrained_base_dir, run_demo
+
+    model = dataclasses.replace(DEMO_MODELS["builtin"], name="no-train", skip=(("train", "not on this model"),))
+    stages = [s for s in STAGES if s.name in ("base", "train")]
+    result = run_demo(tmp_path / "d", model=model, stages=stages)
+    (_, base), (_, train) = result.reports
+    assert "558,720 parameters" in base.lines[0] and "rare ~" in base.lines[1] and base.data["base_exact_match"]["rare ~"] > 0.3
+    assert (tmp_path / "d" / "base" / "model.safetensors").read_bytes() == (pretrained_base_dir() / "model.safetensors").read_bytes()
+    assert train.lines == ["skipped on no-train: not on this model"] and train.data == {"skipped": True, "reason": "not on this model"}
+    assert not (tmp_path / "d" / "nested").exists()
+
+
+def test_chat_rendered_task(tmp_path: Path) -> None:
+    """``render_chat_split`` renders each prompt as one user message through the tokenizer's chat template,
+    with the generation prompt, and keeps the completion as it is."""
+    from mlora_export.demo import builtin_dataset_path
+    from mlora_export.demo.real_model import CAPITAL_TASK, render_chat_split
+    from mlora_export.demo.tiny import build_byte_tokenizer
+
+    tok = build_byte_tokenizer()
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    src = builtin_dataset_path("eval", CAPITAL_TASK)
+    n = render_chat_split(src, tok, tmp_path / "eval.jsonl")
+    got = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text(encoding="utf-8").splitlines()]
+    want = [json.loads(line) for line in src.read_text(encoding="utf-8").splitlines()]
+    assert n == len(got) == len(want) == 66
+    assert all(g == {"prompt": f"<|user|>{w['prompt']}\n<|assistant|>", "completion": w["completion"]} for g, w in zip(got, want))
+    train = {json.loads(line)["prompt"] for line in builtin_dataset_path("train", CAPITAL_TASK).read_text(encoding="utf-8").splitlines()}
+    assert len(train) == 180 and not train & {w["prompt"] for w in want}  # held-out countries are never trained on
+
+
 def test_trivial_train_errors_come_before_torch_is_imported(base: Path, tmp_path: Path) -> None:
     """A missing or malformed data file is reported without importing torch (seconds saved; was 4 s idle, 14 s loaded)."""
     import subprocess
