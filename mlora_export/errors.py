@@ -80,6 +80,16 @@ class HubError(MloraError, RuntimeError):
     """A Hub operation failed on the remote side (network, permissions, missing repo)."""
 
 
+class HubInputError(HubError):
+    """A Hub id, revision or token that cannot be used: the repo or revision does not exist, the
+    token may not read it (401, 403, gated), or it is not cached while ``HF_HUB_OFFLINE`` is set.
+    Bad input, not a failure of the Hub (the CLI exits 2). ``repo_id`` names the repo."""
+
+    def __init__(self, message: str, *, repo_id: str | None = None, **fields: Any) -> None:
+        super().__init__(message, **fields)
+        self.repo_id = repo_id
+
+
 class IntegrityError(MloraError, ValueError):
     """A downloaded or stored file does not match its recorded checksum."""
 

@@ -33,9 +33,10 @@ def _write(path: Path, lines: list[str]) -> Path:
 
 
 def test_load_jsonl_both_formats_skips_blank_lines(tmp_path: Path) -> None:
-    p = _write(tmp_path / "d.jsonl", [json.dumps({"text": "abc"}), "", json.dumps({"prompt": "1+1=", "completion": "2", "id": 5})])
-    exs = load_jsonl(p)
-    assert exs == [Example(text="abc", line=1), Example(prompt="1+1=", completion="2", line=3)]
+    p = _write(tmp_path / "d.jsonl", [json.dumps({"text": "abc"}), "", json.dumps({"text": "de", "id": 5})])
+    assert load_jsonl(p) == [Example(text="abc", line=1), Example(text="de", line=3)]
+    q = _write(tmp_path / "e.jsonl", ["", json.dumps({"prompt": "1+1=", "completion": "2", "id": 5})])
+    assert load_jsonl(q) == [Example(prompt="1+1=", completion="2", line=2)]
 
 
 @pytest.mark.parametrize(
@@ -48,7 +49,8 @@ def test_load_jsonl_both_formats_skips_blank_lines(tmp_path: Path) -> None:
         ('{"prompt": "x", "completion": 3}', "line 2: 'completion' must be a string"),
         ('{"prompt": "x", "completion": ""}', "line 2: 'completion' is empty"),
         ('{"text": 1}', "line 2: 'text' must be a string"),
-        ('{"input": "x", "output": "y"}', "line 2: expected a \"text\" key or \"prompt\" and \"completion\" keys, found keys 'input', 'output'"),
+        ('{"input": "x", "output": "y"}', "line 2: expected a \"text\" key, \"prompt\" and \"completion\" keys (strings, or lists of messages), "
+                                         "or a \"messages\" list of {\"role\", \"content\"} objects, found keys 'input', 'output'"),
     ],
 )
 def test_bad_lines_name_file_and_line(tmp_path: Path, line: str, fragment: str) -> None:

@@ -290,11 +290,10 @@ def _train(cfg: Settings, base: Path, items: list[Any], collate: Any, method: st
 def _training_data(output: Path, regime: str) -> tuple[Any, list[Any], Any]:
     """``(tokenizer, tokenised training records, collator)`` of a regime, as every run of it trains."""
     from mlora_export.base import load_tokenizer
-    from mlora_export.data import CompletionCollator, Example, tokenize_examples
+    from mlora_export.data import CompletionCollator, read_records, tokenize_records
 
     tok = load_tokenizer(output / "base")
-    train = [json.loads(line) for line in (output / regime / "train.jsonl").read_text(encoding="utf-8").splitlines()]
-    items = tokenize_examples([Example(prompt=x["prompt"], completion=x["completion"]) for x in train], tok, 64)
+    items = tokenize_records(read_records(output / regime / "train.jsonl"), tok, 64)  # the reader and tokeniser of `train`
     return tok, items, CompletionCollator(tok.pad_token_id)
 
 

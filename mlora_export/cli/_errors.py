@@ -30,6 +30,7 @@ import click
 from ..errors import (
     ExportError,
     HubError,
+    HubInputError,
     MloraError,
     OutputExistsError,
     RemoteIntegrityError,
@@ -42,6 +43,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
     (RemoteIntegrityError, 1),  # a corrupt or changed remote copy: not the user's input
     (ExportError, 1),
+    (HubInputError, 2),  # a Hub id, revision or token that cannot be used: bad input
     (HubError, 1),
     (MloraError, 2),
     (RecursionError, 2),
@@ -79,6 +81,10 @@ FLAG_HINTS: dict[str, str] = {
     "measure_latency": "see --measure-latency and --with-onnx",
     "onnx_base": "see --with-onnx",
     "rank_weights": "see --rank-weights",
+    "chat_template": "pass --chat-template FILE",
+    "data_split": "see --data-split",
+    "data_config": "see --data-config",
+    "data_columns": "see --data-columns",
 }
 
 #: Signals handled like Ctrl-C while a command runs.

@@ -70,6 +70,36 @@ class ModuleList(click.ParamType):
         return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
+def base_model_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """``--base-model`` (a local folder or a Hub model id) and ``--revision`` (the Hub id's branch, tag or commit), required."""
+    func = click.option("--revision", default=None, help="Branch, tag or commit of a Hub --base-model.  [default: main]")(func)
+    return click.option("--base-model", required=True, type=click.Path(path_type=str),
+                        help="Local transformers model folder (config.json, *.safetensors, tokenizer), or a Hub model id "
+                             "(org/name: config, tokenizer and safetensors files are downloaded into the Hugging Face cache).")(func)
+
+
+def data_options(split_default: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--data`` (a local file or a Hub dataset id) with ``--data-split``, ``--data-config``,
+    ``--data-columns``, and the chat-data options ``--chat-template``."""
+
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        func = click.option("--chat-template", "chat_template", type=click.Path(path_type=str), default=None,
+                            help="Jinja file with the chat template that renders conversations, instead of (or for a tokenizer "
+                                 "without) the tokenizer's own.")(func)
+        func = click.option("--data-columns", default=None,
+                            help="Rename data fields to record keys, e.g. question=prompt,answer=completion or "
+                                 "conversation=messages (only the mapped fields are kept).")(func)
+        func = click.option("--data-config", default=None, help="Config (subset) name of a Hub dataset.")(func)
+        func = click.option("--data-split", default=None, help=f"Split of a Hub dataset.  [default: {split_default}]")(func)
+        return click.option(
+            "--data", "data", required=True, type=click.Path(path_type=str),
+            help="A .jsonl, .json or .parquet file, or a Hub dataset id (org/name); one record kind per source: "
+                 '{"text"}, {"prompt", "completion"} strings, {"messages": [{"role", "content"}, ...]}, or '
+                 '{"prompt": [messages], "completion": [messages]}.')(func)
+
+    return decorate
+
+
 def adapter_argument(func: Callable[..., Any]) -> Callable[..., Any]:
     """The ``ADAPTER`` argument of the commands that read one nested adapter."""
     return click.argument("adapter", type=click.Path(path_type=str))(func)

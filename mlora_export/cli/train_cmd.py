@@ -1,4 +1,4 @@
-"""``mlora-export train``: train a nested adapter from a local model folder and a JSONL file."""
+"""``mlora-export train``: train a nested adapter from a base model (folder or Hub id) and a data file or Hub dataset."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from ._errors import handle_errors
 from ._options import (
     BarProgress,
     ModuleList,
+    base_model_options,
+    data_options,
     NumberList,
     RankList,
     echo_json,
@@ -27,9 +29,10 @@ _DEFAULTS = TrainSettings()
 
 
 @click.command("train")
-@click.option("--base-model", required=True, type=click.Path(path_type=str), help="Local transformers model folder (config.json, *.safetensors, tokenizer).")
-@click.option("--data", "data", required=True, type=click.Path(path_type=str),
-              help='JSONL file: {"text": ...} or {"prompt": ..., "completion": ...} per line (loss on the completion only).')
+@base_model_options
+@data_options("train")
+@click.option("--train-on-prompt", is_flag=True,
+              help="Learn every token; by default only the completion, or every assistant turn of a conversation (end-of-turn included).")
 @click.option("--ranks", required=True, type=RankList(allow_all=False), help="Train ranks T, comma-separated (e.g. 1,2,4,8,16,32).")
 @click.option("--max-rank", type=int, default=None, help="Adapter rank r; must be one of --ranks.  [default: max of --ranks]")
 @click.option("--output", "-o", required=True, type=click.Path(path_type=str), help="Folder to create for the nested adapter.")
@@ -55,31 +58,42 @@ _DEFAULTS = TrainSettings()
 @json_option
 @handle_errors
 def train(
-    base_model: str, data: str, ranks: tuple[int, ...], max_rank: int | None, output: str, method: str, scaling: str,
+    base_model: str, revision: str | None, data: str, data_split: str | None, data_config: str | None, data_columns: str | None,
+    chat_template: str | None, train_on_prompt: bool, ranks: tuple[int, ...], max_rank: int | None, output: str, method: str, scaling: str,
     rank_weights: tuple[float, ...] | None, alpha: float, target_modules: str | tuple[str, ...], epochs: float, max_steps: int | None, lr: float, batch_size: int, grad_accum: int,
     seed: int, max_length: int, dtype: str, threads: int | None, force: bool, as_json: bool,
 ) -> None:
-    """Train a nested adapter (nested-loss by default) on a local model and write it to --output.
+    """Train a nested adapter (nested-loss by default) on a base model and write it to --output.
+
+    The data's kind is read from its records: plain text, prompt/completion, or conversations
+    (TRL's "messages" and conversational prompt/completion), rendered with the tokenizer's chat
+    template with the loss on every assistant turn. Models and datasets may be Hub ids.
 
     Runs unchanged under several processes: DDP (`torchrun --nproc_per_node 2 -m mlora_export train ...`),
     and FSDP or DeepSpeed ZeRO-2/3 (`accelerate launch --config_file cfg.yaml -m mlora_export train ...`);
     the adapter is saved whole (see docs/distributed.md).
 
     \b
-    Example:
+    Examples:
       mlora-export train --base-model ./my-model --data train.jsonl \\
           --ranks 1,2,4,8,16,32 --output ./nested --max-steps 500
+      mlora-export train --base-model HuggingFaceTB/SmolLM2-135M-Instruct \\
+          --data HuggingFaceH4/no_robots --data-columns messages=messages \\
+          --ranks 1,2,4,8,16 --output ./nested --max-length 1024
     """
+    from ..data import DataSource, parse_columns, read_chat_template
     from ..training.pipeline import train as run_train
 
+    source = DataSource(data, split=data_split, config=data_config, columns=parse_columns(data_columns))
+    template = read_chat_template(chat_template) if chat_template is not None else None
     settings = TrainSettings(
         method=method, rank_weights=rank_weights, train_ranks=tuple(ranks), max_rank=max_rank, scaling=scaling, alpha=alpha,
         target_modules=target_modules,
         epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum, seed=seed,
-        max_length=max_length, dtype=dtype,
+        max_length=max_length, dtype=dtype, train_on_prompt=train_on_prompt, chat_template=template,
     )
     with stdout_to_stderr(), maybe_torch_threads(threads), quiet_transformers_bars(), BarProgress("training", unit="step") as bar:
-        result = run_train(base_model, data, output, settings, force=force, progress=bar)
+        result = run_train(base_model, source, output, settings, force=force, progress=bar, revision=revision)
     if not result.is_main_process:
         return
     if as_json:

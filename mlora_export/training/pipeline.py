@@ -23,16 +23,19 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..adapter import MatryoshkaConfig
-from ..base import DTYPES, check_base_model_dir, load_base_model, load_tokenizer
+from ..base import DTYPES, check_base_model_dir, load_base_model, load_tokenizer, resolve_base_model
 from ..errors import ConfigError, ExportError
 from ..fs import check_output_path
 from ..method import check_method
 from ..progress import Progress
 from ..validate import is_finite_real, is_int
 from .distributed import cpu_training_args, engine_of
+
+if TYPE_CHECKING:
+    from ..data import DataSource
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +73,11 @@ class TrainSettings:
     gradient_checkpointing: bool = False
     logging_steps: int = 10
     extra_training_args: dict[str, Any] = field(default_factory=dict)
+    #: Learn every token (prompt, system and user turns too), not only the completion or the assistant turns.
+    train_on_prompt: bool = False
+    #: Jinja text of a chat template that renders conversations instead of the tokenizer's own
+    #: (:func:`mlora_export.data.read_chat_template` reads one from a file).
+    chat_template: str | None = None
 
     def nested_config(self, base_model: str | None = None) -> MatryoshkaConfig:
         """The adapter's :class:`MatryoshkaConfig` (validates method, scaling, alpha and ranks).
@@ -290,15 +298,23 @@ def _save_on_main(nested: Any, output: str | os.PathLike[str], *, force: bool, m
 
 def train(
     base_model: str | os.PathLike[str],
-    data_path: str | os.PathLike[str],
+    data_path: "str | os.PathLike[str] | DataSource",
     output: str | os.PathLike[str],
     settings: TrainSettings | None = None,
     *,
     force: bool = False,
     progress: Progress | None = None,
     base_model_id: str | None = None,
+    revision: str | None = None,
 ) -> TrainResult:
-    """Train a nested adapter on ``base_model`` with the JSONL file ``data_path``; write it to ``output``.
+    """Train a nested adapter on ``base_model`` with the data ``data_path``; write it to ``output``.
+
+    ``base_model`` is a local folder or a Hub model id (``revision``: its branch, tag or commit),
+    resolved by :func:`~mlora_export.base.hub.resolve_base_model`; ``data_path`` is a local
+    ``.jsonl``/``.json``/``.parquet`` file, a Hub dataset id or a :class:`~mlora_export.data.DataSource`
+    (split ``train`` unless it names one), read by :func:`~mlora_export.data.read_records` and
+    tokenised by :func:`~mlora_export.data.tokenize_records` (conversations with the chat template,
+    loss on the assistant turns unless ``settings.train_on_prompt``).
 
     Everything is validated before the model is loaded. Works in one process and under
     ``torchrun``/``accelerate launch`` (DDP, FSDP, DeepSpeed ZeRO-2/3) alike; only the main process
@@ -310,20 +326,25 @@ def train(
         ConfigError, RankError: invalid settings.
         OutputExistsError: ``output`` exists and ``force`` is false.
         BaseModelError: the base folder is missing, pickle-only or unloadable.
-        DataError: the data file is missing or malformed (the message names the line).
+        DataError: the data is missing or malformed (the message names the line), or conversations
+            have no chat template.
+        HubInputError, HubError: a Hub model or dataset that cannot be read.
     """
-    from ..data import load_jsonl, tokenize_examples
+    from ..data import as_source, read_records, tokenize_records
 
     # every check that needs no torch first: a bad argument or file is reported in a blink
     settings = settings or TrainSettings()
     settings.validate()
-    check_output_path(output, force, inputs=(base_model, data_path))  # --force may never replace an input
-    examples = load_jsonl(data_path)
-    base = check_base_model_dir(base_model)  # its model_type check imports transformers (about a second)
+    source = as_source(data_path)
+    locals_ = [p for p in (os.fspath(base_model), source.location) if Path(p).exists()]
+    check_output_path(output, force, inputs=locals_)  # --force may never replace an input
+    records = read_records(source, default_split="train")
+    base = check_base_model_dir(resolve_base_model(base_model, revision=revision))  # its model_type check imports transformers
 
     tokenizer = load_tokenizer(base)
-    features = tokenize_examples(examples, tokenizer, settings.max_length, source=str(data_path))
-    cfg = settings.nested_config(base_model=base_model_id or str(base_model))
+    features = tokenize_records(records, tokenizer, settings.max_length, train_on_prompt=settings.train_on_prompt,
+                                chat_template=settings.chat_template)
+    cfg = settings.nested_config(base_model=base_model_id or os.fspath(base_model))
     nested, targets = _nested_model(base, settings, cfg)
     trainable = sum(p.numel() for p in nested.model.parameters() if p.requires_grad)
 
@@ -340,7 +361,7 @@ def train(
         main = trainer.is_world_process_zero()
         nested.model.eval()
         engine = engine_of(nested.model)
-        record = _training_record(settings, data_path, trainer.state.global_step, world, targets)
+        record = _training_record(settings, records, trainer.state.global_step, world, targets)
         _save_on_main(nested, output, force=force, main=main, world=world, extra={"training": record})
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -409,11 +430,12 @@ def _make_trainer(nested: Any, settings: TrainSettings, scratch: Path, features:
     return trainer
 
 
-def _training_record(settings: TrainSettings, data_path: str | os.PathLike[str], steps: int, world: int, targets: str | list[str]) -> dict[str, Any]:
-    """The ``training`` section the adapter records: the data file's name, steps, learning rate,
-    seed, global batch size and target modules."""
+def _training_record(settings: TrainSettings, records: Any, steps: int, world: int, targets: str | list[str]) -> dict[str, Any]:
+    """The ``training`` section the adapter records: the data's name (file name, or Hub id with
+    split) and record kind, steps, learning rate, seed, global batch size and target modules."""
     return {
-        "data": Path(data_path).name,
+        "data": records.name,
+        "data_kind": records.kind,
         "steps": steps,
         "lr": settings.lr,
         "seed": settings.seed,
