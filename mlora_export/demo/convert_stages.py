@@ -31,7 +31,8 @@ def stage_merge(ctx: DemoContext) -> StageReport:
         ctx.report_progress("merging", done, total)
 
     res = merge_adapter(ctx.nested_dir, ctx.base_dir, k, out, progress=progress)
-    diff = same = None
+    diff: float | None = None
+    same: float | None = None
     slice_dir = ctx.slices_dir / f"r{k}"
     if slice_dir.is_dir():
         from peft import PeftModel
@@ -45,7 +46,7 @@ def stage_merge(ctx: DemoContext) -> StageReport:
         diff = float((a - b).abs().max())
         same = float((a.argmax(-1) == b.argmax(-1)).float().mean())
     stored = res.dtype or _config_dtype(ctx.base_dir)
-    if diff is None:
+    if diff is None or same is None:
         check = ""
     elif stored in (None, "float32"):
         check = f"; from_pretrained on it matches the base + PEFT r{k} slice (max |Δlogit| {diff:.1e})"
