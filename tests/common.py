@@ -156,7 +156,7 @@ def poison_weights(path: Path, values: dict[str, float]) -> None:
     safetensors file ``path``, keeping the file's tensor order."""
     from safetensors.torch import load_file
 
-    from mlora_export.safetensors_io import dtype_name, read_header, write_safetensors
+    from mlora_export.io.safetensors import dtype_name, read_header, write_safetensors
 
     order = list(read_header(path).tensors)
     tensors = {k: t.clone() for k, t in load_file(str(path)).items()}  # not views of the file being rewritten
@@ -191,6 +191,9 @@ def launch_env() -> dict[str, str]:
     import os
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "MLORA_DEBUG": "1"}
+    # the launched processes import this checkout's package, as the test process does (not another install)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join([root, *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])])
     for key in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     return env

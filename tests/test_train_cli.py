@@ -77,7 +77,7 @@ def test_train_cli_writes_a_nested_adapter(base: Path, data: Path, tmp_path: Pat
 
     real = finetune.train
 
-    def spy(*a, **k):  # noqa: ANN002, ANN003
+    def spy(*a, **k):
         seen.append(torch.get_num_threads())
         return real(*a, **k)
 

@@ -5,6 +5,7 @@
 - :mod:`.callbacks`: ``transformers.Trainer`` callbacks (imported on first use: they import
   transformers);
 - :mod:`.pipeline`: the ``train()`` pipeline behind ``mlora-export train`` (:class:`TrainSettings`);
+- :mod:`.heldout`: :func:`heldout_loss`, the held-out loss logged per rank while training;
 - :mod:`.packing`: where packed sequences begin, so that each gets its own rank;
 - :mod:`.trainer` and :mod:`.checkpoint`: the pipeline's ``Trainer`` (the loss on supervised
   tokens only) and its checkpoints without pickles.
@@ -15,7 +16,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .model import NestedLoraModel, add_nested_adapter, load_nested_adapter
-from .pipeline import TrainResult, TrainSettings, heldout_loss, train
+from .heldout import heldout_loss
+from .pipeline import RunOptions, TrainResult, TrainSettings, train
 
 if TYPE_CHECKING:
     from .callbacks import HeldoutRanksCallback, NestedRankCallback, StepProgressCallback
@@ -31,6 +33,6 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "HeldoutRanksCallback", "NestedLoraModel", "NestedRankCallback", "StepProgressCallback", "TrainResult", "TrainSettings",
+    "HeldoutRanksCallback", "NestedLoraModel", "NestedRankCallback", "RunOptions", "StepProgressCallback", "TrainResult", "TrainSettings",
     "add_nested_adapter", "heldout_loss", "load_nested_adapter", "train",
 ]

@@ -89,7 +89,7 @@ class HeldoutRanksCallback(TrainerCallback):
     given) and after the last one.
 
     Each evaluation switches the model to rank ``k`` (:meth:`NestedLoraModel.set_rank`), computes
-    the mean cross-entropy per supervised token (:func:`~mlora_export.training.pipeline.heldout_loss`),
+    the mean cross-entropy per supervised token (:func:`~mlora_export.training.heldout.heldout_loss`),
     and logs ``eval_loss_r{k}`` through ``log`` (``Trainer.log``: the log history and ``report_to``);
     the next step re-installs the training diagonal. Evaluation runs in eval mode without
     gradients and draws no random number, so it leaves the run (and its resumption) unchanged.
@@ -114,7 +114,7 @@ class HeldoutRanksCallback(TrainerCallback):
 
     def evaluate(self, step: int) -> dict[int, float]:
         """Score every rank now; return ``{rank: loss}``."""
-        from .pipeline import heldout_loss
+        from .heldout import heldout_loss
 
         losses = {}
         for k in self.ranks:

@@ -19,7 +19,7 @@ The diagonal lives in a non-persistent buffer of each ``lora_A`` module owned by
 :class:`NestedLoraModel`; nothing is global, and it never reaches the saved state dict.
 
 Training loops. With ``transformers.Trainer`` pass ``callbacks=[NestedRankCallback(nested)]``
-(or ``nested.callback()``): it calls :meth:`NestedLoraModel.train_diagonal` with the optimiser
+(:mod:`.callbacks`): it calls :meth:`NestedLoraModel.train_diagonal` with the optimiser
 step at the start of each optimisation step. In a plain PyTorch loop call
 ``nested.train_diagonal(step)`` yourself before the forward passes of each optimisation step (once
 per step, not per micro-batch, when accumulating gradients)::
@@ -382,12 +382,6 @@ class NestedLoraModel:
                 peft_extra={"target_modules": sorted(targets) if isinstance(targets, (set, list, tuple)) else targets},
             )
         return Path(path)
-
-    def callback(self) -> Any:
-        """A :class:`~mlora_export.training.callbacks.NestedRankCallback` for ``transformers.Trainer``."""
-        from .callbacks import NestedRankCallback
-
-        return NestedRankCallback(self)
 
     def remove(self) -> None:
         """Take the nested machinery off: hooks and diagonals go, PEFT's scaling becomes ``s(r)`` again.

@@ -30,9 +30,11 @@ from ..base import DTYPES, check_base_model_dir, load_base_model, load_tokenizer
 from ..errors import ConfigError, ExportError
 from ..fs import check_output_path
 from ..method import check_method
+from ..params import merge_legacy
 from ..progress import Progress
 from ..validate import is_finite_real, is_int
 from .distributed import cpu_training_args, engine_of
+from .heldout import heldout_loss as heldout_loss  # its home until 0.2; kept importable from here
 
 if TYPE_CHECKING:
     from ..data import DataSource
@@ -319,29 +321,6 @@ def _has_accelerator() -> bool:
     return bool(torch.cuda.is_available())
 
 
-def heldout_loss(model: Any, features: Sequence[dict[str, list[int]]], pad_token_id: int, *, batch_size: int = 32) -> float:
-    """Mean cross-entropy per supervised token (labels ≠ -100) of ``model`` on tokenised ``features``."""
-    import torch
-
-    from ..data import IGNORE_INDEX, CompletionCollator
-
-    collate = CompletionCollator(pad_token_id)
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        for i in range(0, len(features), batch_size):
-            batch = collate(features[i : i + batch_size])
-            logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-            labels = batch["labels"].to(device)[:, 1:]
-            lg = logits[:, :-1].float()
-            total += float(torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"))
-            count += int((labels != IGNORE_INDEX).sum())
-    model.train(was_training)
-    return total / max(count, 1)
-
-
 def _training_arguments(settings: TrainSettings, folder: Path) -> Any:
     """The ``TrainingArguments`` of a run: the settings, checkpoints and reports as asked (written
     under ``folder``), our own progress."""
@@ -420,23 +399,43 @@ def _save_on_main(nested: Any, output: str | os.PathLike[str], *, force: bool, m
         raise failure
 
 
+@dataclass(frozen=True)
+class RunOptions:
+    """Where one :func:`train` run reads and writes besides its data, settings and output: the
+    base's Hub revision and recorded id, held-out data, the checkpoint to resume from, the folder
+    of checkpoints and logs."""
+
+    revision: str | None = None
+    base_model_id: str | None = None
+    eval_data: "DataSource | str | os.PathLike[str] | None" = None
+    resume: str | os.PathLike[str] | None = None
+    run_dir: str | os.PathLike[str] | None = None
+
+
+@dataclass
+class _Prepared:
+    """A run's inputs, checked and read before the model loads."""
+
+    records: Any
+    eval_records: Any
+    base: Path
+    folder: Path | None
+
+
 def train(
     base_model: str | os.PathLike[str],
     data_path: "str | os.PathLike[str] | DataSource",
     output: str | os.PathLike[str],
     settings: TrainSettings | None = None,
+    run: RunOptions | None = None,
     *,
     force: bool = False,
     progress: Progress | None = None,
-    base_model_id: str | None = None,
-    revision: str | None = None,
-    eval_data: "DataSource | str | os.PathLike[str] | None" = None,
-    resume: str | os.PathLike[str] | None = None,
-    run_dir: str | os.PathLike[str] | None = None,
+    **legacy: Any,
 ) -> TrainResult:
     """Train a nested adapter on ``base_model`` with the data ``data_path``; write it to ``output``.
 
-    ``base_model`` is a local folder or a Hub model id (``revision``: its branch, tag or commit),
+    ``base_model`` is a local folder or a Hub model id (``run.revision``: its branch, tag or commit),
     resolved by :func:`~mlora_export.base.hub.resolve_base_model`; ``data_path`` is a local
     ``.jsonl``/``.json``/``.parquet`` file, a Hub dataset id or a :class:`~mlora_export.data.DataSource`
     (split ``train`` unless it names one), read by :func:`~mlora_export.data.read_records` and
@@ -446,10 +445,9 @@ def train(
     Everything is validated before the model is loaded. Works in one process and under
     ``torchrun``/``accelerate launch`` (DDP, FSDP, DeepSpeed ZeRO-2/3) alike; only the main process
     writes ``output``.
-    ``base_model_id`` is what the adapter records as its base (PEFT's ``base_model_name_or_path``;
-    default ``base_model`` as given), e.g. a Hub id when the local folder is a copy of one.
-
-    ``eval_data``: held-out data, read and tokenised as ``data_path`` is (a Hub dataset's split
+    ``run`` (:class:`RunOptions`): ``base_model_id`` is what the adapter records as its base
+    (PEFT's ``base_model_name_or_path``; default ``base_model`` as given), e.g. a Hub id when the
+    local folder is a copy of one; ``eval_data``: held-out data, read and tokenised as ``data_path`` is (a Hub dataset's split
     ``test`` unless it names one), scored at ``settings.eval_ranks`` every ``settings.eval_steps``
     steps and at the end. ``run_dir`` holds the checkpoints
     (``settings.save_steps``) and TensorBoard logs (default: ``<output>-run``, or the folder of the
@@ -457,7 +455,8 @@ def train(
     and data, continues that run exactly where it stopped (adapter, optimiser, scheduler, random
     states, data order and the rank assignment, which depends on the step only). Checkpoints are
     written in one process and under DDP (:mod:`~mlora_export.training.checkpoint`), not under FSDP
-    or DeepSpeed.
+    or DeepSpeed. The run options passed as keywords of this function (``resume=…``) still work
+    for one release, with a ``DeprecationWarning``.
 
     Raises:
         ConfigError, RankError: invalid settings, or a checkpoint of another run.
@@ -469,60 +468,90 @@ def train(
             have no chat template.
         HubInputError, HubError: a Hub model or dataset that cannot be read.
     """
-    from ..data import as_source, read_records
-    from .checkpoint import checkpoints_in, read_checkpoint
+    from .checkpoint import read_checkpoint
 
-    # every check that needs no torch first: a bad argument or file is reported in a blink
     settings = settings or TrainSettings()
+    run = merge_legacy(run, RunOptions, legacy, "train")
+    inputs = _prepare(base_model, data_path, output, settings, run, force)  # every check that needs no torch first
+    tokenizer = load_tokenizer(inputs.base)
+    features = _features(inputs.records, tokenizer, settings)
+    eval_features = _features(inputs.eval_records, tokenizer, settings) if inputs.eval_records is not None else None
+    record = _resume_record(settings, features, inputs.base)
+    if run.resume is not None:
+        read_checkpoint(run.resume, record, world_size=_launch_world_size())
+    cfg = settings.nested_config(base_model=run.base_model_id or os.fspath(base_model))
+    nested, targets = _nested_model(inputs.base, settings, cfg)
+    trainable = sum(p.numel() for p in nested.model.parameters() if p.requires_grad)
+    scratch = Path(tempfile.mkdtemp(prefix="mlora-train-"))
+    try:
+        trainer, heldout = _make_trainer(nested, settings, inputs.folder or scratch, features, tokenizer.pad_token_id, progress, eval_features)
+        trainer.checkpoint_record = record
+        t0 = time.perf_counter()
+        out = _run_trainer(trainer, settings, run, inputs.folder, len(features), force)
+        seconds = time.perf_counter() - t0
+        nested.model.eval()
+        world, main, engine = trainer.args.world_size, trainer.is_world_process_zero(), engine_of(nested.model)
+        training = _training_record(settings, inputs.records, trainer.state.global_step, world, targets)
+        _save_on_main(nested, output, force=force, main=main, world=world, extra={"training": training})
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    counts = {"examples": len(features), "trainable_params": trainable, "world_size": world, "is_main_process": main}
+    return _result(output, cfg, trainer, out, seconds, engine, heldout, counts, inputs.folder if settings.save_steps else None, run)
+
+
+def _prepare(base_model: str | os.PathLike[str], data_path: Any, output: str | os.PathLike[str], settings: TrainSettings, run: RunOptions,
+             force: bool) -> _Prepared:
+    """Validate the settings, the output and the run folder, read the data and find the base,
+    before torch loads (a bad argument or file is reported in a blink).
+
+    Raises:
+        see :func:`train`.
+    """
+    from ..data import as_source, read_records
+
     settings.validate()
-    if settings.eval_steps is not None and eval_data is None:
+    if settings.eval_steps is not None and run.eval_data is None:
         raise ConfigError("eval steps need evaluation data (eval_data) to score", option="eval_data")
     source = as_source(data_path)
-    eval_source = as_source(eval_data) if eval_data is not None else None
-    given = [os.fspath(base_model), source.location, *([eval_source.location] if eval_source else []), *([os.fspath(resume)] if resume else [])]
+    eval_source = as_source(run.eval_data) if run.eval_data is not None else None
+    given = [os.fspath(base_model), source.location, *([eval_source.location] if eval_source else []),
+             *([os.fspath(run.resume)] if run.resume else [])]
     locals_ = [p for p in given if Path(p).exists()]
     check_output_path(output, force, inputs=locals_)  # --force may never replace an input
-    folder = _run_folder(output, settings, resume, run_dir, force, locals_)
+    folder = _run_folder(output, settings, run.resume, run.run_dir, force, locals_)
     _name_the_cpu_for_deepspeed()
     check_environment(settings)
     records = read_records(source, default_split="train")
     eval_records = read_records(eval_source, default_split="test") if eval_source is not None else None
-    base = check_base_model_dir(resolve_base_model(base_model, revision=revision))  # its model_type check imports transformers
+    base = check_base_model_dir(resolve_base_model(base_model, revision=run.revision))  # its model_type check imports transformers
+    return _Prepared(records, eval_records, base, folder)
 
-    tokenizer = load_tokenizer(base)
-    features = _features(records, tokenizer, settings)
-    eval_features = _features(eval_records, tokenizer, settings) if eval_records is not None else None
-    record = _resume_record(settings, features, base)
-    if resume is not None:
-        read_checkpoint(resume, record, world_size=_launch_world_size())
-    cfg = settings.nested_config(base_model=base_model_id or os.fspath(base_model))
-    nested, targets = _nested_model(base, settings, cfg)
-    trainable = sum(p.numel() for p in nested.model.parameters() if p.requires_grad)
 
-    scratch = Path(tempfile.mkdtemp(prefix="mlora-train-"))
-    try:
-        trainer, heldout = _make_trainer(nested, settings, folder or scratch, features, tokenizer.pad_token_id, progress, eval_features)
-        trainer.checkpoint_record = record
-        world = trainer.args.world_size
-        if (settings.save_steps or resume is not None) and (trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled):
-            raise ConfigError("checkpoints (save_steps, resume) are written in one process or under DDP only, not under FSDP or "
-                              "DeepSpeed; use a Trainer of your own there (docs/distributed.md)", option="save_steps")
-        if trainer.is_world_process_zero():
-            _warn_few_steps(settings, len(features), world)
-            if folder is not None and resume is None and force:
-                for old in checkpoints_in(folder):  # force: the checkpoints of an earlier run go
-                    shutil.rmtree(old)
-        t0 = time.perf_counter()
-        out = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
-        seconds = time.perf_counter() - t0
-        losses = [(int(h["step"]), float(h["loss"])) for h in trainer.state.log_history if "loss" in h]
-        main = trainer.is_world_process_zero()
-        nested.model.eval()
-        engine = engine_of(nested.model)
-        training = _training_record(settings, records, trainer.state.global_step, world, targets)
-        _save_on_main(nested, output, force=force, main=main, world=world, extra={"training": training})
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+def _run_trainer(trainer: Any, settings: TrainSettings, run: RunOptions, folder: Path | None, examples: int, force: bool) -> Any:
+    """Train (from ``run.resume`` when given); return ``Trainer.train``'s output.
+
+    Raises:
+        ConfigError: checkpoints asked for under FSDP or DeepSpeed.
+    """
+    from .checkpoint import checkpoints_in
+
+    if (settings.save_steps or run.resume is not None) and (trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled):
+        raise ConfigError("checkpoints (save_steps, resume) are written in one process or under DDP only, not under FSDP or "
+                          "DeepSpeed; use a Trainer of your own there (docs/distributed.md)", option="save_steps")
+    if trainer.is_world_process_zero():
+        _warn_few_steps(settings, examples, trainer.args.world_size)
+        if folder is not None and run.resume is None and force:
+            for old in checkpoints_in(folder):  # force: the checkpoints of an earlier run go
+                shutil.rmtree(old)
+    return trainer.train(resume_from_checkpoint=str(run.resume) if run.resume is not None else None)
+
+
+def _result(output: str | os.PathLike[str], cfg: MatryoshkaConfig, trainer: Any, out: Any, seconds: float, engine: str, heldout: Any,
+            counts: dict[str, Any], checkpoints: Path | None, run: RunOptions) -> TrainResult:
+    """The :class:`TrainResult` of a finished run (``counts``: examples, trainable parameters, processes, main or not)."""
+    from .checkpoint import checkpoints_in
+
+    losses = [(int(h["step"]), float(h["loss"])) for h in trainer.state.log_history if "loss" in h]
     return TrainResult(
         path=Path(output),
         method=cfg.method,
@@ -532,15 +561,12 @@ def train(
         seconds=seconds,
         train_loss=float(out.training_loss),
         final_loss=losses[-1][1] if losses else float(out.training_loss),
-        examples=len(features),
-        world_size=world,
-        is_main_process=main,
-        trainable_params=trainable,
+        **counts,
         losses=losses,
         engine=engine,
         eval_losses=list(heldout.results) if heldout is not None else [],
-        checkpoints=[str(c) for c in checkpoints_in(folder)] if folder is not None and settings.save_steps else [],
-        resumed_from=str(resume) if resume is not None else None,
+        checkpoints=[str(c) for c in checkpoints_in(checkpoints)] if checkpoints is not None else [],
+        resumed_from=str(run.resume) if run.resume is not None else None,
     )
 
 
@@ -721,4 +747,4 @@ def _training_record(settings: TrainSettings, records: Any, steps: int, world: i
     }
 
 
-__all__ = ["REPORTERS", "TrainResult", "TrainSettings", "check_environment", "default_eval_ranks", "heldout_loss", "train"]
+__all__ = ["REPORTERS", "RunOptions", "TrainResult", "TrainSettings", "check_environment", "default_eval_ranks", "heldout_loss", "train"]
