@@ -57,18 +57,47 @@ logger = logging.getLogger("reproduce")
 
 LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"  # the synthetic language's symbols
 OPS = {"=": "copy", "<": "reverse", "+": "shift"}
-#: method key → label, in report order
-METHOD_LABELS = {
-    "lora": "LoRA grid (one run per rank)",
-    "dylora": "DyLoRA (one run)",
-    "matryoshka": "MatryoshkaLoRA, paper (one run)",
-    "nested-loss": "nested-loss (one run)",
-    "nested-loss-2x": "nested-loss, 2x steps (one run)",
-    "svd": "LoRA r=max, re-nested by SVD (one run)",
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the report: a library method, trained once per rank (``grid``) or once, with a recipe."""
+
+    label: str
+    method: str
+    grid: bool = False
+    steps_factor: int = 1
+    #: recipe fields of :class:`mlora_export.training.NestedRecipe`, read from :class:`Settings` (field name → Settings attribute or value)
+    recipe: tuple[tuple[str, Any], ...] = ()
+
+
+#: method key → how it is trained, in report order. ``svd`` is the ``lora`` grid's r = max run, re-nested.
+METHODS: dict[str, Method] = {
+    "lora": Method("LoRA grid (one run per rank)", "lora", grid=True),
+    "lora-plus": Method("LoRA+ grid (one run per rank)", "lora", grid=True, recipe=(("lora_plus_ratio", "lora_plus_ratio"),)),
+    "dylora": Method("DyLoRA (one run)", "dylora"),
+    "matryoshka": Method("MatryoshkaLoRA, paper (one run)", "matryoshka"),
+    "nested-loss": Method("nested-loss (one run)", "nested-loss"),
+    "nested-loss-2x": Method("nested-loss, 2x steps (one run)", "nested-loss", steps_factor=2),
+    "svd": Method("LoRA r=max, re-nested by SVD (one run)", "lora"),
+    "nl-lora-plus": Method("nested-loss + LoRA+", "nested-loss", recipe=(("lora_plus_ratio", "lora_plus_ratio"),)),
+    "nl-curriculum": Method("nested-loss + rank curriculum", "nested-loss", recipe=(("rank_curriculum", "rank_curriculum"),)),
+    "nl-per-rank-loss": Method("nested-loss + per-rank loss", "nested-loss", recipe=(("per_rank_loss", True),)),
+    "nl-paper-init": Method("nested-loss + paper's init of A", "nested-loss", recipe=(("a_init", "paper"),)),
+    "nl-loss-aware": Method("nested-loss + loss-aware ranks", "nested-loss", recipe=(("loss_aware_ranks", "loss_aware_ranks"),)),
 }
-NESTED = ("dylora", "matryoshka", "nested-loss", "nested-loss-2x")
+METHOD_LABELS = {k: m.label for k, m in METHODS.items()}
+#: the methods of reproduction v2 (the baselines); the others are the directions of issue 26
+BASELINES = ("lora", "dylora", "matryoshka", "nested-loss", "nested-loss-2x", "svd")
+DIRECTIONS = ("nl-lora-plus", "nl-curriculum", "nl-per-rank-loss", "nl-paper-init", "nl-loss-aware")
+GRIDS = ("lora", "lora-plus")
 REGIME_LABELS = {"cipher": "cipher (large shift; base 0%)", "skill": "half-learned skill (small perturbation)"}
 SKILL_OP = "~"  # the rare fourth operation of the pre-training language (the ``skill`` regime)
+
+
+def unit_of(method: str) -> str:
+    """The job unit that trains ``method`` (``svd`` comes from the ``lora`` grid's largest run)."""
+    return "lora" if method == "svd" else method
 
 
 @dataclass(frozen=True)
@@ -104,6 +133,18 @@ class Settings:
     max_len: int = 8
     eval_batch_size: int = 100
     workers: int = 2
+    #: the rows to run and report (``--methods``; a rerun may add some)
+    methods: tuple[str, ...] = tuple(METHODS)
+    # the directions' settings (issue 26)
+    lora_plus_ratio: float = 16.0
+    rank_curriculum: float = 0.5
+    loss_aware_ranks: float = 0.5
+
+    def recipe(self, method: str) -> Any:
+        """The :class:`mlora_export.training.NestedRecipe` a method trains with."""
+        from mlora_export.training import NestedRecipe
+
+        return NestedRecipe(**{k: (getattr(self, v) if isinstance(v, str) and hasattr(self, v) else v) for k, v in METHODS[method].recipe})
 
     @classmethod
     def smoke(cls) -> "Settings":
@@ -241,6 +282,23 @@ def base_skills(cfg: Settings, base: Path, work: Path) -> dict[str, float]:
     return out
 
 
+def base_heldout_loss(cfg: Settings, base: Path, work: Path) -> dict[str, float]:
+    """The base's held-out loss on each regime's validation split (mean cross-entropy per completion
+    token): how far the task is from what the base already does, measured before any training."""
+    from mlora_export.base import load_base_model, load_tokenizer
+    from mlora_export.data import Example, tokenize_examples
+    from mlora_export.training import heldout_loss
+
+    tok = load_tokenizer(base)
+    model = load_base_model(base, dtype="float32", device="cpu")
+    out = {}
+    for regime in cfg.regimes:
+        recs = [json.loads(line) for line in (work / regime / "val.jsonl").read_text(encoding="utf-8").splitlines()]
+        feats = tokenize_examples([Example(prompt=r["prompt"], completion=r["completion"]) for r in recs], tok, 64)
+        out[regime] = heldout_loss(model, feats, tok.pad_token_id, batch_size=cfg.eval_batch_size)
+    return out
+
+
 # -- one job: every method at one (regime, seed, lr) ---------------------------------------------
 def _schedule(cfg: Settings, steps: int):  # noqa: ANN202 - a LambdaLR factor
     warm = max(1, round(cfg.warmup_fraction * steps))
@@ -251,8 +309,14 @@ def _schedule(cfg: Settings, steps: int):  # noqa: ANN202 - a LambdaLR factor
     return factor
 
 
-def _train(cfg: Settings, base: Path, items: list[Any], collate: Any, method: str, r: int, seed: int, lr: float, steps: int) -> tuple[Any, float]:
-    """Train one adapter in a plain loop; return the live handle and the training wall-clock."""
+def _train(cfg: Settings, base: Path, items: list[Any], collate: Any, method: str, r: int, seed: int, lr: float, steps: int,
+           recipe: Any = None) -> tuple[Any, float]:
+    """Train one adapter in a plain loop; return the live handle and the training wall-clock.
+
+    ``method`` is the library's (``lora``, ``dylora``, ``matryoshka``, ``nested-loss``); ``recipe`` a
+    :class:`mlora_export.training.NestedRecipe`: the loop only calls the handle's own functions
+    (optimizer groups, step, loss), exactly those ``mlora-export train`` uses through its Trainer.
+    """
     import torch
 
     from mlora_export.adapter import MatryoshkaConfig
@@ -262,17 +326,17 @@ def _train(cfg: Settings, base: Path, items: list[Any], collate: Any, method: st
     model = load_base_model(base, dtype="float32", device="cpu")
     ranks = (r,) if method == "lora" else tuple(k for k in cfg.grid if k <= r)
     config = MatryoshkaConfig(method, r, ranks, cfg.scaling, cfg.alpha, extra={"base_model": str(base)})
-    handle = add_nested_adapter(model, config, target_modules=list(cfg.target_modules), seed=seed)
+    handle = add_nested_adapter(model, config, target_modules=list(cfg.target_modules), seed=seed, recipe=recipe)
     params = [p for p in handle.model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(handle.param_groups(lr), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg, steps))
     order = random.Random(seed)  # the same batches for every method and lr of a seed
     handle.model.train()
     t0 = time.perf_counter()
     for step in range(steps):
         batch = collate([items[order.randrange(len(items))] for _ in range(cfg.batch_size)])
-        handle.train_diagonal(step)
-        loss = handle.model(**batch).loss
+        handle.train_diagonal(step, total_steps=steps)
+        loss = handle.forward_loss(batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -294,8 +358,15 @@ def _training_data(output: Path, regime: str) -> tuple[Any, list[Any], Any]:
     return tok, items, CompletionCollator(tok.pad_token_id)
 
 
-def run_job(cfg: Settings, output: Path, regime: str, seed: int, lr: float) -> dict[str, Any]:
-    """Train and score every method at one (regime, seed, lr); the result is also written to ``jobs/``."""
+def _job_path(output: Path, regime: str, seed: int, lr: float, unit: str) -> Path:
+    return output / "jobs" / f"{regime}-seed{seed}-lr{lr:g}" / f"{unit}.json"
+
+
+def run_unit(cfg: Settings, output: Path, regime: str, seed: int, lr: float, unit: str) -> dict[str, Any]:
+    """Train and score one method (``unit``; the ``lora`` grid also gives ``svd``) at one (regime, seed, lr).
+
+    Returns ``{method: run}``, also written to ``jobs/<regime>-seed<seed>-lr<lr>/<unit>.json`` (reused when there).
+    """
     import torch
 
     from mlora_export.base import load_base_model
@@ -303,9 +374,9 @@ def run_job(cfg: Settings, output: Path, regime: str, seed: int, lr: float) -> d
     from mlora_export.evaluation import load_eval_data, score_model
     from mlora_export.training import load_nested_adapter
 
-    path = output / "jobs" / f"{regime}-seed{seed}-lr{lr:g}.json"
+    path = _job_path(output, regime, seed, lr, unit)
     if path.exists():
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))["runs"]
     torch.set_num_threads(1)
     base = output / "base"
     data_dir = output / regime
@@ -324,40 +395,51 @@ def run_job(cfg: Settings, output: Path, regime: str, seed: int, lr: float) -> d
         return out
 
     r_max = max(cfg.grid)
-    runs: dict[str, Any] = {"lora": {}}
-    for k in cfg.grid:
-        handle, secs = _train(cfg, base, items, collate, "lora", k, seed, lr, cfg.steps)
-        runs["lora"][k] = {"seconds": secs, "steps": cfg.steps, **curve(handle, (k,))}
-        if k == r_max:  # the svd baseline: this very run, re-nested
-            work = output / "scratch" / f"{regime}-{seed}-{lr:g}"
-            handle.save(work / "lora", force=True)
-            t0 = time.perf_counter()
-            renest_adapter(work / "lora", work / "svd", force=True)
-            renest_s = time.perf_counter() - t0
-            svd = load_nested_adapter(load_base_model(base, dtype="float32", device="cpu"), work / "svd")
-            runs["svd"] = {"seconds": secs, "renest_seconds": renest_s, "steps": cfg.steps, **curve(svd, cfg.grid)}
-            shutil.rmtree(work, ignore_errors=True)
-    for name in NESTED:
-        method, steps = ("nested-loss", 2 * cfg.steps) if name == "nested-loss-2x" else (name, cfg.steps)
-        handle, secs = _train(cfg, base, items, collate, method, r_max, seed, lr, steps)
-        runs[name] = {"seconds": secs, "steps": steps, **curve(handle, cfg.grid)}
-        if method == "matryoshka":  # diagnostic, not a product rank: the forward it was trained with
+    spec = METHODS[unit]
+    recipe = cfg.recipe(unit)
+    runs: dict[str, Any] = {}
+    if spec.grid:
+        runs[unit] = {}
+        for k in cfg.grid:
+            handle, secs = _train(cfg, base, items, collate, spec.method, k, seed, lr, cfg.steps, recipe)
+            runs[unit][k] = {"seconds": secs, "steps": cfg.steps, **curve(handle, (k,))}
+            if unit == "lora" and k == r_max:  # the svd baseline: this very run, re-nested
+                work = output / "scratch" / f"{regime}-{seed}-{lr:g}"
+                handle.save(work / "lora", force=True)
+                t0 = time.perf_counter()
+                renest_adapter(work / "lora", work / "svd", force=True)
+                renest_s = time.perf_counter() - t0
+                svd = load_nested_adapter(load_base_model(base, dtype="float32", device="cpu"), work / "svd")
+                runs["svd"] = {"seconds": secs, "renest_seconds": renest_s, "steps": cfg.steps, **curve(svd, cfg.grid)}
+                shutil.rmtree(work, ignore_errors=True)
+    else:
+        steps = spec.steps_factor * cfg.steps
+        handle, secs = _train(cfg, base, items, collate, spec.method, r_max, seed, lr, steps, recipe)
+        runs[unit] = {"seconds": secs, "steps": steps, **curve(handle, cfg.grid)}
+        if spec.method == "matryoshka":  # diagnostic, not a product rank: the forward it was trained with
             handle.set_diagonal(handle.config.p)
-            runs[name]["training_diagonal"] = score(handle.model)
-    result = {"regime": regime, "seed": seed, "lr": lr, "runs": runs}
+            runs[unit]["training_diagonal"] = score(handle.model)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1), encoding="utf-8")
+    tmp.write_text(json.dumps({"regime": regime, "seed": seed, "lr": lr, "unit": unit, "runs": runs}, indent=1), encoding="utf-8")
     tmp.replace(path)
-    logger.info("%s seed %d lr %g: %s", regime, seed, lr,
-                {m: [round(v * 100) for v in run["test"].values()] for m, run in runs.items() if m != "lora"})
-    return result
+    shown = {m: [round(v * 100) for v in run["test"].values()] for m, run in runs.items() if not METHODS[m].grid}
+    logger.info("%s seed %d lr %g %s: %s", regime, seed, lr, unit, shown or {k: round(v["test"][k] * 100) for k, v in runs[unit].items()})
+    return runs
+
+
+def run_job(cfg: Settings, output: Path, regime: str, seed: int, lr: float) -> dict[str, Any]:
+    """Every selected method at one (regime, seed, lr): ``{"regime", "seed", "lr", "runs": {method: run}}``."""
+    runs: dict[str, Any] = {}
+    for unit in dict.fromkeys(unit_of(m) for m in cfg.methods):
+        runs.update(run_unit(cfg, output, regime, seed, lr, unit))
+    return {"regime": regime, "seed": seed, "lr": lr, "runs": {m: runs[m] for m in cfg.methods}}
 
 
 def time_methods(cfg: Settings, output: Path, regime: str = "cipher", seed: int = 0, lr: float = 1.6e-2) -> dict[str, Any]:
-    """Wall-clock of one training run of every method, one after the other in this process, on an
+    """Wall-clock of one training run of every selected method, one after the other in this process, on an
     otherwise idle machine: the compute comparison of the report (the search's own timings ran two
-    jobs side by side and are noisier). Written to ``timing.json``."""
+    jobs side by side and are noisier). Written to ``timing.json``, with :func:`step_costs`."""
     import os
 
     import torch
@@ -370,23 +452,61 @@ def time_methods(cfg: Settings, output: Path, regime: str = "cipher", seed: int 
     r_max = max(cfg.grid)
     runs: dict[str, float] = {}
     load = os.getloadavg()[0]
-    for k in cfg.grid:
-        handle, runs[f"lora r={k}"] = _train(cfg, base, items, collate, "lora", k, seed, lr, cfg.steps)
-    work = output / "scratch" / "timing"
-    handle.save(work / "lora", force=True)
-    t0 = time.perf_counter()
-    renest_adapter(work / "lora", work / "svd", force=True)
-    renest = time.perf_counter() - t0
-    shutil.rmtree(work, ignore_errors=True)
-    for name in NESTED:
-        method, steps = ("nested-loss", 2 * cfg.steps) if name == "nested-loss-2x" else (name, cfg.steps)
-        runs[name] = _train(cfg, base, items, collate, method, r_max, seed, lr, steps)[1]
-    grid = sum(runs[f"lora r={k}"] for k in cfg.grid)
+    renest = None
+    for m in (m for m in cfg.methods if METHODS[m].grid):
+        for k in cfg.grid:
+            handle, runs[f"{m} r={k}"] = _train(cfg, base, items, collate, "lora", k, seed, lr, cfg.steps, cfg.recipe(m))
+        if m == "lora":
+            work = output / "scratch" / "timing"
+            handle.save(work / "lora", force=True)
+            t0 = time.perf_counter()
+            renest_adapter(work / "lora", work / "svd", force=True)
+            renest = time.perf_counter() - t0
+            shutil.rmtree(work, ignore_errors=True)
+    for m in (m for m in cfg.methods if not METHODS[m].grid and m != "svd"):
+        spec = METHODS[m]
+        runs[m] = _train(cfg, base, items, collate, spec.method, r_max, seed, lr, spec.steps_factor * cfg.steps, cfg.recipe(m))[1]
+    grids = {m: sum(runs[f"{m} r={k}"] for k in cfg.grid) for m in cfg.methods if METHODS[m].grid}
     out = {"regime": regime, "seed": seed, "lr": lr, "threads": 1, "load_before": load, "load_after": os.getloadavg()[0],
-           "seconds": runs, "grid_seconds": grid, "renest_seconds": renest,
-           "svd_seconds": runs[f"lora r={r_max}"] + renest}
+           "seconds": runs, "grid_seconds": grids}
+    if renest is not None:
+        out["renest_seconds"] = renest
+        out["svd_seconds"] = runs[f"lora r={r_max}"] + renest
+    out["step_cost"] = step_costs(cfg, output, regime=regime, seed=seed, lr=lr)
     (output / "timing.json").write_text(json.dumps(out, indent=1), encoding="utf-8")
     return out
+
+
+def step_costs(cfg: Settings, output: Path, regime: str = "cipher", seed: int = 0, lr: float = 1.6e-2, steps: int | None = None,
+               reps: int = 5) -> dict[str, Any]:
+    """Seconds per training step of each selected one-run method against plain ``nested-loss`` (and of the
+    LoRA+ grid's r = max run against the LoRA grid's): ``reps`` rounds of ``steps`` steps each, the
+    methods in a rotated order every round; the cost ratio is the median over rounds of the per-round
+    ratio (a round's runs are seconds apart, so the machine's load changes little within one)."""
+    import torch
+
+    torch.set_num_threads(1)
+    steps = steps or max(10, cfg.steps // 3)
+    base = output / "base"
+    _, items, collate = _training_data(output, regime)
+    r_max = max(cfg.grid)
+    names = ["nested-loss"] + [m for m in cfg.methods if METHODS[m].method == "nested-loss" and METHODS[m].steps_factor == 1 and m != "nested-loss"]
+    pairs = {"lora-plus": "lora"} if "lora-plus" in cfg.methods else {}
+    runs = names + [f"{m} r={r_max}" for pair in pairs.items() for m in pair]
+    per_step: dict[str, list[float]] = {n: [] for n in runs}
+    for rep in range(reps):
+        for n in runs[rep % len(runs):] + runs[:rep % len(runs)]:
+            if " r=" in n:
+                m = n.split(" ")[0]
+                secs = _train(cfg, base, items, collate, "lora", r_max, seed, lr, steps, cfg.recipe(m))[1]
+            else:
+                secs = _train(cfg, base, items, collate, METHODS[n].method, r_max, seed, lr, steps, cfg.recipe(n))[1]
+            per_step[n].append(secs / steps)
+    ref = {n: "nested-loss" for n in names}
+    ref.update({f"{a} r={r_max}": f"{b} r={r_max}" for a, b in pairs.items()})
+    ratio = {n: [per_step[n][i] / per_step[ref[n]][i] for i in range(reps)] for n in runs if n in ref and ref[n] != n}
+    return {"steps": steps, "reps": reps, "seconds_per_step": per_step, "reference": ref,
+            "ratio": {n: statistics.median(v) for n, v in ratio.items()}, "ratio_min_max": {n: [min(v), max(v)] for n, v in ratio.items()}}
 
 
 # -- selection on validation, report on test -----------------------------------------------------
@@ -400,7 +520,7 @@ def _k(d: dict[Any, Any], k: int) -> Any:
 
 
 def summarise(cfg: Settings, jobs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Choose each method's lr on validation (grid: per rank), report test at the choice; compute costs."""
+    """Choose each method's lr on validation (grids: per rank), report test at the choice; compute costs."""
     from mlora_export.method import aurac
 
     by: dict[tuple[str, int, float], dict[str, Any]] = {(j["regime"], j["seed"], j["lr"]): j["runs"] for j in jobs}
@@ -408,14 +528,21 @@ def summarise(cfg: Settings, jobs: list[dict[str, Any]]) -> dict[str, Any]:
     regimes: dict[str, Any] = {}
     for regime in cfg.regimes:
         methods: dict[str, Any] = {}
-        # the grid: each rank's lr by its mean validation exact match
-        lr_of = {k: max(cfg.lrs, key=lambda lr: statistics.fmean(_k(_k(by[(regime, s, lr)]["lora"], k)["val"], k) for s in cfg.seeds)) for k in grid}
-        per_seed = {s: [_k(_k(by[(regime, s, lr_of[k])]["lora"], k)["test"], k) for k in grid] for s in cfg.seeds}
-        val_search = {f"{lr:g}": {k: statistics.fmean(_k(_k(by[(regime, s, lr)]["lora"], k)["val"], k) for s in cfg.seeds) for k in grid} for lr in cfg.lrs}
-        methods["lora"] = _entry(cfg, per_seed, aurac, lr={k: lr_of[k] for k in grid}, val_search=val_search,
-                                 seconds=_ms([sum(_k(by[(regime, s, lr_of[k])]["lora"], k)["seconds"] for k in grid) for s in cfg.seeds]),
-                                 steps=sum(_k(by[(regime, cfg.seeds[0], lr_of[k])]["lora"], k)["steps"] for k in grid))
-        for m in ("dylora", "matryoshka", "nested-loss", "nested-loss-2x", "svd"):
+        for m in cfg.methods:
+            if METHODS[m].grid:  # each rank's lr by its mean validation exact match
+                def val_rank(lr: float, k: int, m: str = m) -> float:
+                    return statistics.fmean(_k(_k(by[(regime, s, lr)][m], k)["val"], k) for s in cfg.seeds)
+
+                lr_of = {k: max(cfg.lrs, key=lambda lr, k=k: val_rank(lr, k)) for k in grid}
+                per_seed = {s: [_k(_k(by[(regime, s, lr_of[k])][m], k)["test"], k) for k in grid] for s in cfg.seeds}
+                val_search = {f"{lr:g}": {k: val_rank(lr, k) for k in grid} for lr in cfg.lrs}
+                val_best = {s: [_k(_k(by[(regime, s, lr_of[k])][m], k)["val"], k) for k in grid] for s in cfg.seeds}
+                methods[m] = _entry(cfg, per_seed, aurac, lr={k: lr_of[k] for k in grid}, val_search=val_search,
+                                    seconds=_ms([sum(_k(by[(regime, s, lr_of[k])][m], k)["seconds"] for k in grid) for s in cfg.seeds]),
+                                    steps=sum(_k(by[(regime, cfg.seeds[0], lr_of[k])][m], k)["steps"] for k in grid))
+                methods[m]["val_aurac"] = statistics.fmean(aurac(grid, v)["v2"] for v in val_best.values())
+                continue
+
             def val_aurac(lr: float, m: str = m) -> float:
                 return statistics.fmean(aurac(grid, [_k(by[(regime, s, lr)][m]["val"], k) for k in grid])["v2"] for s in cfg.seeds)
 
@@ -424,20 +551,21 @@ def summarise(cfg: Settings, jobs: list[dict[str, Any]]) -> dict[str, Any]:
             entry = _entry(cfg, per_seed, aurac, lr=best, val_search={f"{lr:g}": val_aurac(lr) for lr in cfg.lrs},
                            seconds=_ms([by[(regime, s, best)][m]["seconds"] for s in cfg.seeds]),
                            steps=by[(regime, cfg.seeds[0], best)][m]["steps"])
+            entry["val_aurac"] = val_aurac(best)
             if m == "svd":
                 entry["renest_seconds"] = _ms([by[(regime, s, best)][m]["renest_seconds"] for s in cfg.seeds])
             if m == "matryoshka":
                 entry["training_diagonal_test"] = _ms([by[(regime, s, best)][m]["training_diagonal"]["test"] for s in cfg.seeds])
             methods[m] = entry
         search_seconds = {m: sum(_run_seconds(by[(regime, s, lr)], m) for s in cfg.seeds for lr in cfg.lrs) / len(cfg.seeds)
-                          for m in METHOD_LABELS}
+                          for m in cfg.methods}
         regimes[regime] = {"methods": methods, "search_seconds_per_seed": search_seconds}
     return {"settings": dataclasses.asdict(cfg), "regimes": regimes}
 
 
 def _run_seconds(runs: dict[str, Any], m: str) -> float:
-    if m == "lora":
-        return sum(r["seconds"] for r in runs["lora"].values())
+    if METHODS[m].grid:
+        return sum(r["seconds"] for r in runs[m].values())
     return runs[m]["seconds"]
 
 
@@ -463,38 +591,94 @@ def _paired(ms: dict[str, Any], a: str, b: str) -> tuple[float, float]:
     return statistics.fmean(diffs), statistics.stdev(diffs) if len(diffs) > 1 else 0.0
 
 
+def _v2(ms: dict[str, Any], m: str) -> str:
+    return f"{ms[m]['aurac']['v2']['mean'] * 100:.1f}"
+
+
 def verdict(summary: dict[str, Any]) -> list[str]:
     """Plain sentences computed from the numbers (no fixed conclusion)."""
     lines = []
+    grid_n = len(summary["settings"]["grid"])
+    timing = summary.get("timing")
     for regime, res in summary["regimes"].items():
         ms = res["methods"]
         best = max(ms, key=lambda m: ms[m]["aurac"]["v2"]["mean"])
-        one_run = max((m for m in ms if m not in ("lora", "nested-loss-2x")), key=lambda m: ms[m]["aurac"]["v2"]["mean"])
-        nl, grid = ms["nested-loss"], ms["lora"]
-        parts = [
-            f"- **{REGIME_LABELS[regime]}**: best test AURAC v2: {METHOD_LABELS[best]} ({ms[best]['aurac']['v2']['mean'] * 100:.1f}); "
-            f"best single run at one run's steps: {METHOD_LABELS[one_run]} ({ms[one_run]['aurac']['v2']['mean'] * 100:.1f})."
-        ]
-        timing = summary.get("timing")
-        for m in ("nested-loss", "nested-loss-2x"):
-            d, sd = _paired(ms, m, "lora")
-            if timing:  # one run of each, in turn, on an idle machine
-                wall = f"{timing['grid_seconds'] / timing['seconds'][m]:.1f}× less training wall-clock, timed in turn"
-            else:
-                wall = f"{grid['train_seconds']['mean'] / ms[m]['train_seconds']['mean']:.1f}× less training wall-clock in the search"
-            parts.append(
-                f"{METHOD_LABELS[m]} vs the grid of {len(summary['settings']['grid'])} runs: "
-                f"{ms[m]['aurac']['v2']['mean'] * 100:.1f} vs {grid['aurac']['v2']['mean'] * 100:.1f} "
-                f"(per-seed difference {d:+.1f} ± {sd:.1f} points) for {grid['example_passes'] / ms[m]['example_passes']:.1f}× fewer "
-                f"example passes ({wall})."
-            )
-        parts.append(
-            f"The paper's one-pass matryoshka: {ms['matryoshka']['aurac']['v2']['mean'] * 100:.1f} under the inference rule, although its "
-            f"training forward (diagonal p at full rank) scores {ms['matryoshka']['training_diagonal_test']['mean'] * 100:.1f}% test exact match; "
-            f"SVD re-nesting of one LoRA r={max(summary['settings']['grid'])} run: {ms['svd']['aurac']['v2']['mean'] * 100:.1f}; "
-            f"DyLoRA: {ms['dylora']['aurac']['v2']['mean'] * 100:.1f}; nested-loss: {nl['aurac']['v2']['mean'] * 100:.1f}."
-        )
+        parts = [f"- **{REGIME_LABELS[regime]}**: best test AURAC v2: {METHOD_LABELS[best]} ({_v2(ms, best)})."]
+        singles = [m for m in ms if not METHODS[m].grid and METHODS[m].steps_factor == 1]
+        if singles:
+            one_run = max(singles, key=lambda m: ms[m]["aurac"]["v2"]["mean"])
+            parts.append(f"Best single run at one run's steps: {METHOD_LABELS[one_run]} ({_v2(ms, one_run)}).")
+        for g in (g for g in GRIDS if g in ms):
+            for m in (m for m in ("nested-loss", "nested-loss-2x") if m in ms):
+                d, sd = _paired(ms, m, g)
+                if timing and g in timing.get("grid_seconds", {}) and m in timing["seconds"]:
+                    wall = f"{timing['grid_seconds'][g] / timing['seconds'][m]:.1f}× less training wall-clock, timed in turn"
+                else:
+                    wall = f"{ms[g]['train_seconds']['mean'] / ms[m]['train_seconds']['mean']:.1f}× less training wall-clock in the search"
+                parts.append(
+                    f"{METHOD_LABELS[m]} vs the {METHOD_LABELS[g]} of {grid_n} runs: {_v2(ms, m)} vs {_v2(ms, g)} "
+                    f"(per-seed difference {d:+.1f} ± {sd:.1f} points) for {ms[g]['example_passes'] / ms[m]['example_passes']:.1f}× fewer "
+                    f"example passes ({wall})."
+                )
+        if "nested-loss" in ms:
+            for m in (m for m in DIRECTIONS if m in ms):
+                d, sd = _paired(ms, m, "nested-loss")
+                dv = (ms[m]["val_aurac"] - ms["nested-loss"]["val_aurac"]) * 100
+                parts.append(f"{METHOD_LABELS[m]}: {_v2(ms, m)} ({d:+.1f} ± {sd:.1f} points vs nested-loss on test, {dv:+.1f} on validation).")
+        if "matryoshka" in ms:
+            parts.append(f"The paper's one-pass matryoshka: {_v2(ms, 'matryoshka')} under the inference rule, although its training forward "
+                         f"(diagonal p at full rank) scores {ms['matryoshka']['training_diagonal_test']['mean'] * 100:.1f}% test exact match.")
+        if "svd" in ms:
+            parts.append(f"SVD re-nesting of one LoRA r={max(summary['settings']['grid'])} run: {_v2(ms, 'svd')}.")
         lines.append(" ".join(parts))
+    for row in direction_verdicts(summary):
+        lines.append(f"- **{METHOD_LABELS[row['method']]}**: {row['verdict']}")
+    return lines
+
+
+def direction_verdicts(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per direction of issue 26 present in every regime: validation and test AURAC v2 against
+    ``nested-loss`` per regime, the step cost, and the verdict of the adoption rule (better validation
+    AURAC v2 in every regime, and a step at most 1.05× ``nested-loss``'s)."""
+    regimes = summary["regimes"]
+    cost = (summary.get("timing") or {}).get("step_cost", {}).get("ratio", {})
+    rows = []
+    for m in DIRECTIONS:
+        if not all(m in r["methods"] and "nested-loss" in r["methods"] for r in regimes.values()):
+            continue
+        per = {}
+        for regime, r in regimes.items():
+            ms = r["methods"]
+            d, sd = _paired(ms, m, "nested-loss")
+            per[regime] = {"val_delta": (ms[m]["val_aurac"] - ms["nested-loss"]["val_aurac"]) * 100, "test_delta": d, "test_delta_sd": sd}
+        wins = all(v["val_delta"] > 0 for v in per.values())
+        ratio = cost.get(m)
+        cheap = ratio is not None and ratio <= 1.05
+        won = [g for g, v in per.items() if v["val_delta"] > 0]
+        if wins and cheap:
+            text = f"better validation AURAC v2 than nested-loss in every regime and a step of {ratio:.2f}× its cost: a candidate default."
+        elif wins:
+            text = ("better validation AURAC v2 than nested-loss in every regime, but " +
+                    (f"its step costs {ratio:.2f}× (over 1.05×)." if ratio is not None else "its step cost was not measured."))
+        else:
+            text = ("not adopted: validation AURAC v2 " + ", ".join(f"{per[g]['val_delta']:+.1f} ({g})" for g in per) +
+                    (f" points vs nested-loss (better only in {', '.join(won)})." if won else " points vs nested-loss (better in no regime)."))
+        rows.append({"method": m, "regimes": per, "step_cost": ratio, "adopt": wins and cheap, "verdict": text})
+    return rows
+
+
+def _rank_table(cfg: dict[str, Any], ms: dict[str, Any], order: list[str], cell: Any) -> list[str]:
+    grid = cfg["grid"]
+    lines = ["| rank | " + " | ".join(METHOD_LABELS[m] for m in order) + " |", "|---:|" + "---:|" * len(order)]
+    for k in grid:
+        lines.append(f"| {k} | " + " | ".join(cell(_k(ms[m]["ranks"], k)) for m in order) + " |")
+    for v in ("v1", "v2"):
+        lines.append(f"| **AURAC {v}** | " + " | ".join(f"**{cell(ms[m]['aurac'][v])}**" for m in order) + " |")
+    lines.append("| validation AURAC v2 at the chosen lr (grids: per-rank choices) | " + " | ".join(f"{ms[m]['val_aurac'] * 100:.1f}" for m in order) + " |")
+    lines.append("| chosen lr | " + " | ".join(
+        ("per rank: " + ", ".join(f"{_k(ms[m]['lr'], k):g}" for k in grid)) if METHODS[m].grid else f"{ms[m]['lr']:g}" for m in order) + " |")
+    lines.append("| optimisation steps (×batch " + str(cfg["batch_size"]) + ") | " + " | ".join(str(ms[m]["steps"]) for m in order) + " |")
+    lines.append("| training wall-clock at the chosen lr, in the search (s; noisy) | " + " | ".join(cell(ms[m]["train_seconds"], 1.0) for m in order) + " |")
     return lines
 
 
@@ -502,7 +686,6 @@ def report_markdown(summary: dict[str, Any]) -> str:
     cfg = summary["settings"]
     n = len(cfg["seeds"])
     grid = cfg["grid"]
-    order = list(METHOD_LABELS)
 
     def cell(d: dict[str, float], f: float = 100.0) -> str:
         return f"{d['mean'] * f:.1f} ± {d['std'] * f:.1f}" if n > 1 else f"{d['mean'] * f:.1f}"
@@ -511,50 +694,64 @@ def report_markdown(summary: dict[str, Any]) -> str:
              f"each method's lr chosen on the {cfg['val_examples']}-example validation split from {list(cfg['lrs'])}.", ""]
     for regime, res in summary["regimes"].items():
         ms = res["methods"]
-        lines += [f"### {REGIME_LABELS[regime]}", "", "| rank | " + " | ".join(METHOD_LABELS[m] for m in order) + " |",
-                  "|---:|" + "---:|" * len(order)]
-        for k in grid:
-            lines.append(f"| {k} | " + " | ".join(cell(_k(ms[m]["ranks"], k)) for m in order) + " |")
-        for v in ("v1", "v2"):
-            lines.append(f"| **AURAC {v}** | " + " | ".join(f"**{cell(ms[m]['aurac'][v])}**" for m in order) + " |")
-        lines.append("| chosen lr | " + " | ".join(
-            ("per rank: " + ", ".join(f"{_k(ms[m]['lr'], k):g}" for k in grid)) if m == "lora" else f"{ms[m]['lr']:g}" for m in order) + " |")
-        lines.append("| optimisation steps (×batch " + str(cfg["batch_size"]) + ") | " + " | ".join(str(ms[m]["steps"]) for m in order) + " |")
-        lines.append("| training wall-clock at the chosen lr, in the search (s; two jobs side by side, noisy) | " + " | ".join(cell(ms[m]["train_seconds"], 1.0) for m in order) + " |")
-        lines.append("| whole lr search, wall-clock per seed (s) | " + " | ".join(f"{res['search_seconds_per_seed'][m]:.0f}" for m in order) + " |")
-        lines += ["", "Validation AURAC v2 (%) per lr (mean over seeds; the grid: validation exact match per rank):", "",
-                  "| lr | " + " | ".join(METHOD_LABELS[m] for m in order if m != "lora") + " | LoRA grid, per rank " + "/".join(map(str, grid)) + " |",
-                  "|---:|" + "---:|" * len(order)]
+        present = [m for m in METHODS if m in ms]
+        base_rows = [m for m in present if m in BASELINES or m in GRIDS]
+        dir_rows = [m for m in ("lora", "lora-plus", "nested-loss") if m in ms] + [m for m in present if m in DIRECTIONS]
+        lines += [f"### {REGIME_LABELS[regime]}", ""]
+        for title, order in (("Baselines", base_rows), ("Directions of issue 26 (against nested-loss and the grids)", dir_rows)):
+            if order and (title == "Baselines" or any(m in DIRECTIONS for m in order)):
+                lines += [f"**{title}**", "", *_rank_table(cfg, ms, order, cell), ""]
+        others = [m for m in present if not METHODS[m].grid]
+        grids = [m for m in present if METHODS[m].grid]
+        lines += ["Validation AURAC v2 (%) per lr (mean over seeds; the grids: validation exact match per rank " + "/".join(map(str, grid)) + "):", "",
+                  "| lr | " + " | ".join(METHOD_LABELS[m] for m in others + grids) + " |", "|---:|" + "---:|" * len(others + grids)]
         for lr in cfg["lrs"]:
             key = f"{lr:g}"
-            row = [f"{ms[m]['val_search'][key] * 100:.1f}" for m in order if m != "lora"]
-            row.append("/".join(f"{_k(ms['lora']['val_search'][key], k) * 100:.0f}" for k in grid))
+            row = [f"{ms[m]['val_search'][key] * 100:.1f}" for m in others]
+            row += ["/".join(f"{_k(ms[g]['val_search'][key], k) * 100:.0f}" for k in grid) for g in grids]
             lines.append(f"| {key} | " + " | ".join(row) + " |")
-        lines.append("")
-    timing = summary.get("timing")
-    if timing:
+        lines += ["", "Whole lr search, training wall-clock per seed (s): " +
+                  ", ".join(f"{m} {res['search_seconds_per_seed'][m]:.0f}" for m in present) + ".", ""]
+    timing = summary.get("timing") or {}
+    if "seconds" in timing:
         t = timing["seconds"]
-        grid_s = timing["grid_seconds"]
-        rows = [("LoRA grid (6 runs)", grid_s), *((METHOD_LABELS[m], t[m]) for m in NESTED),
-                (METHOD_LABELS["svd"], timing["svd_seconds"])]
+        rows = [(f"{METHOD_LABELS[g]} ({len(grid)} runs)", sec) for g, sec in timing["grid_seconds"].items()]
+        rows += [(METHOD_LABELS[m], t[m]) for m in METHODS if m in t]
+        if "svd_seconds" in timing:
+            rows.append((METHOD_LABELS["svd"], timing["svd_seconds"]))
+        ref = timing["grid_seconds"].get("lora")
         lines += [f"Training wall-clock of one run of each method, one after the other in one process with one thread "
                   f"(regime {timing['regime']}, seed {timing['seed']}, lr {timing['lr']:g}; load average {timing['load_before']:.2f} "
-                  f"before, {timing['load_after']:.2f} after, on 2 cores):", "",
-                  "| run | seconds | grid / this |", "|---|---:|---:|"]
-        lines += [f"| {name} | {sec:.1f} | {grid_s / sec:.2f}× |" for name, sec in rows]
-        lines += ["", "Per grid run: " + ", ".join(f"r={k} {t[f'lora r={k}']:.1f} s" for k in grid) +
-                  f"; re-nesting the r={max(grid)} run by SVD: {timing['renest_seconds'] * 1000:.0f} ms.", ""]
+                  f"before, {timing['load_after']:.2f} after):", "",
+                  "| run | seconds | LoRA grid / this |", "|---|---:|---:|"]
+        lines += [f"| {name} | {sec:.1f} | {ref / sec:.2f}× |" if ref else f"| {name} | {sec:.1f} | |" for name, sec in rows]
+        if "lora" in timing["grid_seconds"]:
+            lines += ["", "Per grid run: " + ", ".join(f"r={k} {t[f'lora r={k}']:.1f} s" for k in grid) +
+                      (f"; re-nesting the r={max(grid)} run by SVD: {timing['renest_seconds'] * 1000:.0f} ms." if "renest_seconds" in timing else ".")]
+    sc = timing.get("step_cost")
+    if sc:
+        lines += [f"Cost of a training step against its reference ({sc['reps']} rounds of {sc['steps']} steps, methods in rotated order; "
+                  "median and range of the per-round ratio):", "", "| run | reference | s/step (median) | ratio | range |", "|---|---|---:|---:|---|"]
+        for name, r in sc["ratio"].items():
+            lo, hi = sc["ratio_min_max"][name]
+            lines.append(f"| {name} | {sc['reference'][name]} | {statistics.median(sc['seconds_per_step'][name]) * 1000:.1f} ms | {r:.3f}× | {lo:.3f}–{hi:.3f} |")
+        lines.append("")
     lines += ["**Verdict (computed from the tables):**", "", *verdict(summary), ""]
     base = summary.get("base")
     if base:
         skills = ", ".join(f"{k} {v * 100:.1f}%" for k, v in base["exact_match"].items())
         lines.append(f"Base model ({base['pretrain']['params']:,} parameters, pre-trained {cfg['pretrain_steps']} steps in "
-                     f"{base['pretrain']['seconds']:.0f} s): exact match {skills}. Total run time {summary.get('total_seconds', 0) / 60:.1f} min.")
+                     f"{base['pretrain']['seconds']:.0f} s): exact match {skills}.")
+        if base.get("heldout_loss"):
+            lines.append("Base model's held-out loss on each regime's validation split (mean token cross-entropy, nats): " +
+                         ", ".join(f"{k} {v:.3f}" for k, v in base["heldout_loss"].items()) + ".")
+        lines.append(f"Total run time {summary.get('total_seconds', 0) / 60:.1f} min.")
     return "\n".join(lines) + "\n"
 
 
 def plot_summary(summary: dict[str, Any], path: Path) -> None:
     """Mean test exact match vs rank (log2 axis) per method and regime, with min–max bands over seeds."""
+    from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import FixedLocator, NullLocator
@@ -567,9 +764,11 @@ def plot_summary(summary: dict[str, Any], path: Path) -> None:
     for i, regime in enumerate(regimes):
         ax = fig.add_subplot(1, len(regimes), i + 1)
         ms = summary["regimes"][regime]["methods"]
-        for m, label in METHOD_LABELS.items():
+        for j, m in enumerate(m for m in METHODS if m in ms):
+            label = METHOD_LABELS[m]
             pts = [_k(ms[m]["ranks"], k) for k in ks]
-            ax.plot(ks, [p["mean"] * 100 for p in pts], marker="o", label=f"{label} ({ms[m]['aurac']['v2']['mean'] * 100:.1f})")
+            style = "--" if m in DIRECTIONS or m == "lora-plus" else "-"
+            ax.plot(ks, [p["mean"] * 100 for p in pts], marker="o", linestyle=style, color=colormaps["tab20"](j % 20), label=f"{label} ({ms[m]['aurac']['v2']['mean'] * 100:.1f})")
             if len(cfg["seeds"]) > 1:
                 ax.fill_between(ks, [p["min"] * 100 for p in pts], [p["max"] * 100 for p in pts], alpha=0.12)
         base = summary.get("base", {}).get("exact_match", {}).get(f"{regime} (test)")
@@ -589,31 +788,43 @@ def plot_summary(summary: dict[str, Any], path: Path) -> None:
 
 
 # -- the experiment ------------------------------------------------------------------------------
-def _job(args: tuple[Settings, Path, str, int, float]) -> dict[str, Any]:
+def _quiet() -> None:
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("mlora_export").setLevel(logging.ERROR)
-    return run_job(*args)
+
+
+def _unit_job(args: tuple[Settings, Path, str, int, float, str]) -> dict[str, Any]:
+    _quiet()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    return run_unit(*args)
 
 
 #: Settings a rerun into the same output may change (they only add or select jobs).
-_EXTENSIBLE = ("seeds", "lrs", "regimes", "workers")
+_EXTENSIBLE = ("seeds", "lrs", "regimes", "workers", "methods")
 
 
-def run(cfg: Settings, output: Path, *, force: bool = False, timing: bool = False) -> dict[str, Any]:
+def run(cfg: Settings, output: Path, *, force: bool = False, timing: bool = False, step_cost: bool = False) -> dict[str, Any]:
     """Run everything into ``output`` (reusing finished jobs there unless ``force``); return the summary.
 
-    ``timing`` also (re)measures :func:`time_methods`; an earlier ``timing.json`` is reported either way.
+    ``timing`` also (re)measures :func:`time_methods` (with the step costs), ``step_cost`` only
+    :func:`step_costs`; an earlier ``timing.json`` is reported either way.
+
+    Jobs run method by method (every seed and lr of a method, then the next; the one-run methods of
+    every regime before the grids), so an interrupted run leaves whole rows; a rerun resumes from the
+    job files.
     """
     import torch
 
+    unknown = [m for m in cfg.methods if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"error: unknown method(s) {', '.join(unknown)}: expected some of {', '.join(METHODS)}")
     if output.exists() and force:
         shutil.rmtree(output)
     output.mkdir(parents=True, exist_ok=True)
-    # A job file is keyed by (regime, seed, lr): a rerun may add seeds, lrs or regimes, not change the rest.
+    # A job file is keyed by (regime, seed, lr, method): a rerun may add seeds, lrs, regimes or methods, not change the rest.
     settings_file = output / "settings.json"
     fixed = {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(cfg))).items() if k not in _EXTENSIBLE}
     if settings_file.exists():
@@ -634,22 +845,38 @@ def run(cfg: Settings, output: Path, *, force: bool = False, timing: bool = Fals
         (output / regime).mkdir(exist_ok=True)
         for split, recs in task_splits(cfg, regime).items():
             write_jsonl(output / regime / f"{split}.jsonl", recs)
-    skills = base_skills(cfg, base, output)
-    logger.info("base: %s", {k: round(v, 3) for k, v in skills.items()})
-    todo = [(cfg, output, regime, seed, lr) for regime in cfg.regimes for seed in cfg.seeds for lr in cfg.lrs]
+    skills_file = output / "base_skills.json"
+    skills = json.loads(skills_file.read_text(encoding="utf-8")) if skills_file.exists() else {}
+    if not all(f"{r} (test)" in skills.get("exact_match", {}) for r in cfg.regimes):
+        skills = {"exact_match": base_skills(cfg, base, output), "heldout_loss": base_heldout_loss(cfg, base, output)}
+        skills_file.write_text(json.dumps(skills, indent=1), encoding="utf-8")
+    logger.info("base: %s", {k: round(v, 3) for k, v in skills["exact_match"].items()})
+    units = list(dict.fromkeys(unit_of(m) for m in cfg.methods))
+    # one-run methods first (every regime), then the grids (six runs each): the directions' rows come early
+    todo = [(cfg, output, regime, seed, lr, unit) for grids in (False, True) for regime in cfg.regimes
+            for unit in units if METHODS[unit].grid == grids for seed in cfg.seeds for lr in cfg.lrs]
     if cfg.workers > 1:
         import multiprocessing
 
         with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            jobs = list(pool.map(_job, todo))
+            done = list(pool.map(_unit_job, todo))
     else:
-        jobs = [run_job(*t) for t in todo]
+        done = [run_unit(*t) for t in todo]
+    merged: dict[tuple[str, int, float], dict[str, Any]] = {}
+    for t, runs in zip(todo, done):
+        merged.setdefault((t[2], t[3], t[4]), {}).update(runs)
+    jobs = [{"regime": r, "seed": s, "lr": lr, "runs": {m: runs[m] for m in cfg.methods}} for (r, s, lr), runs in merged.items()]
     summary = summarise(cfg, jobs)
     if timing:
         time_methods(cfg, output, regime=cfg.regimes[0])
+    elif step_cost:
+        old = json.loads((output / "timing.json").read_text(encoding="utf-8")) if (output / "timing.json").exists() else {}
+        old["step_cost"] = step_costs(cfg, output, regime=cfg.regimes[0])
+        (output / "timing.json").write_text(json.dumps(old, indent=1), encoding="utf-8")
     if (output / "timing.json").exists():
         summary["timing"] = json.loads((output / "timing.json").read_text(encoding="utf-8"))
-    summary["base"] = {"pretrain": pre, "exact_match": skills}
+    summary["base"] = {"pretrain": pre, **skills}
+    summary["directions"] = direction_verdicts(summary)
     summary["total_seconds"] = time.perf_counter() - t_all
     (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     (output / "report.md").write_text(report_markdown(summary), encoding="utf-8")
@@ -667,14 +894,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="fine-tuning steps of one run (default 300)")
     ap.add_argument("--workers", type=int, default=None, help="processes running jobs side by side, one torch thread each (default 2)")
     ap.add_argument("--force", action="store_true", help="discard an existing --output instead of reusing its finished jobs")
-    ap.add_argument("--timing", action="store_true", help="also time one run of every method in turn (run it on an idle machine)")
+    ap.add_argument("--timing", action="store_true", help="also time one run of every method in turn, and the step costs (run it on an idle machine)")
+    ap.add_argument("--step-cost", action="store_true", help="also measure each direction's cost per training step against nested-loss")
+    ap.add_argument("--methods", type=str, default=None,
+                    help="comma-separated methods to run and report (default all): " + ", ".join(METHODS))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    logging.getLogger("mlora_export").setLevel(logging.ERROR)
+    _quiet()
     cfg = Settings.smoke() if args.smoke else Settings()
     over: dict[str, Any] = {}
     if args.seeds:
@@ -687,7 +913,9 @@ def main(argv: list[str] | None = None) -> int:
         over["steps"] = args.steps
     if args.workers:
         over["workers"] = args.workers
-    summary = run(dataclasses.replace(cfg, **over), args.output, force=args.force, timing=args.timing)
+    if args.methods:
+        over["methods"] = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    summary = run(dataclasses.replace(cfg, **over), args.output, force=args.force, timing=args.timing, step_cost=args.step_cost)
     sys.stdout.write(report_markdown(summary))
     return 0
 

@@ -79,6 +79,11 @@ FLAG_HINTS: dict[str, str] = {
     "measure_latency": "see --measure-latency and --with-onnx",
     "onnx_base": "see --with-onnx",
     "rank_weights": "see --rank-weights",
+    "lora_plus_ratio": "see --lora-plus-ratio",
+    "rank_curriculum": "see --rank-curriculum",
+    "per_rank_loss": "see --per-rank-loss",
+    "a_init": "see --a-init",
+    "loss_aware_ranks": "see --loss-aware-ranks",
 }
 
 #: Signals handled like Ctrl-C while a command runs.

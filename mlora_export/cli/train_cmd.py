@@ -7,6 +7,7 @@ import click
 from ..base import DTYPES
 from ..method import SCALINGS, TRAIN_METHODS
 from ..training.pipeline import TrainSettings
+from ..training.recipe import A_INITS
 from ._errors import handle_errors
 from ._options import (
     BarProgress,
@@ -38,6 +39,19 @@ _DEFAULTS = TrainSettings()
                    "matryoshka: the paper's one-pass diagonal p; lora: plain LoRA at r; dylora: one sampled rank per step.")
 @click.option("--rank-weights", type=NumberList(), default=None,
               help="nested-loss only: one weight per train rank for the per-example assignment, e.g. 1,1,1,1,2,2.  [default: uniform]")
+@click.option("--lora-plus-ratio", type=float, default=None,
+              help="LoRA+ (Hayou et al. 2024): B's learning rate is this many times A's, e.g. 16.  [default: one learning rate]")
+@click.option("--rank-curriculum", type=float, default=_DEFAULTS.rank_curriculum, show_default=True,
+              help="nested-loss only: over this fraction of the steps the rank weights move from the low ranks "
+                   "(weights ∝ 1, 1/2, 1/4, ... over the sorted train ranks) to --rank-weights; 0 is off.")
+@click.option("--per-rank-loss", is_flag=True, default=_DEFAULTS.per_rank_loss,
+              help="nested-loss only: mean token loss per train rank, then the mean over ranks (every rank weighs the same "
+                   "in each step, whatever its examples' tokens).  [default: one mean over all tokens]")
+@click.option("--a-init", type=click.Choice(list(A_INITS)), default=_DEFAULTS.a_init, show_default=True,
+              help="Initial scale of A: peft (Kaiming on [r, in]) or paper (the paper's [in, r] layout: sqrt(in/r) times larger).")
+@click.option("--loss-aware-ranks", type=float, default=_DEFAULTS.loss_aware_ranks, show_default=True,
+              help="nested-loss only: share (0-1) of the rank assignment that follows each rank's running training loss, "
+                   "so lagging ranks get more examples; 0 is off.")
 @click.option("--scaling", type=click.Choice(list(SCALINGS)), default=_DEFAULTS.scaling, show_default=True, help="s(k) = alpha/sqrt(k), alpha/k or alpha.")
 @click.option("--alpha", type=float, default=_DEFAULTS.alpha, show_default=True, help="The alpha of s(k).")
 @click.option("--target-modules", type=ModuleList(), default=_DEFAULTS.target_modules, show_default=True,
@@ -58,6 +72,7 @@ def train(
     base_model: str, data: str, ranks: tuple[int, ...], max_rank: int | None, output: str, method: str, scaling: str,
     rank_weights: tuple[float, ...] | None, alpha: float, target_modules: str | tuple[str, ...], epochs: float, max_steps: int | None, lr: float, batch_size: int, grad_accum: int,
     seed: int, max_length: int, dtype: str, threads: int | None, force: bool, as_json: bool,
+    lora_plus_ratio: float | None, rank_curriculum: float, per_rank_loss: bool, a_init: str, loss_aware_ranks: float,
 ) -> None:
     """Train a nested adapter (nested-loss by default) on a local model and write it to --output.
 
@@ -76,7 +91,8 @@ def train(
         method=method, rank_weights=rank_weights, train_ranks=tuple(ranks), max_rank=max_rank, scaling=scaling, alpha=alpha,
         target_modules=target_modules,
         epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum, seed=seed,
-        max_length=max_length, dtype=dtype,
+        max_length=max_length, dtype=dtype, lora_plus_ratio=lora_plus_ratio, rank_curriculum=rank_curriculum,
+        per_rank_loss=per_rank_loss, a_init=a_init, loss_aware_ranks=loss_aware_ranks,
     )
     with stdout_to_stderr(), maybe_torch_threads(threads), quiet_transformers_bars(), BarProgress("training", unit="step") as bar:
         result = run_train(base_model, data, output, settings, force=force, progress=bar)

@@ -33,6 +33,7 @@ from ..method import check_method
 from ..progress import Progress
 from ..validate import is_finite_real, is_int
 from .distributed import cpu_training_args, engine_of
+from .recipe import NestedRecipe
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +45,9 @@ class TrainSettings:
     ``max_rank`` defaults to ``max(train_ranks)``; ``max_steps`` (when set) overrides ``epochs``.
     ``batch_size`` is per process: the global batch is ``batch_size × grad_accum × processes``.
     ``rank_weights`` (``nested-loss`` only): one weight per train rank for the per-example rank
-    assignment (default uniform).
+    assignment (default uniform). ``lora_plus_ratio``, ``rank_curriculum``, ``per_rank_loss``,
+    ``a_init`` and ``loss_aware_ranks`` are the training recipe (:meth:`recipe`,
+    :class:`~mlora_export.training.recipe.NestedRecipe`; all off by default).
     """
 
     method: str = "nested-loss"
@@ -66,6 +69,11 @@ class TrainSettings:
     max_grad_norm: float = 1.0
     dropout: float = 0.0
     rank_weights: tuple[float, ...] | None = None
+    lora_plus_ratio: float | None = None
+    rank_curriculum: float = 0.0
+    per_rank_loss: bool = False
+    a_init: str = "peft"
+    loss_aware_ranks: float = 0.0
     dtype: str = "float32"
     gradient_checkpointing: bool = False
     logging_steps: int = 10
@@ -83,13 +91,23 @@ class TrainSettings:
         weights = tuple(self.rank_weights) if self.rank_weights is not None else None
         return MatryoshkaConfig(self.method, r, tuple(self.train_ranks), self.scaling, self.alpha, extra, rank_weights=weights)
 
+    def recipe(self) -> NestedRecipe:
+        """The training recipe of these settings (validated).
+
+        Raises:
+            ConfigError: a recipe option out of range.
+        """
+        return NestedRecipe(lora_plus_ratio=self.lora_plus_ratio, rank_curriculum=self.rank_curriculum, per_rank_loss=self.per_rank_loss,
+                            a_init=self.a_init, loss_aware_ranks=self.loss_aware_ranks)
+
     def validate(self) -> MatryoshkaConfig:
         """Check every setting before any I/O; return the adapter config.
 
         Raises:
-            ConfigError: a loop setting is out of range; RankError: bad ranks.
+            ConfigError: a loop setting is out of range, or a recipe option the method cannot use; RankError: bad ranks.
         """
         cfg = self.nested_config()
+        self.recipe().check_method(cfg.method)
         if self.max_steps is None and self.epochs is None:
             raise ConfigError("give a number of epochs or a number of steps (max_steps)", option="max_steps")
         if self.max_steps is not None and (not is_int(self.max_steps) or self.max_steps < 1):
@@ -377,7 +395,7 @@ def _nested_model(base: Path, settings: TrainSettings, cfg: MatryoshkaConfig) ->
     if getattr(model.config, "use_cache", None):
         model.config.use_cache = False
     targets = settings.target_modules if isinstance(settings.target_modules, str) else list(settings.target_modules)
-    nested = add_nested_adapter(model, cfg, target_modules=targets, dropout=settings.dropout, seed=settings.seed)
+    nested = add_nested_adapter(model, cfg, target_modules=targets, dropout=settings.dropout, seed=settings.seed, recipe=settings.recipe())
     if settings.gradient_checkpointing:
         nested.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         nested.model.enable_input_require_grads()
@@ -387,20 +405,20 @@ def _nested_model(base: Path, settings: TrainSettings, cfg: MatryoshkaConfig) ->
 
 def _make_trainer(nested: Any, settings: TrainSettings, scratch: Path, features: Sequence[dict[str, list[int]]], pad_token_id: int,
                   progress: Progress | None) -> Any:
-    """A stock ``transformers.Trainer`` on the nested model with :class:`~.callbacks.NestedRankCallback`;
-    no log lines on stdout (the CLI's ``--json`` owns it) and our own progress instead of Trainer's bar."""
-    from transformers import Trainer
+    """A :class:`~.trainer.NestedTrainer` (a stock ``transformers.Trainer`` with :class:`~.callbacks.NestedRankCallback`
+    and the nested recipe) on the nested model; no log lines on stdout (the CLI's ``--json`` owns it)
+    and our own progress instead of Trainer's bar."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from ..data import CompletionCollator
-    from .callbacks import NestedRankCallback, StepProgressCallback
+    from .callbacks import StepProgressCallback
+    from .trainer import NestedTrainer
 
-    trainer = Trainer(
-        model=nested.model,
+    trainer = NestedTrainer(
+        nested,
         args=_training_arguments(settings, scratch),
         train_dataset=features,
         data_collator=CompletionCollator(pad_token_id),
-        callbacks=[NestedRankCallback(nested)],
     )
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
@@ -411,8 +429,8 @@ def _make_trainer(nested: Any, settings: TrainSettings, scratch: Path, features:
 
 def _training_record(settings: TrainSettings, data_path: str | os.PathLike[str], steps: int, world: int, targets: str | list[str]) -> dict[str, Any]:
     """The ``training`` section the adapter records: the data file's name, steps, learning rate,
-    seed, global batch size and target modules."""
-    return {
+    seed, global batch size, target modules and the recipe options that are not the default."""
+    record = {
         "data": Path(data_path).name,
         "steps": steps,
         "lr": settings.lr,
@@ -420,6 +438,10 @@ def _training_record(settings: TrainSettings, data_path: str | os.PathLike[str],
         "batch_size": settings.batch_size * settings.grad_accum * world,
         "target_modules": targets,
     }
+    recipe = settings.recipe().changed()
+    if recipe:
+        record["recipe"] = recipe
+    return record
 
 
 __all__ = ["TrainResult", "TrainSettings", "heldout_loss", "train"]
