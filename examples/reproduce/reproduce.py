@@ -28,7 +28,7 @@
    (the grid: each rank's learning rate by its mean validation exact match); the report gives the
    *test* split at those choices, mean ± standard deviation over the seeds.
 
-Evaluation is greedy exact match (:func:`mlora_export.evaluation.score_model`) at every rank, the
+Evaluation is greedy exact match (:func:`mlora_export.evaluation.exact_match`) at every rank, the
 rank switched in place (exactly what the rank's PEFT slice computes). Writes ``report.md``,
 ``summary.json`` and ``rank_curve.png``; every job's raw numbers are kept in ``jobs/`` (a rerun
 with the same ``--output`` and without ``--force`` reuses them).
@@ -139,6 +139,8 @@ class Settings:
     lora_plus_ratio: float = 16.0
     rank_curriculum: float = 0.5
     loss_aware_ranks: float = 0.5
+    #: rounds of the step-cost measurement (:func:`step_costs`)
+    step_cost_reps: int = 5
 
     def recipe(self, method: str) -> Any:
         """The :class:`mlora_export.training.NestedRecipe` a method trains with."""
@@ -151,7 +153,7 @@ class Settings:
         return cls(
             grid=(1, 2, 4), seeds=(0,), lrs=(2e-3, 8e-3), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             pretrain_steps=25, pretrain_batch=16, train_examples=100, val_examples=16, test_examples=16, steps=8,
-            batch_size=8, min_len=3, max_len=5, workers=1,
+            batch_size=8, min_len=3, max_len=5, workers=1, step_cost_reps=2,
         )
 
 
@@ -371,7 +373,7 @@ def run_unit(cfg: Settings, output: Path, regime: str, seed: int, lr: float, uni
 
     from mlora_export.base import load_base_model
     from mlora_export.converters.renest import renest_adapter
-    from mlora_export.evaluation import load_eval_data, score_model
+    from mlora_export.evaluation import exact_match, load_eval_data
     from mlora_export.training import load_nested_adapter
 
     path = _job_path(output, regime, seed, lr, unit)
@@ -383,8 +385,8 @@ def run_unit(cfg: Settings, output: Path, regime: str, seed: int, lr: float, uni
     tok, items, collate = _training_data(output, regime)
     splits = {s: load_eval_data(data_dir / f"{s}.jsonl", tok) for s in ("val", "test")}
 
-    def score(model: Any) -> dict[str, float]:
-        return {s: score_model(model, tok, d, metric="exact-match", batch_size=cfg.eval_batch_size).score for s, d in splits.items()}
+    def score(model: Any) -> dict[str, float]:  # greedy exact match, as score_model's (without its teacher-forced pass)
+        return {s: exact_match(model, tok, d, batch_size=cfg.eval_batch_size) for s, d in splits.items()}
 
     def curve(handle: Any, ranks: tuple[int, ...]) -> dict[str, dict[int, float]]:
         out: dict[str, dict[int, float]] = {"val": {}, "test": {}}
@@ -478,7 +480,7 @@ def time_methods(cfg: Settings, output: Path, regime: str = "cipher", seed: int 
 
 
 def step_costs(cfg: Settings, output: Path, regime: str = "cipher", seed: int = 0, lr: float = 1.6e-2, steps: int | None = None,
-               reps: int = 5) -> dict[str, Any]:
+               reps: int | None = None) -> dict[str, Any]:
     """Seconds per training step of each selected one-run method against plain ``nested-loss`` (and of the
     LoRA+ grid's r = max run against the LoRA grid's): ``reps`` rounds of ``steps`` steps each, the
     methods in a rotated order every round; the cost ratio is the median over rounds of the per-round
@@ -487,6 +489,7 @@ def step_costs(cfg: Settings, output: Path, regime: str = "cipher", seed: int = 
 
     torch.set_num_threads(1)
     steps = steps or max(10, cfg.steps // 3)
+    reps = reps or cfg.step_cost_reps
     base = output / "base"
     _, items, collate = _training_data(output, regime)
     r_max = max(cfg.grid)
@@ -803,7 +806,7 @@ def _unit_job(args: tuple[Settings, Path, str, int, float, str]) -> dict[str, An
 
 
 #: Settings a rerun into the same output may change (they only add or select jobs).
-_EXTENSIBLE = ("seeds", "lrs", "regimes", "workers", "methods")
+_EXTENSIBLE = ("seeds", "lrs", "regimes", "workers", "methods", "step_cost_reps")
 
 
 def run(cfg: Settings, output: Path, *, force: bool = False, timing: bool = False, step_cost: bool = False) -> dict[str, Any]:
