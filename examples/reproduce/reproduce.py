@@ -670,6 +670,43 @@ def direction_verdicts(summary: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def gap_table(summary: dict[str, Any]) -> list[str]:
+    """The table of issue 26: every direction next to nested-loss and the grids, test AURAC v2 (mean ± sd)
+    per regime, the chosen lrs, the step cost against nested-loss and the verdict (:func:`direction_verdicts`)."""
+    regimes = list(summary["regimes"])
+    rows = [m for m in ("lora", "lora-plus", "nested-loss", "nested-loss-2x", *DIRECTIONS) if all(m in summary["regimes"][r]["methods"] for r in regimes)]
+    if not any(m in DIRECTIONS for m in rows):
+        return []
+    verdicts = {v["method"]: v for v in summary.get("directions", direction_verdicts(summary))}
+    cost = (summary.get("timing") or {}).get("step_cost", {}).get("ratio", {})
+    r_max = max(summary["settings"]["grid"])
+
+    def lr(m: str, regime: str) -> str:
+        v = summary["regimes"][regime]["methods"][m]["lr"]
+        return "per rank" if isinstance(v, dict) else f"{v:g}"
+
+    head = ["method"] + [f"{r}: test AURAC v2" for r in regimes] + [f"{r}: Δ validation vs nested-loss" for r in regimes] + \
+        ["chosen lr (" + " / ".join(regimes) + ")", "step cost vs nested-loss", "verdict"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 2) + "---|"]
+    for m in rows:
+        cells = [METHOD_LABELS[m]]
+        for r in regimes:
+            a = summary["regimes"][r]["methods"][m]["aurac"]["v2"]
+            cells.append(f"{a['mean'] * 100:.1f} ± {a['std'] * 100:.1f}")
+        for r in regimes:
+            ms = summary["regimes"][r]["methods"]
+            cells.append("" if m == "nested-loss" else f"{(ms[m]['val_aurac'] - ms['nested-loss']['val_aurac']) * 100:+.1f}")
+        cells.append(" / ".join(lr(m, r) for r in regimes))
+        c = cost.get(m) if m in DIRECTIONS else (cost.get(f"lora-plus r={r_max}") if m == "lora-plus" else None)
+        cells.append(f"{c:.3f}×" + (" (vs LoRA r=max)" if m == "lora-plus" else "") if c is not None else ("1× (reference)" if m == "nested-loss" else ""))
+        if m in verdicts:
+            cells.append("**adopt**" if verdicts[m]["adopt"] else ("wins validation in every regime" if all(v["val_delta"] > 0 for v in verdicts[m]["regimes"].values()) else "not adopted"))
+        else:
+            cells.append("baseline")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def _rank_table(cfg: dict[str, Any], ms: dict[str, Any], order: list[str], cell: Any) -> list[str]:
     grid = cfg["grid"]
     lines = ["| rank | " + " | ".join(METHOD_LABELS[m] for m in order) + " |", "|---:|" + "---:|" * len(order)]
@@ -739,6 +776,11 @@ def report_markdown(summary: dict[str, Any]) -> str:
             lo, hi = sc["ratio_min_max"][name]
             lines.append(f"| {name} | {sc['reference'][name]} | {statistics.median(sc['seconds_per_step'][name]) * 1000:.1f} ms | {r:.3f}× | {lo:.3f}–{hi:.3f} |")
         lines.append("")
+    gap = gap_table(summary)
+    if gap:
+        lines += ["**What closes the gap and what does not** (validation AURAC v2 chooses; a direction is adopted only "
+                  "if it beats nested-loss on validation in every regime at a step cost of at most 1.05×; a grid's validation "
+                  "AURAC v2 is that of its per-rank choices, optimistic by that selection):", "", *gap, ""]
     lines += ["**Verdict (computed from the tables):**", "", *verdict(summary), ""]
     base = summary.get("base")
     if base:
