@@ -25,11 +25,13 @@ def reproduce():
     sys.modules.pop("reproduce_example", None)
 
 
-@pytest.mark.parametrize("regime", ["cipher", "skill"])
+@pytest.mark.parametrize("regime", ["cipher", "skill", "half"])
 def test_tasks_are_well_formed_and_splits_disjoint(reproduce, regime: str) -> None:
     cfg = reproduce.Settings.smoke()
     table = reproduce.cipher()
     assert sorted(table.values()) == sorted(reproduce.LETTERS) and all(a != b for a, b in table.items())
+    half = reproduce.half_cipher()
+    assert sorted(half.values()) == sorted(reproduce.LETTERS) and sum(a != b for a, b in half.items()) == 26
     splits = reproduce.task_splits(cfg, regime)
     assert [len(splits[s]) for s in ("train", "val", "test")] == [cfg.train_examples, cfg.val_examples, cfg.test_examples]
     prompts = [{r["prompt"] for r in splits[s]} for s in ("train", "val", "test")]
@@ -38,7 +40,8 @@ def test_tasks_are_well_formed_and_splits_disjoint(reproduce, regime: str) -> No
     for r in splits["test"]:
         w = r["prompt"][:-1]
         assert r["prompt"].endswith(op)
-        assert r["completion"] == ("".join(table[c] for c in w) if regime == "cipher" else reproduce._op(op, w))
+        want = {"cipher": "".join(table[c] for c in w), "half": "".join(half[c] for c in w)}.get(regime) or reproduce._op(op, w)
+        assert r["completion"] == want
 
 
 def test_selection_uses_validation_and_reports_test(reproduce) -> None:

@@ -91,7 +91,8 @@ METHOD_LABELS = {k: m.label for k, m in METHODS.items()}
 BASELINES = ("lora", "dylora", "matryoshka", "nested-loss", "nested-loss-2x", "svd")
 DIRECTIONS = ("nl-lora-plus", "nl-curriculum", "nl-per-rank-loss", "nl-paper-init", "nl-loss-aware")
 GRIDS = ("lora", "lora-plus")
-REGIME_LABELS = {"cipher": "cipher (large shift; base 0%)", "skill": "half-learned skill (small perturbation)"}
+REGIME_LABELS = {"cipher": "cipher (large shift; base 0%)", "skill": "half-learned skill (small perturbation)",
+                 "half": "half cipher (26 of 52 letters enciphered; a rule check, not a search regime)"}
 SKILL_OP = "~"  # the rare fourth operation of the pre-training language (the ``skill`` regime)
 
 
@@ -179,9 +180,23 @@ def cipher(seed: int = 1234) -> dict[str, str]:
             return dict(zip(LETTERS, perm))
 
 
+def half_cipher(seed: int = 4321) -> dict[str, str]:
+    """A derangement of 26 of the 52 letters, the identity on the others: the ``half`` regime (the base,
+    which copies under ``=``, already gets half of the letters right)."""
+    rnd = random.Random(seed)
+    chosen = list(LETTERS)
+    rnd.shuffle(chosen)
+    chosen = chosen[:26]
+    while True:
+        perm = list(chosen)
+        rnd.shuffle(perm)
+        if all(a != b for a, b in zip(chosen, perm)):
+            return {c: c for c in LETTERS} | dict(zip(chosen, perm))
+
+
 def task_op(regime: str) -> str:
     """The operator a regime's records are written with."""
-    if regime == "cipher":
+    if regime in ("cipher", "half"):
         return "="
     if regime == "skill":
         return SKILL_OP
@@ -204,7 +219,7 @@ def task_splits(cfg: Settings, regime: str, seed: int = 99) -> dict[str, list[di
             seen.add(w)
             words.append(w)
     op = task_op(regime)
-    table = cipher() if regime == "cipher" else None
+    table = cipher() if regime == "cipher" else half_cipher() if regime == "half" else None
     recs = [{"prompt": f"{w}{op}", "completion": "".join(table[c] for c in w) if table else _op(op, w)} for w in words]
     a, b = cfg.train_examples, cfg.train_examples + cfg.val_examples
     return {"train": recs[:a], "val": recs[a:b], "test": recs[b:]}
@@ -893,8 +908,10 @@ def run(cfg: Settings, output: Path, *, force: bool = False, timing: bool = Fals
     skills_file = output / "base_skills.json"
     skills = json.loads(skills_file.read_text(encoding="utf-8")) if skills_file.exists() else {}
     if not all(f"{r} (test)" in skills.get("exact_match", {}) for r in cfg.regimes):
-        skills = {"exact_match": base_skills(cfg, base, output), "heldout_loss": base_heldout_loss(cfg, base, output)}
+        skills = {"exact_match": {**skills.get("exact_match", {}), **base_skills(cfg, base, output)},
+                  "heldout_loss": {**skills.get("heldout_loss", {}), **base_heldout_loss(cfg, base, output)}}
         skills_file.write_text(json.dumps(skills, indent=1), encoding="utf-8")
+    skills = {k: {name: v for name, v in d.items() if name in OPS.values() or name.split(" ")[0] in cfg.regimes} for k, d in skills.items()}
     logger.info("base: %s", {k: round(v, 3) for k, v in skills["exact_match"].items()})
     units = list(dict.fromkeys(unit_of(m) for m in cfg.methods))
     # one-run methods first (every regime), then the grids (six runs each): the directions' rows come early
