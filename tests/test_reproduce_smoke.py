@@ -76,6 +76,9 @@ def test_recipes_of_the_rows(reproduce) -> None:
     assert cfg.recipe("nl-per-rank-loss").changed() == {"per_rank_loss": True}
     assert cfg.recipe("nl-paper-init").changed() == {"a_init": "paper"}
     assert cfg.recipe("nl-loss-aware").changed() == {"loss_aware_ranks": 0.4}
+    assert cfg.recipe("nl-lora-plus-paper-init").changed() == {"lora_plus_ratio": 8.0, "a_init": "paper"}
+    assert cfg.recipe("nl-all").changed() == {"lora_plus_ratio": 8.0, "rank_curriculum": 0.25, "per_rank_loss": True, "a_init": "paper",
+                                              "loss_aware_ranks": 0.4}
     assert all(cfg.recipe(m).changed() == {} for m in reproduce.BASELINES)
     assert reproduce.unit_of("svd") == "lora"
 

@@ -85,11 +85,17 @@ METHODS: dict[str, Method] = {
     "nl-per-rank-loss": Method("nested-loss + per-rank loss", "nested-loss", recipe=(("per_rank_loss", True),)),
     "nl-paper-init": Method("nested-loss + paper's init of A", "nested-loss", recipe=(("a_init", "paper"),)),
     "nl-loss-aware": Method("nested-loss + loss-aware ranks", "nested-loss", recipe=(("loss_aware_ranks", "loss_aware_ranks"),)),
+    # combinations, added after the single directions were measured
+    "nl-lora-plus-paper-init": Method("nested-loss + LoRA+ + paper's init", "nested-loss",
+                                      recipe=(("lora_plus_ratio", "lora_plus_ratio"), ("a_init", "paper"))),
+    "nl-all": Method("nested-loss + all five", "nested-loss", recipe=(
+        ("lora_plus_ratio", "lora_plus_ratio"), ("rank_curriculum", "rank_curriculum"), ("per_rank_loss", True), ("a_init", "paper"),
+        ("loss_aware_ranks", "loss_aware_ranks"))),
 }
 METHOD_LABELS = {k: m.label for k, m in METHODS.items()}
 #: the methods of reproduction v2 (the baselines); the others are the directions of issue 26
 BASELINES = ("lora", "dylora", "matryoshka", "nested-loss", "nested-loss-2x", "svd")
-DIRECTIONS = ("nl-lora-plus", "nl-curriculum", "nl-per-rank-loss", "nl-paper-init", "nl-loss-aware")
+DIRECTIONS = ("nl-lora-plus", "nl-curriculum", "nl-per-rank-loss", "nl-paper-init", "nl-loss-aware", "nl-lora-plus-paper-init", "nl-all")
 GRIDS = ("lora", "lora-plus")
 REGIME_LABELS = {"cipher": "cipher (large shift; base 0%)", "skill": "half-learned skill (small perturbation)",
                  "half": "half cipher (26 of 52 letters enciphered; a rule check, not a search regime)"}
