@@ -68,6 +68,27 @@ def test_selection_uses_validation_and_reports_test(reproduce) -> None:
         assert s[g]["steps"] == 20 and s[g]["example_passes"] == 20 * cfg.batch_size
 
 
+def test_direction_verdict_is_computed_from_the_numbers(reproduce) -> None:
+    """Adopted only with a clear validation win (mean gain above the sd of the per-seed gains) in every
+    regime and a step of at most 1.05× nested-loss's."""
+    def entry(val: list[float]) -> dict:
+        return {"val_aurac": sum(val) / len(val), "val_aurac_per_seed": dict(enumerate(val)), "aurac_per_seed": dict(enumerate(val))}
+
+    def summary(skill_val: list[float], cost: float) -> dict:
+        return {"regimes": {
+            "cipher": {"methods": {"nested-loss": entry([0.50, 0.52, 0.54]), "nl-lora-plus": entry([0.60, 0.61, 0.62])}},
+            "skill": {"methods": {"nested-loss": entry([0.90, 0.90, 0.90]), "nl-lora-plus": entry(skill_val)}},
+        }, "timing": {"step_cost": {"ratio": {"nl-lora-plus": cost}}}}
+
+    (row,) = reproduce.direction_verdicts(summary([0.92, 0.93, 0.91], 1.01))
+    assert row["adopt"] and row["regimes"]["cipher"]["val_delta"] == pytest.approx(9.0) and "candidate default" in row["verdict"]
+    assert not reproduce.direction_verdicts(summary([0.92, 0.93, 0.91], 1.10))[0]["adopt"]  # too costly
+    noisy = reproduce.direction_verdicts(summary([0.95, 0.86, 0.90], 1.01))[0]  # +0.3 on average, sd 4.5: not clear
+    assert not noisy["adopt"] and "not by more than the seeds' spread" in noisy["verdict"]
+    worse = reproduce.direction_verdicts(summary([0.89, 0.89, 0.89], 1.01))[0]
+    assert not worse["adopt"] and "better on average only in cipher" in worse["verdict"]
+
+
 def test_recipes_of_the_rows(reproduce) -> None:
     """Each direction is one recipe option of the library, set from the harness's settings; the baselines have none."""
     cfg = reproduce.Settings(lora_plus_ratio=8.0, rank_curriculum=0.25, loss_aware_ranks=0.4)
@@ -123,7 +144,8 @@ def test_smoke_run(reproduce, tmp_path: Path) -> None:
     assert set(costs) == {*reproduce.DIRECTIONS, f"lora-plus r={max(cfg.grid)}"} and all(c > 0 for c in costs.values())
     for m, row in rows.items():
         assert row["step_cost"] == costs[m]
-        assert row["adopt"] == (all(v["val_delta"] > 0 for v in row["regimes"].values()) and costs[m] <= 1.05)
+        clear = all(v["val_delta"] > 0 and v["val_delta"] > v["val_delta_sd"] for v in row["regimes"].values())
+        assert row["adopt"] == (clear and costs[m] <= 1.05)
     report = (out / "report.md").read_text()
     assert "AURAC v2" in report and "nested-loss" in report and "Verdict" in report and "Cost of a training step" in report
     assert summary["base"]["exact_match"].keys() >= {"copy", "reverse", "shift", "cipher (test)", "skill (test)"}
