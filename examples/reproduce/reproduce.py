@@ -831,7 +831,9 @@ def report_markdown(summary: dict[str, Any]) -> str:
 
 
 def plot_summary(summary: dict[str, Any], path: Path) -> None:
-    """Mean test exact match vs rank (log2 axis) per method and regime, with min–max bands over seeds."""
+    """Mean test exact match vs rank (log2 axis) per method and regime, with min–max bands over seeds:
+    one row of panels for the baselines and, when there are any, one for the directions of issue 26
+    (with nested-loss and the grids for reference)."""
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -839,31 +841,38 @@ def plot_summary(summary: dict[str, Any], path: Path) -> None:
 
     cfg = summary["settings"]
     regimes = list(summary["regimes"])
-    fig = Figure(figsize=(6.5 * len(regimes), 4.8), dpi=100)
+    present = [m for m in METHODS if all(m in summary["regimes"][r]["methods"] for r in regimes)]
+    panels = [("baselines", [m for m in present if m in BASELINES or m in GRIDS])]
+    if any(m in DIRECTIONS for m in present):
+        panels.append(("directions of issue 26", [m for m in present if m in ("lora", "lora-plus", "nested-loss") or m in DIRECTIONS]))
+    panels = [(t, ms) for t, ms in panels if ms]
+    fig = Figure(figsize=(6.5 * len(regimes), 4.8 * len(panels)), dpi=100)
     FigureCanvasAgg(fig)
     ks = list(cfg["grid"])
-    for i, regime in enumerate(regimes):
-        ax = fig.add_subplot(1, len(regimes), i + 1)
-        ms = summary["regimes"][regime]["methods"]
-        for j, m in enumerate(m for m in METHODS if m in ms):
-            label = METHOD_LABELS[m]
-            pts = [_k(ms[m]["ranks"], k) for k in ks]
-            style = "--" if m in DIRECTIONS or m == "lora-plus" else "-"
-            ax.plot(ks, [p["mean"] * 100 for p in pts], marker="o", linestyle=style, color=colormaps["tab20"](j % 20), label=f"{label} ({ms[m]['aurac']['v2']['mean'] * 100:.1f})")
-            if len(cfg["seeds"]) > 1:
-                ax.fill_between(ks, [p["min"] * 100 for p in pts], [p["max"] * 100 for p in pts], alpha=0.12)
-        base = summary.get("base", {}).get("exact_match", {}).get(f"{regime} (test)")
-        if base is not None:
-            ax.axhline(base * 100, color="gray", linestyle=":", label=f"base model ({base * 100:.1f}%)")
-        ax.set_xscale("log", base=2)
-        ax.xaxis.set_major_locator(FixedLocator(ks))
-        ax.xaxis.set_minor_locator(NullLocator())
-        ax.set_xticklabels([str(k) for k in ks])
-        ax.set_xlabel("rank (log2 scale)")
-        ax.set_ylabel("test exact match (%)")
-        ax.set_title(f"{REGIME_LABELS[regime]}; legend: AURAC v2", fontsize=10)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+    colour = {m: colormaps["tab20"](j % 20) for j, m in enumerate(METHODS)}
+    for row, (title, methods) in enumerate(panels):
+        for i, regime in enumerate(regimes):
+            ax = fig.add_subplot(len(panels), len(regimes), row * len(regimes) + i + 1)
+            ms = summary["regimes"][regime]["methods"]
+            for m in methods:
+                pts = [_k(ms[m]["ranks"], k) for k in ks]
+                style = "--" if m in DIRECTIONS or m == "lora-plus" else "-"
+                ax.plot(ks, [p["mean"] * 100 for p in pts], marker="o", linestyle=style, color=colour[m],
+                        label=f"{METHOD_LABELS[m]} ({ms[m]['aurac']['v2']['mean'] * 100:.1f})")
+                if len(cfg["seeds"]) > 1:
+                    ax.fill_between(ks, [p["min"] * 100 for p in pts], [p["max"] * 100 for p in pts], color=colour[m], alpha=0.10)
+            base = summary.get("base", {}).get("exact_match", {}).get(f"{regime} (test)")
+            if base is not None:
+                ax.axhline(base * 100, color="gray", linestyle=":", label=f"base model ({base * 100:.1f}%)")
+            ax.set_xscale("log", base=2)
+            ax.xaxis.set_major_locator(FixedLocator(ks))
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.set_xticklabels([str(k) for k in ks])
+            ax.set_xlabel("rank (log2 scale)")
+            ax.set_ylabel("test exact match (%)")
+            ax.set_title(f"{REGIME_LABELS[regime]}: {title}; legend: AURAC v2", fontsize=9)
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=6.5, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, format="png")
 
