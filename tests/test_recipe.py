@@ -12,7 +12,7 @@ import torch
 
 from mlora_export.adapter import MatryoshkaConfig
 from mlora_export.errors import ConfigError
-from mlora_export.rank_schedule import curriculum_start, curriculum_weights, loss_aware_weights, update_running_losses
+from mlora_export.training.rank_schedule import curriculum_start, curriculum_weights, loss_aware_weights, update_running_losses
 from mlora_export.training import NestedRecipe, TrainSettings, add_nested_adapter
 from mlora_export.training.recipe import lora_plus_param_groups, nested_lm_loss, rank_token_counts
 from tests.common import build_model, targets_for
@@ -207,18 +207,23 @@ def test_recipe_refuses_bad_values(kwargs: dict, option: str) -> None:
     with pytest.raises(ConfigError) as e:
         NestedRecipe(**kwargs)
     assert e.value.option == option
-    with pytest.raises(ConfigError):
-        TrainSettings(**kwargs).validate()
+
+
+def test_train_settings_hold_the_recipe_as_one_object() -> None:
+    assert TrainSettings().recipe == NestedRecipe()
+    with pytest.raises(ConfigError, match="NestedRecipe") as e:
+        TrainSettings(recipe={"per_rank_loss": True}).validate()  # type: ignore[arg-type]
+    assert e.value.option == "recipe"
 
 
 @pytest.mark.parametrize("kwargs", [{"per_rank_loss": True}, {"rank_curriculum": 0.5}, {"loss_aware_ranks": 0.3}])
 def test_per_example_options_need_nested_loss(kwargs: dict) -> None:
     with pytest.raises(ConfigError, match="nested-loss"):
-        TrainSettings(method="dylora", **kwargs).validate()
+        TrainSettings(method="dylora", recipe=NestedRecipe(**kwargs)).validate()
     with pytest.raises(ConfigError, match="nested-loss"):
         _nested(NestedRecipe(**kwargs), method="lora")
     # LoRA+ and the init apply to every method
-    TrainSettings(method="lora", lora_plus_ratio=16.0, a_init="paper").validate()
+    TrainSettings(method="lora", recipe=NestedRecipe(lora_plus_ratio=16.0, a_init="paper")).validate()
     assert NestedRecipe(lora_plus_ratio=16.0, per_rank_loss=True).changed() == {"lora_plus_ratio": 16.0, "per_rank_loss": True}
 
 
@@ -265,7 +270,7 @@ def test_trainer_with_gradient_accumulation_equals_the_plain_loop(recipe: Nested
         opt.zero_grad()
 
     class InOrder(NestedTrainer):
-        def _get_train_sampler(self, *args, **kwargs):  # noqa: ANN002, ANN003
+        def _get_train_sampler(self, *args, **kwargs):
             return SequentialSampler(self.train_dataset)
 
     tr = fresh()
@@ -297,3 +302,46 @@ def test_trainer_loss_differs_from_a_per_micro_batch_normalisation() -> None:
     whole = nested_lm_loss(logits, labels, ranks, T, per_rank=True)[0]
     naive = sum(nested_lm_loss(logits[i : i + 2], labels[i : i + 2], ranks[i : i + 2], T, per_rank=True)[0] / 2 for i in (0, 2))
     assert abs(float(naive) - float(whole)) > 1e-3
+
+
+def test_supervised_positions_give_the_per_example_token_losses() -> None:
+    """The trainer's own-loss path scores the supervised positions only: the same per-example sums
+    and counts as the full logits (``token_losses``)."""
+    from mlora_export.training.recipe import token_losses
+    from mlora_export.training.trainer import supervised_token_losses
+
+    nested = _nested(NestedRecipe(per_rank_loss=True))
+    nested.model.eval()  # one diagonal for both forwards: the full rank
+    rows = _rows(6)
+    from mlora_export.data import CompletionCollator
+
+    batch = CompletionCollator(0)(rows)
+    sums, counts = supervised_token_losses(nested.model, batch)
+    logits = nested.model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    want_sums, want_counts = token_losses(logits, batch["labels"])
+    torch.testing.assert_close(sums, want_sums, rtol=1e-5, atol=1e-5)
+    assert counts.tolist() == want_counts.tolist() and min(counts.tolist()) > 0
+
+
+def test_own_loss_refuses_a_forward_whose_loss_was_not_taken_and_packed_rows() -> None:
+    """per_rank_loss computes the loss itself: a trainer that uses the model's own loss (TRL's
+    SFTTrainer) is refused at its second forward; so is a packed row (several sequences, one row)."""
+    nested = _nested(NestedRecipe(per_rank_loss=True))
+    nested.model.train()
+    ids = torch.randint(3, 96, (4, 6), generator=torch.Generator().manual_seed(3))
+    nested.train_diagonal(0)
+    nested.model(input_ids=ids, labels=ids).loss.backward()  # the model's own loss: not the recipe's
+    with pytest.raises(ConfigError, match="compute the loss themselves") as e:
+        nested.model(input_ids=ids, labels=ids)
+    assert e.value.option == "per_rank_loss"
+    fresh = _nested(NestedRecipe(per_rank_loss=True))
+    fresh.model.train()
+    fresh.train_diagonal(0)
+    packed = {"input_ids": ids[:1], "position_ids": torch.tensor([[0, 1, 2, 0, 1, 2]])}  # two sequences in one row
+    with pytest.raises(ConfigError, match="one sequence per row"):
+        fresh.model(**packed)
+    plain = _nested()  # without the recipe, the same packed row trains (each sequence its rank)
+    plain.model.train()
+    plain.train_diagonal(0)
+    plain.model(**packed)
+    assert len(plain.last_example_ranks) == 2

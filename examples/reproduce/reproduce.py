@@ -238,15 +238,19 @@ def write_jsonl(path: Path, records: list[dict[str, str]]) -> None:
 
 
 # -- pre-training --------------------------------------------------------------------------------
-def pretrain(cfg: Settings, out: Path) -> dict[str, Any]:
-    """Pre-train the base on copy / reverse / shift strings (and the rare ``~``); save it with its tokenizer."""
+def pretrain(cfg: Settings, out: Path, tokenizer: Any = None) -> dict[str, Any]:
+    """Pre-train the base on copy / reverse / shift strings (and the rare ``~``); save it with its tokenizer.
+
+    ``tokenizer``: default the character tokenizer of :mod:`mlora_export.demo.tiny`
+    (``scripts/make_demo_base.py`` passes the byte-level one the demo's GGUF and GenAI stages need).
+    """
     import torch
     from transformers import LlamaForCausalLM
 
     from mlora_export.data import CompletionCollator, Example, tokenize_examples
     from mlora_export.demo.tiny import build_char_tokenizer, tiny_llama_config
 
-    tok = build_char_tokenizer()
+    tok = tokenizer if tokenizer is not None else build_char_tokenizer()
     mcfg = tiny_llama_config(
         len(tok), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
@@ -373,11 +377,10 @@ def _train(cfg: Settings, base: Path, items: list[Any], collate: Any, method: st
 def _training_data(output: Path, regime: str) -> tuple[Any, list[Any], Any]:
     """``(tokenizer, tokenised training records, collator)`` of a regime, as every run of it trains."""
     from mlora_export.base import load_tokenizer
-    from mlora_export.data import CompletionCollator, Example, tokenize_examples
+    from mlora_export.data import CompletionCollator, read_records, tokenize_records
 
     tok = load_tokenizer(output / "base")
-    train = [json.loads(line) for line in (output / regime / "train.jsonl").read_text(encoding="utf-8").splitlines()]
-    items = tokenize_examples([Example(prompt=x["prompt"], completion=x["completion"]) for x in train], tok, 64)
+    items = tokenize_records(read_records(output / regime / "train.jsonl"), tok, 64)  # the reader and tokeniser of `train`
     return tok, items, CompletionCollator(tok.pad_token_id)
 
 
@@ -526,7 +529,7 @@ def step_costs(cfg: Settings, output: Path, regime: str = "cipher", seed: int = 
             else:
                 secs = _train(cfg, base, items, collate, METHODS[n].method, r_max, seed, lr, steps, cfg.recipe(n))[1]
             per_step[n].append(secs / steps)
-    ref = {n: "nested-loss" for n in names}
+    ref = dict.fromkeys(names, "nested-loss")
     ref.update({f"{a} r={r_max}": f"{b} r={r_max}" for a, b in pairs.items()})
     ratio = {n: [per_step[n][i] / per_step[ref[n]][i] for i in range(reps)] for n in runs if n in ref and ref[n] != n}
     return {"steps": steps, "reps": reps, "seconds_per_step": per_step, "reference": ref,
@@ -554,7 +557,7 @@ def summarise(cfg: Settings, jobs: list[dict[str, Any]]) -> dict[str, Any]:
         methods: dict[str, Any] = {}
         for m in cfg.methods:
             if METHODS[m].grid:  # each rank's lr by its mean validation exact match
-                def val_rank(lr: float, k: int, m: str = m) -> float:
+                def val_rank(lr: float, k: int, m: str = m, regime: str = regime) -> float:
                     return statistics.fmean(_k(_k(by[(regime, s, lr)][m], k)["val"], k) for s in cfg.seeds)
 
                 lr_of = {k: max(cfg.lrs, key=lambda lr, k=k: val_rank(lr, k)) for k in grid}
@@ -568,7 +571,7 @@ def summarise(cfg: Settings, jobs: list[dict[str, Any]]) -> dict[str, Any]:
                 continue
 
             def val_aurac(lr: float, m: str = m) -> float:
-                return statistics.fmean(aurac(grid, [_k(by[(regime, s, lr)][m]["val"], k) for k in grid])["v2"] for s in cfg.seeds)
+                return statistics.fmean(aurac(grid, [_k(by[(regime, s, lr)][m]["val"], k) for k in grid])["v2"] for s in cfg.seeds)  # noqa: B023 - called in this iteration
 
             best = max(cfg.lrs, key=val_aurac)
             per_seed = {s: [_k(by[(regime, s, best)][m]["test"], k) for k in grid] for s in cfg.seeds}

