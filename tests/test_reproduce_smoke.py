@@ -112,6 +112,18 @@ def test_smoke_run(reproduce, tmp_path: Path) -> None:
     job = out / "jobs" / "cipher-seed0-lr0.008" / "nested-loss.json"
     stamp = job.stat().st_mtime_ns
     assert not (out / "jobs" / "cipher-seed0-lr0.008" / "nl-curriculum.json").exists()
+    # report only: the finished rows, the others named as pending, nothing trained
+    files = sorted(p.relative_to(out) for p in (out / "jobs").rglob("*"))
+    partial = reproduce.report_only(cfg, out)
+    assert sorted(p.relative_to(out) for p in (out / "jobs").rglob("*")) == files
+    assert set(partial["regimes"]["cipher"]["methods"]) == set(first)
+    n_jobs = len(cfg.regimes) * len(cfg.seeds) * len(cfg.lrs)
+    assert partial["pending"] == {m: {"jobs": 0, "of": n_jobs} for m in cfg.methods if m not in first}
+    assert "**Pending**" in (out / "report.md").read_text()
+    with pytest.raises(SystemExit, match="no method has all its"):
+        reproduce.report_only(replace(cfg, methods=("nl-curriculum",)), out)
+    with pytest.raises(SystemExit, match="other settings"):
+        reproduce.report_only(replace(cfg, steps=9), out)
     # a rerun adds the other rows into the same output, reusing the finished jobs, and measures the step costs
     summary = reproduce.run(cfg, out, step_cost=True)
     assert job.stat().st_mtime_ns == stamp

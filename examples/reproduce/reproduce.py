@@ -821,6 +821,9 @@ def report_markdown(summary: dict[str, Any]) -> str:
                   "cost of at most 1.05×; a grid's validation AURAC v2 is that of its per-rank choices, optimistic by that selection):",
                   "", *gap, ""]
     lines += ["**Verdict (computed from the tables):**", "", *verdict(summary), ""]
+    if summary.get("pending"):
+        lines += ["**Pending** (rows left out: not all their jobs are finished; job files there / expected): " +
+                  ", ".join(f"{METHOD_LABELS[m]} {p['jobs']}/{p['of']}" for m, p in summary["pending"].items()) + ".", ""]
     base = summary.get("base")
     if base:
         skills = ", ".join(f"{k} {v * 100:.1f}%" for k, v in base["exact_match"].items())
@@ -829,7 +832,8 @@ def report_markdown(summary: dict[str, Any]) -> str:
         if base.get("heldout_loss"):
             lines.append("Base model's held-out loss on each regime's validation split (mean token cross-entropy, nats): " +
                          ", ".join(f"{k} {v:.3f}" for k, v in base["heldout_loss"].items()) + ".")
-        lines.append(f"Total run time {summary.get('total_seconds', 0) / 60:.1f} min.")
+        if "total_seconds" in summary:
+            lines.append(f"Total run time {summary['total_seconds'] / 60:.1f} min.")
     return "\n".join(lines) + "\n"
 
 
@@ -899,11 +903,77 @@ def _unit_job(args: tuple[Settings, Path, str, int, float, str]) -> dict[str, An
 _EXTENSIBLE = ("seeds", "lrs", "regimes", "workers", "methods", "step_cost_reps")
 
 
+def finished_jobs(cfg: Settings, output: Path) -> tuple[list[tuple[str, int, float, str]], dict[str, int]]:
+    """``(finished, missing)``: the (regime, seed, lr, unit) jobs of ``cfg`` whose file is in
+    ``output/jobs``, and the number of missing job files per unit."""
+    finished, missing = [], {}
+    for unit in dict.fromkeys(unit_of(m) for m in cfg.methods):
+        for regime in cfg.regimes:
+            for seed in cfg.seeds:
+                for lr in cfg.lrs:
+                    if _job_path(output, regime, seed, lr, unit).is_file():
+                        finished.append((regime, seed, lr, unit))
+                    else:
+                        missing[unit] = missing.get(unit, 0) + 1
+    return finished, missing
+
+
+def report_only(cfg: Settings, output: Path) -> dict[str, Any]:
+    """Summarise and report the methods of ``cfg`` whose jobs are all in ``output``, training nothing.
+
+    The methods with a missing job are left out and named in the report (``pending``: the number of
+    their job files there and expected); nothing else is written than ``summary.json``,
+    ``report.md`` and ``rank_curve.png`` (an earlier ``timing.json`` is reported).
+
+    Raises:
+        SystemExit: ``output`` holds no pre-trained base or jobs run with other settings, or no method is complete.
+    """
+    settings_file = output / "settings.json"
+    if not (output / "pretrain.json").is_file() or not settings_file.is_file():
+        raise SystemExit(f"error: {output} holds no finished pre-training (pretrain.json, settings.json): nothing to report")
+    fixed = {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(cfg))).items() if k not in _EXTENSIBLE}
+    old = {k: v for k, v in json.loads(settings_file.read_text(encoding="utf-8")).items() if k not in _EXTENSIBLE}
+    if old != fixed:
+        raise SystemExit(f"error: {output} holds jobs run with other settings ({', '.join(sorted(k for k in fixed if old.get(k) != fixed[k]))})")
+    unknown = [m for m in cfg.methods if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"error: unknown method(s) {', '.join(unknown)}: expected some of {', '.join(METHODS)}")
+    _, missing = finished_jobs(cfg, output)
+    expected = len(cfg.regimes) * len(cfg.seeds) * len(cfg.lrs)
+    complete = tuple(m for m in cfg.methods if unit_of(m) not in missing)
+    if not complete:
+        raise SystemExit(f"error: no method has all its {expected} jobs in {output / 'jobs'}: nothing to report")
+    pending = {m: expected - missing[unit_of(m)] for m in cfg.methods if unit_of(m) in missing}
+    cfg = dataclasses.replace(cfg, methods=complete)
+    jobs = []
+    for regime in cfg.regimes:
+        for seed in cfg.seeds:
+            for lr in cfg.lrs:
+                runs: dict[str, Any] = {}
+                for unit in dict.fromkeys(unit_of(m) for m in complete):
+                    runs.update(json.loads(_job_path(output, regime, seed, lr, unit).read_text(encoding="utf-8"))["runs"])
+                jobs.append({"regime": regime, "seed": seed, "lr": lr, "runs": {m: runs[m] for m in complete}})
+    summary = summarise(cfg, jobs)
+    if (output / "timing.json").exists():
+        summary["timing"] = json.loads((output / "timing.json").read_text(encoding="utf-8"))
+    skills_file = output / "base_skills.json"
+    skills = json.loads(skills_file.read_text(encoding="utf-8")) if skills_file.exists() else {"exact_match": {}}
+    skills = {k: {name: v for name, v in d.items() if name in OPS.values() or name.split(" ")[0] in cfg.regimes} for k, d in skills.items()}
+    summary["base"] = {"pretrain": json.loads((output / "pretrain.json").read_text(encoding="utf-8")), **skills}
+    summary["directions"] = direction_verdicts(summary)
+    summary["pending"] = {m: {"jobs": done, "of": expected} for m, done in pending.items()}
+    (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    (output / "report.md").write_text(report_markdown(summary), encoding="utf-8")
+    plot_summary(summary, output / "rank_curve.png")
+    return summary
+
+
 def run(cfg: Settings, output: Path, *, force: bool = False, timing: bool = False, step_cost: bool = False) -> dict[str, Any]:
     """Run everything into ``output`` (reusing finished jobs there unless ``force``); return the summary.
 
     ``timing`` also (re)measures :func:`time_methods` (with the step costs), ``step_cost`` only
-    :func:`step_costs`; an earlier ``timing.json`` is reported either way.
+    :func:`step_costs`; an earlier ``timing.json`` is reported either way. :func:`report_only`
+    reports the finished jobs without training.
 
     Jobs run method by method (every seed and lr of a method, then the next; the one-run methods of
     every regime before the grids), so an interrupted run leaves whole rows; a rerun resumes from the
@@ -991,6 +1061,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--force", action="store_true", help="discard an existing --output instead of reusing its finished jobs")
     ap.add_argument("--timing", action="store_true", help="also time one run of every method in turn, and the step costs (run it on an idle machine)")
     ap.add_argument("--step-cost", action="store_true", help="also measure each direction's cost per training step against nested-loss")
+    ap.add_argument("--report-only", action="store_true",
+                    help="train nothing: report the methods whose jobs are all in --output, and name the others as pending")
     ap.add_argument("--methods", type=str, default=None,
                     help="comma-separated methods to run and report (default all): " + ", ".join(METHODS))
     args = ap.parse_args(argv)
@@ -1010,7 +1082,12 @@ def main(argv: list[str] | None = None) -> int:
         over["workers"] = args.workers
     if args.methods:
         over["methods"] = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    summary = run(dataclasses.replace(cfg, **over), args.output, force=args.force, timing=args.timing, step_cost=args.step_cost)
+    if args.report_only:
+        if args.force or args.timing or args.step_cost:
+            ap.error("--report-only trains and times nothing: it takes no --force, --timing or --step-cost")
+        summary = report_only(dataclasses.replace(cfg, **over), args.output)
+    else:
+        summary = run(dataclasses.replace(cfg, **over), args.output, force=args.force, timing=args.timing, step_cost=args.step_cost)
     sys.stdout.write(report_markdown(summary))
     return 0
 

@@ -96,3 +96,6 @@ def update_running_losses(running: Sequence[float | None], sums: Sequence[float]
             mean = float(s) / float(c)
             out.append(mean if old is None else decay * old + (1.0 - decay) * mean)
     return out
+
+
+__all__ = ["LOSS_EMA_DECAY", "curriculum_start", "curriculum_weights", "loss_aware_weights", "update_running_losses"]
