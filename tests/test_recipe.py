@@ -345,3 +345,13 @@ def test_own_loss_refuses_a_forward_whose_loss_was_not_taken_and_packed_rows() -
     plain.train_diagonal(0)
     plain.model(**packed)
     assert len(plain.last_example_ranks) == 2
+
+
+def test_loss_aware_run_is_not_resumed(tmp_path) -> None:
+    """Its running per-rank losses are not in a checkpoint: a resumption is refused before anything is read."""
+    from mlora_export.training import RunOptions, train
+
+    settings = TrainSettings(train_ranks=T, max_steps=2, recipe=NestedRecipe(loss_aware_ranks=0.5))
+    with pytest.raises(ConfigError, match="cannot be resumed exactly") as e:
+        train(tmp_path / "base", tmp_path / "data.jsonl", tmp_path / "out", settings, RunOptions(resume=tmp_path / "run" / "checkpoint-1"))
+    assert e.value.option == "loss_aware_ranks" and not (tmp_path / "out").exists()
