@@ -42,6 +42,7 @@ from ..converters.hub.push import PushOptions
 from ..converters.onnx.common import OnnxExportOptions
 from ..evaluation.options import EvalOptions
 from ..params import flag_hints
+from ..training.recipe import NestedRecipe
 from ..urls import redact_url
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -88,7 +89,7 @@ _OTHER_HINTS: dict[str, str] = {
 #: What to add to a message whose ``option`` names a library parameter: the flag(s) to use.
 #: An error of type :class:`OutputExistsError` with option ``force`` gets its own wording.
 FLAG_HINTS: dict[str, str] = {
-    **flag_hints(OnnxExportOptions, EvalOptions, RankBudget, BundleOptions, PushOptions, GgufOptions),
+    **flag_hints(OnnxExportOptions, EvalOptions, RankBudget, BundleOptions, PushOptions, GgufOptions, NestedRecipe),
     **_OTHER_HINTS,
 }
 

@@ -11,8 +11,9 @@ from ..base import DTYPES
 from ..errors import ConfigError
 from ..method import SCALINGS, TRAIN_METHODS
 from ..training.pipeline import REPORTERS, TrainSettings
+from ..training.recipe import NestedRecipe
 from ._errors import handle_errors
-from ._options import FLOAT, INT, BarProgress, BaseModelArg, DataArgs, ModuleList, base_model_options, collect_into
+from ._options import FLOAT, INT, BarProgress, BaseModelArg, DataArgs, ModuleList, base_model_options, collect, collect_into, field_options
 from ._options import data_options, NumberList, RankList, echo_json, force_option, json_option, quiet_transformers_bars, stdout_to_stderr, threads_option
 
 #: The defaults of every option come from the library's settings.
@@ -34,6 +35,7 @@ _SETTINGS = {"ranks": "train_ranks", "lora_dropout": "dropout"}
                    "matryoshka: the paper's one-pass diagonal p; lora: plain LoRA at r; dylora: one sampled rank per step.")
 @click.option("--rank-weights", type=NumberList(), default=None,
               help="nested-loss only: one weight per train rank for the per-example assignment, e.g. 1,1,1,1,2,2.  [default: uniform]")
+@field_options(NestedRecipe, "lora_plus_ratio", "rank_curriculum", "per_rank_loss", "a_init", "loss_aware_ranks")
 @click.option("--scaling", type=click.Choice(list(SCALINGS)), default=_DEFAULTS.scaling, show_default=True, help="s(k) = alpha/sqrt(k), alpha/k or alpha.")
 @click.option("--alpha", type=FLOAT, default=_DEFAULTS.alpha, show_default=True, help="The alpha of s(k).")
 @click.option("--target-modules", type=ModuleList(), default=_DEFAULTS.target_modules, show_default=True,
@@ -82,7 +84,9 @@ _SETTINGS = {"ranks": "train_ranks", "lora_dropout": "dropout"}
     "batch_size", "grad_accum", "seed", "max_length", "dtype", "lora_dropout", "warmup_steps", "warmup_ratio", "gradient_checkpointing",
     "bf16", "load_in_4bit", "eval_steps", "eval_ranks", "logging_steps", "report_to", "save_steps")})
 @collect_into("run", dict, {name: name for name in ("eval_data", "eval_split", "resume", "run_dir")})
-def train(base: BaseModelArg, data: DataArgs, settings: TrainSettings, run: dict[str, Any], output: str, force: bool, as_json: bool) -> None:
+@collect(NestedRecipe, "recipe")
+def train(base: BaseModelArg, data: DataArgs, settings: TrainSettings, recipe: NestedRecipe, run: dict[str, Any], output: str, force: bool,
+          as_json: bool) -> None:
     """Train a nested adapter (nested-loss by default) on a base model and write it to --output.
 
     The data's kind is read from its records: plain text, prompt/completion, or conversations
@@ -108,7 +112,7 @@ def train(base: BaseModelArg, data: DataArgs, settings: TrainSettings, run: dict
     from ..training.pipeline import train as run_train
 
     source = data.source()
-    settings = dataclasses.replace(settings, chat_template=data.chat_template())
+    settings = dataclasses.replace(settings, chat_template=data.chat_template(), recipe=recipe)
     if run["eval_split"] is not None and run["eval_data"] is None:
         raise ConfigError("an evaluation split needs evaluation data", option="eval_data")
     eval_source = (DataSource(run["eval_data"], split=run["eval_split"], config=data.config, columns=source.columns)

@@ -53,6 +53,7 @@ from .scoring import (
     METRICS,
     RankScore,
     check_metric,
+    exact_match,
     greedy_completions,
     score_model,
     teacher_forced,
@@ -60,6 +61,7 @@ from .scoring import (
 
 __all__ = [
     "METRICS", "PLOT_NAME", "RECORD_KEY", "RESULTS_FORMAT", "RESULTS_NAME", "SINGLE_RANK_LABEL", "Curve", "EvalData",
-    "EvalExample", "EvalOptions", "EvalResult", "RankScore", "check_metric", "evaluate", "greedy_completions", "load_eval_data",
-    "plan_curves", "record_entry", "record_evaluation", "record_results", "score_model", "teacher_forced", "write_results",
+    "EvalExample", "EvalOptions", "EvalResult", "RankScore", "check_metric", "evaluate", "exact_match", "greedy_completions",
+    "load_eval_data", "plan_curves", "record_entry", "record_evaluation", "record_results", "score_model", "teacher_forced",
+    "write_results",
 ]

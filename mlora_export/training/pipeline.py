@@ -35,6 +35,7 @@ from ..progress import Progress
 from ..validate import is_finite_real, is_int
 from .distributed import cpu_training_args, engine_of
 from .heldout import heldout_loss as heldout_loss  # its home until 0.2; kept importable from here
+from .recipe import NestedRecipe
 
 if TYPE_CHECKING:
     from ..data import DataSource
@@ -50,6 +51,9 @@ class TrainSettings:
     ``batch_size`` is per process: the global batch is ``batch_size × grad_accum × processes``.
     ``rank_weights`` (``nested-loss`` only): one weight per train rank for the per-example rank
     assignment (default uniform). ``dropout`` is LoRA's dropout on the adapter's input.
+    ``recipe`` (:class:`~mlora_export.training.recipe.NestedRecipe`): how the adapter is trained
+    beyond the method (LoRA+, rank curriculum, per-rank loss, the paper's init of ``A``,
+    loss-aware rank sampling; all off by default).
 
     The run's extras, as in ``transformers``/TRL: ``gradient_checkpointing``; ``bf16`` (bfloat16
     autocast over the float32 adapter: on a GPU that has bfloat16, and on CPUs, where torch's
@@ -80,6 +84,7 @@ class TrainSettings:
     max_grad_norm: float = 1.0
     dropout: float = 0.0
     rank_weights: tuple[float, ...] | None = None
+    recipe: NestedRecipe = field(default_factory=NestedRecipe)
     dtype: str = "float32"
     gradient_checkpointing: bool = False
     logging_steps: int = 10
@@ -113,9 +118,12 @@ class TrainSettings:
         """Check every setting before any I/O; return the adapter config.
 
         Raises:
-            ConfigError: a loop setting is out of range; RankError: bad ranks.
+            ConfigError: a loop setting is out of range, or a recipe option the method cannot use; RankError: bad ranks.
         """
         cfg = self.nested_config()
+        if not isinstance(self.recipe, NestedRecipe):
+            raise ConfigError(f"recipe must be a NestedRecipe, got {type(self.recipe).__name__}", option="recipe")
+        self.recipe.check_method(cfg.method)
         if self.max_steps is None and self.epochs is None:
             raise ConfigError("give a number of epochs or a number of steps (max_steps)", option="max_steps")
         if self.max_steps is not None and (not is_int(self.max_steps) or self.max_steps < 1):
@@ -512,6 +520,9 @@ def _prepare(base_model: str | os.PathLike[str], data_path: Any, output: str | o
     settings.validate()
     if settings.eval_steps is not None and run.eval_data is None:
         raise ConfigError("eval steps need evaluation data (eval_data) to score", option="eval_data")
+    if run.resume is not None and settings.recipe.loss_aware_ranks > 0:
+        raise ConfigError("a run with loss-aware rank sampling cannot be resumed exactly: its running per-rank losses are not in "
+                          "the checkpoint; train it again from the start", option="loss_aware_ranks")
     source = as_source(data_path)
     eval_source = as_source(run.eval_data) if run.eval_data is not None else None
     given = [os.fspath(base_model), source.location, *([eval_source.location] if eval_source else []),
@@ -663,7 +674,7 @@ def _nested_model(base: Path, settings: TrainSettings, cfg: MatryoshkaConfig) ->
     if getattr(model.config, "use_cache", None):
         model.config.use_cache = False
     targets = settings.target_modules if isinstance(settings.target_modules, str) else list(settings.target_modules)
-    nested = add_nested_adapter(model, cfg, target_modules=targets, dropout=settings.dropout, seed=settings.seed)
+    nested = add_nested_adapter(model, cfg, target_modules=targets, dropout=settings.dropout, seed=settings.seed, recipe=settings.recipe)
     if settings.gradient_checkpointing:
         inner = nested.model.get_base_model()
         if hasattr(inner, "activation_checkpointing_enable"):  # transformers 5.25 renamed gradient_checkpointing_enable
@@ -698,21 +709,20 @@ def _load_quantized(base: Path, settings: TrainSettings) -> Any:
 def _make_trainer(nested: Any, settings: TrainSettings, folder: Path, features: Sequence[dict[str, list[int]]], pad_token_id: int,
                   progress: Progress | None, eval_features: Sequence[dict[str, list[int]]] | None = None) -> tuple[Any, Any]:
     """``(trainer, heldout callback or None)``: a ``transformers.Trainer`` (:mod:`.trainer`: checkpoints
-    without pickles, the loss from the supervised positions' logits only) on the nested model with
+    without pickles, the loss from the supervised positions' logits only, the nested recipe) on the nested model with
     :class:`~.callbacks.NestedRankCallback`; no log lines on stdout (the CLI's ``--json`` owns it)
     and our own progress instead of Trainer's bar."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from ..data import CompletionCollator
-    from .callbacks import HeldoutRanksCallback, NestedRankCallback, StepProgressCallback
+    from .callbacks import HeldoutRanksCallback, StepProgressCallback
     from .trainer import nested_trainer_class
 
     trainer = nested_trainer_class()(
-        model=nested.model,
+        nested,
         args=_training_arguments(settings, folder),
         train_dataset=features,
         data_collator=CompletionCollator(pad_token_id),
-        callbacks=[NestedRankCallback(nested)],
     )
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
@@ -735,8 +745,9 @@ def default_eval_ranks(train_ranks: Sequence[int]) -> tuple[int, ...]:
 
 def _training_record(settings: TrainSettings, records: Any, steps: int, world: int, targets: str | list[str]) -> dict[str, Any]:
     """The ``training`` section the adapter records: the data's name (file name, or Hub id with
-    split) and record kind, steps, learning rate, seed, global batch size and target modules."""
-    return {
+    split) and record kind, steps, learning rate, seed, global batch size, target modules and the
+    recipe options that are not the default."""
+    record: dict[str, Any] = {
         "data": records.name,
         "data_kind": records.kind,
         "steps": steps,
@@ -745,6 +756,10 @@ def _training_record(settings: TrainSettings, records: Any, steps: int, world: i
         "batch_size": settings.batch_size * settings.grad_accum * world,
         "target_modules": targets,
     }
+    recipe = settings.recipe.changed()
+    if recipe:
+        record["recipe"] = recipe
+    return record
 
 
 __all__ = ["REPORTERS", "RunOptions", "TrainResult", "TrainSettings", "check_environment", "default_eval_ranks", "heldout_loss", "train"]
