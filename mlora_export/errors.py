@@ -58,6 +58,15 @@ class DataError(MloraError, ValueError):
     """A training or evaluation data file is missing or malformed."""
 
 
+class MissingExtraError(MloraError, ImportError):
+    """An optional dependency is not installed; ``extra`` names the package extra that installs it
+    (``pip install 'mlora-export[<extra>]'``)."""
+
+    def __init__(self, message: str, *, extra: str, **fields: Any) -> None:
+        super().__init__(message, **fields)
+        self.extra = extra
+
+
 class OutputExistsError(MloraError, FileExistsError):
     """The output path exists and ``force`` was not given."""
 

@@ -86,6 +86,11 @@ FLAG_HINTS: dict[str, str] = {
     "data_split": "see --data-split",
     "data_config": "see --data-config",
     "data_columns": "see --data-columns",
+    "data": "give --data, --tasks or both",
+    "tasks": "see --tasks and --include-path",
+    "include_path": "see --include-path",
+    "num_fewshot": "see --num-fewshot",
+    "limit": "see --limit",
 }
 
 #: Signals handled like Ctrl-C while a command runs.

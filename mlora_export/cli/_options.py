@@ -96,6 +96,21 @@ class RankList(click.ParamType):
         return tuple(sorted(set(ranks)))
 
 
+class MetricName(click.ParamType):
+    """A metric: one of ours (``loss``, ``accuracy``, ``exact-match``) or an lm-eval task metric ``task:metric[:filter]``."""
+
+    name = "metric"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        from ..evaluation.scoring import METRICS
+        from ..metric_names import is_task_metric
+
+        text = str(value)
+        if text in METRICS or is_task_metric(text):
+            return text
+        self.fail(f"{text!r} is neither {', '.join(METRICS)} nor an lm-eval task metric such as gsm8k:exact_match or arc_easy:acc_norm", param, ctx)
+
+
 class NumberList(click.ParamType):
     """``--rank-weights 1,1,2`` → ``(1.0, 1.0, 2.0)``."""
 
@@ -132,9 +147,10 @@ def base_model_options(func: Callable[..., Any]) -> Callable[..., Any]:
                              "(org/name: config, tokenizer and safetensors files are downloaded into the Hugging Face cache).")(func)
 
 
-def data_options(split_default: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def data_options(split_default: str, *, required: bool = True, extra_help: str = "") -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """``--data`` (a local file or a Hub dataset id) with ``--data-split``, ``--data-config``,
-    ``--data-columns``, and the chat-data options ``--chat-template``."""
+    ``--data-columns``, and the chat-data options ``--chat-template``; ``required=False`` where the
+    command has other inputs (``eval --tasks``), ``extra_help`` ends the help of ``--data``."""
 
     def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
         func = click.option("--chat-template", "chat_template", type=click.Path(path_type=str), default=None,
@@ -146,10 +162,10 @@ def data_options(split_default: str) -> Callable[[Callable[..., Any]], Callable[
         func = click.option("--data-config", default=None, help="Config (subset) name of a Hub dataset.")(func)
         func = click.option("--data-split", default=None, help=f"Split of a Hub dataset.  [default: {split_default}]")(func)
         return click.option(
-            "--data", "data", required=True, type=click.Path(path_type=str),
+            "--data", "data", required=required, default=None, type=click.Path(path_type=str),
             help="A .jsonl, .json or .parquet file, or a Hub dataset id (org/name); one record kind per source: "
                  '{"text"}, {"prompt", "completion"} strings, {"messages": [{"role", "content"}, ...]}, or '
-                 '{"prompt": [messages], "completion": [messages]}.')(func)
+                 '{"prompt": [messages], "completion": [messages]}.' + extra_help)(func)
 
     return decorate
 

@@ -7,7 +7,6 @@ from typing import Any
 
 import click
 
-from ..evaluation.scoring import METRICS
 from ..units import human_bytes
 from ..validate import ascii_int
 from ._errors import handle_errors
@@ -16,6 +15,7 @@ from ._options import (
     AsciiFloatRange,
     AsciiIntRange,
     BarProgress,
+    MetricName,
     RankList,
     echo_json,
     echo_table,
@@ -212,10 +212,13 @@ def push_hub(source: str, repo_id: str, ranks: Any, scale_mode: str, base_model:
 @click.option("--max-latency-ms", type=AsciiFloatRange(min=0, min_open=True),
               help="With --rank auto: the per-forward latency limit, as the bundle recorded it (bundle --measure-latency).")
 @click.option("--min-score", type=FLOAT,
-              help="With --rank auto: the smallest rank whose recorded score reaches this (percent for accuracy and exact-match).")
+              help="With --rank auto: the smallest rank whose recorded score reaches this (percent for accuracy, exact-match "
+                   "and lm-eval's acc, acc_norm, exact_match, f1).")
 @click.option("--within", type=AsciiFloatRange(min=0),
               help="With --rank auto: the smallest rank within this many points of the best recorded score.")
-@click.option("--metric", type=click.Choice(list(METRICS)), help="The recorded evaluation --min-score/--within judge by (default: the first recorded).")
+@click.option("--metric", type=MetricName(),
+              help="The recorded evaluation --min-score/--within judge by: loss, accuracy, exact-match, or an lm-eval task metric "
+                   "task:metric[:filter] such as gsm8k:exact_match (default: the first recorded).")
 @click.option("--token", help="Hub token (default: HF_TOKEN, then the `hf auth login` cache). Never printed.")
 @click.option("--endpoint", help="Hub URL for private deployments and mirrors (default: HF_ENDPOINT, then huggingface.co).")
 @force_option

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -31,6 +32,7 @@ from ..progress import Progress
 from ..provenance import created_by
 from ..validate import is_int
 from .data import EvalData, load_eval_data
+from .lm_eval_tasks import LmEvalTasks, TaskSuite, metric_aurac
 from .plan import Curve, plan_curves
 from .scoring import RankScore, check_metric, score_model
 
@@ -64,10 +66,12 @@ class EvalResult:
 
     metric: str
     curves: list[Curve]
-    data: EvalData
+    data: EvalData | None
     base_model: str
     base: RankScore | None = None
     seconds: float = 0.0
+    #: the lm-eval tasks scored (``None``: none), with their metric names and settings
+    tasks: TaskSuite | None = None
     #: ``matryoshka_config.json`` files the results were recorded in (``record=True``), and the
     #: labels of curves that could not carry them (not one nested adapter folder).
     recorded: list[str] = field(default_factory=list)
@@ -75,26 +79,31 @@ class EvalResult:
 
     @property
     def higher_is_better(self) -> bool:
+        if self.tasks is not None and self.metric in self.tasks.metrics:
+            return self.tasks.metrics[self.metric].higher_is_better
         return self.metric != "loss"
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "format": RESULTS_FORMAT,
             "metric": self.metric,
             "higher_is_better": self.higher_is_better,
-            "data": self.data.describe(),
+            "data": self.data.describe() if self.data is not None else None,
             "base_model": self.base_model,
             "base": self.base.to_dict() if self.base else None,
             "adapters": [c.to_dict() for c in self.curves],
             "seconds": self.seconds,
             "created_by": created_by(),
         }
+        if self.tasks is not None:
+            out["lm_eval"] = self.tasks.describe()
+        return out
 
 
 def evaluate(
     adapters: Sequence[str | os.PathLike[str]],
     base_model: str | os.PathLike[str],
-    data_path: "str | os.PathLike[str] | DataSource",
+    data_path: "str | os.PathLike[str] | DataSource | None",
     ranks: Sequence[int] | str = "all",
     *,
     metric: str = "loss",
@@ -109,6 +118,7 @@ def evaluate(
     progress: Progress | None = None,
     chat_template: str | None = None,
     revision: str | None = None,
+    lm_eval: LmEvalTasks | None = None,
 ) -> EvalResult:
     """Evaluate every adapter at every rank on ``data_path``; per-rank scores and AURAC v1/v2 per curve.
 
@@ -116,6 +126,10 @@ def evaluate(
     :func:`~mlora_export.base.hub.resolve_base_model`); ``data_path`` a local file, a Hub dataset id
     or a :class:`~mlora_export.data.DataSource` (split ``test`` unless it names one), read by
     :func:`~.data.load_eval_data`; ``chat_template`` (Jinja text) replaces the tokenizer's template.
+    ``lm_eval`` also (or, with ``data_path=None``, only) scores each rank on lm-evaluation-harness
+    tasks (:mod:`.lm_eval_tasks`): ``metric`` is then the first task's headline metric when there
+    is no data file, every task metric gets its AURAC (``aurac_by_metric`` of each curve) and
+    ``record`` stores each of them.
 
     All inputs are validated before the base model is loaded. The base is loaded once; each adapter
     is put on it, evaluated at its ranks by switching the rank in place, and unloaded again.
@@ -128,10 +142,15 @@ def evaluate(
         BaseModelMismatchError: bad inputs (see the helpers above); ``record`` with no nested
             adapter folder among ``adapters`` (ConfigError).
         HubInputError, HubError: a Hub model or dataset that cannot be read.
+        MissingExtraError: ``lm_eval`` given but lm-eval is not installed.
     """
-    from .report import record_entry, record_evaluation
+    from .report import record_entries, record_evaluations
 
     _check_scoring_options(metric, batch_size, max_new_tokens)
+    if data_path is None and lm_eval is None:
+        raise ConfigError("nothing to evaluate on: give a data file, lm-eval tasks, or both", option="data")
+    if lm_eval is not None:
+        lm_eval.check()
     t0 = time.perf_counter()
     curves = plan_curves(adapters, ranks)
     if record and not any(c.recordable for c in curves):
@@ -145,24 +164,31 @@ def evaluate(
     check_base_model_dir(base_dir)
     tokenizer = load_tokenizer(tokenizer_dir if tokenizer_dir is not None else base_dir, hint="save one there", option="tokenizer_dir")
     max_len = _max_positions(base_dir)
-    data = load_eval_data(data_path, tokenizer, max_length=max_len, max_examples=max_examples, chat_template=chat_template)  # before loading weights
-    if metric == "exact-match" and not data.generates:
+    data = None if data_path is None else load_eval_data(data_path, tokenizer, max_length=max_len, max_examples=max_examples, chat_template=chat_template)  # before loading weights
+    if metric == "exact-match" and data is not None and not data.generates:
         raise DataError(f"{data.source or data.path}: exact-match needs {{\"prompt\", \"completion\"}} or conversation records, the file has "
                         "{\"text\"} records; use metric loss or accuracy", option="metric")
+    suite = None if lm_eval is None else TaskSuite.prepare(
+        lm_eval, tokenizer_dir if tokenizer_dir is not None else base_dir, batch_size=batch_size, chat_template=chat_template)
     model = load_base_model(base_dir, dtype, device=device or _default_device())
     for c in curves:
         for a, _ in c.members:
             check_fits(a, model, base=str(base_model))
     total = sum(len(ks) for c in curves for _, ks in c.members) + int(with_base)
-    score = _Scorer(tokenizer, data, {"metric": metric, "batch_size": batch_size, "max_new_tokens": max_new_tokens}, total, progress)
+    score = _Scorer(tokenizer, data, {"metric": metric, "batch_size": batch_size, "max_new_tokens": max_new_tokens}, total, progress, suite)
     base_score = score(model, 0) if with_base else None
     for c in curves:
         model = _score_curve(model, c, score)
-    result = EvalResult(metric, curves, data, str(base_model), base_score, time.perf_counter() - t0)
+        if suite is not None:
+            c.aurac_by_metric = {**({metric: c.aurac} if data is not None else {}),
+                                 **{n: metric_aurac([p.rank for p in c.points], [p.tasks[n]["value"] for p in c.points if p.tasks is not None])
+                                    for n in suite.metrics}}
+    result = EvalResult(metric if data is not None else suite.primary, curves, data, str(base_model), base_score,  # type: ignore[union-attr]
+                        time.perf_counter() - t0, tasks=suite)
     if record:
         for c in curves:
             if c.recordable:
-                result.recorded.append(str(record_evaluation(c.path, record_entry(result, c))))
+                result.recorded.append(str(record_evaluations(c.path, record_entries(result, c))))
             else:
                 result.not_recorded.append(c.label)
     return result
@@ -185,12 +211,27 @@ class _Scorer:
     """Scores one model at one rank on the evaluation data (:func:`~.scoring.score_model`) and
     reports ``progress(done, total)`` in scored ranks."""
 
-    def __init__(self, tokenizer: Any, data: EvalData, options: dict[str, Any], total: int, progress: Progress | None) -> None:
-        self.tokenizer, self.data, self.options = tokenizer, data, options
+    def __init__(self, tokenizer: Any, data: EvalData | None, options: dict[str, Any], total: int, progress: Progress | None,
+                 tasks: TaskSuite | None = None) -> None:
+        self.tokenizer, self.data, self.options, self.tasks = tokenizer, data, options, tasks
         self.total, self.done, self.progress = total, 0, progress
 
+    @property
+    def metric(self) -> str:
+        return self.options["metric"] if self.data is not None or self.tasks is None else self.tasks.primary
+
     def __call__(self, model: Any, rank: int) -> RankScore:
-        point = score_model(model, self.tokenizer, self.data, rank=rank, **self.options)
+        t0 = time.perf_counter()
+        if self.data is not None:
+            point = score_model(model, self.tokenizer, self.data, rank=rank, **self.options)
+        else:
+            point = RankScore(rank, math.nan, None, None, None, None, None, None, 0.0)
+        if self.tasks is not None:
+            point.tasks = self.tasks.score(model, rank)
+            if self.data is None:
+                value = point.tasks[self.tasks.primary]["value"]
+                point.score = math.nan if value is None else value
+            point.seconds = time.perf_counter() - t0
         self.done += 1
         if self.progress:
             self.progress(self.done, self.total)
@@ -210,7 +251,7 @@ def _score_curve(model: Any, curve: Curve, score: _Scorer) -> Any:
                 point = score(handle.model, k)
                 point.adapter = str(adapter.path)
                 curve.points.append(point)
-                logger.info("%s rank %d: %s = %.6g", curve.label, k, score.options["metric"], point.score)
+                logger.info("%s rank %d: %s = %.6g", curve.label, k, score.metric, point.score)
         finally:
             handle.remove()
             model = handle.model.unload()
