@@ -120,7 +120,8 @@ def eval_(
     task_options = {"--num-fewshot": num_fewshot, "--limit": limit, "--apply-chat-template": apply_chat_template or None,
                     "--include-path": include_path or None}
     if tasks is None and any(v is not None for v in task_options.values()):
-        raise click.UsageError(f"{', '.join(k for k, v in task_options.items() if v is not None)} only apply with --tasks")
+        given = [k for k, v in task_options.items() if v is not None]
+        raise click.UsageError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} only with --tasks")
     if data is None and tasks is None:
         raise click.UsageError("nothing to evaluate on: give --data, --tasks, or both")
     check_output_path(output, force)
