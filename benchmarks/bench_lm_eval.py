@@ -1,0 +1,204 @@
+"""`mlora-export eval --tasks` (lm-eval on one loaded model, ranks switched in place) vs one
+`lm_eval` run per rank on that rank's PEFT slice (each a fresh process, as a user would run them).
+
+The model is SmolLM2-135M-Instruct (the bf16 folder of ``mlora_export.base.packaged``; set
+``MLORA_SMOLLM2_DIR`` or pass ``--base``). The task is a custom lm-eval task over a local JSONL
+(no downloads): three-digit additions, "What is 123 + 456? Answer:", scored by generation and
+exact match of the first number (a strict-match filter, as GSM8K's); a second, multiple-choice
+task over the same questions (the right sum against three near misses, log-likelihood accuracy)
+is written too, for the per-rank numbers with ``--both-tasks``.
+
+The adapter is trained here, once (kept in ``--work`` for reruns): ``mlora-export train``,
+nested-loss, ranks 1,2,4,8,16,32, all-linear, on 600 additions disjoint from the task's.
+``mlora-export slice`` then writes the six PEFT slices.
+
+Timed, each as a subprocess from a cold start, one after the other:
+
+- ours: ``mlora-export eval NESTED --base-model BASE --tasks add_gen --include-path TASKS
+  --ranks 1,2,4,8,16,32 ...`` (one process, one base load);
+- lm-eval: six ``lm_eval --model hf --model_args pretrained=BASE,peft=SLICE ... --tasks add_gen
+  --include_path TASKS`` runs, one per slice.
+
+Both use the same batch size, device (cpu), dtype (the folder's, bfloat16) and ``--limit``; the
+per-rank scores of the two must be equal (checked, printed). The machine's load is printed before
+and after.
+
+    python benchmarks/bench_lm_eval.py --work /tmp/bench-lm-eval            # trains once (~3 min), then times
+    python benchmarks/bench_lm_eval.py --work /tmp/bench-lm-eval --limit 50 # a shorter run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RANKS = (1, 2, 4, 8, 16, 32)
+TASK = "add_gen"
+
+GEN_YAML = """task: add_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+output_type: generate_until
+test_split: test
+num_fewshot: 0
+doc_to_text: "What is {{{{a}}}} + {{{{b}}}}? Answer:"
+doc_to_target: "{{{{sum}}}}"
+generation_kwargs:
+  until: ["\\n", "<|im_end|>"]
+  max_gen_toks: 8
+  do_sample: false
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+filter_list:
+  - name: strict-match
+    filter:
+      - function: regex
+        regex_pattern: "(-?[0-9]+)"
+      - function: take_first
+metadata:
+  version: 1.0
+"""
+
+MC_YAML = """task: add_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+output_type: multiple_choice
+test_split: test
+num_fewshot: 0
+doc_to_text: "What is {{{{a}}}} + {{{{b}}}}? Answer:"
+doc_to_target: label
+doc_to_choice: choices
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+
+
+def sh(cmd: list[str], log: Path) -> float:
+    """Run ``cmd`` (output to ``log``); return its wall seconds; raise on failure."""
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"}).returncode
+    if rc != 0:
+        sys.exit(f"failed ({rc}): {' '.join(cmd)}; see {log}")
+    return time.perf_counter() - t0
+
+
+def write_data(work: Path) -> None:
+    """600 training additions, 200 task additions (disjoint), and the two task YAMLs."""
+    rnd = random.Random(0)
+    pairs: set[tuple[int, int]] = set()
+    while len(pairs) < 800:
+        pairs.add((rnd.randint(100, 499), rnd.randint(100, 499)))
+    pairs_l = sorted(pairs)
+    rnd.shuffle(pairs_l)
+    train, test = pairs_l[:600], pairs_l[600:]
+    with open(work / "train.jsonl", "w") as f:
+        for a, b in train:
+            f.write(json.dumps({"prompt": f"What is {a} + {b}? Answer:", "completion": f" {a + b}"}) + "\n")
+    with open(work / "test.jsonl", "w") as f:
+        for i, (a, b) in enumerate(test):
+            s = a + b
+            wrong = [s + 1, s - 10, s + 100]
+            choices = [f" {x}" for x in wrong]
+            choices.insert(i % 4, f" {s}")
+            f.write(json.dumps({"a": a, "b": b, "sum": s, "choices": choices, "label": i % 4}) + "\n")
+    tasks = work / "tasks"
+    tasks.mkdir(exist_ok=True)
+    (tasks / "add_gen.yaml").write_text(GEN_YAML.format(data=work / "test.jsonl"))
+    (tasks / "add_mc.yaml").write_text(MC_YAML.format(data=work / "test.jsonl"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base", default=os.environ.get("MLORA_SMOLLM2_DIR", "/tmp/mcache/smollm2-135m-instruct-bfloat16"))
+    ap.add_argument("--work", default="/tmp/bench-lm-eval")
+    ap.add_argument("--limit", type=int, default=100, help="task documents per rank")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--train-steps", type=int, default=150)
+    ap.add_argument("--both-tasks", action="store_true", help="also score add_mc (our path only, with the base model), for the numbers")
+    args = ap.parse_args()
+    base, work = Path(args.base), Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    cli = [sys.executable, "-m", "mlora_export"]
+    lm_eval = shutil.which("lm_eval") or sys.exit("lm_eval not found: pip install 'mlora-export[lm-eval]'")
+
+    write_data(work)
+    nested, slices = work / "nested", work / "slices"
+    if not nested.exists():
+        t = sh(cli + ["train", "--base-model", str(base), "--data", str(work / "train.jsonl"), "--ranks", ",".join(map(str, RANKS)),
+                      "--max-steps", str(args.train_steps), "--batch-size", "8", "--lr", "2e-3", "--seed", "0",
+                      "--output", str(nested)], work / "train.log")
+        print(f"trained {nested} in {t:.0f} s ({args.train_steps} steps)")
+    if not slices.exists():
+        sh(cli + ["slice", str(nested), "--ranks", ",".join(map(str, RANKS)), "--output", str(slices)], work / "slice.log")
+
+    load_before = os.getloadavg()
+    common = ["--batch-size", str(args.batch_size)]
+    out = work / "ours"
+    t_ours = sh(cli + ["eval", str(nested), "--base-model", str(base), "--tasks", TASK, "--include-path", str(work / "tasks"),
+                       "--ranks", ",".join(map(str, RANKS)), "--limit", str(args.limit), "--device", "cpu", *common,
+                       "--output", str(out), "--force"], work / "ours.log")
+    ours = json.loads((out / "results.json").read_text())
+    ours_scores = {p["rank"]: p["tasks"][f"{TASK}:exact_match"]["value"] for p in ours["adapters"][0]["ranks"]}
+
+    t_theirs, theirs_scores = [], {}
+    for k in RANKS:
+        o = work / f"lm_eval_r{k}"
+        shutil.rmtree(o, ignore_errors=True)
+        t_theirs.append(sh([lm_eval, "--model", "hf", "--model_args", f"pretrained={base},peft={slices / f'r{k}'}",
+                            "--tasks", TASK, "--include_path", str(work / "tasks"), "--limit", str(args.limit),
+                            "--device", "cpu", "--batch_size", str(args.batch_size), "--output_path", str(o)], work / f"lm_eval_r{k}.log"))
+        res = json.loads(next(o.rglob("results_*.json")).read_text())
+        theirs_scores[k] = res["results"][TASK]["exact_match,strict-match"]
+    load_after = os.getloadavg()
+
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
+          f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f} (1 min)")
+    print(f"{'rank':>4}  {'ours':>8}  {'lm_eval':>8}")
+    for k in RANKS:
+        print(f"{k:>4}  {ours_scores[k]:8.3f}  {theirs_scores[k]:8.3f}{'' if ours_scores[k] == theirs_scores[k] else '  DIFFERENT'}")
+    total = sum(t_theirs)
+    print(f"ours (one process, one base load, 6 ranks): {t_ours:.1f} s")
+    print(f"lm_eval x6 (fresh process per slice): {total:.1f} s ({', '.join(f'{t:.1f}' for t in t_theirs)})")
+    print(f"speed-up: {total / t_ours:.2f}x")
+    summary = {"model": str(base), "task": TASK, "limit": args.limit, "batch_size": args.batch_size, "ranks": list(RANKS),
+               "ours_s": t_ours, "lm_eval_s": t_theirs, "ratio": total / t_ours, "ours": ours_scores, "lm_eval": theirs_scores,
+               "equal": ours_scores == theirs_scores, "load_before": load_before, "load_after": load_after}
+    (work / "summary.json").write_text(json.dumps(summary, indent=2))
+
+    if args.both_tasks:
+        out2 = work / "ours-both"
+        t = sh(cli + ["eval", str(nested), "--base-model", str(base), "--tasks", f"{TASK},add_mc", "--include-path", str(work / "tasks"),
+                      "--ranks", ",".join(map(str, RANKS)), "--limit", str(args.limit), "--with-base", "--device", "cpu", *common,
+                      "--output", str(out2), "--force"], work / "ours-both.log")
+        both = json.loads((out2 / "results.json").read_text())
+        names = both["lm_eval"]["headlines"] + (["tasks:mean"] if "tasks:mean" in both["lm_eval"]["metrics"] else [])
+        print(f"\nboth tasks, with the base model (ours, {t:.0f} s):")
+        print(f"{'rank':>4}  " + "  ".join(f"{n:>22}" for n in names))
+        for p in [both["base"], *both["adapters"][0]["ranks"]]:
+            print(f"{p['rank']:>4}  " + "  ".join(f"{p['tasks'][n]['value']:22.3f}" for n in names))
+        for n in names:
+            au = both["adapters"][0]["aurac_by_metric"][n]
+            print(f"AURAC {n}: v1 {au['v1']:.3f}, v2 {au['v2']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
