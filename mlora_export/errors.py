@@ -58,15 +58,6 @@ class DataError(MloraError, ValueError):
     """A training or evaluation data file is missing or malformed."""
 
 
-class MissingExtraError(MloraError, ImportError):
-    """An optional dependency is not installed; ``extra`` names the package extra that installs it
-    (``pip install 'mlora-export[<extra>]'``)."""
-
-    def __init__(self, message: str, *, extra: str, **fields: Any) -> None:
-        super().__init__(message, **fields)
-        self.extra = extra
-
-
 class OutputExistsError(MloraError, FileExistsError):
     """The output path exists and ``force`` was not given."""
 
@@ -110,6 +101,23 @@ class IntegrityError(MloraError, ValueError):
 
 class RemoteIntegrityError(IntegrityError):
     """A file fetched from the Hub does not match the bundle's manifest (corrupt or changed remote copy)."""
+
+
+class MissingDependencyError(MloraError, ImportError):
+    """An optional package that a requested feature needs is not installed (``package`` names it)."""
+
+    def __init__(self, message: str, *, package: str, **fields: Any) -> None:
+        super().__init__(message, **fields)
+        self.package = package
+
+
+class MissingExtraError(MissingDependencyError):
+    """An optional dependency that one of the package's extras installs is missing; ``extra``
+    names it (``pip install 'mlora-export[<extra>]'``)."""
+
+    def __init__(self, message: str, *, package: str, extra: str, **fields: Any) -> None:
+        super().__init__(message, package=package, **fields)
+        self.extra = extra
 
 
 class UnsupportedArchitectureError(ConfigError):

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 
 from mlora_export.cli.main import main
 from mlora_export.errors import ConfigError, MissingExtraError, RankError
-from mlora_export.evaluation import LmEvalTasks, evaluate
+from mlora_export.evaluation import EvalOptions, LmEvalTasks, evaluate
 from mlora_export.evaluation.lm_eval_tasks import read_metrics
 from mlora_export.metric_names import TASKS_MEAN, is_fraction, parse_task_metric
 from mlora_export.method import aurac
@@ -199,7 +199,8 @@ def test_scores_equal_lm_eval_hflm_on_peft_slices_and_the_base_is_loaded_once(lm
     monkeypatch.setattr(ev, "load_base_model", counting_load)
     monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(counting_from_pretrained))
     spec = LmEvalTasks(TASKS, num_fewshot=FEWSHOT, limit=LIMIT, task_manager=lm["tm"])
-    res = evaluate([lm["nested"], lm["slices"]], lm["base"], None, RANKS, lm_eval=spec, with_base=True, batch_size=BATCH, device="cpu")
+    res = evaluate([lm["nested"], lm["slices"]], lm["base"], None, RANKS,
+                   EvalOptions(lm_eval=spec, with_base=True, batch_size=BATCH, device="cpu"))
     monkeypatch.undo()
     assert loads == ["load_base_model", "LlamaForCausalLM.from_pretrained"], loads
 
@@ -302,7 +303,9 @@ def test_cli_data_and_tasks_record_bundle_and_pull_by_a_task_metric(lm: dict[str
 @pytest.mark.parametrize(("extra", "message"), [
     (["--tasks", "tiny_mc", "--ranks", "1,16"], "rank 16 above the max rank of every adapter given (8)"),
     (["--tasks", "tiny_mc,no_such_task"], "lm-eval knows no task, group or tag 'no_such_task'"),
-    (["--tasks", "tiny_mc,", "--ranks", "2"], "tasks must be a non-empty list"),
+    (["--tasks", "tiny_mc,", "--ranks", "2"], "'tiny_mc,' has an empty name"),
+    (["--tasks", "tiny_mc", "--ranks", "0,2"], "rank 0 in '0,2' must be at least 1"),
+    (["--limit", "3", "--apply-chat-template", "--data", "x.jsonl"], "--limit, --apply-chat-template apply only with --tasks"),
     (["--tasks", "tiny_mc", "--include-path", "/no/such/folder"], "is not a folder of task YAML files"),
     (["--num-fewshot", "2", "--data", "x.jsonl"], "--num-fewshot applies only with --tasks"),
     ([], "nothing to evaluate on: give --data, --tasks, or both"),
@@ -319,7 +322,7 @@ def test_cli_bad_input_exits_2_in_one_line_and_writes_nothing(lm: dict[str, Any]
 def test_missing_lm_eval_names_the_extra(lm: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` now fails as when it is not installed
     with pytest.raises(MissingExtraError) as e:
-        evaluate([lm["nested"]], lm["base"], None, RANKS, lm_eval=LmEvalTasks(("tiny_mc",)), device="cpu")
+        evaluate([lm["nested"]], lm["base"], None, RANKS, EvalOptions(lm_eval=LmEvalTasks(("tiny_mc",)), device="cpu"))
     assert e.value.extra == "lm-eval"
     res = run("eval", lm["nested"], "--base-model", lm["base"], "--tasks", "tiny_mc", "--output", tmp_path / "out")
     assert res.exit_code == 2 and "pip install 'mlora-export[lm-eval]'" in res.stderr and res.stderr.strip().count("\n") == 0
@@ -334,8 +337,11 @@ def test_library_refuses_bad_settings_before_loading(lm: dict[str, Any]) -> None
                         (LmEvalTasks(("tiny_mc",), limit=0), "limit"),
                         (LmEvalTasks(("tiny_mc",), include_path=(str(lm["tasks"]),), task_manager=tm), "not both")):
         with pytest.raises(ConfigError, match=match):
-            evaluate([lm["nested"]], lm["base"], None, RANKS, lm_eval=spec, device="cpu")
+            evaluate([lm["nested"]], lm["base"], None, RANKS, EvalOptions(lm_eval=spec, device="cpu"))
+    for spec, match in ((LmEvalTasks(), "non-empty list"), (LmEvalTasks(("tiny_mc", "")), "non-empty list")):
+        with pytest.raises(ConfigError, match=match):
+            evaluate([lm["nested"]], lm["base"], None, RANKS, EvalOptions(lm_eval=spec, device="cpu"))
     with pytest.raises(ConfigError, match="nothing to evaluate on"):
-        evaluate([lm["nested"]], lm["base"], None, RANKS, device="cpu")
+        evaluate([lm["nested"]], lm["base"], None, RANKS, EvalOptions(device="cpu"))
     with pytest.raises(RankError, match="above the max rank"):
-        evaluate([lm["nested"]], lm["base"], None, (2, 9), lm_eval=LmEvalTasks(("tiny_mc",), task_manager=tm), device="cpu")
+        evaluate([lm["nested"]], lm["base"], None, (2, 9), EvalOptions(lm_eval=LmEvalTasks(("tiny_mc",), task_manager=tm), device="cpu"))

@@ -76,7 +76,7 @@ def test_smoke_run(reproduce, tmp_path: Path) -> None:
     for regime in cfg.regimes:
         methods = on_disk["regimes"][regime]["methods"]
         assert set(methods) == set(reproduce.METHOD_LABELS)
-        for name, m in methods.items():
+        for m in methods.values():
             assert sorted(int(k) for k in m["ranks"]) == list(cfg.grid)
             assert 0.0 <= m["aurac"]["v2"]["mean"] <= 1.0
             assert m["train_seconds"]["mean"] > 0

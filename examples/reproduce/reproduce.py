@@ -174,15 +174,19 @@ def write_jsonl(path: Path, records: list[dict[str, str]]) -> None:
 
 
 # -- pre-training --------------------------------------------------------------------------------
-def pretrain(cfg: Settings, out: Path) -> dict[str, Any]:
-    """Pre-train the base on copy / reverse / shift strings (and the rare ``~``); save it with its tokenizer."""
+def pretrain(cfg: Settings, out: Path, tokenizer: Any = None) -> dict[str, Any]:
+    """Pre-train the base on copy / reverse / shift strings (and the rare ``~``); save it with its tokenizer.
+
+    ``tokenizer``: default the character tokenizer of :mod:`mlora_export.demo.tiny`
+    (``scripts/make_demo_base.py`` passes the byte-level one the demo's GGUF and GenAI stages need).
+    """
     import torch
     from transformers import LlamaForCausalLM
 
     from mlora_export.data import CompletionCollator, Example, tokenize_examples
     from mlora_export.demo.tiny import build_char_tokenizer, tiny_llama_config
 
-    tok = build_char_tokenizer()
+    tok = tokenizer if tokenizer is not None else build_char_tokenizer()
     mcfg = tiny_llama_config(
         len(tok), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
@@ -416,7 +420,7 @@ def summarise(cfg: Settings, jobs: list[dict[str, Any]]) -> dict[str, Any]:
                                  steps=sum(_k(by[(regime, cfg.seeds[0], lr_of[k])]["lora"], k)["steps"] for k in grid))
         for m in ("dylora", "matryoshka", "nested-loss", "nested-loss-2x", "svd"):
             def val_aurac(lr: float, m: str = m) -> float:
-                return statistics.fmean(aurac(grid, [_k(by[(regime, s, lr)][m]["val"], k) for k in grid])["v2"] for s in cfg.seeds)
+                return statistics.fmean(aurac(grid, [_k(by[(regime, s, lr)][m]["val"], k) for k in grid])["v2"] for s in cfg.seeds)  # noqa: B023 - called in this iteration
 
             best = max(cfg.lrs, key=val_aurac)
             per_seed = {s: [_k(by[(regime, s, best)][m]["test"], k) for k in grid] for s in cfg.seeds}

@@ -2,32 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import click
 
 from ..base import DTYPES
+from ..errors import ConfigError
 from ..method import SCALINGS, TRAIN_METHODS
-from ..training.pipeline import TrainSettings
+from ..training.pipeline import REPORTERS, TrainSettings
 from ._errors import handle_errors
-from ._options import (
-    FLOAT,
-    INT,
-    BarProgress,
-    ModuleList,
-    base_model_options,
-    data_options,
-    NumberList,
-    RankList,
-    echo_json,
-    force_option,
-    json_option,
-    maybe_torch_threads,
-    quiet_transformers_bars,
-    stdout_to_stderr,
-    threads_option,
-)
+from ._options import FLOAT, INT, BarProgress, BaseModelArg, DataArgs, ModuleList, base_model_options, collect_into
+from ._options import data_options, NumberList, RankList, echo_json, force_option, json_option, quiet_transformers_bars, stdout_to_stderr, threads_option
 
 #: The defaults of every option come from the library's settings.
 _DEFAULTS = TrainSettings()
+#: The options whose name is not their field's in :class:`TrainSettings`.
+_SETTINGS = {"ranks": "train_ranks", "lora_dropout": "dropout"}
 
 
 @click.command("train")
@@ -55,16 +46,43 @@ _DEFAULTS = TrainSettings()
 @click.option("--seed", type=INT, default=_DEFAULTS.seed, show_default=True, help="Seed of the adapter init, the data order and DyLoRA's sampling.")
 @click.option("--max-length", type=INT, default=_DEFAULTS.max_length, show_default=True, help="Truncate examples to this many tokens.")
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default=_DEFAULTS.dtype, show_default=True, help="Dtype of the base model.")
+@click.option("--lora-dropout", type=FLOAT, default=_DEFAULTS.dropout, show_default=True, help="LoRA dropout on the adapter's input, in [0, 1).")
+@click.option("--warmup-steps", type=INT, default=_DEFAULTS.warmup_steps, show_default=True, help="Linear learning-rate warmup, in steps.")
+@click.option("--warmup-ratio", type=FLOAT, default=_DEFAULTS.warmup_ratio, show_default=True,
+              help="Linear learning-rate warmup as a share of the steps, in [0, 1) (instead of --warmup-steps).")
+@click.option("--gradient-checkpointing", is_flag=True, default=_DEFAULTS.gradient_checkpointing,
+              help="Recompute activations in the backward pass: less activation memory, one more forward pass of each layer per step.")
+@click.option("--bf16", is_flag=True, default=_DEFAULTS.bf16,
+              help="bfloat16 mixed precision (autocast; the adapter stays float32): GPUs with bfloat16 (Ampere+) and CPUs "
+                   "(emulated, slower than float32, on CPUs without AVX512-BF16/AMX).")
+@click.option("--load-in-4bit", is_flag=True, default=_DEFAULTS.load_in_4bit,
+              help="QLoRA: quantise the frozen base to 4-bit NF4 with bitsandbytes (needs a bitsandbytes with a backend for this device).")
+@click.option("--eval-data", type=click.Path(path_type=str), default=None,
+              help="Held-out data (a file or a Hub dataset id, read like --data with its --data-config and --data-columns): "
+                   "its loss at --eval-ranks is logged every --eval-steps and at the end.")
+@click.option("--eval-split", default=None, help="Split of a Hub --eval-data.  [default: test]")
+@click.option("--eval-steps", type=INT, default=_DEFAULTS.eval_steps, help="Score --eval-data every this many steps.  [default: at the end only]")
+@click.option("--eval-ranks", type=RankList(allow_all=False), default=None,
+              help="Ranks to score --eval-data at.  [default: the smallest, a middle and the largest train rank]")
+@click.option("--logging-steps", type=INT, default=_DEFAULTS.logging_steps, show_default=True,
+              help="Record the training loss every this many steps (in --json's losses and --report-to).")
+@click.option("--report-to", type=click.Choice(list(REPORTERS)), default=_DEFAULTS.report_to, show_default=True,
+              help="Send the training logs to TensorBoard (logs in --run-dir) or Weights & Biases, as transformers does.")
+@click.option("--save-steps", type=INT, default=_DEFAULTS.save_steps, help="Write a checkpoint to --run-dir every this many steps (resume with --resume).")
+@click.option("--resume", type=click.Path(path_type=str), default=None,
+              help="Continue the run that wrote this checkpoint-N folder, exactly (same settings and data).")
+@click.option("--run-dir", type=str, default=None,
+              help="Folder for checkpoints and TensorBoard logs.  [default: <output>-run, or the folder of --resume]")
 @threads_option
 @force_option
 @json_option
 @handle_errors
-def train(
-    base_model: str, revision: str | None, data: str, data_split: str | None, data_config: str | None, data_columns: str | None,
-    chat_template: str | None, train_on_prompt: bool, ranks: tuple[int, ...], max_rank: int | None, output: str, method: str, scaling: str,
-    rank_weights: tuple[float, ...] | None, alpha: float, target_modules: str | tuple[str, ...], epochs: float, max_steps: int | None, lr: float, batch_size: int, grad_accum: int,
-    seed: int, max_length: int, dtype: str, threads: int | None, force: bool, as_json: bool,
-) -> None:
+@collect_into("settings", TrainSettings, {name: _SETTINGS.get(name, name) for name in (
+    "train_on_prompt", "ranks", "max_rank", "method", "rank_weights", "scaling", "alpha", "target_modules", "epochs", "max_steps", "lr",
+    "batch_size", "grad_accum", "seed", "max_length", "dtype", "lora_dropout", "warmup_steps", "warmup_ratio", "gradient_checkpointing",
+    "bf16", "load_in_4bit", "eval_steps", "eval_ranks", "logging_steps", "report_to", "save_steps")})
+@collect_into("run", dict, {name: name for name in ("eval_data", "eval_split", "resume", "run_dir")})
+def train(base: BaseModelArg, data: DataArgs, settings: TrainSettings, run: dict[str, Any], output: str, force: bool, as_json: bool) -> None:
     """Train a nested adapter (nested-loss by default) on a base model and write it to --output.
 
     The data's kind is read from its records: plain text, prompt/completion, or conversations
@@ -82,20 +100,22 @@ def train(
       mlora-export train --base-model HuggingFaceTB/SmolLM2-135M-Instruct \\
           --data HuggingFaceH4/no_robots --data-columns messages=messages \\
           --ranks 1,2,4,8,16 --output ./nested --max-length 1024
+      mlora-export train ... --save-steps 100            # checkpoints in ./nested-run
+      mlora-export train ... --resume ./nested-run/checkpoint-300
     """
-    from ..data import DataSource, parse_columns, read_chat_template
+    from ..data import DataSource
+    from ..training.pipeline import RunOptions
     from ..training.pipeline import train as run_train
 
-    source = DataSource(data, split=data_split, config=data_config, columns=parse_columns(data_columns))
-    template = read_chat_template(chat_template) if chat_template is not None else None
-    settings = TrainSettings(
-        method=method, rank_weights=rank_weights, train_ranks=tuple(ranks), max_rank=max_rank, scaling=scaling, alpha=alpha,
-        target_modules=target_modules,
-        epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum, seed=seed,
-        max_length=max_length, dtype=dtype, train_on_prompt=train_on_prompt, chat_template=template,
-    )
-    with stdout_to_stderr(), maybe_torch_threads(threads), quiet_transformers_bars(), BarProgress("training", unit="step") as bar:
-        result = run_train(base_model, source, output, settings, force=force, progress=bar, revision=revision)
+    source = data.source()
+    settings = dataclasses.replace(settings, chat_template=data.chat_template())
+    if run["eval_split"] is not None and run["eval_data"] is None:
+        raise ConfigError("an evaluation split needs evaluation data", option="eval_data")
+    eval_source = (DataSource(run["eval_data"], split=run["eval_split"], config=data.config, columns=source.columns)
+                   if run["eval_data"] is not None else None)
+    options = RunOptions(revision=base.revision, eval_data=eval_source, resume=run["resume"], run_dir=run["run_dir"])
+    with stdout_to_stderr(), quiet_transformers_bars(), BarProgress("training", unit="step") as bar:
+        result = run_train(base.given, source, output, settings, options, force=force, progress=bar)
     if not result.is_main_process:
         return
     if as_json:
@@ -106,3 +126,8 @@ def train(
         f"{', '.join(map(str, result.train_ranks))}; {result.steps} steps on {result.examples} examples "
         f"({result.world_size} process{'es' if result.world_size > 1 else ''}, {result.seconds:.1f} s), final loss {result.final_loss:.4f}"
     )
+    if result.eval_losses:
+        last = max(step for step, _, _ in result.eval_losses)
+        click.echo(f"held-out loss at step {last}: " + ", ".join(f"r{k} {v:.4f}" for s, k, v in result.eval_losses if s == last))
+    if result.checkpoints:
+        click.echo(f"checkpoints: {', '.join(result.checkpoints)}")

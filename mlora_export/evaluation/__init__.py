@@ -52,9 +52,12 @@ from .report import (
     record_evaluation,
     record_evaluations,
     task_record_entries,
+    record_results,
     write_results,
 )
-from .run import RESULTS_FORMAT, EvalResult, evaluate
+from .options import EvalOptions
+from .result import RESULTS_FORMAT, EvalResult
+from .run import evaluate
 from .scoring import (
     METRICS,
     RankScore,
@@ -66,7 +69,7 @@ from .scoring import (
 
 __all__ = [
     "LM_EVAL_EXTRA", "METRICS", "PLOT_NAME", "RECORD_KEY", "RESULTS_FORMAT", "RESULTS_NAME", "SINGLE_RANK_LABEL", "Curve",
-    "EvalData", "EvalExample", "EvalResult", "LmEvalTasks", "RankScore", "TaskMetric", "TaskSuite", "check_metric", "evaluate",
-    "greedy_completions", "load_eval_data", "plan_curves", "record_entries", "record_entry", "record_evaluation",
-    "record_evaluations", "score_model", "task_record_entries", "teacher_forced", "write_results",
+    "EvalData", "EvalExample", "EvalOptions", "EvalResult", "LmEvalTasks", "RankScore", "TaskMetric", "TaskSuite", "check_metric",
+    "evaluate", "greedy_completions", "load_eval_data", "plan_curves", "record_entries", "record_entry", "record_evaluation",
+    "record_evaluations", "record_results", "score_model", "task_record_entries", "teacher_forced", "write_results",
 ]

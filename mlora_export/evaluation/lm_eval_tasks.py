@@ -35,6 +35,7 @@ from typing import Any
 from ..errors import ConfigError, MissingExtraError
 from ..metric_names import TASKS_MEAN, is_fraction, task_metric_name
 from ..method import aurac
+from ..params import param
 from ..validate import is_int
 
 logger = logging.getLogger(__name__)
@@ -48,25 +49,36 @@ _QUIET = ("`pretrained` model kwarg is not of type `str`", "Passed an already-in
 
 @dataclass(frozen=True)
 class LmEvalTasks:
-    """Which lm-eval tasks to score every rank on, and how (lm-eval's own options of the same names).
+    """Which lm-eval tasks to score every rank on, and how (lm-eval's own options of the same names);
+    ``EvalOptions(lm_eval=LmEvalTasks(("gsm8k", "arc_easy"), num_fewshot=5))``. The fields with a
+    flag are ``eval``'s ``--tasks`` options.
 
-    ``tasks``: task, group or tag names (glob patterns allowed, as ``lm_eval --tasks``), or paths of
-    task YAML files. ``num_fewshot``: overrides each task's default (not a task that fixes it at
-    0). ``limit``: only the first N documents of each task. ``apply_chat_template``: render
-    prompts (and few-shot examples, as turns) with the tokenizer's chat template.
-    ``include_path``: folders of task YAMLs added to lm-eval's registry. ``batch_size``: lm-eval's
-    batch size (``None``: the evaluation's). ``task_manager``: an ``lm_eval.tasks.TaskManager``
-    built once and reused across calls (its index of every task YAML takes seconds to build);
-    then ``include_path`` must be empty.
+    ``task_manager``: an ``lm_eval.tasks.TaskManager`` built once and reused across calls (its index
+    of every task YAML takes seconds to build); then ``include_path`` must be empty.
     """
 
-    tasks: tuple[str, ...]
-    num_fewshot: int | None = None
-    limit: int | None = None
-    apply_chat_template: bool = False
-    include_path: tuple[str, ...] = ()
-    batch_size: int | None = None
-    task_manager: Any = field(default=None, compare=False, repr=False)
+    tasks: tuple[str, ...] | None = param(
+        None, flag="--tasks", hint="see --tasks and --include-path", metavar="TASKS",
+        help="lm-evaluation-harness tasks to score every rank on, comma-separated as lm_eval --tasks takes them (names, groups, "
+             "tags, glob patterns, task YAML paths), e.g. gsm8k,arc_easy; lm-eval runs them on the one loaded model. "
+             "Needs pip install 'mlora-export[lm-eval]'.")
+    num_fewshot: int | None = param(None, flag="--num-fewshot", min=0,
+                                    help="With --tasks: few-shot examples per prompt (default: each task's own; a task that fixes 0 keeps 0).")
+    limit: int | None = param(None, flag="--limit", min=1, help="With --tasks: only the first N documents of each task.")
+    apply_chat_template: bool = param(
+        False, flag="--apply-chat-template",
+        help="With --tasks: render prompts (few-shot examples as turns) with the tokenizer's chat template (or --chat-template).")
+    include_path: tuple[str, ...] = param((), flag="--include-path",
+                                          help="With --tasks: a folder of task YAML files added to lm-eval's registry (repeatable).")
+    batch_size: int | None = param(None, help="lm-eval's batch size (default: the evaluation's batch_size).")
+    task_manager: Any = field(default=None, compare=False, repr=False, metadata={
+        "help": "An lm_eval.tasks.TaskManager to reuse (its index of every task YAML takes seconds to build); not with include_path.",
+        "flag": None, "choices": None, "hint": None})
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The task specs (none when ``tasks`` is ``None``)."""
+        return tuple(self.tasks or ())
 
     def check(self) -> "LmEvalTasks":
         """Validate the settings (no lm-eval import, no disk access but the include folders).
@@ -75,8 +87,9 @@ class LmEvalTasks:
             ConfigError: no task, an empty name, a count that is not an integer in range, an
                 include folder that does not exist, or both ``include_path`` and ``task_manager``.
         """
-        if isinstance(self.tasks, str) or not self.tasks or not all(isinstance(t, str) and t.strip() and t == t.strip() for t in self.tasks):
-            raise ConfigError(f"tasks must be a non-empty list of lm-eval task names, got {list(self.tasks) if not isinstance(self.tasks, str) else self.tasks!r}",
+        tasks = self.tasks
+        if tasks is None or isinstance(tasks, str) or not tasks or not all(isinstance(t, str) and t.strip() and t == t.strip() for t in tasks):
+            raise ConfigError(f"tasks must be a non-empty list of lm-eval task names, got {tasks if tasks is None or isinstance(tasks, str) else list(tasks)!r}",
                               option="tasks")
         for name, value, low in (("num_fewshot", self.num_fewshot, 0), ("limit", self.limit, 1), ("batch_size", self.batch_size, 1)):
             if value is not None and (not is_int(value) or value < low):
@@ -100,7 +113,7 @@ def import_lm_eval() -> Any:
         from lm_eval.models.huggingface import HFLM  # noqa: F401  (its own extra: torch, transformers, peft)
     except ImportError as e:
         raise MissingExtraError(f"evaluating lm-eval tasks needs lm-evaluation-harness, which is not installed ({e}); "
-                                f"install it with: pip install 'mlora-export[{LM_EVAL_EXTRA}]'", extra=LM_EVAL_EXTRA) from e
+                                f"install it with: pip install 'mlora-export[{LM_EVAL_EXTRA}]'", package="lm_eval", extra=LM_EVAL_EXTRA) from e
     return lm_eval
 
 
@@ -187,9 +200,9 @@ def _task_manager(spec: LmEvalTasks, metadata: dict[str, Any]) -> Any:
     if spec.task_manager is not None:
         return spec.task_manager
     include = [str(p) for p in spec.include_path] or None
-    if include and all(_is_plain_name(t) for t in spec.tasks):
+    if include and all(_is_plain_name(t) for t in spec.names):
         local = TaskManager(include_path=include, include_defaults=False, metadata=metadata)
-        kinds = [getattr(getattr(local.task_index.get(t), "kind", None), "name", None) for t in spec.tasks]
+        kinds = [getattr(getattr(local.task_index.get(t), "kind", None), "name", None) for t in spec.names]
         if all(k in ("TASK", "PY_TASK") for k in kinds):
             return local
     return TaskManager(include_path=include, metadata=metadata)
@@ -253,7 +266,7 @@ class TaskSuite:
         import transformers
 
         tm = _task_manager(spec, {"pretrained": str(tokenizer_dir)})
-        names = _resolve(tm, spec.tasks)
+        names = _resolve(tm, spec.names)
         loaded = tm.load(names)
         for task in loaded["tasks"].values():  # simple_evaluate's few-shot rule: an explicit 0 in the task stays
             if spec.num_fewshot is not None and task.get_config("num_fewshot") != 0:
@@ -334,7 +347,7 @@ class TaskSuite:
         """The ``lm_eval`` section of ``results.json``: settings, tasks, metric descriptors and headlines."""
         return {
             "version": self.version,
-            "tasks": list(self.spec.tasks),
+            "tasks": list(self.spec.names),
             "num_fewshot": self.spec.num_fewshot,
             "limit": self.spec.limit,
             "apply_chat_template": self.spec.apply_chat_template,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -13,9 +12,10 @@ from ..adapter import record_in_config, record_many_in_config
 from ..errors import ConfigError
 from ..fs import atomic_output_dir
 from ..metric_names import TASKS_MEAN
+from ..io.jsonio import write_json
 from ..provenance import created_by
 from .plan import Curve
-from .run import EvalResult
+from .result import EvalResult
 
 logger = logging.getLogger(__name__)
 
@@ -37,12 +37,10 @@ def write_results(result: EvalResult, output: str | os.PathLike[str], *, force: 
     from .plot import plot_rank_curves
 
     data_path = result.data.path if result.data is not None else None
-    inputs = [result.base_model, *([data_path] if data_path is not None else []), *(c.path for c in result.curves),
+    inputs: list[Any] = [result.base_model, *([data_path] if data_path is not None else []), *(c.path for c in result.curves),
               *(m.path for c in result.curves for m, _ in c.members)]
     with atomic_output_dir(output, force, inputs) as tmp:
-        with open(tmp / RESULTS_NAME, "w", encoding="utf-8") as f:
-            json.dump(result.to_dict(), f, indent=2)
-            f.write("\n")
+        write_json(tmp / RESULTS_NAME, result.to_dict(), allow_nan=True)  # a diverged model's loss is NaN: reported as such
         plot_rank_curves(result.to_dict(), tmp / PLOT_NAME)
     return Path(output)
 
@@ -117,6 +115,21 @@ def record_evaluations(adapter_dir: str | os.PathLike[str], entries: list[dict[s
         InvalidAdapterError: the folder has no nested ``matryoshka_config.json``.
     """
     return record_many_in_config(adapter_dir, RECORD_KEY, {e["metric"]: e for e in entries})
+
+
+def record_results(result: EvalResult) -> None:
+    """Store each curve of ``result`` in its nested adapter's ``matryoshka_config.json``
+    (:func:`record_entries`, :func:`record_evaluations`), listing the files in ``result.recorded``; the labels of curves that
+    are not one nested adapter folder go to ``result.not_recorded``.
+
+    Raises:
+        InvalidAdapterError: a recordable folder has no nested ``matryoshka_config.json`` (any more).
+    """
+    for c in result.curves:
+        if c.recordable:
+            result.recorded.append(str(record_evaluations(c.path, record_entries(result, c))))
+        else:
+            result.not_recorded.append(c.label)
 
 
 def record_evaluation(adapter_dir: str | os.PathLike[str], entry: dict[str, Any]) -> Path:
