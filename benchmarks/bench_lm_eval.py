@@ -2,29 +2,34 @@
 `lm_eval` run per rank on that rank's PEFT slice (each a fresh process, as a user would run them).
 
 The model is SmolLM2-135M-Instruct (the bf16 folder of ``mlora_export.base.packaged``; set
-``MLORA_SMOLLM2_DIR`` or pass ``--base``). The task is a custom lm-eval task over a local JSONL
-(no downloads): three-digit additions, "What is 123 + 456? Answer:", scored by generation and
-exact match of the first number (a strict-match filter, as GSM8K's); a second, multiple-choice
-task over the same questions (the right sum against three near misses, log-likelihood accuracy)
-is written too, for the per-rank numbers with ``--both-tasks``.
+``MLORA_SMOLLM2_DIR`` or pass ``--base``). The data is the real-model demo's capitals task
+(``mlora_export/demo/data/capitals-{train,eval}.jsonl``: "What is the capital of Rwanda? Answer
+with the name of the city only." → "Kigali", as conversations). Two custom lm-eval tasks over a
+local JSONL made from the 66 held-out questions (no downloads), both rendered with the model's
+chat template (``--apply-chat-template``):
+
+- ``capitals_gen``: greedy generation, exact match (case, punctuation and surrounding blanks ignored);
+- ``capitals_mc``: the right capital against three other capitals of the held-out set, by
+  log-likelihood (``acc``, ``acc_norm``).
 
 The adapter is trained here, once (kept in ``--work`` for reruns): ``mlora-export train``,
-nested-loss, ranks 1,2,4,8,16,32, all-linear, on 600 additions disjoint from the task's.
-``mlora-export slice`` then writes the six PEFT slices.
+nested-loss, ranks 1,2,4,8,16,32, all-linear, 30 steps of 8 conversations of the 180 training
+ones. ``mlora-export slice`` then writes the six PEFT slices.
 
-Timed, each as a subprocess from a cold start, one after the other:
+Timed, each as a subprocess from a cold start, one after the other, on ``capitals_gen``:
 
-- ours: ``mlora-export eval NESTED --base-model BASE --tasks add_gen --include-path TASKS
-  --ranks 1,2,4,8,16,32 ...`` (one process, one base load);
-- lm-eval: six ``lm_eval --model hf --model_args pretrained=BASE,peft=SLICE ... --tasks add_gen
-  --include_path TASKS`` runs, one per slice.
+- ours: ``mlora-export eval NESTED --base-model BASE --tasks capitals_gen --include-path TASKS
+  --apply-chat-template --ranks 1,2,4,8,16,32 ...`` (one process, one base load);
+- lm-eval: six ``lm_eval --model hf --model_args pretrained=BASE,peft=SLICE --tasks capitals_gen
+  --include_path TASKS --apply_chat_template ...`` runs, one per slice.
 
 Both use the same batch size, device (cpu), dtype (the folder's, bfloat16) and ``--limit``; the
 per-rank scores of the two must be equal (checked, printed). The machine's load is printed before
-and after.
+and after. ``--both-tasks`` then scores both tasks at every rank and the base (ours only) and
+prints the per-rank numbers and AURAC.
 
-    python benchmarks/bench_lm_eval.py --work /tmp/bench-lm-eval            # trains once (~3 min), then times
-    python benchmarks/bench_lm_eval.py --work /tmp/bench-lm-eval --limit 50 # a shorter run
+    python benchmarks/bench_lm_eval.py --work /tmp/bench-lm-eval               # trains once, then times
+    python benchmarks/bench_lm_eval.py --work /tmp/bench-lm-eval --both-tasks  # and the numbers of both tasks
 """
 
 from __future__ import annotations
@@ -41,9 +46,10 @@ import time
 from pathlib import Path
 
 RANKS = (1, 2, 4, 8, 16, 32)
-TASK = "add_gen"
+TASK = "capitals_gen"
+DATA = Path(__file__).resolve().parent.parent / "mlora_export" / "demo" / "data"
 
-GEN_YAML = """task: add_gen
+GEN_YAML = """task: capitals_gen
 dataset_path: json
 dataset_kwargs:
   data_files:
@@ -51,27 +57,24 @@ dataset_kwargs:
 output_type: generate_until
 test_split: test
 num_fewshot: 0
-doc_to_text: "What is {{{{a}}}} + {{{{b}}}}? Answer:"
-doc_to_target: "{{{{sum}}}}"
+doc_to_text: "{{{{question}}}}"
+doc_to_target: "{{{{answer}}}}"
 generation_kwargs:
-  until: ["\\n", "<|im_end|>"]
-  max_gen_toks: 8
+  until: ["<|im_end|>", "\\n"]
+  max_gen_toks: 16
   do_sample: false
 metric_list:
   - metric: exact_match
     aggregation: mean
     higher_is_better: true
-filter_list:
-  - name: strict-match
-    filter:
-      - function: regex
-        regex_pattern: "(-?[0-9]+)"
-      - function: take_first
+    ignore_case: true
+    ignore_punctuation: true
+    regexes_to_ignore: ["^\\\\s+", "\\\\s+$"]
 metadata:
   version: 1.0
 """
 
-MC_YAML = """task: add_mc
+MC_YAML = """task: capitals_mc
 dataset_path: json
 dataset_kwargs:
   data_files:
@@ -79,11 +82,14 @@ dataset_kwargs:
 output_type: multiple_choice
 test_split: test
 num_fewshot: 0
-doc_to_text: "What is {{{{a}}}} + {{{{b}}}}? Answer:"
+doc_to_text: "{{{{question}}}}"
 doc_to_target: label
 doc_to_choice: choices
 metric_list:
   - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
     aggregation: mean
     higher_is_better: true
 metadata:
@@ -102,38 +108,30 @@ def sh(cmd: list[str], log: Path) -> float:
 
 
 def write_data(work: Path) -> None:
-    """600 training additions, 200 task additions (disjoint), and the two task YAMLs."""
+    """The task data (each held-out question with its answer and four choices) and the two task YAMLs."""
+    rows = [json.loads(line) for line in (DATA / "capitals-eval.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
+    capitals = [r["messages"][1]["content"] for r in rows]
     rnd = random.Random(0)
-    pairs: set[tuple[int, int]] = set()
-    while len(pairs) < 800:
-        pairs.add((rnd.randint(100, 499), rnd.randint(100, 499)))
-    pairs_l = sorted(pairs)
-    rnd.shuffle(pairs_l)
-    train, test = pairs_l[:600], pairs_l[600:]
-    with open(work / "train.jsonl", "w") as f:
-        for a, b in train:
-            f.write(json.dumps({"prompt": f"What is {a} + {b}? Answer:", "completion": f" {a + b}"}) + "\n")
-    with open(work / "test.jsonl", "w") as f:
-        for i, (a, b) in enumerate(test):
-            s = a + b
-            wrong = [s + 1, s - 10, s + 100]
-            choices = [f" {x}" for x in wrong]
-            choices.insert(i % 4, f" {s}")
-            f.write(json.dumps({"a": a, "b": b, "sum": s, "choices": choices, "label": i % 4}) + "\n")
+    with open(work / "capitals.jsonl", "w", encoding="utf-8") as f:
+        for i, r in enumerate(rows):
+            question, answer = r["messages"][0]["content"], r["messages"][1]["content"]
+            choices = rnd.sample([c for c in capitals if c != answer], 3)
+            choices.insert(i % 4, answer)
+            f.write(json.dumps({"question": question, "answer": answer, "choices": choices, "label": i % 4}) + "\n")
     tasks = work / "tasks"
     tasks.mkdir(exist_ok=True)
-    (tasks / "add_gen.yaml").write_text(GEN_YAML.format(data=work / "test.jsonl"))
-    (tasks / "add_mc.yaml").write_text(MC_YAML.format(data=work / "test.jsonl"))
+    (tasks / "capitals_gen.yaml").write_text(GEN_YAML.format(data=work / "capitals.jsonl"), encoding="utf-8")
+    (tasks / "capitals_mc.yaml").write_text(MC_YAML.format(data=work / "capitals.jsonl"), encoding="utf-8")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", default=os.environ.get("MLORA_SMOLLM2_DIR", "/tmp/mcache/smollm2-135m-instruct-bfloat16"))
     ap.add_argument("--work", default="/tmp/bench-lm-eval")
-    ap.add_argument("--limit", type=int, default=100, help="task documents per rank")
+    ap.add_argument("--limit", type=int, default=66, help="task documents per rank (66: all)")
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--train-steps", type=int, default=150)
-    ap.add_argument("--both-tasks", action="store_true", help="also score add_mc (our path only, with the base model), for the numbers")
+    ap.add_argument("--train-steps", type=int, default=30)
+    ap.add_argument("--both-tasks", action="store_true", help="also score capitals_mc and the base (our path only), for the numbers")
     args = ap.parse_args()
     base, work = Path(args.base), Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -143,15 +141,15 @@ def main() -> None:
     write_data(work)
     nested, slices = work / "nested", work / "slices"
     if not nested.exists():
-        t = sh(cli + ["train", "--base-model", str(base), "--data", str(work / "train.jsonl"), "--ranks", ",".join(map(str, RANKS)),
-                      "--max-steps", str(args.train_steps), "--batch-size", "8", "--lr", "2e-3", "--seed", "0",
-                      "--output", str(nested)], work / "train.log")
+        t = sh(cli + ["train", "--base-model", str(base), "--data", str(DATA / "capitals-train.jsonl"), "--ranks", ",".join(map(str, RANKS)),
+                      "--max-steps", str(args.train_steps), "--warmup-steps", "3", "--batch-size", "8", "--lr", "2e-3", "--seed", "0",
+                      "--max-length", "128", "--dtype", "float32", "--output", str(nested)], work / "train.log")
         print(f"trained {nested} in {t:.0f} s ({args.train_steps} steps)")
     if not slices.exists():
         sh(cli + ["slice", str(nested), "--ranks", ",".join(map(str, RANKS)), "--output", str(slices)], work / "slice.log")
 
     load_before = os.getloadavg()
-    common = ["--batch-size", str(args.batch_size)]
+    common = ["--batch-size", str(args.batch_size), "--apply-chat-template"]
     out = work / "ours"
     t_ours = sh(cli + ["eval", str(nested), "--base-model", str(base), "--tasks", TASK, "--include-path", str(work / "tasks"),
                        "--ranks", ",".join(map(str, RANKS)), "--limit", str(args.limit), "--device", "cpu", *common,
@@ -165,12 +163,13 @@ def main() -> None:
         shutil.rmtree(o, ignore_errors=True)
         t_theirs.append(sh([lm_eval, "--model", "hf", "--model_args", f"pretrained={base},peft={slices / f'r{k}'}",
                             "--tasks", TASK, "--include_path", str(work / "tasks"), "--limit", str(args.limit),
-                            "--device", "cpu", "--batch_size", str(args.batch_size), "--output_path", str(o)], work / f"lm_eval_r{k}.log"))
+                            "--device", "cpu", "--batch_size", str(args.batch_size), "--apply_chat_template",
+                            "--output_path", str(o)], work / f"lm_eval_r{k}.log"))
         res = json.loads(next(o.rglob("results_*.json")).read_text())
-        theirs_scores[k] = res["results"][TASK]["exact_match,strict-match"]
+        theirs_scores[k] = res["results"][TASK]["exact_match,none"]
     load_after = os.getloadavg()
 
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads: its default; "
           f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f} (1 min)")
     print(f"{'rank':>4}  {'ours':>8}  {'lm_eval':>8}")
     for k in RANKS:
@@ -186,7 +185,7 @@ def main() -> None:
 
     if args.both_tasks:
         out2 = work / "ours-both"
-        t = sh(cli + ["eval", str(nested), "--base-model", str(base), "--tasks", f"{TASK},add_mc", "--include-path", str(work / "tasks"),
+        t = sh(cli + ["eval", str(nested), "--base-model", str(base), "--tasks", f"{TASK},capitals_mc", "--include-path", str(work / "tasks"),
                       "--ranks", ",".join(map(str, RANKS)), "--limit", str(args.limit), "--with-base", "--device", "cpu", *common,
                       "--output", str(out2), "--force"], work / "ours-both.log")
         both = json.loads((out2 / "results.json").read_text())
