@@ -304,6 +304,14 @@ class TrainResult:
         return d
 
 
+def _name_the_cpu_for_deepspeed() -> None:
+    """Tell DeepSpeed (which transformers and accelerate import whenever it is installed) that a
+    machine without an accelerator trains on the CPU: found by itself, it logs "Setting accelerator
+    to CPU" on stdout, which a command's ``--json`` result owns. Its choice is the same either way."""
+    if "DS_ACCELERATOR" not in os.environ and not _has_accelerator():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+
+
 def _has_accelerator() -> bool:
     import torch
 
@@ -511,6 +519,7 @@ def _prepare(base_model: str | os.PathLike[str], data_path: Any, output: str | o
     locals_ = [p for p in given if Path(p).exists()]
     check_output_path(output, force, inputs=locals_)  # --force may never replace an input
     folder = _run_folder(output, settings, run.resume, run.run_dir, force, locals_)
+    _name_the_cpu_for_deepspeed()
     check_environment(settings)
     records = read_records(source, default_split="train")
     eval_records = read_records(eval_source, default_split="test") if eval_source is not None else None
