@@ -23,7 +23,7 @@ Timed, each as a subprocess from a cold start, one after the other, on ``capital
 - lm-eval: six ``lm_eval --model hf --model_args pretrained=BASE,peft=SLICE --tasks capitals_gen
   --include_path TASKS --apply_chat_template ...`` runs, one per slice.
 
-Both use the same batch size, device (cpu), dtype (the folder's, bfloat16) and ``--limit``; the
+Both use the same batch size, device (cpu), dtype (``--dtype``, float32 by default) and ``--limit``; the
 per-rank scores of the two must be equal (checked, printed). The machine's load is printed before
 and after. ``--both-tasks`` then scores both tasks at every rank and the base (ours only) and
 prints the per-rank numbers and AURAC.
@@ -130,6 +130,7 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/bench-lm-eval")
     ap.add_argument("--limit", type=int, default=66, help="task documents per rank (66: all)")
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--dtype", default="float32", help="both sides (bfloat16 matmuls are several times slower on most CPUs)")
     ap.add_argument("--train-steps", type=int, default=30)
     ap.add_argument("--both-tasks", action="store_true", help="also score capitals_mc and the base (our path only), for the numbers")
     args = ap.parse_args()
@@ -149,7 +150,7 @@ def main() -> None:
         sh(cli + ["slice", str(nested), "--ranks", ",".join(map(str, RANKS)), "--output", str(slices)], work / "slice.log")
 
     load_before = os.getloadavg()
-    common = ["--batch-size", str(args.batch_size), "--apply-chat-template"]
+    common = ["--batch-size", str(args.batch_size), "--apply-chat-template", "--dtype", args.dtype]
     out = work / "ours"
     t_ours = sh(cli + ["eval", str(nested), "--base-model", str(base), "--tasks", TASK, "--include-path", str(work / "tasks"),
                        "--ranks", ",".join(map(str, RANKS)), "--limit", str(args.limit), "--device", "cpu", *common,
@@ -161,7 +162,7 @@ def main() -> None:
     for k in RANKS:
         o = work / f"lm_eval_r{k}"
         shutil.rmtree(o, ignore_errors=True)
-        t_theirs.append(sh([lm_eval, "--model", "hf", "--model_args", f"pretrained={base},peft={slices / f'r{k}'}",
+        t_theirs.append(sh([lm_eval, "--model", "hf", "--model_args", f"pretrained={base},peft={slices / f'r{k}'},dtype={args.dtype}",
                             "--tasks", TASK, "--include_path", str(work / "tasks"), "--limit", str(args.limit),
                             "--device", "cpu", "--batch_size", str(args.batch_size), "--apply_chat_template",
                             "--output_path", str(o)], work / f"lm_eval_r{k}.log"))
@@ -169,7 +170,7 @@ def main() -> None:
         theirs_scores[k] = res["results"][TASK]["exact_match,none"]
     load_after = os.getloadavg()
 
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads: its default; "
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; "
           f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f} (1 min)")
     print(f"{'rank':>4}  {'ours':>8}  {'lm_eval':>8}")
     for k in RANKS:
@@ -178,7 +179,7 @@ def main() -> None:
     print(f"ours (one process, one base load, 6 ranks): {t_ours:.1f} s")
     print(f"lm_eval x6 (fresh process per slice): {total:.1f} s ({', '.join(f'{t:.1f}' for t in t_theirs)})")
     print(f"speed-up: {total / t_ours:.2f}x")
-    summary = {"model": str(base), "task": TASK, "limit": args.limit, "batch_size": args.batch_size, "ranks": list(RANKS),
+    summary = {"model": str(base), "task": TASK, "limit": args.limit, "batch_size": args.batch_size, "dtype": args.dtype, "ranks": list(RANKS),
                "ours_s": t_ours, "lm_eval_s": t_theirs, "ratio": total / t_ours, "ours": ours_scores, "lm_eval": theirs_scores,
                "equal": ours_scores == theirs_scores, "load_before": load_before, "load_after": load_after}
     (work / "summary.json").write_text(json.dumps(summary, indent=2))
