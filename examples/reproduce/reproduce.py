@@ -706,7 +706,7 @@ def gap_table(summary: dict[str, Any]) -> list[str]:
     per regime, the chosen lrs, the step cost against nested-loss and the verdict (:func:`direction_verdicts`)."""
     regimes = list(summary["regimes"])
     rows = [m for m in ("lora", "lora-plus", "nested-loss", "nested-loss-2x", *DIRECTIONS) if all(m in summary["regimes"][r]["methods"] for r in regimes)]
-    if not any(m in DIRECTIONS for m in rows):
+    if "nested-loss" not in rows or not any(m in DIRECTIONS for m in rows):  # the table reads against nested-loss
         return []
     verdicts = {v["method"]: v for v in summary.get("directions", direction_verdicts(summary))}
     cost = (summary.get("timing") or {}).get("step_cost", {}).get("ratio", {})
