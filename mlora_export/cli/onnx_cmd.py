@@ -30,7 +30,8 @@ def _collapse_kv(names: list[str]) -> list[str]:
               help="A decoder with a KV cache (past_key_values.* in, present.* out) and genai_config.json for onnxruntime-genai "
                    "(Llama, Qwen2); the rank is the lora_rank input, or with --adapters-per-rank one adapter file per train rank.")
 @click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset to write (14 to 25).")
-@click.option("--no-verify", is_flag=True, help="Skip the ONNX Runtime vs PyTorch check at every train rank.")
+@click.option("--no-verify", is_flag=True,
+              help="Skip the ONNX Runtime vs PyTorch check (float64 reference, text from the tokenizer) at every train rank.")
 @click.option("--provider", default="CPUExecutionProvider", show_default=True,
               help="ONNX Runtime execution provider for verification, e.g. CUDAExecutionProvider (needs pip install '.[gpu]').")
 @force_option
@@ -71,9 +72,11 @@ def onnx(
     for k, path in res.adapter_files.items():
         click.echo(f"rank {k}: {res.path / path}")
     if res.checks:
+        click.echo(f"verified against float64 PyTorch on {'text from the tokenizer' if res.verified_on == 'text' else 'random token ids'}:")
         echo_table(
-            ["rank", "max abs diff", "tolerance", "ok"],
-            [[c.rank, f"{c.max_abs_diff:.3g}", f"{c.tolerance:.3g}", "yes" if c.ok else "NO"] for c in res.checks],
+            ["rank", "max abs diff", "tolerance", "float32 torch", "greedy token", "ok"],
+            [[c.rank, f"{c.max_abs_diff:.3g}", f"{c.tolerance:.3g}", f"{c.float32_error:.3g}", f"{c.argmax_equal}/{c.positions}",
+              "yes" if c.ok else "NO"] for c in res.checks],
         )
     else:
         click.echo("not verified (--no-verify)")
