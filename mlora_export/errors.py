@@ -72,6 +72,11 @@ class InsufficientDiskError(MloraError, OSError):
     """Not enough free disk space for the output."""
 
 
+class NonFiniteOutputError(MloraError, ValueError):
+    """What a converter was about to write holds an infinity or a NaN (a scale or weights too large
+    for the output dtype): refused, naming the tensor, before the output appears."""
+
+
 class ExportError(MloraError, RuntimeError):
     """An export ran but its result failed verification."""
 
@@ -80,12 +85,30 @@ class HubError(MloraError, RuntimeError):
     """A Hub operation failed on the remote side (network, permissions, missing repo)."""
 
 
+class HubInputError(HubError):
+    """A Hub id, revision or token that cannot be used: the repo or revision does not exist, the
+    token may not read it (401, 403, gated), or it is not cached while ``HF_HUB_OFFLINE`` is set.
+    Bad input, not a failure of the Hub (the CLI exits 2). ``repo_id`` names the repo."""
+
+    def __init__(self, message: str, *, repo_id: str | None = None, **fields: Any) -> None:
+        super().__init__(message, **fields)
+        self.repo_id = repo_id
+
+
 class IntegrityError(MloraError, ValueError):
     """A downloaded or stored file does not match its recorded checksum."""
 
 
 class RemoteIntegrityError(IntegrityError):
     """A file fetched from the Hub does not match the bundle's manifest (corrupt or changed remote copy)."""
+
+
+class MissingDependencyError(MloraError, ImportError):
+    """An optional package that a requested feature needs is not installed (``package`` names it)."""
+
+    def __init__(self, message: str, *, package: str, **fields: Any) -> None:
+        super().__init__(message, **fields)
+        self.package = package
 
 
 class UnsupportedArchitectureError(ConfigError):

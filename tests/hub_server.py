@@ -7,7 +7,13 @@ and tags, list trees and refs, and download files (``resolve``), as described in
 content-addressed folder per repo) and keeps a commit history per branch. Authentication is by
 ``Authorization: Bearer <token>`` against a table of users; private repos answer 401 (anonymous)
 or 404 (another user) with ``X-Error-Code: RepoNotFound``, an unknown token 401 with the Hub's
-``Invalid credentials in Authorization header`` message, as the real Hub does. Every request is
+``Invalid credentials in Authorization header`` message, as the real Hub does. A gated repo shows
+its info and file list to anyone, but its files only to users granted access (401 anonymous, 403
+otherwise, ``X-Error-Code: GatedRepo``). ``paths-info`` answers what ``HfFileSystem.info`` asks,
+and :meth:`HubServer.delete_repo` makes a repo disappear (as if deleted on the Hub). With
+``basic_auth=(user, password)`` it also stands for a mirror behind a proxy that takes HTTP Basic
+credentials (an endpoint ``http://user:password@host``): a request carrying exactly those acts as
+anonymous. Every request is
 appended to :attr:`HubServer.log` so that tests can assert on what the client did; a request
 that hits a bug of this server is answered 400 (not 5xx, which the client would retry) and also
 kept in :attr:`HubServer.bugs`, which tests check stays empty.
@@ -87,6 +93,9 @@ class Repo:
     branches: dict[str, str] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
     commits: dict[str, Commit] = field(default_factory=dict)
+    #: gated: files readable only by the users in ``granted`` (the namespace's writers always)
+    gated: bool = False
+    granted: set[str] = field(default_factory=set)
 
     def blob_path(self, sha256: str) -> Path:
         return self.root / "objects" / sha256[:2] / sha256
@@ -143,8 +152,10 @@ class HubError(Exception):
 class HubServer:
     """An in-process Hub over loopback; use as a context manager (starts and stops the thread)."""
 
-    def __init__(self, root: Path, users: dict[str, str] | None = None, orgs: dict[str, set[str]] | None = None) -> None:
+    def __init__(self, root: Path, users: dict[str, str] | None = None, orgs: dict[str, set[str]] | None = None,
+                 basic_auth: tuple[str, str] | None = None) -> None:
         self.root = Path(root)
+        self.basic_auth = basic_auth
         self.root.mkdir(parents=True, exist_ok=True)
         self.users = dict(users or {})  # token -> user name
         self.orgs = {k: set(v) for k, v in (orgs or {}).items()}  # org -> members
@@ -209,8 +220,14 @@ class HubServer:
         repo = self.repo(repo_id, repo_type)
         return repo.read_blob(self.head_tree(repo_id, branch, repo_type)[path].sha256)
 
+    def delete_repo(self, repo_id: str, repo_type: str = "models") -> None:
+        """Remove a repo: every later request for it answers as for a repo that never existed."""
+        with self._lock:
+            del self.repos[(repo_type, repo_id)]
+
     def seed_repo(self, repo_id: str, files: dict[str, bytes], *, branch: str = "main", private: bool = False,
-                  lfs_suffixes: tuple[str, ...] = (".safetensors",)) -> str:
+                  lfs_suffixes: tuple[str, ...] = (".safetensors",), repo_type: str = "models", gated: bool = False,
+                  granted: set[str] | None = None) -> str:
         """Make ``branch`` of ``repo_id`` (created if needed) hold exactly ``files`` (path → bytes)
         plus ``.gitattributes``, in one commit written straight into the store; returns the commit.
 
@@ -218,7 +235,8 @@ class HubServer:
         push (paths that mirror absolute paths, files a manifest does not list, wrong folders).
         """
         with self._lock:
-            repo = self.repos.get(("models", repo_id)) or self.create_repo("models", repo_id, private)
+            repo = self.repos.get((repo_type, repo_id)) or self.create_repo(repo_type, repo_id, private)
+            repo.gated, repo.granted = gated, set(granted or ())
             tree = {".gitattributes": Entry(repo.put_blob(DEFAULT_GITATTRIBUTES), len(DEFAULT_GITATTRIBUTES), False)}
             for path, data in files.items():
                 tree[path] = Entry(repo.put_blob(data), len(data), path.endswith(lfs_suffixes))
@@ -232,6 +250,9 @@ class HubServer:
         if not authorization:
             return None
         scheme, _, token = authorization.partition(" ")
+        if scheme.lower() == "basic" and self.basic_auth is not None:
+            if token.strip() == base64.b64encode(":".join(self.basic_auth).encode()).decode():
+                return None  # the proxy's credentials: anonymous behind it
         if scheme.lower() != "bearer" or token.strip() not in self.users:
             raise HubError(401, "Invalid credentials in Authorization header")
         return self.users[token.strip()]
@@ -251,6 +272,17 @@ class HubServer:
                 raise HubError(401, "You must be authenticated to write to this repository")
             raise HubError(403, f"You don't have the rights to write to {repo_id}")
         return repo
+
+    def check_gate(self, repo: Repo, user: str | None) -> None:
+        """Refuse the files of a gated repo to a user not granted access, as the Hub does."""
+        if not repo.gated or user in repo.granted or self.can_write_ns(user, repo.repo_id.split("/")[0]):
+            return
+        kind = REPO_TYPES[repo.repo_type]
+        if user is None:
+            raise HubError(401, f"Access to {kind} {repo.repo_id} is restricted. You must have access to it and be authenticated "
+                                "to access it. Please log in.", "GatedRepo")
+        raise HubError(403, f"Access to {kind} {repo.repo_id} is restricted and you are not in the authorized list. "
+                            f"Visit {self.endpoint}/{repo.repo_id} to ask for access.", "GatedRepo")
 
     def new_commit(self, repo: Repo, parent: str | None, tree: dict[str, Entry], summary: str) -> str:
         with self._lock:
@@ -385,6 +417,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._refs(s[1], repo_id, user)
             if rest[:1] == ["tree"] and m == "GET":
                 return self._tree(s[1], repo_id, user, rest[1], "/".join(rest[2:]))
+            if rest[:1] == ["paths-info"] and m == "POST":
+                return self._paths_info(s[1], repo_id, user, "/".join(rest[1:]))
         # git LFS batch: /[datasets/]ns/name.git/info/lfs/objects/batch
         rtype, segs = ("models", s)
         if s and s[0] in ("datasets", "spaces"):
@@ -427,7 +461,7 @@ class _Handler(BaseHTTPRequestHandler):
         oid = self._resolve_rev(repo, rev)
         tree = repo.commits[oid].tree
         self._json(200, {"id": repo_id, "modelId": repo_id, "_id": hashlib.sha1(repo_id.encode()).hexdigest()[:24], "sha": oid,
-                         "private": repo.private, "disabled": False, "gated": False, "tags": [],
+                         "private": repo.private, "disabled": False, "gated": "manual" if repo.gated else False, "tags": [],
                          "siblings": [{"rfilename": p} for p in sorted(tree)]})
 
     def _write_target(self, rtype: str, repo_id: str, user: str | None, rev: str) -> tuple[Repo, str]:
@@ -631,16 +665,33 @@ class _Handler(BaseHTTPRequestHandler):
         out: list[dict[str, Any]] = [
             {"type": "directory", "oid": hashlib.sha1(d.encode()).hexdigest(), "size": 0, "path": d} for d in sorted(dirs)
         ]
-        for p in files:
-            e = tree[p]
-            item: dict[str, Any] = {"type": "file", "oid": e.tree_oid(None if e.lfs else repo.read_blob(e.sha256)), "size": e.size, "path": p}
-            if e.lfs:
-                item["lfs"] = {"oid": e.sha256, "size": e.size, "pointerSize": len(lfs_pointer(e.sha256, e.size))}
-            out.append(item)
+        out.extend(self._file_item(repo, p, tree[p]) for p in files)
+        self._json(200, out)
+
+    def _file_item(self, repo: Repo, path: str, e: Entry) -> dict[str, Any]:
+        item: dict[str, Any] = {"type": "file", "oid": e.tree_oid(None if e.lfs else repo.read_blob(e.sha256)), "size": e.size, "path": path}
+        if e.lfs:
+            item["lfs"] = {"oid": e.sha256, "size": e.size, "pointerSize": len(lfs_pointer(e.sha256, e.size))}
+        return item
+
+    def _paths_info(self, rtype: str, repo_id: str, user: str | None, rev: str) -> None:
+        """``POST …/paths-info/{rev}`` with form fields ``paths`` (repeated) and ``expand``: the
+        entries that exist (files and folders), the others left out."""
+        repo = self.hub.get_repo(rtype, repo_id, user)
+        tree = repo.commits[self._resolve_rev(repo, rev)].tree
+        form = parse_qs(self._payload.decode())
+        out: list[dict[str, Any]] = []
+        for path in form.get("paths", []):
+            path = path.strip("/")
+            if path in tree:
+                out.append(self._file_item(repo, path, tree[path]))
+            elif any(p.startswith(path + "/") for p in tree):
+                out.append({"type": "directory", "oid": hashlib.sha1(path.encode()).hexdigest(), "size": 0, "path": path})
         self._json(200, out)
 
     def _resolve(self, rtype: str, repo_id: str, user: str | None, rev: str, path: str) -> None:
         repo = self.hub.get_repo(rtype, repo_id, user)
+        self.hub.check_gate(repo, user)
         oid = self._resolve_rev(repo, rev)
         entry = repo.commits[oid].tree.get(path)
         if entry is None:

@@ -30,10 +30,12 @@ import click
 from ..errors import (
     ExportError,
     HubError,
+    HubInputError,
     MloraError,
     OutputExistsError,
     RemoteIntegrityError,
 )
+from ..urls import redact_url
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -42,6 +44,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
     (RemoteIntegrityError, 1),  # a corrupt or changed remote copy: not the user's input
     (ExportError, 1),
+    (HubInputError, 2),  # a Hub id, revision or token that cannot be used: bad input
     (HubError, 1),
     (MloraError, 2),
     (RecursionError, 2),
@@ -79,6 +82,20 @@ FLAG_HINTS: dict[str, str] = {
     "measure_latency": "see --measure-latency and --with-onnx",
     "onnx_base": "see --with-onnx",
     "rank_weights": "see --rank-weights",
+    "report_to": "see --report-to",
+    "load_in_4bit": "see --load-in-4bit",
+    "bf16": "see --bf16",
+    "resume": "see --resume",
+    "run_dir": "see --run-dir",
+    "eval_data": "see --eval-data",
+    "eval_ranks": "see --eval-ranks",
+    "eval_steps": "see --eval-steps",
+    "save_steps": "see --save-steps",
+    "warmup_ratio": "see --warmup-ratio / --warmup-steps",
+    "chat_template": "pass --chat-template FILE",
+    "data_split": "see --data-split",
+    "data_config": "see --data-config",
+    "data_columns": "see --data-columns",
 }
 
 #: Signals handled like Ctrl-C while a command runs.
@@ -131,8 +148,18 @@ def flag_hint(exc: MloraError) -> str | None:
     return FLAG_HINTS.get(exc.option) if exc.option else None
 
 
+def usage_message(exc: click.ClickException) -> str:
+    """The one-line message for a click usage error (a bad, missing or unknown option or
+    command), with where to read the command's options."""
+    text = " ".join(exc.format_message().split()).rstrip()
+    ctx = getattr(exc, "ctx", None)
+    if isinstance(exc, click.UsageError) and ctx is not None:
+        text = f"{text.rstrip('.')} (see '{ctx.command_path} --help')"
+    return redact_url(text)
+
+
 def message_for(exc: BaseException) -> str:
-    """The one-line message for ``exc``."""
+    """The one-line message for ``exc`` (URLs in it shown without their credentials)."""
     from ..fs import disk_full_error
 
     if isinstance(exc, MloraError):
@@ -148,7 +175,7 @@ def message_for(exc: BaseException) -> str:
         text = f"{type(exc).__name__}: {exc}"
         if not debug_enabled():
             text += " (set MLORA_DEBUG=1 for a traceback)"
-    return " ".join(text.split())
+    return redact_url(" ".join(text.split()))
 
 
 @contextlib.contextmanager

@@ -1,4 +1,4 @@
-"""``mlora-export eval``: per-rank scores and AURAC of nested adapters (and LoRA grids) on a JSONL file."""
+"""``mlora-export eval``: per-rank scores and AURAC of nested adapters (and LoRA grids) on a data file or Hub dataset."""
 
 from __future__ import annotations
 
@@ -8,8 +8,11 @@ from ..base import DTYPES
 from ..evaluation.scoring import METRICS
 from ._errors import handle_errors
 from ._options import (
+    AsciiIntRange,
     BarProgress,
     RankList,
+    base_model_options,
+    data_options,
     echo_json,
     echo_table,
     force_option,
@@ -25,30 +28,32 @@ def _fmt(x: float | None) -> str:
 
 @click.command("eval")
 @click.argument("adapters", nargs=-1, required=True, type=click.Path(path_type=str))
-@click.option("--base-model", required=True, type=click.Path(path_type=str), help="Local transformers model folder (safetensors).")
-@click.option("--data", "data", required=True, type=click.Path(path_type=str),
-              help='JSONL file: {"text": ...} or {"prompt": ..., "completion": ...} per line.')
+@base_model_options
+@data_options("test")
 @click.option("--ranks", type=RankList(), default="all", show_default=True,
               help="Ranks for nested adapters, e.g. 1,2,4,8,16,32, or 'all' for each adapter's train ranks.")
 @click.option("--metric", type=click.Choice(list(METRICS)), default="loss", show_default=True,
-              help="loss: completion/text NLL (lower is better); accuracy: next-token accuracy; exact-match: greedy generation equals the completion.")
+              help="loss: NLL of the completion, the assistant turns or the text (lower is better); accuracy: next-token accuracy "
+                   "on the same tokens; exact-match: greedy generation equals the completion (or a conversation's last assistant turn).")
 @click.option("--output", "-o", required=True, type=click.Path(path_type=str), help="Folder to create with results.json and rank_curve.png.")
 @click.option("--record", is_flag=True, help="Also store the numbers in each nested adapter's matryoshka_config.json (key 'evaluation').")
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Examples per forward pass.")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=None,
-              help="exact-match generation budget (default: each reference completion's token length).")
+@click.option("--batch-size", type=AsciiIntRange(min=1), default=16, show_default=True, help="Examples per forward pass.")
+@click.option("--max-new-tokens", type=AsciiIntRange(min=1), default=None,
+              help="exact-match generation budget (default: each reference's token length); generation also stops at "
+                   "EOS and the chat template's end-of-turn token.")
 @click.option("--tokenizer", "tokenizer_dir", type=click.Path(path_type=str), default=None, help="Tokenizer folder (default: --base-model).")
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default="auto", show_default=True,
               help="Dtype to load the base model in.")
 @click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
 @click.option("--with-base", is_flag=True, help="Also score the base model without adapter (rank 0, a dashed line in the plot).")
-@click.option("--max-examples", type=click.IntRange(min=1), default=None, help="Use only the first N records.")
+@click.option("--max-examples", type=AsciiIntRange(min=1), default=None, help="Use only the first N records.")
 @threads_option
 @force_option
 @json_option
 @handle_errors
 def eval_(
-    adapters: tuple[str, ...], base_model: str, data: str, ranks: tuple[int, ...] | str, metric: str, output: str,
+    adapters: tuple[str, ...], base_model: str, revision: str | None, data: str, data_split: str | None, data_config: str | None,
+    data_columns: str | None, chat_template: str | None, ranks: tuple[int, ...] | str, metric: str, output: str,
     record: bool, batch_size: int, max_new_tokens: int | None, tokenizer_dir: str | None, dtype: str, device: str | None,
     with_base: bool, max_examples: int | None, threads: int | None, force: bool, as_json: bool,
 ) -> None:
@@ -64,16 +69,21 @@ def eval_(
       mlora-export eval ./nested --base-model ./my-model --data eval.jsonl \\
           --ranks 1,2,4,8,16,32 --metric exact-match --output ./eval
       mlora-export eval ./nested ./lora-grid --base-model ./my-model --data eval.jsonl --output ./cmp
+      mlora-export eval ./nested --base-model HuggingFaceTB/SmolLM2-135M-Instruct --data chat-test.jsonl \\
+          --metric exact-match --max-new-tokens 64 --output ./eval-chat
     """
+    from ..data import DataSource, parse_columns, read_chat_template
     from ..evaluation import evaluate, write_results
     from ..fs import check_output_path
 
     check_output_path(output, force)
+    source = DataSource(data, split=data_split, config=data_config, columns=parse_columns(data_columns))
+    template = read_chat_template(chat_template) if chat_template is not None else None
     with maybe_torch_threads(threads), BarProgress("evaluating", unit="rank") as bar:
         result = evaluate(
-            list(adapters), base_model, data, ranks, metric=metric, batch_size=batch_size, max_new_tokens=max_new_tokens,
+            list(adapters), base_model, source, ranks, metric=metric, batch_size=batch_size, max_new_tokens=max_new_tokens,
             tokenizer_dir=tokenizer_dir, dtype=dtype, device=device, with_base=with_base, max_examples=max_examples,
-            record=record, progress=bar,
+            record=record, progress=bar, chat_template=template, revision=revision,
         )
     write_results(result, output, force=force)
     recorded = result.recorded

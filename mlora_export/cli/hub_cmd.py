@@ -9,8 +9,12 @@ import click
 
 from ..evaluation.scoring import METRICS
 from ..units import human_bytes
+from ..validate import ascii_int
 from ._errors import handle_errors
 from ._options import (
+    FLOAT,
+    AsciiFloatRange,
+    AsciiIntRange,
     BarProgress,
     RankList,
     echo_json,
@@ -32,7 +36,7 @@ class ByteSize(click.ParamType):
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
         if isinstance(value, int):
             return value
-        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
+        m = re.fullmatch(r"\s*([0-9]{1,18}(?:\.[0-9]{1,18})?)\s*([a-zA-Z]*)\s*", str(value))
         if m is None or m.group(2).lower() not in _UNITS:
             self.fail(f"{value!r} is not a size; give bytes or a number with a unit, e.g. 50MB, 1.5GiB", param, ctx)
         n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
@@ -49,9 +53,8 @@ class RankOrAuto(click.ParamType):
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | str:
         if isinstance(value, int) or value == "auto":
             return value
-        try:
-            k = int(str(value))
-        except ValueError:
+        k = ascii_int(str(value))
+        if k is None:
             self.fail(f"{value!r} is not a rank; give an integer such as 8, or 'auto' with limits (--max-bytes, --max-latency-ms…) or a score (--min-score, --within)", param, ctx)
         if k < 1:
             self.fail(f"rank {k} must be at least 1", param, ctx)
@@ -60,7 +63,7 @@ class RankOrAuto(click.ParamType):
 
 
 #: The flag of each bundle-building option of :func:`~mlora_export.converters.hub.push.publish`.
-_BUNDLE_FLAGS = {"ranks": "--ranks", "base_model_id": "--base-model", "license_id": "--license", "default_rank": "--default-rank",
+_BUNDLE_FLAGS = {"ranks": "--ranks", "base_model_id": "--base-model-id", "license_id": "--license", "default_rank": "--default-rank",
                  "onnx_base": "--with-onnx", "measure_latency": "--measure-latency", "scale_mode": "--scale-mode"}
 
 
@@ -68,12 +71,15 @@ def _bundle_options(func: Any) -> Any:
     for opt in reversed([
         click.option("--ranks", type=RankList(), default="all", show_default=True, help="Comma-separated ranks (e.g. 4,8,16) or 'all' for the train ranks."),
         scale_mode_option("How the slices express s(k) (see `mlora-export slice --help`)."),
-        click.option("--base-model", help="Hub id of the base model for the card (default: the one recorded in the adapter)."),
+        click.option("--base-model-id", "--base-model", "base_model",
+                     help="Hub id of the base model for the card (default: the one recorded in the adapter); only a name, nothing is "
+                          "read from it (--base-model is its older name)."),
         click.option("--license", "license_id", help="License id for the card, e.g. apache-2.0."),
-        click.option("--default-rank", type=click.IntRange(min=1),
+        click.option("--default-rank", type=AsciiIntRange(min=1),
                      help="Rank also written at the bundle's root, for PeftModel.from_pretrained(base, repo).  [default: the best by the recorded evaluation, else the largest]"),
         click.option("--with-onnx", "onnx_base", type=click.Path(path_type=str), metavar="BASE_DIR",
-                     help="Also export a dynamic-rank ONNX model (verified in ONNX Runtime) into onnx/, built on the local base model folder BASE_DIR."),
+                     help="Also export a dynamic-rank ONNX model (verified in ONNX Runtime) into onnx/, built on the base model BASE_DIR "
+                          "(a local folder or a Hub model id)."),
         click.option("--measure-latency", is_flag=True,
                      help="With --with-onnx: time every rank in ONNX Runtime on this machine; record it (and the machine) in the manifest for pull --max-latency-ms."),
     ]):
@@ -81,12 +87,24 @@ def _bundle_options(func: Any) -> Any:
     return func
 
 
+def _local_bases(output: str | None, force: bool, onnx_base: str | None, gguf_base: str | None) -> tuple[str | None, str | None]:
+    """``--with-onnx`` and ``--gguf`` bases given as Hub ids, downloaded (the output checked first)."""
+    from ..base import resolve_base_model
+    from ..fs import check_output_path
+
+    if output is not None and (onnx_base is not None or gguf_base is not None):
+        check_output_path(output, force)
+    return (None if onnx_base is None else str(resolve_base_model(onnx_base)),
+            None if gguf_base is None else str(resolve_base_model(gguf_base, config_only=True)))
+
+
 @click.command("bundle")
 @click.argument("adapter", type=click.Path(path_type=str))
 @click.option("--output", "-o", required=True, type=click.Path(path_type=str), help="Bundle folder to create (same layout as the Hub repo).")
 @_bundle_options
 @click.option("--gguf", "gguf_base", type=click.Path(path_type=str), metavar="BASE",
-              help="Also write each rank's llama.cpp LoRA adapter, r{k}/adapter.gguf; BASE: the local base model folder or its config.json (for the architecture).")
+              help="Also write each rank's llama.cpp LoRA adapter, r{k}/adapter.gguf; BASE: the base model folder or its config.json, "
+                   "or a Hub model id (for the architecture).")
 @click.option("--repo-id", help="Repo id to show in the card's snippets (default: a placeholder).")
 @force_option
 @json_option
@@ -110,6 +128,7 @@ def bundle(adapter: str, output: str, ranks: Any, scale_mode: str, base_model: s
         check_repo_id(repo_id)
     from ..converters.hub.bundle import write_bundle
 
+    onnx_base, gguf_base = _local_bases(output, force, onnx_base, gguf_base)
     with BarProgress("onnx export", unit="step") as export_bar, BarProgress("bundling") as bar:
         b = write_bundle(adapter, ranks, output, scale_mode=scale_mode, base_model_id=base_model, license_id=license_id,
                          repo_id=repo_id, onnx_base=onnx_base, default_rank=default_rank, measure_latency=measure_latency,
@@ -129,7 +148,7 @@ def bundle(adapter: str, output: str, ranks: Any, scale_mode: str, base_model: s
 @click.option("--private", is_flag=True, help="Create the repo as private; refuses to push to an existing public repo.")
 @click.option("--revision", default="main", show_default=True, help="Branch to commit to (created from main if needed).")
 @click.option("--branches", is_flag=True, help="Also make a branch r{k} per rank whose root holds that rank's adapter.")
-@click.option("--dry-run", is_flag=True, help="Build the bundle and list its files and sizes; no network call.")
+@click.option("--dry-run", is_flag=True, help="Build the bundle and list its files and sizes; no network call (but a Hub id given to --with-onnx is downloaded).")
 @click.option("--token", help="Hub token (default: HF_TOKEN, then the `hf auth login` cache). Never printed.")
 @click.option("--endpoint", help="Hub URL for private deployments and mirrors (default: HF_ENDPOINT, then huggingface.co).")
 @click.option("--commit-message", help="Commit summary (default: names the ranks).")
@@ -151,6 +170,7 @@ def push_hub(source: str, repo_id: str, ranks: Any, scale_mode: str, base_model:
     """
     from ..converters.hub.push import publish
 
+    onnx_base, _ = _local_bases(None, False, onnx_base, None)
     with BarProgress("onnx export", unit="step") as export_bar, BarProgress("bundling") as bar:
         published = publish(source, repo_id, ranks=ranks, scale_mode=scale_mode, base_model_id=base_model, license_id=license_id,
                             default_rank=default_rank, onnx_base=onnx_base, measure_latency=measure_latency, private=private, revision=revision, branches=branches,
@@ -188,12 +208,12 @@ def push_hub(source: str, repo_id: str, ranks: Any, scale_mode: str, base_model:
 @click.option("--output", "-o", required=True, type=click.Path(path_type=str), help="Folder to create: a plain PEFT adapter.")
 @click.option("--revision", default="main", show_default=True, help="Branch, tag or commit to pull from.")
 @click.option("--max-bytes", type=ByteSize(), help="With --rank auto: the download size limit (e.g. 50MB, 1GiB).")
-@click.option("--max-params", type=click.IntRange(min=1), help="With --rank auto: the parameter count limit.")
-@click.option("--max-latency-ms", type=click.FloatRange(min=0, min_open=True),
+@click.option("--max-params", type=AsciiIntRange(min=1), help="With --rank auto: the parameter count limit.")
+@click.option("--max-latency-ms", type=AsciiFloatRange(min=0, min_open=True),
               help="With --rank auto: the per-forward latency limit, as the bundle recorded it (bundle --measure-latency).")
-@click.option("--min-score", type=float,
+@click.option("--min-score", type=FLOAT,
               help="With --rank auto: the smallest rank whose recorded score reaches this (percent for accuracy and exact-match).")
-@click.option("--within", type=click.FloatRange(min=0),
+@click.option("--within", type=AsciiFloatRange(min=0),
               help="With --rank auto: the smallest rank within this many points of the best recorded score.")
 @click.option("--metric", type=click.Choice(list(METRICS)), help="The recorded evaluation --min-score/--within judge by (default: the first recorded).")
 @click.option("--token", help="Hub token (default: HF_TOKEN, then the `hf auth login` cache). Never printed.")

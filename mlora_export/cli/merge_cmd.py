@@ -5,22 +5,22 @@ from __future__ import annotations
 import click
 
 from ..converters.merge import OUTPUT_DTYPES
+from ..units import human_bytes
 from ._errors import handle_errors
-from ._options import BarProgress, echo_json, force_option, json_option
+from ._options import INT, BarProgress, base_model_options, echo_json, force_option, json_option
 
 
 @click.command("merge")
 @click.argument("adapter", type=click.Path(path_type=str))
-@click.option("--base-model", "base_model", required=True, type=click.Path(path_type=str),
-              help="Hugging Face model folder with safetensors weights (config.json, model*.safetensors).")
-@click.option("--rank", "-r", required=True, type=int, help="The rank k to merge: W + s(k)·B[:, :k]·A[:k].")
+@base_model_options
+@click.option("--rank", "-r", required=True, type=INT, help="The rank k to merge: W + s(k)·B[:, :k]·A[:k].")
 @click.option("--output", "-o", required=True, type=click.Path(path_type=str), help="Model folder to create.")
 @click.option("--dtype", type=click.Choice(list(OUTPUT_DTYPES)), default=None,
               help="Cast every float tensor of the output (default: keep the base's dtypes and bytes).")
 @force_option
 @json_option
 @handle_errors
-def merge(adapter: str, base_model: str, rank: int, output: str, dtype: str | None, force: bool, as_json: bool) -> None:
+def merge(adapter: str, base_model: str, revision: str | None, rank: int, output: str, dtype: str | None, force: bool, as_json: bool) -> None:
     """Merge one rank (--rank K) of a nested ADAPTER (or a PEFT LoRA slice) into a base model, shard by shard.
 
     The output has the base's shard names, tensor order and index; untouched tensors are
@@ -31,15 +31,20 @@ def merge(adapter: str, base_model: str, rank: int, output: str, dtype: str | No
     Example:
       mlora-export merge ./nested --base-model ./Llama-3.2-1B --rank 8 --output ./merged-r8
     """
+    from ..base import resolve_base_model
     from ..converters.merge import merge_adapter
 
+    from ..fs import check_output_path
+
+    check_output_path(output, force)  # before a Hub model is downloaded
+    base = resolve_base_model(base_model, revision=revision)
     with BarProgress("merging") as bar:
-        result = merge_adapter(adapter, base_model, rank, output, dtype=dtype, force=force, progress=bar)
+        result = merge_adapter(adapter, base, rank, output, dtype=dtype, force=force, progress=bar)
     if as_json:
         echo_json(result.to_dict())
         return
     click.echo(
         f"merged rank {result.rank} (s = {result.scale:.6g}) into {result.merged_tensors} weights; "
         f"{result.copied_tensors} tensors copied unchanged; {len(result.shards)} shard(s), "
-        f"{result.bytes / 2**20:.1f} MiB in {result.seconds:.1f} s → {result.path}"
+        f"{human_bytes(result.bytes)} in {result.seconds:.1f} s → {result.path}"
     )

@@ -34,7 +34,7 @@ def write_results(result: EvalResult, output: str | os.PathLike[str], *, force: 
     """
     from .plot import plot_rank_curves
 
-    inputs = [result.base_model, result.data.path, *(c.path for c in result.curves),
+    inputs = [result.base_model, *([result.data.path] if result.data.path is not None else []), *(c.path for c in result.curves),
               *(m.path for c in result.curves for m, _ in c.members)]
     with atomic_output_dir(output, force, inputs) as tmp:
         with open(tmp / RESULTS_NAME, "w", encoding="utf-8") as f:
@@ -49,7 +49,7 @@ def record_entry(result: EvalResult, curve: Curve) -> dict[str, Any]:
     return {
         "metric": result.metric,
         "higher_is_better": result.higher_is_better,
-        "data": result.data.path.name,
+        "data": result.data.name or (result.data.path.name if result.data.path is not None else result.data.source),
         "data_sha256": result.data.sha256,
         "examples": len(result.data.examples),
         "base_model": result.base_model,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -13,16 +12,20 @@ from typing import Any
 
 from ..base import (
     check_base_model_dir,
+    resolve_base_model,
     check_device,
     check_dtype,
     check_fits,
     load_base_model,
     load_tokenizer,
 )
+from ..data import DataSource
 from ..errors import (
+    BaseModelError,
     ConfigError,
     DataError,
 )
+from ..fs import read_json
 from ..method import aurac
 from ..progress import Progress
 from ..provenance import created_by
@@ -45,11 +48,13 @@ def _default_device() -> str:
 
 def _max_positions(base_model: str | os.PathLike[str]) -> int | None:
     try:
-        cfg = json.loads((Path(base_model) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        cfg = read_json(Path(base_model) / "config.json", BaseModelError, what="model config")
+    except BaseModelError:
         return None  # load_base_model reports it
+    if not isinstance(cfg, dict):
+        return None
     value = cfg.get("max_position_embeddings") or cfg.get("n_positions")
-    return int(value) if isinstance(value, int) else None
+    return value if is_int(value) and value > 0 else None
 
 
 # -- evaluate ----------------------------------------------------------------------------------
@@ -89,7 +94,7 @@ class EvalResult:
 def evaluate(
     adapters: Sequence[str | os.PathLike[str]],
     base_model: str | os.PathLike[str],
-    data_path: str | os.PathLike[str],
+    data_path: "str | os.PathLike[str] | DataSource",
     ranks: Sequence[int] | str = "all",
     *,
     metric: str = "loss",
@@ -102,8 +107,15 @@ def evaluate(
     max_examples: int | None = None,
     record: bool = False,
     progress: Progress | None = None,
+    chat_template: str | None = None,
+    revision: str | None = None,
 ) -> EvalResult:
     """Evaluate every adapter at every rank on ``data_path``; per-rank scores and AURAC v1/v2 per curve.
+
+    ``base_model`` is a local folder or a Hub model id (``revision``: its branch, tag or commit;
+    :func:`~mlora_export.base.hub.resolve_base_model`); ``data_path`` a local file, a Hub dataset id
+    or a :class:`~mlora_export.data.DataSource` (split ``test`` unless it names one), read by
+    :func:`~.data.load_eval_data`; ``chat_template`` (Jinja text) replaces the tokenizer's template.
 
     All inputs are validated before the base model is loaded. The base is loaded once; each adapter
     is put on it, evaluated at its ranks by switching the rank in place, and unloaded again.
@@ -115,6 +127,7 @@ def evaluate(
         ConfigError, RankError, InvalidAdapterError, DataError, BaseModelError,
         BaseModelMismatchError: bad inputs (see the helpers above); ``record`` with no nested
             adapter folder among ``adapters`` (ConfigError).
+        HubInputError, HubError: a Hub model or dataset that cannot be read.
     """
     from .report import record_entry, record_evaluation
 
@@ -128,13 +141,15 @@ def evaluate(
         )
     check_dtype(dtype)
     device = check_device(device) if device is not None else None
-    check_base_model_dir(base_model)
-    tokenizer = load_tokenizer(tokenizer_dir if tokenizer_dir is not None else base_model, hint="save one there", option="tokenizer_dir")
-    max_len = _max_positions(base_model)
-    data = load_eval_data(data_path, tokenizer, max_length=max_len, max_examples=max_examples)  # before loading weights
-    if metric == "exact-match" and data.kind != "prompt-completion":
-        raise DataError(f"{data.path}: exact-match needs {{\"prompt\", \"completion\"}} records, the file has {{\"text\"}} records; use metric loss or accuracy", option="metric")
-    model = load_base_model(base_model, dtype, device=device or _default_device())
+    base_dir = resolve_base_model(base_model, revision=revision)
+    check_base_model_dir(base_dir)
+    tokenizer = load_tokenizer(tokenizer_dir if tokenizer_dir is not None else base_dir, hint="save one there", option="tokenizer_dir")
+    max_len = _max_positions(base_dir)
+    data = load_eval_data(data_path, tokenizer, max_length=max_len, max_examples=max_examples, chat_template=chat_template)  # before loading weights
+    if metric == "exact-match" and not data.generates:
+        raise DataError(f"{data.source or data.path}: exact-match needs {{\"prompt\", \"completion\"}} or conversation records, the file has "
+                        "{\"text\"} records; use metric loss or accuracy", option="metric")
+    model = load_base_model(base_dir, dtype, device=device or _default_device())
     for c in curves:
         for a, _ in c.members:
             check_fits(a, model, base=str(base_model))

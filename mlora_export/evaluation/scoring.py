@@ -64,7 +64,10 @@ def teacher_forced(model: Any, data: EvalData, *, batch_size: int = 16, pad_id: 
                 n = len(e.input_ids)
                 ids[i, :n] = torch.tensor(e.input_ids)
                 att[i, :n] = 1
-                score[i, e.first_target : n] = True
+                if e.scored is not None:
+                    score[i, :n] = torch.tensor(e.scored, dtype=torch.bool)
+                else:
+                    score[i, e.first_target : n] = True
             ids, att, score = ids.to(device), att.to(device), score.to(device)
             logits = model(input_ids=ids, attention_mask=att).logits[:, :-1].float()
             targets = ids[:, 1:]
@@ -77,26 +80,41 @@ def teacher_forced(model: Any, data: EvalData, *, batch_size: int = 16, pad_id: 
     return nll_sum, n_tok, n_hit
 
 
+def stop_token_ids(model: Any, tokenizer: Any, data: EvalData) -> list[int]:
+    """The tokens that end a generation: the tokenizer's EOS, the model's generation config EOS
+    (one id or several) and the chat template's end-of-turn tokens found in the data."""
+    ids: list[int] = []
+    cfg_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (tokenizer.eos_token_id, *(cfg_eos if isinstance(cfg_eos, (list, tuple)) else [cfg_eos]), *data.stop_ids):
+        if isinstance(value, int) and value not in ids:
+            ids.append(value)
+    return ids
+
+
 def greedy_completions(
     model: Any, tokenizer: Any, data: EvalData, *, batch_size: int = 16, max_new_tokens: int | None = None
 ) -> list[str]:
-    """Greedy completion text of every example's prompt (in data order), stopped at EOS or the token budget.
+    """Greedy completion text of every example's prompt (in data order), stopped at an end token or the token budget.
 
-    The budget is ``max_new_tokens`` or, when ``None``, the token length of the example's reference
-    completion (EOS not counted).
+    The prompt is the record's prompt, or, for a conversation, the template's generation prompt for
+    the conversation up to its last assistant turn. Generation stops at any of
+    :func:`stop_token_ids` or after the budget: ``max_new_tokens`` or, when ``None``, the token
+    length of the example's reference (the completion without EOS, or the last assistant turn).
     """
     import torch
 
-    if data.kind != "prompt-completion":
-        raise DataError(f"{data.path}: exact-match needs {{\"prompt\", \"completion\"}} records, the file has {{\"text\"}} records; use metric loss or accuracy", option="metric")
+    if not data.generates:
+        raise DataError(f"{data.source or data.path}: exact-match needs a reference to generate (prompt/completion or conversation "
+                        "records), the file has {\"text\"} records; use metric loss or accuracy", option="metric")
     device = next(model.parameters()).device
-    eos = tokenizer.eos_token_id
+    stops = stop_token_ids(model, tokenizer, data)
+    eos = stops[0] if stops else None
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
     index = {id(e): i for i, e in enumerate(data.examples)}
     out: list[str] = [""] * len(data.examples)
     with torch.inference_mode():
         for batch in _batches(data.examples, batch_size):
-            prompts = [e.input_ids[: e.first_target] for e in batch]
+            prompts = [e.prompt_ids for e in batch]
             budgets = [max_new_tokens if max_new_tokens is not None else e.completion_tokens for e in batch]
             width = max(len(p) for p in prompts)
             ids = torch.full((len(batch), width), pad, dtype=torch.long)
@@ -112,14 +130,13 @@ def greedy_completions(
                 do_sample=False,
                 num_beams=1,
                 pad_token_id=pad,
-                eos_token_id=eos,
+                eos_token_id=stops or None,
             )
             new = gen[:, width:].tolist()
             for e, toks, budget in zip(batch, new, budgets):
                 toks = toks[:budget]
-                if eos is not None and eos in toks:
-                    toks = toks[: toks.index(eos)]
-                out[index[id(e)]] = tokenizer.decode(toks, skip_special_tokens=True)
+                cut = next((j for j, t in enumerate(toks) if t in stops), len(toks))
+                out[index[id(e)]] = tokenizer.decode(toks[:cut], skip_special_tokens=True)
     return out
 
 
