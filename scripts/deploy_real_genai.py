@@ -18,7 +18,7 @@ prompts in ``WORK/heldout.jsonl``) on SmolLM2-135M-Instruct (the bfloat16 folder
    configuration (interleaved), a held-out prompt then ``--bench-tokens`` new tokens (EOS ignored
    by ``min_length``); the mean time per decoded token (prompt step excluded); median and min over rounds.
 
-Prints a JSON summary and writes ``WORK/genai/summary.json``. Usage::
+Prints a JSON summary and writes ``WORK/genai/summary.json`` (parts skipped keep their earlier values). Usage::
 
     python scripts/deploy_real_genai.py --work /work/real22 --cache /tmp/mcache --threads 2 --rounds 5
 """
@@ -117,11 +117,14 @@ def greedy(args: argparse.Namespace, base: Path, d: Path) -> dict[str, Any]:
         m = hf if k == 0 else PeftModel.from_pretrained(hf, str(d / "slices" / f"r{k}")).eval()
         ref = hf_greedy(m, tok, [r["prompt"] for r in records], args.new)
         got = [og_generate(model, ids, k, args.new)[0] for ids in prompt_ids]
-        got = [g[: g.index(eos) + 1] if eos in g else g for g in got]
+        # compared up to EOS, EOS itself left out: generate() returns it, GenAI's sequence stops before it
+        stopped = sum(eos in g or len(g) < args.new for g in got)
+        ref = [b[: b.index(eos)] if eos in b else b for b in ref]
+        got = [g[: g.index(eos)] if eos in g else g for g in got]
         equal = sum(a == b for a, b in zip(got, ref))
         first_diff = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b))) for a, b in zip(got, ref) if a != b]
         correct = sum(tok.decode(b, skip_special_tokens=True).strip() == r["completion"] for b, r in zip(ref, records))
-        out[str(k)] = {"prompts": len(records), "tokens_equal": equal, "first_difference_at_token": first_diff, "correct_peft": correct,
+        out[str(k)] = {"prompts": len(records), "tokens_equal": equal, "genai_stopped_before_max": stopped, "first_difference_at_token": first_diff, "correct_peft": correct,
                        "example_peft": tok.decode(ref[0], skip_special_tokens=True), "example_genai": tok.decode(got[0], skip_special_tokens=True)}
         if k:
             hf = m.unload()
@@ -177,7 +180,9 @@ def main() -> None:
     base = materialize("smollm2", args.cache)
     d = args.work / "genai"
     d.mkdir(parents=True, exist_ok=True)
-    summary: dict[str, Any] = {"machine_before": before, "base": str(base), "threads": args.thread_list, "export": export(args, base, d)}
+    previous = json.loads((d / "summary.json").read_text()) if (d / "summary.json").is_file() else {}
+    summary: dict[str, Any] = {**previous, "machine_before": before, "base": str(base), "threads": args.thread_list,
+                               "export": {**previous.get("export", {}), **export(args, base, d)}}
     if not args.skip_greedy:
         summary["greedy"] = greedy(args, base, d)
     if not args.skip_latency:
