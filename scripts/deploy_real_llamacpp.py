@@ -29,7 +29,7 @@ held-out prompt; llama.cpp's own ``eval time`` (ms per generated token, prompt e
 configuration once per round, ``--runs`` rounds interleaved, median and min; at each of
 ``--threads`` (comma-separated).
 
-Prints one JSON summary and writes ``WORK/llamacpp/summary.json``. Usage::
+Prints one JSON summary and writes ``WORK/llamacpp/summary.json`` (parts skipped keep their earlier values). Usage::
 
     python scripts/real_model_adapter.py --work /work/real22 --cache /tmp/mcache
     python scripts/deploy_real_llamacpp.py --work /work/real22 --cache /tmp/mcache \\
@@ -266,7 +266,8 @@ def main() -> None:
     d = args.work / "llamacpp"
     d.mkdir(parents=True, exist_ok=True)
     files = build_files(args, d, base_f32, base_q4)
-    summary: dict[str, Any] = {"machine_before": before, "base_gguf": str(base_q4), "threads": args.thread_list,
+    previous = json.loads((d / "summary.json").read_text()) if (d / "summary.json").is_file() else {}
+    summary: dict[str, Any] = {**previous, "machine_before": before, "base_gguf": str(base_q4), "threads": args.thread_list,
                                "llama_cpp": str(args.llama_cpp), "focus_rank": args.focus}
     if not args.skip_agreement:
         summary["agreement"] = agreement(args, base_q4, base_f32, d, files)
