@@ -36,7 +36,7 @@ def real_nested(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
               "mlp.down_proj": (inter, hidden)}
     gen = torch.Generator().manual_seed(0)
     factors = {
-        f"model.layers.{i}.{name}": (torch.randn(R, fan_in, generator=gen) * 0.02, torch.randn(fan_out, R, generator=gen) * 0.02)
+        f"model.layers.{i}.{name}": (torch.randn(R, fan_in, generator=gen) * 0.05, torch.randn(fan_out, R, generator=gen) * 0.05)
         for i in range(cfg.num_hidden_layers) for name, (fan_in, fan_out) in shapes.items()
     }
     out = tmp_path_factory.mktemp("real") / "nested"
