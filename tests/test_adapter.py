@@ -58,6 +58,22 @@ def test_load_roundtrip(llama_nested: Path) -> None:
         torch.testing.assert_close(rd.delta("model.layers.0.mlp.down_proj", 3), ref)
 
 
+def test_factors_outlive_the_reader(llama_nested: Path, tmp_path: Path) -> None:
+    """``lora_A`` / ``lora_B`` are copies at every rank, the full rank too (where the slice of ``B`` is
+    already contiguous): they stay valid after the map is closed, and save into a new adapter."""
+    from mlora_export.adapter import save_nested
+
+    ad = NestedAdapter.load(llama_nested)
+    with ad.reader() as rd:
+        factors = {n: (rd.lora_A(n, ad.max_rank), rd.lora_B(n, ad.max_rank)) for n in ad.modules}
+        b8 = rd.lora_B("model.layers.0.mlp.down_proj", 8)
+        assert b8.is_contiguous() and b8.untyped_storage().data_ptr() != rd.lora_B("model.layers.0.mlp.down_proj", 8).untyped_storage().data_ptr()
+    save_nested(tmp_path / "copy", factors, ad.config)  # would read unmapped memory with views of the map
+    full = load_file(str(llama_nested / "adapter_model.safetensors"))
+    again = load_file(str(tmp_path / "copy" / "adapter_model.safetensors"))
+    assert full.keys() == again.keys() and all(torch.equal(full[k], again[k]) for k in full)
+
+
 def test_optional_fields_not_required(llama_nested: Path, tmp_path: Path) -> None:
     """A folder written by another tool, with only the required fields, loads."""
     d = _copy(llama_nested, tmp_path)

@@ -318,7 +318,7 @@ def test_cli_failed_verification_keeps_previous_output(tmp_path: Path, exports, 
     shutil.copytree(exports("gpt2", "fixed"), out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     calls: list[int] = []
-    monkeypatch.setattr(verify_mod, "compare", lambda k, got, ref, atol, rtol: calls.append(k) or RankCheck(k, 0.5, 1e-4))
+    monkeypatch.setattr(verify_mod, "compare", lambda k, got, ref, atol, rtol: calls.append(k) or RankCheck(k, 0.5, 1e-4, 1e-6, 16, 16))
     args = ["onnx", str(nested_dirs["gpt2"]), "--base-model", str(base_dirs["gpt2"]), "--output", str(out), "--rank", str(FIXED_RANK), "--force"]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 1, res.output

@@ -99,8 +99,14 @@ class AdapterReader:
         return self._view(self.adapter.modules[module].key_a)[:k].clone()
 
     def lora_B(self, module: str, k: int) -> "torch.Tensor":
-        """``B[:, :k]`` of ``module`` (``[out, k]``, source dtype, contiguous copy)."""
-        return self._view(self.adapter.modules[module].key_b)[:, :k].contiguous()
+        """``B[:, :k]`` of ``module`` (``[out, k]``, source dtype, contiguous copy).
+
+        A copy at every ``k``: at the full rank the slice is already contiguous, and
+        ``.contiguous()`` alone would return a view of the map, which the reader unmaps on close.
+        """
+        import torch
+
+        return self._view(self.adapter.modules[module].key_b)[:, :k].clone(memory_format=torch.contiguous_format)
 
     def _array(self, key: str) -> np.ndarray:
         """A zero-copy numpy view of tensor ``key`` in the map (bfloat16 as uint16 bit patterns)."""

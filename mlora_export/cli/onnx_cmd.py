@@ -62,9 +62,11 @@ def onnx(adapter: str, base: BaseModelArg, output: str, options: OnnxExportOptio
     for k, path in res.adapter_files.items():
         click.echo(f"rank {k}: {res.path / path}")
     if res.checks:
+        click.echo(f"verified against float64 PyTorch on {'text from the tokenizer' if res.verified_on == 'text' else 'random token ids'}:")
         echo_table(
-            ["rank", "max abs diff", "tolerance", "ok"],
-            [[c.rank, f"{c.max_abs_diff:.3g}", f"{c.tolerance:.3g}", "yes" if c.ok else "NO"] for c in res.checks],
+            ["rank", "max abs diff", "tolerance", "float32 torch", "greedy token", "ok"],
+            [[c.rank, f"{c.max_abs_diff:.3g}", f"{c.tolerance:.3g}", f"{c.float32_error:.3g}", f"{c.argmax_equal}/{c.positions}",
+              "yes" if c.ok else "NO"] for c in res.checks],
         )
     else:
         click.echo("not verified (--no-verify)")

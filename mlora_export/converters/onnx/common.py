@@ -48,6 +48,8 @@ class OnnxExportResult:
     checks: list[RankCheck] = field(default_factory=list)
     adapter_files: dict[int, str] = field(default_factory=dict)
     seconds: float = 0.0
+    #: What the verification ran on: ``"text"`` (the base's tokenizer), ``"random"`` token ids, or ``""`` (not verified).
+    verified_on: str = ""
 
     @property
     def model_path(self) -> Path:
@@ -67,6 +69,7 @@ class OnnxExportResult:
             "external_data": self.external_data,
             "adapter_files": {str(k): v for k, v in self.adapter_files.items()},
             "verification": [c.to_dict() for c in self.checks],
+            "verified_on": self.verified_on or None,
             "seconds": round(self.seconds, 2),
         }
 
@@ -86,7 +89,7 @@ class OnnxExportOptions:
         help="A decoder with a KV cache (past_key_values.* in, present.* out) and genai_config.json for onnxruntime-genai "
              "(Llama, Qwen2); the rank is the lora_rank input, or with --adapters-per-rank one adapter file per train rank.")
     opset: int = param(DEFAULT_OPSET, help="ONNX opset to write (14 to 25).", flag="--opset", show_default=True)
-    verify: bool = param(True, help="Skip the ONNX Runtime vs PyTorch check at every train rank.", flag="--no-verify", negate=True)
+    verify: bool = param(True, help="Skip the ONNX Runtime vs PyTorch check (float64 reference, text from the tokenizer) at every train rank.", flag="--no-verify", negate=True)
     provider: str = param("CPUExecutionProvider", flag="--provider", show_default=True,
                           help="ONNX Runtime execution provider for verification, e.g. CUDAExecutionProvider (needs pip install '.[gpu]').")
     atol: float = param(ATOL, help="Absolute tolerance of the ONNX Runtime vs PyTorch check.")

@@ -8,7 +8,8 @@
   per train rank for ``onnxruntime.LoraAdapter`` / ``RunOptions.add_active_adapter``.
 
 Every export is checked with ``onnx.checker`` and, unless ``verify=False``, run in ONNX Runtime
-against PyTorch (docs/design.md §1 reference) at every train rank; a mismatch raises
+against PyTorch (docs/design.md §1 reference in float64, on text from the base's tokenizer, within what
+float32 PyTorch itself achieves: :mod:`.verify`) at every train rank; a mismatch raises
 :class:`~mlora_export.errors.ExportError` and nothing is written.
 """
 
@@ -50,7 +51,7 @@ from .verify import (
     reference_logits,
     run_adapter,
     run_rank,
-    sample_inputs,
+    text_inputs,
     verify_export,
 )
 
@@ -101,7 +102,7 @@ def export_onnx(
     lora_in_graph = {"dynamic": nested.max_rank, "fixed": rank or 0}.get(kind, 0)
     nbytes, external = graph_size(model, nested, lora_in_graph, options.external_data)
     tick("base model loaded")
-    feeds = sample_inputs(vocab)
+    feeds, source = text_inputs(base_model, vocab) if options.verify else ({}, "")
     refs = reference_logits(model, task, nested, verify_ranks, feeds) if options.verify else {}
 
     check_room(output, nbytes, nested, adapter_ranks)
@@ -114,7 +115,7 @@ def export_onnx(
         inputs = ["input_ids", "attention_mask"] + (["lora_rank"] if kind.rank_input else adapter_input_names(nested) if kind.factor_inputs else [])
         shown = inputs[:2] + ["<module>.lora_A.weight", "<module>.lora_B.weight"] if kind.factor_inputs else inputs
         result = OnnxExportResult(kind, Path(output), task, exporter, options.opset, rank, shown, external)
-        result.adapter_files = files
+        result.adapter_files, result.verified_on = files, source
         if options.verify:
             run = functools.partial(_run_export, kind, feeds, {k: tmp / f for k, f in files.items()})
             result.checks = verify_export(path, options.provider, verify_ranks, refs, run, tolerance=(options.atol, options.rtol), tick=tick)
