@@ -1469,24 +1469,25 @@ def test_train_on_a_full_disk_prints_one_line(proj: Path) -> None:
 
 
 # -- 9. click's option errors are one line, exit 2, for every command and option ----------------
-def _bad_value_options() -> list[tuple[str, str]]:
-    """``(command, option)`` for every option of every command whose type can refuse a value."""
+def _bad_value_options() -> list[tuple[str, str, str]]:
+    """``(command, option, bad value)`` for every option of every command whose type can refuse a value
+    (a list of names refuses only an empty name)."""
     import click
 
-    from mlora_export.cli._options import ModuleList
+    from mlora_export.cli._options import ModuleList, NameList
 
     out = []
     for name, cmd in sorted(main.commands.items()):
         for p in cmd.params:
             if isinstance(p, click.Option) and not p.is_flag and not p.count and not isinstance(
                     p.type, (click.Path, click.types.StringParamType, ModuleList)):
-                out.append((name, p.opts[0]))
+                out.append((name, p.opts[0], "a,,b" if isinstance(p.type, NameList) else "not-a-value!"))
     return out
 
 
-@pytest.mark.parametrize("command, option", _bad_value_options())
-def test_every_bad_option_value_is_one_line(command: str, option: str, tmp_path: Path) -> None:
-    res = run(command, option, "not-a-value!")
+@pytest.mark.parametrize("command, option, value", _bad_value_options())
+def test_every_bad_option_value_is_one_line(command: str, option: str, value: str, tmp_path: Path) -> None:
+    res = run(command, option, value)
     assert res.exit_code == 2, res.output
     err = one_line(res)
     assert option in err and "--help" in err, err
