@@ -157,7 +157,7 @@ class Settings:
     model: str = "smollm2"  # "smollm2" (the real model) or "pico" (the smoke setting)
     grid: tuple[int, ...] = (1, 2, 4, 8, 16)
     seeds: tuple[int, ...] = (0, 1)
-    lrs: tuple[float, ...] = (1e-3, 2e-3, 4e-3)
+    lrs: tuple[float, ...] = (2e-3, 4e-3, 8e-3)
     regimes: tuple[str, ...] = ("iso", "spell")
     methods: tuple[str, ...] = ("dylora", "matryoshka", "nested-loss", "nested-loss-2x", SVD, TRUNCATED)
     #: extra nested-loss recipes: (name, JSON of TrainSettings fields), see :func:`method_specs`
@@ -793,7 +793,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output", type=Path, required=True, help="folder for data, runs/, jobs/, tests/, report.md, rank_curve.png")
     ap.add_argument("--smoke", action="store_true", help="a seconds-long setting on a pico model that exercises every step")
     ap.add_argument("--seeds", type=str, default=None, help="comma-separated seeds (default 0,1)")
-    ap.add_argument("--lrs", type=str, default=None, help="comma-separated learning rates (default 1e-3,2e-3,4e-3)")
+    ap.add_argument("--lrs", type=str, default=None, help="comma-separated learning rates (default 2e-3,4e-3,8e-3)")
     ap.add_argument("--regimes", type=str, default=None, help="comma-separated regimes (default iso,spell)")
     ap.add_argument("--methods", type=str, default=None,
                     help="comma-separated one-run methods besides the grid (default dylora,matryoshka,nested-loss,nested-loss-2x,svd,truncated)")
