@@ -747,8 +747,9 @@ def run(cfg: Settings, output: Path, *, force: bool = False, report_only: bool =
                 write_jsonl(output / "data" / regime / f"{split}.jsonl", recs)
     base_info = base_scores(cfg, output, base)
     logger.info("base exact match: %s", {r: {s: round(v["exact_match"] * 100, 1) for s, v in d.items()} for r, d in base_info.items()})
-    # seed-major order: after the first seed of every regime, a one-seed report is possible
-    todo = [(cfg, output, base, regime, seed, lr) for seed in cfg.seeds for regime in cfg.regimes for lr in cfg.lrs]
+    # seed-major, then lr: after the first seed a one-seed report is possible, and before that
+    # the first lr of every regime (a partial report with --report-only --seeds S --lrs LR)
+    todo = [(cfg, output, base, regime, seed, lr) for seed in cfg.seeds for lr in cfg.lrs for regime in cfg.regimes]
     if not report_only:
         if cfg.workers > 1:
             import multiprocessing
