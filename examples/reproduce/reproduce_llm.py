@@ -342,11 +342,15 @@ def curve_dirs(cfg: Settings, jd: Path) -> dict[str, Path]:
 
 def _curves_by_method(result: Any, dirs: dict[str, Path]) -> dict[str, dict[str, Any]]:
     """``{method: {"ranks": {k: {"exact_match", "loss"}}, "seconds"}}`` from an :class:`EvalResult`."""
+    from mlora_export.evaluation import SINGLE_RANK_LABEL
+
     by_path = {str(p): m for m, p in dirs.items()}
     out: dict[str, dict[str, Any]] = {}
     for c in result.curves:
         m = by_path.get(c.path)
         if m is None:  # single-rank adapters given one by one: the grid at its per-rank choices
+            if c.method != "lora" or c.kind not in (SINGLE_RANK_LABEL, "adapter"):
+                raise RuntimeError(f"evaluation returned a curve for {c.path!r} that is neither a method's folder nor the grid")
             m = GRID
         out[m] = {"ranks": {str(p.rank): {"exact_match": p.score, "loss": p.loss} for p in c.points},
                   "seconds": sum(p.seconds for p in c.points)}
