@@ -72,6 +72,11 @@ class InsufficientDiskError(MloraError, OSError):
     """Not enough free disk space for the output."""
 
 
+class NonFiniteOutputError(MloraError, ValueError):
+    """What a converter was about to write holds an infinity or a NaN (a scale or weights too large
+    for the output dtype): refused, naming the tensor, before the output appears."""
+
+
 class ExportError(MloraError, RuntimeError):
     """An export ran but its result failed verification."""
 
@@ -96,6 +101,14 @@ class IntegrityError(MloraError, ValueError):
 
 class RemoteIntegrityError(IntegrityError):
     """A file fetched from the Hub does not match the bundle's manifest (corrupt or changed remote copy)."""
+
+
+class MissingDependencyError(MloraError, ImportError):
+    """An optional package that a requested feature needs is not installed (``package`` names it)."""
+
+    def __init__(self, message: str, *, package: str, **fields: Any) -> None:
+        super().__init__(message, **fields)
+        self.package = package
 
 
 class UnsupportedArchitectureError(ConfigError):

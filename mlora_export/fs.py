@@ -10,25 +10,36 @@ The temporary sibling is named ``.NAME.tmp-PID-XXXXXXXX``; one left by a run tha
 (``SIGKILL``, a power cut) is removed by the next run writing the same output once its process
 is gone (:func:`remove_stale_temporaries`). Output folders get the mode a plain ``mkdir`` gives
 under the umask.
+
+Without ``force`` the final step is a rename that cannot replace anything
+(:func:`rename_noreplace`: ``renameat2(RENAME_NOREPLACE)`` on Linux, ``renamex_np(RENAME_EXCL)`` on
+macOS, an ``mkdir`` claim elsewhere): an output that appeared while the command ran (a second
+run into the same folder, a folder made by hand) is left as it is, and the new result is kept
+beside it under a name the error gives.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import ctypes
+import ctypes.util
 import errno
 import json
 import logging
+import math
 import os
 import re
 import secrets
 import shutil
 import stat
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from .errors import InsufficientDiskError, OutputExistsError, OutputPathError
+from .units import human_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -157,22 +168,53 @@ def check_free_space(path: PathLike, needed_bytes: int, margin: float = 1.02) ->
     free = shutil.disk_usage(probe).free
     if free < needed_bytes * margin:
         raise InsufficientDiskError(
-            f"not enough free disk for {str(path)!r}: need about {needed_bytes / 2**30:.2f} GiB, "
-            f"{free / 2**30:.2f} GiB free on {str(probe)!r}; free some space or write elsewhere"
+            f"not enough free disk for {str(path)!r}: need about {human_bytes(needed_bytes)}, "
+            f"{human_bytes(free)} free on {str(probe)!r}; free some space or write elsewhere"
         )
 
 
+#: numpy's ``tofile`` reports a short write as ``OSError("N requested and M written")``, without an errno.
+_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` says the disk (or the quota) is full: ``ENOSPC``/``EDQUOT``, or numpy's short-write ``OSError``."""
+    if not isinstance(exc, OSError):
+        return False
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT) or (exc.errno is None and bool(_SHORT_WRITE.search(str(exc))))
+
+
 def disk_full_error(exc: OSError, path: PathLike, needed_bytes: int | None = None) -> InsufficientDiskError | None:
-    """An :class:`InsufficientDiskError` naming ``path`` (and the space needed) for an ``ENOSPC``
-    or ``EDQUOT`` ``OSError``; ``None`` for any other error."""
-    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+    """An :class:`InsufficientDiskError` naming ``path`` (and the space needed) for an ``OSError``
+    that says the disk is full (:func:`is_disk_full`); ``None`` for any other error."""
+    if not is_disk_full(exc):
         return None
-    need = f"; it needs about {needed_bytes / 2**30:.2f} GiB" if needed_bytes else ""
+    need = f"; it needs about {human_bytes(needed_bytes)}" if needed_bytes else ""
     try:
-        free = f", {shutil.disk_usage(Path(path).absolute().parent if not Path(path).exists() else path).free / 2**30:.2f} GiB free"
+        probe = Path(path).absolute()
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        free = f", {human_bytes(shutil.disk_usage(probe).free)} free"
     except OSError:
         free = ""
-    return InsufficientDiskError(f"the disk filled up while writing {str(path)!r}{need}{free}; free some space or write elsewhere")
+    return InsufficientDiskError(f"the disk filled up while writing {str(path)!r}{need}{free}; free some space or write elsewhere", path=path)
+
+
+def check_written(path: PathLike, expected: int) -> None:
+    """Raise an ``OSError`` when the file ``path`` is shorter than the ``expected`` bytes a writer
+    says it wrote: a writer that drops what a full disk refused (numpy's ``tofile`` through a C
+    ``FILE``) leaves such a file without an error. ``ENOSPC`` when the disk is (nearly) full, so it
+    is reported as one; ``EIO`` otherwise.
+    """
+    size = os.stat(path).st_size
+    if size == expected:
+        return
+    try:
+        full = shutil.disk_usage(Path(path).parent).free < max(expected - size, 0) + 2**20
+    except OSError:
+        full = True
+    code = errno.ENOSPC if full else errno.EIO
+    raise OSError(code, f"{os.strerror(code)}: {human_bytes(size)} of {human_bytes(expected)} reached the disk", str(path))
 
 
 _STALE_RE = re.compile(r"\.(?:tmp|old)-(?:(?P<pid>\d+)-[0-9a-f]{8}|[A-Za-z0-9_]+)$")
@@ -229,6 +271,89 @@ def _sibling(parent: Path, name: str, kind: str) -> Path:
     return parent / f".{name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1  # linux/fs.h
+_RENAME_EXCL = 0x4  # macOS sys/stdio.h
+
+
+def _libc() -> object | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
+
+
+def _native_noreplace(src: Path, dst: Path) -> bool:
+    """Try the OS's own no-replace rename; False when it has none (or the file system refuses the
+    flag), so the caller falls back. Raises ``FileExistsError`` when ``dst`` exists."""
+    if _LIBC is None:
+        return False
+    if sys.platform.startswith("linux"):
+        fn = getattr(_LIBC, "renameat2", None)
+        args: tuple[object, ...] = (_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE)
+    elif sys.platform == "darwin":
+        fn = getattr(_LIBC, "renamex_np", None)
+        args = (os.fsencode(src), os.fsencode(dst), _RENAME_EXCL)
+    else:
+        return False
+    if fn is None:
+        return False
+    if fn(*args) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EEXIST, errno.ENOTEMPTY):
+        raise FileExistsError(err, os.strerror(err), str(dst))
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, getattr(errno, "EOPNOTSUPP", errno.ENOTSUP)):
+        return False  # an old kernel, or a file system without the flag (some network ones)
+    raise OSError(err, os.strerror(err), str(src), None, str(dst))
+
+
+def rename_noreplace(src: PathLike, dst: PathLike) -> None:
+    """Rename ``src`` to ``dst`` only if nothing is at ``dst``, atomically where the OS allows.
+
+    ``renameat2(RENAME_NOREPLACE)`` on Linux, ``renamex_np(RENAME_EXCL)`` on macOS; elsewhere (or
+    where the file system refuses the flag) a file is hard-linked to ``dst`` (``link`` never
+    replaces) and then unlinked from ``src``, and a folder claims ``dst`` with ``mkdir`` (which
+    fails if anything is there; folders cannot be hard-linked) and is renamed onto that empty
+    claim (a rename replaces only an empty folder).
+
+    Raises:
+        FileExistsError: something is at ``dst``; ``src`` is left as it was.
+    """
+    src_p, dst_p = Path(src), Path(dst)
+    if _native_noreplace(src_p, dst_p):
+        return
+    if not src_p.is_dir() or src_p.is_symlink():
+        os.link(src_p, dst_p, follow_symlinks=False)  # FileExistsError if dst exists
+        os.unlink(src_p)
+        return
+    os.mkdir(dst_p)  # the claim: FileExistsError if dst exists
+    try:
+        os.rename(src_p, dst_p)  # replaces our empty claim, and nothing else
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.rmdir(dst_p)  # still our empty claim (a non-empty one is not ours to remove)
+        if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            raise FileExistsError(e.errno, os.strerror(e.errno), str(dst_p)) from e
+        raise
+
+
+def _keep_new_result(tmp: Path, parent: Path, name: str) -> Path:
+    """Move the finished temporary folder to a visible ``NAME.new-XXXXXXXX`` beside the output (never
+    replacing anything), so that a result that could not take its place is not lost."""
+    for _ in range(100):
+        kept = parent / f"{name}.new-{secrets.token_hex(4)}"
+        try:
+            rename_noreplace(tmp, kept)
+            return kept
+        except FileExistsError:
+            continue
+    raise OutputExistsError(f"{str(parent / name)!r} appeared while this command was writing it, and no free name was found to keep the new result beside it", path=parent / name)
+
+
 @contextlib.contextmanager
 def atomic_output_dir(
     path: PathLike, force: bool = False, inputs: Iterable[PathLike | None] = (), needed_bytes: int | None = None
@@ -237,13 +362,16 @@ def atomic_output_dir(
 
     On any exception (including ``KeyboardInterrupt``) the temporary folder is removed and
     ``path`` is left as it was. With ``force`` an existing ``path`` is replaced only once the new
-    output is complete. Stale temporary siblings of ``path`` from killed runs are removed first.
-    A disk that fills up inside the block (``ENOSPC``/``EDQUOT``) becomes an
-    :class:`InsufficientDiskError` naming ``path`` and ``needed_bytes`` (when given).
+    output is complete. Without ``force`` the final rename cannot replace anything
+    (:func:`rename_noreplace`): an output that appeared while the block ran is left as it is,
+    and the new result is kept beside it as ``NAME.new-XXXXXXXX`` (the error's ``kept`` field).
+    Stale temporary siblings of ``path`` from killed runs are removed first. A disk that fills up
+    inside the block (``ENOSPC``/``EDQUOT``) becomes an :class:`InsufficientDiskError` naming
+    ``path`` and ``needed_bytes`` (when given).
 
     Raises:
         OutputPathError, OutputExistsError: see :func:`check_output_path`; or the temporary
-            folder cannot be created.
+            folder cannot be created; or, without ``force``, ``path`` appeared while the block ran.
         InsufficientDiskError: the disk filled up while the output was written.
     """
     inputs = list(inputs)
@@ -258,22 +386,9 @@ def atomic_output_dir(
         raise OutputExistsError(f"cannot create output {str(out)!r}: {e.strerror or e}; choose another path") from e
     try:
         yield tmp
-        if out.exists() or out.is_symlink():
-            old = _sibling(parent, out.name, "old")
-            os.replace(out, old)
-            try:
-                os.replace(tmp, out)
-            except BaseException:
-                os.replace(old, out)  # put the previous output back: nothing is lost
-                raise
-            if old.is_symlink() or not old.is_dir():
-                old.unlink()
-            else:
-                shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        _finish(tmp, out, parent, force)
         logger.debug("wrote %s", out)
-    except OSError as e:
+    except OSError as e:  # (an output that appeared: the new result was moved aside, tmp is gone)
         shutil.rmtree(tmp, ignore_errors=True)
         full = disk_full_error(e, out, needed_bytes)
         if full is not None:
@@ -282,6 +397,52 @@ def atomic_output_dir(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _appeared(out: Path, kept: Path) -> OutputExistsError:
+    return OutputExistsError(
+        f"output {str(out)!r} appeared while this command was writing it (another run, or made by hand) and was left as it is; "
+        f"the new result is kept as {str(out.with_name(kept.name))!r}: move it into place yourself", path=out, option="force", kept=str(kept))
+
+
+def _finish(tmp: Path, out: Path, parent: Path, force: bool) -> None:
+    """Move the complete ``tmp`` to ``out``: without ``force`` by a rename that cannot replace
+    anything; with ``force``, an existing ``out`` is moved aside first and removed once the new
+    one is in place (put back if that fails).
+
+    Raises:
+        OutputExistsError: ``out`` exists (without ``force``), or appeared between the two steps of
+            a forced replacement: the new result is kept beside it (:func:`_keep_new_result`).
+    """
+    if not force:
+        try:
+            rename_noreplace(tmp, out)
+        except FileExistsError:
+            raise _appeared(out, _keep_new_result(tmp, parent, out.name)) from None
+        return
+    old = None
+    if out.exists() or out.is_symlink():
+        old = _sibling(parent, out.name, "old")
+        os.replace(out, old)
+    try:
+        rename_noreplace(tmp, out)
+    except FileExistsError:  # something took the place between the two steps: leave it, keep ours
+        if old is not None:
+            _remove(old)  # the output --force was asked to replace
+        raise _appeared(out, _keep_new_result(tmp, parent, out.name)) from None
+    except BaseException:
+        if old is not None:
+            os.replace(old, out)  # put the previous output back: nothing is lost
+        raise
+    if old is not None:
+        _remove(old)
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or not path.is_dir():
+        path.unlink()
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 #: The largest JSON file (a config, an index, a manifest) read whole: far above any real one.
@@ -323,13 +484,22 @@ def _no_constant(name: str) -> object:
     raise _JsonFault(f"{name} is not a JSON number")
 
 
+def _finite_float(text: str) -> float:
+    """A JSON number as a float; one beyond float's range (``1e400``, which ``json`` reads as infinity) is refused."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise _JsonFault(f"the number {text[:40]} is beyond the range of a float")
+    return value
+
+
 def parse_json(text: str | bytes, source: str, error: type[Exception]) -> object:
-    """Parse JSON text strictly: a key twice, ``NaN``/``Infinity``, an integer too long to
-    convert and nesting too deep to parse are all errors of class ``error`` naming ``source``."""
+    """Parse JSON text strictly: a key twice, ``NaN``/``Infinity``, a number beyond a float's range
+    (``1e400``), an integer too long to convert and nesting too deep to parse are all errors of
+    class ``error`` naming ``source``."""
     try:
         if isinstance(text, bytes):
             text = text.decode("utf-8")
-        return json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+        return json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant, parse_float=_finite_float)
     except json.JSONDecodeError as e:
         raise error(f"{source}: not valid JSON ({e.msg} at line {e.lineno}); fix or re-create the file") from None
     except UnicodeDecodeError:

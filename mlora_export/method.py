@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from typing import Literal
 
 from .errors import ConfigError, RankError
-from .validate import is_int
+from .validate import is_finite_real, is_int
 
 Scaling = Literal["none", "rank", "sqrt"]
 Method = Literal["nested-loss", "matryoshka", "lora", "dylora", "svd"]
@@ -24,6 +24,29 @@ METHODS: tuple[str, ...] = ("nested-loss", "matryoshka", "lora", "dylora", "svd"
 TRAIN_METHODS: tuple[str, ...] = ("nested-loss", "matryoshka", "lora", "dylora")
 #: Methods whose training diagonal is one vector per example, not per batch.
 PER_EXAMPLE_METHODS: tuple[str, ...] = ("nested-loss",)
+
+
+#: The largest scale ``s(k)`` (and PEFT ``lora_alpha / r``) accepted. Scales in use are between
+#: about 0.01 and a few hundred; a larger one is a corrupt or hostile config, and multiplies
+#: weights towards infinity (float16 overflows at 65504).
+MAX_SCALE = 1e6
+
+
+def check_alpha(alpha: object, what: str = "alpha") -> float:
+    """Return ``alpha`` as a float if it is a positive finite number of at most :data:`MAX_SCALE`.
+
+    ``alpha`` is ``s(1)``, the largest ``s(k)`` of every scaling (``alpha``, ``alpha/k``,
+    ``alpha/sqrt(k)``), so this bounds every scale of the adapter.
+
+    Raises:
+        ConfigError: not a number, not positive, not finite, or above :data:`MAX_SCALE`.
+    """
+    if not is_finite_real(alpha) or alpha <= 0:  # type: ignore[operator]
+        raise ConfigError(f"{what} must be a positive finite number, got {str(alpha)[:40]}")
+    if alpha > MAX_SCALE:  # type: ignore[operator]
+        raise ConfigError(f"{what} = {float(alpha):g} is above {MAX_SCALE:g}, the largest scale supported; "  # type: ignore[arg-type]
+                          "no LoRA scales its delta by that much: fix the config")
+    return float(alpha)  # type: ignore[arg-type]
 
 
 def check_scaling(scaling: str) -> Scaling:
@@ -143,8 +166,8 @@ def check_rank_weights(weights: Iterable[float] | None, train_ranks: Sequence[in
     if len(ws) != len(train_ranks):
         raise ConfigError(f"{len(ws)} rank weights for {len(train_ranks)} train ranks {list(train_ranks)}: give one weight per train rank")
     for w in ws:
-        if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w) or w < 0:
-            raise ConfigError(f"rank weight {w!r} is not a finite non-negative number")
+        if not is_finite_real(w) or w < 0:
+            raise ConfigError(f"rank weight {str(w)[:40]} is not a finite non-negative number")
     total = float(sum(ws))
     if total <= 0:
         raise ConfigError("rank weights are all zero: at least one train rank needs a positive weight")

@@ -10,7 +10,10 @@ or 404 (another user) with ``X-Error-Code: RepoNotFound``, an unknown token 401 
 ``Invalid credentials in Authorization header`` message, as the real Hub does. A gated repo shows
 its info and file list to anyone, but its files only to users granted access (401 anonymous, 403
 otherwise, ``X-Error-Code: GatedRepo``). ``paths-info`` answers what ``HfFileSystem.info`` asks,
-and :meth:`HubServer.delete_repo` makes a repo disappear (as if deleted on the Hub). Every request is
+and :meth:`HubServer.delete_repo` makes a repo disappear (as if deleted on the Hub). With
+``basic_auth=(user, password)`` it also stands for a mirror behind a proxy that takes HTTP Basic
+credentials (an endpoint ``http://user:password@host``): a request carrying exactly those acts as
+anonymous. Every request is
 appended to :attr:`HubServer.log` so that tests can assert on what the client did; a request
 that hits a bug of this server is answered 400 (not 5xx, which the client would retry) and also
 kept in :attr:`HubServer.bugs`, which tests check stays empty.
@@ -149,8 +152,10 @@ class HubError(Exception):
 class HubServer:
     """An in-process Hub over loopback; use as a context manager (starts and stops the thread)."""
 
-    def __init__(self, root: Path, users: dict[str, str] | None = None, orgs: dict[str, set[str]] | None = None) -> None:
+    def __init__(self, root: Path, users: dict[str, str] | None = None, orgs: dict[str, set[str]] | None = None,
+                 basic_auth: tuple[str, str] | None = None) -> None:
         self.root = Path(root)
+        self.basic_auth = basic_auth
         self.root.mkdir(parents=True, exist_ok=True)
         self.users = dict(users or {})  # token -> user name
         self.orgs = {k: set(v) for k, v in (orgs or {}).items()}  # org -> members
@@ -245,6 +250,9 @@ class HubServer:
         if not authorization:
             return None
         scheme, _, token = authorization.partition(" ")
+        if scheme.lower() == "basic" and self.basic_auth is not None:
+            if token.strip() == base64.b64encode(":".join(self.basic_auth).encode()).decode():
+                return None  # the proxy's credentials: anonymous behind it
         if scheme.lower() != "bearer" or token.strip() not in self.users:
             raise HubError(401, "Invalid credentials in Authorization header")
         return self.users[token.strip()]

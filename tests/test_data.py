@@ -1,4 +1,4 @@
-"""JSONL data: validation messages, completion-only labels, padding, the built-in task, the tiny model."""
+"""JSONL data: validation messages, completion-only labels, padding, the built-in tasks and base, the tiny model."""
 
 from __future__ import annotations
 
@@ -128,8 +128,22 @@ def test_pad_token_falls_back_to_eos() -> None:
     assert t.pad_token == t.eos_token
 
 
-def test_builtin_task_ships_and_validates(tok) -> None:
+def test_builtin_tasks_ship_and_validate(tok) -> None:
+    """The demo's task (the rare '~' of the base's pre-training language: one fixed letter derangement) and the
+    sort task (for models trained from scratch) ship, with held-out prompts never seen in training."""
     train, held = load_jsonl(builtin_dataset_path("train")), load_jsonl(builtin_dataset_path("eval"))
+    val = load_jsonl(builtin_dataset_path("val"))
+    assert len(train) == 4000 and len(held) == len(val) == 300
+    prompts = [{e.prompt for e in split} for split in (train, val, held)]
+    assert not prompts[0] & prompts[1] and not prompts[0] & prompts[2] and not prompts[1] & prompts[2]
+    table: dict[str, str] = {}
+    for e in train + val + held:
+        word = e.prompt.removesuffix("~")
+        assert e.prompt.endswith("~") and word.isalpha() and 4 <= len(word) <= 8 and len(e.completion) == len(word), e
+        for a, b in zip(word, e.completion):
+            assert table.setdefault(a, b) == b, (a, b)  # one mapping for every record
+    assert len(table) == 52 and len(set(table.values())) == 52 and all(a != b for a, b in table.items())  # a derangement
+    train, held = load_jsonl(builtin_dataset_path("train", "sort")), load_jsonl(builtin_dataset_path("eval", "sort"))
     assert len(train) >= 1000 and len(held) >= 100
     assert not {e.prompt for e in train} & {e.prompt for e in held}  # held out means held out
     ex = held[0]
@@ -137,6 +151,26 @@ def test_builtin_task_ships_and_validates(tok) -> None:
     assert ex.completion == " " + "".join(sorted(word))
     with pytest.raises(DataError, match="no split"):
         builtin_dataset_path("nope")
+
+
+def test_the_demo_base_ships_as_recorded() -> None:
+    """The pre-trained base in the package loads with the Auto classes, is what its record says (sha256,
+    parameters, shape), and its tokenizer is a byte-level BPE (the form llama.cpp and ONNX Runtime GenAI read)."""
+    import hashlib
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    from mlora_export.demo import pretrained_base_dir, pretrained_base_record
+
+    path, record = pretrained_base_dir(), pretrained_base_record()
+    assert hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest() == record["model_sha256"]
+    cfg = AutoConfig.from_pretrained(path, local_files_only=True)
+    assert {k: getattr(cfg, k) for k in record["shape"]} == record["shape"]
+    assert json.loads((path / "tokenizer.json").read_text())["model"]["type"] == "BPE"
+    t = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    assert len(t) == cfg.vocab_size and t("ab~")["input_ids"] == [t.bos_token_id, *t.convert_tokens_to_ids(["a", "b", "~"])]
+    assert 0.3 < record["base_exact_match"]["demo held-out split"] < 0.8  # the task is half known, not unknown or solved
+    assert sum(f.stat().st_size for f in path.iterdir()) < 4 << 20  # a few MB in the package
 
 
 def test_tiny_model_folder_loads_with_auto_classes(tmp_path: Path) -> None:

@@ -47,3 +47,29 @@ def test_two_process_ddp_equals_one_process(setup: dict[str, Path], method: str)
     # the runs really trained (lora_B starts at zero)
     assert max(float(v.abs().max()) for k, v in a.items() if "lora_B" in k) > 1e-3
     assert json.loads((root / "ddp" / "matryoshka_config.json").read_text())["method"] == method
+
+
+def test_two_process_run_resumed_from_a_checkpoint_equals_the_uninterrupted_run(setup: dict[str, Path]) -> None:
+    """DDP checkpoints (one random state per process, safetensors and JSON only): resuming from
+    checkpoint-3 under torchrun writes the adapter of the run that went on, bit for bit."""
+    import shutil
+
+    root = setup["root"] / "resume"
+    root.mkdir()
+    env = launch_env()
+    extra = ["--save-steps", "3", "--lora-dropout", "0.1"]
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mlora_export"]
+    proc = subprocess.run([*run, *sort_train_args(setup, root / "whole", batch=4, method="nested-loss"), *extra],
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ckpt = root / "whole-run" / "checkpoint-3"
+    assert sorted(p.name for p in ckpt.glob("rng_state_*")) == ["rng_state_0.json", "rng_state_0.safetensors", "rng_state_1.json", "rng_state_1.safetensors"]
+    assert not [p.name for p in ckpt.iterdir() if p.suffix in (".pt", ".pth", ".bin")]
+    # a run stopped after step 4 left exactly this checkpoint-3 behind
+    shutil.copytree(ckpt, root / "stopped-run" / "checkpoint-3")
+    proc = subprocess.run([*run, *sort_train_args(setup, root / "stopped", batch=4, method="nested-loss"), *extra,
+                           "--resume", str(root / "stopped-run" / "checkpoint-3")], env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    a = load_file(str(root / "whole" / "adapter_model.safetensors"))
+    b = load_file(str(root / "stopped" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

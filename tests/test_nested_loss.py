@@ -306,10 +306,10 @@ def test_short_trainer_run_lowers_every_rank_and_slices_load_in_peft(tmp_path) -
     base = tmp_path / "base"
     build_tiny_model(base, seed=0)
     tok = load_tokenizer(base)
-    held = load_dataset(builtin_dataset_path("eval"), tok, 48)[:96]
+    held = load_dataset(builtin_dataset_path("eval", "sort"), tok, 48)[:96]
     s = TrainSettings(train_ranks=(1, 2, 4, 8), max_steps=40, lr=1e-2, batch_size=16, max_length=48, epochs=None, seed=0)
     assert s.method == "nested-loss"  # the default
-    train(base, builtin_dataset_path("train"), tmp_path / "nested", s)
+    train(base, builtin_dataset_path("train", "sort"), tmp_path / "nested", s)
     adapter = NestedAdapter.load(tmp_path / "nested")
     assert adapter.config.method == "nested-loss" and adapter.config.p is None
     nested = load_nested_adapter(load_base_model(base), adapter)

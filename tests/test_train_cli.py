@@ -266,6 +266,62 @@ def test_demo_verdict_is_computed_from_the_table() -> None:
     assert len(lines) == 2  # no re-nested numbers, no line about them
 
 
+def test_demo_model_choice_and_an_unknown_model(tmp_path: Path) -> None:
+    """``--model`` offers every demo model; an unknown one is refused (exit 2 from the CLI, ConfigError from
+    the library) before anything is written."""
+    from mlora_export.demo import DEMO_MODELS, run_demo
+    from mlora_export.errors import ConfigError
+
+    res = _run(["demo", "--help"])
+    assert all(name in res.stdout for name in DEMO_MODELS)
+    out = tmp_path / "d"
+    res = _run(["demo", str(out), "--model", "nope"])
+    assert res.exit_code == 2 and "nope" in res.stderr
+    with pytest.raises(ConfigError, match="unknown demo model 'nope'") as e:
+        run_demo(out, model="nope")
+    assert e.value.option == "model"
+    _nothing_written(tmp_path, out)
+
+
+def test_demo_base_stage_and_a_stage_a_model_skips(tmp_path: Path) -> None:
+    """The builtin base stage copies the package's pre-trained base and says what it knows; a stage the demo
+    model skips is reported in its place with the reason, and does nothing."""
+    import dataclasses
+
+    from mlora_export.demo import DEMO_MODELS, STAGES, pretrained_base_dir, run_demo
+
+    model = dataclasses.replace(DEMO_MODELS["builtin"], name="no-train", skip=(("train", "not on this model"),))
+    stages = [s for s in STAGES if s.name in ("base", "train")]
+    result = run_demo(tmp_path / "d", model=model, stages=stages)
+    (_, base), (_, train) = result.reports
+    assert "558,720 parameters" in base.lines[0] and "rare ~" in base.lines[1] and base.data["base_exact_match"]["rare ~"] > 0.3
+    assert (tmp_path / "d" / "base" / "model.safetensors").read_bytes() == (pretrained_base_dir() / "model.safetensors").read_bytes()
+    assert train.lines == ["skipped on no-train: not on this model"] and train.data == {"skipped": True, "reason": "not on this model"}
+    assert not (tmp_path / "d" / "nested").exists()
+
+
+def test_the_real_model_task_ships_as_conversations() -> None:
+    """``--model smollm2``'s task: conversations (user question, assistant answer) with held-out countries
+    never trained on; evaluation renders them with the chat template and generates after its generation
+    prompt, the reference being the assistant's answer."""
+    from mlora_export.data import load_jsonl
+    from mlora_export.demo import DEMO_MODELS, builtin_dataset_path
+    from mlora_export.demo.tiny import build_byte_tokenizer
+    from mlora_export.evaluation import load_eval_data
+
+    task = DEMO_MODELS["smollm2"].task
+    train, held = (load_jsonl(builtin_dataset_path(split, task)) for split in ("train", "eval"))
+    assert len(train) == 180 and len(held) == 66 and all(e.is_conversational for e in train + held)
+    assert all([m["role"] for m in e.messages] == ["user", "assistant"] for e in train + held)
+    assert not {e.messages[0]["content"] for e in train} & {e.messages[0]["content"] for e in held}
+    tok = build_byte_tokenizer()
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    data = load_eval_data(builtin_dataset_path("eval", task), tok)
+    ex, first = data.examples[0], held[0].messages
+    assert tok.decode(ex.prompt_ids) == f"<|user|>{first[0]['content']}</s><|assistant|>" and ex.completion == first[1]["content"]
+
+
 def test_trivial_train_errors_come_before_torch_is_imported(base: Path, tmp_path: Path) -> None:
     """A missing or malformed data file is reported without importing torch (seconds saved; was 4 s idle, 14 s loaded)."""
     import subprocess

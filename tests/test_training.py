@@ -152,7 +152,7 @@ def test_set_rank_in_place_equals_delta_w_k() -> None:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory):
-    """The demo's tiny Llama-style model + char tokenizer, and tokenised slices of the built-in task."""
+    """An untrained tiny Llama-style model + char tokenizer, and tokenised slices of the built-in sort task (learned from scratch)."""
     from mlora_export.base import load_tokenizer
     from mlora_export.data import load_dataset
     from mlora_export.demo import builtin_dataset_path
@@ -163,8 +163,8 @@ def tiny(tmp_path_factory: pytest.TempPathFactory):
     path = tmp_path_factory.mktemp("tiny") / "base"
     build_tiny_model(path, seed=0)
     tok = load_tokenizer(path)
-    train = load_dataset(builtin_dataset_path("train"), tok, 48)
-    held = load_dataset(builtin_dataset_path("eval"), tok, 48)[:96]
+    train = load_dataset(builtin_dataset_path("train", "sort"), tok, 48)
+    held = load_dataset(builtin_dataset_path("eval", "sort"), tok, 48)[:96]
     torch.set_num_threads(before)
     return {"path": path, "tokenizer": tok, "train": train, "eval": held}
 
@@ -189,7 +189,7 @@ def test_trainer_path_lowers_heldout_loss_at_every_train_rank(tiny, tmp_path) ->
     from mlora_export.training import TrainSettings, heldout_loss, train
 
     s = TrainSettings(method="matryoshka", train_ranks=(1, 2, 4, 8), max_steps=40, lr=1e-2, batch_size=16, max_length=48, epochs=None, seed=0)
-    res = train(tiny["path"], builtin_dataset_path("train"), tmp_path / "nested", s)
+    res = train(tiny["path"], builtin_dataset_path("train", "sort"), tmp_path / "nested", s)
     assert res.steps == 40 and res.is_main_process and res.world_size == 1
     adapter = NestedAdapter.load(tmp_path / "nested")
     assert adapter.config.method == "matryoshka" and adapter.max_rank == 8 and adapter.config.train_ranks == (1, 2, 4, 8)

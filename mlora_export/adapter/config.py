@@ -11,6 +11,7 @@ from typing import Any
 from ..errors import ConfigError, InvalidAdapterError, RankError
 from ..method import (
     Method,
+    check_alpha,
     Scaling,
     check_method,
     check_rank_weights,
@@ -21,7 +22,7 @@ from ..method import (
     scale,
 )
 from ..provenance import created_by
-from ..validate import is_int, is_real
+from ..validate import is_finite_real, is_int
 from .files import CONFIG_NAME, NESTED_FORMAT
 
 logger = logging.getLogger(__name__)
@@ -58,9 +59,7 @@ class MatryoshkaConfig:
             object.__setattr__(self, "max_rank", max(ranks))
         check_scaling(self.scaling)
         object.__setattr__(self, "train_ranks", check_train_ranks(self.train_ranks, self.max_rank))
-        if not is_real(self.alpha) or not math.isfinite(self.alpha) or self.alpha <= 0:
-            raise ConfigError(f"alpha must be a positive finite number, got {self.alpha!r}")
-        object.__setattr__(self, "alpha", float(self.alpha))
+        object.__setattr__(self, "alpha", check_alpha(self.alpha))
         if self.rank_weights is not None and self.method != "nested-loss":
             raise ConfigError(f"rank weights apply to method 'nested-loss' only, not {self.method!r}")
         object.__setattr__(self, "rank_weights", check_rank_weights(self.rank_weights, self.train_ranks))
@@ -145,7 +144,7 @@ class MatryoshkaConfig:
             elif (
                 not isinstance(stored_p, list)
                 or len(stored_p) != len(expected)
-                or not all(isinstance(a, (int, float)) and math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9) for a, b in zip(stored_p, expected))
+                or not all(is_finite_real(a) and math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9) for a, b in zip(stored_p, expected))
             ):
                 raise InvalidAdapterError(
                     f"{source}: stored p does not match the value recomputed from method, max_rank, train_ranks, "
@@ -154,4 +153,53 @@ class MatryoshkaConfig:
                 )
         return cfg
 
+
+#: Key of ``matryoshka_config.json`` under which ``eval --record`` stores results (one entry per metric).
+EVALUATION_KEY = "evaluation"
+
+
+@dataclass(frozen=True)
+class RecordedEvaluation:
+    """One metric's entry of the ``evaluation`` section ``eval --record`` writes: the score at
+    each evaluated rank, and whether higher is better (``None``: not recorded)."""
+
+    metric: str
+    higher_is_better: bool | None
+    scores: dict[int, float]
+
+
+def recorded_evaluations(evaluation: Any, source: str) -> dict[str, RecordedEvaluation]:
+    """The ``evaluation`` section of a ``matryoshka_config.json``, typed: ``{}`` when absent.
+
+    Every entry must be an object whose ``ranks`` is a list of ``{"rank": positive integer,
+    "score": finite number}`` with each rank once, and whose ``higher_is_better`` is ``true``,
+    ``false`` or absent/null (``"false"`` is not false).
+
+    Raises:
+        InvalidAdapterError: naming ``source``, the metric and what is wrong.
+    """
+    if evaluation is None:
+        return {}
+    if not isinstance(evaluation, Mapping):
+        raise InvalidAdapterError(f"{source}: {EVALUATION_KEY} must be an object of recorded evaluations, found {type(evaluation).__name__}; re-record it with eval")
+    out: dict[str, RecordedEvaluation] = {}
+    for metric, entry in evaluation.items():
+        where = f"{source}: {EVALUATION_KEY}[{str(metric)[:40]!r}]"
+        if not isinstance(entry, Mapping):
+            raise InvalidAdapterError(f"{where} must be an object, found {type(entry).__name__}; re-record it with eval")
+        higher = entry.get("higher_is_better")
+        if higher is not None and not isinstance(higher, bool):
+            raise InvalidAdapterError(f"{where}: higher_is_better must be true or false, found {str(higher)[:40]!r}; fix the file")
+        points = entry.get("ranks", [])
+        if not isinstance(points, list):
+            raise InvalidAdapterError(f"{where}: ranks must be a list of {{rank, score}}, found {type(points).__name__}; re-record it with eval")
+        scores: dict[int, float] = {}
+        for point in points:
+            if not (isinstance(point, Mapping) and is_int(point.get("rank")) and point["rank"] >= 1 and is_finite_real(point.get("score"))):
+                raise InvalidAdapterError(f"{where}: rank entry {str(point)[:80]} needs rank (a positive integer) and score (a finite number)")
+            if point["rank"] in scores:
+                raise InvalidAdapterError(f"{where}: rank {point['rank']} is recorded twice; re-record it with eval")
+            scores[point["rank"]] = float(point["score"])
+        out[str(metric)] = RecordedEvaluation(str(metric), higher, scores)
+    return out
 

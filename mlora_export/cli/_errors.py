@@ -35,6 +35,7 @@ from ..errors import (
     OutputExistsError,
     RemoteIntegrityError,
 )
+from ..urls import redact_url
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -81,6 +82,16 @@ FLAG_HINTS: dict[str, str] = {
     "measure_latency": "see --measure-latency and --with-onnx",
     "onnx_base": "see --with-onnx",
     "rank_weights": "see --rank-weights",
+    "report_to": "see --report-to",
+    "load_in_4bit": "see --load-in-4bit",
+    "bf16": "see --bf16",
+    "resume": "see --resume",
+    "run_dir": "see --run-dir",
+    "eval_data": "see --eval-data",
+    "eval_ranks": "see --eval-ranks",
+    "eval_steps": "see --eval-steps",
+    "save_steps": "see --save-steps",
+    "warmup_ratio": "see --warmup-ratio / --warmup-steps",
     "chat_template": "pass --chat-template FILE",
     "data_split": "see --data-split",
     "data_config": "see --data-config",
@@ -137,8 +148,18 @@ def flag_hint(exc: MloraError) -> str | None:
     return FLAG_HINTS.get(exc.option) if exc.option else None
 
 
+def usage_message(exc: click.ClickException) -> str:
+    """The one-line message for a click usage error (a bad, missing or unknown option or
+    command), with where to read the command's options."""
+    text = " ".join(exc.format_message().split()).rstrip()
+    ctx = getattr(exc, "ctx", None)
+    if isinstance(exc, click.UsageError) and ctx is not None:
+        text = f"{text.rstrip('.')} (see '{ctx.command_path} --help')"
+    return redact_url(text)
+
+
 def message_for(exc: BaseException) -> str:
-    """The one-line message for ``exc``."""
+    """The one-line message for ``exc`` (URLs in it shown without their credentials)."""
     from ..fs import disk_full_error
 
     if isinstance(exc, MloraError):
@@ -154,7 +175,7 @@ def message_for(exc: BaseException) -> str:
         text = f"{type(exc).__name__}: {exc}"
         if not debug_enabled():
             text += " (set MLORA_DEBUG=1 for a traceback)"
-    return " ".join(text.split())
+    return redact_url(" ".join(text.split()))
 
 
 @contextlib.contextmanager

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
+import re
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -11,6 +13,59 @@ from typing import Any
 import click
 
 from ..adapter.ranks import SCALE_MODES
+from ..validate import ascii_int
+
+#: Numbers on the command line are read in ASCII only: ``int()`` and ``float()`` also take
+#: ``"٨"`` (Arabic-Indic eight), ``"1_0"`` and surrounding spaces, which are typos, not numbers.
+_ASCII_INT = re.compile(r"[+-]?[0-9]+")
+_ASCII_FLOAT = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
+def _check_ascii_int(param_type: click.ParamType, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> None:
+    if isinstance(value, str) and not _ASCII_INT.fullmatch(value):
+        param_type.fail(f"{value!r} is not an integer (digits 0-9 only)", param, ctx)
+
+
+def _float(param_type: click.ParamType, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+    if isinstance(value, str) and not _ASCII_FLOAT.fullmatch(value):
+        param_type.fail(f"{value!r} is not a number (digits 0-9, a point and an exponent only)", param, ctx)
+    if isinstance(value, str) and not math.isfinite(float(value)):
+        param_type.fail(f"{value!r} is beyond the range of numbers", param, ctx)
+    return value
+
+
+class AsciiInt(click.types.IntParamType):
+    """``click.INT`` reading ASCII digits only."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        _check_ascii_int(self, value, param, ctx)
+        return super().convert(value, param, ctx)
+
+
+class AsciiIntRange(click.IntRange):
+    """``click.IntRange`` reading ASCII digits only."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        _check_ascii_int(self, value, param, ctx)
+        return super().convert(value, param, ctx)
+
+
+class AsciiFloat(click.types.FloatParamType):
+    """``click.FLOAT`` reading ASCII decimal numbers only, finite (no ``nan``, ``inf``, ``1e999``)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        return super().convert(_float(self, value, param, ctx), param, ctx)
+
+
+class AsciiFloatRange(click.FloatRange):
+    """``click.FloatRange`` reading ASCII decimal numbers only, finite."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        return super().convert(_float(self, value, param, ctx), param, ctx)
+
+
+INT = AsciiInt()
+FLOAT = AsciiFloat()
 
 
 class RankList(click.ParamType):
@@ -30,10 +85,9 @@ class RankList(click.ParamType):
         ranks = []
         for part in text.split(","):
             part = part.strip()
-            try:
-                k = int(part)
-            except ValueError:
-                self.fail(f"{part!r} in {text!r} is not an integer; give ranks like 8,16" + (" or 'all'" if self.allow_all else ""), param, ctx)
+            k = ascii_int(part)
+            if k is None:
+                self.fail(f"{part!r} in {text!r} is not an integer (digits 0-9); give ranks like 8,16" + (" or 'all'" if self.allow_all else ""), param, ctx)
             if k < 1:
                 self.fail(f"rank {k} in {text!r} must be at least 1", param, ctx)
             ranks.append(k)
@@ -50,10 +104,10 @@ class NumberList(click.ParamType):
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[float, ...]:
         if isinstance(value, tuple):
             return value
-        try:
-            return tuple(float(w) for w in str(value).split(","))
-        except ValueError:
+        parts = [w.strip() for w in str(value).split(",")]
+        if not all(_ASCII_FLOAT.fullmatch(w) and math.isfinite(float(w)) for w in parts):
             self.fail(f"{value!r} is not a comma-separated list of numbers", param, ctx)
+        return tuple(float(w) for w in parts)
 
 
 class ModuleList(click.ParamType):
@@ -182,7 +236,7 @@ def quiet_transformers_bars() -> Iterator[None]:
 def threads_option(func: Any) -> Any:
     """``--threads N``: torch intra-op threads of this process (default: torch's, one per core)."""
     return click.option(
-        "--threads", type=click.IntRange(min=1), default=None,
+        "--threads", type=AsciiIntRange(min=1), default=None,
         help="torch intra-op threads of this process. [default: torch's, one per core, or OMP_NUM_THREADS] "
              "On a machine shared with other jobs, or with several processes per machine, 1 is often much faster.",
     )(func)

@@ -8,6 +8,7 @@ from ..base import DTYPES
 from ..evaluation.scoring import METRICS
 from ._errors import handle_errors
 from ._options import (
+    AsciiIntRange,
     BarProgress,
     RankList,
     base_model_options,
@@ -36,8 +37,8 @@ def _fmt(x: float | None) -> str:
                    "on the same tokens; exact-match: greedy generation equals the completion (or a conversation's last assistant turn).")
 @click.option("--output", "-o", required=True, type=click.Path(path_type=str), help="Folder to create with results.json and rank_curve.png.")
 @click.option("--record", is_flag=True, help="Also store the numbers in each nested adapter's matryoshka_config.json (key 'evaluation').")
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Examples per forward pass.")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=None,
+@click.option("--batch-size", type=AsciiIntRange(min=1), default=16, show_default=True, help="Examples per forward pass.")
+@click.option("--max-new-tokens", type=AsciiIntRange(min=1), default=None,
               help="exact-match generation budget (default: each reference's token length); generation also stops at "
                    "EOS and the chat template's end-of-turn token.")
 @click.option("--tokenizer", "tokenizer_dir", type=click.Path(path_type=str), default=None, help="Tokenizer folder (default: --base-model).")
@@ -45,7 +46,7 @@ def _fmt(x: float | None) -> str:
               help="Dtype to load the base model in.")
 @click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
 @click.option("--with-base", is_flag=True, help="Also score the base model without adapter (rank 0, a dashed line in the plot).")
-@click.option("--max-examples", type=click.IntRange(min=1), default=None, help="Use only the first N records.")
+@click.option("--max-examples", type=AsciiIntRange(min=1), default=None, help="Use only the first N records.")
 @threads_option
 @force_option
 @json_option

@@ -9,8 +9,12 @@ import click
 
 from ..evaluation.scoring import METRICS
 from ..units import human_bytes
+from ..validate import ascii_int
 from ._errors import handle_errors
 from ._options import (
+    FLOAT,
+    AsciiFloatRange,
+    AsciiIntRange,
     BarProgress,
     RankList,
     echo_json,
@@ -32,7 +36,7 @@ class ByteSize(click.ParamType):
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
         if isinstance(value, int):
             return value
-        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
+        m = re.fullmatch(r"\s*([0-9]{1,18}(?:\.[0-9]{1,18})?)\s*([a-zA-Z]*)\s*", str(value))
         if m is None or m.group(2).lower() not in _UNITS:
             self.fail(f"{value!r} is not a size; give bytes or a number with a unit, e.g. 50MB, 1.5GiB", param, ctx)
         n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
@@ -49,9 +53,8 @@ class RankOrAuto(click.ParamType):
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | str:
         if isinstance(value, int) or value == "auto":
             return value
-        try:
-            k = int(str(value))
-        except ValueError:
+        k = ascii_int(str(value))
+        if k is None:
             self.fail(f"{value!r} is not a rank; give an integer such as 8, or 'auto' with limits (--max-bytes, --max-latency-ms…) or a score (--min-score, --within)", param, ctx)
         if k < 1:
             self.fail(f"rank {k} must be at least 1", param, ctx)
@@ -72,7 +75,7 @@ def _bundle_options(func: Any) -> Any:
                      help="Hub id of the base model for the card (default: the one recorded in the adapter); only a name, nothing is "
                           "read from it (--base-model is its older name)."),
         click.option("--license", "license_id", help="License id for the card, e.g. apache-2.0."),
-        click.option("--default-rank", type=click.IntRange(min=1),
+        click.option("--default-rank", type=AsciiIntRange(min=1),
                      help="Rank also written at the bundle's root, for PeftModel.from_pretrained(base, repo).  [default: the best by the recorded evaluation, else the largest]"),
         click.option("--with-onnx", "onnx_base", type=click.Path(path_type=str), metavar="BASE_DIR",
                      help="Also export a dynamic-rank ONNX model (verified in ONNX Runtime) into onnx/, built on the base model BASE_DIR "
@@ -205,12 +208,12 @@ def push_hub(source: str, repo_id: str, ranks: Any, scale_mode: str, base_model:
 @click.option("--output", "-o", required=True, type=click.Path(path_type=str), help="Folder to create: a plain PEFT adapter.")
 @click.option("--revision", default="main", show_default=True, help="Branch, tag or commit to pull from.")
 @click.option("--max-bytes", type=ByteSize(), help="With --rank auto: the download size limit (e.g. 50MB, 1GiB).")
-@click.option("--max-params", type=click.IntRange(min=1), help="With --rank auto: the parameter count limit.")
-@click.option("--max-latency-ms", type=click.FloatRange(min=0, min_open=True),
+@click.option("--max-params", type=AsciiIntRange(min=1), help="With --rank auto: the parameter count limit.")
+@click.option("--max-latency-ms", type=AsciiFloatRange(min=0, min_open=True),
               help="With --rank auto: the per-forward latency limit, as the bundle recorded it (bundle --measure-latency).")
-@click.option("--min-score", type=float,
+@click.option("--min-score", type=FLOAT,
               help="With --rank auto: the smallest rank whose recorded score reaches this (percent for accuracy and exact-match).")
-@click.option("--within", type=click.FloatRange(min=0),
+@click.option("--within", type=AsciiFloatRange(min=0),
               help="With --rank auto: the smallest rank within this many points of the best recorded score.")
 @click.option("--metric", type=click.Choice(list(METRICS)), help="The recorded evaluation --min-score/--within judge by (default: the first recorded).")
 @click.option("--token", help="Hub token (default: HF_TOKEN, then the `hf auth login` cache). Never printed.")

@@ -8,10 +8,12 @@ import sys
 import traceback
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import click
 
 from .. import __version__
+from ..urls import redact_url
 from . import (
     demo_cmd,
     eval_cmd,
@@ -24,7 +26,7 @@ from . import (
     slice_cmd,
     train_cmd,
 )
-from ._errors import flush_warnings, hold_warning
+from ._errors import flush_warnings, hold_warning, usage_message
 
 #: ``ctx.meta`` keys: the group's ``-v`` count and the function that applies a verbosity; whether
 #: the group set ``TRANSFORMERS_VERBOSITY`` itself (so that a later ``-v`` may lift it).
@@ -39,7 +41,30 @@ def _command_verbosity(ctx: click.Context, param: click.Parameter, value: int) -
         apply(before + value)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Group(click.Group):
+    """The ``mlora-export`` group: a usage error (a bad or missing option, an unknown command) is
+    one line on stderr and exit code 2, as every other error is, not click's three-line
+    ``Usage:`` / ``Try …`` / ``Error:`` block."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:  # the bare command: its help, as click shows it
+            e.show()
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            click.echo(f"error: {usage_message(e)}", err=True)
+            sys.exit(e.exit_code)
+        except click.exceptions.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) and not isinstance(rv, bool) else 0)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="mlora-export")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @click.pass_context
@@ -62,6 +87,8 @@ def main(ctx: click.Context, verbose: int) -> None:
         handler.hold = n == 0
         if n > 0 and os.environ.get("TRANSFORMERS_VERBOSITY") == "error" and ctx.meta.get(_SET_TRANSFORMERS_VERBOSITY):
             os.environ.pop("TRANSFORMERS_VERBOSITY")  # -v after the command: transformers' warnings too
+        if n > 0:
+            logging.getLogger("DeepSpeed").removeFilter(_errors_only)
 
     set_verbosity(verbose)
     ctx.meta[_VERBOSITY] = (verbose, set_verbosity)
@@ -90,6 +117,11 @@ def _quiet_libraries(verbose: int) -> Callable[[], None]:
     if verbose == 0 and "TRANSFORMERS_VERBOSITY" not in os.environ:
         os.environ["TRANSFORMERS_VERBOSITY"] = "error"
         click.get_current_context().meta[_SET_TRANSFORMERS_VERBOSITY] = True
+    # DeepSpeed (imported by transformers' Trainer when installed) logs a warning on every import
+    # on a machine without a GPU ("Setting accelerator to CPU"): errors only, as transformers.
+    deepspeed_logger = logging.getLogger("DeepSpeed")
+    if verbose == 0:
+        deepspeed_logger.addFilter(_errors_only)
     if not _stderr_is_terminal():
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         if "huggingface_hub" in sys.modules:
@@ -106,6 +138,7 @@ def _quiet_libraries(verbose: int) -> Callable[[], None]:
                 hf_bars_off = True
 
     def restore() -> None:
+        deepspeed_logger.removeFilter(_errors_only)
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -121,6 +154,11 @@ def _quiet_libraries(verbose: int) -> Callable[[], None]:
             hf_logging.enable_progress_bar()
 
     return restore
+
+
+def _errors_only(record: logging.LogRecord) -> bool:
+    """A logging filter that keeps errors and drops warnings and below."""
+    return record.levelno >= logging.ERROR
 
 
 def _stderr_is_terminal() -> bool:
@@ -145,6 +183,7 @@ class _EchoHandler(logging.Handler):
             message = f"{record.levelname.lower()}: {record.getMessage()}"
             if record.exc_info:
                 message += "\n" + "".join(traceback.format_exception(*record.exc_info)).rstrip()
+            message = redact_url(message)  # an endpoint's credentials are never shown
             if self.hold and record.levelno == logging.WARNING:
                 hold_warning(message)
                 return

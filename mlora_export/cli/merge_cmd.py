@@ -5,14 +5,15 @@ from __future__ import annotations
 import click
 
 from ..converters.merge import OUTPUT_DTYPES
+from ..units import human_bytes
 from ._errors import handle_errors
-from ._options import BarProgress, base_model_options, echo_json, force_option, json_option
+from ._options import INT, BarProgress, base_model_options, echo_json, force_option, json_option
 
 
 @click.command("merge")
 @click.argument("adapter", type=click.Path(path_type=str))
 @base_model_options
-@click.option("--rank", "-r", required=True, type=int, help="The rank k to merge: W + s(k)·B[:, :k]·A[:k].")
+@click.option("--rank", "-r", required=True, type=INT, help="The rank k to merge: W + s(k)·B[:, :k]·A[:k].")
 @click.option("--output", "-o", required=True, type=click.Path(path_type=str), help="Model folder to create.")
 @click.option("--dtype", type=click.Choice(list(OUTPUT_DTYPES)), default=None,
               help="Cast every float tensor of the output (default: keep the base's dtypes and bytes).")
@@ -45,5 +46,5 @@ def merge(adapter: str, base_model: str, revision: str | None, rank: int, output
     click.echo(
         f"merged rank {result.rank} (s = {result.scale:.6g}) into {result.merged_tensors} weights; "
         f"{result.copied_tensors} tensors copied unchanged; {len(result.shards)} shard(s), "
-        f"{result.bytes / 2**20:.1f} MiB in {result.seconds:.1f} s → {result.path}"
+        f"{human_bytes(result.bytes)} in {result.seconds:.1f} s → {result.path}"
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ._errors import handle_errors
-from ._options import BarProgress, base_model_options, echo_json, echo_table, force_option, json_option
+from ._options import INT, AsciiIntRange, BarProgress, base_model_options, echo_json, echo_table, force_option, json_option
 
 
 def _collapse_kv(names: list[str]) -> list[str]:
@@ -22,14 +22,14 @@ def _collapse_kv(names: list[str]) -> list[str]:
 @click.argument("adapter", type=click.Path(path_type=str))
 @base_model_options
 @click.option("--output", "-o", required=True, type=click.Path(path_type=str), help="Folder to create (model.onnx, export_info.json, …).")
-@click.option("--rank", type=click.IntRange(min=1), default=None, help="Fixed-rank export at rank K (default: the rank is a runtime input).")
+@click.option("--rank", type=AsciiIntRange(min=1), default=None, help="Fixed-rank export at rank K (default: the rank is a runtime input).")
 @click.option("--merged", is_flag=True, help="With --rank: merge the rank-K delta into the weights (no LoRA ops in the graph).")
 @click.option("--adapters-per-rank", is_flag=True,
               help="One model with the LoRA weights as inputs, plus adapters/r{k}.onnx_adapter per train rank (onnxruntime.LoraAdapter).")
 @click.option("--genai", is_flag=True,
               help="A decoder with a KV cache (past_key_values.* in, present.* out) and genai_config.json for onnxruntime-genai "
                    "(Llama, Qwen2); the rank is the lora_rank input, or with --adapters-per-rank one adapter file per train rank.")
-@click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset to write (14 to 25).")
+@click.option("--opset", type=INT, default=18, show_default=True, help="ONNX opset to write (14 to 25).")
 @click.option("--no-verify", is_flag=True, help="Skip the ONNX Runtime vs PyTorch check at every train rank.")
 @click.option("--provider", default="CPUExecutionProvider", show_default=True,
               help="ONNX Runtime execution provider for verification, e.g. CUDAExecutionProvider (needs pip install '.[gpu]').")

@@ -7,14 +7,14 @@ import click
 
 from ..converters.renest import DTYPES
 from ._errors import handle_errors
-from ._options import BarProgress, echo_json, echo_table, force_option, json_option
+from ._options import AsciiFloatRange, AsciiIntRange, BarProgress, echo_json, echo_table, force_option, json_option
 
 
 @click.command("renest")
 @click.argument("adapter", type=click.Path(path_type=str))
 @click.option("--output", "-o", required=True, type=click.Path(path_type=str), help="Folder to create: a nested adapter (method svd).")
-@click.option("--max-rank", type=click.IntRange(min=1), default=None, help="Keep only the first R components (a smaller file). Default: the source's rank.")
-@click.option("--energy", type=click.FloatRange(min=0, max=1, min_open=True), default=None,
+@click.option("--max-rank", type=AsciiIntRange(min=1), default=None, help="Keep only the first R components (a smaller file). Default: the source's rank.")
+@click.option("--energy", type=AsciiFloatRange(min=0, max=1, min_open=True), default=None,
               help="Print, and record in the output, the smallest rank keeping this share of the sum of ||ΔW||² (e.g. 0.9).")
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default=None, help="Output dtype. Default: the source's.")
 @force_option

@@ -12,6 +12,11 @@
  *
  * Two builds of the same loops: AVX2 + FMA + F16C (chosen at run time where the CPU has them)
  * and portable C. Docs: docs/design.md section 1 (the definition), docs/benchmarks.md (speed).
+ *
+ * Every stored element is also tested, in the same pass, for being finite in the output dtype
+ * (its exponent bits all ones means an infinity or a NaN): merge() and cast() return whether
+ * every element written is finite, so the caller refuses an output that overflowed (a huge
+ * scale, float16's range) without reading it again (docs/untrusted-input.md).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -73,12 +78,13 @@ INLINE float load1(const char *p, int dt) {
     }
 }
 
-INLINE void store1(char *p, float v, int dt) {
+/* Stores v rounded to dt; returns 1 when the stored value is an infinity or a NaN. */
+INLINE int store1(char *p, float v, int dt) {
     uint16_t h;
     switch (dt) {
-    case DT_F32: memcpy(p, &v, 4); return;
-    case DT_BF16: h = f32_to_bf16(v); memcpy(p, &h, 2); return;
-    default: h = f32_to_f16(v); memcpy(p, &h, 2); return;
+    case DT_F32: memcpy(p, &v, 4); return (f32_bits(v) & 0x7F800000u) == 0x7F800000u;
+    case DT_BF16: h = f32_to_bf16(v); memcpy(p, &h, 2); return (h & 0x7F80u) == 0x7F80u;
+    default: h = f32_to_f16(v); memcpy(p, &h, 2); return (h & 0x7C00u) == 0x7C00u;
     }
 }
 
@@ -106,10 +112,11 @@ static Py_ssize_t block_rows(Py_ssize_t k) {
 #define MULADD(a, b, c) ((c) + (a) * (b))
 #endif
 
-INLINE void merge_generic(const char *w, int wt, const float *L, const float *R, char *out, int ot,
-                          Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, float *pack) {
+INLINE int merge_generic(const char *w, int wt, const float *L, const float *R, char *out, int ot,
+                         Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, float *pack) {
     (void)pack; /* reads R in place */
     const size_t ws = DT_SIZE[wt], os = DT_SIZE[ot];
+    int bad = 0;
     const Py_ssize_t rb = block_rows(k);
     const float zero = ZERO(k);
     for (Py_ssize_t i0 = 0; i0 < m; i0 += rb) {
@@ -127,15 +134,18 @@ INLINE void merge_generic(const char *w, int wt, const float *L, const float *R,
                 }
                 const size_t at = (size_t)(i * n + j0);
                 for (Py_ssize_t t = 0; t < width; t++)
-                    store1(out + (at + t) * os, acc[t] + load1(w + (at + t) * ws, wt), ot);
+                    bad |= store1(out + (at + t) * os, acc[t] + load1(w + (at + t) * ws, wt), ot);
             }
         }
     }
+    return bad;
 }
 
-INLINE void cast_generic(const char *src, int st, char *out, int ot, Py_ssize_t count) {
+INLINE int cast_generic(const char *src, int st, char *out, int ot, Py_ssize_t count) {
     const size_t ss = DT_SIZE[st], os = DT_SIZE[ot];
-    for (Py_ssize_t i = 0; i < count; i++) store1(out + i * os, load1(src + i * ss, st), ot);
+    int bad = 0;
+    for (Py_ssize_t i = 0; i < count; i++) bad |= store1(out + i * os, load1(src + i * ss, st), ot);
+    return bad;
 }
 
 /* -- AVX2 + FMA + F16C ----------------------------------------------------------------------- */
@@ -155,16 +165,21 @@ X86_INLINE __m256 load8(const char *p, int dt) {
     }
 }
 
-X86_INLINE void store8(char *p, __m256 v, int dt) {
+/* Stores 8 values rounded to dt; sets the lanes of *bad whose stored value is an infinity or a NaN. */
+X86_INLINE void store8(char *p, __m256 v, int dt, __m256i *bad) {
     const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
     if (dt == DT_F32) {
         _mm256_storeu_ps((float *)p, v);
+        const __m256i e = _mm256_set1_epi32(0x7F800000);
+        *bad = _mm256_or_si256(*bad, _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_castps_si256(v), e), e));
     } else if (dt == DT_BF16) {
         const __m256i u = _mm256_castps_si256(v);
         const __m256i bias = _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1)), _mm256_set1_epi32(0x7FFF));
         __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, bias), 16);
         r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
         _mm_storeu_si128((__m128i *)p, _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+        const __m256i e = _mm256_set1_epi32(0x7F80);
+        *bad = _mm256_or_si256(*bad, _mm256_cmpeq_epi32(_mm256_and_si256(r, e), e));
     } else {
         __m128i h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         /* NaN: c10's sign | 0x7E00 (F16C keeps the payload) */
@@ -172,7 +187,10 @@ X86_INLINE void store8(char *p, __m256 v, int dt) {
         const __m256i canon = _mm256_or_si256(sign, _mm256_set1_epi32(0x7E00));
         const __m128i canon16 = _mm_packus_epi32(_mm256_castsi256_si128(canon), _mm256_extracti128_si256(canon, 1));
         const __m128i nan16 = _mm_packs_epi32(_mm256_castsi256_si128(nan), _mm256_extracti128_si256(nan, 1));
-        _mm_storeu_si128((__m128i *)p, _mm_blendv_epi8(h, canon16, nan16));
+        h = _mm_blendv_epi8(h, canon16, nan16);
+        _mm_storeu_si128((__m128i *)p, h);
+        const __m128i e = _mm_set1_epi16(0x7C00);
+        *bad = _mm256_or_si256(*bad, _mm256_cvtepi16_epi32(_mm_cmpeq_epi16(_mm_and_si128(h, e), e)));
     }
 }
 
@@ -186,8 +204,8 @@ X86_INLINE void store8(char *p, __m256 v, int dt) {
 #define ROW_STORE(r)                                                                                   \
     do {                                                                                               \
         const size_t at = (size_t)((i + r) * n + j0);                                                  \
-        store8(out + at * os, _mm256_add_ps(a##r##0, load8(w + at * ws, wt)), ot);                     \
-        store8(out + (at + 8) * os, _mm256_add_ps(a##r##1, load8(w + (at + 8) * ws, wt)), ot);         \
+        store8(out + at * os, _mm256_add_ps(a##r##0, load8(w + at * ws, wt)), ot, &bad);               \
+        store8(out + (at + 8) * os, _mm256_add_ps(a##r##1, load8(w + (at + 8) * ws, wt)), ot, &bad);   \
     } while (0)
 
 /* R's 16-column strips, each k x 16 contiguous: the k loads of a strip are one stream (rows of
@@ -202,9 +220,11 @@ X86_INLINE void pack_strips(const float *R, float *pack, Py_ssize_t n, Py_ssize_
     }
 }
 
-X86_INLINE void merge_x86(const char *w, int wt, const float *L, const float *R, char *out, int ot,
-                          Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, float *pack) {
+X86_INLINE int merge_x86(const char *w, int wt, const float *L, const float *R, char *out, int ot,
+                         Py_ssize_t m, Py_ssize_t n, Py_ssize_t k, float *pack) {
     const size_t ws = DT_SIZE[wt], os = DT_SIZE[ot];
+    __m256i bad = _mm256_setzero_si256();
+    int bad1 = 0;
     const Py_ssize_t rb = block_rows(k);
     const __m256 zero = _mm256_set1_ps(ZERO(k));
     const float zero1 = ZERO(k);
@@ -246,32 +266,36 @@ X86_INLINE void merge_x86(const char *w, int wt, const float *L, const float *R,
                 float s = zero1;
                 for (Py_ssize_t kk = 0; kk < k; kk++) s = fmaf(L[i * k + kk], R[kk * n + j], s);
                 const size_t at = (size_t)(i * n + j);
-                store1(out + at * os, s + load1(w + at * ws, wt), ot);
+                bad1 |= store1(out + at * os, s + load1(w + at * ws, wt), ot);
             }
         }
     }
+    return bad1 | !_mm256_testz_si256(bad, bad);
 }
 
-X86_INLINE void cast_x86(const char *src, int st, char *out, int ot, Py_ssize_t count) {
+X86_INLINE int cast_x86(const char *src, int st, char *out, int ot, Py_ssize_t count) {
     const size_t ss = DT_SIZE[st], os = DT_SIZE[ot];
+    __m256i bad = _mm256_setzero_si256();
+    int bad1 = 0;
     Py_ssize_t i = 0;
-    for (; i + 8 <= count; i += 8) store8(out + i * os, load8(src + i * ss, st), ot);
-    for (; i < count; i++) store1(out + i * os, load1(src + i * ss, st), ot);
+    for (; i + 8 <= count; i += 8) store8(out + i * os, load8(src + i * ss, st), ot, &bad);
+    for (; i < count; i++) bad1 |= store1(out + i * os, load1(src + i * ss, st), ot);
+    return bad1 | !_mm256_testz_si256(bad, bad);
 }
 #endif
 
 /* -- one specialised function per (input dtype, output dtype) and build ---------------------- */
 
-typedef void (*merge_fn)(const char *, const float *, const float *, char *, Py_ssize_t, Py_ssize_t, Py_ssize_t, float *);
-typedef void (*cast_fn)(const char *, char *, Py_ssize_t);
+typedef int (*merge_fn)(const char *, const float *, const float *, char *, Py_ssize_t, Py_ssize_t, Py_ssize_t, float *);
+typedef int (*cast_fn)(const char *, char *, Py_ssize_t);
 
 /* Per build (generic, x86): one function per (input dtype, output dtype), and the tables that pick them. */
 #define PAIR(ISA, ATTR, A, B)                                                                                      \
-    ATTR static void merge_##ISA##_##A##_##B(const char *w, const float *L, const float *R, char *out, Py_ssize_t m, \
-                                             Py_ssize_t n, Py_ssize_t k, float *pack) {                            \
-        merge_##ISA(w, A, L, R, out, B, m, n, k, pack);                                                            \
+    ATTR static int merge_##ISA##_##A##_##B(const char *w, const float *L, const float *R, char *out, Py_ssize_t m,  \
+                                            Py_ssize_t n, Py_ssize_t k, float *pack) {                             \
+        return merge_##ISA(w, A, L, R, out, B, m, n, k, pack);                                                     \
     }                                                                                                              \
-    ATTR static void cast_##ISA##_##A##_##B(const char *s, char *o, Py_ssize_t c) { cast_##ISA(s, A, o, B, c); }
+    ATTR static int cast_##ISA##_##A##_##B(const char *s, char *o, Py_ssize_t c) { return cast_##ISA(s, A, o, B, c); }
 #define ROW(ISA, ATTR, A) PAIR(ISA, ATTR, A, DT_F32) PAIR(ISA, ATTR, A, DT_BF16) PAIR(ISA, ATTR, A, DT_F16)
 #define ENTRY(F, ISA, A) {F##_##ISA##_##A##_DT_F32, F##_##ISA##_##A##_DT_BF16, F##_##ISA##_##A##_DT_F16}
 #define TABLES(ISA, ATTR)                                                                                        \
@@ -346,7 +370,8 @@ PyDoc_STRVAR(merge_doc,
              "merge(w, w_dtype, left, right, out, out_dtype, m, n, k, build)\n--\n\n"
              "out = round(float32(w) + left @ right): w and out [m, n] raw elements of dtype codes 0 (float32), 1 "
              "(bfloat16), 2 (float16); left [m, k] and right [k, n] C-contiguous float32. out may be w. build: 0 "
-             "portable C, 1 AVX2 (an index into builds()).");
+             "portable C, 1 AVX2 (an index into builds()). Returns True when every element written is finite "
+             "(no infinity, no NaN in the output dtype).");
 
 static PyObject *py_merge(PyObject *self, PyObject *args) {
     Py_buffer w, l, r, o;
@@ -372,18 +397,18 @@ static PyObject *py_merge(PyObject *self, PyObject *args) {
             PyErr_NoMemory();
             goto done;
         }
+        int bad;
         Py_BEGIN_ALLOW_THREADS
 #ifdef HAVE_X86
         if (x86)
-            MERGE_x86[wt][ot]((const char *)w.buf, (const float *)l.buf, (const float *)r.buf, (char *)o.buf, m, n, k, pack);
+            bad = MERGE_x86[wt][ot]((const char *)w.buf, (const float *)l.buf, (const float *)r.buf, (char *)o.buf, m, n, k, pack);
         else
 #endif
-            MERGE_generic[wt][ot]((const char *)w.buf, (const float *)l.buf, (const float *)r.buf, (char *)o.buf, m, n, k, pack);
+            bad = MERGE_generic[wt][ot]((const char *)w.buf, (const float *)l.buf, (const float *)r.buf, (char *)o.buf, m, n, k, pack);
         Py_END_ALLOW_THREADS
         PyMem_RawFree(pack);
+        result = PyBool_FromLong(!bad);
     }
-    Py_INCREF(Py_None);
-    result = Py_None;
 done:
     PyBuffer_Release(&w);
     PyBuffer_Release(&l);
@@ -392,7 +417,8 @@ done:
     return result;
 }
 
-PyDoc_STRVAR(cast_doc, "cast(src, src_dtype, out, out_dtype, count, build)\n--\n\nConvert count elements between dtype codes, rounded as torch rounds.");
+PyDoc_STRVAR(cast_doc, "cast(src, src_dtype, out, out_dtype, count, build)\n--\n\nConvert count elements between dtype codes, rounded as "
+                       "torch rounds. Returns True when every element written is finite.");
 
 static PyObject *py_cast(PyObject *self, PyObject *args) {
     Py_buffer s, o;
@@ -407,18 +433,18 @@ static PyObject *py_cast(PyObject *self, PyObject *args) {
     if (check_len(&s, product(count, 1, (Py_ssize_t)DT_SIZE[st]), "src") || check_len(&o, product(count, 1, (Py_ssize_t)DT_SIZE[ot]), "out"))
         goto done;
     {
+        int bad;
         Py_BEGIN_ALLOW_THREADS
 #ifdef HAVE_X86
         if (x86)
-            CAST_x86[st][ot]((const char *)s.buf, (char *)o.buf, count);
+            bad = CAST_x86[st][ot]((const char *)s.buf, (char *)o.buf, count);
         else
 #endif
-            CAST_generic[st][ot]((const char *)s.buf, (char *)o.buf, count);
+            bad = CAST_generic[st][ot]((const char *)s.buf, (char *)o.buf, count);
         Py_END_ALLOW_THREADS
         (void)x86;
+        result = PyBool_FromLong(!bad);
     }
-    Py_INCREF(Py_None);
-    result = Py_None;
 done:
     PyBuffer_Release(&s);
     PyBuffer_Release(&o);
@@ -434,4 +460,12 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_merge_ext", "Fused merge kernel (see merge_kernels.py).", -1, methods, NULL, NULL, NULL, NULL};
 
-PyMODINIT_FUNC PyInit__merge_ext(void) { return PyModule_Create(&module); }
+/* API 2: merge() and cast() return whether every element written is finite (API 1 returned None). */
+PyMODINIT_FUNC PyInit__merge_ext(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (m != NULL && PyModule_AddIntConstant(m, "API", 2) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -28,8 +28,10 @@ to one intra-op thread during the merge (no OpenMP barriers, which stall badly o
 
 Everything is checked before any output is written: the base has safetensors weights (a
 ``.bin``-only base is refused, nothing is unpickled), every adapter target exists in the base
-with the expected shape and a float dtype, and the disk has room. The output appears atomically
-(:func:`~mlora_export.fs.atomic_output_dir`).
+with the expected shape and a float dtype, and the disk has room. Every merged (or cast) value
+is checked finite in the output dtype by the kernel that computes it, in the same pass: an
+overflow (a huge scale, float16's range) is refused naming the weight. The output appears
+atomically (:func:`~mlora_export.fs.atomic_output_dir`).
 """
 
 from __future__ import annotations
@@ -50,14 +52,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..adapter import AdapterReader, NestedAdapter, orient_delta
+from ..adapter.rounding import DTYPE_NAMES, ROUNDS_TO_INF
 from ..base import SAFE_INDEX, BaseFolder, Shard, check_fits_weights, scan_base
 from ..direct_io import ALIGN
 from ..errors import (
     BaseModelError,
     BaseModelMismatchError,
     ConfigError,
+    NonFiniteOutputError,
 )
-from ..fs import atomic_output_dir, check_free_space, check_output_path
+from ..fs import atomic_output_dir, check_free_space, check_output_path, read_json
 from ..progress import Progress
 from ..safetensors_io import (
     DTYPE_SIZES,
@@ -315,7 +319,8 @@ def _merge_one(
     a = mk.as_float32(a_data, adapter.dtype)
     bs = mk.as_float32(b_data, adapter.dtype)
     del a_data, b_data  # views of the adapter's map
-    bs *= np.float32(adapter.scale(k))
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is caught with the merged values
+        bs *= np.float32(adapter.scale(k))
     if adapter.fan_in_fan_out:  # Conv1D stores W as [in, out]: add orient_delta(sB·A) = Aᵀ·(sB)ᵀ
         left, right = np.ascontiguousarray(orient_delta(a, True)), np.ascontiguousarray(orient_delta(bs, True))
     else:
@@ -325,11 +330,27 @@ def _merge_one(
     region = _Region(fd, info.nbytes, data_start + info.begin)
     try:
         w = region.array(mk.NUMPY_TYPES[info.dtype], info.shape)
-        mk.merge_tensor(w, info.dtype, left, right, out, out_dtype, scratch())
+        finite = mk.merge_tensor(w, info.dtype, left, right, out, out_dtype, scratch())
         del w
     finally:
         region.close()
+    if not finite:
+        buffers.put([buf])
+        raise _non_finite(info.name, out_dtype, adapter, k)
     return out, [buf]
+
+
+def _non_finite(name: str, out_dtype: str, adapter: NestedAdapter | None = None, k: int = 0) -> NonFiniteOutputError:
+    """The error for a merged (``adapter`` and ``k`` given) or cast weight that is not finite in ``out_dtype``."""
+    what = DTYPE_NAMES.get(out_dtype, out_dtype)
+    if adapter is not None:
+        return NonFiniteOutputError(
+            f"the merged weight {name!r} would hold infinite or NaN values in {what}: W + s({k})·B·A overflows "
+            f"(s({k}) = {adapter.scale(k):g}); the adapter's scale or weights are too large for this base, or the base "
+            "weight is not finite; nothing was written", tensor=name)
+    return NonFiniteOutputError(
+        f"the base weight {name!r} would hold infinite or NaN values in {what} (out of its range, or not finite in the base); "
+        "choose another dtype; nothing was written", tensor=name, option="dtype")
 
 
 def _merge_torch(
@@ -359,9 +380,15 @@ def _merge_torch(
     w_o = orient_delta(w, adapter.fan_in_fan_out)  # [out, in] views of the base layout
     out_o = orient_delta(out, adapter.fan_in_fan_out)
     rows = max(1, _BLOCK_ELEMENTS // max(1, w_o.shape[1]))
+    limit = ROUNDS_TO_INF[out_dtype]
     for r0 in range(0, w_o.shape[0], rows):
         blk = w_o[r0 : r0 + rows].to(cdt)  # a view of our own read buffer when already float32
         blk.addmm_(bs[r0 : r0 + rows], a)
+        if blk.numel():
+            lo, hi = torch.aminmax(blk)  # NaN propagates: the test below fails for it
+            if not (-limit < float(lo) and float(hi) < limit):
+                buffers.put(bufs)
+                raise _non_finite(info.name, out_dtype, adapter, k)
         if out is not w:
             out_o[r0 : r0 + rows].copy_(blk)
     return out, bufs
@@ -380,15 +407,24 @@ def _copy_one(
         region = _Region(fd, info.nbytes, data_start + info.begin)
         try:
             src = region.array(mk.NUMPY_TYPES[info.dtype], (_numel(info.shape),))
-            mk.cast(src, info.dtype, out.view(mk.NUMPY_TYPES[out_dtype]), out_dtype, scratch())
+            finite = mk.cast(src, info.dtype, out.view(mk.NUMPY_TYPES[out_dtype]), out_dtype, scratch())
             del src
         finally:
             region.close()
+        if not finite:
+            buffers.put([out])
+            raise _non_finite(info.name, out_dtype)
         return out, [out]
     buf = _pread(fd, info.nbytes, data_start + info.begin, buffers)
     import torch
 
-    return torch.from_numpy(buf).view(torch_dtype(info.dtype)).view(info.shape).to(torch_dtype(out_dtype)), [buf]
+    src_t = torch.from_numpy(buf).view(torch_dtype(info.dtype)).view(info.shape)
+    if src_t.numel() and torch.is_floating_point(src_t):
+        lo, hi = torch.aminmax(src_t)
+        if not (-ROUNDS_TO_INF[out_dtype] < float(lo) and float(hi) < ROUNDS_TO_INF[out_dtype]):
+            buffers.put([buf])
+            raise _non_finite(info.name, out_dtype)
+    return src_t.to(torch_dtype(out_dtype)), [buf]
 
 
 def _lookahead(pool: ThreadPoolExecutor, jobs: Iterable[Callable[[], Any]], depth: int) -> Iterator[Any]:
@@ -438,11 +474,9 @@ def _write_config(src: Path, dst: Path, dtype_name: str | None) -> None:
     if dtype_name is None:
         shutil.copyfile(src, dst)
         return
-    try:
-        with open(src, encoding="utf-8") as f:
-            cfg = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BaseModelError(f"{src}: not valid JSON ({e}); fix the base model's config.json") from e
+    cfg = read_json(src, BaseModelError, what="model config")
+    if not isinstance(cfg, dict):
+        raise BaseModelError(f"{src}: expected a JSON object; fix the base model's config.json", path=src)
     cfg["dtype"] = dtype_name
     if "torch_dtype" in cfg:
         cfg["torch_dtype"] = dtype_name
@@ -575,7 +609,8 @@ def _write_side_files(base: BaseFolder, tmp: Path, dtype: str | None, total: int
             shutil.copyfile(base.index_path, tmp / SAFE_INDEX)
         else:
             index = dict(base.index or {})
-            index["metadata"] = {**(index.get("metadata") or {}), "total_size": total}
+            metadata = index.get("metadata")
+            index["metadata"] = {**(metadata if isinstance(metadata, dict) else {}), "total_size": total}
             with open(tmp / SAFE_INDEX, "w", encoding="utf-8") as f:
                 json.dump(index, f, indent=2, sort_keys=True)
                 f.write("\n")

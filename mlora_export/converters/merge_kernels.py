@@ -18,15 +18,27 @@ Two implementations of the same definition (docs/design.md §1):
 
 Skipping the torch import (about 2 s of start-up, more than the merge's own arithmetic at small
 ranks) is what lets a merge approach the speed of copying the files.
+
+Both kernels test, in the same pass, that every value they write is finite in the output dtype
+(:func:`merge_tensor` and :func:`cast` return it), so a merge whose scale or weights overflow is
+refused without reading the output again.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from ..adapter.rounding import finite_in
+
+#: The compiled kernel's interface this module needs: ``merge``/``cast`` return whether what they
+#: wrote is finite (a build of an older source returns ``None``, and is not used).
+_C_API = 2
+
 try:
     from . import _merge_ext
 except ImportError:  # built without a C compiler: the numpy kernels
+    _merge_ext = None  # type: ignore[assignment]
+if _merge_ext is not None and getattr(_merge_ext, "API", 1) < _C_API:  # a stale build: rebuild it (pip install -e .)
     _merge_ext = None  # type: ignore[assignment]
 
 #: Elements per tile (float32: 256 KiB), sized to leave the tile, its product and the rounding
@@ -124,8 +136,9 @@ def merge_tensor(
     out_dtype: str,
     scratch: Scratch | None = None,
     kernel: str | None = None,
-) -> None:
-    """``out = round(float32(w) + left · right)`` (docs/design.md §1, one rounding).
+) -> bool:
+    """``out = round(float32(w) + left · right)`` (docs/design.md §1, one rounding); returns
+    whether every element of ``out`` is finite (no infinity, no NaN).
 
     ``w`` is the base weight's raw elements (``[m, n]``, C-contiguous, :data:`NUMPY_TYPES`);
     ``left`` (``[m, k]``) and ``right`` (``[k, n]``) are float32 and C-contiguous; ``out`` is
@@ -140,12 +153,11 @@ def merge_tensor(
     m, n = w.shape
     if _kernel(kernel) == "c":
         k = left.shape[1]
-        _merge_ext.merge(w, _C_CODES[base_dtype], left, right, out, _C_CODES[out_dtype], m, n, k, _C_BUILD_INDEX)
-        return
+        return bool(_merge_ext.merge(w, _C_CODES[base_dtype], left, right, out, _C_CODES[out_dtype], m, n, k, _C_BUILD_INDEX))
     scratch = scratch or Scratch()
     if base_dtype == out_dtype == "BF16" and n % 2 == 0 and _u32_aligned(w) and _u32_aligned(out):
-        _merge_bf16_pairs(w, left, right, out, scratch)
-        return
+        return _merge_bf16_pairs(w, left, right, out, scratch)
+    finite = True
     cols = min(n, TILE_COLUMNS)
     rows = max(1, TILE_ELEMENTS // cols)
     for c0 in range(0, n, cols):
@@ -156,16 +168,19 @@ def merge_tensor(
             tile, prod, bits = scratch.views(r1 - r0, c1 - c0)
             src = w[r0:r1, c0:c1]
             dst = out[r0:r1, c0:c1]
-            np.matmul(left[r0:r1], r_part, out=prod)
-            if base_dtype == "BF16":
-                widen_bf16(src, tile)
-                np.add(tile, prod, out=tile)
-            else:  # float32: the sum straight from the read buffer
-                np.add(src, prod, out=tile if out_dtype == "BF16" else dst)
+            with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported, not warned about
+                np.matmul(left[r0:r1], r_part, out=prod)
+                if base_dtype == "BF16":
+                    widen_bf16(src, tile)
+                    np.add(tile, prod, out=tile)
+                else:  # float32: the sum straight from the read buffer
+                    np.add(src, prod, out=tile if out_dtype == "BF16" else dst)
+            finite = finite and finite_in(tile if out_dtype == "BF16" or base_dtype == "BF16" else dst, out_dtype)
             if out_dtype == "BF16":
                 round_bf16(tile, dst, bits)
             elif base_dtype == "BF16":
                 np.copyto(dst, tile)
+    return finite
 
 
 def _check_operands(w: np.ndarray, base_dtype: str, left: np.ndarray, right: np.ndarray, out: np.ndarray, out_dtype: str) -> None:
@@ -189,7 +204,7 @@ def _u32_aligned(a: np.ndarray) -> bool:
     return bool(a.flags.c_contiguous) and a.ctypes.data % 4 == 0
 
 
-def _merge_bf16_pairs(w: np.ndarray, left: np.ndarray, right: np.ndarray, out: np.ndarray, scratch: Scratch) -> None:
+def _merge_bf16_pairs(w: np.ndarray, left: np.ndarray, right: np.ndarray, out: np.ndarray, scratch: Scratch) -> bool:
     """:func:`merge_tensor` for bfloat16 → bfloat16 with an even row length, without a dtype cast.
 
     numpy's uint16 ↔ uint32 casts are scalar loops (a third of the merge's CPU time when they
@@ -198,8 +213,9 @@ def _merge_bf16_pairs(w: np.ndarray, left: np.ndarray, right: np.ndarray, out: n
     float32 and ``pair & 0xFFFF0000`` the odd one, so the tile is handled as its even and odd
     columns (``right``'s columns split the same way, each product its own GEMM), each rounded
     to nearest even as :func:`round_bf16` does, and the two halves are or-ed back into pairs. The
-    same values as the plain path, in SIMD integer ops only.
+    same values as the plain path, in SIMD integer ops only. Returns whether every value is finite.
     """
+    finite = True
     m, n = w.shape
     half = n // 2
     pairs, out_pairs = w.view(np.uint32), out.view(np.uint32)
@@ -220,7 +236,9 @@ def _merge_bf16_pairs(w: np.ndarray, left: np.ndarray, right: np.ndarray, out: n
             np.bitwise_and(src, 0xFFFF0000, out=odd)
             for half_bits, prod in ((even, p_even), (odd, p_odd)):
                 values = half_bits.view(np.float32)
-                np.add(values, prod, out=values)
+                with np.errstate(over="ignore", invalid="ignore"):
+                    np.add(values, prod, out=values)
+                finite = finite and finite_in(values, "BF16")
                 np.right_shift(half_bits, 16, out=bits)
                 np.bitwise_and(bits, 1, out=bits)
                 np.add(bits, 0x7FFF, out=bits)
@@ -228,17 +246,18 @@ def _merge_bf16_pairs(w: np.ndarray, left: np.ndarray, right: np.ndarray, out: n
             np.right_shift(even, 16, out=even)
             np.bitwise_and(odd, 0xFFFF0000, out=odd)
             np.bitwise_or(even, odd, out=out_pairs[r0:r1, c0:c1])
+    return finite
 
 
-def cast(data: np.ndarray, src_dtype: str, out: np.ndarray, out_dtype: str, scratch: Scratch | None = None, kernel: str | None = None) -> None:
+def cast(data: np.ndarray, src_dtype: str, out: np.ndarray, out_dtype: str, scratch: Scratch | None = None, kernel: str | None = None) -> bool:
     """Cast a non-targeted tensor's raw elements (flat arrays of equal size) between the dtypes
-    :func:`supports` names, rounded as torch rounds."""
+    :func:`supports` names, rounded as torch rounds; returns whether every element written is finite."""
     if data.size != out.size:
         raise ValueError(f"cast of {data.size} elements into {out.size}")
     if _kernel(kernel) == "c":
-        _merge_ext.cast(data, _C_CODES[src_dtype], out, _C_CODES[out_dtype], data.size, _C_BUILD_INDEX)
-        return
+        return bool(_merge_ext.cast(data, _C_CODES[src_dtype], out, _C_CODES[out_dtype], data.size, _C_BUILD_INDEX))
     scratch = scratch or Scratch()
+    finite = True
     for start in range(0, data.size, TILE_ELEMENTS):
         stop = min(data.size, start + TILE_ELEMENTS)
         tile, _, bits = scratch.views(1, stop - start)
@@ -246,10 +265,12 @@ def cast(data: np.ndarray, src_dtype: str, out: np.ndarray, out_dtype: str, scra
             widen_bf16(data[start:stop], tile[0])
         else:
             np.copyto(tile[0], data[start:stop])
+        finite = finite and finite_in(tile[0], out_dtype)
         if out_dtype == "BF16":
             round_bf16(tile[0], out[start:stop], bits[0])
         else:
             np.copyto(out[start:stop], tile[0])
+    return finite
 
 
 __all__ = ["C_BUILD", "KERNELS", "NUMPY_TYPES", "TILE_COLUMNS", "TILE_ELEMENTS", "Scratch", "as_float32", "cast", "merge_tensor", "round_bf16", "supports", "widen_bf16"]

@@ -32,7 +32,6 @@ import math
 import mmap
 import os
 import queue
-import re
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -57,7 +56,9 @@ from ..adapter import (
     read_json,
     write_json,
 )
-from ..errors import ConfigError, InvalidAdapterError, RankError
+from ..adapter.peft_config import MODULES_TO_SAVE_REASON, check_targets, module_scale, pattern_key, read_peft_config
+from ..adapter.rounding import DTYPE_NAMES, finite_in
+from ..errors import ConfigError, InvalidAdapterError, NonFiniteOutputError, RankError
 from ..fs import atomic_output_dir, check_free_space, check_output_path
 from ..method import peft_alpha_for
 from ..progress import Progress
@@ -80,24 +81,6 @@ DTYPES: dict[str, str] = {
     "F32": "F32", "BF16": "BF16", "F16": "F16", "F64": "F64",
 }
 _MAX_WORKERS = 8
-
-#: ``adapter_config.json`` settings whose delta is not ``s·B·A`` on the targeted weights alone
-#: (or that carry weights besides ``lora_A``/``lora_B``): refused when set, with the reason.
-_REFUSED_SETTINGS: dict[str, str] = {
-    "use_dora": "DoRA adapters are not supported (their magnitude vector rescales the whole weight, not a low-rank delta)",
-    "lora_bias": "LoRA adapters with a bias on lora_B are not supported",
-    "modules_to_save": "adapters with modules_to_save (fully trained modules stored beside the LoRA factors) are not supported",
-    "trainable_token_indices": "adapters with trainable tokens are not supported",
-    "target_parameters": "LoRA on nn.Parameter targets is not supported",
-    "layer_replication": "adapters with layer_replication are not supported",
-    "alora_invocation_tokens": "activated LoRA (aLoRA, applied to some tokens only) is not supported",
-    "use_qalora": "QALoRA adapters are not supported",
-    "use_bdlora": "block-diagonal LoRA is not supported",
-    "arrow_config": "Arrow routing over several LoRA experts is not supported",
-    "kasa_config": "KaSA adapters are not supported",
-    "velora_config": "VeLoRA adapters are not supported",
-    "monteclora_config": "MonteCLoRA adapters are not supported",
-}
 
 @dataclass(frozen=True)
 class RenestResult:
@@ -173,63 +156,6 @@ class _Source:
 
 # -- reading the source ------------------------------------------------------------------------
 
-def pattern_key(pattern_keys: Sequence[str], key: str) -> str:
-    """The ``rank_pattern``/``alpha_pattern`` key that applies to module ``key``, as PEFT picks it
-    (``peft.utils.other.get_pattern_key``): the first pattern ``p`` for which ``key`` matches
-    ``(.*\\.)?(p)$``, else ``key`` itself.
-
-    Raises:
-        re.error: a pattern is not a valid regular expression.
-    """
-    for p in pattern_keys:
-        if re.match(rf"(.*\.)?({p})$", key):
-            return p
-    return key
-
-
-def _positive_number(value: Any) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value > 0
-
-
-def _check_peft_config(cfg: Any, path: Path) -> None:
-    """Refuse what a re-nesting cannot keep: non-LoRA, DoRA, biases, modules saved whole, bad ranks."""
-    if not isinstance(cfg, dict):
-        raise InvalidAdapterError(f"{path}: expected a JSON object", path=path)
-    if cfg.get("peft_type") != "LORA":
-        raise InvalidAdapterError(f"{path}: peft_type is {cfg.get('peft_type')!r}; only LoRA adapters (peft_type 'LORA') can be re-nested", path=path)
-    for key, reason in _REFUSED_SETTINGS.items():
-        if cfg.get(key):
-            raise InvalidAdapterError(f"{path}: {key} is set ({cfg[key]!r}); {reason}", path=path)
-    bias = cfg.get("bias", "none")
-    if bias not in (None, "none"):
-        raise InvalidAdapterError(f"{path}: bias is {bias!r}; adapters that train the base biases are not supported, only bias 'none'", path=path)
-    r = cfg.get("r", 8)
-    if not is_int(r) or r < 1:
-        raise InvalidAdapterError(f"{path}: r must be a positive integer, found {r!r}", path=path)
-    if not _positive_number(cfg.get("lora_alpha", 8)):
-        raise InvalidAdapterError(f"{path}: lora_alpha must be a positive number, found {cfg.get('lora_alpha')!r}", path=path)
-    for key, valid, expected in (("rank_pattern", lambda v: is_int(v) and v > 0, "positive integers"),
-                                 ("alpha_pattern", _positive_number, "positive numbers")):
-        pattern = cfg.get(key) or {}
-        if not isinstance(pattern, dict):
-            raise InvalidAdapterError(f"{path}: {key} must be an object mapping module patterns to {expected}, found {pattern!r}", path=path)
-        for name, value in pattern.items():
-            if not valid(value):
-                raise InvalidAdapterError(f"{path}: {key}[{name!r}] is {value!r}; expected one of {expected}", path=path)
-            try:
-                re.compile(rf"(.*\.)?({name})$")
-            except re.error as e:
-                raise InvalidAdapterError(f"{path}: {key} key {name!r} is not a valid regular expression ({e})", path=path) from e
-
-
-def _module_scale(cfg: Mapping[str, Any], name: str) -> tuple[int, float]:
-    """``(r_m, s_m)`` of module ``name``: its rank and PEFT's scale, patterns matched as PEFT does."""
-    ranks, alphas = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
-    r = int(ranks.get(pattern_key(list(ranks), name), cfg.get("r", 8)))
-    alpha = float(alphas.get(pattern_key(list(alphas), name), cfg.get("lora_alpha", 8)))
-    return r, (alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r)
-
-
 def _scan_modules(weights: Path, header: SafetensorsHeader, cfg: Mapping[str, Any], config_path: Path) -> tuple[list[_Module], str | None]:
     modules, dtypes = [], set()
     for name, (a, b) in lora_tensor_pairs(weights, header).items():
@@ -238,7 +164,7 @@ def _scan_modules(weights: Path, header: SafetensorsHeader, cfg: Mapping[str, An
                 f"{weights}: module {name!r} has lora_A {list(a.shape)} and lora_B {list(b.shape)}, whose ranks disagree; "
                 "expected A [r, in] and B [out, r]"
             )
-        r, s = _module_scale(cfg, name)
+        r, s = module_scale(cfg, name, config_path)
         if a.shape[0] != r:
             raise InvalidAdapterError(
                 f"{weights}: module {name!r} has rank {a.shape[0]} (lora_A {list(a.shape)}) but {config_path.name} gives it r = {r}"
@@ -257,8 +183,7 @@ def _read_source(path: str | os.PathLike[str]) -> _Source:
         InvalidAdapterError: see :func:`renest_adapter`.
     """
     root, weights, config_path = adapter_files(path)
-    cfg = read_json(config_path)
-    _check_peft_config(cfg, config_path)
+    cfg = read_peft_config(config_path, patterns=True, refuse={"modules_to_save": MODULES_TO_SAVE_REASON})
     provenance: dict[str, Any] = {"path": str(root)}
     nested_path = root / CONFIG_NAME
     raw = read_json(nested_path) if nested_path.exists() else None
@@ -276,6 +201,7 @@ def _read_source(path: str | os.PathLike[str]) -> _Source:
         provenance.update({k: cfg[k] for k in ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern") if cfg.get(k) is not None and cfg.get(k) != {}})
     header = read_header(weights)
     modules, dtype = _scan_modules(weights, header, cfg, config_path)
+    check_targets(cfg, (m.name for m in modules), config_path)
     return _Source(root, cfg, header, modules, dtype, provenance)
 
 
@@ -376,17 +302,35 @@ def renest_factors(a: np.ndarray, b: np.ndarray, scale: float, rank: int) -> tup
 _ROUNDING_TYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16}
 
 
-def _to_dtype(x: np.ndarray, dtype: str) -> np.ndarray:
+def _to_dtype(x: np.ndarray, dtype: str, name: str = "", path: Path | None = None) -> np.ndarray:
     """``x`` (float64) rounded to ``dtype``, as the raw little-endian element array in row-major
-    order; bfloat16 is rounded from float32, to nearest even, as torch rounds float64 to bfloat16."""
+    order; bfloat16 is rounded from float32, to nearest even, as torch rounds float64 to bfloat16.
+
+    Raises:
+        NonFiniteOutputError: a value is infinite or NaN once rounded (tensor ``name`` of ``path``).
+    """
     if dtype != "BF16":
-        return x.astype(_ROUNDING_TYPES[dtype], order="C")
-    u = x.astype(np.float32, order="C").view(np.uint32)
+        _check_output(x, dtype, name, path)
+        with np.errstate(over="ignore"):
+            return x.astype(_ROUNDING_TYPES[dtype], order="C")
+    with np.errstate(over="ignore"):
+        wide = x.astype(np.float32, order="C")
+    _check_output(wide, dtype, name, path)
+    u = wide.view(np.uint32)
     carry = np.right_shift(u, 16)
     np.bitwise_and(carry, 1, out=carry)
     carry += np.uint32(0x7FFF)
     u += carry
     return np.right_shift(u, 16).astype(np.uint16)
+
+
+def _check_output(x: np.ndarray, dtype: str, name: str, path: Path | None) -> None:
+    """Refuse a re-nested factor that would not be finite in ``dtype`` (checked before it is rounded)."""
+    if not finite_in(x, dtype):
+        raise NonFiniteOutputError(
+            f"{path}: the re-nested tensor {name!r} would hold infinite or NaN values in {DTYPE_NAMES[dtype]}: the adapter's "
+            "scale or weights are too large for it; choose a wider dtype or fix the adapter; nothing was written",
+            path=path, tensor=name, option="dtype")
 
 
 class _Cancelled(Exception):
@@ -429,8 +373,9 @@ def _renest_modules(
                 bad.append((index, e))  # list.append is atomic
                 stop.set()
                 return
-            a_new, b_new, sigma = renest_factors(a, b, m.scale, rank)
-            writer.write_at(2 * index, _to_dtype(a_new, dtype), _to_dtype(b_new, dtype))
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # an overflow is refused below, not warned about
+                a_new, b_new, sigma = renest_factors(a, b, m.scale, rank)
+            writer.write_at(2 * index, _to_dtype(a_new, dtype, m.a.name, source.weights), _to_dtype(b_new, dtype, m.b.name, source.weights))
             sigmas[index] = sigma
             # Drop this module's pages from the process (they stay in the page cache): memory
             # stays flat in the adapter's size.
@@ -554,7 +499,11 @@ def renest_adapter(
     check_free_space(Path(output).absolute().parent, params * DTYPE_SIZES[out_dtype])
     with atomic_output_dir(output, force) as tmp:
         sigmas, nbytes = _write_factors(src, tmp / WEIGHTS_NAME, rank, out_dtype, workers, progress)
-        full = _energy(sigmas, source_rank)
+        with np.errstate(over="ignore", invalid="ignore"):
+            full = _energy(sigmas, source_rank)
+        if not all(np.isfinite(full)):
+            raise NonFiniteOutputError(f"{src.weights}: the energy of the re-nested adapter is not finite: the adapter's "
+                                       "scale or weights are too large; nothing was written", path=src.weights)
         kept = full[:rank]
         target = float(energy) if energy is not None else None
         at = _energy_at(full, target, rank)

@@ -1,9 +1,10 @@
 """``mlora-export demo``: the whole pipeline on a built-in default, as a list of stages.
 
-The demo builds a tiny Llama-style causal LM from a config (no download), trains a nested adapter
-with the default method (``nested-loss``) on a small task shipped with the package
-(:mod:`mlora_export.demo.builtin`), trains one plain LoRA at the same rank and re-nests it by SVD, slices the
-nested adapter into PEFT adapters and prints the held-out loss and exact match at every rank of both.
+The demo takes the small pre-trained Llama-style causal LM shipped with the package (no download),
+fine-tunes a nested adapter with the default method (``nested-loss``) on a task the base half knows
+(:mod:`mlora_export.demo.builtin`: both from the reproduction's ``skill`` regime), trains one plain
+LoRA at the max rank and re-nests it by SVD, slices the nested adapter into PEFT adapters and prints
+the held-out loss and exact match at every rank of both.
 
 It is a list of :class:`Stage` objects run in order on one shared :class:`DemoContext`. To add a
 stage (merge, ONNX, bundle…), write a function ``my_stage(ctx: DemoContext) -> StageReport`` (in
@@ -20,6 +21,7 @@ finishes; the finished folder appears at once), reads what earlier stages left i
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -29,13 +31,13 @@ from typing import Any
 
 from ..fs import atomic_output_dir, check_output_path
 from ..threads import torch_threads
-from .context import DemoContext, DemoResult, Stage, StageProgress, StageReport
+from .context import DemoContext, DemoModel, DemoResult, Stage, StageProgress, StageReport, demo_model
 from .stages import stage_base, stage_evaluate, stage_renest, stage_slice, stage_train
 
 logger = logging.getLogger(__name__)
 
 STAGES: list[Stage] = [
-    Stage("base", "build a tiny base model", stage_base),
+    Stage("base", "the pre-trained base model and the task", stage_base),
     Stage("train", "train a nested adapter", stage_train),
     Stage("renest", "train one plain LoRA and re-nest it by SVD", stage_renest),
     Stage("slice", "slice it into PEFT adapters", stage_slice),
@@ -54,6 +56,7 @@ def run_demo(
     quick: bool = False,
     force: bool = False,
     seed: int = 0,
+    model: str | DemoModel = "builtin",
     stages: Sequence[Stage] | None = None,
     progress: StageProgress | None = None,
     on_stage: Callable[[Stage, StageReport], None] | None = None,
@@ -61,23 +64,30 @@ def run_demo(
     """Run ``stages`` (default :data:`STAGES`) in order into ``output``; return every report.
 
     The output folder is written as a temporary sibling and appears only when every stage has
-    succeeded. ``on_stage(stage, report)`` is called as each stage finishes (the CLI prints there).
+    succeeded. ``model`` names the base (:data:`~.context.DEMO_MODELS`); a stage it cannot run is
+    reported as skipped, with the reason. ``on_stage(stage, report)`` is called as each stage
+    finishes (the CLI prints there).
 
     Raises:
+        ConfigError: an unknown ``model``.
         OutputExistsError: ``output`` exists and ``force`` is false.
         MloraError: whatever a stage raises.
     """
+    spec = model if isinstance(model, DemoModel) else demo_model(model)
     check_output_path(output, force)
     chosen = list(STAGES if stages is None else stages)
     reports: list[tuple[Stage, StageReport]] = []
-    # The demo's matrices are tiny (64 wide): more threads cannot speed them up.
-    with torch_threads(1), atomic_output_dir(output, force) as tmp:
-        ctx = DemoContext(output=Path(output), root=tmp, quick=quick, seed=seed, progress=progress)
+    threads = torch_threads(spec.threads) if spec.threads is not None else contextlib.nullcontext()
+    with threads, atomic_output_dir(output, force) as tmp:
+        ctx = DemoContext(output=Path(output), root=tmp, quick=quick, seed=seed, progress=progress, model=spec)
         for stage in chosen:
-            fn = stage.resolve()
             logger.info("demo stage %s: %s", stage.name, stage.title)
             t0 = time.perf_counter()
-            report = fn(ctx) or StageReport()
+            why = spec.skipped(stage.name)
+            if why is not None:
+                report = StageReport(lines=[f"skipped on {spec.name}: {why}"], data={"skipped": True, "reason": why})
+            else:
+                report = stage.resolve()(ctx) or StageReport()
             report.seconds = time.perf_counter() - t0
             retarget_paths(tmp, Path(output).absolute())  # before a later stage copies (and hashes) what it recorded
             report.data = _retargeter(tmp, Path(output).absolute())(report.data)

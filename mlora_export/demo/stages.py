@@ -1,4 +1,4 @@
-"""The demo's own stages: the tiny base, training, re-nesting, slicing and the per-rank evaluation."""
+"""The demo's own stages: the pre-trained base, training, re-nesting, slicing and the per-rank evaluation."""
 
 from __future__ import annotations
 
@@ -16,14 +16,29 @@ logger = logging.getLogger(__name__)
 
 
 def stage_base(ctx: DemoContext) -> StageReport:
-    """Build the tiny base model and its byte-level tokenizer (one token per character, a standard
-    ``tokenizer.json`` that llama.cpp and ONNX Runtime GenAI read) into ``ctx.base_dir``."""
-    from .tiny import build_tiny_model
+    """Put the demo model's base (and its task) in place: :meth:`DemoModel.prepare_base <.context.DemoModel.prepare_base>`."""
+    return ctx.model.prepare_base(ctx)
 
-    info = build_tiny_model(ctx.base_dir, seed=ctx.seed, tokenizer="byte-bpe")
+
+def prepare_builtin_base(ctx: DemoContext) -> StageReport:
+    """Copy the package's pre-trained base (:func:`~.builtin.pretrained_base_dir`: a Llama-style causal LM and
+    its byte-level ``tokenizer.json``, which llama.cpp and ONNX Runtime GenAI read) into ``ctx.base_dir``."""
+    import shutil
+
+    from .builtin import pretrained_base_dir, pretrained_base_record
+
+    shutil.copytree(pretrained_base_dir(), ctx.base_dir)
+    info = pretrained_base_record()
+    pre, skills = info["pretraining"], info["base_exact_match"]
+    known = ", ".join(f"{k} {v * 100:.0f}%" for k, v in skills.items() if k != "demo held-out split")
     return StageReport(
-        lines=[f"tiny Llama-style causal LM: {info['params']:,} parameters, byte-level BPE vocabulary of {info['vocab_size']} tokens "
-               f"-> {ctx.output / 'base'}"],
+        lines=[
+            f"pre-trained Llama-style causal LM shipped with the package: {info['params']:,} parameters "
+            f"({info['shape']['num_hidden_layers']} layers, hidden {info['shape']['hidden_size']}), byte-level BPE tokenizer "
+            f"-> {ctx.output / 'base'}",
+            f"pre-trained {pre['steps']} steps on a letter-string language (scripts/make_demo_base.py); greedy exact match "
+            f"on its operations: {known}; the task: the rare '~', which it half knows",
+        ],
         data=info,
     )
 
@@ -32,42 +47,39 @@ def stage_train(ctx: DemoContext) -> StageReport:
     """Train a nested adapter (the default method) over ``ctx.train_ranks`` into ``ctx.nested_dir``."""
     from ..training import train
 
-    settings = demo_train_settings(ctx)
+    settings = ctx.model.train_settings(ctx, "nested-loss")
 
     def progress(done: int, total: int) -> None:
         ctx.report_progress("training", done, total)
 
-    # Record the base's final path: ctx.base_dir lies in the temporary folder renamed at the end.
-    res = train(ctx.base_dir, ctx.train_path, ctx.nested_dir, settings, progress=progress,
-                base_model_id=str((ctx.output / "base").resolve()))
+    # Record the base's final path: ctx.base_dir may lie in the temporary folder renamed at the end.
+    res = train(ctx.base_dir, ctx.train_path, ctx.nested_dir, settings, progress=progress, base_model_id=ctx.base_id)
     return StageReport(
         lines=[
-            f"{res.method} adapter, max rank {max(ctx.train_ranks)}, train ranks {list(ctx.train_ranks)}: "
-            f"{res.steps} steps in {res.seconds:.1f} s -> {ctx.output / 'nested'}"
+            f"{res.method} adapter, max rank {max(ctx.train_ranks)}, train ranks {list(ctx.train_ranks)}, lr {settings.lr:g}: "
+            f"{res.steps} steps of batch {settings.batch_size} in {res.seconds:.1f} s -> {ctx.output / 'nested'}"
         ],
         data=res.to_dict(),
     )
 
 
 def stage_renest(ctx: DemoContext) -> StageReport:
-    """Train one plain LoRA at the max rank (same settings) and re-nest it by SVD (no base model needed)."""
-    import dataclasses
-
+    """Train one plain LoRA at the max rank (the same settings at its own learning rate) and re-nest it by SVD (no base model needed)."""
     from ..converters.renest import renest_adapter
     from ..training import train
 
-    settings = dataclasses.replace(demo_train_settings(ctx), method="lora", train_ranks=(max(ctx.train_ranks),))
+    settings = ctx.model.train_settings(ctx, "lora")
 
     def progress(done: int, total: int) -> None:
         ctx.report_progress("training LoRA", done, total)
 
-    res = train(ctx.base_dir, ctx.train_path, ctx.lora_dir, settings, progress=progress,
-                base_model_id=str((ctx.output / "base").resolve()))
+    res = train(ctx.base_dir, ctx.train_path, ctx.lora_dir, settings, progress=progress, base_model_id=ctx.base_id)
     out = renest_adapter(ctx.lora_dir, ctx.renested_dir)
     keep = ", ".join(f"r{k} {out.energy[k - 1] * 100:.1f}%" for k in ctx.train_ranks if k <= len(out.energy))
     return StageReport(
         lines=[
-            f"plain LoRA r={res.max_rank}: {res.steps} steps in {res.seconds:.1f} s -> {ctx.output / 'lora'}",
+            f"plain LoRA r={res.max_rank}, lr {settings.lr:g}: {res.steps} steps of batch {settings.batch_size} in {res.seconds:.1f} s "
+            f"-> {ctx.output / 'lora'}",
             f"re-nested by SVD in {out.seconds * 1000:.0f} ms -> {ctx.output / 'renested'}; share of ||dW||^2 kept: {keep}",
         ],
         data={"train": res.to_dict(), "energy": list(out.energy)},
@@ -97,18 +109,19 @@ def stage_evaluate(ctx: DemoContext) -> StageReport:
     from ..training.model import load_nested_adapter, quiet_peft
 
     tokenizer = load_tokenizer(ctx.base_dir)
-    data = load_eval_data(ctx.eval_path, tokenizer, max_examples=64 if ctx.quick else None)
+    data = load_eval_data(ctx.eval_path, tokenizer, max_examples=ctx.model.quick_eval_examples if ctx.quick else None)
+    batch = ctx.model.eval_batch_size
 
     def scores(model: Any) -> tuple[float, float]:
-        s = score_model(model, tokenizer, data, metric="exact-match", batch_size=64)
+        s = score_model(model, tokenizer, data, metric="exact-match", batch_size=batch)
         return s.loss, float(s.exact_match or 0.0)
 
     adapter = NestedAdapter.load(ctx.nested_dir)
     slice_losses: dict[int, float] = {}
-    for k in ctx.slice_ranks:
+    for k in ctx.slice_ranks:  # the loss is the check (a slice computes its rank exactly); no need to generate
         with quiet_peft():
             peft_model = PeftModel.from_pretrained(load_base_model(ctx.base_dir), str(ctx.slices_dir / f"r{k}"))
-        slice_losses[k] = scores(peft_model)[0]
+        slice_losses[k] = score_model(peft_model, tokenizer, data, metric="loss", batch_size=batch).loss
     ranks = (0, *adapter.config.train_ranks)
     # rank 0 is the base model whatever the adapter: scored once, with the first adapter
     todo = [(name, path) for name, path in (("nested", ctx.nested_dir), ("renested", ctx.renested_dir))
@@ -148,7 +161,8 @@ def stage_evaluate(ctx: DemoContext) -> StageReport:
         if other:
             row += [f"{t['renested_loss']:.4f}", pct(t["renested_exact_match"])]
         rows.append(row)
-    lines = [f"held-out set: {len(data.examples)} examples of the built-in task ({ctx.eval_path.name}); loss per completion token, greedy exact match"]
+    lines = [f"held-out set: {len(data.examples)} examples ({ctx.eval_path.name}), none seen in training; "
+             "loss per completion token, greedy exact match"]
     lines += demo_verdict(table, adapter.config.method)
     return StageReport(lines=lines, headers=headers, rows=rows, data={"ranks": table, "eval_examples": len(data.examples)})
 
@@ -177,24 +191,40 @@ def demo_verdict(table: Sequence[dict[str, Any]], method: str) -> list[str]:
         lines.append(f"warning: rank(s) {', '.join(map(str, weak))} do not beat the base here; evaluate before deploying them")
     if all(t.get("renested_exact_match") is not None for t in trained):
         au_svd = aurac(ks, [t["renested_exact_match"] for t in trained])["v2"]
-        lines.append(f"re-nested plain LoRA (SVD): AURAC v2 {au_svd * 100:.1f} on exact match, vs {au * 100:.1f} for the {method} run")
+        svd_ok = [t["rank"] for t in trained if t["renested_exact_match"] > base["exact_match"]]
+        lines.append(f"re-nested plain LoRA (SVD): AURAC v2 {au_svd * 100:.1f} on exact match, vs {au * 100:.1f} for the {method} run "
+                     f"({len(svd_ok)}/{len(ks)} vs {len(em_ok)}/{len(ks)} ranks above the base's exact match)")
     return lines
 
 
 #: The demo, in order. Add a stage with one line (see the module docstring).
 
 
-def demo_train_settings(ctx: DemoContext) -> Any:
-    """The :class:`~mlora_export.training.TrainSettings` of the demo (shorter with ``ctx.quick``)."""
+#: Each run's learning rate: the one the reproduction's validation search chose for that method in its
+#: ``skill`` regime (docs/reproduction.md, the regime this demo is a miniature of), never tuned on the demo.
+DEMO_LR: dict[str, float] = {"nested-loss": 1.6e-2, "lora": 2e-3}
+
+
+def demo_train_settings(ctx: DemoContext, method: str = "nested-loss") -> Any:
+    """The :class:`~mlora_export.training.TrainSettings` of a demo run (shorter with ``ctx.quick``).
+
+    The reproduction's fine-tuning settings (examples/reproduce: 300 steps of batch 32, a 10% warm-up then
+    linear decay, scaling ``sqrt`` with alpha 2, LoRA on ``o_proj`` and ``down_proj``) at the method's
+    :data:`DEMO_LR`; ``lora`` trains one plain LoRA at the max rank.
+    """
     from ..training import TrainSettings
 
-    return TrainSettings(  # the method is the default one, as `mlora-export train` uses
-        train_ranks=ctx.train_ranks,
+    steps = 20 if ctx.quick else 300
+    return TrainSettings(
+        method=method,
+        train_ranks=ctx.train_ranks if method != "lora" else (max(ctx.train_ranks),),
         scaling="sqrt",
-        alpha=1.0,
+        alpha=2.0,
+        target_modules=("o_proj", "down_proj"),
         epochs=None,
-        max_steps=20 if ctx.quick else 600,
-        lr=3e-3,
+        max_steps=steps,
+        warmup_steps=max(1, round(0.1 * steps)),
+        lr=DEMO_LR[method],
         batch_size=32,
         seed=ctx.seed,
         max_length=48,

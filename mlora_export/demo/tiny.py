@@ -78,6 +78,25 @@ def tiny_llama_config(vocab_size: int, **overrides: Any) -> Any:
 BYTE_VOCAB_SIZE = 259
 
 
+def build_byte_tokenizer() -> Any:
+    """A byte-level BPE ``PreTrainedTokenizerFast`` of :data:`BYTE_VOCAB_SIZE` tokens, ``<s>`` prepended.
+
+    Ids: ``<pad>`` 0, ``<s>`` 1, ``</s>`` 2, then the 256 byte symbols (one token per ASCII
+    character, as :func:`build_char_tokenizer`), in the ``tokenizer.json`` form llama.cpp and ONNX
+    Runtime GenAI read.
+    """
+    from tokenizers import processors
+
+    from .bpe_tokenizer import build_byte_bpe_tokenizer
+
+    tok = build_byte_bpe_tokenizer(BYTE_VOCAB_SIZE, corpus=["a"])  # 259 tokens leave no room for merges
+    # <s> first, as the character tokenizer does (the tiny model's attention leans on it)
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, tok.convert_tokens_to_ids(BOS))]
+    )
+    return tok
+
+
 def build_tiny_model(
     output: str | os.PathLike[str], *, seed: int = 0, force: bool = False, head_std: float | None = None,
     tokenizer: Literal["char", "byte-bpe"] = "char", **overrides: Any,
@@ -97,15 +116,7 @@ def build_tiny_model(
     from transformers import LlamaForCausalLM
 
     if tokenizer == "byte-bpe":
-        from .bpe_tokenizer import build_byte_bpe_tokenizer
-
-        from tokenizers import processors
-
-        tok = build_byte_bpe_tokenizer(BYTE_VOCAB_SIZE, corpus=["a"])  # 259 tokens leave no room for merges
-        # <s> first, as the character tokenizer does (the tiny model's attention leans on it)
-        tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
-            single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, tok.convert_tokens_to_ids(BOS))]
-        )
+        tok = build_byte_tokenizer()
     elif tokenizer == "char":
         tok = build_char_tokenizer()
     else:
@@ -126,4 +137,4 @@ def build_tiny_model(
     return {"path": str(output), "params": params, "vocab_size": len(tok), "tokenizer": tokenizer, "config": {**TINY_SHAPE, **overrides}}
 
 
-__all__ = ["BYTE_VOCAB_SIZE", "CHARACTERS", "TINY_SHAPE", "build_char_tokenizer", "build_tiny_model", "tiny_llama_config"]
+__all__ = ["BYTE_VOCAB_SIZE", "CHARACTERS", "TINY_SHAPE", "build_byte_tokenizer", "build_char_tokenizer", "build_tiny_model", "tiny_llama_config"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -22,9 +21,11 @@ from ..base import (
 )
 from ..data import DataSource
 from ..errors import (
+    BaseModelError,
     ConfigError,
     DataError,
 )
+from ..fs import read_json
 from ..method import aurac
 from ..progress import Progress
 from ..provenance import created_by
@@ -47,11 +48,13 @@ def _default_device() -> str:
 
 def _max_positions(base_model: str | os.PathLike[str]) -> int | None:
     try:
-        cfg = json.loads((Path(base_model) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        cfg = read_json(Path(base_model) / "config.json", BaseModelError, what="model config")
+    except BaseModelError:
         return None  # load_base_model reports it
+    if not isinstance(cfg, dict):
+        return None
     value = cfg.get("max_position_embeddings") or cfg.get("n_positions")
-    return int(value) if isinstance(value, int) else None
+    return value if is_int(value) and value > 0 else None
 
 
 # -- evaluate ----------------------------------------------------------------------------------

@@ -33,6 +33,12 @@ class NestedRankCallback(TrainerCallback):
     When training ends the model is switched to the full rank ``r`` (``set_rank(r)``), i.e. what
     the saved adapter computes in PEFT.
 
+    Packing (TRL's ``SFTConfig(packing=True)`` or ``padding_free=True``): ``nested-loss`` gives every
+    packed sequence its own rank, from the boundaries the batch carries (``position_ids`` or
+    ``cu_seq_lens_q``). At the start of training this callback reads those settings from ``args``:
+    with them, a batch without boundaries is refused; TRL's ``packing_strategy="wrapped"`` without
+    ``padding_free`` (rows with no boundaries at all) is refused at once.
+
     Example::
 
         nested = add_nested_adapter(model, MatryoshkaConfig("dylora", 32, (1, 2, 4, 8, 16, 32)))
@@ -46,6 +52,7 @@ class NestedRankCallback(TrainerCallback):
         self.nested = nested
 
     def on_train_begin(self, args: "TrainingArguments", state: "TrainerState", control: "TrainerControl", **kwargs: Any) -> None:
+        check_packing(self.nested, args)
         self.nested.train_diagonal(state.global_step)
 
     def on_step_begin(self, args: "TrainingArguments", state: "TrainerState", control: "TrainerControl", **kwargs: Any) -> None:
@@ -53,6 +60,71 @@ class NestedRankCallback(TrainerCallback):
 
     def on_train_end(self, args: "TrainingArguments", state: "TrainerState", control: "TrainerControl", **kwargs: Any) -> None:
         self.nested.set_rank(self.nested.config.max_rank)
+
+
+def check_packing(nested: "NestedLoraModel", args: Any) -> None:
+    """Tell ``nested`` whether the run packs sequences (TRL's ``packing``/``padding_free`` in ``args``).
+
+    Raises:
+        ConfigError: ``nested-loss`` with TRL's ``wrapped`` packing and no ``padding_free``: its rows
+            join sequences with no boundary the model (or the rank assignment) can see.
+    """
+    from ..errors import ConfigError
+    from ..method import PER_EXAMPLE_METHODS
+
+    packing = bool(getattr(args, "packing", False))
+    padding_free = bool(getattr(args, "padding_free", False))
+    if nested.config.method not in PER_EXAMPLE_METHODS:
+        return
+    if packing and getattr(args, "packing_strategy", None) == "wrapped" and not padding_free:
+        raise ConfigError(
+            "nested-loss cannot train TRL's packing_strategy='wrapped' rows: they join sequences with no boundary "
+            "(no position_ids), so each could not get its own rank; use packing_strategy='bfd' (the default) or padding_free=True"
+        )
+    nested.expect_packed = packing or padding_free
+
+
+class HeldoutRanksCallback(TrainerCallback):
+    """Score held-out data at a few ranks during training: every ``every`` optimisation steps (if
+    given) and after the last one.
+
+    Each evaluation switches the model to rank ``k`` (:meth:`NestedLoraModel.set_rank`), computes
+    the mean cross-entropy per supervised token (:func:`~mlora_export.training.pipeline.heldout_loss`),
+    and logs ``eval_loss_r{k}`` through ``log`` (``Trainer.log``: the log history and ``report_to``);
+    the next step re-installs the training diagonal. Evaluation runs in eval mode without
+    gradients and draws no random number, so it leaves the run (and its resumption) unchanged.
+    ``results`` holds ``(step, rank, loss)``.
+    """
+
+    def __init__(self, nested: "NestedLoraModel", features: Any, pad_token_id: int, ranks: Any, *, every: int | None = None,
+                 batch_size: int = 8) -> None:
+        self.nested = nested
+        self.features = features
+        self.pad_token_id = pad_token_id
+        self.ranks = tuple(ranks)
+        self.every = every
+        self.batch_size = batch_size
+        self.results: list[tuple[int, int, float]] = []
+        self.log: Callable[[dict[str, float]], None] | None = None
+
+    def on_step_end(self, args: "TrainingArguments", state: "TrainerState", control: "TrainerControl", **kwargs: Any) -> None:
+        step = state.global_step
+        if (self.every and step % self.every == 0) or step >= state.max_steps:
+            self.evaluate(step)
+
+    def evaluate(self, step: int) -> dict[int, float]:
+        """Score every rank now; return ``{rank: loss}``."""
+        from .pipeline import heldout_loss
+
+        losses = {}
+        for k in self.ranks:
+            self.nested.set_rank(k)
+            losses[k] = heldout_loss(self.nested.model, self.features, self.pad_token_id, batch_size=self.batch_size)
+            self.results.append((step, k, losses[k]))
+        logger.info("step %d: held-out loss %s", step, ", ".join(f"r{k} {v:.4f}" for k, v in losses.items()))
+        if self.log is not None:
+            self.log({f"eval_loss_r{k}": v for k, v in losses.items()})
+        return losses
 
 
 class StepProgressCallback(TrainerCallback):
@@ -70,4 +142,4 @@ class StepProgressCallback(TrainerCallback):
             self.progress(state.global_step, state.max_steps)
 
 
-__all__ = ["NestedRankCallback", "StepProgressCallback"]
+__all__ = ["HeldoutRanksCallback", "NestedRankCallback", "StepProgressCallback", "check_packing"]

@@ -70,6 +70,7 @@ from ..method import (
     training_diagonal,
 )
 from ..validate import is_int
+from .packing import global_offsets, sequence_ids
 
 if TYPE_CHECKING:
     import torch
@@ -91,14 +92,16 @@ _PASS_LORA_KEYS = frozenset({"exclude_modules", "layers_to_transform", "layers_p
 def _diag_hook(module: Any, args: Any, output: "torch.Tensor") -> "torch.Tensor":
     """Forward hook of a ``lora_A``: ``A·x ↦ d ⊙ (A·x)``.
 
-    ``d`` is ``[r]`` (one diagonal for the batch, broadcast over every leading dim) or
-    ``[batch, 1, r]`` (``nested-loss``: one per example, broadcast over the sequence).
+    ``d`` is ``[r]`` (one diagonal for the batch, broadcast over every leading dim),
+    ``[batch, 1, r]`` (``nested-loss``: one per example, broadcast over the sequence) or
+    ``[batch, seq, r]`` (``nested-loss`` on packed rows: one per token, that of its sequence).
     """
     d = getattr(module, _BUFFER)
-    if d.dim() == 3 and (output.dim() != 3 or output.shape[0] != d.shape[0]):
+    if d.dim() == 3 and (output.dim() != 3 or output.shape[0] != d.shape[0] or d.shape[1] not in (1, output.shape[1])):
         raise ConfigError(
-            f"per-example diagonals need LoRA inputs shaped [batch, seq, features] with batch {d.shape[0]}; "
-            f"this layer got {list(output.shape[:-1])} (a model that flattens the batch cannot train nested-loss)"
+            f"per-example diagonals need LoRA inputs shaped [batch, seq, features] with batch {d.shape[0]}"
+            f"{'' if d.shape[1] == 1 else f' and seq {d.shape[1]}'}; this layer got {list(output.shape[:-1])} "
+            "(a model that flattens the batch cannot train nested-loss)"
         )
     return output * d.to(output.dtype)
 
@@ -107,15 +110,17 @@ def _has_diag_hook(module: Any) -> bool:
     return any(fn is _diag_hook for fn in module._forward_hooks.values())
 
 
-def _batch_size(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
-    """The batch size of a transformers model call (``input_ids`` or ``inputs_embeds``)."""
+def _batch_shape(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int, Any] | None:
+    """``(batch, seq, device)`` of a transformers model call (``input_ids`` or ``inputs_embeds``)."""
     for key in ("input_ids", "inputs_embeds"):
         value = kwargs.get(key)
         if value is not None:
-            return int(value.shape[0])
-    if args and hasattr(args[0], "shape"):
-        return int(args[0].shape[0])
-    return None
+            break
+    else:
+        value = args[0] if args and hasattr(args[0], "shape") else None
+    if value is None:
+        return None
+    return int(value.shape[0]), int(value.shape[1]) if value.dim() > 1 else 1, value.device
 
 
 def _process_layout() -> tuple[int, int]:
@@ -150,8 +155,11 @@ class NestedLoraModel:
         self.module_names: list[str] = []
         self._layers: list[Any] = []
         self._step = 0
-        self._seen = 0  # examples this process has run in the current optimisation step
+        self._seen = 0  # sequences of the step's global batch before this process's next micro-batch
         self._per_example = False
+        #: Whether training batches are packed (set by :class:`~.callbacks.NestedRankCallback` from
+        #: TRL's ``packing``/``padding_free``): a batch without sequence boundaries is then refused.
+        self.expect_packed = False
         self._layout: tuple[int, int] | None = None
         r = config.max_rank
         prefix = KEY_PREFIX
@@ -235,11 +243,18 @@ class NestedLoraModel:
         Call it once per optimisation step, before that step's forward passes (all its
         micro-batches). ``nested-loss`` returns ``None``: from here on every training forward
         assigns each example its rank (:func:`~mlora_export.method.example_ranks`) by its global
-        position in the step, ``seen·W + process_index·batch + j``, where ``seen`` counts the
-        examples this process ran since this call and ``W`` is the number of processes
-        (``process_index``/``num_processes``, default: from ``torch.distributed`` when it is
-        initialised). This matches the order in which a ``Trainer``/``accelerate`` data loader
-        shards a global batch, so a distributed run trains the ranks one process would.
+        position in the step, ``seen + process_index·batch + j``, where ``seen`` counts the
+        examples of the step's global batch in earlier micro-batches (``batch`` per process and
+        micro-batch, on ``num_processes`` processes: ``process_index``/``num_processes``, default from
+        ``torch.distributed`` when it is initialised). This matches the order in which a
+        ``Trainer``/``accelerate`` data loader shards a global batch, so a distributed run trains the
+        ranks one process would.
+
+        Packed rows (several sequences in one row, boundaries in ``position_ids`` or
+        ``cu_seq_lens_q``: :mod:`~mlora_export.training.packing`) count each sequence as an
+        example, row by row: every token gets the diagonal of its sequence's rank. Processes then
+        hold different numbers of sequences, so under several processes each forward exchanges its
+        count (one small ``all_gather``) to number them as one process would.
 
         Raises:
             ConfigError: the method is not trained (``svd``).
@@ -270,15 +285,33 @@ class NestedLoraModel:
         if not module.training:  # evaluation inside a training run: the full rank r, as saved
             self._install(self.example_diagonals([self.config.max_rank])[0, 0], ("eval-r",))
             return
-        n = _batch_size(args, kwargs)
-        if n is None:
+        shape = _batch_shape(args, kwargs)
+        if shape is None:
             raise ConfigError("nested-loss needs input_ids or inputs_embeds to know the batch size of each forward")
+        n, length, device = shape
         index, world = self._layout or _process_layout()
-        start = self._seen * world + index * n
-        ranks = example_ranks(self.config.train_ranks, range(start, start + n), seed=self.seed, step=self._step, weights=self.config.rank_weights)
-        self._seen += n
+        seq_ids = sequence_ids(kwargs, n, length)
+        if seq_ids is None:
+            if self.expect_packed:
+                raise ConfigError(
+                    "a packed training batch carries no sequence boundaries (no position_ids or cu_seq_lens), so nested-loss "
+                    "cannot give each packed sequence its own rank; pack padding-free (TRL: packing_strategy='bfd' or "
+                    "padding_free=True), which passes position_ids"
+                )
+            start = self._seen + index * n
+            self._seen += n * world
+            count = n
+        else:
+            count = int(seq_ids[-1, -1]) + 1
+            before, total = global_offsets(count, device, index, world)
+            start = self._seen + before
+            self._seen += total
+        ranks = example_ranks(self.config.train_ranks, range(start, start + count), seed=self.seed, step=self._step, weights=self.config.rank_weights)
         self.last_example_ranks = ranks
-        self._install(self.example_diagonals(ranks), None)
+        d = self.example_diagonals(ranks)
+        if seq_ids is not None and count != n:  # packed rows: each token gets its sequence's diagonal
+            d = d[:, 0][seq_ids]
+        self._install(d, None)
 
     def set_rank(self, k: int) -> None:
         """Run as the rank-``k`` adapter (``ΔW_k = s(k)·B[:, :k]·A[:k, :]``), in place; ``k = 0`` disables it."""

@@ -47,7 +47,16 @@ class TrainSettings:
     ``max_rank`` defaults to ``max(train_ranks)``; ``max_steps`` (when set) overrides ``epochs``.
     ``batch_size`` is per process: the global batch is ``batch_size × grad_accum × processes``.
     ``rank_weights`` (``nested-loss`` only): one weight per train rank for the per-example rank
-    assignment (default uniform).
+    assignment (default uniform). ``dropout`` is LoRA's dropout on the adapter's input.
+
+    The run's extras, as in ``transformers``/TRL: ``gradient_checkpointing``; ``bf16`` (bfloat16
+    autocast over the float32 adapter: on a GPU that has bfloat16, and on CPUs, where torch's
+    autocast supports it; see :func:`check_environment`); ``warmup_ratio`` (a share of the steps,
+    instead of ``warmup_steps``); ``eval_steps`` and ``eval_ranks`` (with evaluation data: the
+    held-out loss at those ranks every ``eval_steps`` steps and at the end; default ranks: the
+    smallest, a middle and the largest train rank); ``report_to`` (``none``, ``tensorboard``,
+    ``wandb``); ``save_steps`` (a checkpoint every that many steps, to resume from);
+    ``load_in_4bit`` (QLoRA: the frozen base quantised to 4-bit NF4 by bitsandbytes).
     """
 
     method: str = "nested-loss"
@@ -72,6 +81,13 @@ class TrainSettings:
     dtype: str = "float32"
     gradient_checkpointing: bool = False
     logging_steps: int = 10
+    bf16: bool = False
+    warmup_ratio: float = 0.0
+    eval_steps: int | None = None
+    eval_ranks: tuple[int, ...] | None = None
+    report_to: str = "none"
+    save_steps: int | None = None
+    load_in_4bit: bool = False
     extra_training_args: dict[str, Any] = field(default_factory=dict)
     #: Learn every token (prompt, system and user turns too), not only the completion or the assistant turns.
     train_on_prompt: bool = False
@@ -120,6 +136,27 @@ class TrainSettings:
             raise ConfigError(f"max grad norm must be a non-negative number (0 turns clipping off), got {self.max_grad_norm!r}")
         if not is_int(self.warmup_steps) or self.warmup_steps < 0:
             raise ConfigError(f"warmup steps must be a non-negative integer, got {self.warmup_steps!r}")
+        if not is_finite_real(self.warmup_ratio) or not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"warmup ratio must be a number in [0, 1), got {self.warmup_ratio!r}", option="warmup_ratio")
+        if self.warmup_ratio and self.warmup_steps:
+            raise ConfigError("give warmup steps or a warmup ratio, not both", option="warmup_ratio")
+        for name in ("eval_steps", "save_steps"):
+            value = getattr(self, name)
+            if value is not None and (not is_int(value) or value < 1):
+                raise ConfigError(f"{name.replace('_', ' ')} must be a positive integer, got {value!r}", option=name)
+        if self.eval_ranks is not None:
+            bad = [k for k in self.eval_ranks if not is_int(k) or not 1 <= k <= cfg.max_rank]
+            if bad or not self.eval_ranks:
+                raise ConfigError(f"eval ranks must be ranks in [1, {cfg.max_rank}], got {list(self.eval_ranks)!r}", option="eval_ranks")
+        if self.report_to not in REPORTERS:
+            raise ConfigError(f"unknown report_to {self.report_to!r}: expected one of {', '.join(REPORTERS)}", option="report_to")
+        for name in ("bf16", "load_in_4bit", "gradient_checkpointing"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.bf16 and self.dtype == "float16":
+            raise ConfigError("bf16 mixed precision needs a float32 or bfloat16 base, not float16", option="dtype")
+        if self.load_in_4bit and self.dtype not in ("float32", "bfloat16", "auto"):
+            raise ConfigError(f"load_in_4bit quantises the base itself; its other weights stay float32 or bfloat16, not {self.dtype}", option="dtype")
         if self.lr_scheduler not in _COMMON_SCHEDULERS:  # import transformers (seconds) only for a rare name
             from transformers import SchedulerType
 
@@ -138,6 +175,12 @@ class TrainSettings:
             raise ConfigError(f"target modules {list(targets)!r} must be non-empty module names like q_proj,v_proj")
         return cfg
 
+
+#: Where ``report_to`` may send the training logs (as transformers' ``report_to``).
+REPORTERS = ("none", "tensorboard", "wandb")
+
+#: Settings that may differ between a run and its resumption (they do not change what is trained).
+RESUME_FREE = frozenset({"logging_steps", "save_steps", "report_to", "eval_steps", "eval_ranks", "gradient_checkpointing"})
 
 #: ``transformers.SchedulerType`` values that every supported transformers release has.
 _COMMON_SCHEDULERS = frozenset({"linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"})
@@ -162,6 +205,69 @@ def _warn_rank_above_width(nested: Any) -> None:
         )
 
 
+def check_environment(settings: TrainSettings) -> None:
+    """Check, before anything is loaded, that this machine has what the settings ask for.
+
+    - ``report_to``: its package (``tensorboard`` or ``tensorboardX``; ``wandb``);
+    - ``load_in_4bit``: ``bitsandbytes``, with a backend for one of this machine's devices
+      (bitsandbytes 0.46+ has a CPU backend; older ones need a CUDA GPU);
+    - ``bf16``: a GPU with bfloat16 (on CUDA, compute capability 8.0+), or no GPU: torch's CPU
+      autocast runs bfloat16 on every CPU, natively where it has AVX512-BF16 or AMX and emulated,
+      slower than float32, elsewhere (a warning says so).
+
+    Raises:
+        MissingDependencyError: a needed package is not installed.
+        ConfigError: the installed bitsandbytes has no backend here, or the GPU has no bfloat16.
+    """
+    import importlib.util
+
+    from ..errors import MissingDependencyError
+
+    if settings.report_to == "tensorboard" and not any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")):
+        raise MissingDependencyError("report_to 'tensorboard' needs the tensorboard package, which is not installed: pip install tensorboard",
+                                     package="tensorboard", option="report_to")
+    if settings.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
+        raise MissingDependencyError("report_to 'wandb' needs the wandb package, which is not installed: pip install wandb",
+                                     package="wandb", option="report_to")
+    if settings.load_in_4bit:
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise MissingDependencyError(
+                "load_in_4bit (QLoRA) needs bitsandbytes, which is not installed: pip install bitsandbytes "
+                "(0.46 or later also runs on CPUs)", package="bitsandbytes", option="load_in_4bit")
+        import bitsandbytes
+        from transformers.integrations.bitsandbytes import validate_bnb_backend_availability
+
+        if not validate_bnb_backend_availability(raise_exception=False):
+            devices = sorted(getattr(bitsandbytes, "supported_torch_devices", ()) or ())
+            raise ConfigError(
+                f"load_in_4bit: the installed bitsandbytes {getattr(bitsandbytes, '__version__', '?')} supports "
+                f"{', '.join(devices) or 'no device'}, none of which this machine has; install a bitsandbytes "
+                "with a backend for this device or train without 4-bit quantisation", option="load_in_4bit")
+    if settings.bf16:
+        _check_bf16()
+
+
+def _check_bf16() -> None:
+    """Raise :class:`ConfigError` where bfloat16 autocast cannot run; warn where it runs emulated."""
+    import torch
+
+    if torch.cuda.is_available():
+        if not torch.cuda.is_bf16_supported(including_emulation=False):
+            name = torch.cuda.get_device_name()
+            raise ConfigError(f"bf16: this GPU ({name}) has no bfloat16 arithmetic (it needs compute capability 8.0, Ampere, or newer); "
+                              "train in float32 instead", option="bf16")
+        return
+    if _has_accelerator():
+        from transformers.utils import is_torch_bf16_gpu_available
+
+        if not is_torch_bf16_gpu_available():
+            raise ConfigError("bf16: this machine's accelerator has no bfloat16 support; train in float32 instead", option="bf16")
+        return
+    native = bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
+    if not native:
+        logger.warning("bf16 on a CPU without AVX512-BF16 or AMX: torch emulates bfloat16 here, which is correct but slower than float32")
+
+
 @dataclass
 class TrainResult:
     """What a training run produced (on every process; only the main one wrote ``path``)."""
@@ -181,13 +287,27 @@ class TrainResult:
     losses: list[tuple[int, float]] = field(default_factory=list)
     #: What held the parameters (:func:`~mlora_export.training.distributed.engine_of`): single, ddp, fsdp1, fsdp2, deepspeed, deepspeed-zero3.
     engine: str = "single"
+    #: ``(step, rank, held-out loss)`` for every evaluation during training (with evaluation data).
+    eval_losses: list[tuple[int, int, float]] = field(default_factory=list)
+    #: The checkpoint folders in the run folder when training ended (``save_steps``), and the one the run resumed from.
+    checkpoints: list[str] = field(default_factory=list)
+    resumed_from: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["path"] = str(self.path)
         d["train_ranks"] = list(self.train_ranks)
         d["losses"] = [list(x) for x in self.losses]
+        d["eval_losses"] = [list(x) for x in self.eval_losses]
         return d
+
+
+def _name_the_cpu_for_deepspeed() -> None:
+    """Tell DeepSpeed (which transformers and accelerate import whenever it is installed) that a
+    machine without an accelerator trains on the CPU: found by itself, it logs "Setting accelerator
+    to CPU" on stdout, which a command's ``--json`` result owns. Its choice is the same either way."""
+    if "DS_ACCELERATOR" not in os.environ and not _has_accelerator():
+        os.environ["DS_ACCELERATOR"] = "cpu"
 
 
 def _has_accelerator() -> bool:
@@ -222,28 +342,32 @@ def heldout_loss(model: Any, features: Sequence[dict[str, list[int]]], pad_token
     return total / max(count, 1)
 
 
-def _training_arguments(settings: TrainSettings, scratch: Path) -> Any:
-    """The ``TrainingArguments`` of a run: the settings, no checkpoints or reports, our own progress."""
+def _training_arguments(settings: TrainSettings, folder: Path) -> Any:
+    """The ``TrainingArguments`` of a run: the settings, checkpoints and reports as asked (written
+    under ``folder``), our own progress."""
     import torch
     from transformers import TrainingArguments
 
     return TrainingArguments(
-        output_dir=str(scratch),
+        output_dir=str(folder),
         per_device_train_batch_size=settings.batch_size,
         gradient_accumulation_steps=settings.grad_accum,
         learning_rate=settings.lr,
         num_train_epochs=float(settings.epochs or 1.0),
         max_steps=settings.max_steps if settings.max_steps is not None else -1,
         lr_scheduler_type=settings.lr_scheduler,
-        warmup_steps=settings.warmup_steps,
+        # transformers 5 reads a warmup below 1 as a share of the steps (its former warmup_ratio)
+        warmup_steps=settings.warmup_ratio or settings.warmup_steps,
         weight_decay=settings.weight_decay,
         max_grad_norm=settings.max_grad_norm,
         seed=settings.seed,
         data_seed=settings.seed,
         logging_steps=settings.logging_steps,
-        save_strategy="no",
+        save_strategy="steps" if settings.save_steps else "no",
+        save_steps=settings.save_steps or 500,
         eval_strategy="no",
-        report_to=[],
+        bf16=settings.bf16,
+        report_to=[] if settings.report_to == "none" else [settings.report_to],
         disable_tqdm=True,
         remove_unused_columns=False,
         ddp_find_unused_parameters=False,
@@ -306,6 +430,9 @@ def train(
     progress: Progress | None = None,
     base_model_id: str | None = None,
     revision: str | None = None,
+    eval_data: "DataSource | str | os.PathLike[str] | None" = None,
+    resume: str | os.PathLike[str] | None = None,
+    run_dir: str | os.PathLike[str] | None = None,
 ) -> TrainResult:
     """Train a nested adapter on ``base_model`` with the data ``data_path``; write it to ``output``.
 
@@ -322,47 +449,78 @@ def train(
     ``base_model_id`` is what the adapter records as its base (PEFT's ``base_model_name_or_path``;
     default ``base_model`` as given), e.g. a Hub id when the local folder is a copy of one.
 
+    ``eval_data``: held-out data, read and tokenised as ``data_path`` is (a Hub dataset's split
+    ``test`` unless it names one), scored at ``settings.eval_ranks`` every ``settings.eval_steps``
+    steps and at the end. ``run_dir`` holds the checkpoints
+    (``settings.save_steps``) and TensorBoard logs (default: ``<output>-run``, or the folder of the
+    checkpoint resumed from); ``resume``, a ``checkpoint-N`` folder of a run with the same settings
+    and data, continues that run exactly where it stopped (adapter, optimiser, scheduler, random
+    states, data order and the rank assignment, which depends on the step only). Checkpoints are
+    written in one process and under DDP (:mod:`~mlora_export.training.checkpoint`), not under FSDP
+    or DeepSpeed.
+
     Raises:
-        ConfigError, RankError: invalid settings.
-        OutputExistsError: ``output`` exists and ``force`` is false.
+        ConfigError, RankError: invalid settings, or a checkpoint of another run.
+        MissingDependencyError: a package the settings need is not installed.
+        OutputExistsError: ``output`` exists, or ``run_dir`` holds checkpoints of another run, and
+            ``force`` is false.
         BaseModelError: the base folder is missing, pickle-only or unloadable.
         DataError: the data is missing or malformed (the message names the line), or conversations
             have no chat template.
         HubInputError, HubError: a Hub model or dataset that cannot be read.
     """
-    from ..data import as_source, read_records, tokenize_records
+    from ..data import as_source, read_records
+    from .checkpoint import checkpoints_in, read_checkpoint
 
     # every check that needs no torch first: a bad argument or file is reported in a blink
     settings = settings or TrainSettings()
     settings.validate()
+    if settings.eval_steps is not None and eval_data is None:
+        raise ConfigError("eval steps need evaluation data (eval_data) to score", option="eval_data")
     source = as_source(data_path)
-    locals_ = [p for p in (os.fspath(base_model), source.location) if Path(p).exists()]
+    eval_source = as_source(eval_data) if eval_data is not None else None
+    given = [os.fspath(base_model), source.location, *([eval_source.location] if eval_source else []), *([os.fspath(resume)] if resume else [])]
+    locals_ = [p for p in given if Path(p).exists()]
     check_output_path(output, force, inputs=locals_)  # --force may never replace an input
+    folder = _run_folder(output, settings, resume, run_dir, force, locals_)
+    _name_the_cpu_for_deepspeed()
+    check_environment(settings)
     records = read_records(source, default_split="train")
+    eval_records = read_records(eval_source, default_split="test") if eval_source is not None else None
     base = check_base_model_dir(resolve_base_model(base_model, revision=revision))  # its model_type check imports transformers
 
     tokenizer = load_tokenizer(base)
-    features = tokenize_records(records, tokenizer, settings.max_length, train_on_prompt=settings.train_on_prompt,
-                                chat_template=settings.chat_template)
+    features = _features(records, tokenizer, settings)
+    eval_features = _features(eval_records, tokenizer, settings) if eval_records is not None else None
+    record = _resume_record(settings, features, base)
+    if resume is not None:
+        read_checkpoint(resume, record, world_size=_launch_world_size())
     cfg = settings.nested_config(base_model=base_model_id or os.fspath(base_model))
     nested, targets = _nested_model(base, settings, cfg)
     trainable = sum(p.numel() for p in nested.model.parameters() if p.requires_grad)
 
     scratch = Path(tempfile.mkdtemp(prefix="mlora-train-"))
     try:
-        trainer = _make_trainer(nested, settings, scratch, features, tokenizer.pad_token_id, progress)
+        trainer, heldout = _make_trainer(nested, settings, folder or scratch, features, tokenizer.pad_token_id, progress, eval_features)
+        trainer.checkpoint_record = record
         world = trainer.args.world_size
+        if (settings.save_steps or resume is not None) and (trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled):
+            raise ConfigError("checkpoints (save_steps, resume) are written in one process or under DDP only, not under FSDP or "
+                              "DeepSpeed; use a Trainer of your own there (docs/distributed.md)", option="save_steps")
         if trainer.is_world_process_zero():
             _warn_few_steps(settings, len(features), world)
+            if folder is not None and resume is None and force:
+                for old in checkpoints_in(folder):  # force: the checkpoints of an earlier run go
+                    shutil.rmtree(old)
         t0 = time.perf_counter()
-        out = trainer.train()
+        out = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
         seconds = time.perf_counter() - t0
         losses = [(int(h["step"]), float(h["loss"])) for h in trainer.state.log_history if "loss" in h]
         main = trainer.is_world_process_zero()
         nested.model.eval()
         engine = engine_of(nested.model)
-        record = _training_record(settings, records, trainer.state.global_step, world, targets)
-        _save_on_main(nested, output, force=force, main=main, world=world, extra={"training": record})
+        training = _training_record(settings, records, trainer.state.global_step, world, targets)
+        _save_on_main(nested, output, force=force, main=main, world=world, extra={"training": training})
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return TrainResult(
@@ -380,13 +538,94 @@ def train(
         trainable_params=trainable,
         losses=losses,
         engine=engine,
+        eval_losses=list(heldout.results) if heldout is not None else [],
+        checkpoints=[str(c) for c in checkpoints_in(folder)] if folder is not None and settings.save_steps else [],
+        resumed_from=str(resume) if resume is not None else None,
     )
 
 
+def _features(records: Any, tokenizer: Any, settings: TrainSettings) -> list[dict[str, list[int]]]:
+    """Tokenised ``{"input_ids", "labels"}`` of ``records`` (conversations with the chat template)."""
+    from ..data import tokenize_records
+
+    return tokenize_records(records, tokenizer, settings.max_length, train_on_prompt=settings.train_on_prompt, chat_template=settings.chat_template)
+
+
+def _launch_world_size() -> int:
+    """The number of processes of the launch (``WORLD_SIZE`` of torchrun/accelerate), before any is set up."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1") or 1))
+    except ValueError:
+        return 1
+
+
+def _run_folder(output: str | os.PathLike[str], settings: TrainSettings, resume: str | os.PathLike[str] | None,
+                run_dir: str | os.PathLike[str] | None, force: bool, inputs: Sequence[Any]) -> Path | None:
+    """The folder for checkpoints and TensorBoard logs, or ``None`` when the run writes neither.
+
+    Raises:
+        ConfigError: ``resume`` is not a folder, or the run folder is the output or inside it.
+        OutputExistsError: the run folder holds checkpoints of another run and ``force`` is false.
+    """
+    from ..errors import OutputExistsError
+    from .checkpoint import checkpoints_in, read_checkpoint
+
+    if resume is not None:
+        read_checkpoint(resume, {})  # a complete checkpoint of ours (its settings and data are compared later)
+    if not (settings.save_steps or settings.report_to == "tensorboard"):
+        if run_dir is not None:
+            raise ConfigError("a run folder holds checkpoints (save_steps) and TensorBoard logs (report_to 'tensorboard'); "
+                              "this run writes neither", option="run_dir")
+        return None
+    folder = Path(run_dir) if run_dir is not None else Path(resume).parent if resume is not None else Path(f"{output}-run")
+    out = Path(output).absolute()
+    if folder.absolute() == out or out in folder.absolute().parents:
+        raise ConfigError(f"run folder {str(folder)!r} is the output or inside it; give another", option="run_dir")
+    real = folder.resolve()
+    resumed = Path(resume).resolve() if resume is not None else None
+    for given in (i for i in inputs if i is not None):
+        other = Path(given).resolve()
+        if other == resumed:
+            continue
+        if real == other or other in real.parents or real in other.parents:
+            raise ConfigError(f"run folder {str(folder)!r} overlaps the input {str(given)!r}; give another run folder", option="run_dir")
+    if folder.exists() and not folder.is_dir():
+        raise OutputExistsError(f"run folder {str(folder)!r} exists and is not a folder; choose another", path=folder, option="run_dir")
+    old = checkpoints_in(folder)
+    resuming_here = resume is not None and Path(resume).absolute().parent == folder.absolute()
+    if old and not resuming_here and not force:
+        raise OutputExistsError(
+            f"run folder {str(folder)!r} already holds checkpoints of another run ({old[-1].name}): resume from one, "
+            "choose another run folder", path=folder, option="force")
+    return folder
+
+
+def _resume_record(settings: TrainSettings, features: Sequence[dict[str, list[int]]], base: Path) -> dict[str, Any]:
+    """What a run's checkpoints record and a resumption must match: the settings that change what
+    is trained, a fingerprint of the tokenised data and of the base's config."""
+    import hashlib
+    import json
+
+    import numpy as np
+
+    values = {k: v for k, v in asdict(settings).items() if k not in RESUME_FREE}
+    digest = hashlib.sha256()
+    for f in features:
+        digest.update(np.asarray(f["input_ids"], dtype=np.int64).tobytes())
+        digest.update(np.asarray(f["labels"], dtype=np.int64).tobytes())
+        digest.update(b"|")
+    config = base / "config.json"
+    return {
+        "settings": json.loads(json.dumps(values, default=repr)),
+        "data": {"examples": len(features), "sha256": digest.hexdigest()},
+        "base_config_sha256": hashlib.sha256(config.read_bytes()).hexdigest() if config.is_file() else None,
+    }
+
+
 def _nested_model(base: Path, settings: TrainSettings, cfg: MatryoshkaConfig) -> tuple[Any, str | list[str]]:
-    """``(nested, targets)``: the base model loaded in the settings' dtype (no KV cache: training
-    never decodes) with a nested adapter of ``cfg`` on its target modules, gradient checkpointing on
-    when asked; warns about targets narrower than the rank.
+    """``(nested, targets)``: the base model loaded in the settings' dtype (4-bit NF4 with
+    ``load_in_4bit``; no KV cache: training never decodes) with a nested adapter of ``cfg`` on its
+    target modules, gradient checkpointing on when asked; warns about targets narrower than the rank.
 
     Raises:
         BaseModelError: transformers cannot load the base.
@@ -394,40 +633,78 @@ def _nested_model(base: Path, settings: TrainSettings, cfg: MatryoshkaConfig) ->
     """
     from .model import add_nested_adapter
 
-    model = load_base_model(base, settings.dtype)
+    model = _load_quantized(base, settings) if settings.load_in_4bit else load_base_model(base, settings.dtype)
     if getattr(model.config, "use_cache", None):
         model.config.use_cache = False
     targets = settings.target_modules if isinstance(settings.target_modules, str) else list(settings.target_modules)
     nested = add_nested_adapter(model, cfg, target_modules=targets, dropout=settings.dropout, seed=settings.seed)
     if settings.gradient_checkpointing:
-        nested.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        inner = nested.model.get_base_model()
+        if hasattr(inner, "activation_checkpointing_enable"):  # transformers 5.25 renamed gradient_checkpointing_enable
+            inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         nested.model.enable_input_require_grads()
     _warn_rank_above_width(nested)
     return nested, targets
 
 
-def _make_trainer(nested: Any, settings: TrainSettings, scratch: Path, features: Sequence[dict[str, list[int]]], pad_token_id: int,
-                  progress: Progress | None) -> Any:
-    """A stock ``transformers.Trainer`` on the nested model with :class:`~.callbacks.NestedRankCallback`;
-    no log lines on stdout (the CLI's ``--json`` owns it) and our own progress instead of Trainer's bar."""
-    from transformers import Trainer
+def _load_quantized(base: Path, settings: TrainSettings) -> Any:
+    """The base quantised to 4-bit NF4 (double quantisation) by bitsandbytes, computing in bfloat16
+    with ``bf16`` or a bfloat16 base and float32 otherwise, prepared for training by PEFT (QLoRA).
+
+    Raises:
+        BaseModelError: transformers cannot load or quantise the base.
+    """
+    import torch
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    from .model import quiet_peft
+
+    compute = torch.bfloat16 if settings.bf16 or settings.dtype == "bfloat16" else torch.float32
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute)
+    model = load_base_model(base, settings.dtype, quantization_config=quant)
+    with quiet_peft():
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def _make_trainer(nested: Any, settings: TrainSettings, folder: Path, features: Sequence[dict[str, list[int]]], pad_token_id: int,
+                  progress: Progress | None, eval_features: Sequence[dict[str, list[int]]] | None = None) -> tuple[Any, Any]:
+    """``(trainer, heldout callback or None)``: a ``transformers.Trainer`` (:mod:`.trainer`: checkpoints
+    without pickles, the loss from the supervised positions' logits only) on the nested model with
+    :class:`~.callbacks.NestedRankCallback`; no log lines on stdout (the CLI's ``--json`` owns it)
+    and our own progress instead of Trainer's bar."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from ..data import CompletionCollator
-    from .callbacks import NestedRankCallback, StepProgressCallback
+    from .callbacks import HeldoutRanksCallback, NestedRankCallback, StepProgressCallback
+    from .trainer import nested_trainer_class
 
-    trainer = Trainer(
+    trainer = nested_trainer_class()(
         model=nested.model,
-        args=_training_arguments(settings, scratch),
+        args=_training_arguments(settings, folder),
         train_dataset=features,
         data_collator=CompletionCollator(pad_token_id),
         callbacks=[NestedRankCallback(nested)],
     )
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
+    heldout = None
+    if eval_features is not None:
+        ranks = settings.eval_ranks or default_eval_ranks(nested.config.train_ranks)
+        heldout = HeldoutRanksCallback(nested, eval_features, pad_token_id, ranks, every=settings.eval_steps, batch_size=settings.batch_size)
+        heldout.log = trainer.log
+        trainer.add_callback(heldout)
     if progress is not None:
         trainer.add_callback(StepProgressCallback(progress))
-    return trainer
+    return trainer, heldout
+
+
+def default_eval_ranks(train_ranks: Sequence[int]) -> tuple[int, ...]:
+    """A few train ranks to score during training: the smallest, a middle one and the largest."""
+    ranks = sorted(train_ranks)
+    return tuple(sorted({ranks[0], ranks[len(ranks) // 2], ranks[-1]}))
 
 
 def _training_record(settings: TrainSettings, records: Any, steps: int, world: int, targets: str | list[str]) -> dict[str, Any]:
@@ -444,4 +721,4 @@ def _training_record(settings: TrainSettings, records: Any, steps: int, world: i
     }
 
 
-__all__ = ["TrainResult", "TrainSettings", "heldout_loss", "train"]
+__all__ = ["REPORTERS", "TrainResult", "TrainSettings", "check_environment", "default_eval_ranks", "heldout_loss", "train"]

@@ -42,6 +42,7 @@ from ...adapter import (
     NestedAdapter,
     write_json,
 )
+from ...adapter.config import EVALUATION_KEY, RecordedEvaluation, recorded_evaluations
 from ...adapter.ranks import check_scale_mode, resolve_ranks
 from ...errors import (
     ConfigError,
@@ -53,7 +54,7 @@ from ...errors import (
 from ...fs import atomic_output_dir, check_free_space, check_output_path
 from ...progress import Progress
 from ...provenance import created_by
-from ...validate import is_finite_real, is_int
+from ...validate import ascii_int, is_finite_real, is_int
 from ..slice import write_slices
 from .card import check_license, hub_base_model, render_card
 
@@ -241,11 +242,60 @@ def check_manifest(data: Any, source: str) -> dict[str, Any]:
             raise InvalidAdapterError(f"{source}: rank {r['rank']}'s metrics must map metric names to finite numbers; the bundle is broken")
         ranks.add(r["rank"])
         folders.add(folder)
+    _check_rank_numbers(data, source)
     latency = data.get("latency")
     if latency is not None and not (isinstance(latency, dict) and isinstance(latency.get("ms"), dict)
-                                    and all(str(k).isdigit() and is_finite_real(v) and v >= 0 for k, v in latency["ms"].items())):
-        raise InvalidAdapterError(f"{source}: 'latency' must hold 'ms', a map of rank to non-negative milliseconds; the bundle is broken")
+                                    and all(ascii_int(k) is not None and is_finite_real(v) and v >= 0 for k, v in latency["ms"].items())):
+        raise InvalidAdapterError(f"{source}: 'latency' must hold 'ms', a map of rank (ASCII digits) to non-negative milliseconds; the bundle is broken")
+    if latency is not None and latency.get("machine") is not None and not (
+            isinstance(latency["machine"], dict) and all(isinstance(k, str) for k in latency["machine"])):
+        raise InvalidAdapterError(f"{source}: 'latency.machine' must be an object describing the machine; the bundle is broken")
+    _check_evaluation_section(data.get("evaluation"), source)
     return data
+
+
+def _check_rank_numbers(data: Mapping[str, Any], source: str) -> None:
+    """A rank's ``bytes`` must be what the files the manifest lists in its folder add up to (so
+    the download, which checks every file's size, verifies it), and its ``params`` must be ``k``
+    times the same per-rank count for every rank (so checking one rank's tensors verifies all).
+
+    Raises:
+        InvalidAdapterError: naming the rank and the numbers that disagree.
+    """
+    per_rank: tuple[int, int] | None = None  # (params, rank) of the first rank, to compare the others with
+    for r in data["ranks"]:
+        prefix = r["path"].rstrip("/") + "/"
+        listed = sum(f["size"] for f in data["files"] if f["path"].startswith(prefix))
+        if r["bytes"] != listed:
+            raise InvalidAdapterError(f"{source}: rank {r['rank']} gives {r['bytes']:,} bytes but the files listed in {prefix} "
+                                      f"add up to {listed:,}; the bundle is broken")
+        if per_rank is not None and r["params"] * per_rank[1] != per_rank[0] * r["rank"]:
+            raise InvalidAdapterError(f"{source}: rank {r['rank']} gives {r['params']:,} parameters, not {r['rank']} × "
+                                      f"{per_rank[0] / per_rank[1]:g} as rank {per_rank[1]} does; the bundle is broken")
+        per_rank = per_rank or (r["params"], r["rank"])
+
+
+def _check_evaluation_section(evaluation: Any, source: str) -> None:
+    """The manifest's ``evaluation`` (optional): per metric, ``higher_is_better`` a boolean or null,
+    ``aurac`` an object of finite numbers or null.
+
+    Raises:
+        InvalidAdapterError: another type, naming the field.
+    """
+    if evaluation is None:
+        return
+    if not isinstance(evaluation, dict):
+        raise InvalidAdapterError(f"{source}: 'evaluation' must be an object of metrics; the bundle is broken")
+    for metric, entry in evaluation.items():
+        if not isinstance(entry, dict):
+            raise InvalidAdapterError(f"{source}: evaluation[{metric[:40]!r}] must be an object; the bundle is broken")
+        higher = entry.get("higher_is_better")
+        if higher is not None and not isinstance(higher, bool):
+            raise InvalidAdapterError(f"{source}: evaluation[{metric[:40]!r}].higher_is_better must be true or false, "
+                                      f"found {json.dumps(higher)[:40]}; the bundle is broken")
+        aurac = entry.get("aurac")
+        if aurac is not None and not (isinstance(aurac, dict) and all(is_finite_real(v) for v in aurac.values())):
+            raise InvalidAdapterError(f"{source}: evaluation[{metric[:40]!r}].aurac must map names to finite numbers; the bundle is broken")
 
 
 def check_file(path: Path, entry: Mapping[str, Any], *, label: str, error: type[IntegrityError] = IntegrityError, hint: str = "re-create the bundle") -> None:
@@ -262,31 +312,28 @@ def check_file(path: Path, entry: Mapping[str, Any], *, label: str, error: type[
         raise error(f"{label}: sha256 {digest[:12]}… does not match manifest.json ({entry['sha256'][:12]}…); {hint}")
 
 
-def _metrics_by_rank(evaluation: Any) -> dict[int, dict[str, float]]:
-    """``{rank: {metric: score}}`` from the ``evaluation`` section of a nested config (if any)."""
+def _metrics_by_rank(recorded: Mapping[str, RecordedEvaluation]) -> dict[int, dict[str, float]]:
+    """``{rank: {metric: score}}`` from the typed recorded evaluations of a nested config."""
     out: dict[int, dict[str, float]] = {}
-    if not isinstance(evaluation, dict):
-        return out
-    for metric, entry in evaluation.items():
-        if not isinstance(entry, dict):
-            continue
-        for point in entry.get("ranks") or []:
-            if isinstance(point, dict) and isinstance(point.get("rank"), int) and isinstance(point.get("score"), (int, float)):
-                out.setdefault(point["rank"], {})[str(metric)] = float(point["score"])
+    for metric, rec in recorded.items():
+        for k, score in rec.scores.items():
+            out.setdefault(k, {})[metric] = score
     return out
 
 
-def choose_default_rank(ranks: Sequence[int], evaluation: Any) -> tuple[int, str]:
+def higher_is_better(rec: RecordedEvaluation) -> bool:
+    """Whether higher scores are better for ``rec``: as recorded, else every metric but ``loss``."""
+    return rec.higher_is_better if rec.higher_is_better is not None else rec.metric != "loss"
+
+
+def choose_default_rank(ranks: Sequence[int], recorded: Mapping[str, RecordedEvaluation]) -> tuple[int, str]:
     """``(rank, why)``: the rank a bundle serves from its root. The best by the first recorded
     evaluation that scores one of ``ranks`` (ties: the smaller rank), else the largest of ``ranks``."""
-    if isinstance(evaluation, dict):
-        for metric, entry in evaluation.items():
-            if not isinstance(entry, dict):
-                continue
-            scores = {k: v[metric] for k, v in _metrics_by_rank({metric: entry}).items() if k in ranks and metric in v}
-            if scores:
-                sign = 1.0 if entry.get("higher_is_better", True) is not False else -1.0
-                return min(scores, key=lambda k: (-sign * scores[k], k)), f"best recorded {metric}"
+    for metric, rec in recorded.items():
+        scores = {k: v for k, v in rec.scores.items() if k in ranks}
+        if scores:
+            sign = 1.0 if higher_is_better(rec) else -1.0
+            return min(scores, key=lambda k: (-sign * scores[k], k)), f"best recorded {metric}"
     return max(ranks), "largest rank"
 
 
@@ -350,9 +397,16 @@ def _finish_rank(
     }
 
 
+def _aurac(value: Any) -> dict[str, float] | None:
+    """A recorded AURAC (``{"v1": …, "v2": …}``) when it is an object of finite numbers, else ``None``."""
+    if isinstance(value, dict) and all(isinstance(k, str) and is_finite_real(v) for k, v in value.items()):
+        return {k: float(v) for k, v in value.items()}
+    return None
+
+
 def _manifest(
     nested: NestedAdapter, hub_base: str | None, scale_mode: str, rank_entries: list[dict[str, Any]], default: tuple[int, str],
-    evaluation: Any, nested_bytes: int, onnx_entries: list[str], latency: dict[str, Any] | None,
+    evaluation: Mapping[str, RecordedEvaluation], nested_bytes: int, onnx_entries: list[str], latency: dict[str, Any] | None,
 ) -> dict[str, Any]:
     """``manifest.json`` without its ``files`` list (added once every file is written)."""
     root_rank, chosen_by = default
@@ -374,10 +428,12 @@ def _manifest(
         "ranks": rank_entries,
         "default_rank": {"rank": root_rank, "path": ".", "source": rank_dir(root_rank), "chosen_by": chosen_by},
     }
-    if isinstance(evaluation, dict):
+    if evaluation:
+        raw = nested.config.extra.get(EVALUATION_KEY) or {}
         manifest["evaluation"] = {
-            m: {"metric": e.get("metric", m), "higher_is_better": e.get("higher_is_better"), "aurac": e.get("aurac"), "data": e.get("data")}
-            for m, e in evaluation.items() if isinstance(e, dict)
+            m: {"metric": m, "higher_is_better": rec.higher_is_better, "aurac": _aurac(raw[m].get("aurac")),
+                "data": raw[m]["data"] if isinstance(raw[m].get("data"), str) else None}
+            for m, rec in evaluation.items()
         }
     if onnx_entries:
         manifest["onnx"] = onnx_entries
@@ -470,7 +526,7 @@ def _write_bundle(
     hub_base = hub_base_model(base)
     onnx_src = Path(onnx_dir) if onnx_dir is not None else None
     _check_bundle_room(output, nested, ks, onnx_src, gguf_dir)
-    evaluation = json.loads((nested.path / CONFIG_NAME).read_text(encoding="utf-8")).get("evaluation")
+    evaluation = recorded_evaluations(nested.config.extra.get(EVALUATION_KEY), str(nested.path / CONFIG_NAME))
     if default_rank is not None and default_rank not in ks:
         raise RankError(f"default rank {default_rank!r} is not one of the bundle's ranks {list(ks)}")
     root_rank, chosen_by = (default_rank, "option") if default_rank is not None else choose_default_rank(ks, evaluation)

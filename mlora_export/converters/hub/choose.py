@@ -5,7 +5,10 @@ a demand on quality (``min_score``, or ``within`` points of the best recorded sc
 the *smallest* rank that meets it; with no demand on quality the *largest* rank that fits is
 taken. The choice comes with the reason, in words, so that a user sees why a rank was picked.
 
-Scores are those the bundle's manifest records from ``mlora-export eval --record``. For
+Sizes are those the manifest lists (a rank's ``bytes`` is what its listed files add up to, each
+file's size checked on download; its ``params`` is checked against the downloaded tensors).
+Scores are those the bundle's manifest records from ``mlora-export eval --record``, checked
+against the evaluation recorded in the bundle's own ``matryoshka_config.json``. For
 ``accuracy`` and ``exact-match`` (stored as fractions), ``min_score`` and ``within`` are in
 percent (``within=2``: at most 2 percentage points below the best); for ``loss`` (lower is
 better) they are in loss units (``within=0.05``: at most 0.05 above the lowest).
@@ -17,8 +20,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ...errors import ConfigError, RankError
-from ...validate import is_finite_real, is_int
+from ...adapter.config import RecordedEvaluation
+from ...errors import ConfigError, InvalidAdapterError, RankError
+from ...validate import ascii_int, is_finite_real, is_int
 from .bundle import BundleRank
 
 #: Metrics whose recorded scores are fractions, shown and compared in percent.
@@ -74,7 +78,8 @@ def _pick_metric(evaluation: Mapping[str, Any], wanted: str | None) -> tuple[str
     if wanted is not None and wanted not in recorded:
         raise ConfigError(f"the bundle records no {wanted!r} evaluation; it has {', '.join(recorded)}", option="metric")
     metric = wanted or recorded[0]
-    return metric, evaluation[metric].get("higher_is_better", metric != "loss") is not False
+    higher = evaluation[metric].get("higher_is_better")
+    return metric, higher if isinstance(higher, bool) else metric != "loss"
 
 
 def _unit(metric: str) -> tuple[float, str]:
@@ -86,13 +91,42 @@ def _fmt(metric: str, score: float) -> str:
     return f"{score * 100:.1f}%" if metric in PERCENT_METRICS else f"{score:.4g}"
 
 
-def choose_rank_by_budget(ranks: Sequence[BundleRank], budget: RankBudget, manifest: Mapping[str, Any]) -> RankChoice:
+def check_recorded_scores(ranks: Sequence[BundleRank], metric: str, higher: bool, recorded: Mapping[str, RecordedEvaluation], source: str) -> None:
+    """The manifest's ``metric`` scores must be the ones the adapter's own recorded evaluation holds
+    for the bundle's ranks (and its direction the same): a manifest whose scores were edited, or
+    that copies another evaluation, would choose a rank by numbers nothing measured.
+
+    Raises:
+        InvalidAdapterError: a rank whose score differs from (or is missing in) the recorded
+            evaluation, or another ``higher_is_better``; naming ``source``.
+    """
+    rec = recorded.get(metric)
+    if rec is None:
+        raise InvalidAdapterError(f"{source}: the manifest scores {metric} but the bundle's adapter records no {metric} evaluation; the bundle is broken")
+    if (rec.higher_is_better if rec.higher_is_better is not None else metric != "loss") != higher:
+        raise InvalidAdapterError(f"{source}: the manifest and the adapter's recorded {metric} evaluation disagree on whether higher is better; the bundle is broken")
+    for r in ranks:
+        listed, measured = r.metrics.get(metric), rec.scores.get(r.rank)
+        if listed != measured:
+            raise InvalidAdapterError(
+                f"{source}: rank {r.rank} is listed with {metric} {listed!r} but the adapter's recorded evaluation has "
+                f"{measured!r} at that rank; the evaluation does not match the bundle's ranks, the bundle is broken")
+
+
+def choose_rank_by_budget(
+    ranks: Sequence[BundleRank], budget: RankBudget, manifest: Mapping[str, Any],
+    recorded: Mapping[str, RecordedEvaluation] | None = None, source: str = "manifest.json",
+) -> RankChoice:
     """The bundle rank that ``budget`` selects (see the module docstring), with the reason.
+
+    ``recorded`` (the evaluations of the bundle's ``matryoshka_config.json``): when given, the
+    scores a choice by score relies on are checked against it (:func:`check_recorded_scores`).
 
     Raises:
         ConfigError: an invalid budget, a latency limit for a bundle that records no latency, or
             a score demand for a bundle that records no evaluation (or not the metric named).
         RankError: no rank fits the limits, or none that fits meets the score.
+        InvalidAdapterError: the manifest's scores disagree with the recorded evaluation.
     """
     budget.check()
     if budget.empty:
@@ -102,7 +136,7 @@ def choose_rank_by_budget(ranks: Sequence[BundleRank], budget: RankBudget, manif
     if budget.max_latency_ms is not None:
         if latency is None or not isinstance(latency.get("ms"), Mapping):
             raise ConfigError("the bundle records no per-rank latency; rebuild it with an ONNX export and latency measurement", option="max_latency_ms")
-        ms = {int(k): float(v) for k, v in latency["ms"].items() if str(k).isdigit() and is_finite_real(v)}
+        ms = {k: float(v) for key, v in latency["ms"].items() if (k := ascii_int(key)) is not None and is_finite_real(v)}
 
     fits: list[BundleRank] = []
     limits: list[str] = []
@@ -119,8 +153,9 @@ def choose_rank_by_budget(ranks: Sequence[BundleRank], budget: RankBudget, manif
     if budget.max_params is not None:
         limits.append(f"{budget.max_params:,} parameters")
     if budget.max_latency_ms is not None:
-        machine = (latency or {}).get("machine") or {}
-        limits.append(f"{budget.max_latency_ms:g} ms per forward (as measured on {machine.get('cpu', 'the bundling machine')})")
+        machine = (latency or {}).get("machine")
+        cpu = machine.get("cpu") if isinstance(machine, Mapping) else None
+        limits.append(f"{budget.max_latency_ms:g} ms per forward (as measured on {cpu if isinstance(cpu, str) and cpu else 'the bundling machine'})")
     if not fits:
         smallest = min(ranks, key=lambda r: r.rank) if ranks else None
         detail = ""
@@ -138,6 +173,8 @@ def choose_rank_by_budget(ranks: Sequence[BundleRank], budget: RankBudget, manif
 
     evaluation = manifest.get("evaluation") if isinstance(manifest.get("evaluation"), Mapping) else {}
     metric, higher = _pick_metric(evaluation, budget.metric)
+    if recorded is not None:
+        check_recorded_scores(ranks, metric, higher, recorded, source)
     scores = {r.rank: r.metrics[metric] for r in ranks if metric in r.metrics and is_finite_real(r.metrics[metric])}
     if not scores:
         raise ConfigError(f"the bundle's ranks record no {metric} score; rebuild it from an adapter with a recorded evaluation", option="metric")

@@ -20,11 +20,13 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ...adapter import CONFIG_NAME, NestedAdapter, write_json
+from ...adapter.config import EVALUATION_KEY, RecordedEvaluation, recorded_evaluations
 from ...errors import (
     ConfigError,
     HubError,
@@ -33,6 +35,7 @@ from ...errors import (
     RemoteIntegrityError,
 )
 from ...fs import atomic_output_dir, check_output_path, read_json
+from ...urls import redact_url
 from ...validate import is_int
 from .bundle import MANIFEST_NAME, BundleRank, check_file, check_manifest
 from .choose import RankBudget, RankChoice, choose_rank_by_budget
@@ -64,17 +67,19 @@ class PullResult:
                 "params": self.params, "bytes": self.bytes, "files": self.files, "reason": self.reason}
 
 
-def choose_rank(ranks: list[BundleRank], rank: int | str, budget: RankBudget, manifest: dict[str, Any], repo_id: str) -> RankChoice:
+def choose_rank(ranks: list[BundleRank], rank: int | str, budget: RankBudget, manifest: dict[str, Any], repo_id: str,
+                recorded: Mapping[str, RecordedEvaluation] | None = None) -> RankChoice:
     """The bundle rank to pull: ``rank`` itself, or with ``"auto"`` the one ``budget`` selects
-    (:func:`~.choose.choose_rank_by_budget`), with the reason.
+    (:func:`~.choose.choose_rank_by_budget`, its scores checked against ``recorded``), with the reason.
 
     Raises:
         RankError: the rank is not in the bundle, or no rank meets the budget.
         ConfigError: the budget asks for something the bundle does not record (latency, scores).
+        InvalidAdapterError: the manifest's scores disagree with the recorded evaluation.
     """
     if rank == "auto":
         try:
-            return choose_rank_by_budget(ranks, budget, manifest)
+            return choose_rank_by_budget(ranks, budget, manifest, recorded, f"{repo_id}/{MANIFEST_NAME}")
         except RankError as e:
             raise RankError(f"{repo_id!r}: {e}", rank=e.rank, option=e.option) from None
     for r in ranks:
@@ -122,27 +127,32 @@ def pull_rank(
     with hub_errors("pull", repo_id, url_endpoint, revision):
         commit = api.repo_info(repo_id, revision=revision).sha
     if not commit:
-        raise HubError(f"pull: the Hub at {url_endpoint} did not say which commit {revision!r} of {repo_id!r} is")
+        raise HubError(f"pull: the Hub at {redact_url(url_endpoint)} did not say which commit {revision!r} of {repo_id!r} is")
     with atomic_output_dir(output, force) as tmp:
         dl = _Downloads(repo_id, revision, commit, url_endpoint, token, tmp / DOWNLOAD_DIR, str(output))
         dl.folder.mkdir()
         manifest_path, manifest = _fetch_manifest(dl)
         source = f"{repo_id}/{MANIFEST_NAME}"
+        hint = f"the copy on the Hub is corrupt or was changed after the bundle was written; nothing was written to {str(output)!r}"
+        # The bundle's config first (every pull takes it): a choice by score is checked against its recorded evaluation.
+        config_entry = _config_entry(manifest, source)
+        check_file(dl.fetch(config_entry["path"]), config_entry, label=f"{repo_id}/{CONFIG_NAME}", error=RemoteIntegrityError, hint=hint)
+        recorded = _recorded_evaluations(dl)
+        # bytes: what the listed files add up to (check_manifest); params: checked against the tensors below
         ranks = [BundleRank(r["rank"], r["path"].rstrip("/"), r["params"], r["bytes"], dict(r.get("metrics") or {})) for r in manifest["ranks"]]
-        choice = choose_rank(ranks, rank, budget, manifest, repo_id)
+        choice = choose_rank(ranks, rank, budget, manifest, repo_id, recorded)
         chosen = choice.rank
         logger.info("%s", choice.reason)
-        entries, config_entry = _rank_entries(manifest, chosen, source)
+        entries = _rank_entries(manifest, chosen, source)
         logger.info("pulling rank %d of %s@%s (%d bytes)", chosen.rank, repo_id, commit[:10], chosen.bytes)
-        hint = f"the copy on the Hub is corrupt or was changed after the bundle was written; nothing was written to {str(output)!r}"
         # Only manifest-listed files are fetched, one by one, and each is verified before use.
-        for entry in [*entries, config_entry]:
+        for entry in entries:
             check_file(dl.fetch(entry["path"]), entry, label=f"{repo_id}/{entry['path']}", error=RemoteIntegrityError, hint=hint)
         _check_pulled_adapter(dl, chosen)
         files = _move_into_place(dl, entries, chosen.path + "/", tmp, source)
         _keep_provenance(dl, manifest_path, tmp, chosen.rank)
         shutil.rmtree(dl.folder)
-    logger.info("pulled rank %d of %s into %s", chosen.rank, repo_id, output)
+    logger.info("pulled rank %d of %s into %s", chosen.rank, repo_id, output)  # chosen.params and .bytes are verified now
     return PullResult(repo_id, chosen.rank, Path(output), commit, chosen.params, chosen.bytes, sorted(files), choice.reason)
 
 
@@ -222,28 +232,52 @@ def _fetch_manifest(dl: _Downloads) -> tuple[Path, dict[str, Any]]:
     return manifest_path, check_manifest(raw_manifest, source)
 
 
-def _rank_entries(manifest: dict[str, Any], chosen: BundleRank, source: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """``(entries, config_entry)``: the manifest's files of the chosen rank's folder and its
-    ``matryoshka_config.json``, the only files a pull fetches.
+def _config_entry(manifest: dict[str, Any], source: str) -> dict[str, Any]:
+    """The manifest's entry of the bundle's ``matryoshka_config.json`` (every pull fetches it).
 
     Raises:
-        InvalidAdapterError: no files for the rank, no config, or a file that is hidden or would
-            take the place of the pulled folder's own ``bundle/`` or ``.download/``.
+        InvalidAdapterError: the manifest does not list it.
+    """
+    config_entry = next((f for f in manifest["files"] if f["path"] == CONFIG_NAME), None)
+    if config_entry is None:
+        raise InvalidAdapterError(f"{source}: does not list {CONFIG_NAME}; the bundle is broken")
+    return config_entry
+
+
+def _recorded_evaluations(dl: _Downloads) -> dict[str, RecordedEvaluation]:
+    """The evaluations recorded in the downloaded (and verified) bundle ``matryoshka_config.json``, typed.
+
+    Raises:
+        InvalidAdapterError: the file is not strict JSON, not an object, or its evaluation is ill-typed.
+    """
+    path, source = dl.folder / CONFIG_NAME, f"{dl.repo_id}/{CONFIG_NAME}"
+    try:
+        config = read_json(path, InvalidAdapterError, what="bundle config")
+    except InvalidAdapterError as e:
+        raise InvalidAdapterError(str(e).replace(str(path), source)) from e
+    if not isinstance(config, dict):
+        raise InvalidAdapterError(f"{source}: expected a JSON object; the bundle is broken")
+    return recorded_evaluations(config.get(EVALUATION_KEY), source)
+
+
+def _rank_entries(manifest: dict[str, Any], chosen: BundleRank, source: str) -> list[dict[str, Any]]:
+    """The manifest's files of the chosen rank's folder: with the bundle's config, the only files a pull fetches.
+
+    Raises:
+        InvalidAdapterError: no files for the rank, or a file that is hidden or would take the
+            place of the pulled folder's own ``bundle/`` or ``.download/``.
     """
     prefix = chosen.path + "/"
     entries = [f for f in manifest["files"] if f["path"].startswith(prefix)]
     if not entries:
         raise InvalidAdapterError(f"{source}: lists no files for rank {chosen.rank} ({prefix}); the bundle is broken")
-    config_entry = next((f for f in manifest["files"] if f["path"] == CONFIG_NAME), None)
-    if config_entry is None:
-        raise InvalidAdapterError(f"{source}: does not list {CONFIG_NAME}; the bundle is broken")
     for entry in entries:
         rel = entry["path"][len(prefix):]
         if any(part.startswith(".") for part in entry["path"].split("/")):  # the client keeps its own metadata in .cache/
             raise InvalidAdapterError(f"{source}: file {entry['path']!r} is a hidden path, which a bundle never holds; the bundle is broken")
         if rel.split("/")[0] in (PROVENANCE_DIR, DOWNLOAD_DIR):
             raise InvalidAdapterError(f"{source}: file {entry['path']!r} would take the place of the pulled folder's own {rel.split('/')[0]}/; the bundle is broken")
-    return entries, config_entry
+    return entries
 
 
 def _check_pulled_adapter(dl: _Downloads, chosen: BundleRank) -> None:
@@ -264,6 +298,12 @@ def _check_pulled_adapter(dl: _Downloads, chosen: BundleRank) -> None:
         raise InvalidAdapterError(
             f"{dl.repo_id}/{chosen.path}: the manifest gives it as rank {chosen.rank} but it holds an adapter of rank "
             f"{pulled.max_rank}; the bundle is broken, nothing was written to {dl.output!r}"
+        )
+    params = pulled.params_at(chosen.rank)  # from the tensors' shapes
+    if params != chosen.params:
+        raise InvalidAdapterError(
+            f"{dl.repo_id}/{chosen.path}: the manifest gives rank {chosen.rank} {chosen.params:,} parameters but its tensors hold "
+            f"{params:,}; the bundle is broken, nothing was written to {dl.output!r}"
         )
 
 
@@ -291,7 +331,7 @@ def _keep_provenance(dl: _Downloads, manifest_path: Path, tmp: Path, rank: int) 
     prov.mkdir()
     os.replace(manifest_path, prov / MANIFEST_NAME)
     os.replace(dl.folder / CONFIG_NAME, prov / CONFIG_NAME)
-    write_json(prov / "source.json", {"repo_id": dl.repo_id, "revision": dl.revision, "commit": dl.commit, "endpoint": dl.endpoint, "rank": rank})
+    write_json(prov / "source.json", {"repo_id": dl.repo_id, "revision": dl.revision, "commit": dl.commit, "endpoint": redact_url(dl.endpoint), "rank": rank})
 
 
 def _inside_real(path: Path, folder: Path) -> bool:

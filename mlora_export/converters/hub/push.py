@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from ...adapter import CONFIG_NAME, PEFT_CONFIG_NAME, WEIGHTS_NAME
 from ...errors import ConfigError
 from ...progress import Progress
+from ...urls import redact_url
 from .bundle import README_NAME, Bundle, is_bundle, sha256_file, write_bundle
 from .card import PLACEHOLDER_REPO
 from .remote import check_repo_id, hub_errors, make_api, resolve_endpoint
@@ -222,7 +223,7 @@ def push_bundle(
                 stale_b = [p for p in have if p not in branch_files and p not in KEEP_ON_BRANCH]
                 updates.append(_sync(api, repo_id, branch, branch_files, have, stale_b, f"Rank {r.rank} adapter at the root ({message})"))
     logger.info("pushed %s: %s", repo_id, "no change" if not main.changed else f"commit {main.commit}")
-    return PushResult(repo_id=repo_id, url=url, main=main, branches=updates)
+    return PushResult(repo_id=repo_id, url=redact_url(url), main=main, branches=updates)
 
 
 def dry_run_listing(bundle: Bundle, branches: bool = False) -> list[dict[str, Any]]:

@@ -3,7 +3,9 @@
 The token comes from ``--token``, else ``HF_TOKEN``, else the ``hf auth login`` cache (the
 client's own lookup); it is passed to the client and never logged or put in a message. The
 endpoint comes from ``--endpoint``, else ``HF_ENDPOINT`` (read at call time, so it works even when
-set after ``huggingface_hub`` was imported), else the client's default.
+set after ``huggingface_hub`` was imported), else the client's default. Credentials in an endpoint
+URL (``https://user:secret@host``) are passed to the client but never shown or recorded: every
+message and record names the endpoint through :func:`redact_url`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from ...errors import ConfigError, HubError
+from ...urls import redact_url
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
@@ -34,7 +37,7 @@ def resolve_endpoint(endpoint: str | None) -> str:
     source = "endpoint" if endpoint else "HF_ENDPOINT" if os.environ.get("HF_ENDPOINT") else "the default endpoint"
     value = (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).strip()
     if not re.fullmatch(r"https?://[^/\s?#]+(/[^\s?#]*)?", value):
-        raise ConfigError(f"{source} {value!r} is not an http(s) URL; give the Hub's address, e.g. https://huggingface.co",
+        raise ConfigError(f"{source} {redact_url(value)!r} is not an http(s) URL; give the Hub's address, e.g. https://huggingface.co",
                           option="endpoint" if endpoint else None)
     return value.rstrip("/")
 
@@ -93,8 +96,24 @@ def _server_message(exc: Any) -> str:
 def hub_errors(action: str, repo_id: str, endpoint: str, revision: str | None = None) -> Iterator[None]:
     """Turn huggingface_hub and network errors raised inside the block into :class:`HubError` (exit 1).
 
-    ``action`` names what was being done ("push", "pull"...) for the message.
+    ``action`` names what was being done ("push", "pull"...) for the message; ``endpoint`` is shown
+    without its credentials (:func:`redact_url`), as is any URL the client's error quotes.
     """
+    try:
+        yield
+    except HubError:
+        raise
+    except Exception as e:  # noqa: BLE001 - mapped, and its text redacted, by _hub_error
+        mapped = _hub_error(e, action, repo_id, redact_url(endpoint), revision)
+        if mapped is None:
+            raise
+        mapped.message = redact_url(mapped.message)
+        mapped.args = (mapped.message,)
+        raise mapped from e
+
+
+def _hub_error(e: Exception, action: str, repo_id: str, endpoint: str, revision: str | None) -> HubError | None:
+    """The :class:`HubError` for a huggingface_hub or network error ``e`` (``None``: not one of those)."""
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
@@ -106,44 +125,39 @@ def hub_errors(action: str, repo_id: str, endpoint: str, revision: str | None = 
     )
 
     login_hint = "log in with `hf auth login` or set HF_TOKEN"
-    try:
-        yield
-    except HubError:
-        raise
-    except RevisionNotFoundError as e:
-        raise HubError(f"{action}: revision {revision!r} not found in {repo_id!r} on {endpoint}; check the revision (a branch, tag or commit)", option="revision") from e
-    except GatedRepoError as e:
-        raise HubError(f"{action}: {repo_id!r} on {endpoint} is gated; request access on its page, then {login_hint}", option="token") from e
-    except RepositoryNotFoundError as e:
-        raise HubError(
+    if isinstance(e, RevisionNotFoundError):
+        return HubError(f"{action}: revision {revision!r} not found in {repo_id!r} on {endpoint}; check the revision (a branch, tag or commit)", option="revision")
+    if isinstance(e, GatedRepoError):
+        return HubError(f"{action}: {repo_id!r} on {endpoint} is gated; request access on its page, then {login_hint}", option="token")
+    if isinstance(e, RepositoryNotFoundError):
+        return HubError(
             f"{action}: repository {repo_id!r} not found on {endpoint}, or it is private and "
             f"{'your token cannot read it' if _has_auth(e) else 'no token was sent'}; check the repo id, or {login_hint}",
             option="token",
-        ) from e
-    except RemoteEntryNotFoundError as e:
-        raise HubError(f"{action}: a file is missing in {repo_id!r} on {endpoint} ({_server_message(e) or 'entry not found'}); the bundle there is incomplete") from e
-    except HfHubHTTPError as e:
+        )
+    if isinstance(e, RemoteEntryNotFoundError):
+        return HubError(f"{action}: a file is missing in {repo_id!r} on {endpoint} ({_server_message(e) or 'entry not found'}); the bundle there is incomplete")
+    if isinstance(e, HfHubHTTPError):
         status = e.response.status_code if getattr(e, "response", None) is not None else None
         server = _server_message(e)
         if status == 401 and not _has_auth(e):
-            raise HubError(f"{action}: the Hub at {endpoint} needs a token for this (401{': ' + server if server else ''}); {login_hint}", option="token") from e
+            return HubError(f"{action}: the Hub at {endpoint} needs a token for this (401{': ' + server if server else ''}); {login_hint}", option="token")
         if status == 401:
-            raise HubError(f"{action}: the Hub at {endpoint} rejected the token (401{': ' + server if server else ''}); it is invalid or expired: {login_hint}", option="token") from e
+            return HubError(f"{action}: the Hub at {endpoint} rejected the token (401{': ' + server if server else ''}); it is invalid or expired: {login_hint}", option="token")
         if status == 403:
-            raise HubError(
+            return HubError(
                 f"{action}: permission denied for {repo_id!r} on {endpoint} (403{': ' + server if server else ''}); "
                 "use a token with write access to that namespace"
-            ) from e
-        raise HubError(f"{action}: the Hub at {endpoint} answered HTTP {status} for {repo_id!r}{': ' + server if server else ''}") from e
-    except (OfflineModeIsEnabled, LocalEntryNotFoundError) as e:
-        raise HubError(f"{action}: cannot reach the Hub at {endpoint} ({_one_line(e, 160)}); check the network, HF_HUB_OFFLINE and the endpoint", option="endpoint") from e
-    except _transport_errors() as e:
-        raise HubError(f"{action}: cannot reach the Hub at {endpoint} ({type(e).__name__}: {_one_line(e, 160)}); check the network and the endpoint", option="endpoint") from e
-    except RuntimeError as e:
-        # huggingface_hub wraps LFS upload failures: RuntimeError("Error while uploading 'x' to the Hub.") from cause
-        if "uploading" in str(e) and e.__cause__ is not None:
-            raise HubError(f"{action}: {_one_line(e)} ({type(e.__cause__).__name__}: {_one_line(e.__cause__, 200)})") from e
-        raise
+            )
+        return HubError(f"{action}: the Hub at {endpoint} answered HTTP {status} for {repo_id!r}{': ' + server if server else ''}")
+    if isinstance(e, (OfflineModeIsEnabled, LocalEntryNotFoundError)):
+        return HubError(f"{action}: cannot reach the Hub at {endpoint} ({_one_line(e, 160)}); check the network, HF_HUB_OFFLINE and the endpoint", option="endpoint")
+    if isinstance(e, _transport_errors()):
+        return HubError(f"{action}: cannot reach the Hub at {endpoint} ({type(e).__name__}: {_one_line(e, 160)}); check the network and the endpoint", option="endpoint")
+    # huggingface_hub wraps LFS upload failures: RuntimeError("Error while uploading 'x' to the Hub.") from cause
+    if isinstance(e, RuntimeError) and "uploading" in str(e) and e.__cause__ is not None:
+        return HubError(f"{action}: {_one_line(e)} ({type(e.__cause__).__name__}: {_one_line(e.__cause__, 200)})")
+    return None
 
 
 def _has_auth(exc: Any) -> bool:

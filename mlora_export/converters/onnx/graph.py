@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from ...adapter import NestedAdapter
 from ...base import TASK_CAUSAL_LM, TASK_SEQ_CLS, base_task, load_base_model
-from ...errors import ExportError
+from ...errors import ExportError, NonFiniteOutputError
 from .kinds import ExportKind
 
 if TYPE_CHECKING:
@@ -156,7 +156,24 @@ def _factors(adapter: NestedAdapter, k: int | None = None, *, baked: bool) -> It
             # clone: safetensors slices may view the memory map, which closes with the reader
             a = rd.lora_A(name, k).to(torch.float32).clone()
             b = rd.lora_B(name, k).to(torch.float32)
-            yield name, a.contiguous(), (b * s if baked else b.clone()).contiguous()
+            b = (b * s if baked else b.clone()).contiguous()
+            check_finite_tensor(a, adapter.modules[name].key_a)
+            check_finite_tensor(b, adapter.modules[name].key_b, f" times s({k}) = {s:g}" if baked else "")
+            yield name, a.contiguous(), b
+
+
+def check_finite_tensor(t: "torch.Tensor", name: str, how: str = "") -> None:
+    """Refuse a float32 tensor about to be written into an export that holds an infinity or a NaN.
+
+    Raises:
+        NonFiniteOutputError: naming the tensor.
+    """
+    import torch
+
+    if t.numel() and not bool(torch.isfinite(t).all()):
+        raise NonFiniteOutputError(
+            f"ONNX export: tensor {name!r}{how} would hold infinite or NaN values in float32: the adapter's scale or "
+            "weights are too large; nothing was written", tensor=name)
 
 
 def build_export_model(
@@ -183,6 +200,7 @@ def build_export_model(
             for name in adapter.modules:
                 w = model.get_submodule(name).weight
                 w.add_(rd.delta_weight(name, int(rank)))  # float32 base + float32 delta
+                check_finite_tensor(w, f"{name}.weight", f" + the rank-{rank} delta (s = {adapter.scale(int(rank)):g})")
     elif kind is ExportKind.ADAPTERS:
         for name in adapter.modules:
             _replace_module(model, name, wrappers["input"](model.get_submodule(name), name, state))
