@@ -41,13 +41,13 @@ def build(work: Path) -> tuple[Path, Path]:
 
 def prepare(work: Path) -> None:
     """Build the models and the three exports (each export verified by its tool)."""
-    from mlora_export.converters.onnx import export_onnx
+    from mlora_export.converters.onnx import OnnxExportOptions, export_genai
 
     base, nested = build(work)
     t0 = time.perf_counter()
-    export_onnx(nested, base, work / "genai", genai=True)
+    export_genai(nested, base, work / "genai")
     t1 = time.perf_counter()
-    export_onnx(nested, base, work / "genai-adapters", genai=True, adapters_per_rank=True)
+    export_genai(nested, base, work / "genai-adapters", OnnxExportOptions(adapters_per_rank=True))
     t2 = time.perf_counter()
     subprocess.run(
         [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(base), "-o", str(work / "builder"), "-p", "fp32", "-e", "cpu"],

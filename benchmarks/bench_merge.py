@@ -59,8 +59,8 @@ def build_base(path: Path, layers: int, dtype_name: str) -> None:
     import torch
     import transformers as tf
 
-    from mlora_export.safetensors_io import dtype_name as st_name
-    from mlora_export.safetensors_io import write_safetensors
+    from mlora_export.io.safetensors import dtype_name as st_name
+    from mlora_export.io.safetensors import write_safetensors
 
     if (path / "model.safetensors.index.json").exists():
         return

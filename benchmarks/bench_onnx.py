@@ -41,7 +41,7 @@ def main() -> None:
 
     import numpy as np
 
-    from mlora_export.converters.onnx import export_onnx
+    from mlora_export.converters.onnx import OnnxExportOptions, export_onnx
     from mlora_export.converters.onnx.verify import make_session
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-onnx-"))
@@ -51,7 +51,7 @@ def main() -> None:
     exports = {}
     for label, kw in [("dynamic", {}), ("fixed r8", {"rank": 8}), ("fixed r64", {"rank": 64}), ("merged r64", {"rank": 64, "merged": True})]:
         t = time.perf_counter()
-        res = export_onnx(nested, base, work / label.replace(" ", "-"), force=True, **kw)
+        res = export_onnx(nested, base, work / label.replace(" ", "-"), OnnxExportOptions(**kw), force=True)
         worst = max(c.max_abs_diff for c in res.checks)
         print(f"exported {label:11s} ({res.exporter}) in {time.perf_counter() - t:5.1f} s, verified: worst max abs diff {worst:.2e}", file=sys.stderr)
         exports[label] = res.model_path
@@ -70,7 +70,7 @@ def main() -> None:
     ]
     times: dict[str, list[float]] = {c[0]: [] for c in cases}
     for _ in range(3):  # warm-up
-        for label, s, extra in cases:
+        for _label, s, extra in cases:
             sessions[s].run(["logits"], {**feeds, **extra})
     for _ in range(args.rounds):
         for label, s, extra in cases:

@@ -53,7 +53,7 @@ def make_adapter(path: Path) -> None:
     import torch
 
     from mlora_export.adapter import build_peft_config, write_json
-    from mlora_export.safetensors_io import save_tensors
+    from mlora_export.io.safetensors import save_tensors
 
     gen = torch.Generator().manual_seed(0)
     tensors = {}

@@ -85,7 +85,7 @@ def main() -> None:
         def __init__(self) -> None:
             self.stamps: list[float] = []
 
-        def on_step_end(self, a, state, control, **kw):  # noqa: ANN001, ANN003
+        def on_step_end(self, a, state, control, **kw):
             self.stamps.append(time.perf_counter())
 
     def trainer_block() -> list[float]:

@@ -104,7 +104,7 @@ def job_trl_step(a: argparse.Namespace) -> dict:
     stamps: list[tuple[float, float]] = []
 
     class Clock(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):  # noqa: ANN001, ANN003
+        def on_step_end(self, args, state, control, **kw):
             stamps.append((time.perf_counter(), time.process_time()))
 
     with tempfile.TemporaryDirectory() as tmp:

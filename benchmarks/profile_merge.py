@@ -52,7 +52,7 @@ def main() -> None:
     from mlora_export.base import scan_base
     from mlora_export.converters import merge as merge_mod
     from mlora_export.converters import merge_kernels as mk
-    from mlora_export.direct_io import ALIGN, DirectAppender
+    from mlora_export.io.direct_io import ALIGN, DirectAppender
     from mlora_export.threads import blas_threads
 
     times: dict[str, float] = {}
@@ -73,7 +73,7 @@ def main() -> None:
     located = base.locate()
     mapping, _, _ = merge_mod.resolve_weight_keys(nested.modules, located)
     targets = {key: name for name, key in mapping.items()}
-    buffers = merge_mod._Buffers()
+    buffers = merge_mod.BufferPool()
     scratch = mk.Scratch()
     if "torch" in variants:
         import torch
@@ -93,10 +93,10 @@ def main() -> None:
                 try:
                     for name, info in shard.header.tensors.items():
                         t0 = time.perf_counter()
-                        region = merge_mod._Region(fd, info.nbytes, shard.header.data_start + info.begin)
+                        region = merge_mod.MappedRegion(fd, info.nbytes, shard.header.data_start + info.begin)
                         region.close()
                         t0 = tick("read: map with MAP_POPULATE (after), all tensors", t0)
-                        raw = merge_mod._pread(fd, info.nbytes, shard.header.data_start + info.begin, buffers)
+                        raw = merge_mod.pread(fd, info.nbytes, shard.header.data_start + info.begin, buffers)
                         t0 = tick("read: pread into a reused buffer (before), all tensors", t0)
                         if name in targets:
                             n_target += 1

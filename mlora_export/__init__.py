@@ -11,24 +11,26 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and IDEs
     from .adapter import MatryoshkaConfig, NestedAdapter, save_nested  # noqa: F401
-    from .converters.hub import publish, pull_rank, push_bundle, write_bundle  # noqa: F401
+    from .converters.gguf import GgufOptions, export_gguf  # noqa: F401
+    from .converters.hub import BundleOptions, PushOptions, RankBudget, publish, pull_rank, push_bundle, write_bundle  # noqa: F401
     from .converters.merge import merge_adapter  # noqa: F401
-    from .converters.onnx import export_onnx  # noqa: F401
+    from .converters.onnx import OnnxExportOptions, export_genai, export_onnx  # noqa: F401
     from .converters.renest import renest_adapter  # noqa: F401
     from .converters.slice import slice_adapter  # noqa: F401
     from .errors import MloraError  # noqa: F401
-    from .evaluation import evaluate  # noqa: F401
+    from .evaluation import EvalOptions, evaluate  # noqa: F401
     from .method import aurac, matryoshka_diagonal, scale, training_diagonal  # noqa: F401
     from .training import (  # noqa: F401
         NestedLoraModel,
         NestedRankCallback,
+        RunOptions,
         TrainSettings,
         add_nested_adapter,
         load_nested_adapter,
         train,
     )
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 _EXPORTS: dict[str, str] = {
     "NestedAdapter": "mlora_export.adapter",
@@ -45,15 +47,23 @@ _EXPORTS: dict[str, str] = {
     "NestedRankCallback": "mlora_export.training",
     "NestedLoraModel": "mlora_export.training",
     "TrainSettings": "mlora_export.training",
+    "RunOptions": "mlora_export.training",
     "train": "mlora_export.training",
     "merge_adapter": "mlora_export.converters.merge",
     "export_onnx": "mlora_export.converters.onnx",
+    "export_genai": "mlora_export.converters.onnx",
+    "OnnxExportOptions": "mlora_export.converters.onnx",
     "export_gguf": "mlora_export.converters.gguf",
+    "GgufOptions": "mlora_export.converters.gguf",
     "write_bundle": "mlora_export.converters.hub",
     "push_bundle": "mlora_export.converters.hub",
     "publish": "mlora_export.converters.hub",
     "pull_rank": "mlora_export.converters.hub",
+    "BundleOptions": "mlora_export.converters.hub",
+    "PushOptions": "mlora_export.converters.hub",
+    "RankBudget": "mlora_export.converters.hub",
     "evaluate": "mlora_export.evaluation",
+    "EvalOptions": "mlora_export.evaluation",
     "MloraError": "mlora_export.errors",
 }
 

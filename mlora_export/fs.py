@@ -25,20 +25,22 @@ import contextvars
 import ctypes
 import ctypes.util
 import errno
-import json
 import logging
-import math
 import os
 import re
 import secrets
 import shutil
-import stat
 import sys
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from .errors import InsufficientDiskError, OutputExistsError, OutputPathError
+# moved to mlora_export.io, and kept here under their old names for one release
+from .io.files import check_regular_file as check_regular_file
+from .io.jsonio import MAX_JSON_BYTES as MAX_JSON_BYTES
+from .io.jsonio import parse_json as parse_json
+from .io.jsonio import read_json as read_json
 from .units import human_bytes
 
 logger = logging.getLogger(__name__)
@@ -443,86 +445,3 @@ def _remove(path: Path) -> None:
         path.unlink()
     else:
         shutil.rmtree(path, ignore_errors=True)
-
-
-#: The largest JSON file (a config, an index, a manifest) read whole: far above any real one.
-MAX_JSON_BYTES = 64 * 2**20
-
-
-def check_regular_file(path: PathLike, error: type[Exception], what: str = "file") -> os.stat_result:
-    """``os.stat`` of ``path`` after checking that it is a regular file (a folder, a pipe or a
-    device would fail later, or block a read forever); symbolic links are followed.
-
-    Raises:
-        error: ``path`` is missing, unreadable, or not a regular file.
-    """
-    p = Path(path)
-    try:
-        st = p.stat()
-    except OSError as e:
-        raise error(f"{p}: cannot read the {what} ({e.strerror or e})") from e
-    if not stat.S_ISREG(st.st_mode):
-        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file (a pipe, socket or device)"
-        raise error(f"{p}: the {what} is {kind}; expected a regular file")
-    return st
-
-
-def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    out: dict[str, object] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _JsonFault(f"the key {key[:80]!r} appears twice")
-        out[key] = value
-    return out
-
-
-class _JsonFault(ValueError):
-    pass
-
-
-def _no_constant(name: str) -> object:
-    raise _JsonFault(f"{name} is not a JSON number")
-
-
-def _finite_float(text: str) -> float:
-    """A JSON number as a float; one beyond float's range (``1e400``, which ``json`` reads as infinity) is refused."""
-    value = float(text)
-    if not math.isfinite(value):
-        raise _JsonFault(f"the number {text[:40]} is beyond the range of a float")
-    return value
-
-
-def parse_json(text: str | bytes, source: str, error: type[Exception]) -> object:
-    """Parse JSON text strictly: a key twice, ``NaN``/``Infinity``, a number beyond a float's range
-    (``1e400``), an integer too long to convert and nesting too deep to parse are all errors of
-    class ``error`` naming ``source``."""
-    try:
-        if isinstance(text, bytes):
-            text = text.decode("utf-8")
-        return json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant, parse_float=_finite_float)
-    except json.JSONDecodeError as e:
-        raise error(f"{source}: not valid JSON ({e.msg} at line {e.lineno}); fix or re-create the file") from None
-    except UnicodeDecodeError:
-        raise error(f"{source}: not UTF-8 text; fix or re-create the file") from None
-    except RecursionError:
-        raise error(f"{source}: JSON nested too deeply to read; fix or re-create the file") from None
-    except ValueError as e:  # _JsonFault, or an integer of thousands of digits
-        raise error(f"{source}: invalid JSON ({str(e)[:120]}); fix or re-create the file") from None
-
-
-def read_json(path: PathLike, error: type[Exception], what: str = "JSON file", max_bytes: int = MAX_JSON_BYTES) -> object:
-    """Read a JSON file from untrusted input: a regular file of at most ``max_bytes``, parsed by
-    :func:`parse_json`.
-
-    Raises:
-        error: naming ``path`` and the fault.
-    """
-    st = check_regular_file(path, error, what)
-    if st.st_size > max_bytes:
-        raise error(f"{path}: the {what} has {st.st_size} bytes, more than the {max_bytes} a JSON file of this kind may have")
-    try:
-        with open(path, "rb") as f:
-            data = f.read(max_bytes + 1)
-    except OSError as e:
-        raise error(f"{path}: cannot read the {what} ({e.strerror or e})") from e
-    return parse_json(data, str(path), error)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from ._version import __version__
+
 
 def created_by() -> str:
     """The ``created_by`` value of our JSON files and cards: ``mlora-export <version>``."""
-    from . import __version__
-
     return f"mlora-export {__version__}"

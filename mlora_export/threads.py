@@ -1,5 +1,6 @@
-"""Thread counts: scoped torch thread settings (set for a block of work, restored after, no
-lasting global change) and the size of the library's worker pools."""
+"""Threads: scoped torch and BLAS thread settings (set for a block of work, restored after, no
+lasting global change), the size of the library's worker pools, and the one module-parallel
+helper (:func:`map_modules`) that the converters share."""
 
 from __future__ import annotations
 
@@ -7,8 +8,16 @@ import contextlib
 import ctypes
 import functools
 import os
+import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
+from typing import TypeVar
+
+from .progress import Progress
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def worker_threads(limit: int = 4) -> int:
@@ -94,3 +103,60 @@ def blas_threads(n: int) -> Iterator[None]:
 
 
 __all__ = ["blas_threads", "torch_threads", "worker_threads"]
+
+
+def map_modules(work: Callable[[int, T], R], items: Sequence[T], workers: int, progress: Progress | None = None, *,
+                weight: Callable[[T], int] | None = None) -> list[R]:
+    """``[work(i, items[i]) for i …]``, computed by ``workers`` threads that take the items in turn,
+    in order (the modules of an adapter, in file order); returns the results in item order.
+
+    ``progress(done, total)`` is told the ``weight`` of each finished item (bytes, say; by default
+    one per item), from the thread that finished it, one call at a time. When ``work`` raises, or
+    the caller is interrupted (Ctrl-C), no thread starts another item; the threads finish the
+    items in hand, and the error of the *first* failed item in order is raised: items are handed
+    out in order, so every item before it was done, and the error is the one a single thread
+    would have met first.
+
+    Raises:
+        Exception: the error ``work`` raised for the first failed item.
+    """
+    if not items:
+        return []
+    results: list[R | None] = [None] * len(items)
+    failures: list[tuple[int, BaseException]] = []
+    todo: "queue.SimpleQueue[int]" = queue.SimpleQueue()
+    for i in range(len(items)):
+        todo.put(i)
+    stop, lock = threading.Event(), threading.Lock()
+    total = sum(weight(item) for item in items) if weight is not None else len(items)
+    done = 0
+
+    def take() -> None:
+        nonlocal done
+        while not stop.is_set():
+            try:
+                i = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                results[i] = work(i, items[i])
+            except BaseException as e:  # noqa: BLE001 - handed to the caller below, in item order
+                with lock:
+                    failures.append((i, e))
+                stop.set()
+                return
+            with lock:
+                done += weight(items[i]) if weight is not None else 1
+                if progress is not None:
+                    progress(done, total)
+
+    threads = max(1, min(workers, len(items)))
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        futures = [pool.submit(take) for _ in range(threads)]
+        try:
+            wait(futures)
+        finally:
+            stop.set()  # on Ctrl-C the threads stop at their next item
+    if failures:
+        raise min(failures, key=lambda failure: failure[0])[1]
+    return results  # type: ignore[return-value]

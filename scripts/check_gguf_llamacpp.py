@@ -211,7 +211,7 @@ def check_arch(arch: str, work: Path, llama_cpp: Path, ranks: tuple[int, ...], t
     import numpy as np
     from peft import PeftModel
 
-    from mlora_export.converters.gguf import export_gguf
+    from mlora_export.converters.gguf import GgufOptions, export_gguf
     from mlora_export.converters.slice import slice_adapter
 
     bins = llama_cpp / "build" / "bin"
@@ -226,7 +226,7 @@ def check_arch(arch: str, work: Path, llama_cpp: Path, ranks: tuple[int, ...], t
     subprocess.run([sys.executable, "-c", CONVERT_BASE, str(llama_cpp), str(d / f"base-{arch}"), "--outtype", "f32", "--outfile", str(base_gguf)],
                    check=True, env=env, capture_output=True)
     build_nested(model, arch, d / "nested", std=0.4 if arch == "gpt2" else 0.15)  # GPT-2's layer norms damp the adapter more
-    export_gguf(d / "nested", ranks, d / "gguf", base_model=d / f"base-{arch}", out_type="f32")
+    export_gguf(d / "nested", ranks, d / "gguf", GgufOptions(out_type="f32"), base_model=d / f"base-{arch}")
     slice_adapter(d / "nested", ranks, d / "slices")
 
     from transformers import AutoTokenizer

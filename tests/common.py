@@ -156,7 +156,7 @@ def poison_weights(path: Path, values: dict[str, float]) -> None:
     safetensors file ``path``, keeping the file's tensor order."""
     from safetensors.torch import load_file
 
-    from mlora_export.safetensors_io import dtype_name, read_header, write_safetensors
+    from mlora_export.io.safetensors import dtype_name, read_header, write_safetensors
 
     order = list(read_header(path).tensors)
     tensors = {k: t.clone() for k, t in load_file(str(path)).items()}  # not views of the file being rewritten

@@ -41,13 +41,13 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 LFS_THRESHOLD = 10 * 1024 * 1024
 DEFAULT_GITATTRIBUTES = (
-    "*.bin filter=lfs diff=lfs merge=lfs -text\n"
-    "*.onnx filter=lfs diff=lfs merge=lfs -text\n"
-    "*.onnx_data filter=lfs diff=lfs merge=lfs -text\n"
-    "*.pt filter=lfs diff=lfs merge=lfs -text\n"
-    "*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
-    "*.gguf filter=lfs diff=lfs merge=lfs -text\n"
-).encode()
+    b"*.bin filter=lfs diff=lfs merge=lfs -text\n"
+    b"*.onnx filter=lfs diff=lfs merge=lfs -text\n"
+    b"*.onnx_data filter=lfs diff=lfs merge=lfs -text\n"
+    b"*.pt filter=lfs diff=lfs merge=lfs -text\n"
+    b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
+    b"*.gguf filter=lfs diff=lfs merge=lfs -text\n"
+)
 REPO_TYPES = {"models": "model", "datasets": "dataset", "spaces": "space"}
 VALID_RELATIONS = ("adapter", "merge", "quantized", "finetune")
 
@@ -373,7 +373,7 @@ class _Handler(BaseHTTPRequestHandler):
             if e.code:
                 headers["X-Error-Code"] = e.code
             self._json(e.status, e.body if e.body is not None else {"error": e.message}, headers)
-        except Exception as e:  # a server bug: answer 400 (not 5xx, which the client would retry)
+        except Exception as e:  # noqa: BLE001 - a server bug: answer 400 (not 5xx, which the client would retry)
             self._json(400, {"error": f"local hub bug: {type(e).__name__}: {e}"}, {"X-Error-Message": f"local hub bug: {e}"})
             entry["bug"] = repr(e)
         entry["status"] = self._status

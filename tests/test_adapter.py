@@ -253,7 +253,7 @@ def test_find_non_finite_every_dtype_and_chunk_edge(tmp_path: Path, dtype: torch
     finite tensors whose sum overflows (the fast path's blind spot) are not flagged."""
     import mmap
 
-    from mlora_export.safetensors_io import find_non_finite, read_header
+    from mlora_export.io.safetensors import find_non_finite, read_header
 
     big = torch.finfo(dtype).max
     tensors = {

@@ -21,20 +21,27 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return write_sort_task(tmp_path_factory.mktemp("ddp"))
 
 
-@pytest.mark.parametrize("method", ["dylora", "nested-loss"])
-def test_two_process_ddp_equals_one_process(setup: dict[str, Path], method: str) -> None:
-    root = setup["root"] / method
+#: the recipe options at once: per-rank loss and loss-aware sampling need the step's per-rank
+#: token counts and losses summed over the processes, the curriculum the run's steps, LoRA+ its groups
+RECIPE = ["--per-rank-loss", "--loss-aware-ranks", "0.5", "--rank-curriculum", "0.5", "--lora-plus-ratio", "4", "--a-init", "paper"]
+
+
+@pytest.mark.parametrize("case", ["dylora", "nested-loss", "nested-loss-recipe"])
+def test_two_process_ddp_equals_one_process(setup: dict[str, Path], case: str) -> None:
+    method = case.removesuffix("-recipe")
+    extra = RECIPE if case.endswith("-recipe") else []
+    root = setup["root"] / case
     root.mkdir()
     env = launch_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mlora_export",
-           *sort_train_args(setup, root / "ddp", batch=4, method=method)]
+           *sort_train_args(setup, root / "ddp", batch=4, method=method), *extra]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
     info = json.loads(proc.stdout[proc.stdout.index("{"):])  # printed once, by the main process
     assert proc.stdout.count('"world_size"') == 1 and info["world_size"] == 2 and info["steps"] == 6
     assert not [p.name for p in root.iterdir() if p.name.startswith(".ddp.")]  # no temp folder left behind
 
-    single = subprocess.run([sys.executable, "-m", "mlora_export", *sort_train_args(setup, root / "one", batch=8, method=method)],
+    single = subprocess.run([sys.executable, "-m", "mlora_export", *sort_train_args(setup, root / "one", batch=8, method=method), *extra],
                             env=env, capture_output=True, text=True, timeout=240)
     assert single.returncode == 0, single.stderr[-4000:]
     assert json.loads(single.stdout)["world_size"] == 1

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mlora_export import direct_io
-from mlora_export.direct_io import STAGE_BYTES, DirectAppender
-from mlora_export.safetensors_io import read_header, write_safetensors
+from mlora_export.io import direct_io
+from mlora_export.io.direct_io import STAGE_BYTES, DirectAppender
+from mlora_export.io.safetensors import read_header, write_safetensors
 
 
 def _chunks(seed: int, sizes: list[int]) -> list[bytes]:

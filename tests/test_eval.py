@@ -17,6 +17,7 @@ from mlora_export.cli.main import main
 from mlora_export.converters.slice import slice_adapter
 from mlora_export.errors import RankError
 from mlora_export.evaluation import (
+    EvalOptions,
     evaluate,
     greedy_completions,
     load_eval_data,
@@ -109,7 +110,7 @@ def _peft_slice_scores(s: dict[str, Path], data_path: Path, metric: str) -> dict
 # -- eval == PEFT slices one by one ------------------------------------------------------------
 @pytest.mark.parametrize(("data_key", "metric"), [("pc", "accuracy"), ("text", "loss"), ("em", "exact-match")])
 def test_eval_matches_peft_slices(setup: dict[str, Path], data_key: str, metric: str) -> None:
-    res = evaluate([setup["nested"]], setup["base"], setup[data_key], RANKS, metric=metric, batch_size=4, device="cpu")
+    res = evaluate([setup["nested"]], setup["base"], setup[data_key], RANKS, EvalOptions(metric=metric, batch_size=4, device="cpu"))
     (curve,) = res.curves
     assert [p.rank for p in curve.points] == list(RANKS)
     ref = _peft_slice_scores(setup, setup[data_key], metric)
@@ -148,12 +149,12 @@ def test_collection_and_several_adapters_share_one_base(setup: dict[str, Path], 
 
     monkeypatch.setattr(ev, "load_base_model", counting_load)
     monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(counting_from_pretrained))
-    both = evaluate([setup["nested2"], setup["nested"], setup["slices"]], setup["base"], setup["text"], "all", device="cpu")
+    both = evaluate([setup["nested2"], setup["nested"], setup["slices"]], setup["base"], setup["text"], "all", EvalOptions(device="cpu"))
     assert sum(len(c.points) for c in both.curves) == 3 + 4 + 4
     assert loads[0] == "load_base_model" and loads.count("load_base_model") == 1
     assert len([x for x in loads if x.endswith(".from_pretrained")]) == 1, loads
     monkeypatch.undo()
-    alone = evaluate([setup["nested"]], setup["base"], setup["text"], "all", device="cpu")
+    alone = evaluate([setup["nested"]], setup["base"], setup["text"], "all", EvalOptions(device="cpu"))
     nested2, nested, slices = both.curves
     assert nested2.method == "matryoshka" and [p.rank for p in nested2.points] == [1, 2, 4]
     assert slices.kind == "collection" and [p.rank for p in slices.points] == list(RANKS)
@@ -279,7 +280,7 @@ def test_eval_reference_loss_by_hand(setup: dict[str, Path]) -> None:
     """The loss metric is the token-weighted mean NLL of completion tokens + EOS, computed here independently."""
     tok = load_tokenizer(setup["base"])
     model = load_base_model(setup["base"], dtype="float32", device="cpu")
-    res = evaluate([setup["nested2"]], setup["base"], setup["pc"], (1,), with_base=True, device="cpu")
+    res = evaluate([setup["nested2"]], setup["base"], setup["pc"], (1,), EvalOptions(with_base=True, device="cpu"))
     nll, n = 0.0, 0
     for line in setup["pc"].read_text().splitlines():
         rec = json.loads(line)

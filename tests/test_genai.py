@@ -20,7 +20,7 @@ import torch
 from click.testing import CliRunner
 
 from mlora_export.cli.main import main
-from mlora_export.converters.onnx import export_onnx
+from mlora_export.converters.onnx import OnnxExportOptions, export_genai
 from tests.common import random_nested
 
 og = pytest.importorskip("onnxruntime_genai")
@@ -97,7 +97,7 @@ def exports(workdir: Path, models) -> Callable[[str, str], Path]:
     def get(arch: str, kind: str) -> Path:
         if (arch, kind) not in cache:
             out = workdir / f"{arch}-{kind}"
-            res = export_onnx(models[arch]["nested"], models[arch]["base"], out, genai=True, adapters_per_rank=(kind == "genai-adapters"))
+            res = export_genai(models[arch]["nested"], models[arch]["base"], out, OnnxExportOptions(adapters_per_rank=(kind == "genai-adapters")))
             assert res.kind == kind and res.checks and all(c.ok for c in res.checks)
             assert [c.rank for c in res.checks] == [0, *TRAIN_RANKS]
             cache[(arch, kind)] = out

@@ -6,7 +6,7 @@ pytest's cache folder (``.pytest_cache/d/llama-cpp-python-0.3.36``; or set ``MLO
 to a llama.cpp checkout). It is run in one subprocess with its own ``gguf-py``, on the baked (and
 native) PEFT slices that ``mlora-export slice`` writes, and its files are compared with ours
 through ``gguf.GGUFReader``: the metadata (every key, type and value), the tensor names and
-order, types, shapes and bytes. Our files are also checked numerically against DESIGN.md §1.
+order, types, shapes and bytes. Our files are also checked numerically against docs/design.md §1.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from click.testing import CliRunner
 
 from mlora_export.adapter import MatryoshkaConfig, NestedAdapter, save_nested
 from mlora_export.cli.main import main
-from mlora_export.converters.gguf import base_from_config, export_gguf, resolve_base
+from mlora_export.converters.gguf import GgufOptions, base_from_config, export_gguf, resolve_base
 from mlora_export.converters.slice import slice_adapter
 from mlora_export.errors import (
     BaseModelError,
@@ -168,7 +168,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
                 # the slice folders are named r{k}, so the converter's general.name is "R{k}"
                 slice_adapter(nested, RANKS, case / f"slices-{mode}", scale_mode=mode)
                 for t in out_types:
-                    export_gguf(nested, RANKS, case / f"ours-{mode}-{t}", base_model=base, out_type=t, scale_mode=mode, name="R{rank}")
+                    export_gguf(nested, RANKS, case / f"ours-{mode}-{t}", GgufOptions(out_type=t, scale_mode=mode, name="R{rank}"), base_model=base)
                     (case / f"ref-{mode}-{t}").mkdir()
                     for k in RANKS:
                         out["jobs"].append(["--base", str(base), "--outtype", t, "--outfile", str(case / f"ref-{mode}-{t}" / f"r{k}.gguf"),
@@ -227,7 +227,7 @@ def _undo_rope_permute(b: np.ndarray, n_head: int) -> np.ndarray:
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("k", RANKS)
 def test_file_applies_delta_k(built: dict[str, Any], arch: str, k: int) -> None:
-    """llama.cpp applies ``(alpha / k) · lora_b · lora_a``: that is ``s(k)·B[:, :k]·A[:k]`` (DESIGN.md §1),
+    """llama.cpp applies ``(alpha / k) · lora_b · lora_a``: that is ``s(k)·B[:, :k]·A[:k]`` (docs/design.md §1),
     with the Llama q/k rows in llama.cpp's rotary order."""
     c = built[f"{arch}-float32"]
     nested: NestedAdapter = c["nested"]
@@ -251,10 +251,10 @@ def test_arch_without_config(built: dict[str, Any], tmp_path: Path) -> None:
     """``arch`` alone (a base that is not local) gives the same file for Qwen2 and GPT-2; Llama needs the head counts."""
     for arch in ("qwen2", "gpt2"):
         c = built[f"{arch}-float32"]
-        export_gguf(c["nested"], [2], tmp_path / arch, arch=arch, out_type="f32", name="R{rank}")
+        export_gguf(c["nested"], [2], tmp_path / arch, GgufOptions(arch=arch, out_type="f32", name="R{rank}"))
         assert (tmp_path / arch / "r2.gguf").read_bytes() == (c["case"] / "ours-baked-f32" / "r2.gguf").read_bytes()
     with pytest.raises(BaseModelError, match="num_attention_heads"):
-        export_gguf(built["llama-float32"]["nested"], [2], tmp_path / "llama", arch="llama")
+        export_gguf(built["llama-float32"]["nested"], [2], tmp_path / "llama", GgufOptions(arch="llama"))
     with pytest.raises(BaseModelError, match="not a local folder"):
         export_gguf(built["llama-float32"]["nested"], [2], tmp_path / "llama")
     assert not (tmp_path / "llama").exists()
@@ -320,11 +320,11 @@ def test_bad_inputs(built: dict[str, Any], tmp_path: Path) -> None:
     with pytest.raises(RankError):
         export_gguf(c["nested"], [], tmp_path / "o", base_model=c["base"])
     with pytest.raises(ConfigError, match="out type"):
-        export_gguf(c["nested"], [2], tmp_path / "o", base_model=c["base"], out_type="q4_k")
+        export_gguf(c["nested"], [2], tmp_path / "o", GgufOptions(out_type="q4_k"), base_model=c["base"])
     with pytest.raises(ConfigError, match="only {adapter} and {rank}"):
-        export_gguf(c["nested"], [2], tmp_path / "o", base_model=c["base"], name="{model}-{rank}")
+        export_gguf(c["nested"], [2], tmp_path / "o", GgufOptions(name="{model}-{rank}"), base_model=c["base"])
     with pytest.raises(ConfigError, match="scale mode"):
-        export_gguf(c["nested"], [2], tmp_path / "o", base_model=c["base"], scale_mode="rslora")
+        export_gguf(c["nested"], [2], tmp_path / "o", GgufOptions(scale_mode="rslora"), base_model=c["base"])
     (tmp_path / "empty").mkdir()
     with pytest.raises(BaseModelError, match="config.json"):
         export_gguf(c["nested"], [2], tmp_path / "o", base_model=tmp_path / "empty")
@@ -367,11 +367,11 @@ def _umask() -> int:
 
 
 def test_bundle_gguf(built: dict[str, Any], tmp_path: Path) -> None:
-    """``bundle --gguf BASE`` adds ``r{k}/adapter.gguf`` (the same file as ``gguf``), listed in the manifest and checksummed."""
+    """``bundle --gguf --base-model BASE`` adds ``r{k}/adapter.gguf`` (the same file as ``gguf``), listed in the manifest and checksummed."""
     from mlora_export.converters.hub.bundle import Bundle
 
     c = built["llama-float32"]
-    res = CliRunner().invoke(main, ["bundle", str(c["nested"].path), "--ranks", "2,8", "--gguf", str(c["base"]), "-o", str(tmp_path / "b")])
+    res = CliRunner().invoke(main, ["bundle", str(c["nested"].path), "--ranks", "2,8", "--gguf", "--base-model", str(c["base"]), "-o", str(tmp_path / "b")])
     assert res.exit_code == 0, res.output
     b = Bundle.load(tmp_path / "b", verify=True)
     assert [r["gguf"] for r in b.manifest["ranks"]] == ["r2/adapter.gguf", "r8/adapter.gguf"]
@@ -379,5 +379,5 @@ def test_bundle_gguf(built: dict[str, Any], tmp_path: Path) -> None:
     for k in (2, 8):
         assert (tmp_path / "b" / f"r{k}" / "adapter.gguf").read_bytes() == (tmp_path / "g" / f"r{k}.gguf").read_bytes()
         assert f"r{k}/adapter.gguf" in {f.path for f in b.files}
-    res = CliRunner().invoke(main, ["bundle", str(c["nested"].path), "--ranks", "2", "--gguf", str(tmp_path / "g"), "-o", str(tmp_path / "b2")])
+    res = CliRunner().invoke(main, ["bundle", str(c["nested"].path), "--ranks", "2", "--gguf", "--base-model", str(tmp_path / "g"), "-o", str(tmp_path / "b2")])
     assert res.exit_code == 2 and "config.json" in res.output and not (tmp_path / "b2").exists()

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 
 from mlora_export.adapter import MatryoshkaConfig, NestedAdapter, save_nested
 from mlora_export.cli.main import main
-from mlora_export.converters.hub import pull_rank, push_bundle, write_bundle
+from mlora_export.converters.hub import BundleOptions, PushOptions, pull_rank, push_bundle, write_bundle
 from mlora_export.converters.hub.bundle import MANIFEST_NAME, sha256_file
 from tests.common import build_model, poison_weights, random_nested
 from tests.hub_server import HubServer
@@ -66,7 +66,7 @@ def nested(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def bundle_dir(nested: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("bundle") / "bundle"
-    write_bundle(nested, RANKS, out, base_model_id="org/tiny-llama", license_id="apache-2.0", repo_id=REPO)
+    write_bundle(nested, RANKS, out, BundleOptions(base_model_id="org/tiny-llama", license_id="apache-2.0", repo_id=REPO))
     return out
 
 
@@ -77,7 +77,7 @@ def pushed(hub: HubServer, bundle_dir: Path) -> dict:
 
     old, hc.HF_HUB_DISABLE_XET = hc.HF_HUB_DISABLE_XET, True
     try:
-        return push_bundle(bundle_dir, REPO, token=ALICE, endpoint=hub.endpoint, branches=True).to_dict()
+        return push_bundle(bundle_dir, REPO, PushOptions(token=ALICE, endpoint=hub.endpoint, branches=True)).to_dict()
     finally:
         hc.HF_HUB_DISABLE_XET = old
 
@@ -133,11 +133,11 @@ def test_bundle_layout_manifest_and_card(bundle_dir: Path, nested: Path, tmp_pat
     assert "| 2 | `r2/` |" in text
 
     # deterministic: the same inputs give byte-identical files (so re-pushes upload nothing)
-    again = write_bundle(nested, RANKS, tmp_path / "again", base_model_id="org/tiny-llama", license_id="apache-2.0", repo_id=REPO)
+    again = write_bundle(nested, RANKS, tmp_path / "again", BundleOptions(base_model_id="org/tiny-llama", license_id="apache-2.0", repo_id=REPO))
     assert (again.path / MANIFEST_NAME).read_bytes() == (bundle_dir / MANIFEST_NAME).read_bytes()
     assert "folded into `lora_B`" in text
     # the card describes the slices as they are: native slices keep the exact prefix
-    native = write_bundle(nested, (4,), tmp_path / "native", scale_mode="native", base_model_id="org/tiny-llama")
+    native = write_bundle(nested, (4,), tmp_path / "native", BundleOptions(scale_mode="native", base_model_id="org/tiny-llama"))
     native_text = (native.path / "README.md").read_text()
     assert "exact prefix" in native_text and "folded into" not in native_text
     # s(4) = 1/sqrt(4) as lora_alpha / r alone (no use_rslora, which llama.cpp's converter ignores)
@@ -243,13 +243,13 @@ def test_repush_unchanged_uploads_nothing(hub: HubServer, pushed: dict, bundle_d
     assert ALICE not in res.output  # the token is never printed
 
     # a changed bundle (one more rank) uploads only what changed, in one commit
-    bigger = write_bundle(nested, (2, 4, 6, 8), tmp_path / "b2", base_model_id="org/tiny-llama", license_id="apache-2.0", repo_id=REPO)
+    bigger = write_bundle(nested, (2, 4, 6, 8), tmp_path / "b2", BundleOptions(base_model_id="org/tiny-llama", license_id="apache-2.0", repo_id=REPO))
     hub.clear_log()
-    result = push_bundle(bigger.path, REPO, token=ALICE, endpoint=hub.endpoint)
+    result = push_bundle(bigger.path, REPO, PushOptions(token=ALICE, endpoint=hub.endpoint))
     assert sorted(result.main.uploaded) == ["README.md", "manifest.json", "r6/adapter_config.json", "r6/adapter_model.safetensors", "r6/matryoshka_config.json"]
     assert len(hub.requests("POST", "/commit/")) == 1
     # and back: the stale r6/ folder is deleted
-    result = push_bundle(bundle_dir, REPO, token=ALICE, endpoint=hub.endpoint)
+    result = push_bundle(bundle_dir, REPO, PushOptions(token=ALICE, endpoint=hub.endpoint))
     assert sorted(result.main.deleted) == ["r6/adapter_config.json", "r6/adapter_model.safetensors", "r6/matryoshka_config.json"]
     assert not any(p.startswith("r6/") for p in hub.head_tree(REPO))
 
@@ -261,9 +261,9 @@ def test_large_file_takes_the_lfs_path(hub: HubServer, tmp_path: Path) -> None:
     factors = {"model.layers.0.mlp.big_proj": (torch.randn(r, width, generator=gen), torch.randn(width, r, generator=gen))}
     save_nested(tmp_path / "big", factors, MatryoshkaConfig("matryoshka", r, (8, 32, r), "sqrt", 1.0, extra={"base_model": "org/big"}))
     assert (tmp_path / "big/adapter_model.safetensors").stat().st_size > 10 * 2**20
-    b = write_bundle(tmp_path / "big", (8, r), tmp_path / "bundle", repo_id="org/big-mlora")
+    b = write_bundle(tmp_path / "big", (8, r), tmp_path / "bundle", BundleOptions(repo_id="org/big-mlora"))
     hub.clear_log()
-    push_bundle(b.path, "org/big-mlora", token=ALICE, endpoint=hub.endpoint)
+    push_bundle(b.path, "org/big-mlora", PushOptions(token=ALICE, endpoint=hub.endpoint))
     size = (tmp_path / "big/adapter_model.safetensors").stat().st_size
     puts = [e for e in hub.requests("PUT", "/lfs-upload/") if e["bytes_in"] == size]
     # nested/, r352/ (same size, other content) and the root's default rank (a copy of r352/, sent by the client again)
@@ -329,10 +329,10 @@ def test_bundle_is_portable_with_a_default_rank_at_its_root(nested: Path, base_d
     def configs(root: Path) -> list[dict]:
         return [json.loads(p.read_text()) for p in sorted(root.rglob("adapter_config.json"))]
 
-    with_id = write_bundle(local, RANKS, tmp_path / "with-id", base_model_id="org/tiny-llama")
+    with_id = write_bundle(local, RANKS, tmp_path / "with-id", BundleOptions(base_model_id="org/tiny-llama"))
     assert len(configs(with_id.path)) == len(RANKS) + 2  # r{k}/, nested/ and the root
     assert {c["base_model_name_or_path"] for c in configs(with_id.path)} == {"org/tiny-llama"}
-    without = write_bundle(local, RANKS, tmp_path / "without", warn_local_base=False)
+    without = write_bundle(local, RANKS, tmp_path / "without", BundleOptions(warn_local_base=False))
     assert {c.get("base_model_name_or_path") for c in configs(without.path)} == {None}
     assert "/home/trainer" not in "".join((without.path / n).read_text() for n in ("README.md", "adapter_config.json", "r4/adapter_config.json"))
 
@@ -357,7 +357,7 @@ def test_bundle_is_portable_with_a_default_rank_at_its_root(nested: Path, base_d
     # chosen by the recorded evaluation (higher is better: the best score; ties: the smaller rank)
     record_evaluation(local, {"metric": "exact-match", "higher_is_better": True,
                               "ranks": [{"rank": 2, "score": 0.5}, {"rank": 4, "score": 0.9}, {"rank": 8, "score": 0.9}], "aurac": {"v2": 0.8}})
-    by_eval = write_bundle(local, RANKS, tmp_path / "by-eval", warn_local_base=False)
+    by_eval = write_bundle(local, RANKS, tmp_path / "by-eval", BundleOptions(warn_local_base=False))
     assert json.loads((by_eval.path / MANIFEST_NAME).read_text())["default_rank"]["rank"] == 4
     assert (by_eval.path / "adapter_model.safetensors").read_bytes() == (by_eval.path / "r4" / "adapter_model.safetensors").read_bytes()
     # or by the option; one that is not a bundle rank is refused, exit 2, nothing written
@@ -477,26 +477,34 @@ def test_tampered_file_fails_naming_it_and_leaves_nothing(hub: HubServer, pushed
     assert run("pull", REPO, "--rank", "2", "--revision", "tampered", "--output", out, "--endpoint", hub.endpoint).exit_code == 0
 
 
-def test_dry_run_makes_no_request(hub: HubServer, nested: Path) -> None:
+#: ``push-hub`` calls that must send nothing: ``(arguments, exit code, a fragment of the output)``;
+#: ``{hub}`` stands for the local Hub's endpoint.
+DRY_RUN_CASES: dict[str, tuple[list[str], int, str | None]] = {
+    "dry run, listed as JSON": (["--repo-id", "org/dry", "--ranks", "2,8", "--branches", "--dry-run", "--endpoint", "{hub}", "--json"], 0, None),
+    "dry run, endpoint unreachable": (["--repo-id", "org/dry", "--ranks", "2", "--dry-run", "--endpoint", "http://127.0.0.1:9"], 0, "nothing was sent"),
+    "repo id invalid": (["--repo-id", "not a repo id", "--dry-run"], 2, "not a valid Hub repo id"),
+    "repo id without namespace": (["--repo-id", "no-namespace", "--endpoint", "{hub}", "--token", ALICE], 2, "namespace/name"),
+    # a commit id, nothing: push-hub commits to a branch
+    "revision a commit id": (["--repo-id", "org/dry", "--revision", "0123456789abcdef0123456789abcdef01234567", "--endpoint", "{hub}", "--token", ALICE],
+                             2, "is not a branch name"),
+    "revision empty": (["--repo-id", "org/dry", "--revision", "", "--endpoint", "{hub}", "--token", ALICE], 2, "is not a branch name"),
+    "endpoint not a URL": (["--repo-id", "org/dry", "--endpoint", "huggingface.co", "--token", ALICE], 2, "is not an http(s) URL"),
+}
+
+
+@pytest.mark.parametrize("case", list(DRY_RUN_CASES))
+def test_dry_run_makes_no_request(hub: HubServer, nested: Path, case: str) -> None:
+    args, code, fragment = DRY_RUN_CASES[case]
     hub.clear_log()
-    res = run("push-hub", nested, "--repo-id", "org/dry", "--ranks", "2,8", "--branches", "--dry-run", "--endpoint", hub.endpoint, "--json")
-    assert res.exit_code == 0, res.output
-    info = json.loads(res.stdout)
-    paths = {f["path"] for f in info["files"]}
-    assert {"README.md", "manifest.json", "r2/adapter_model.safetensors", "r8@adapter_model.safetensors"} <= paths
-    assert all(f["size"] > 0 for f in info["files"])
-    res = run("push-hub", nested, "--repo-id", "org/dry", "--ranks", "2", "--dry-run", "--endpoint", "http://127.0.0.1:9")
-    assert res.exit_code == 0 and "nothing was sent" in res.output
-    assert hub.log == []
-    res = run("push-hub", nested, "--repo-id", "not a repo id", "--dry-run")
-    assert res.exit_code == 2 and "not a valid Hub repo id" in res.output
-    res = run("push-hub", nested, "--repo-id", "no-namespace", "--endpoint", hub.endpoint, "--token", ALICE)
-    assert res.exit_code == 2 and "namespace/name" in res.output and hub.log == []
-    for bad in ("0123456789abcdef0123456789abcdef01234567", ""):  # a commit id, nothing: push-hub commits to a branch
-        res = run("push-hub", nested, "--repo-id", "org/dry", "--revision", bad, "--endpoint", hub.endpoint, "--token", ALICE)
-        assert res.exit_code == 2 and "is not a branch name" in res.output, res.output
-    res = run("push-hub", nested, "--repo-id", "org/dry", "--endpoint", "huggingface.co", "--token", ALICE)
-    assert res.exit_code == 2 and "is not an http(s) URL" in res.output, res.output
+    res = run("push-hub", nested, *[a.replace("{hub}", hub.endpoint) for a in args])
+    assert res.exit_code == code, res.output
+    if fragment is not None:
+        assert fragment in res.output, res.output
+    if "--json" in args:
+        info = json.loads(res.stdout)
+        paths = {f["path"] for f in info["files"]}
+        assert {"README.md", "manifest.json", "r2/adapter_model.safetensors", "r8@adapter_model.safetensors"} <= paths
+        assert all(f["size"] > 0 for f in info["files"])
     assert hub.log == []
 
 
@@ -509,7 +517,7 @@ def test_bundle_with_onnx_folder_and_demo_stage(nested: Path, tmp_path: Path) ->
     onnx.mkdir()
     (onnx / "model.onnx").write_bytes(b"\x08\x07fake onnx bytes")
     (onnx / "export_info.json").write_text("{}")
-    b = write_bundle(nested, (2, 8), tmp_path / "b", onnx_dir=onnx)
+    b = write_bundle(nested, (2, 8), tmp_path / "b", BundleOptions(onnx_dir=onnx))
     assert b.manifest["onnx"] == ["onnx/export_info.json", "onnx/model.onnx"]
     assert "onnx/model.onnx" in [f.path for f in b.files] and "`onnx/`" in (b.path / "README.md").read_text()
     Bundle.load(b.path, verify=True)
@@ -529,7 +537,7 @@ def test_bundle_with_onnx_folder_and_demo_stage(nested: Path, tmp_path: Path) ->
 def test_push_to_another_revision_and_a_modified_local_bundle(hub: HubServer, pushed: dict, bundle_dir: Path, tmp_path: Path) -> None:
     import shutil
 
-    result = push_bundle(bundle_dir, REPO, revision="dev", token=ALICE, endpoint=hub.endpoint)
+    result = push_bundle(bundle_dir, REPO, PushOptions(revision="dev", token=ALICE, endpoint=hub.endpoint))
     assert "dev" in hub.repo(REPO).branches and not result.main.changed  # branched from main: same content
     out = pull_rank(REPO, 2, tmp_path / "dev", revision="dev", endpoint=hub.endpoint)
     assert out.commit == hub.repo(REPO).branches["dev"]
@@ -543,26 +551,66 @@ def test_push_to_another_revision_and_a_modified_local_bundle(hub: HubServer, pu
     assert hub.log == []
 
 
+def test_base_model_means_the_base_model(nested: Path, base_dirs: dict, tmp_path: Path) -> None:
+    """``--base-model`` is the base (what ``--gguf`` and ``--with-onnx`` build on); ``--base-model-id``
+    names the card's base; the older spellings (``--gguf BASE``, ``--base-model`` as the card's id
+    alone) still work, the export's one with a deprecation warning after the success."""
+    from mlora_export.converters.hub.bundle import Bundle
+
+    llama = base_dirs["llama"]
+
+    def bundle(name: str, *args: object) -> tuple[object, dict]:
+        res = run("bundle", nested, "--ranks", "2", *args, "--output", tmp_path / name)
+        assert res.exit_code == 0, res.output
+        return res, Bundle.load(tmp_path / name, verify=True).manifest
+
+    _, m = bundle("flag", "--gguf", "--base-model", llama)  # a local base: the card keeps the adapter's recorded base
+    assert m["base_model"] == "tiny-llama" and m["ranks"][0]["gguf"] == "r2/adapter.gguf"
+    _, m = bundle("with-id", "--gguf", "--base-model", llama, "--base-model-id", "org/other")
+    assert m["base_model"] == "org/other"
+    res, m = bundle("card-only", "--base-model", "org/older")  # without an export: the card's Hub id, as it always was
+    assert m["base_model"] == "org/older" and "gguf" not in m["ranks"][0] and "deprecated" not in res.stderr
+    res, m = bundle("older-gguf", "--gguf", llama, "--base-model", "org/card")  # the older spelling: --base-model is the card's
+    assert m["base_model"] == "org/card" and m["ranks"][0]["gguf"] == "r2/adapter.gguf"
+    assert "--gguf BASE is deprecated" in res.stderr
+    for flag in ("--with-onnx", "--gguf"):
+        res = run("bundle", nested, "--ranks", "2", flag, "--output", tmp_path / "no-base")
+        assert res.exit_code == 2 and f"{flag} builds on the base model: give --base-model" in res.stderr, res.output
+        assert len(res.stderr.strip().splitlines()) == 1 and leftovers(tmp_path, "no-base") == []
+
+
+def test_bundle_options_in_the_older_keyword_style(nested: Path, tmp_path: Path) -> None:
+    """``write_bundle(..., scale_mode=...)`` (the options as keywords) still works for one release,
+    with a DeprecationWarning, and writes what the options object writes; an unknown keyword is a TypeError."""
+    new = write_bundle(nested, (2,), tmp_path / "new", BundleOptions(scale_mode="native", base_model_id="org/x"))
+    with pytest.warns(DeprecationWarning, match=r"write_bundle\(scale_mode=..., base_model_id=...\) is deprecated"):
+        old = write_bundle(nested, (2,), tmp_path / "old", scale_mode="native", base_model_id="org/x")
+    assert [f.sha256 for f in old.files] == [f.sha256 for f in new.files]
+    with pytest.raises(TypeError, match="unexpected keyword argument 'scale'"):
+        write_bundle(nested, (2,), tmp_path / "bad", scale="native")
+    assert leftovers(tmp_path, "bad") == []
+
+
 @pytest.mark.slow
 def test_bundle_with_onnx_export_cli(nested: Path, base_dirs: dict, tmp_path: Path) -> None:
-    """``--with-onnx BASE_DIR`` runs the real ONNX exporter (verified in ONNX Runtime) into ``onnx/``."""
+    """``--with-onnx --base-model BASE`` runs the real ONNX exporter (verified in ONNX Runtime) into ``onnx/``."""
     from mlora_export.converters.hub.bundle import Bundle
 
     out = tmp_path / "b"
     proc = subprocess.run([sys.executable, "-m", "mlora_export", "bundle", str(nested), "--ranks", "2,8", "--with-onnx",
-                           str(base_dirs["llama"]), "--output", str(out), "--json"], capture_output=True, text=True, timeout=300)
+                           "--base-model", str(base_dirs["llama"]), "--output", str(out), "--json"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     b = Bundle.load(out, verify=True)
     assert "onnx/model.onnx" in b.manifest["onnx"]
     import onnx
 
     onnx.checker.check_model(str(out / "onnx/model.onnx"))
-    res = run("bundle", nested, "--ranks", "2", "--with-onnx", tmp_path / "no-base", "--output", tmp_path / "c")
+    res = run("bundle", nested, "--ranks", "2", "--with-onnx", "--base-model", tmp_path / "no-base", "--output", tmp_path / "c")
     assert res.exit_code == 2 and leftovers(tmp_path, "c") == []
 
 
 def test_bundle_with_a_bad_gguf_base_fails_before_any_export(nested: Path, base_dirs: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """``--gguf BASE`` is checked before the ONNX export (or anything else) runs: a base without a
+    """``--gguf`` on ``--base-model BASE`` is checked before the ONNX export (or anything else) runs: a base without a
     config.json, or of an architecture llama.cpp cannot take, is exit 2 and leaves nothing behind."""
     from mlora_export.converters import gguf as gguf_mod
     from mlora_export.converters import onnx as onnx_pkg
@@ -576,9 +624,9 @@ def test_bundle_with_a_bad_gguf_base_fails_before_any_export(nested: Path, base_
     (tmp_path / "empty").mkdir()
     for bad, error in ((tmp_path / "empty", BaseModelError), (base_dirs["bert"], UnsupportedArchitectureError)):
         with pytest.raises(error):
-            write_bundle(nested, [2, 8], tmp_path / "b", onnx_base=base_dirs["llama"], gguf_base=bad)
+            write_bundle(nested, [2, 8], tmp_path / "b", BundleOptions(onnx_base=base_dirs["llama"], gguf_base=bad))
         assert leftovers(tmp_path, "b") == []
-        res = run("bundle", nested, "--ranks", "2,8", "--with-onnx", base_dirs["llama"], "--gguf", bad, "--output", tmp_path / "c")
+        res = run("bundle", nested, "--ranks", "2,8", "--with-onnx", "--gguf", "--base-model", bad, "--output", tmp_path / "c")
         assert res.exit_code == 2 and "Traceback" not in res.output, res.output
         assert leftovers(tmp_path, "c") == []
 
@@ -594,7 +642,7 @@ def test_pull_auto_chooses_by_measured_latency_and_recorded_score(hub: HubServer
     record_evaluation(src, {"metric": "exact-match", "higher_is_better": True, "data": "held.jsonl",
                             "ranks": [{"rank": 2, "score": 0.40}, {"rank": 4, "score": 0.55}, {"rank": 8, "score": 0.56}]})
     repo = "org/latency-choice"
-    res = run("bundle", src, "--ranks", "2,4,8", "--with-onnx", base_dirs["llama"], "--measure-latency", "--repo-id", repo,
+    res = run("bundle", src, "--ranks", "2,4,8", "--with-onnx", "--base-model", base_dirs["llama"], "--measure-latency", "--repo-id", repo,
               "--output", tmp_path / "b")
     assert res.exit_code == 0, res.output
     manifest = json.loads((tmp_path / "b" / MANIFEST_NAME).read_text())

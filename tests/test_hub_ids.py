@@ -71,8 +71,8 @@ def hub(tmp_path_factory: pytest.TempPathFactory, tiny: Path) -> HubServer:
             pq.write_table(pa.Table.from_pylist(rows), sink)
             return sink.getvalue().to_pybytes()
 
-        readme = ("---\nconfigs:\n- config_name: easy\n  data_files:\n  - split: train\n    path: easy/*.parquet\n"
-                  "- config_name: hard\n  data_files:\n  - split: train\n    path: hard/*.parquet\n---\n# qa\n").encode()
+        readme = (b"---\nconfigs:\n- config_name: easy\n  data_files:\n  - split: train\n    path: easy/*.parquet\n"
+                  b"- config_name: hard\n  data_files:\n  - split: train\n    path: hard/*.parquet\n---\n# qa\n")
         easy = parquet([{"question": w, "answer": "".join(sorted(w)), "id": i} for i, w in enumerate(WORDS)])
         server.seed_repo("org/qa-data", {"README.md": readme, "easy/train-00000-of-00001.parquet": easy,
                                          "hard/train-00000-of-00001.parquet": parquet([{"question": "zyx", "answer": "xyz"}])},

@@ -17,7 +17,7 @@ from mlora_export.converters import merge as merge_mod
 from mlora_export.converters.merge import merge_adapter, resolve_weight_keys
 from mlora_export.converters.slice import slice_adapter
 from mlora_export.errors import BaseModelMismatchError, OutputExistsError, RankError
-from mlora_export.safetensors_io import read_header, save_tensors
+from mlora_export.io.safetensors import read_header, save_tensors
 from tests.common import build_model, random_nested, sample_ids, tiny_config
 
 RANKS = (2, 8)
@@ -521,14 +521,14 @@ def test_failure_inside_a_worker_leaves_no_output(work: dict[str, Path], tmp_pat
     else:
         base = work["llama-float32-sharded"]
 
-        class FlakyRegion(merge_mod._Region):
+        class FlakyRegion(merge_mod.MappedRegion):
             def __init__(self, fd: int, nbytes: int, offset: int) -> None:
                 count[0] += 1
                 if count[0] == 12:
                     raise OSError("read error")
                 super().__init__(fd, nbytes, offset)
 
-        monkeypatch.setattr(merge_mod, "_Region", FlakyRegion)
+        monkeypatch.setattr(merge_mod, "MappedRegion", FlakyRegion)
     out = tmp_path / "out"
     threads = torch.get_num_threads()
     with pytest.raises(OSError, match="read error"):

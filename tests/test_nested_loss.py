@@ -134,7 +134,7 @@ def test_assignment_is_stratified_for_any_batch_size(ranks: tuple[int, ...], n: 
 def test_assignment_is_a_function_of_seed_step_and_position() -> None:
     whole = example_ranks(T, range(24), seed=1, step=9)
     # any split of the positions (micro-batches, processes) gives the same ranks
-    parts = example_ranks(T, range(0, 5), seed=1, step=9) + example_ranks(T, range(5, 24), seed=1, step=9)
+    parts = example_ranks(T, range(5), seed=1, step=9) + example_ranks(T, range(5, 24), seed=1, step=9)
     assert parts == whole
     assert example_ranks(T, [17, 3, 11], seed=1, step=9) == [whole[17], whole[3], whole[11]]
     assert example_ranks(T, range(24), seed=1, step=9) == whole  # no hidden state
@@ -266,7 +266,7 @@ def test_trainer_path_equals_the_plain_loop(base_dirs, tmp_path) -> None:
         opt.zero_grad()
 
     class InOrder(Trainer):
-        def _get_train_sampler(self, *args, **kwargs):  # noqa: ANN002, ANN003
+        def _get_train_sampler(self, *args, **kwargs):
             return SequentialSampler(self.train_dataset)
 
     tr = fresh()

@@ -17,7 +17,7 @@ import torch
 from click.testing import CliRunner
 
 from mlora_export.cli.main import main
-from mlora_export.converters.onnx import export_onnx
+from mlora_export.converters.onnx import OnnxExportOptions, export_onnx
 from tests.common import apply_delta_by_hand, build_model, random_nested
 
 onnxruntime = pytest.importorskip("onnxruntime")
@@ -57,7 +57,7 @@ def exports(workdir: Path, nested_dirs: dict[str, Path], base_dirs: dict[str, Pa
             out = workdir / f"{arch}-{kind}"
             kw = {"dynamic": {}, "fixed": {"rank": FIXED_RANK}, "merged": {"rank": FIXED_RANK, "merged": True},
                   "adapters": {"adapters_per_rank": True}}[kind]
-            res = export_onnx(nested_dirs[arch], base_dirs[arch], out, **kw)
+            res = export_onnx(nested_dirs[arch], base_dirs[arch], out, OnnxExportOptions(**kw))
             assert res.checks and all(c.ok for c in res.checks)
             cache[(arch, kind)] = out
         return cache[(arch, kind)]
@@ -344,7 +344,7 @@ def test_bfloat16_base_and_adapter(tmp_path: Path) -> None:
 def test_external_data_adapters_export(tmp_path: Path, nested_dirs, base_dirs) -> None:
     """Weights in model.onnx.data (as for models over 2 GB) load in ORT; the adapter inputs keep their defaults."""
     out = tmp_path / "ext"
-    res = export_onnx(nested_dirs["llama"], base_dirs["llama"], out, adapters_per_rank=True, external_data=True)
+    res = export_onnx(nested_dirs["llama"], base_dirs["llama"], out, OnnxExportOptions(adapters_per_rank=True, external_data=True))
     assert res.external_data and all(c.ok for c in res.checks)
     import onnx
 

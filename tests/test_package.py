@@ -27,7 +27,7 @@ def test_import_and_cli_help_do_not_load_torch() -> None:
     assert out == "[]"
 
 
-def test_verbosity_works_before_and_after_the_command(tmp_path) -> None:  # noqa: ANN001
+def test_verbosity_works_before_and_after_the_command(tmp_path) -> None:
     """``-v`` is accepted after the command name too, with the same effect as before it."""
     from click.testing import CliRunner
 
@@ -44,7 +44,7 @@ def test_verbosity_works_before_and_after_the_command(tmp_path) -> None:  # noqa
     assert sorted(line.split(":")[0] for line in after.stderr.splitlines()) == sorted(line.split(":")[0] for line in before.stderr.splitlines())
 
 
-def test_library_errors_speak_library_terms_and_the_cli_adds_the_flag(tmp_path) -> None:  # noqa: ANN001
+def test_library_errors_speak_library_terms_and_the_cli_adds_the_flag(tmp_path) -> None:
     """A library error names the parameter (``option``), not a flag; the CLI's table adds the flag and the exit code."""
     import pytest
     from click.testing import CliRunner
@@ -66,7 +66,7 @@ def test_library_errors_speak_library_terms_and_the_cli_adds_the_flag(tmp_path) 
     assert all(not hasattr(cls, "exit_code") for cls, _ in EXIT_CODES)  # the codes live in the CLI's table only
 
 
-def test_errors_carry_the_path_tensor_and_rank(tmp_path) -> None:  # noqa: ANN001
+def test_errors_carry_the_path_tensor_and_rank(tmp_path) -> None:
     """The fields say what the message says, for code that acts on an error."""
     import pytest
 

@@ -195,7 +195,7 @@ def test_sft_trainer_packing_gives_every_packed_sequence_its_rank(tmp_path: Path
     state = {"step": -1}
 
     class Step(TrainerCallback):
-        def on_step_begin(self, args, st, control, **kw):  # noqa: ANN001, ANN003
+        def on_step_begin(self, args, st, control, **kw):
             state["step"] = st.global_step
 
     def record(module, args, kwargs) -> None:  # runs after the nested adapter's own pre-hook

@@ -12,8 +12,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-import mlora_export.safetensors_io as sio
-from mlora_export.safetensors_io import SafetensorsWriter, dtype_name, write_safetensors
+import mlora_export.io.safetensors as sio
+from mlora_export.io.safetensors import SafetensorsWriter, dtype_name, write_safetensors
 
 
 def _tensors() -> dict[str, torch.Tensor]:

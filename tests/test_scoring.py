@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from mlora_export.base import load_base_model, load_tokenizer
-from mlora_export.evaluation import load_eval_data, score_model
+from mlora_export.evaluation import exact_match, load_eval_data, score_model
 
 HIDDEN = 128  # ≥ the character vocabulary (104), so the embedding can be one-hot
 EPS = 1e-6
@@ -81,6 +81,7 @@ def test_exact_match_and_token_accuracy_equal_the_hand_computed_values(bigram: P
         assert s.target_tokens == sum(len(c[1]) + 1 for c in CASES)  # completion tokens and EOS: 15
         assert s.token_accuracy == pytest.approx(sum(c[3] for c in CASES) / s.target_tokens)  # 10 of 15
         assert s.score == s.exact_match
+        assert exact_match(model, tok, data, batch_size=batch_size) == s.exact_match  # the same without the teacher-forced pass
 
 
 def test_loss_equals_the_closed_form(bigram: Path) -> None:

@@ -220,7 +220,7 @@ def test_slice_files_do_not_depend_on_thread_count(tmp_path: Path) -> None:
     files = {}
     for workers in (1, 2, 3, 6):
         progress: list[tuple[int, int]] = []
-        results = slice_adapter(nested, [1, 2, 3, 5, 8], tmp_path / f"w{workers}", workers=workers, progress=lambda d, t: progress.append((d, t)))
+        results = slice_adapter(nested, [1, 2, 3, 5, 8], tmp_path / f"w{workers}", workers=workers, progress=lambda d, t: progress.append((d, t)))  # noqa: B023 - called in this iteration
         for r in results:
             assert r.bytes == (r.path / "adapter_model.safetensors").stat().st_size
         dones = [d for d, _ in progress]
@@ -237,7 +237,7 @@ def test_slicing_checks_the_whole_source_for_nan(dtype: torch.dtype, workers: in
     bad value anywhere (even in rows no requested rank reads) still fails the slice, naming the
     first bad tensor in file order, and leaves nothing behind."""
     from mlora_export.errors import InvalidAdapterError
-    from mlora_export.safetensors_io import read_header
+    from mlora_export.io.safetensors import read_header
 
     nested = random_nested(build_model("llama", dtype), tmp_path / "nested", arch="llama", r=8, dtype=dtype)
     order = list(read_header(nested.weights_path).tensors)
@@ -254,32 +254,39 @@ def test_slicing_checks_the_whole_source_for_nan(dtype: torch.dtype, workers: in
 def test_a_failing_thread_stops_the_others(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """When one thread fails, the others stop at their next module instead of writing on."""
     import threading
+    import time
 
     import mlora_export.converters.slice as slice_mod
 
     nested = random_nested(build_model("llama"), tmp_path / "nested", arch="llama", r=8)
     failed = threading.Event()
     writes_after_failure = {"n": 0}
-    real_work = slice_mod._slice_modules
+    real_slicer = slice_mod._module_slicer
 
-    def work(*args: object) -> None:
-        try:
-            real_work(*args)  # type: ignore[arg-type]
-        except OSError:
-            failed.set()  # set once the failing thread has raised the stop flag
-            raise
+    def slicer(*args: object) -> object:
+        real_work = real_slicer(*args)  # type: ignore[arg-type]
+
+        def work(index: int, name: str) -> None:
+            try:
+                real_work(index, name)
+            except OSError:
+                failed.set()  # map_modules raises the stop flag as soon as this returns
+                raise
+
+        return work
 
     class Writer(slice_mod.SafetensorsWriter):
         def write_at(self, index: int, *tensors: object) -> None:
             module = index // 2
             if module == 3:  # whichever thread takes module 3 fails
                 raise OSError("disk full (injected)")
-            if module > 3:  # the other thread only goes on once it has failed
+            if module > 3:  # the other thread only goes on once it has failed (and the stop flag is up)
                 assert failed.wait(10)
+                time.sleep(0.2)
                 writes_after_failure["n"] += 1
             super().write_at(index, *tensors)
 
-    monkeypatch.setattr(slice_mod, "_slice_modules", work)
+    monkeypatch.setattr(slice_mod, "_module_slicer", slicer)
     monkeypatch.setattr(slice_mod, "SafetensorsWriter", Writer)
     with pytest.raises(OSError, match="injected"):
         slice_adapter(nested, [4, 8], tmp_path / "s", workers=2)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -77,7 +78,7 @@ def test_train_cli_writes_a_nested_adapter(base: Path, data: Path, tmp_path: Pat
 
     real = finetune.train
 
-    def spy(*a, **k):  # noqa: ANN002, ANN003
+    def spy(*a, **k):
         seen.append(torch.get_num_threads())
         return real(*a, **k)
 
@@ -91,6 +92,28 @@ def test_train_cli_writes_a_nested_adapter(base: Path, data: Path, tmp_path: Pat
     assert json.loads(res.stdout)["method"] == "nested-loss"
     cfg = NestedAdapter.load(out).config
     assert cfg.method == "nested-loss" and cfg.rank_weights == pytest.approx((0.25, 0.25, 0.5))
+
+
+def test_train_cli_recipe_flags_train_and_are_recorded(base: Path, data: Path, tmp_path: Path) -> None:
+    """Every recipe flag at once, with gradient accumulation: the run trains and the adapter records the recipe."""
+    from mlora_export.adapter import NestedAdapter
+
+    out = tmp_path / "recipe"
+    res = _run(_args(base, data, out, "--lora-plus-ratio", "16", "--rank-curriculum", "0.5", "--per-rank-loss", "--a-init", "paper",
+                     "--loss-aware-ranks", "0.3", "--grad-accum", "2", "--batch-size", "2", "--json"))
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.stdout)
+    assert info["steps"] == 3 and all(math.isfinite(loss) for _, loss in info["losses"] or [(0, info["final_loss"])])
+    training = NestedAdapter.load(out).config.extra["training"]
+    assert training["recipe"] == {"lora_plus_ratio": 16.0, "rank_curriculum": 0.5, "per_rank_loss": True, "a_init": "paper", "loss_aware_ranks": 0.3}
+    assert "recipe" not in NestedAdapter.load(_train_default(base, data, tmp_path)).config.extra["training"]
+
+
+def _train_default(base: Path, data: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "default"
+    res = _run(_args(base, data, out))
+    assert res.exit_code == 0, res.output
+    return out
 
 
 def _bad_json(tmp: Path) -> Path:
@@ -138,6 +161,11 @@ def _bin_only(tmp: Path) -> Path:
         ("weights-other-method", "rank weights apply to method 'nested-loss' only"),
         ("svd-method", "'svd' is not one of"),
         ("threads-zero", "0 is not in the range x>=1"),
+        ("lora-plus-zero", "Invalid value for '--lora-plus-ratio': 0.0 is not in the range x>0"),
+        ("curriculum-range", "Invalid value for '--rank-curriculum': 1.5 is not in the range 0<=x<=1"),
+        ("loss-aware-range", "Invalid value for '--loss-aware-ranks': 2.0 is not in the range 0<=x<=1"),
+        ("per-rank-other-method", "per_rank_loss apply to method 'nested-loss' only (per-example ranks), not 'lora' (see --per-rank-loss)"),
+        ("unknown-a-init", "'xavier' is not one of"),
     ],
 )
 def test_train_cli_bad_input_exit_2_nothing_written(case: str, expect: str, base: Path, data: Path, tmp_path: Path) -> None:
@@ -189,6 +217,16 @@ def test_train_cli_bad_input_exit_2_nothing_written(case: str, expect: str, base
         args += ["--method", "svd"]
     elif case == "threads-zero":
         args += ["--threads", "0"]
+    elif case == "lora-plus-zero":
+        args += ["--lora-plus-ratio", "0"]
+    elif case == "curriculum-range":
+        args += ["--rank-curriculum", "1.5"]
+    elif case == "loss-aware-range":
+        args += ["--loss-aware-ranks", "2"]
+    elif case == "per-rank-other-method":
+        args += ["--per-rank-loss", "--method", "lora"]
+    elif case == "unknown-a-init":
+        args += ["--a-init", "xavier"]
     res = _run(args + extra)
     assert res.exit_code == 2, res.output
     assert expect in res.stderr, res.stderr

@@ -79,7 +79,7 @@ def test_gradient_checkpointing_recomputes_layers_and_trains_the_same_adapter(ta
     calls = {"n": 0}
     forward = modeling_llama.LlamaMLP.forward  # inside a decoder layer (whose own forward transformers wraps)
 
-    def counted(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+    def counted(self, *args, **kwargs):
         calls["n"] += 1
         return forward(self, *args, **kwargs)
 
@@ -189,7 +189,7 @@ def _settings(**kw):
 def test_a_stopped_and_resumed_run_equals_an_uninterrupted_run_bit_for_bit(task, tmp_path) -> None:
     """6 steps, a checkpoint every 3, LoRA dropout (so the random state matters) and warmup: the run
     stops during step 5; resumed from checkpoint-3 it writes the adapter of the run that never stopped."""
-    from mlora_export.training import train
+    from mlora_export.training import RunOptions, train
 
     whole = tmp_path / "whole"
     res = _run(["train", "--base-model", task["base"], "--data", task["data"], "--ranks", "1,2,4", "--output", whole, "--max-steps", "6",
@@ -225,8 +225,8 @@ def test_a_stopped_and_resumed_run_equals_an_uninterrupted_run_bit_for_bit(task,
     original = trainer_cls._load_rng_state
     trainer_cls._load_rng_state = lambda self, c: None
     try:
-        train(task["base"], task["data"], tmp_path / "norng", _settings(), resume=tmp_path / "stopped-run" / "checkpoint-3",
-              run_dir=tmp_path / "norng-run")
+        train(task["base"], task["data"], tmp_path / "norng", _settings(),
+              RunOptions(resume=tmp_path / "stopped-run" / "checkpoint-3", run_dir=tmp_path / "norng-run"))
     finally:
         trainer_cls._load_rng_state = original
     assert _max_diff(tmp_path / "norng", whole) > 1e-5

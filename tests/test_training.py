@@ -245,7 +245,7 @@ def test_trainer_calls_train_diagonal_once_per_optimisation_step(tiny) -> None:
         def __init__(self) -> None:
             self.steps: list[int] = []
 
-        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+        def on_step_end(self, args, state, control, **kwargs):
             self.steps.append(state.global_step)
 
     steps = Steps()

@@ -131,10 +131,10 @@ def hub(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="module")
 def bundle_files(nested_src: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     """The files of a genuine bundle at ranks 2, 4, 8 (path → bytes), to tamper with."""
-    from mlora_export.converters.hub import write_bundle
+    from mlora_export.converters.hub import BundleOptions, write_bundle
 
     out = tmp_path_factory.mktemp("bundle") / "bundle"
-    write_bundle(nested_src, (2, 4, 8), out, base_model_id="org/tiny-llama")
+    write_bundle(nested_src, (2, 4, 8), out, BundleOptions(base_model_id="org/tiny-llama"))
     return {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
 
 
@@ -532,10 +532,10 @@ def _break_base(base: Path, case: str, tmp_path: Path) -> None:
         outside = tmp_path / "outside"
         outside.mkdir()
         os.replace(base / "model.safetensors", outside / "model.safetensors")
-        from mlora_export.safetensors_io import read_header
+        from mlora_export.io.safetensors import read_header
 
         keys = read_header(outside / "model.safetensors").tensors
-        (base / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {k: "../outside/model.safetensors" for k in keys}}))
+        (base / "model.safetensors.index.json").write_text(json.dumps({"weight_map": dict.fromkeys(keys, "../outside/model.safetensors")}))
     elif case == "index not json":
         (base / "model.safetensors.index.json").write_text("not json")
     elif case == "truncated shard":
@@ -639,7 +639,7 @@ def test_overlong_jsonl_record_is_refused_before_it_is_held(proj: Path) -> None:
 @pytest.mark.parametrize("command", ["merge", "train", "eval"])
 def test_full_disk_mid_run_is_one_line(proj: Path, monkeypatch: pytest.MonkeyPatch, command: str) -> None:
     import mlora_export.evaluation.plot as plotting
-    import mlora_export.safetensors_io as sio
+    import mlora_export.io.safetensors as sio
 
     def full(*args: object, **kwargs: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -701,7 +701,7 @@ headers = st.dictionaries(
 @given(header=headers, data_len=st.integers(0, 128))
 def test_fuzz_header_reader_loads_valid_or_raises_ours(header: dict, data_len: int) -> None:
     from mlora_export.errors import InvalidAdapterError
-    from mlora_export.safetensors_io import DTYPE_BITS, parse_header
+    from mlora_export.io.safetensors import DTYPE_BITS, parse_header
 
     raw = json.dumps(header).encode()
     try:
@@ -724,7 +724,7 @@ def test_fuzz_header_reader_is_no_looser_than_safetensors(tmp_path_factory: pyte
     from safetensors import safe_open
 
     from mlora_export.errors import InvalidAdapterError
-    from mlora_export.safetensors_io import read_header
+    from mlora_export.io.safetensors import read_header
 
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)
@@ -742,7 +742,7 @@ def test_fuzz_header_reader_is_no_looser_than_safetensors(tmp_path_factory: pyte
 @given(raw=st.binary(max_size=64) | st.text(max_size=64).map(str.encode))
 def test_fuzz_header_bytes(raw: bytes) -> None:
     from mlora_export.errors import InvalidAdapterError
-    from mlora_export.safetensors_io import parse_header
+    from mlora_export.io.safetensors import parse_header
 
     try:
         parse_header(raw, 0, "fuzz")
@@ -793,12 +793,15 @@ def test_fuzz_adapter_configs_load_valid_or_raise_ours(tmp_path_factory: pytest.
 @FUZZ
 @given(text=st.text(max_size=80) | json_values.map(json.dumps))
 def test_fuzz_json_reader(text: str) -> None:
-    from mlora_export.fs import parse_json
+    """Any text parses or raises the error class it is given, never another one (``json``'s own
+    ``ValueError``s, a ``RecursionError``, a ``UnicodeDecodeError``)."""
+    from mlora_export.errors import InvalidAdapterError
+    from mlora_export.io.jsonio import parse_json
 
     try:
-        parse_json(text, "fuzz", ValueError)
-    except ValueError:
-        pass
+        parse_json(text, "fuzz", InvalidAdapterError)
+    except InvalidAdapterError as e:
+        assert str(e).startswith("fuzz: ")
 
 
 manifest_paths = st.sampled_from(["r8/adapter_model.safetensors", "r8", "r8//x", "/x", "r8/../x", "", ".", "a\\b", "r8/./x", "ok/x"]) | st.text(max_size=10)
@@ -1182,11 +1185,12 @@ def test_huge_json_integers_are_refused_not_crashing(proj: Path, where: str, edi
 
 
 def test_json_numbers_beyond_float_range_are_refused() -> None:
-    from mlora_export.fs import parse_json
+    from mlora_export.errors import ConfigError
+    from mlora_export.io.jsonio import parse_json
 
-    with pytest.raises(ValueError, match="beyond the range"):
-        parse_json('{"alpha": 1e400}', "x.json", ValueError)
-    assert parse_json('{"alpha": 1e300}', "x.json", ValueError) == {"alpha": 1e300}
+    with pytest.raises(ConfigError, match="beyond the range"):
+        parse_json('{"alpha": 1e400}', "x.json", ConfigError)
+    assert parse_json('{"alpha": 1e300}', "x.json", ConfigError) == {"alpha": 1e300}
 
 
 def latency_edit(ms: dict, machine: object = None) -> object:
@@ -1260,14 +1264,14 @@ def scored_bundle_files(nested_src: Path, tmp_path_factory: pytest.TempPathFacto
     import shutil
 
     from mlora_export.adapter import record_in_config
-    from mlora_export.converters.hub import write_bundle
+    from mlora_export.converters.hub import BundleOptions, write_bundle
 
     root = tmp_path_factory.mktemp("scored")
     shutil.copytree(nested_src, root / "nested")
     record_in_config(root / "nested", "evaluation", "accuracy", {
         "metric": "accuracy", "higher_is_better": True, "data": "test.jsonl",
         "ranks": [{"rank": 2, "score": 0.5}, {"rank": 4, "score": 0.7}, {"rank": 8, "score": 0.9}], "aurac": {"v1": 0.7, "v2": 0.7}})
-    write_bundle(root / "nested", (2, 4, 8), root / "bundle", base_model_id="org/tiny-llama")
+    write_bundle(root / "nested", (2, 4, 8), root / "bundle", BundleOptions(base_model_id="org/tiny-llama"))
     return {p.relative_to(root / "bundle").as_posix(): p.read_bytes() for p in (root / "bundle").rglob("*") if p.is_file()}
 
 
@@ -1445,7 +1449,7 @@ def test_gguf_on_a_full_disk_says_so(proj: Path, tmp_path: Path, monkeypatch: py
 
 _FULL_DISK_TRAIN = """
 import errno, sys
-import mlora_export.safetensors_io as sio
+import mlora_export.io.safetensors as sio
 def full(*a, **k):
     raise OSError(errno.ENOSPC, "No space left on device")
 sio._pwrite_all = full
@@ -1544,10 +1548,10 @@ def test_inspect_shows_ill_typed_energy_without_crashing(proj: Path) -> None:
 
 
 def test_merge_dtype_with_an_index_whose_metadata_is_not_an_object(proj: Path, tmp_path: Path) -> None:
-    from mlora_export.safetensors_io import read_header
+    from mlora_export.io.safetensors import read_header
 
     keys = read_header(proj / "base" / "model.safetensors").tensors
-    (proj / "base" / "model.safetensors.index.json").write_text(json.dumps({"metadata": [1], "weight_map": {k: "model.safetensors" for k in keys}}))
+    (proj / "base" / "model.safetensors.index.json").write_text(json.dumps({"metadata": [1], "weight_map": dict.fromkeys(keys, "model.safetensors")}))
     res = run("merge", "nested", "--base-model", "base", "--rank", "2", "--dtype", "bfloat16", "--output", "out")
     assert res.exit_code == 0, res.output
     index = json.loads((proj / "out" / "model.safetensors.index.json").read_text())

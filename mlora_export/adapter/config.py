@@ -43,7 +43,7 @@ class MatryoshkaConfig:
     """
 
     method: Method = "nested-loss"
-    max_rank: int | None = None
+    max_rank: int = None  # type: ignore[assignment]  # None: the largest train rank, set in __post_init__
     train_ranks: tuple[int, ...] = ()
     scaling: Scaling = "sqrt"
     alpha: float = 1.0

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidAdapterError
-from ..fs import read_json as _fs_read_json
-from ..safetensors_io import SafetensorsHeader, TensorInfo, find_non_finite
+from ..io.jsonio import read_json as _read_json
+from ..io.safetensors import SafetensorsHeader, TensorInfo, find_non_finite
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ def check_finite(weights: Path, header: SafetensorsHeader, buffer: Any = None, k
 
 
 def read_json(path: Path) -> Any:
-    return _fs_read_json(path, InvalidAdapterError, what=path.name)
+    return _read_json(path, InvalidAdapterError, what=path.name)
 
 
 def is_str_list(value: Any) -> bool:

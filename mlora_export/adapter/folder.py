@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, InvalidAdapterError, RankError
-from ..method import MAX_SCALE, peft_alpha_for
-from ..safetensors_io import DTYPE_SIZES, SafetensorsHeader, read_header, save_tensors
+from ..method import MAX_SCALE, Scaling, peft_alpha_for
+from ..io.jsonio import dumps, write_json
+from ..io.safetensors import DTYPE_SIZES, SafetensorsHeader, read_header, save_tensors
 from ..validate import is_finite_real, is_int
 from .config import MatryoshkaConfig
 from .files import (
@@ -128,7 +129,7 @@ class NestedAdapter:
         else:
             r = peft_config["r"]
             alpha = float(peft_config.get("lora_alpha", 8))
-            scaling = "sqrt" if peft_config.get("use_rslora") else "rank"
+            scaling: Scaling = "sqrt" if peft_config.get("use_rslora") else "rank"
             try:
                 config = MatryoshkaConfig("lora", r, (r,), scaling, alpha, extra={"base_model": peft_config.get("base_model_name_or_path")})
             except ConfigError as e:  # lora_alpha is s(1) of a plain adapter (s(k) = lora_alpha / k): bounded as every scale is
@@ -145,7 +146,7 @@ class NestedAdapter:
     def _scan_weights(weights: Path, r: int, check_finite: bool) -> tuple[SafetensorsHeader, dict[str, LoraModule], str]:
         header = read_header(weights)
         modules: dict[str, LoraModule] = {}
-        dtypes = set()
+        dtypes: set[str] = set()
         for name, (a, b) in lora_tensor_pairs(weights, header).items():
             if a.shape[0] != r:
                 raise InvalidAdapterError(f"{weights}: {a.name!r} has shape {list(a.shape)} but the adapter rank is {r}; expected [{r}, in_features]", path=weights)
@@ -258,7 +259,7 @@ class NestedAdapter:
     def _slice_summary(self) -> dict[str, Any]:
         """What a slice's own ``matryoshka_config.json`` says: its rank, scale mode and the nested adapter it was cut from."""
         info = self.slice_info or {}
-        src = info.get("source") if isinstance(info.get("source"), dict) else {}
+        src: dict[str, Any] = info["source"] if isinstance(info.get("source"), dict) else {}
         keep = ("path", "method", "max_rank", "train_ranks", "scaling", "alpha")
         return {"rank": info.get("rank"), "scale_mode": info.get("scale_mode"), "scale": info.get("scale") if is_finite_real(info.get("scale")) else None,
                 "source": {k: src[k] for k in keep if k in src}}
@@ -308,18 +309,6 @@ def save_nested(
     return root
 
 
-def write_json(path: Path, data: Any) -> None:
-    """Write ``data`` as indented JSON with a final newline (the form every file of ours has).
-
-    Never writes ``NaN`` or ``Infinity``, which are not JSON and which our own readers refuse:
-    a value like that is a bug upstream, raised here as ``ValueError`` rather than written.
-    """
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, allow_nan=False)
-        f.write("\n")
-
-
-
 def record_in_config(adapter_dir: str | os.PathLike[str], section: str, key: str, entry: Any) -> Path:
     """Set ``section[key] = entry`` in a nested adapter's ``matryoshka_config.json``, atomically
     (a temporary file in the folder, then a rename; the file's mode is kept).
@@ -339,8 +328,7 @@ def record_in_config(adapter_dir: str | os.PathLike[str], section: str, key: str
     try:
         os.chmod(tmp, path.stat().st_mode & 0o777)
         with os.fdopen(fd, "w", encoding="utf-8") as out:
-            json.dump(data, out, indent=2, allow_nan=False)
-            out.write("\n")
+            out.write(dumps(data))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

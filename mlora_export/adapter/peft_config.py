@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -127,7 +128,7 @@ def check_peft_config(cfg: Any, path: Path, *, patterns: bool = False, refuse: M
                 raise InvalidAdapterError(f"{path}: {key} is set; per-module ranks or alphas are not supported, use one r and lora_alpha", path=path)
     if cfg.get("bias", "none") != "none":
         raise InvalidAdapterError(f"{path}: bias is {cfg['bias']!r}; LoRA adapters that train biases are not supported (use bias 'none')", path=path)
-    r = cfg.get("r")
+    r: int = cfg.get("r")  # type: ignore[assignment]  # checked just below
     _check_rank(r, "r", path)
     alpha = cfg.get("lora_alpha", 8)
     if not is_finite_real(alpha) or alpha <= 0:
@@ -276,6 +277,22 @@ def peft_scaling(peft_config: Mapping[str, Any]) -> float:
     return alpha / math.sqrt(r) if peft_config.get("use_rslora") else alpha / r
 
 
+def _legacy_dropout(legacy: dict[str, Any]) -> float:
+    """The ``lora_dropout`` an older call of :func:`build_peft_config` passed (0 without one).
+
+    Raises:
+        TypeError: another keyword.
+    """
+    unknown = [k for k in legacy if k != "lora_dropout"]
+    if unknown:
+        raise TypeError(f"build_peft_config() got an unexpected keyword argument {unknown[0]!r}")
+    if not legacy:
+        return 0.0
+    warnings.warn("build_peft_config(lora_dropout=...) is deprecated: the configs written are for inference; the keyword goes "
+                  "in the next release", DeprecationWarning, stacklevel=3)
+    return float(legacy["lora_dropout"])
+
+
 def build_peft_config(
     *,
     r: int,
@@ -285,13 +302,16 @@ def build_peft_config(
     fan_in_fan_out: bool = False,
     base_model: str | None = None,
     task_type: str | None = "CAUSAL_LM",
-    lora_dropout: float = 0.0,
     modules_to_save: list[str] | None = None,
+    **legacy: Any,
 ) -> dict[str, Any]:
     """A minimal ``adapter_config.json`` that every PEFT release since 0.6 reads.
 
-    Only the keys PEFT needs: unknown keys break older PEFT releases (docs/design.md §2).
+    Only the keys PEFT needs: unknown keys break older PEFT releases (docs/design.md §2). The
+    configs we write are for inference: ``lora_dropout`` is 0 (a ``lora_dropout=`` keyword still
+    works for one release, with a ``DeprecationWarning``).
     """
+    lora_dropout = _legacy_dropout(legacy)
     cfg: dict[str, Any] = {
         "peft_type": "LORA",
         "task_type": task_type,

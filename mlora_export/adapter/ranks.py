@@ -32,7 +32,7 @@ def check_scale_mode(scale_mode: str) -> None:
 
 def check_ranks_in_range(adapter: NestedAdapter, ranks: Iterable[object]) -> None:
     """Raise :class:`RankError` naming every rank outside ``[1, r]`` of ``adapter``."""
-    bad = [k for k in ranks if not is_int(k) or not 1 <= k <= adapter.max_rank]
+    bad = [k for k in ranks if not (isinstance(k, int) and is_int(k) and 1 <= k <= adapter.max_rank)]
     if bad:
         raise RankError(
             f"rank(s) {bad} are outside [1, {adapter.max_rank}] for adapter {str(adapter.path)!r}; "

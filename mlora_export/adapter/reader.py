@@ -9,24 +9,51 @@ from __future__ import annotations
 
 import mmap
 import warnings
-from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 
-from ..safetensors_io import DTYPE_SIZES
+from ..io.safetensors import DTYPE_SIZES, SafetensorsHeader
 from .files import check_finite
 from .rounding import NUMPY_TYPES, scaled_copy
 
 if TYPE_CHECKING:
     import torch
 
-    from .folder import NestedAdapter
+
+class ReadableAdapter(Protocol):
+    """What a reader reads (a :class:`~.folder.NestedAdapter`, which opens readers with its
+    ``reader()``): the weights file, its header, the modules' tensor names, the scale."""
+
+    @property
+    def weights_path(self) -> Path: ...
+    @property
+    def header(self) -> SafetensorsHeader: ...
+    @property
+    def modules(self) -> Mapping[str, Any]: ...
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def fan_in_fan_out(self) -> bool: ...
+    def scale(self, k: int) -> float: ...
 
 
-def orient_delta(delta: "torch.Tensor", fan_in_fan_out: bool) -> "torch.Tensor":
-    """Return ``delta`` (``[out, in]``) in the layout of the base weight: transposed for ``Conv1D``."""
-    return delta.T if fan_in_fan_out else delta
+class _Matrix(Protocol):
+    """A torch tensor or a numpy array: what has a transpose ``.T``."""
+
+    @property
+    def T(self) -> Any: ...  # the name torch and numpy give it
+
+
+M = TypeVar("M", bound=_Matrix)
+
+
+def orient_delta(delta: M, fan_in_fan_out: bool) -> M:
+    """Return ``delta`` (``[out, in]``, a tensor or an array) in the layout of the base weight:
+    transposed for ``Conv1D``."""
+    return delta.T if fan_in_fan_out else delta  # type: ignore[no-any-return]
 
 
 class AdapterReader:
@@ -36,14 +63,14 @@ class AdapterReader:
     first ``k`` rows, ``B[:, :k]`` gathers ``k`` columns into a new contiguous tensor.
     """
 
-    def __init__(self, adapter: NestedAdapter, mm: "mmap.mmap") -> None:
+    def __init__(self, adapter: ReadableAdapter, mm: "mmap.mmap") -> None:
         self.adapter = adapter
         self._mm = mm
 
     def _view(self, key: str) -> "torch.Tensor":
         import torch
 
-        from ..safetensors_io import torch_dtype
+        from ..io.safetensors import torch_dtype
 
         info = self.adapter.header.tensors[key]
         dtype = torch_dtype(info.dtype)

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..errors import BaseModelError, BaseModelMismatchError
-from ..safetensors_io import TensorInfo
+from ..io.safetensors import TensorInfo
 from .folder import FLOAT_WEIGHT_DTYPES
 
 if TYPE_CHECKING:

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BaseModelError, InvalidAdapterError
-from ..fs import check_regular_file, read_json
-from ..safetensors_io import SafetensorsHeader, TensorInfo, read_header
+from ..io.files import check_regular_file
+from ..io.jsonio import read_json
+from ..io.safetensors import SafetensorsHeader, TensorInfo, read_header
 
 logger = logging.getLogger(__name__)
 

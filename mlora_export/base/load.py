@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from ..errors import BaseModelError, ConfigError, DataError
 from .folder import check_base_model_dir
@@ -20,8 +20,8 @@ _TOKENIZER_HINT = "save the tokenizer into the model folder"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
                    "merges.txt", "spiece.model", "sentencepiece.bpe.model", "special_tokens_map.json")
 
-TASK_CAUSAL_LM = "causal-lm"
-TASK_SEQ_CLS = "sequence-classification"
+TASK_CAUSAL_LM: Final = "causal-lm"
+TASK_SEQ_CLS: Final = "sequence-classification"
 #: The model heads a base may have: a causal LM or a sequence classifier (read from ``architectures``).
 Task = Literal["causal-lm", "sequence-classification"]
 
@@ -74,7 +74,7 @@ def base_task(path: str | os.PathLike[str]) -> Task:
     root = check_base_model_dir(path)
     try:
         config = transformers.AutoConfig.from_pretrained(root, local_files_only=True)
-    except Exception as e:  # noqa: BLE001 - any parse failure is a bad input
+    except Exception as e:  # any parse failure is a bad input
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BaseModelError(f"{root / 'config.json'}: cannot be read by transformers ({first})") from e
     archs = list(getattr(config, "architectures", None) or [])
@@ -126,12 +126,12 @@ def load_base_model(
         model = auto.from_pretrained(str(p), local_files_only=True, use_safetensors=True, dtype=torch_dtype, **extra)
     except _not_input_errors(torch):
         raise  # the machine ran out of something: not a fault of the folder, so not a BaseModelError (exit 2)
-    except Exception as e:  # noqa: BLE001 - any other failure to build the model from the folder is a bad base folder
+    except Exception as e:  # any other failure to build the model from the folder is a bad base folder
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         kind = "a sequence classifier" if task == TASK_SEQ_CLS else "a causal language model"
         raise BaseModelError(f"{str(p)!r}: transformers cannot load it as {kind} ({type(e).__name__}: {first})") from e
     if device is not None:
-        model = model.to(device)
+        model = model.to(device)  # type: ignore[arg-type]  # transformers' stub wraps .to for models only
     return model.eval()
 
 

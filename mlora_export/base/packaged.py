@@ -17,7 +17,6 @@ original bfloat16 checkpoint.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -140,7 +139,7 @@ def dequantize_gguf(gguf: Path, out: Path, dtype: str = "bfloat16") -> None:
 def _portable_tokenizer_config(path: Path, max_positions: int) -> None:
     """Make the saved ``tokenizer_config.json`` read as the Hub's original does: the GPT-2 BPE class
     name (older transformers know no ``TokenizersBackend``), no load-time keys, the model's length."""
-    from ..fs import read_json
+    from ..io.jsonio import read_json, write_json
 
     cfg = read_json(path, BaseModelError, "tokenizer config")
     if not isinstance(cfg, dict):
@@ -150,7 +149,7 @@ def _portable_tokenizer_config(path: Path, max_positions: int) -> None:
         cfg.pop(key, None)
     if max_positions > 0:
         cfg["model_max_length"] = max_positions
-    path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_json(path, cfg, ensure_ascii=False)
 
 
 def materialize(name: str = "smollm2", cache_dir: str | os.PathLike[str] | None = None, *, dtype: str = "bfloat16") -> Path:

@@ -35,6 +35,14 @@ from ..errors import (
     OutputExistsError,
     RemoteIntegrityError,
 )
+from ..converters.gguf import GgufOptions
+from ..converters.hub.bundle import BundleOptions
+from ..converters.hub.choose import RankBudget
+from ..converters.hub.push import PushOptions
+from ..converters.onnx.common import OnnxExportOptions
+from ..evaluation.options import EvalOptions
+from ..params import flag_hints
+from ..training.recipe import NestedRecipe
 from ..urls import redact_url
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -50,37 +58,17 @@ EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
     (RecursionError, 2),
 )
 
-#: What to add to a message whose ``option`` names a library parameter: the flag(s) to use.
-#: An error of type :class:`OutputExistsError` with option ``force`` gets its own wording.
-FLAG_HINTS: dict[str, str] = {
+#: The hints of the options that are no field of a library option dataclass (the flag of each
+#: dataclass field comes with the field: :func:`mlora_export.params.param`).
+_OTHER_HINTS: dict[str, str] = {
     "force": "or pass --force to replace it",
     "ranks": "see --ranks",
     "rank": "see --rank",
-    "record": "see --record",
-    "metric": "see --metric",
-    "tokenizer_dir": "or pass --tokenizer DIR",
     "max_length": "see --max-length",
     "max_steps": "see --epochs / --max-steps",
-    "dtype": "see --dtype",
-    "opset": "see --opset",
-    "merged": "see --merged and --rank",
-    "adapters_per_rank": "see --adapters-per-rank",
-    "genai": "see --genai",
-    "gguf_base": "see --gguf",
-    "scale_mode": "see --scale-mode",
     "revision": "see --revision",
     "repo_id": "see --repo-id",
-    "token": "or pass --token",
-    "endpoint": "see --endpoint",
-    "private": "see --private",
-    "license": "see --license",
-    "max_bytes": "see --max-bytes / --max-params",
     "budget": "give --max-bytes, --max-params, --max-latency-ms, --min-score or --within",
-    "max_latency_ms": "see --max-latency-ms",
-    "min_score": "see --min-score",
-    "within": "see --within",
-    "measure_latency": "see --measure-latency and --with-onnx",
-    "onnx_base": "see --with-onnx",
     "rank_weights": "see --rank-weights",
     "report_to": "see --report-to",
     "load_in_4bit": "see --load-in-4bit",
@@ -96,6 +84,13 @@ FLAG_HINTS: dict[str, str] = {
     "data_split": "see --data-split",
     "data_config": "see --data-config",
     "data_columns": "see --data-columns",
+}
+
+#: What to add to a message whose ``option`` names a library parameter: the flag(s) to use.
+#: An error of type :class:`OutputExistsError` with option ``force`` gets its own wording.
+FLAG_HINTS: dict[str, str] = {
+    **flag_hints(OnnxExportOptions, EvalOptions, RankBudget, BundleOptions, PushOptions, GgufOptions, NestedRecipe),
+    **_OTHER_HINTS,
 }
 
 #: Signals handled like Ctrl-C while a command runs.
@@ -200,8 +195,9 @@ def _terminate_as_interrupt() -> Iterator[None]:
                 signal.signal(sig, old)
 
 
-def _path_arguments(kwargs: dict[str, Any]) -> list[tuple[str, str]]:
-    """``(value, option name)`` of the running command's path arguments other than its output."""
+def _path_arguments() -> list[tuple[str, str]]:
+    """``(value, option name)`` of the running command's path arguments other than its output
+    (read from the parsed values, so that options handed on as one object count too)."""
     ctx = click.get_current_context(silent=True)
     if ctx is None:
         return []
@@ -210,7 +206,7 @@ def _path_arguments(kwargs: dict[str, Any]) -> list[tuple[str, str]]:
         if not isinstance(param.type, click.Path) or param.name in ("output", None):
             continue
         label = param.opts[0] if isinstance(param, click.Option) else param.name.upper()
-        value = kwargs.get(param.name)
+        value = ctx.params.get(param.name)
         if isinstance(value, (tuple, list)):
             paths.extend((str(v), label) for v in value if v is not None)
         elif value is not None:
@@ -226,7 +222,7 @@ def handle_errors(func: F) -> F:
         from ..fs import protected_inputs
 
         try:
-            with _terminate_as_interrupt(), protected_inputs(_path_arguments(kwargs)):
+            with _terminate_as_interrupt(), protected_inputs(_path_arguments()):
                 return func(*args, **kwargs)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
@@ -239,7 +235,7 @@ def handle_errors(func: F) -> F:
             drop_warnings()
             click.echo("error: interrupted; no output was written", err=True)
             sys.exit(130)
-        except Exception as exc:  # noqa: BLE001 - the one place that turns errors into exit codes
+        except Exception as exc:  # the one place that turns errors into exit codes
             if debug_enabled():
                 logging.getLogger("mlora_export").exception("command failed")
             drop_warnings()

@@ -5,15 +5,7 @@ from __future__ import annotations
 import click
 
 from ._errors import handle_errors
-from ._options import (
-    AsciiIntRange,
-    BarProgress,
-    echo_json,
-    echo_table,
-    force_option,
-    json_option,
-    quiet_transformers_bars,
-)
+from ._options import AsciiIntRange, BarProgress, echo_json, echo_table, force_option, json_option, quiet_transformers_bars
 
 
 class _StageBars:

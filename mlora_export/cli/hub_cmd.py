@@ -2,27 +2,32 @@
 
 from __future__ import annotations
 
+import functools
+import os
 import re
+from collections.abc import Callable
 from typing import Any
 
 import click
 
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TypeVar
+
+from ..converters.hub.bundle import BundleOptions
+from ..converters.hub.choose import RankBudget
+from ..converters.hub.push import PushOptions
 from ..evaluation.scoring import METRICS
+from ..params import fields_of
 from ..units import human_bytes
 from ..validate import ascii_int
 from ._errors import handle_errors
-from ._options import (
-    FLOAT,
-    AsciiFloatRange,
-    AsciiIntRange,
-    BarProgress,
-    RankList,
-    echo_json,
-    echo_table,
-    force_option,
-    json_option,
-    scale_mode_option,
-)
+from ._options import BarProgress, BaseModelArg, adapter_argument, base_model_option, collect, echo_json, echo_table
+from ._options import field_help, field_option, field_options, force_option, json_option, output_option, ranks_option, revision_option
+
+F = TypeVar("F", bound=Callable[..., Any])
+logger = logging.getLogger("mlora_export.cli")
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
           "kib": 1024, "mib": 1024**2, "gib": 1024**3}
@@ -61,56 +66,91 @@ class RankOrAuto(click.ParamType):
         return k
 
 
-
-#: The flag of each bundle-building option of :func:`~mlora_export.converters.hub.push.publish`.
-_BUNDLE_FLAGS = {"ranks": "--ranks", "base_model_id": "--base-model-id", "license_id": "--license", "default_rank": "--default-rank",
-                 "onnx_base": "--with-onnx", "measure_latency": "--measure-latency", "scale_mode": "--scale-mode"}
-
-
-def _bundle_options(func: Any) -> Any:
-    for opt in reversed([
-        click.option("--ranks", type=RankList(), default="all", show_default=True, help="Comma-separated ranks (e.g. 4,8,16) or 'all' for the train ranks."),
-        scale_mode_option("How the slices express s(k) (see `mlora-export slice --help`)."),
-        click.option("--base-model-id", "--base-model", "base_model",
-                     help="Hub id of the base model for the card (default: the one recorded in the adapter); only a name, nothing is "
-                          "read from it (--base-model is its older name)."),
-        click.option("--license", "license_id", help="License id for the card, e.g. apache-2.0."),
-        click.option("--default-rank", type=AsciiIntRange(min=1),
-                     help="Rank also written at the bundle's root, for PeftModel.from_pretrained(base, repo).  [default: the best by the recorded evaluation, else the largest]"),
-        click.option("--with-onnx", "onnx_base", type=click.Path(path_type=str), metavar="BASE_DIR",
-                     help="Also export a dynamic-rank ONNX model (verified in ONNX Runtime) into onnx/, built on the base model BASE_DIR "
-                          "(a local folder or a Hub model id)."),
-        click.option("--measure-latency", is_flag=True,
-                     help="With --with-onnx: time every rank in ONNX Runtime on this machine; record it (and the machine) in the manifest for pull --max-latency-ms."),
-    ]):
-        func = opt(func)
-    return func
+#: ``--base-model`` of ``bundle`` and ``push-hub``: the base the exports are built on (the card's name too, for a Hub id).
+_BUNDLE_BASE_HELP = ("The base model, a local folder or a Hub model id (downloaded): what --with-onnx exports on{gguf}. A Hub "
+                     "id also names the card's base model, unless --base-model-id does.")
+#: An export flag whose value, when one is given, is its older spelling.
+_EXPORT_FLAG = {"is_flag": False, "flag_value": "", "default": None, "type": click.STRING, "metavar": ""}
 
 
-def _local_bases(output: str | None, force: bool, onnx_base: str | None, gguf_base: str | None) -> tuple[str | None, str | None]:
-    """``--with-onnx`` and ``--gguf`` bases given as Hub ids, downloaded (the output checked first)."""
+def _older(flag: str) -> str:
+    return f" ({flag} BASE, the older spelling, still works for one release.)"
+
+
+def _bundle_options(gguf: bool) -> Callable[[F], F]:
+    """The bundle-building options of ``bundle`` (with ``gguf``) and ``push-hub``: ``--ranks`` and :class:`BundleOptions`."""
+    base_help = _BUNDLE_BASE_HELP.format(gguf=" and whose architecture --gguf reads" if gguf else "")
+
+    def decorate(func: F) -> F:
+        for opt in reversed([
+            ranks_option("Comma-separated ranks (e.g. 4,8,16) or 'all' for the train ranks.", required=False, default="all"),
+            field_option(BundleOptions, "scale_mode"),
+            base_model_option(base_help, revision=False),
+            field_option(BundleOptions, "base_model_id"),
+            field_option(BundleOptions, "license_id"),
+            field_option(BundleOptions, "default_rank"),
+            field_option(BundleOptions, "onnx_base", **_EXPORT_FLAG, help=field_help(BundleOptions, "onnx_base") + _older("--with-onnx")),
+            field_option(BundleOptions, "measure_latency"),
+        ]):
+            func = opt(func)
+        return func
+
+    return decorate
+
+
+def _bundle_bases(options: BundleOptions, base: BaseModelArg, output: str | None, force: bool) -> BundleOptions:
+    """``options`` with the exports' base resolved to a local folder (a Hub id downloaded, the output
+    checked first) and the card's Hub id chosen.
+
+    ``--with-onnx`` and ``--gguf`` are flags that build on ``--base-model`` (their value ``""``);
+    their older spelling names the base itself (``--with-onnx BASE``), and then ``--base-model``
+    keeps its older meaning, the card's Hub id, as it also has without either export.
+
+    Raises:
+        click.UsageError: an export flag without ``--base-model``.
+    """
+    from ..converters.hub.card import hub_base_model
+
+    onnx, gguf = options.onnx_base, options.gguf_base
+    older = [(flag, v) for flag, v in (("--with-onnx", onnx), ("--gguf", gguf)) if v]
+    for flag, _ in older:
+        logger.warning("%s BASE is deprecated: give %s with --base-model BASE (the older spelling goes in the next release)", flag, flag)
+    if not older:
+        missing = [flag for flag, v in (("--with-onnx", onnx), ("--gguf", gguf)) if v == "" and base.spec is None]
+        if missing:
+            raise click.UsageError(f"{missing[0]} builds on the base model: give --base-model (a local folder or a Hub model id)")
+        onnx = base.spec if onnx == "" else None
+        gguf = base.spec if gguf == "" else None
+    card = options.base_model_id
+    if card is None and base.spec is not None and (older or (onnx is None and gguf is None)
+                                                    or (hub_base_model(base.spec) and not Path(base.spec).exists())):
+        card = base.spec
+    return replace(options, base_model_id=card, onnx_base=_local_base(onnx, output, force), gguf_base=_local_base(gguf, output, force, config_only=True))
+
+
+def _local_base(spec: str | os.PathLike[str] | None, output: str | None, force: bool, config_only: bool = False) -> str | None:
+    """The local folder of an export's base (a Hub id downloaded; the output checked first)."""
+    if spec is None:
+        return None
     from ..base import resolve_base_model
     from ..fs import check_output_path
 
-    if output is not None and (onnx_base is not None or gguf_base is not None):
+    if output is not None:
         check_output_path(output, force)
-    return (None if onnx_base is None else str(resolve_base_model(onnx_base)),
-            None if gguf_base is None else str(resolve_base_model(gguf_base, config_only=True)))
+    return str(resolve_base_model(spec, config_only=config_only))
 
 
 @click.command("bundle")
-@click.argument("adapter", type=click.Path(path_type=str))
-@click.option("--output", "-o", required=True, type=click.Path(path_type=str), help="Bundle folder to create (same layout as the Hub repo).")
-@_bundle_options
-@click.option("--gguf", "gguf_base", type=click.Path(path_type=str), metavar="BASE",
-              help="Also write each rank's llama.cpp LoRA adapter, r{k}/adapter.gguf; BASE: the base model folder or its config.json, "
-                   "or a Hub model id (for the architecture).")
-@click.option("--repo-id", help="Repo id to show in the card's snippets (default: a placeholder).")
+@adapter_argument
+@output_option("Bundle folder to create (same layout as the Hub repo).")
+@_bundle_options(gguf=True)
+@field_option(BundleOptions, "gguf_base", **_EXPORT_FLAG, help=field_help(BundleOptions, "gguf_base") + _older("--gguf"))
+@field_options(BundleOptions, "repo_id")
 @force_option
 @json_option
 @handle_errors
-def bundle(adapter: str, output: str, ranks: Any, scale_mode: str, base_model: str | None, license_id: str | None,
-           default_rank: int | None, onnx_base: str | None, measure_latency: bool, gguf_base: str | None, repo_id: str | None, force: bool, as_json: bool) -> None:
+@collect(BundleOptions, "options")
+def bundle(adapter: str, output: str, ranks: Any, base: BaseModelArg, options: BundleOptions, force: bool, as_json: bool) -> None:
     """Write a variant bundle of a nested ADAPTER to a local folder (no network).
 
     The folder holds README.md (model card), matryoshka_config.json, manifest.json (every
@@ -119,21 +159,18 @@ def bundle(adapter: str, output: str, ranks: Any, scale_mode: str, base_model: s
     \b
     Example:
       mlora-export bundle ./nested --ranks 4,8,16,32 --output ./bundle
-      mlora-export bundle ./nested --ranks 8,16 --with-onnx ./base-model --output ./bundle
-      mlora-export bundle ./nested --ranks 8,16 --gguf ./base-model --output ./bundle
+      mlora-export bundle ./nested --ranks 8,16 --with-onnx --base-model ./base-model --output ./bundle
+      mlora-export bundle ./nested --ranks 8,16 --gguf --base-model ./base-model --output ./bundle
     """
-    if repo_id is not None:
+    if options.repo_id is not None:
         from ..converters.hub.push import check_repo_id
 
-        check_repo_id(repo_id)
+        check_repo_id(options.repo_id)
     from ..converters.hub.bundle import write_bundle
 
-    onnx_base, gguf_base = _local_bases(output, force, onnx_base, gguf_base)
+    options = _bundle_bases(options, base, output, force)
     with BarProgress("onnx export", unit="step") as export_bar, BarProgress("bundling") as bar:
-        b = write_bundle(adapter, ranks, output, scale_mode=scale_mode, base_model_id=base_model, license_id=license_id,
-                         repo_id=repo_id, onnx_base=onnx_base, default_rank=default_rank, measure_latency=measure_latency,
-                         gguf_base=gguf_base, force=force, progress=bar,
-                         export_progress=export_bar)
+        b = write_bundle(adapter, ranks, output, options, force=force, progress=bar, export_progress=export_bar)
     if as_json:
         echo_json({"path": str(b.path), "ranks": [r.__dict__ for r in b.ranks], "files": [f.__dict__ for f in b.files], "bytes": b.total_bytes})
         return
@@ -141,22 +178,23 @@ def bundle(adapter: str, output: str, ranks: Any, scale_mode: str, base_model: s
     click.echo(f"wrote {b.path} ({len(b.files) + 1} files, {human_bytes(b.total_bytes)})")
 
 
+#: The flag of each bundle-building option of :func:`~mlora_export.converters.hub.push.publish`.
+_BUNDLE_FLAGS = {"ranks": "--ranks", **{name: f.metadata["flag"] for name, f in fields_of(BundleOptions).items() if f.metadata["flag"]}}
+
+
 @click.command("push-hub")
 @click.argument("source", type=click.Path(path_type=str))
 @click.option("--repo-id", required=True, help="Hub repo to push to, namespace/name (created if needed).")
-@_bundle_options
-@click.option("--private", is_flag=True, help="Create the repo as private; refuses to push to an existing public repo.")
-@click.option("--revision", default="main", show_default=True, help="Branch to commit to (created from main if needed).")
-@click.option("--branches", is_flag=True, help="Also make a branch r{k} per rank whose root holds that rank's adapter.")
-@click.option("--dry-run", is_flag=True, help="Build the bundle and list its files and sizes; no network call (but a Hub id given to --with-onnx is downloaded).")
-@click.option("--token", help="Hub token (default: HF_TOKEN, then the `hf auth login` cache). Never printed.")
-@click.option("--endpoint", help="Hub URL for private deployments and mirrors (default: HF_ENDPOINT, then huggingface.co).")
-@click.option("--commit-message", help="Commit summary (default: names the ranks).")
+@_bundle_options(gguf=False)
+@field_options(PushOptions, "private", "revision", "branches")
+@click.option("--dry-run", is_flag=True, help="Build the bundle and list its files and sizes; no network call (but a Hub id given to --base-model is downloaded).")
+@field_options(PushOptions, "token", "endpoint", "commit_message")
 @json_option
 @handle_errors
-def push_hub(source: str, repo_id: str, ranks: Any, scale_mode: str, base_model: str | None, license_id: str | None,
-             default_rank: int | None, onnx_base: str | None, measure_latency: bool, private: bool, revision: str, branches: bool, dry_run: bool, token: str | None, endpoint: str | None,
-             commit_message: str | None, as_json: bool) -> None:
+@collect(PushOptions, "push")
+@collect(BundleOptions, "options")
+def push_hub(source: str, repo_id: str, ranks: Any, base: BaseModelArg, options: BundleOptions, push: PushOptions, dry_run: bool,
+             as_json: bool) -> None:
     """Push a variant bundle of SOURCE to the Hub as one commit.
 
     SOURCE is a nested adapter (bundled on the fly at --ranks) or a folder written by
@@ -170,15 +208,13 @@ def push_hub(source: str, repo_id: str, ranks: Any, scale_mode: str, base_model:
     """
     from ..converters.hub.push import publish
 
-    onnx_base, _ = _local_bases(None, False, onnx_base, None)
+    options = _bundle_bases(options, base, None, False)
     with BarProgress("onnx export", unit="step") as export_bar, BarProgress("bundling") as bar:
-        published = publish(source, repo_id, ranks=ranks, scale_mode=scale_mode, base_model_id=base_model, license_id=license_id,
-                            default_rank=default_rank, onnx_base=onnx_base, measure_latency=measure_latency, private=private, revision=revision, branches=branches,
-                            dry_run=dry_run, token=token, endpoint=endpoint, commit_message=commit_message, progress=bar,
-                            export_progress=export_bar)
+        published = publish(source, repo_id, ranks, options, push, dry_run=dry_run, progress=bar, export_progress=export_bar)
     if published.ignored:
         flags = ", ".join(_BUNDLE_FLAGS[name] for name in published.ignored)
         click.echo(f"warning: {source} is already a bundle; {flags} ignored (rebuild it with `mlora-export bundle` to change them)", err=True)
+    revision = push.revision
     if published.listing is not None:
         listing = published.listing
         if as_json:
@@ -201,29 +237,39 @@ def push_hub(source: str, repo_id: str, ranks: Any, scale_mode: str, base_model:
         click.echo(f"  branch {ref.branch}: " + (f"commit {ref.commit}" if ref.changed else "up to date"))
 
 
+@dataclass(frozen=True)
+class HubAccess:
+    """``--token`` and ``--endpoint``: how to reach the Hub."""
+
+    token: str | None = None
+    endpoint: str | None = None
+
+
+def _hub_access_options(func: F) -> F:
+    """``--token`` and ``--endpoint`` (their help is :class:`PushOptions`'), handed on as one ``hub`` (:class:`HubAccess`)."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return func(*args, hub=HubAccess(kwargs.pop("token"), kwargs.pop("endpoint")), **kwargs)
+
+    f: Any = click.option("--endpoint", help=field_help(PushOptions, "endpoint"))(wrapper)
+    return click.option("--token", help=field_help(PushOptions, "token"))(f)  # type: ignore[no-any-return]
+
+
 @click.command("pull")
 @click.argument("repo_id")
 @click.option("--rank", required=True, type=RankOrAuto(),
               help="Rank to fetch, or 'auto' to choose it by the limits and scores below.")
-@click.option("--output", "-o", required=True, type=click.Path(path_type=str), help="Folder to create: a plain PEFT adapter.")
-@click.option("--revision", default="main", show_default=True, help="Branch, tag or commit to pull from.")
-@click.option("--max-bytes", type=ByteSize(), help="With --rank auto: the download size limit (e.g. 50MB, 1GiB).")
-@click.option("--max-params", type=AsciiIntRange(min=1), help="With --rank auto: the parameter count limit.")
-@click.option("--max-latency-ms", type=AsciiFloatRange(min=0, min_open=True),
-              help="With --rank auto: the per-forward latency limit, as the bundle recorded it (bundle --measure-latency).")
-@click.option("--min-score", type=FLOAT,
-              help="With --rank auto: the smallest rank whose recorded score reaches this (percent for accuracy and exact-match).")
-@click.option("--within", type=AsciiFloatRange(min=0),
-              help="With --rank auto: the smallest rank within this many points of the best recorded score.")
-@click.option("--metric", type=click.Choice(list(METRICS)), help="The recorded evaluation --min-score/--within judge by (default: the first recorded).")
-@click.option("--token", help="Hub token (default: HF_TOKEN, then the `hf auth login` cache). Never printed.")
-@click.option("--endpoint", help="Hub URL for private deployments and mirrors (default: HF_ENDPOINT, then huggingface.co).")
+@output_option("Folder to create: a plain PEFT adapter.")
+@revision_option("Branch, tag or commit to pull from.", default="main", show_default=True)
+@field_options(RankBudget, "max_bytes", "max_params", "max_latency_ms", "min_score", "within", "metric",
+               overrides={"max_bytes": {"type": ByteSize()}, "metric": {"type": click.Choice(list(METRICS))}})
+@_hub_access_options
 @force_option
 @json_option
 @handle_errors
-def pull(repo_id: str, rank: Any, output: str, revision: str, max_bytes: int | None, max_params: int | None,
-         max_latency_ms: float | None, min_score: float | None, within: float | None, metric: str | None,
-         token: str | None, endpoint: str | None, force: bool, as_json: bool) -> None:
+@collect(RankBudget, "budget")
+def pull(repo_id: str, rank: Any, output: str, revision: str, budget: RankBudget, hub: HubAccess, force: bool, as_json: bool) -> None:
     """Fetch one rank of a variant bundle from the Hub, sha256-verified against its manifest.
 
     Only manifest.json, matryoshka_config.json and the rank's folder are downloaded. OUTPUT is
@@ -239,13 +285,10 @@ def pull(repo_id: str, rank: Any, output: str, revision: str, max_bytes: int | N
     """
     from ..converters.hub.pull import pull_rank
 
-    limits = {"--max-bytes": max_bytes, "--max-params": max_params, "--max-latency-ms": max_latency_ms,
-              "--min-score": min_score, "--within": within, "--metric": metric}
-    if rank != "auto" and any(v is not None for v in limits.values()):
-        raise click.UsageError(f"{', '.join(k for k, v in limits.items() if v is not None)} only apply with --rank auto")
-    result = pull_rank(repo_id, rank, output, revision=revision, endpoint=endpoint, token=token,
-                       max_bytes=max_bytes, max_params=max_params, max_latency_ms=max_latency_ms,
-                       min_score=min_score, within=within, metric=metric, force=force)
+    given = [f.metadata["flag"] for name, f in fields_of(RankBudget).items() if getattr(budget, name) is not None]
+    if rank != "auto" and given:
+        raise click.UsageError(f"{', '.join(given)} only apply with --rank auto")
+    result = pull_rank(repo_id, rank, output, budget, revision=revision, endpoint=hub.endpoint, token=hub.token, force=force)
     if as_json:
         echo_json(result.to_dict())
         return

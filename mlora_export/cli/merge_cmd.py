@@ -7,7 +7,7 @@ import click
 from ..converters.merge import OUTPUT_DTYPES
 from ..units import human_bytes
 from ._errors import handle_errors
-from ._options import INT, BarProgress, base_model_options, echo_json, force_option, json_option
+from ._options import INT, BarProgress, BaseModelArg, base_model_options, echo_json, force_option, json_option
 
 
 @click.command("merge")
@@ -20,7 +20,7 @@ from ._options import INT, BarProgress, base_model_options, echo_json, force_opt
 @force_option
 @json_option
 @handle_errors
-def merge(adapter: str, base_model: str, revision: str | None, rank: int, output: str, dtype: str | None, force: bool, as_json: bool) -> None:
+def merge(adapter: str, base: BaseModelArg, rank: int, output: str, dtype: str | None, force: bool, as_json: bool) -> None:
     """Merge one rank (--rank K) of a nested ADAPTER (or a PEFT LoRA slice) into a base model, shard by shard.
 
     The output has the base's shard names, tensor order and index; untouched tensors are
@@ -31,15 +31,13 @@ def merge(adapter: str, base_model: str, revision: str | None, rank: int, output
     Example:
       mlora-export merge ./nested --base-model ./Llama-3.2-1B --rank 8 --output ./merged-r8
     """
-    from ..base import resolve_base_model
     from ..converters.merge import merge_adapter
-
     from ..fs import check_output_path
 
     check_output_path(output, force)  # before a Hub model is downloaded
-    base = resolve_base_model(base_model, revision=revision)
+    base_dir = base.resolve()
     with BarProgress("merging") as bar:
-        result = merge_adapter(adapter, base, rank, output, dtype=dtype, force=force, progress=bar)
+        result = merge_adapter(adapter, base_dir, rank, output, dtype=dtype, force=force, progress=bar)
     if as_json:
         echo_json(result.to_dict())
         return

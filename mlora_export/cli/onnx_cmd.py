@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import click
 
+from ..converters.onnx.common import OnnxExportOptions
 from ._errors import handle_errors
-from ._options import INT, AsciiIntRange, BarProgress, base_model_options, echo_json, echo_table, force_option, json_option
+from ._options import BarProgress, BaseModelArg, adapter_argument, base_model_options, collect
+from ._options import echo_json, echo_table, field_options, force_option, json_option, output_option
 
 
 def _collapse_kv(names: list[str]) -> list[str]:
@@ -19,27 +21,15 @@ def _collapse_kv(names: list[str]) -> list[str]:
 
 
 @click.command("onnx")
-@click.argument("adapter", type=click.Path(path_type=str))
+@adapter_argument
 @base_model_options
-@click.option("--output", "-o", required=True, type=click.Path(path_type=str), help="Folder to create (model.onnx, export_info.json, …).")
-@click.option("--rank", type=AsciiIntRange(min=1), default=None, help="Fixed-rank export at rank K (default: the rank is a runtime input).")
-@click.option("--merged", is_flag=True, help="With --rank: merge the rank-K delta into the weights (no LoRA ops in the graph).")
-@click.option("--adapters-per-rank", is_flag=True,
-              help="One model with the LoRA weights as inputs, plus adapters/r{k}.onnx_adapter per train rank (onnxruntime.LoraAdapter).")
-@click.option("--genai", is_flag=True,
-              help="A decoder with a KV cache (past_key_values.* in, present.* out) and genai_config.json for onnxruntime-genai "
-                   "(Llama, Qwen2); the rank is the lora_rank input, or with --adapters-per-rank one adapter file per train rank.")
-@click.option("--opset", type=INT, default=18, show_default=True, help="ONNX opset to write (14 to 25).")
-@click.option("--no-verify", is_flag=True, help="Skip the ONNX Runtime vs PyTorch check at every train rank.")
-@click.option("--provider", default="CPUExecutionProvider", show_default=True,
-              help="ONNX Runtime execution provider for verification, e.g. CUDAExecutionProvider (needs pip install '.[gpu]').")
+@output_option("Folder to create (model.onnx, export_info.json, …).")
+@field_options(OnnxExportOptions, "rank", "merged", "adapters_per_rank", "genai", "opset", "verify", "provider")
 @force_option
 @json_option
 @handle_errors
-def onnx(
-    adapter: str, base_model: str, revision: str | None, output: str, rank: int | None, merged: bool, adapters_per_rank: bool, genai: bool, opset: int,
-    no_verify: bool, provider: str, force: bool, as_json: bool,
-) -> None:
+@collect(OnnxExportOptions, "options")
+def onnx(adapter: str, base: BaseModelArg, output: str, options: OnnxExportOptions, force: bool, as_json: bool) -> None:
     """Export a nested ADAPTER on --base-model to ONNX and check it in ONNX Runtime.
 
     By default the graph takes input_ids, attention_mask and an int64 scalar lora_rank
@@ -54,18 +44,14 @@ def onnx(
       mlora-export onnx ./nested --base-model ./my-model --genai --output ./genai             # onnxruntime-genai, lora_rank
       mlora-export onnx ./nested --base-model ./my-model --genai --adapters-per-rank -o ./ga  # onnxruntime-genai, Adapters
     """
-    from ..base import resolve_base_model
-    from ..converters.onnx import export_onnx
-
+    from ..converters.onnx import export_genai, export_onnx
     from ..fs import check_output_path
 
     check_output_path(output, force)  # before a Hub model is downloaded
-    base = resolve_base_model(base_model, revision=revision)
+    base_dir = base.resolve()
+    export = export_genai if options.genai else export_onnx
     with BarProgress("onnx export", unit="step") as bar:
-        res = export_onnx(
-            adapter, base, output, rank=rank, merged=merged, adapters_per_rank=adapters_per_rank, opset=opset,
-            verify=not no_verify, force=force, provider=provider, progress=bar, genai=genai,
-        )
+        res = export(adapter, base_dir, output, options, force=force, progress=bar)
     if as_json:
         echo_json(res.to_dict())
         return

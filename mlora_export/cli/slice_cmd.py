@@ -5,21 +5,13 @@ from __future__ import annotations
 import click
 
 from ._errors import handle_errors
-from ._options import (
-    BarProgress,
-    adapter_argument,
-    echo_json,
-    echo_table,
-    force_option,
-    json_option,
-    ranks_option,
-    scale_mode_option,
-)
+from ._options import BarProgress, adapter_argument, echo_json, echo_table
+from ._options import force_option, json_option, ranks_option, scale_mode_option
 
 
 @click.command("slice")
 @adapter_argument
-@ranks_option
+@ranks_option()
 @click.option("--output", "-o", required=True, type=click.Path(path_type=str), help="Folder to create; one r{k}/ PEFT adapter per rank.")
 @scale_mode_option(
     "baked: s(k) folded into lora_B, lora_alpha = k (every runtime reads it alike); native: exact prefix, s(k) as lora_alpha = s(k)·k (no use_rslora).")

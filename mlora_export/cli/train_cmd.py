@@ -2,33 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import click
 
 from ..base import DTYPES
 from ..errors import ConfigError
 from ..method import SCALINGS, TRAIN_METHODS
 from ..training.pipeline import REPORTERS, TrainSettings
+from ..training.recipe import NestedRecipe
 from ._errors import handle_errors
-from ._options import (
-    FLOAT,
-    INT,
-    BarProgress,
-    ModuleList,
-    base_model_options,
-    data_options,
-    NumberList,
-    RankList,
-    echo_json,
-    force_option,
-    json_option,
-    maybe_torch_threads,
-    quiet_transformers_bars,
-    stdout_to_stderr,
-    threads_option,
-)
+from ._options import FLOAT, INT, BarProgress, BaseModelArg, DataArgs, ModuleList, base_model_options, collect, collect_into, field_options
+from ._options import data_options, NumberList, RankList, echo_json, force_option, json_option, quiet_transformers_bars, stdout_to_stderr, threads_option
 
 #: The defaults of every option come from the library's settings.
 _DEFAULTS = TrainSettings()
+#: The options whose name is not their field's in :class:`TrainSettings`.
+_SETTINGS = {"ranks": "train_ranks", "lora_dropout": "dropout"}
 
 
 @click.command("train")
@@ -44,6 +35,7 @@ _DEFAULTS = TrainSettings()
                    "matryoshka: the paper's one-pass diagonal p; lora: plain LoRA at r; dylora: one sampled rank per step.")
 @click.option("--rank-weights", type=NumberList(), default=None,
               help="nested-loss only: one weight per train rank for the per-example assignment, e.g. 1,1,1,1,2,2.  [default: uniform]")
+@field_options(NestedRecipe, "lora_plus_ratio", "rank_curriculum", "per_rank_loss", "a_init", "loss_aware_ranks")
 @click.option("--scaling", type=click.Choice(list(SCALINGS)), default=_DEFAULTS.scaling, show_default=True, help="s(k) = alpha/sqrt(k), alpha/k or alpha.")
 @click.option("--alpha", type=FLOAT, default=_DEFAULTS.alpha, show_default=True, help="The alpha of s(k).")
 @click.option("--target-modules", type=ModuleList(), default=_DEFAULTS.target_modules, show_default=True,
@@ -87,14 +79,14 @@ _DEFAULTS = TrainSettings()
 @force_option
 @json_option
 @handle_errors
-def train(
-    base_model: str, revision: str | None, data: str, data_split: str | None, data_config: str | None, data_columns: str | None,
-    chat_template: str | None, train_on_prompt: bool, ranks: tuple[int, ...], max_rank: int | None, output: str, method: str, scaling: str,
-    rank_weights: tuple[float, ...] | None, alpha: float, target_modules: str | tuple[str, ...], epochs: float, max_steps: int | None, lr: float, batch_size: int, grad_accum: int,
-    seed: int, max_length: int, dtype: str, lora_dropout: float, warmup_steps: int, warmup_ratio: float, gradient_checkpointing: bool,
-    bf16: bool, load_in_4bit: bool, eval_data: str | None, eval_split: str | None, eval_steps: int | None, eval_ranks: tuple[int, ...] | None, logging_steps: int, report_to: str,
-    save_steps: int | None, resume: str | None, run_dir: str | None, threads: int | None, force: bool, as_json: bool,
-) -> None:
+@collect_into("settings", TrainSettings, {name: _SETTINGS.get(name, name) for name in (
+    "train_on_prompt", "ranks", "max_rank", "method", "rank_weights", "scaling", "alpha", "target_modules", "epochs", "max_steps", "lr",
+    "batch_size", "grad_accum", "seed", "max_length", "dtype", "lora_dropout", "warmup_steps", "warmup_ratio", "gradient_checkpointing",
+    "bf16", "load_in_4bit", "eval_steps", "eval_ranks", "logging_steps", "report_to", "save_steps")})
+@collect_into("run", dict, {name: name for name in ("eval_data", "eval_split", "resume", "run_dir")})
+@collect(NestedRecipe, "recipe")
+def train(base: BaseModelArg, data: DataArgs, settings: TrainSettings, recipe: NestedRecipe, run: dict[str, Any], output: str, force: bool,
+          as_json: bool) -> None:
     """Train a nested adapter (nested-loss by default) on a base model and write it to --output.
 
     The data's kind is read from its records: plain text, prompt/completion, or conversations
@@ -115,25 +107,19 @@ def train(
       mlora-export train ... --save-steps 100            # checkpoints in ./nested-run
       mlora-export train ... --resume ./nested-run/checkpoint-300
     """
-    from ..data import DataSource, parse_columns, read_chat_template
+    from ..data import DataSource
+    from ..training.pipeline import RunOptions
     from ..training.pipeline import train as run_train
 
-    source = DataSource(data, split=data_split, config=data_config, columns=parse_columns(data_columns))
-    template = read_chat_template(chat_template) if chat_template is not None else None
-    settings = TrainSettings(
-        method=method, rank_weights=rank_weights, train_ranks=tuple(ranks), max_rank=max_rank, scaling=scaling, alpha=alpha,
-        target_modules=target_modules,
-        epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum, seed=seed,
-        max_length=max_length, dtype=dtype, train_on_prompt=train_on_prompt, chat_template=template, dropout=lora_dropout,
-        warmup_steps=warmup_steps, warmup_ratio=warmup_ratio, gradient_checkpointing=gradient_checkpointing, bf16=bf16,
-        load_in_4bit=load_in_4bit, eval_steps=eval_steps, eval_ranks=eval_ranks, logging_steps=logging_steps, report_to=report_to, save_steps=save_steps,
-    )
-    if eval_split is not None and eval_data is None:
+    source = data.source()
+    settings = dataclasses.replace(settings, chat_template=data.chat_template(), recipe=recipe)
+    if run["eval_split"] is not None and run["eval_data"] is None:
         raise ConfigError("an evaluation split needs evaluation data", option="eval_data")
-    eval_source = DataSource(eval_data, split=eval_split, config=data_config, columns=source.columns) if eval_data is not None else None
-    with stdout_to_stderr(), maybe_torch_threads(threads), quiet_transformers_bars(), BarProgress("training", unit="step") as bar:
-        result = run_train(base_model, source, output, settings, force=force, progress=bar, revision=revision, eval_data=eval_source,
-                           resume=resume, run_dir=run_dir)
+    eval_source = (DataSource(run["eval_data"], split=run["eval_split"], config=data.config, columns=source.columns)
+                   if run["eval_data"] is not None else None)
+    options = RunOptions(revision=base.revision, eval_data=eval_source, resume=run["resume"], run_dir=run["run_dir"])
+    with stdout_to_stderr(), quiet_transformers_bars(), BarProgress("training", unit="step") as bar:
+        result = run_train(base.given, source, output, settings, options, force=force, progress=bar)
     if not result.is_main_process:
         return
     if as_json:

@@ -1,7 +1,7 @@
 """llama.cpp LoRA adapters (GGUF), one file per rank, written with llama.cpp's own ``gguf`` package.
 
 The file at rank ``k`` is what llama.cpp's ``convert_lora_to_gguf.py`` writes for the rank-``k``
-PEFT slice of the same adapter (DESIGN.md §2), tensor for tensor, with its metadata
+PEFT slice of the same adapter (docs/design.md §2), tensor for tensor, with its metadata
 (``general.type = adapter``, ``adapter.type = lora``, ``adapter.lora.alpha``, ``general.name``,
 ``general.architecture``, ``general.quantization_version``), without writing the slice first:
 
@@ -48,8 +48,10 @@ from ..errors import (
     NonFiniteOutputError,
     UnsupportedArchitectureError,
 )
-from ..fs import atomic_output_dir, check_free_space, check_output_path, check_written, read_json
+from ..fs import atomic_output_dir, check_free_space, check_output_path, check_written
+from ..io.jsonio import read_json
 from ..method import peft_alpha_for
+from ..params import merge_legacy, param
 from ..progress import Progress
 from ..validate import is_int
 
@@ -415,7 +417,7 @@ def _quantize(name: str, data: np.ndarray, out_type: str) -> tuple[np.ndarray, A
         return gguf.quants.quantize(data, gguf.GGMLQuantizationType.F16), gguf.GGMLQuantizationType.F16
 
 
-#: How ``s(k)`` is expressed, as for slices (DESIGN.md §2).
+#: How ``s(k)`` is expressed, as for slices (docs/design.md §2).
 
 
 def format_name(name: str, adapter: NestedAdapter, k: int) -> str:
@@ -547,25 +549,43 @@ def check_gguf_export(
     return ks, out_type, base
 
 
+@dataclass(frozen=True)
+class GgufOptions:
+    """How :func:`export_gguf` writes each rank: the architecture (for a base that is not local),
+    the tensor type, the scale mode and each file's ``general.name``."""
+
+    arch: str | None = param(
+        None, flag="--arch",
+        help="Name the architecture (llama, mistral, qwen2, qwen3, gpt2) for a base that is not local; Llama-family bases "
+             "still need --base-model (head counts).")
+    out_type: str | None = param(None, flag="--outtype", choices=OUT_TYPES,
+                                 help="Tensor type, as convert_lora_to_gguf.py --outtype. [default: the adapter's dtype]")
+    scale_mode: str = param(
+        "baked", flag="--scale-mode", choices=SCALE_MODES, show_default=True,
+        help="baked: s(k) folded into lora_b, alpha = k; native: exact prefix, alpha = s(k)·k. llama.cpp applies alpha/k either way.")
+    name: str = param(DEFAULT_NAME, flag="--name", show_default=True,
+                      help="general.name of each file ({adapter}: the adapter folder's name, {rank}: the rank).")
+
+
 def export_gguf(
     adapter: NestedAdapter | str | os.PathLike[str],
     ranks: Iterable[int] | str,
     output: str | os.PathLike[str],
+    options: GgufOptions | None = None,
     *,
     base_model: str | os.PathLike[str] | Mapping[str, Any] | None = None,
-    arch: str | None = None,
-    out_type: str | None = None,
-    scale_mode: str = "baked",
-    name: str = DEFAULT_NAME,
     force: bool = False,
     progress: Progress | None = None,
+    **legacy: Any,
 ) -> list[GGUFResult]:
     """Write ``output/r{k}.gguf``, a llama.cpp LoRA adapter, for each rank in ``ranks`` (``"all"`` = the train ranks).
 
-    Load one with ``llama-cli -m base.gguf --lora output/r8.gguf``. ``base_model``/``arch``: see
-    :func:`resolve_base`; ``out_type``: one of :data:`OUT_TYPES` (default: the adapter's dtype);
-    ``name``: ``general.name`` of each file, with ``{adapter}`` and ``{rank}`` filled in. The
-    folder appears at once when every file is written (temporary sibling, then renamed).
+    Load one with ``llama-cli -m base.gguf --lora output/r8.gguf``. ``base_model`` and the
+    options' ``arch``: see :func:`resolve_base`; ``out_type`` (:class:`GgufOptions`): one of
+    :data:`OUT_TYPES` (default: the adapter's dtype); ``name``: ``general.name`` of each file, with
+    ``{adapter}`` and ``{rank}`` filled in. The folder appears at once when every file is written
+    (temporary sibling, then renamed). The options passed as keywords of this function still
+    work for one release, with a ``DeprecationWarning``.
 
     Raises:
         InvalidAdapterError: the adapter folder is invalid, or a weight is NaN or infinite.
@@ -576,20 +596,21 @@ def export_gguf(
         OutputPathError: ``output`` is, holds or lies inside an input.
         InsufficientDiskError: not enough free disk for the files, or the disk filled up while writing them.
     """
-    check_scale_mode(scale_mode)
+    opts = merge_legacy(options, GgufOptions, legacy, "export_gguf")
+    check_scale_mode(opts.scale_mode)
     inputs = [adapter.path if isinstance(adapter, NestedAdapter) else adapter]
     if base_model is not None and not isinstance(base_model, Mapping):
         inputs.append(base_model)
     check_output_path(output, force, inputs)
     nested = adapter if isinstance(adapter, NestedAdapter) else NestedAdapter.load(adapter)
-    ks, out_type, base = check_gguf_export(nested, ranks, base_model=base_model, arch=arch, out_type=out_type, name=name)
+    ks, out_type, base = check_gguf_export(nested, ranks, base_model=base_model, arch=opts.arch, out_type=opts.out_type, name=opts.name)
     total = sum(nested.bytes_at(k) for k in ks)
     check_free_space(Path(output).absolute().parent, total)
     done = 0
     results = []
     with atomic_output_dir(output, force, inputs, needed_bytes=total) as tmp, nested.reader() as reader:
         for k in ks:
-            results.append(write_gguf(nested, k, tmp / f"r{k}.gguf", base, scale_mode=scale_mode, out_type=out_type, name=name, reader=reader))
+            results.append(write_gguf(nested, k, tmp / f"r{k}.gguf", base, scale_mode=opts.scale_mode, out_type=out_type, name=opts.name, reader=reader))
             done += nested.bytes_at(k)
             if progress is not None:
                 progress(done, total)
@@ -606,6 +627,7 @@ __all__ = [
     "ArchSpec",
     "GGUFBase",
     "GGUFResult",
+    "GgufOptions",
     "base_from_config",
     "check_gguf_export",
     "check_out_type",

@@ -13,13 +13,16 @@ bytes). Memory stays bounded by a few tensors plus the adapter (and at most 1 Gi
 reusable buffers), whatever the model size: each shard is read tensor by tensor (each tensor
 mapped on its own while it is in flight, no whole-shard mapping), merged, and written as it is
 produced, past the page cache where the file system allows (``O_DIRECT``,
-:mod:`~mlora_export.direct_io`: gigabytes written once cost the page cache seconds of system
+:mod:`~mlora_export.io.direct_io`: gigabytes written once cost the page cache seconds of system
 CPU), straight from the merged tensor's buffer (placed in memory as its bytes lie in the file,
 so no copy is made on the way out). A thread pool (one thread per CPU, at most
 :data:`_MAX_WORKERS`) reads and merges up to two tensors per thread ahead of the one being
 written, across shard boundaries, so the disk is kept busy from the first tensor to the last.
 
-The arithmetic runs in :mod:`~mlora_export.converters.merge_kernels`: the compiled kernel
+This module is the plan (which tensors, which rank, what to check, in what order); the reading,
+buffering and look-ahead are the I/O layer's (:mod:`mlora_export.io.streaming`), and the writing
+is :func:`~mlora_export.io.safetensors.write_safetensors`'s. The arithmetic runs in
+:mod:`~mlora_export.converters.merge_kernels`: the compiled kernel
 (bfloat16, float16 and float32; one pass per tensor with the GIL released) where the package
 was built with a C compiler, numpy's kernels (bfloat16 and float32) where it was not. The
 command then never imports torch, whose import alone costs about as long as copying a 1B model;
@@ -38,38 +41,48 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
 import os
 import shutil
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Collection, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..adapter import AdapterReader, NestedAdapter, orient_delta
+from ..adapter.reader import ReadableAdapter
 from ..adapter.rounding import DTYPE_NAMES, ROUNDS_TO_INF
 from ..base import SAFE_INDEX, BaseFolder, Shard, check_fits_weights, scan_base
-from ..direct_io import ALIGN
 from ..errors import (
     BaseModelError,
     BaseModelMismatchError,
     ConfigError,
     NonFiniteOutputError,
 )
-from ..fs import atomic_output_dir, check_free_space, check_output_path, read_json
-from ..progress import Progress
-from ..safetensors_io import (
+from ..fs import atomic_output_dir, check_free_space, check_output_path
+from ..io.direct_io import ALIGN
+from ..io.jsonio import read_json, write_json
+from ..io.safetensors import (
     DTYPE_SIZES,
     TensorInfo,
+    TensorSpec,
     data_offsets,
     torch_dtype,
     write_safetensors,
 )
+from ..io.streaming import (
+    BufferPool,
+    MappedRegion,
+    ShortReadError,
+    in_file,
+    lookahead,
+    pread,
+    release,
+)
+from ..progress import Progress
 from ..threads import blas_threads, torch_threads, worker_threads
 from . import merge_kernels as mk
 
@@ -185,105 +198,6 @@ def resolve_weight_keys(modules: Iterable[str], keys: Collection[str], *, where:
 
 
 # -- reading and merging one tensor --------------------------------------------------------
-
-
-class _Buffers:
-    """Reusable uint8 buffers, by size, shared by the worker threads.
-
-    The same shapes repeat in every layer; reusing their buffers saves the kernel from mapping
-    and zeroing fresh pages for every tensor (about a third of the system time otherwise). At
-    most ``max_bytes`` are kept idle. A buffer can be placed at a given offset from a page
-    boundary (``phase``): one whose address is congruent to its place in the output file is
-    written from where it lies, with no copy (:class:`~mlora_export.direct_io.DirectAppender`).
-    """
-
-    def __init__(self, max_bytes: int = 1 << 30) -> None:
-        self._free: dict[int, list[Any]] = {}
-        self._idle = 0
-        self._max = max_bytes
-        self._lock = threading.Lock()
-
-    def get(self, nbytes: int, phase: int = 0) -> "np.ndarray":
-        """A buffer of ``nbytes`` whose address is ``phase`` bytes past a multiple of ``ALIGN``."""
-        import numpy as np
-
-        size = nbytes + 2 * ALIGN
-        with self._lock:
-            free = self._free.get(size)
-            raw = free.pop() if free else None
-            if raw is not None:
-                self._idle -= size
-        if raw is None:
-            raw = np.empty(size, dtype=np.uint8)
-        start = -raw.ctypes.data % ALIGN + phase % ALIGN
-        return raw[start : start + nbytes]  # type: ignore[no-any-return]
-
-    def put(self, bufs: Iterable["np.ndarray"]) -> None:
-        """Give back buffers from :meth:`get` (views of them are fine)."""
-        with self._lock:
-            for buf in bufs:
-                raw = buf
-                while raw.base is not None:  # the pooled allocation behind a view
-                    raw = raw.base
-                n = raw.size
-                if n and self._idle + n <= self._max:
-                    self._free.setdefault(n, []).append(raw)
-                    self._idle += n
-
-
-def _pread(fd: int, nbytes: int, offset: int, buffers: _Buffers) -> "np.ndarray":
-    """``nbytes`` from ``fd`` at ``offset`` into a uint8 array (short reads retried)."""
-    buf = buffers.get(nbytes)
-    view = memoryview(buf) if nbytes else memoryview(b"")
-    done = 0
-    while done < nbytes:
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n <= 0:
-            raise BaseModelError(f"unexpected end of file while reading the base model at byte {offset + done}; re-download it")
-        done += n
-    return buf
-
-
-class _Region:
-    """One tensor's bytes mapped read-only from its shard (pages read in at once), until :meth:`close`.
-
-    The merge reads the base through these maps rather than ``pread``: the kernels read the page
-    cache's pages in place, and untouched tensors go from the map straight to the writer, so no
-    copy of the data is made on the way in. Only the tensors in flight are mapped, so memory
-    stays bounded whatever the shard size.
-    """
-
-    def __init__(self, fd: int, nbytes: int, offset: int) -> None:
-        import mmap
-
-        self._mm: Any = None
-        if nbytes == 0:
-            self.view = memoryview(b"")
-            return
-        start = offset - offset % mmap.ALLOCATIONGRANULARITY
-        try:
-            self._mm = mmap.mmap(
-                fd, offset + nbytes - start, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), prot=mmap.PROT_READ, offset=start
-            )
-        except ValueError as e:  # the range lies past the end of the file: it shrank since it was checked
-            raise BaseModelError(f"unexpected end of file while reading the base model at byte {offset + nbytes}; re-download it") from e
-        self.view = memoryview(self._mm)[offset - start : offset - start + nbytes]
-
-    def array(self, dtype: Any, shape: tuple[int, ...]) -> "np.ndarray":
-        """The bytes as a read-only array (drop it before :meth:`close`)."""
-        import numpy as np
-
-        return np.frombuffer(self.view, dtype=dtype).reshape(shape)
-
-    def close(self) -> None:
-        """Unmap; where a view of the bytes is still alive, the map goes when that view does."""
-        with contextlib.suppress(BufferError):
-            self.view.release()
-        if self._mm is not None:
-            with contextlib.suppress(BufferError):
-                self._mm.close()
-
-
 def _numel(shape: tuple[int, ...]) -> int:
     n = 1
     for s in shape:
@@ -299,7 +213,7 @@ def _merge_one(
     rd: AdapterReader,
     k: int,
     out_dtype: str,
-    buffers: _Buffers,
+    buffers: BufferPool,
     scratch: Callable[[], mk.Scratch | None],
     phase: int = 0,
 ) -> "tuple[Any, list[np.ndarray]]":
@@ -327,7 +241,7 @@ def _merge_one(
         left, right = bs, a
     buf = buffers.get(_numel(info.shape) * DTYPE_SIZES[out_dtype], phase)
     out = buf.view(mk.NUMPY_TYPES[out_dtype]).reshape(info.shape)
-    region = _Region(fd, info.nbytes, data_start + info.begin)
+    region = MappedRegion(fd, info.nbytes, data_start + info.begin)
     try:
         w = region.array(mk.NUMPY_TYPES[info.dtype], info.shape)
         finite = mk.merge_tensor(w, info.dtype, left, right, out, out_dtype, scratch())
@@ -340,7 +254,7 @@ def _merge_one(
     return out, [buf]
 
 
-def _non_finite(name: str, out_dtype: str, adapter: NestedAdapter | None = None, k: int = 0) -> NonFiniteOutputError:
+def _non_finite(name: str, out_dtype: str, adapter: ReadableAdapter | None = None, k: int = 0) -> NonFiniteOutputError:
     """The error for a merged (``adapter`` and ``k`` given) or cast weight that is not finite in ``out_dtype``."""
     what = DTYPE_NAMES.get(out_dtype, out_dtype)
     if adapter is not None:
@@ -354,7 +268,7 @@ def _non_finite(name: str, out_dtype: str, adapter: NestedAdapter | None = None,
 
 
 def _merge_torch(
-    fd: int, data_start: int, info: TensorInfo, module: str, rd: AdapterReader, k: int, out_dtype: str, buffers: _Buffers
+    fd: int, data_start: int, info: TensorInfo, module: str, rd: AdapterReader, k: int, out_dtype: str, buffers: BufferPool
 ) -> "tuple[torch.Tensor, list[np.ndarray]]":
     """:func:`_merge_one` for float64, and float16 where the compiled kernel is not built: torch row blocks.
 
@@ -365,13 +279,13 @@ def _merge_torch(
     import torch
 
     adapter = rd.adapter
-    raw = _pread(fd, info.nbytes, data_start + info.begin, buffers)
+    raw = pread(fd, info.nbytes, data_start + info.begin, buffers)
     w = torch.from_numpy(raw).view(torch_dtype(info.dtype)).view(info.shape)
     cdt = torch.float64 if w.dtype == torch.float64 else torch.float32
     odt = torch_dtype(out_dtype)
     a = rd.lora_A(module, k).to(cdt)
     bs = rd.lora_B(module, k).to(cdt) * adapter.scale(k)
-    bufs = [raw]
+    bufs: list[Any] = [raw]
     if w.dtype == odt == cdt:
         out = w  # merged in place in our own read buffer
     else:
@@ -395,16 +309,16 @@ def _merge_torch(
 
 
 def _copy_one(
-    fd: int, data_start: int, info: TensorInfo, out_dtype: str, buffers: _Buffers, scratch: Callable[[], mk.Scratch | None], phase: int = 0
-) -> "tuple[Any, list[np.ndarray]]":
+    fd: int, data_start: int, info: TensorInfo, out_dtype: str, buffers: BufferPool, scratch: Callable[[], mk.Scratch | None], phase: int = 0
+) -> tuple[Any, list[Any]]:
     """A non-targeted tensor: its raw bytes (mapped, closed once written), or the tensor cast to
     ``out_dtype`` (and its buffers)."""
     if out_dtype == info.dtype:
-        region = _Region(fd, info.nbytes, data_start + info.begin)
-        return region.view, [region]
+        region = MappedRegion(fd, info.nbytes, data_start + info.begin)
+        return region.view, [region]  # the map is closed once written (release)
     if mk.supports(info.dtype, out_dtype):
         out = buffers.get(_numel(info.shape) * DTYPE_SIZES[out_dtype], phase)
-        region = _Region(fd, info.nbytes, data_start + info.begin)
+        region = MappedRegion(fd, info.nbytes, data_start + info.begin)
         try:
             src = region.array(mk.NUMPY_TYPES[info.dtype], (_numel(info.shape),))
             finite = mk.cast(src, info.dtype, out.view(mk.NUMPY_TYPES[out_dtype]), out_dtype, scratch())
@@ -415,7 +329,7 @@ def _copy_one(
             buffers.put([out])
             raise _non_finite(info.name, out_dtype)
         return out, [out]
-    buf = _pread(fd, info.nbytes, data_start + info.begin, buffers)
+    buf = pread(fd, info.nbytes, data_start + info.begin, buffers)
     import torch
 
     src_t = torch.from_numpy(buf).view(torch_dtype(info.dtype)).view(info.shape)
@@ -427,28 +341,6 @@ def _copy_one(
     return src_t.to(torch_dtype(out_dtype)), [buf]
 
 
-def _lookahead(pool: ThreadPoolExecutor, jobs: Iterable[Callable[[], Any]], depth: int) -> Iterator[Any]:
-    """Run ``jobs`` on ``pool`` at most ``depth`` ahead of the consumer; yield results in order.
-
-    When the consumer stops early (an error while writing), queued jobs are cancelled and the
-    running ones are waited for, so no job outlives the merge (or the adapter's map it reads).
-    """
-    pending: deque[Future[Any]] = deque()
-    try:
-        for job in jobs:
-            pending.append(pool.submit(job))
-            if len(pending) > depth:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-    finally:
-        for fut in pending:
-            fut.cancel()
-        for fut in pending:
-            if not fut.cancelled():
-                fut.exception()  # wait; its error (if any) is superseded by the one being raised
-
-
 # -- the merge ------------------------------------------------------------------------------
 
 
@@ -456,18 +348,12 @@ def _output_dtype(info: TensorInfo, dtype: str | None) -> str:
     return dtype if dtype is not None and info.dtype in CASTABLE_DTYPES else info.dtype
 
 
-def _shard_specs(shard: Shard, dtype: str | None) -> list[tuple[str, str, tuple[int, ...]]]:
-    return [(name, _output_dtype(info, dtype), info.shape) for name, info in shard.header.tensors.items()]
+def _shard_specs(shard: Shard, dtype: str | None) -> list[TensorSpec]:
+    return [TensorSpec(name, _output_dtype(info, dtype), info.shape) for name, info in shard.header.tensors.items()]
 
 
-def _data_bytes(specs: list[tuple[str, str, tuple[int, ...]]]) -> int:
-    total = 0
-    for _, dt, shape in specs:
-        n = DTYPE_SIZES[dt]
-        for s in shape:
-            n *= s
-        total += n
-    return total
+def _data_bytes(specs: list[TensorSpec]) -> int:
+    return sum(spec.nbytes for spec in specs)
 
 
 def _write_config(src: Path, dst: Path, dtype_name: str | None) -> None:
@@ -480,9 +366,7 @@ def _write_config(src: Path, dst: Path, dtype_name: str | None) -> None:
     cfg["dtype"] = dtype_name
     if "torch_dtype" in cfg:
         cfg["torch_dtype"] = dtype_name
-    with open(dst, "w", encoding="utf-8") as f:
-        json.dump(cfg, f, indent=2, sort_keys=True)
-        f.write("\n")
+    write_json(dst, cfg, sort_keys=True)
 
 
 @dataclass(frozen=True)
@@ -496,7 +380,7 @@ class _Plan:
     strip: str
     add: str
     #: per shard, its tensors' ``(name, output dtype, shape)``, in the base's order
-    shards: list[tuple[Shard, list[tuple[str, str, tuple[int, ...]]]]]
+    shards: list[tuple[Shard, list[TensorSpec]]]
     #: output tensor bytes, all shards
     total: int
     #: output bytes on disk, headers and side files included
@@ -528,12 +412,15 @@ def _needs_torch(plan: _Plan) -> bool:
 
 
 def _in_shard(path: Path, job: Callable[[int], Any]) -> Any:
-    """Run ``job(fd)`` on the shard file opened read-only (a map it makes outlives the descriptor)."""
-    fd = os.open(path, os.O_RDONLY)
+    """Run ``job(fd)`` on the shard file (:func:`~mlora_export.io.streaming.in_file`).
+
+    Raises:
+        BaseModelError: the shard ends before a tensor its header lists (it shrank, or lies).
+    """
     try:
-        return job(fd)
-    finally:
-        os.close(fd)
+        return in_file(path, job)
+    except ShortReadError as e:
+        raise BaseModelError(f"unexpected end of file while reading the base model at byte {e.offset}; re-download it") from e
 
 
 def _write_shards(plan: _Plan, rd: AdapterReader, k: int, tmp: Path, progress: Progress | None) -> int:
@@ -545,7 +432,7 @@ def _write_shards(plan: _Plan, rd: AdapterReader, k: int, tmp: Path, progress: P
     next shard's first tensor is merged). Each tensor's buffers are released once written.
     """
     workers = worker_threads(_MAX_WORKERS)
-    buffers = _Buffers()
+    buffers = BufferPool()
     local = threading.local()
 
     def scratch() -> mk.Scratch | None:
@@ -563,7 +450,7 @@ def _write_shards(plan: _Plan, rd: AdapterReader, k: int, tmp: Path, progress: P
             phases = [offset % ALIGN for offset in data_offsets(specs, shard.header.metadata)]
             for (name, odt, _), info, phase in zip(specs, shard.header.tensors.values(), phases):
                 module = plan.targets.get(name)
-                common = {"data_start": start, "info": info, "out_dtype": odt, "buffers": buffers, "scratch": scratch, "phase": phase}
+                common: dict[str, Any] = {"data_start": start, "info": info, "out_dtype": odt, "buffers": buffers, "scratch": scratch, "phase": phase}
                 if module is not None:
                     job = functools.partial(_merge_one, module=module, rd=rd, k=k, **common)
                 else:
@@ -573,17 +460,14 @@ def _write_shards(plan: _Plan, rd: AdapterReader, k: int, tmp: Path, progress: P
     done = 0
     written = 0
 
-    def stream(results: Iterator[Any], specs: list[tuple[str, str, tuple[int, ...]]]) -> Iterator[Any]:
+    def stream(results: Iterator[Any], specs: list[TensorSpec]) -> Iterator[Any]:
         """This shard's tensors, each released (maps closed, buffers back to the pool) once written."""
         nonlocal done
-        for (_, odt, shape), (item, bufs) in zip(specs, results):  # specs first: no result is pulled past the shard
+        for spec, (item, bufs) in zip(specs, results):  # specs first: no result is pulled past the shard
             yield item
             del item
-            for region in bufs:
-                if isinstance(region, _Region):
-                    region.close()
-            buffers.put(b for b in bufs if not isinstance(b, _Region))
-            done += _numel(shape) * DTYPE_SIZES[odt]
+            release(bufs, buffers)
+            done += spec.nbytes
             if progress is not None:
                 progress(done, plan.total)
 
@@ -593,7 +477,7 @@ def _write_shards(plan: _Plan, rd: AdapterReader, k: int, tmp: Path, progress: P
         ThreadPoolExecutor(workers, "mlora-merge") as pool,
         # closing() stops the workers (cancel queued jobs, wait for running ones) also when
         # writing fails half-way
-        contextlib.closing(_lookahead(pool, jobs(), 2 * workers)) as results,
+        contextlib.closing(lookahead(pool, jobs(), 2 * workers)) as results,
     ):
         for shard, specs in plan.shards:
             written += write_safetensors(tmp / shard.name, specs, stream(results, specs), shard.header.metadata, direct=True)
@@ -611,9 +495,7 @@ def _write_side_files(base: BaseFolder, tmp: Path, dtype: str | None, total: int
             index = dict(base.index or {})
             metadata = index.get("metadata")
             index["metadata"] = {**(metadata if isinstance(metadata, dict) else {}), "total_size": total}
-            with open(tmp / SAFE_INDEX, "w", encoding="utf-8") as f:
-                json.dump(index, f, indent=2, sort_keys=True)
-                f.write("\n")
+            write_json(tmp / SAFE_INDEX, index, sort_keys=True)
     for src in base.copy_files:
         if src.name == "config.json":
             _write_config(src, tmp / src.name, dtype)

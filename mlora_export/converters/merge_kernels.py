@@ -35,7 +35,7 @@ from ..adapter.rounding import finite_in
 _C_API = 2
 
 try:
-    from . import _merge_ext
+    from . import _merge_ext  # type: ignore[attr-defined]  # the compiled kernel (setup.py), no stubs
 except ImportError:  # built without a C compiler: the numpy kernels
     _merge_ext = None  # type: ignore[assignment]
 if _merge_ext is not None and getattr(_merge_ext, "API", 1) < _C_API:  # a stale build: rebuild it (pip install -e .)

@@ -27,15 +27,13 @@ truncation).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import mmap
 import os
-import queue
-import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,20 +54,27 @@ from ..adapter import (
     read_json,
     write_json,
 )
-from ..adapter.peft_config import MODULES_TO_SAVE_REASON, check_targets, module_scale, pattern_key, read_peft_config
+from ..adapter.peft_config import (
+    MODULES_TO_SAVE_REASON,
+    check_targets,
+    module_scale,
+    pattern_key,
+    read_peft_config,
+)
 from ..adapter.rounding import DTYPE_NAMES, finite_in
 from ..errors import ConfigError, InvalidAdapterError, NonFiniteOutputError, RankError
 from ..fs import atomic_output_dir, check_free_space, check_output_path
-from ..method import peft_alpha_for
-from ..progress import Progress
-from ..safetensors_io import (
+from ..io.safetensors import (
     DTYPE_SIZES,
     SafetensorsHeader,
     SafetensorsWriter,
     TensorInfo,
+    TensorSpec,
     read_header,
 )
-from ..threads import blas_threads, worker_threads
+from ..method import peft_alpha_for
+from ..progress import Progress
+from ..threads import blas_threads, map_modules, worker_threads
 from ..validate import is_int, is_real
 
 logger = logging.getLogger(__name__)
@@ -157,7 +162,8 @@ class _Source:
 # -- reading the source ------------------------------------------------------------------------
 
 def _scan_modules(weights: Path, header: SafetensorsHeader, cfg: Mapping[str, Any], config_path: Path) -> tuple[list[_Module], str | None]:
-    modules, dtypes = [], set()
+    modules: list[_Module] = []
+    dtypes: set[str] = set()
     for name, (a, b) in lora_tensor_pairs(weights, header).items():
         if a.shape[0] != b.shape[1]:
             raise InvalidAdapterError(
@@ -251,7 +257,7 @@ def r_factor(x: np.ndarray) -> np.ndarray:
             r1 = np.linalg.cholesky(x.T @ x).T
             sv = np.linalg.svd(r1, compute_uv=False)
         except np.linalg.LinAlgError:
-            return np.linalg.qr(x, mode="r")
+            return np.asarray(np.linalg.qr(x, mode="r"))
         kappa = sv[0] / sv[-1] if sv[-1] > 0 else math.inf
         if kappa <= _ONE_PASS_KAPPA:
             return r1
@@ -261,7 +267,7 @@ def r_factor(x: np.ndarray) -> np.ndarray:
                 return np.linalg.cholesky(q1.T @ q1).T @ r1
             except np.linalg.LinAlgError:
                 pass
-    return np.linalg.qr(x, mode="r")
+    return np.asarray(np.linalg.qr(x, mode="r"))
 
 
 def renest_factors(a: np.ndarray, b: np.ndarray, scale: float, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -333,61 +339,29 @@ def _check_output(x: np.ndarray, dtype: str, name: str, path: Path | None) -> No
             path=path, tensor=name, option="dtype")
 
 
-class _Cancelled(Exception):
-    """Another thread failed, or the user interrupted: stop."""
+def _renest_module(source: _Source, mm: mmap.mmap, writer: SafetensorsWriter, rank: int, dtype: str, index: int, m: Any) -> np.ndarray:
+    """Read, check, factor and write module ``index`` (``m``); return its singular values.
 
-
-def _renest_modules(
-    source: _Source,
-    mm: mmap.mmap,
-    writer: SafetensorsWriter,
-    rank: int,
-    dtype: str,
-    todo: "queue.SimpleQueue[int]",
-    sigmas: list[np.ndarray | None],
-    bad: list[tuple[int, InvalidAdapterError]],
-    stop: threading.Event,
-    report: Callable[[int], None],
-) -> None:
-    """One thread's work: take modules until none is left; read, check, factor, write each.
-
-    A module with NaN or infinity is recorded in ``bad`` and stops every thread at its next
-    module: the modules are handed out in file order, so every module before it is still checked,
-    and the smallest index in ``bad`` is the first bad module in the file."""
+    Raises:
+        InvalidAdapterError: the module holds NaN or an infinity.
+        NonFiniteOutputError: a re-nested factor overflows ``dtype``.
+    """
     page = mmap.PAGESIZE
-    try:
-        while True:
-            if stop.is_set():
-                raise _Cancelled
-            try:
-                index = todo.get_nowait()
-            except queue.Empty:
-                return
-            m = source.modules[index]
-            a = _as_float64(mm, source.header, m.a)
-            b = _as_float64(mm, source.header, m.b)
-            try:
-                _check_finite(a, m.a, source.weights)
-                _check_finite(b, m.b, source.weights)
-            except InvalidAdapterError as e:
-                bad.append((index, e))  # list.append is atomic
-                stop.set()
-                return
-            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # an overflow is refused below, not warned about
-                a_new, b_new, sigma = renest_factors(a, b, m.scale, rank)
-            writer.write_at(2 * index, _to_dtype(a_new, dtype, m.a.name, source.weights), _to_dtype(b_new, dtype, m.b.name, source.weights))
-            sigmas[index] = sigma
-            # Drop this module's pages from the process (they stay in the page cache): memory
-            # stays flat in the adapter's size.
-            start = source.header.data_start + min(m.a.begin, m.b.begin)
-            end = source.header.data_start + max(m.a.end, m.b.end)
-            start, end = -(-start // page) * page, end // page * page
-            if end > start and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
-                mm.madvise(mmap.MADV_DONTNEED, start, end - start)
-            report(m.a.nbytes + m.b.nbytes)
-    except BaseException:
-        stop.set()
-        raise
+    a = _as_float64(mm, source.header, m.a)
+    b = _as_float64(mm, source.header, m.b)
+    _check_finite(a, m.a, source.weights)
+    _check_finite(b, m.b, source.weights)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # an overflow is refused below, not warned about
+        a_new, b_new, sigma = renest_factors(a, b, m.scale, rank)
+    writer.write_at(2 * index, _to_dtype(a_new, dtype, m.a.name, source.weights), _to_dtype(b_new, dtype, m.b.name, source.weights))
+    # Drop this module's pages from the process (they stay in the page cache): memory
+    # stays flat in the adapter's size.
+    start = source.header.data_start + min(m.a.begin, m.b.begin)
+    end = source.header.data_start + max(m.a.end, m.b.end)
+    start, end = -(-start // page) * page, end // page * page
+    if end > start and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+    return sigma
 
 
 def _energy(sigmas: Sequence[np.ndarray], source_rank: int) -> list[float]:
@@ -534,7 +508,8 @@ def _write_factors(
     src: _Source, path: Path, rank: int, dtype: str, workers: int | None, progress: Progress | None,
 ) -> tuple[list[np.ndarray], int]:
     """Re-nest every module of ``src`` into the safetensors file ``path`` (``rank`` components,
-    ``dtype``), with ``workers`` threads sharing the modules (:func:`_renest_modules`).
+    ``dtype``), with ``workers`` threads sharing the modules (:func:`~mlora_export.threads.map_modules`
+    of :func:`_renest_module`).
 
     Returns each module's singular values (in module order) and the bytes written; ``progress``
     is told the source bytes done.
@@ -542,48 +517,15 @@ def _write_factors(
     Raises:
         InvalidAdapterError: the first module (in file order) with a NaN or an infinity.
     """
-    specs: list[tuple[str, str, tuple[int, ...]]] = []
+    specs: list[TensorSpec] = []
     for m in src.modules:
-        specs.append((m.a.name, dtype, (rank, m.in_features)))
-        specs.append((m.b.name, dtype, (m.out_features, rank)))
-    report = _ByteProgress(sum(m.a.nbytes + m.b.nbytes for m in src.modules), progress)
-    sigmas: list[np.ndarray | None] = [None] * len(src.modules)
-    todo: "queue.SimpleQueue[int]" = queue.SimpleQueue()
-    for i in range(len(src.modules)):
-        todo.put(i)
-    bad: list[tuple[int, InvalidAdapterError]] = []
-    stop = threading.Event()
-    threads = max(1, min(workers or worker_threads(_MAX_WORKERS), len(src.modules)))
+        specs.append(TensorSpec(m.a.name, dtype, (rank, m.in_features)))
+        specs.append(TensorSpec(m.b.name, dtype, (m.out_features, rank)))
     with open(src.weights, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         with SafetensorsWriter(path, specs, {"format": "pt"}) as writer, blas_threads(1):
-            with ThreadPoolExecutor(max_workers=threads) as pool:
-                futures = [pool.submit(_renest_modules, src, mm, writer, rank, dtype, todo, sigmas, bad, stop, report) for _ in range(threads)]
-                try:
-                    wait(futures)
-                finally:
-                    stop.set()  # on Ctrl-C the threads stop at their next module
-            errors = [e for e in (f.exception() for f in futures) if e is not None and not isinstance(e, _Cancelled)]
-            if errors:
-                raise errors[0]
-            if bad:
-                raise min(bad, key=lambda item: item[0])[1]  # the first bad module in file order
-        return [s for s in sigmas if s is not None], writer.bytes_written
-
-
-class _ByteProgress:
-    """``progress(done, total)`` in bytes, safe to call from several threads at once."""
-
-    def __init__(self, total: int, progress: Progress | None) -> None:
-        self.total = total
-        self.done = 0
-        self._progress = progress
-        self._lock = threading.Lock()
-
-    def __call__(self, nbytes: int) -> None:
-        with self._lock:
-            self.done += nbytes
-            if self._progress is not None:
-                self._progress(self.done, self.total)
+            sigmas = map_modules(functools.partial(_renest_module, src, mm, writer, rank, dtype), src.modules,
+                                 workers or worker_threads(_MAX_WORKERS), progress, weight=lambda m: m.a.nbytes + m.b.nbytes)
+        return sigmas, writer.bytes_written
 
 
 def _energy_at(full: Sequence[float], target: float | None, rank: int) -> int | None:

@@ -15,10 +15,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import queue
 import threading
-from collections.abc import Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor, wait
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,12 +40,12 @@ from ..adapter.ranks import (
     check_scale_mode,
     resolve_ranks,
 )
-from ..errors import InvalidAdapterError, OutputExistsError
+from ..errors import OutputExistsError
 from ..fs import atomic_output_dir, check_free_space, check_output_path
+from ..io.safetensors import SafetensorsWriter, TensorSpec
 from ..method import peft_alpha_for
 from ..progress import Progress
-from ..safetensors_io import SafetensorsWriter
-from ..threads import worker_threads
+from ..threads import map_modules, worker_threads
 
 logger = logging.getLogger(__name__)
 
@@ -84,86 +82,39 @@ def slice_peft_config(adapter: NestedAdapter, k: int, scale_mode: str) -> dict[s
     )
 
 
-def _tensor_specs(adapter: NestedAdapter, k: int) -> list[tuple[str, str, tuple[int, ...]]]:
+def _tensor_specs(adapter: NestedAdapter, k: int) -> list[TensorSpec]:
     """The rank-``k`` file's tensors, in source order: module ``i``'s ``A[:k]`` is tensor ``2i``,
     its ``B[:, :k]`` tensor ``2i + 1``."""
     specs = []
     for m in adapter.modules.values():
-        specs.append((m.key_a, adapter.dtype, (k, m.in_features)))
-        specs.append((m.key_b, adapter.dtype, (m.out_features, k)))
+        specs.append(TensorSpec(m.key_a, adapter.dtype, (k, m.in_features)))
+        specs.append(TensorSpec(m.key_b, adapter.dtype, (m.out_features, k)))
     return specs
 
 
-class _Cancelled(Exception):
-    """Another thread failed, or the user interrupted: stop."""
+def _module_slicer(reader: AdapterReader, writers: Mapping[int, SafetensorsWriter], scale_mode: str, check_finite: bool) -> Callable[[int, str], None]:
+    """The work of one module (for :func:`~mlora_export.threads.map_modules`): check its source
+    tensors for NaN/inf (while they are in cache), then write its ``A[:k]`` and ``B[:, :k]`` into
+    every rank's file at their place. Each module's rows are read from memory once for all ranks."""
+    adapter = reader.adapter
+    ranks = sorted(writers, reverse=True)
+    factors = {k: adapter.scale(k) if scale_mode == "baked" else None for k in ranks}
+    widest = max(m.out_features for m in adapter.modules.values())
+    local = threading.local()
 
+    def slice_module(index: int, name: str) -> None:
+        if check_finite:
+            reader.check_finite([name])
+        if not hasattr(local, "scratch"):  # one work buffer per thread for every B it computes: written out before the next
+            local.scratch = np.empty(scratch_bytes(widest, ranks[0]), dtype=np.uint8)
+        for k in ranks:
+            # A[:k] is a view of the map, written out as it is; B[:, :k] is computed.
+            a = reader.lora_A_data(name, k)
+            b = reader.lora_B_data(name, k, factors[k], local.scratch)
+            writers[k].write_at(2 * index, a, b)
+            del a, b  # views of the map must not outlive the reader
 
-class _SharedWork:
-    """What the slicing threads share: the modules left (handed out in file order), the
-    progress count, the non-finite modules found, and a stop flag."""
-
-    def __init__(self, adapter: NestedAdapter, total: int, progress: Progress | None) -> None:
-        self.stop = threading.Event()
-        self._lock = threading.Lock()
-        self._modules: "queue.SimpleQueue[tuple[int, str]]" = queue.SimpleQueue()
-        for item in enumerate(adapter.modules):
-            self._modules.put(item)
-        self._done = 0
-        self._total = total
-        self._progress = progress
-        self.non_finite: list[tuple[int, InvalidAdapterError]] = []
-
-    def next_module(self) -> tuple[int, str] | None:
-        """The next module to slice (index in file order, name), or ``None`` when all are taken."""
-        if self.stop.is_set():
-            raise _Cancelled
-        try:
-            return self._modules.get_nowait()
-        except queue.Empty:
-            return None
-
-    def advance(self, nbytes: int) -> None:
-        with self._lock:
-            self._done += nbytes
-            if self._progress is not None:
-                self._progress(self._done, self._total)
-
-    def found_non_finite(self, index: int, error: InvalidAdapterError) -> None:
-        with self._lock:
-            self.non_finite.append((index, error))
-        self.stop.set()
-
-
-def _slice_modules(reader: AdapterReader, writers: Mapping[int, SafetensorsWriter], scale_mode: str, check_finite: bool, shared: _SharedWork) -> None:
-    """One thread's work: take modules until none is left, and for each, check its source tensors
-    for NaN/inf (while they are in cache), then write its ``A[:k]`` and ``B[:, :k]`` into every
-    rank's file at their place. Each module's rows are read from memory once for all ranks."""
-    try:
-        adapter = reader.adapter
-        ranks = sorted(writers, reverse=True)
-        factors = {k: adapter.scale(k) if scale_mode == "baked" else None for k in ranks}
-        # One work buffer for every B this thread computes: written out before the next one.
-        scratch = np.empty(scratch_bytes(max(m.out_features for m in adapter.modules.values()), ranks[0]), dtype=np.uint8)
-        while (item := shared.next_module()) is not None:
-            index, name = item
-            if check_finite:
-                try:
-                    reader.check_finite([name])
-                except InvalidAdapterError as e:
-                    shared.found_non_finite(index, e)
-                    return
-            nbytes = 0
-            for k in ranks:
-                # A[:k] is a view of the map, written out as it is; B[:, :k] is computed.
-                a = reader.lora_A_data(name, k)
-                b = reader.lora_B_data(name, k, factors[k], scratch)
-                writers[k].write_at(2 * index, a, b)
-                nbytes += a.nbytes + b.nbytes
-                del a, b  # views of the map must not outlive the reader
-            shared.advance(nbytes)
-    except BaseException:
-        shared.stop.set()
-        raise
+    return slice_module
 
 
 def _write_slice_configs(adapter: NestedAdapter, k: int, folder: Path, scale_mode: str) -> None:
@@ -213,24 +164,13 @@ def write_slices(
     if reader is None:
         with adapter.reader(populate=True) as rd:
             return write_slices(adapter, folders, scale_mode, reader=rd, progress=progress, workers=workers, check_finite=check_finite)
-    shared = _SharedWork(adapter, sum(adapter.bytes_at(k) for k in folders), progress)
     with contextlib.ExitStack() as files:
         writers = {
             k: files.enter_context(SafetensorsWriter(folder / WEIGHTS_NAME, _tensor_specs(adapter, k), {"format": "pt"}))
             for k, folder in folders.items()
         }
-        threads = max(1, min(workers or worker_threads(), len(adapter.modules)))
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            futures = [pool.submit(_slice_modules, reader, writers, scale_mode, check_finite, shared) for _ in range(threads)]
-            try:
-                wait(futures)
-            finally:
-                shared.stop.set()  # on Ctrl-C the threads stop at their next module
-        errors = [e for e in (f.exception() for f in futures) if e is not None and not isinstance(e, _Cancelled)]
-        if errors:
-            raise errors[0]
-        if shared.non_finite:
-            raise min(shared.non_finite, key=lambda item: item[0])[1]  # the first bad module in file order
+        map_modules(_module_slicer(reader, writers, scale_mode, check_finite), list(adapter.modules), workers or worker_threads(),
+                    progress, weight=lambda name: sum(adapter.modules[name].params_at(k) for k in folders) * adapter.itemsize)
     results = []
     for k in sorted(folders):
         _write_slice_configs(adapter, k, folders[k], scale_mode)

@@ -23,7 +23,6 @@ pointing at a template with generation markers.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
+from ..io.jsonio import JsonFault, loads
 from .records import ASSISTANT, Example
 
 #: Two characters from Unicode's private use area, appended to an assistant turn's content to
@@ -66,13 +66,14 @@ def read_chat_template(path: str | os.PathLike[str]) -> str:
         raise DataError(f"chat template {str(p)!r} is not UTF-8 text ({e.reason} at byte {e.start})", path=p, option="chat_template") from e
     if p.suffix.lower() == ".json":
         try:
-            obj = json.loads(text)
-        except ValueError:
+            obj = loads(text)
+        except JsonFault:
             obj = None
-        text = obj.get("chat_template") if isinstance(obj, dict) else None
-        if not isinstance(text, str):
+        found = obj.get("chat_template") if isinstance(obj, dict) else None
+        if not isinstance(found, str):
             raise DataError(f"chat template {str(p)!r}: a .json template file must be an object with a \"chat_template\" string "
                             "(as transformers saves it); or give the Jinja text in a .jinja file", path=p, option="chat_template")
+        text = found
     if not text.strip():
         raise DataError(f"chat template {str(p)!r} is empty", path=p, option="chat_template")
     return text
@@ -153,7 +154,7 @@ def _insertion_point(plain: str, probed: Sequence[str]) -> int | None:
     """Where one probe character was inserted into ``plain`` to give each of ``probed`` (the same
     point for all), or ``None`` when the probes changed anything else."""
     points = []
-    for text, probe in zip(probed, _PROBES):
+    for text, _probe in zip(probed, _PROBES):
         if len(text) != len(plain) + 1:
             return None
         n = 0

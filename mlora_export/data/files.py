@@ -8,13 +8,13 @@ that mixes record kinds is refused. Every error names the file and the line (ite
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
+from ..io.jsonio import JsonFault, loads
 from .records import Example, check_one_kind, parse_record
 
 #: The longest line (one record) :func:`load_jsonl` reads: a longer one is refused before it is
@@ -27,36 +27,24 @@ SUFFIXES: tuple[str, ...] = (".jsonl", ".json", ".parquet")
 _FORMAT_HINT = 'one {"text": ...}, {"prompt": ..., "completion": ...} or {"messages": [...]} object per line'
 
 
-class _DuplicateKey(ValueError):
-    pass
-
-
-def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _DuplicateKey(key)
-        out[key] = value
-    return out
-
-
 def parse_json_record(text: str, where: str) -> Any:
-    """Parse one record's JSON text; a key twice in an object is an error.
+    """Parse one record's JSON text with the package's strict reader (:func:`~mlora_export.io.jsonio.loads`).
 
     Raises:
-        DataError: not JSON, nested too deeply, an integer too long, or a duplicate key.
+        DataError: not JSON, nested too deeply, an integer too long, ``NaN`` or a number beyond a
+            float, or a key twice in one object.
     """
     try:
-        return json.loads(text, object_pairs_hook=_unique)
-    except _DuplicateKey as e:
-        raise DataError(f"{where}: the key {str(e)[:60]!r} appears twice in one object; keep one (a duplicate would silently "
-                        "hide the other)") from None
-    except json.JSONDecodeError as e:
-        raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); each line must be one JSON object") from e
-    except RecursionError:
-        raise DataError(f"{where}: JSON nested too deeply; each line must be one flat JSON object") from None
-    except ValueError as e:  # an integer of thousands of digits
-        raise DataError(f"{where}: invalid JSON ({str(e)[:80]}); each line must be one JSON object") from None
+        return loads(text)
+    except JsonFault as e:
+        if e.kind == "duplicate":
+            raise DataError(f"{where}: the key {str(e.key)[:60]!r} appears twice in one object; keep one (a duplicate would silently "
+                            "hide the other)") from None
+        if e.kind == "syntax":
+            raise DataError(f"{where}: not valid JSON ({e.reason} at column {e.column}); each line must be one JSON object") from e
+        if e.kind == "depth":
+            raise DataError(f"{where}: JSON nested too deeply; each line must be one flat JSON object") from None
+        raise DataError(f"{where}: invalid JSON ({e.reason[:80]}); each line must be one JSON object") from None
 
 
 def _check_file(p: Path, what: str) -> None:
@@ -106,7 +94,7 @@ def _parquet_records(p: Path) -> Iterator[tuple[Any, str, int]]:
 
     try:
         table = pq.read_table(p)
-    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a damaged file
+    except Exception as e:  # pyarrow raises several types for a damaged file
         raise DataError(f"{p}: not a readable Parquet file ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})", path=p) from e
     for i, row in enumerate(table.to_pylist(), 1):
         yield row, f"{p}, row {i}", i

@@ -18,13 +18,13 @@ TRL reads them. Other keys are ignored.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import DataError
+from ..io.jsonio import JsonFault, loads
 
 KIND_TEXT = "text"
 KIND_PROMPT_COMPLETION = "prompt-completion"
@@ -174,8 +174,8 @@ def _tools(obj: Mapping[str, Any], where: str) -> tuple[dict[str, Any], ...] | N
         return None
     if isinstance(tools, str):  # TRL accepts the JSON text of the list (a string column)
         try:
-            tools = json.loads(tools)
-        except ValueError:
+            tools = loads(tools)
+        except JsonFault:
             raise DataError(f"{where}: \"tools\" is a string but not JSON; give a list of tool schemas") from None
     if not isinstance(tools, list) or not all(isinstance(t, Mapping) for t in tools):
         raise DataError(f"{where}: \"tools\" must be a list of tool schemas (objects), found {_type_name(tools)}")

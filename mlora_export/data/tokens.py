@@ -101,7 +101,7 @@ def _by_markers(tokenizer: Any, ex: Example, template: str) -> ConversationToken
             return_dict=True, return_assistant_tokens_mask=True, tokenizer_kwargs={"return_offsets_mapping": True},
             **dict(ex.template_kwargs or {}),
         )
-    except Exception as e:  # noqa: BLE001 - the template's error, reported for the record
+    except Exception as e:  # the template's error, reported for the record
         from .chat import template_error_types
 
         if not isinstance(e, template_error_types()):

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..converters.hub.bundle import ONNX_DIR, write_bundle
+from ..converters.hub.bundle import ONNX_DIR, BundleOptions, write_bundle
 from ..converters.merge import merge_adapter
-from ..converters.onnx.export import MODEL_NAME, export_onnx
+from ..converters.onnx import MODEL_NAME, export_genai, export_onnx
 from ..units import human_bytes
 from .context import DemoContext, StageReport
 
@@ -123,7 +123,7 @@ def stage_genai(ctx: DemoContext) -> StageReport:
         ctx.report_progress("genai export", done, total)
 
     out = ctx.root / "genai"
-    res = export_onnx(ctx.nested_dir, ctx.base_dir, out, genai=True, progress=progress)
+    res = export_genai(ctx.nested_dir, ctx.base_dir, out, progress=progress)
     tok = AutoTokenizer.from_pretrained(ctx.base_dir)
     text = _first_prompt(ctx.eval_path)
     prompt = tok(text)["input_ids"]
@@ -167,8 +167,8 @@ def stage_bundle(ctx: DemoContext) -> StageReport:
         ctx.report_progress("bundling", done, total)
 
     onnx, gguf_dir = ctx.root / ONNX_DIR, ctx.root / "gguf"
-    b = write_bundle(ctx.nested_dir, ctx.slice_ranks, ctx.root / "bundle", onnx_dir=onnx if onnx.is_dir() else None,
-                     gguf_dir=gguf_dir if gguf_dir.is_dir() else None, progress=progress, warn_local_base=False)
+    options = BundleOptions(onnx_dir=onnx if onnx.is_dir() else None, gguf_dir=gguf_dir if gguf_dir.is_dir() else None, warn_local_base=False)
+    b = write_bundle(ctx.nested_dir, ctx.slice_ranks, ctx.root / "bundle", options, progress=progress)
     return StageReport(
         lines=[
             f"variant bundle (model card, manifest with sha256 of {len(b.files) + 1} files, nested/ + "

@@ -107,7 +107,7 @@ def retarget_paths(root: Path, final: Path) -> int:
     with ``manifest.json``) is left as it is: its manifest holds the sha256 of every file, and it
     copies files only after this has run on them. Returns the number of files changed.
     """
-    import json
+    from ..io.jsonio import loads, write_json
 
     fix = _retargeter(root, final)
     bundles = [m.parent for m in root.rglob("manifest.json")]
@@ -116,12 +116,12 @@ def retarget_paths(root: Path, final: Path) -> int:
         if any(b == path.parent or b in path.parents for b in bundles) or path.stat().st_size > (1 << 24):
             continue
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = loads(path.read_bytes())
         except (OSError, ValueError):
             continue  # not ours to fix
         new = fix(data)
         if new != data:
-            path.write_text(json.dumps(new, indent=2) + "\n", encoding="utf-8")
+            write_json(path, new)
             changed += 1
     return changed
 

@@ -45,7 +45,7 @@ def prepare_builtin_base(ctx: DemoContext) -> StageReport:
 
 def stage_train(ctx: DemoContext) -> StageReport:
     """Train a nested adapter (the default method) over ``ctx.train_ranks`` into ``ctx.nested_dir``."""
-    from ..training import train
+    from ..training import RunOptions, train
 
     settings = ctx.model.train_settings(ctx, "nested-loss")
 
@@ -53,7 +53,7 @@ def stage_train(ctx: DemoContext) -> StageReport:
         ctx.report_progress("training", done, total)
 
     # Record the base's final path: ctx.base_dir may lie in the temporary folder renamed at the end.
-    res = train(ctx.base_dir, ctx.train_path, ctx.nested_dir, settings, progress=progress, base_model_id=ctx.base_id)
+    res = train(ctx.base_dir, ctx.train_path, ctx.nested_dir, settings, RunOptions(base_model_id=ctx.base_id), progress=progress)
     return StageReport(
         lines=[
             f"{res.method} adapter, max rank {max(ctx.train_ranks)}, train ranks {list(ctx.train_ranks)}, lr {settings.lr:g}: "
@@ -66,14 +66,14 @@ def stage_train(ctx: DemoContext) -> StageReport:
 def stage_renest(ctx: DemoContext) -> StageReport:
     """Train one plain LoRA at the max rank (the same settings at its own learning rate) and re-nest it by SVD (no base model needed)."""
     from ..converters.renest import renest_adapter
-    from ..training import train
+    from ..training import RunOptions, train
 
     settings = ctx.model.train_settings(ctx, "lora")
 
     def progress(done: int, total: int) -> None:
         ctx.report_progress("training LoRA", done, total)
 
-    res = train(ctx.base_dir, ctx.train_path, ctx.lora_dir, settings, progress=progress, base_model_id=ctx.base_id)
+    res = train(ctx.base_dir, ctx.train_path, ctx.lora_dir, settings, RunOptions(base_model_id=ctx.base_id), progress=progress)
     out = renest_adapter(ctx.lora_dir, ctx.renested_dir)
     keep = ", ".join(f"r{k} {out.energy[k - 1] * 100:.1f}%" for k in ctx.train_ranks if k <= len(out.energy))
     return StageReport(

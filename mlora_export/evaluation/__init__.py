@@ -43,13 +43,17 @@ from .report import (
     RESULTS_NAME,
     record_entry,
     record_evaluation,
+    record_results,
     write_results,
 )
-from .run import RESULTS_FORMAT, EvalResult, evaluate
+from .options import EvalOptions
+from .result import RESULTS_FORMAT, EvalResult
+from .run import evaluate
 from .scoring import (
     METRICS,
     RankScore,
     check_metric,
+    exact_match,
     greedy_completions,
     score_model,
     teacher_forced,
@@ -57,6 +61,7 @@ from .scoring import (
 
 __all__ = [
     "METRICS", "PLOT_NAME", "RECORD_KEY", "RESULTS_FORMAT", "RESULTS_NAME", "SINGLE_RANK_LABEL", "Curve", "EvalData",
-    "EvalExample", "EvalResult", "RankScore", "check_metric", "evaluate", "greedy_completions", "load_eval_data",
-    "plan_curves", "record_entry", "record_evaluation", "score_model", "teacher_forced", "write_results",
+    "EvalExample", "EvalOptions", "EvalResult", "RankScore", "check_metric", "evaluate", "exact_match", "greedy_completions",
+    "load_eval_data", "plan_curves", "record_entry", "record_evaluation", "record_results", "score_model", "teacher_forced",
+    "write_results",
 ]

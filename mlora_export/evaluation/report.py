@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -11,9 +10,10 @@ from typing import Any
 
 from ..adapter import record_in_config
 from ..fs import atomic_output_dir
+from ..io.jsonio import write_json
 from ..provenance import created_by
 from .plan import Curve
-from .run import EvalResult
+from .result import EvalResult
 
 logger = logging.getLogger(__name__)
 
@@ -34,12 +34,10 @@ def write_results(result: EvalResult, output: str | os.PathLike[str], *, force: 
     """
     from .plot import plot_rank_curves
 
-    inputs = [result.base_model, *([result.data.path] if result.data.path is not None else []), *(c.path for c in result.curves),
+    inputs: list[Any] = [result.base_model, *([result.data.path] if result.data.path is not None else []), *(c.path for c in result.curves),
               *(m.path for c in result.curves for m, _ in c.members)]
     with atomic_output_dir(output, force, inputs) as tmp:
-        with open(tmp / RESULTS_NAME, "w", encoding="utf-8") as f:
-            json.dump(result.to_dict(), f, indent=2)
-            f.write("\n")
+        write_json(tmp / RESULTS_NAME, result.to_dict(), allow_nan=True)  # a diverged model's loss is NaN: reported as such
         plot_rank_curves(result.to_dict(), tmp / PLOT_NAME)
     return Path(output)
 
@@ -59,6 +57,21 @@ def record_entry(result: EvalResult, curve: Curve) -> dict[str, Any]:
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "created_by": created_by(),
     }
+
+
+def record_results(result: EvalResult) -> None:
+    """Store each curve of ``result`` in its nested adapter's ``matryoshka_config.json``
+    (:func:`record_evaluation`), listing the files in ``result.recorded``; the labels of curves that
+    are not one nested adapter folder go to ``result.not_recorded``.
+
+    Raises:
+        InvalidAdapterError: a recordable folder has no nested ``matryoshka_config.json`` (any more).
+    """
+    for c in result.curves:
+        if c.recordable:
+            result.recorded.append(str(record_evaluation(c.path, record_entry(result, c))))
+        else:
+            result.not_recorded.append(c.label)
 
 
 def record_evaluation(adapter_dir: str | os.PathLike[str], entry: dict[str, Any]) -> Path:

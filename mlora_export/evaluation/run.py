@@ -6,7 +6,6 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,19 +24,19 @@ from ..errors import (
     ConfigError,
     DataError,
 )
-from ..fs import read_json
+from ..io.jsonio import read_json
 from ..method import aurac
+from ..params import merge_legacy
 from ..progress import Progress
-from ..provenance import created_by
 from ..validate import is_int
 from .data import EvalData, load_eval_data
+from .options import EvalOptions
 from .plan import Curve, plan_curves
+from .report import record_results
+from .result import EvalResult
 from .scoring import RankScore, check_metric, score_model
 
 logger = logging.getLogger(__name__)
-
-#: The ``format`` of ``results.json`` (:meth:`EvalResult.to_dict`).
-RESULTS_FORMAT = "mlora-eval/1"
 
 # -- the base model ----------------------------------------------------------------------------
 def _default_device() -> str:
@@ -54,74 +53,35 @@ def _max_positions(base_model: str | os.PathLike[str]) -> int | None:
     if not isinstance(cfg, dict):
         return None
     value = cfg.get("max_position_embeddings") or cfg.get("n_positions")
-    return value if is_int(value) and value > 0 else None
+    return value if isinstance(value, int) and is_int(value) and value > 0 else None
 
 
 # -- evaluate ----------------------------------------------------------------------------------
-@dataclass
-class EvalResult:
-    """Everything one evaluation produced; :meth:`to_dict` is the ``results.json`` content."""
-
-    metric: str
-    curves: list[Curve]
-    data: EvalData
-    base_model: str
-    base: RankScore | None = None
-    seconds: float = 0.0
-    #: ``matryoshka_config.json`` files the results were recorded in (``record=True``), and the
-    #: labels of curves that could not carry them (not one nested adapter folder).
-    recorded: list[str] = field(default_factory=list)
-    not_recorded: list[str] = field(default_factory=list)
-
-    @property
-    def higher_is_better(self) -> bool:
-        return self.metric != "loss"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "format": RESULTS_FORMAT,
-            "metric": self.metric,
-            "higher_is_better": self.higher_is_better,
-            "data": self.data.describe(),
-            "base_model": self.base_model,
-            "base": self.base.to_dict() if self.base else None,
-            "adapters": [c.to_dict() for c in self.curves],
-            "seconds": self.seconds,
-            "created_by": created_by(),
-        }
-
-
 def evaluate(
     adapters: Sequence[str | os.PathLike[str]],
     base_model: str | os.PathLike[str],
     data_path: "str | os.PathLike[str] | DataSource",
     ranks: Sequence[int] | str = "all",
+    options: EvalOptions | None = None,
     *,
-    metric: str = "loss",
-    batch_size: int = 16,
-    max_new_tokens: int | None = None,
-    tokenizer_dir: str | os.PathLike[str] | None = None,
-    dtype: str = "auto",
-    device: str | None = None,
-    with_base: bool = False,
-    max_examples: int | None = None,
-    record: bool = False,
     progress: Progress | None = None,
-    chat_template: str | None = None,
-    revision: str | None = None,
+    **legacy: Any,
 ) -> EvalResult:
     """Evaluate every adapter at every rank on ``data_path``; per-rank scores and AURAC v1/v2 per curve.
 
-    ``base_model`` is a local folder or a Hub model id (``revision``: its branch, tag or commit;
+    ``base_model`` is a local folder or a Hub model id (``options.revision``: its branch, tag or commit;
     :func:`~mlora_export.base.hub.resolve_base_model`); ``data_path`` a local file, a Hub dataset id
     or a :class:`~mlora_export.data.DataSource` (split ``test`` unless it names one), read by
-    :func:`~.data.load_eval_data`; ``chat_template`` (Jinja text) replaces the tokenizer's template.
+    :func:`~.data.load_eval_data`; ``options`` (:class:`~.options.EvalOptions`) say how to score;
+    ``options.chat_template`` (Jinja text) replaces the tokenizer's template. The options passed as
+    keywords of this function (``metric="accuracy"``…) still work for one release, with a
+    ``DeprecationWarning``.
 
     All inputs are validated before the base model is loaded. The base is loaded once; each adapter
     is put on it, evaluated at its ranks by switching the rank in place, and unloaded again.
     ``with_base`` also scores the base model alone (rank 0; not part of AURAC). ``record`` stores
     each nested adapter's curve in its ``matryoshka_config.json`` (``evaluation[<metric>]``, see
-    :func:`~.report.record_evaluation`); curves of other adapters are listed in ``not_recorded``.
+    :func:`~.report.record_results`); curves of other adapters are listed in ``not_recorded``.
 
     Raises:
         ConfigError, RankError, InvalidAdapterError, DataError, BaseModelError,
@@ -129,42 +89,38 @@ def evaluate(
             adapter folder among ``adapters`` (ConfigError).
         HubInputError, HubError: a Hub model or dataset that cannot be read.
     """
-    from .report import record_entry, record_evaluation
-
-    _check_scoring_options(metric, batch_size, max_new_tokens)
+    opts = merge_legacy(options, EvalOptions, legacy, "evaluate")
+    _check_scoring_options(opts.metric, opts.batch_size, opts.max_new_tokens)
     t0 = time.perf_counter()
     curves = plan_curves(adapters, ranks)
-    if record and not any(c.recordable for c in curves):
+    if opts.record and not any(c.recordable for c in curves):
         raise ConfigError(
             "recording stores results in a nested adapter's matryoshka_config.json, but no adapter given is a nested adapter folder",
             option="record",
         )
-    check_dtype(dtype)
-    device = check_device(device) if device is not None else None
-    base_dir = resolve_base_model(base_model, revision=revision)
+    check_dtype(opts.dtype)
+    device = check_device(opts.device) if opts.device is not None else None
+    base_dir = resolve_base_model(base_model, revision=opts.revision)
     check_base_model_dir(base_dir)
-    tokenizer = load_tokenizer(tokenizer_dir if tokenizer_dir is not None else base_dir, hint="save one there", option="tokenizer_dir")
-    max_len = _max_positions(base_dir)
-    data = load_eval_data(data_path, tokenizer, max_length=max_len, max_examples=max_examples, chat_template=chat_template)  # before loading weights
-    if metric == "exact-match" and not data.generates:
+    tokenizer = load_tokenizer(opts.tokenizer_dir if opts.tokenizer_dir is not None else base_dir, hint="save one there", option="tokenizer_dir")
+    data = load_eval_data(data_path, tokenizer, max_length=_max_positions(base_dir), max_examples=opts.max_examples,
+                          chat_template=opts.chat_template)  # before loading weights
+    if opts.metric == "exact-match" and not data.generates:
         raise DataError(f"{data.source or data.path}: exact-match needs {{\"prompt\", \"completion\"}} or conversation records, the file has "
                         "{\"text\"} records; use metric loss or accuracy", option="metric")
-    model = load_base_model(base_dir, dtype, device=device or _default_device())
+    model = load_base_model(base_dir, opts.dtype, device=device or _default_device())
     for c in curves:
         for a, _ in c.members:
             check_fits(a, model, base=str(base_model))
-    total = sum(len(ks) for c in curves for _, ks in c.members) + int(with_base)
-    score = _Scorer(tokenizer, data, {"metric": metric, "batch_size": batch_size, "max_new_tokens": max_new_tokens}, total, progress)
-    base_score = score(model, 0) if with_base else None
+    total = sum(len(ks) for c in curves for _, ks in c.members) + int(opts.with_base)
+    scoring = {"metric": opts.metric, "batch_size": opts.batch_size, "max_new_tokens": opts.max_new_tokens}
+    score = _Scorer(tokenizer, data, scoring, total, progress)
+    base_score = score(model, 0) if opts.with_base else None
     for c in curves:
         model = _score_curve(model, c, score)
-    result = EvalResult(metric, curves, data, str(base_model), base_score, time.perf_counter() - t0)
-    if record:
-        for c in curves:
-            if c.recordable:
-                result.recorded.append(str(record_evaluation(c.path, record_entry(result, c))))
-            else:
-                result.not_recorded.append(c.label)
+    result = EvalResult(opts.metric, curves, data, str(base_model), base_score, time.perf_counter() - t0)
+    if opts.record:
+        record_results(result)
     return result
 
 

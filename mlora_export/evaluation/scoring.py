@@ -162,9 +162,7 @@ def score_model(
     acc = n_hit / n_tok
     em: float | None = None
     if metric == "exact-match":
-        preds = greedy_completions(model, tokenizer, data, batch_size=batch_size, max_new_tokens=max_new_tokens)
-        hits = sum(p.strip() == (e.completion or "").strip() for p, e in zip(preds, data.examples))
-        em = hits / len(data.examples)
+        em = exact_match(model, tokenizer, data, batch_size=batch_size, max_new_tokens=max_new_tokens)
     score = {"loss": loss, "accuracy": acc, "exact-match": em}[metric]
     return RankScore(
         rank=rank,
@@ -177,6 +175,15 @@ def score_model(
         target_tokens=n_tok,
         seconds=time.perf_counter() - t0,
     )
+
+
+def exact_match(model: Any, tokenizer: Any, data: EvalData, *, batch_size: int = 16, max_new_tokens: int | None = None) -> float:
+    """Share of ``data``'s examples whose greedy completion (:func:`greedy_completions`) equals the
+    reference, both stripped of surrounding whitespace: the ``exact-match`` score without the
+    teacher-forced pass of :func:`score_model`."""
+    preds = greedy_completions(model, tokenizer, data, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    hits = sum(p.strip() == (e.completion or "").strip() for p, e in zip(preds, data.examples))
+    return hits / len(data.examples)
 
 
 def check_metric(metric: str) -> str:

@@ -31,7 +31,8 @@ class NestedRankCallback(TrainerCallback):
     which for ``matryoshka`` is no single rank: to score rank ``k``, call ``nested.set_rank(k)``
     before ``trainer.evaluate()`` (the next training step re-installs the training diagonal).
     When training ends the model is switched to the full rank ``r`` (``set_rank(r)``), i.e. what
-    the saved adapter computes in PEFT.
+    the saved adapter computes in PEFT. The run's ``state.max_steps`` goes along as ``total_steps``
+    (a rank curriculum needs it).
 
     Packing (TRL's ``SFTConfig(packing=True)`` or ``padding_free=True``): ``nested-loss`` gives every
     packed sequence its own rank, from the boundaries the batch carries (``position_ids`` or
@@ -53,10 +54,10 @@ class NestedRankCallback(TrainerCallback):
 
     def on_train_begin(self, args: "TrainingArguments", state: "TrainerState", control: "TrainerControl", **kwargs: Any) -> None:
         check_packing(self.nested, args)
-        self.nested.train_diagonal(state.global_step)
+        self.nested.train_diagonal(state.global_step, total_steps=state.max_steps or None)
 
     def on_step_begin(self, args: "TrainingArguments", state: "TrainerState", control: "TrainerControl", **kwargs: Any) -> None:
-        self.nested.train_diagonal(state.global_step)
+        self.nested.train_diagonal(state.global_step, total_steps=state.max_steps or None)
 
     def on_train_end(self, args: "TrainingArguments", state: "TrainerState", control: "TrainerControl", **kwargs: Any) -> None:
         self.nested.set_rank(self.nested.config.max_rank)
@@ -89,7 +90,7 @@ class HeldoutRanksCallback(TrainerCallback):
     given) and after the last one.
 
     Each evaluation switches the model to rank ``k`` (:meth:`NestedLoraModel.set_rank`), computes
-    the mean cross-entropy per supervised token (:func:`~mlora_export.training.pipeline.heldout_loss`),
+    the mean cross-entropy per supervised token (:func:`~mlora_export.training.heldout.heldout_loss`),
     and logs ``eval_loss_r{k}`` through ``log`` (``Trainer.log``: the log history and ``report_to``);
     the next step re-installs the training diagonal. Evaluation runs in eval mode without
     gradients and draws no random number, so it leaves the run (and its resumption) unchanged.
@@ -114,7 +115,7 @@ class HeldoutRanksCallback(TrainerCallback):
 
     def evaluate(self, step: int) -> dict[int, float]:
         """Score every rank now; return ``{rank: loss}``."""
-        from .pipeline import heldout_loss
+        from .heldout import heldout_loss
 
         losses = {}
         for k in self.ranks:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, ExportError
+from ..io.jsonio import loads
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ def load_state(folder: str | os.PathLike[str], name: str) -> Any:
     folder = Path(folder)
     try:
         tensors = load_file(str(folder / f"{name}.safetensors"))
-        tree = json.loads((folder / f"{name}.json").read_text(encoding="utf-8"))
+        tree = loads((folder / f"{name}.json").read_bytes())
     except (OSError, ValueError) as e:
         raise ConfigError(f"checkpoint {str(folder)!r}: cannot read its {name} state ({e}); resume from a complete checkpoint",
                           path=folder, option="resume") from e
@@ -176,7 +177,7 @@ def read_checkpoint(path: str | os.PathLike[str], record: Mapping[str, Any], wor
             else "not a checkpoint of mlora-export train"
         raise ConfigError(f"{str(folder)!r} is {what}: it has no {MARKER}; resume from a complete checkpoint-N folder", path=folder, option="resume")
     try:
-        saved = json.loads(marker.read_text(encoding="utf-8"))
+        saved = loads(marker.read_bytes())
     except (OSError, ValueError) as e:
         raise ConfigError(f"{str(marker)!r} is unreadable ({e}); resume from another checkpoint", path=folder, option="resume") from e
     if not isinstance(saved, dict) or saved.get("format") != FORMAT:

@@ -19,7 +19,7 @@ The diagonal lives in a non-persistent buffer of each ``lora_A`` module owned by
 :class:`NestedLoraModel`; nothing is global, and it never reaches the saved state dict.
 
 Training loops. With ``transformers.Trainer`` pass ``callbacks=[NestedRankCallback(nested)]``
-(or ``nested.callback()``): it calls :meth:`NestedLoraModel.train_diagonal` with the optimiser
+(:mod:`.callbacks`): it calls :meth:`NestedLoraModel.train_diagonal` with the optimiser
 step at the start of each optimisation step. In a plain PyTorch loop call
 ``nested.train_diagonal(step)`` yourself before the forward passes of each optimisation step (once
 per step, not per micro-batch, when accumulating gradients)::
@@ -69,8 +69,10 @@ from ..method import (
     rank_diagonal,
     training_diagonal,
 )
+from .rank_schedule import curriculum_weights, loss_aware_weights, update_running_losses
 from ..validate import is_int
 from .packing import global_offsets, sequence_ids
+from .recipe import NestedRecipe, lora_plus_param_groups, nested_rank_loss, scale_a_like_paper, token_losses
 
 if TYPE_CHECKING:
     import torch
@@ -123,6 +125,13 @@ def _batch_shape(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, in
     return int(value.shape[0]), int(value.shape[1]) if value.dim() > 1 else 1, value.device
 
 
+def _stats_vector(sums: "torch.Tensor", counts: "torch.Tensor") -> "torch.Tensor":
+    """``[sums, counts]`` as one float64 tensor on ``counts``' device (one all-reduce for both)."""
+    import torch
+
+    return torch.cat([sums.to(counts.device, torch.float64), counts.to(torch.float64)])
+
+
 def _process_layout() -> tuple[int, int]:
     """``(process index, number of processes)`` of the running ``torch.distributed`` job, else ``(0, 1)``."""
     import torch.distributed as dist
@@ -136,15 +145,22 @@ class NestedLoraModel:
     """A PEFT model whose LoRA layers carry a nested-adapter diagonal; the handle to train, switch rank and save.
 
     Create it with :func:`add_nested_adapter` (new adapter) or :func:`load_nested_adapter`
-    (an adapter on disk). ``model`` is the :class:`peft.PeftModel` to train or run.
+    (an adapter on disk). ``model`` is the :class:`peft.PeftModel` to train or run; ``recipe``
+    (:class:`~mlora_export.training.recipe.NestedRecipe`) the training options beyond the method.
+
+    Raises:
+        ConfigError: a recipe option the method cannot use.
     """
 
-    def __init__(self, model: "PeftModel", config: MatryoshkaConfig, *, adapter_name: str = "default", seed: int = 0) -> None:
+    def __init__(self, model: "PeftModel", config: MatryoshkaConfig, *, adapter_name: str = "default", seed: int = 0,
+                 recipe: NestedRecipe | None = None) -> None:
         import torch
         from peft.tuners.lora import LoraLayer
 
         from ..method import peft_alpha_for
 
+        self.recipe = recipe if recipe is not None else NestedRecipe()
+        self.recipe.check_method(config.method)
         self.model = model
         self.config = config
         self.adapter_name = adapter_name
@@ -161,6 +177,12 @@ class NestedLoraModel:
         #: TRL's ``packing``/``padding_free``): a batch without sequence boundaries is then refused.
         self.expect_packed = False
         self._layout: tuple[int, int] | None = None
+        self._total_steps: int | None = None
+        #: loss-aware sampling: running mean token loss per train rank, and the step whose statistics wait to be folded in
+        self.rank_losses: list[float | None] = [None] * len(config.train_ranks)
+        self._pending: tuple[int, "torch.Tensor", "torch.Tensor"] | None = None
+        #: a training forward ran whose loss :meth:`loss` has not computed yet (a recipe with its own loss)
+        self._awaiting_loss = False
         r = config.max_rank
         prefix = KEY_PREFIX
         for name, layer in model.named_modules():
@@ -237,7 +259,8 @@ class NestedLoraModel:
         only, so every process of a distributed run draws the same ``b``."""
         return random.Random(self.seed * 1_000_003 + step).choice(self.config.train_ranks)
 
-    def train_diagonal(self, step: int = 0, *, process_index: int | None = None, num_processes: int | None = None) -> list[float] | None:
+    def train_diagonal(self, step: int = 0, *, total_steps: int | None = None, process_index: int | None = None,
+                       num_processes: int | None = None) -> list[float] | None:
         """Install the method's training diagonal for optimisation step ``step``; return it.
 
         Call it once per optimisation step, before that step's forward passes (all its
@@ -255,11 +278,14 @@ class NestedLoraModel:
         example, row by row: every token gets the diagonal of its sequence's rank. Processes then
         hold different numbers of sequences, so under several processes each forward exchanges its
         count (one small ``all_gather``) to number them as one process would.
+        ``total_steps`` (the run's optimisation steps) is needed by a rank curriculum.
 
         Raises:
             ConfigError: the method is not trained (``svd``).
         """
         c = self.config
+        if total_steps is not None:
+            self._total_steps = int(total_steps)
         if c.method in PER_EXAMPLE_METHODS:
             self._step, self._seen, self._per_example = step, 0, True
             self._layout = None if process_index is None and num_processes is None else (process_index or 0, num_processes or 1)
@@ -289,7 +315,7 @@ class NestedLoraModel:
         if shape is None:
             raise ConfigError("nested-loss needs input_ids or inputs_embeds to know the batch size of each forward")
         n, length, device = shape
-        index, world = self._layout or _process_layout()
+        index, world = self.layout()
         seq_ids = sequence_ids(kwargs, n, length)
         if seq_ids is None:
             if self.expect_packed:
@@ -306,12 +332,118 @@ class NestedLoraModel:
             before, total = global_offsets(count, device, index, world)
             start = self._seen + before
             self._seen += total
-        ranks = example_ranks(self.config.train_ranks, range(start, start + count), seed=self.seed, step=self._step, weights=self.config.rank_weights)
+        if self.recipe.own_loss:
+            if count != n:
+                raise ConfigError(
+                    "per_rank_loss and loss_aware_ranks need one sequence per row: they weigh each example's loss by its rank, "
+                    "and a packed row holds several; train them without packing/padding_free", option="per_rank_loss")
+            if self._awaiting_loss:
+                raise ConfigError(
+                    "per_rank_loss and loss_aware_ranks compute the loss themselves: take each training forward's loss from "
+                    "nested.loss()/forward_loss() (a plain loop) or train with mlora-export's NestedTrainer, not the model's "
+                    "own loss (e.g. TRL's SFTTrainer)", option="per_rank_loss")
+            self._awaiting_loss = True
+        ranks = self.ranks_at(self._step, range(start, start + count))
         self.last_example_ranks = ranks
         d = self.example_diagonals(ranks)
         if seq_ids is not None and count != n:  # packed rows: each token gets its sequence's diagonal
             d = d[:, 0][seq_ids]
         self._install(d, None)
+
+    def layout(self) -> tuple[int, int]:
+        """``(process index, number of processes)`` the per-example positions are counted with."""
+        return self._layout or _process_layout()
+
+    # -- the recipe: rank weights over the run, the loss, optimizer groups -----------------------
+    def rank_weights_at(self, step: int) -> tuple[float, ...] | None:
+        """The weights over the train ranks of the per-example assignment at optimisation step ``step``.
+
+        The config's ``rank_weights`` (``None``: uniform), moved by the recipe's rank curriculum
+        (:func:`~mlora_export.training.rank_schedule.curriculum_weights`) and loss-aware share
+        (:func:`~mlora_export.training.rank_schedule.loss_aware_weights`). Asking for a later step first
+        folds the statistics of the last step's losses in (summed over the processes of a
+        distributed run, a collective: every process asks at the same points).
+
+        Raises:
+            ConfigError: a rank curriculum without the run's number of steps.
+        """
+        rc, weights = self.recipe, self.config.rank_weights
+        if not rc.dynamic_weights:
+            return weights
+        self._fold_losses(step)
+        if rc.rank_curriculum > 0:
+            if self._total_steps is None:
+                raise ConfigError("a rank curriculum needs the run's number of steps: pass total_steps to train_diagonal()", option="rank_curriculum")
+            weights = curriculum_weights(len(self.config.train_ranks), step, self._total_steps, rc.rank_curriculum, weights)
+        if rc.loss_aware_ranks > 0:
+            weights = loss_aware_weights(weights, self.rank_losses, rc.loss_aware_ranks)
+        return weights
+
+    def ranks_at(self, step: int, positions: Sequence[int] | range) -> list[int]:
+        """``nested-loss``: the train rank of each example at the given global positions of step ``step``."""
+        return example_ranks(self.config.train_ranks, positions, seed=self.seed, step=step, weights=self.rank_weights_at(step))
+
+    def _fold_losses(self, step: int) -> None:
+        if self._pending is None or self._pending[0] == step:
+            return
+        import torch.distributed as dist
+
+        _, sums, counts = self._pending
+        self._pending = None
+        stats = _stats_vector(sums, counts)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(stats)
+        n = len(self.config.train_ranks)
+        self.rank_losses = update_running_losses(self.rank_losses, stats[:n].tolist(), stats[n:].tolist())
+
+    def loss(self, logits: "torch.Tensor", labels: "torch.Tensor", *, rank_tokens: "torch.Tensor | None" = None) -> "torch.Tensor":
+        """The training loss of the forward that produced ``logits`` (a causal LM; ``-100`` labels ignored).
+
+        ``nested-loss``: :func:`~mlora_export.training.recipe.nested_lm_loss` over the ranks the
+        forward ran at, per rank when the recipe says so, with ``rank_tokens`` the step's tokens
+        per train rank (default: this batch's); the per-rank statistics feed loss-aware sampling.
+        Other methods: the mean token loss, as transformers computes it.
+
+        Raises:
+            ConfigError: the ranks of the last forward do not match ``logits``.
+        """
+        per_example, n_tokens = token_losses(logits, labels)
+        return self.example_loss(per_example, n_tokens, rank_tokens=rank_tokens)
+
+    def example_loss(self, per_example: "torch.Tensor", n_tokens: "torch.Tensor", *, rank_tokens: "torch.Tensor | None" = None) -> "torch.Tensor":
+        """:meth:`loss` from each example's summed token loss and supervised tokens (``[batch]`` each),
+        for a caller that computed them its own way (the pipeline's trainer scores the supervised
+        positions only: :func:`~mlora_export.training.trainer.supervised_token_losses`).
+
+        Raises:
+            ConfigError: the ranks of the last forward do not match the batch.
+        """
+        self._awaiting_loss = False
+        if self.config.method not in PER_EXAMPLE_METHODS:
+            return per_example.sum() / max(float(n_tokens.sum()), 1.0)
+        loss, sums, counts = nested_rank_loss(per_example, n_tokens, self.last_example_ranks, self.config.train_ranks,
+                                              per_rank=self.recipe.per_rank_loss, rank_tokens=rank_tokens)
+        if self.recipe.loss_aware_ranks > 0:
+            if self._pending is not None and self._pending[0] == self._step:
+                sums, counts = self._pending[1] + sums.to(self._pending[1].dtype), self._pending[2] + counts
+            self._pending = (self._step, sums.to(counts.dtype), counts)
+        return loss
+
+    def forward_loss(self, batch: dict[str, Any]) -> "torch.Tensor":
+        """Run ``batch`` (``input_ids``, ``attention_mask``, ``labels``) and return its training loss.
+
+        The model's own loss, unless the recipe computes its own (:meth:`loss`): the one call a
+        plain training loop needs.
+        """
+        if not self.recipe.own_loss:
+            return self.model(**batch).loss
+        out = self.model(**{k: v for k, v in batch.items() if k != "labels"})
+        return self.loss(out.logits, batch["labels"])
+
+    def param_groups(self, lr: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
+        """Optimizer parameter groups of the trainable parameters: ``B`` at ``lr · lora_plus_ratio`` with LoRA+,
+        else one group (:func:`~mlora_export.training.recipe.lora_plus_param_groups`)."""
+        return lora_plus_param_groups(self.model.named_parameters(), lr, self.recipe.lora_plus_ratio, weight_decay)
 
     def set_rank(self, k: int) -> None:
         """Run as the rank-``k`` adapter (``ΔW_k = s(k)·B[:, :k]·A[:k, :]``), in place; ``k = 0`` disables it."""
@@ -383,12 +515,6 @@ class NestedLoraModel:
             )
         return Path(path)
 
-    def callback(self) -> Any:
-        """A :class:`~mlora_export.training.callbacks.NestedRankCallback` for ``transformers.Trainer``."""
-        from .callbacks import NestedRankCallback
-
-        return NestedRankCallback(self)
-
     def remove(self) -> None:
         """Take the nested machinery off: hooks and diagonals go, PEFT's scaling becomes ``s(r)`` again.
 
@@ -441,6 +567,7 @@ def add_nested_adapter(
     task_type: str | None = "CAUSAL_LM",
     seed: int = 0,
     adapter_name: str = "default",
+    recipe: NestedRecipe | None = None,
     **lora_kwargs: Any,
 ) -> NestedLoraModel:
     """Wrap a transformers ``model`` with a new trainable nested adapter of rank ``config.max_rank``.
@@ -449,7 +576,8 @@ def add_nested_adapter(
     module names. ``lora_kwargs`` pass through to :class:`peft.LoraConfig`, for the options that only
     choose modules or initialise ``A``/``B`` (``layers_to_transform``, ``layers_pattern``,
     ``exclude_modules``, ``init_lora_weights``). ``A`` is initialised from ``seed`` without touching
-    torch's global random state.
+    torch's global random state (and scaled as the paper's with ``recipe.a_init == "paper"``).
+    ``recipe`` (:class:`~mlora_export.training.recipe.NestedRecipe`) holds the training options.
 
     Raises:
         ConfigError: no module matched, a matched module is not ``nn.Linear``/``Conv1D``, targets mix
@@ -460,6 +588,8 @@ def add_nested_adapter(
     from transformers.pytorch_utils import Conv1D
 
     check_method(config.method, trainable=True)
+    recipe = recipe if recipe is not None else NestedRecipe()
+    recipe.check_method(config.method)
     targets: str | list[str] = target_modules if isinstance(target_modules, str) else list(target_modules)
     if not targets:
         raise ConfigError("no target modules given: use 'all-linear' or module names like q_proj,v_proj")
@@ -489,7 +619,10 @@ def add_nested_adapter(
             "PEFT also trains %s for task type %s; the nested adapter format holds the LoRA factors only, so save() does not write them",
             sorted(saved_elsewhere), task_type,
         )
-    return NestedLoraModel(peft_model, config, adapter_name=adapter_name, seed=seed)
+    nested = NestedLoraModel(peft_model, config, adapter_name=adapter_name, seed=seed, recipe=recipe)
+    if recipe.a_init == "paper":
+        scale_a_like_paper(nested._lora_a_modules())
+    return nested
 
 
 @contextlib.contextmanager

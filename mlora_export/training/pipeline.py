@@ -30,9 +30,12 @@ from ..base import DTYPES, check_base_model_dir, load_base_model, load_tokenizer
 from ..errors import ConfigError, ExportError
 from ..fs import check_output_path
 from ..method import check_method
+from ..params import merge_legacy
 from ..progress import Progress
 from ..validate import is_finite_real, is_int
 from .distributed import cpu_training_args, engine_of
+from .heldout import heldout_loss as heldout_loss  # its home until 0.2; kept importable from here
+from .recipe import NestedRecipe
 
 if TYPE_CHECKING:
     from ..data import DataSource
@@ -48,6 +51,9 @@ class TrainSettings:
     ``batch_size`` is per process: the global batch is ``batch_size × grad_accum × processes``.
     ``rank_weights`` (``nested-loss`` only): one weight per train rank for the per-example rank
     assignment (default uniform). ``dropout`` is LoRA's dropout on the adapter's input.
+    ``recipe`` (:class:`~mlora_export.training.recipe.NestedRecipe`): how the adapter is trained
+    beyond the method (LoRA+, rank curriculum, per-rank loss, the paper's init of ``A``,
+    loss-aware rank sampling; all off by default).
 
     The run's extras, as in ``transformers``/TRL: ``gradient_checkpointing``; ``bf16`` (bfloat16
     autocast over the float32 adapter: on a GPU that has bfloat16, and on CPUs, where torch's
@@ -78,6 +84,7 @@ class TrainSettings:
     max_grad_norm: float = 1.0
     dropout: float = 0.0
     rank_weights: tuple[float, ...] | None = None
+    recipe: NestedRecipe = field(default_factory=NestedRecipe)
     dtype: str = "float32"
     gradient_checkpointing: bool = False
     logging_steps: int = 10
@@ -111,9 +118,12 @@ class TrainSettings:
         """Check every setting before any I/O; return the adapter config.
 
         Raises:
-            ConfigError: a loop setting is out of range; RankError: bad ranks.
+            ConfigError: a loop setting is out of range, or a recipe option the method cannot use; RankError: bad ranks.
         """
         cfg = self.nested_config()
+        if not isinstance(self.recipe, NestedRecipe):
+            raise ConfigError(f"recipe must be a NestedRecipe, got {type(self.recipe).__name__}", option="recipe")
+        self.recipe.check_method(cfg.method)
         if self.max_steps is None and self.epochs is None:
             raise ConfigError("give a number of epochs or a number of steps (max_steps)", option="max_steps")
         if self.max_steps is not None and (not is_int(self.max_steps) or self.max_steps < 1):
@@ -319,29 +329,6 @@ def _has_accelerator() -> bool:
     return bool(torch.cuda.is_available())
 
 
-def heldout_loss(model: Any, features: Sequence[dict[str, list[int]]], pad_token_id: int, *, batch_size: int = 32) -> float:
-    """Mean cross-entropy per supervised token (labels ≠ -100) of ``model`` on tokenised ``features``."""
-    import torch
-
-    from ..data import IGNORE_INDEX, CompletionCollator
-
-    collate = CompletionCollator(pad_token_id)
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        for i in range(0, len(features), batch_size):
-            batch = collate(features[i : i + batch_size])
-            logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-            labels = batch["labels"].to(device)[:, 1:]
-            lg = logits[:, :-1].float()
-            total += float(torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"))
-            count += int((labels != IGNORE_INDEX).sum())
-    model.train(was_training)
-    return total / max(count, 1)
-
-
 def _training_arguments(settings: TrainSettings, folder: Path) -> Any:
     """The ``TrainingArguments`` of a run: the settings, checkpoints and reports as asked (written
     under ``folder``), our own progress."""
@@ -420,23 +407,43 @@ def _save_on_main(nested: Any, output: str | os.PathLike[str], *, force: bool, m
         raise failure
 
 
+@dataclass(frozen=True)
+class RunOptions:
+    """Where one :func:`train` run reads and writes besides its data, settings and output: the
+    base's Hub revision and recorded id, held-out data, the checkpoint to resume from, the folder
+    of checkpoints and logs."""
+
+    revision: str | None = None
+    base_model_id: str | None = None
+    eval_data: "DataSource | str | os.PathLike[str] | None" = None
+    resume: str | os.PathLike[str] | None = None
+    run_dir: str | os.PathLike[str] | None = None
+
+
+@dataclass
+class _Prepared:
+    """A run's inputs, checked and read before the model loads."""
+
+    records: Any
+    eval_records: Any
+    base: Path
+    folder: Path | None
+
+
 def train(
     base_model: str | os.PathLike[str],
     data_path: "str | os.PathLike[str] | DataSource",
     output: str | os.PathLike[str],
     settings: TrainSettings | None = None,
+    run: RunOptions | None = None,
     *,
     force: bool = False,
     progress: Progress | None = None,
-    base_model_id: str | None = None,
-    revision: str | None = None,
-    eval_data: "DataSource | str | os.PathLike[str] | None" = None,
-    resume: str | os.PathLike[str] | None = None,
-    run_dir: str | os.PathLike[str] | None = None,
+    **legacy: Any,
 ) -> TrainResult:
     """Train a nested adapter on ``base_model`` with the data ``data_path``; write it to ``output``.
 
-    ``base_model`` is a local folder or a Hub model id (``revision``: its branch, tag or commit),
+    ``base_model`` is a local folder or a Hub model id (``run.revision``: its branch, tag or commit),
     resolved by :func:`~mlora_export.base.hub.resolve_base_model`; ``data_path`` is a local
     ``.jsonl``/``.json``/``.parquet`` file, a Hub dataset id or a :class:`~mlora_export.data.DataSource`
     (split ``train`` unless it names one), read by :func:`~mlora_export.data.read_records` and
@@ -446,10 +453,9 @@ def train(
     Everything is validated before the model is loaded. Works in one process and under
     ``torchrun``/``accelerate launch`` (DDP, FSDP, DeepSpeed ZeRO-2/3) alike; only the main process
     writes ``output``.
-    ``base_model_id`` is what the adapter records as its base (PEFT's ``base_model_name_or_path``;
-    default ``base_model`` as given), e.g. a Hub id when the local folder is a copy of one.
-
-    ``eval_data``: held-out data, read and tokenised as ``data_path`` is (a Hub dataset's split
+    ``run`` (:class:`RunOptions`): ``base_model_id`` is what the adapter records as its base
+    (PEFT's ``base_model_name_or_path``; default ``base_model`` as given), e.g. a Hub id when the
+    local folder is a copy of one; ``eval_data``: held-out data, read and tokenised as ``data_path`` is (a Hub dataset's split
     ``test`` unless it names one), scored at ``settings.eval_ranks`` every ``settings.eval_steps``
     steps and at the end. ``run_dir`` holds the checkpoints
     (``settings.save_steps``) and TensorBoard logs (default: ``<output>-run``, or the folder of the
@@ -457,7 +463,8 @@ def train(
     and data, continues that run exactly where it stopped (adapter, optimiser, scheduler, random
     states, data order and the rank assignment, which depends on the step only). Checkpoints are
     written in one process and under DDP (:mod:`~mlora_export.training.checkpoint`), not under FSDP
-    or DeepSpeed.
+    or DeepSpeed. The run options passed as keywords of this function (``resume=…``) still work
+    for one release, with a ``DeprecationWarning``.
 
     Raises:
         ConfigError, RankError: invalid settings, or a checkpoint of another run.
@@ -469,60 +476,93 @@ def train(
             have no chat template.
         HubInputError, HubError: a Hub model or dataset that cannot be read.
     """
-    from ..data import as_source, read_records
-    from .checkpoint import checkpoints_in, read_checkpoint
+    from .checkpoint import read_checkpoint
 
-    # every check that needs no torch first: a bad argument or file is reported in a blink
     settings = settings or TrainSettings()
+    run = merge_legacy(run, RunOptions, legacy, "train")
+    inputs = _prepare(base_model, data_path, output, settings, run, force)  # every check that needs no torch first
+    tokenizer = load_tokenizer(inputs.base)
+    features = _features(inputs.records, tokenizer, settings)
+    eval_features = _features(inputs.eval_records, tokenizer, settings) if inputs.eval_records is not None else None
+    record = _resume_record(settings, features, inputs.base)
+    if run.resume is not None:
+        read_checkpoint(run.resume, record, world_size=_launch_world_size())
+    cfg = settings.nested_config(base_model=run.base_model_id or os.fspath(base_model))
+    nested, targets = _nested_model(inputs.base, settings, cfg)
+    trainable = sum(p.numel() for p in nested.model.parameters() if p.requires_grad)
+    scratch = Path(tempfile.mkdtemp(prefix="mlora-train-"))
+    try:
+        trainer, heldout = _make_trainer(nested, settings, inputs.folder or scratch, features, tokenizer.pad_token_id, progress, eval_features)
+        trainer.checkpoint_record = record
+        t0 = time.perf_counter()
+        out = _run_trainer(trainer, settings, run, inputs.folder, len(features), force)
+        seconds = time.perf_counter() - t0
+        nested.model.eval()
+        world, main, engine = trainer.args.world_size, trainer.is_world_process_zero(), engine_of(nested.model)
+        training = _training_record(settings, inputs.records, trainer.state.global_step, world, targets)
+        _save_on_main(nested, output, force=force, main=main, world=world, extra={"training": training})
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    counts = {"examples": len(features), "trainable_params": trainable, "world_size": world, "is_main_process": main}
+    return _result(output, cfg, trainer, out, seconds, engine, heldout, counts, inputs.folder if settings.save_steps else None, run)
+
+
+def _prepare(base_model: str | os.PathLike[str], data_path: Any, output: str | os.PathLike[str], settings: TrainSettings, run: RunOptions,
+             force: bool) -> _Prepared:
+    """Validate the settings, the output and the run folder, read the data and find the base,
+    before torch loads (a bad argument or file is reported in a blink).
+
+    Raises:
+        see :func:`train`.
+    """
+    from ..data import as_source, read_records
+
     settings.validate()
-    if settings.eval_steps is not None and eval_data is None:
+    if settings.eval_steps is not None and run.eval_data is None:
         raise ConfigError("eval steps need evaluation data (eval_data) to score", option="eval_data")
+    if run.resume is not None and settings.recipe.loss_aware_ranks > 0:
+        raise ConfigError("a run with loss-aware rank sampling cannot be resumed exactly: its running per-rank losses are not in "
+                          "the checkpoint; train it again from the start", option="loss_aware_ranks")
     source = as_source(data_path)
-    eval_source = as_source(eval_data) if eval_data is not None else None
-    given = [os.fspath(base_model), source.location, *([eval_source.location] if eval_source else []), *([os.fspath(resume)] if resume else [])]
+    eval_source = as_source(run.eval_data) if run.eval_data is not None else None
+    given = [os.fspath(base_model), source.location, *([eval_source.location] if eval_source else []),
+             *([os.fspath(run.resume)] if run.resume else [])]
     locals_ = [p for p in given if Path(p).exists()]
     check_output_path(output, force, inputs=locals_)  # --force may never replace an input
-    folder = _run_folder(output, settings, resume, run_dir, force, locals_)
+    folder = _run_folder(output, settings, run.resume, run.run_dir, force, locals_)
     _name_the_cpu_for_deepspeed()
     check_environment(settings)
     records = read_records(source, default_split="train")
     eval_records = read_records(eval_source, default_split="test") if eval_source is not None else None
-    base = check_base_model_dir(resolve_base_model(base_model, revision=revision))  # its model_type check imports transformers
+    base = check_base_model_dir(resolve_base_model(base_model, revision=run.revision))  # its model_type check imports transformers
+    return _Prepared(records, eval_records, base, folder)
 
-    tokenizer = load_tokenizer(base)
-    features = _features(records, tokenizer, settings)
-    eval_features = _features(eval_records, tokenizer, settings) if eval_records is not None else None
-    record = _resume_record(settings, features, base)
-    if resume is not None:
-        read_checkpoint(resume, record, world_size=_launch_world_size())
-    cfg = settings.nested_config(base_model=base_model_id or os.fspath(base_model))
-    nested, targets = _nested_model(base, settings, cfg)
-    trainable = sum(p.numel() for p in nested.model.parameters() if p.requires_grad)
 
-    scratch = Path(tempfile.mkdtemp(prefix="mlora-train-"))
-    try:
-        trainer, heldout = _make_trainer(nested, settings, folder or scratch, features, tokenizer.pad_token_id, progress, eval_features)
-        trainer.checkpoint_record = record
-        world = trainer.args.world_size
-        if (settings.save_steps or resume is not None) and (trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled):
-            raise ConfigError("checkpoints (save_steps, resume) are written in one process or under DDP only, not under FSDP or "
-                              "DeepSpeed; use a Trainer of your own there (docs/distributed.md)", option="save_steps")
-        if trainer.is_world_process_zero():
-            _warn_few_steps(settings, len(features), world)
-            if folder is not None and resume is None and force:
-                for old in checkpoints_in(folder):  # force: the checkpoints of an earlier run go
-                    shutil.rmtree(old)
-        t0 = time.perf_counter()
-        out = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
-        seconds = time.perf_counter() - t0
-        losses = [(int(h["step"]), float(h["loss"])) for h in trainer.state.log_history if "loss" in h]
-        main = trainer.is_world_process_zero()
-        nested.model.eval()
-        engine = engine_of(nested.model)
-        training = _training_record(settings, records, trainer.state.global_step, world, targets)
-        _save_on_main(nested, output, force=force, main=main, world=world, extra={"training": training})
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+def _run_trainer(trainer: Any, settings: TrainSettings, run: RunOptions, folder: Path | None, examples: int, force: bool) -> Any:
+    """Train (from ``run.resume`` when given); return ``Trainer.train``'s output.
+
+    Raises:
+        ConfigError: checkpoints asked for under FSDP or DeepSpeed.
+    """
+    from .checkpoint import checkpoints_in
+
+    if (settings.save_steps or run.resume is not None) and (trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled):
+        raise ConfigError("checkpoints (save_steps, resume) are written in one process or under DDP only, not under FSDP or "
+                          "DeepSpeed; use a Trainer of your own there (docs/distributed.md)", option="save_steps")
+    if trainer.is_world_process_zero():
+        _warn_few_steps(settings, examples, trainer.args.world_size)
+        if folder is not None and run.resume is None and force:
+            for old in checkpoints_in(folder):  # force: the checkpoints of an earlier run go
+                shutil.rmtree(old)
+    return trainer.train(resume_from_checkpoint=str(run.resume) if run.resume is not None else None)
+
+
+def _result(output: str | os.PathLike[str], cfg: MatryoshkaConfig, trainer: Any, out: Any, seconds: float, engine: str, heldout: Any,
+            counts: dict[str, Any], checkpoints: Path | None, run: RunOptions) -> TrainResult:
+    """The :class:`TrainResult` of a finished run (``counts``: examples, trainable parameters, processes, main or not)."""
+    from .checkpoint import checkpoints_in
+
+    losses = [(int(h["step"]), float(h["loss"])) for h in trainer.state.log_history if "loss" in h]
     return TrainResult(
         path=Path(output),
         method=cfg.method,
@@ -532,15 +572,12 @@ def train(
         seconds=seconds,
         train_loss=float(out.training_loss),
         final_loss=losses[-1][1] if losses else float(out.training_loss),
-        examples=len(features),
-        world_size=world,
-        is_main_process=main,
-        trainable_params=trainable,
+        **counts,
         losses=losses,
         engine=engine,
         eval_losses=list(heldout.results) if heldout is not None else [],
-        checkpoints=[str(c) for c in checkpoints_in(folder)] if folder is not None and settings.save_steps else [],
-        resumed_from=str(resume) if resume is not None else None,
+        checkpoints=[str(c) for c in checkpoints_in(checkpoints)] if checkpoints is not None else [],
+        resumed_from=str(run.resume) if run.resume is not None else None,
     )
 
 
@@ -637,7 +674,7 @@ def _nested_model(base: Path, settings: TrainSettings, cfg: MatryoshkaConfig) ->
     if getattr(model.config, "use_cache", None):
         model.config.use_cache = False
     targets = settings.target_modules if isinstance(settings.target_modules, str) else list(settings.target_modules)
-    nested = add_nested_adapter(model, cfg, target_modules=targets, dropout=settings.dropout, seed=settings.seed)
+    nested = add_nested_adapter(model, cfg, target_modules=targets, dropout=settings.dropout, seed=settings.seed, recipe=settings.recipe)
     if settings.gradient_checkpointing:
         inner = nested.model.get_base_model()
         if hasattr(inner, "activation_checkpointing_enable"):  # transformers 5.25 renamed gradient_checkpointing_enable
@@ -672,21 +709,20 @@ def _load_quantized(base: Path, settings: TrainSettings) -> Any:
 def _make_trainer(nested: Any, settings: TrainSettings, folder: Path, features: Sequence[dict[str, list[int]]], pad_token_id: int,
                   progress: Progress | None, eval_features: Sequence[dict[str, list[int]]] | None = None) -> tuple[Any, Any]:
     """``(trainer, heldout callback or None)``: a ``transformers.Trainer`` (:mod:`.trainer`: checkpoints
-    without pickles, the loss from the supervised positions' logits only) on the nested model with
+    without pickles, the loss from the supervised positions' logits only, the nested recipe) on the nested model with
     :class:`~.callbacks.NestedRankCallback`; no log lines on stdout (the CLI's ``--json`` owns it)
     and our own progress instead of Trainer's bar."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from ..data import CompletionCollator
-    from .callbacks import HeldoutRanksCallback, NestedRankCallback, StepProgressCallback
+    from .callbacks import HeldoutRanksCallback, StepProgressCallback
     from .trainer import nested_trainer_class
 
     trainer = nested_trainer_class()(
-        model=nested.model,
+        nested,
         args=_training_arguments(settings, folder),
         train_dataset=features,
         data_collator=CompletionCollator(pad_token_id),
-        callbacks=[NestedRankCallback(nested)],
     )
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
@@ -709,8 +745,9 @@ def default_eval_ranks(train_ranks: Sequence[int]) -> tuple[int, ...]:
 
 def _training_record(settings: TrainSettings, records: Any, steps: int, world: int, targets: str | list[str]) -> dict[str, Any]:
     """The ``training`` section the adapter records: the data's name (file name, or Hub id with
-    split) and record kind, steps, learning rate, seed, global batch size and target modules."""
-    return {
+    split) and record kind, steps, learning rate, seed, global batch size, target modules and the
+    recipe options that are not the default."""
+    record: dict[str, Any] = {
         "data": records.name,
         "data_kind": records.kind,
         "steps": steps,
@@ -719,6 +756,10 @@ def _training_record(settings: TrainSettings, records: Any, steps: int, world: i
         "batch_size": settings.batch_size * settings.grad_accum * world,
         "target_modules": targets,
     }
+    recipe = settings.recipe.changed()
+    if recipe:
+        record["recipe"] = recipe
+    return record
 
 
-__all__ = ["REPORTERS", "TrainResult", "TrainSettings", "check_environment", "default_eval_ranks", "heldout_loss", "train"]
+__all__ = ["REPORTERS", "RunOptions", "TrainResult", "TrainSettings", "check_environment", "default_eval_ranks", "heldout_loss", "train"]

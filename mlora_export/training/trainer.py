@@ -12,6 +12,12 @@
   ``num_items_in_batch`` as the model's own loss would be: the same loss to float rounding, at
   the cost TRL's fused head pays (it too scores only the supervised positions). Models whose head
   cannot be found, or whose hidden states are not ``[batch, seq, hidden]``, get ``Trainer``'s own loss.
+- **The nested adapter's recipe** (:class:`~.recipe.NestedRecipe`, given with ``nested``): LoRA+
+  builds the optimizer from :func:`~.recipe.lora_plus_param_groups`; when the recipe computes its
+  own loss (per-rank loss, loss-aware rank sampling) the trainer counts the supervised tokens of
+  each train rank over the whole optimisation step (every micro-batch, summed over the processes)
+  before the step runs, and each micro-batch's loss is its exact share of the step's loss
+  (:meth:`~.model.NestedLoraModel.example_loss`), from the same supervised positions' logits.
 
 Made on first use (:func:`nested_trainer_class`): it subclasses ``transformers.Trainer``.
 """
@@ -32,6 +38,13 @@ logger = logging.getLogger(__name__)
 _TRAINER: type | None = None
 
 
+def __getattr__(name: str) -> Any:
+    # NestedTrainer subclasses transformers.Trainer: made when first asked for
+    if name == "NestedTrainer":
+        return nested_trainer_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def nested_trainer_class() -> type:
     """:class:`NestedTrainer` (made on first use: it imports transformers)."""
     global _TRAINER
@@ -50,14 +63,11 @@ def _output_head(model: Any) -> Any | None:
     return head if head is not None and hasattr(head, "register_forward_pre_hook") else None
 
 
-def supervised_loss(model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any | None:
-    """The causal-LM loss of ``inputs`` computed from the supervised positions' logits only;
-    ``None`` when the model's head cannot be fed that way (the caller then uses the model's own loss).
-
-    ``sum of -log p(next token)`` over positions whose next label is not ``-100``, divided by
-    ``num_items_in_batch`` when given (the supervised tokens of the whole accumulated batch) and by
-    this batch's count otherwise: exactly what transformers' ``ForCausalLMLoss`` computes.
-    """
+def _supervised_logits(model: Any, inputs: dict[str, Any]) -> tuple[Any, Any, Any] | None:
+    """Run ``model`` on ``inputs`` and return ``(logits [n, vocab], target [n], row [n])`` of the
+    positions whose next label is not ``-100`` (all positions, targets ``-100`` included, when the
+    head saw something else), ``row`` being each position's example; ``None`` when the model's head
+    cannot be fed that way (the model is then not run)."""
     import torch
     import torch.nn.functional as F
 
@@ -83,30 +93,137 @@ def supervised_loss(model: Any, inputs: dict[str, Any], num_items_in_batch: Any 
     finally:
         handle.remove()
     logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+    example = torch.arange(shifted.shape[0], device=shifted.device).unsqueeze(1).expand_as(shifted)
     if picked["done"] and logits.dim() == 2:
-        target = shifted[keep].to(logits.device)
+        target, row = shifted[keep], example[keep]
     else:  # the head saw something else (a model computing logits its own way): score every position
         logits = logits[:, :-1].reshape(-1, logits.shape[-1])
-        target = shifted.reshape(-1).to(logits.device)
+        target, row = shifted.reshape(-1), example.reshape(-1)
+    return logits, target.to(logits.device), row.to(logits.device)
+
+
+def supervised_loss(model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any | None:
+    """The causal-LM loss of ``inputs`` computed from the supervised positions' logits only;
+    ``None`` when the model's head cannot be fed that way (the caller then uses the model's own loss).
+
+    ``sum of -log p(next token)`` over positions whose next label is not ``-100``, divided by
+    ``num_items_in_batch`` when given (the supervised tokens of the whole accumulated batch) and by
+    this batch's count otherwise: exactly what transformers' ``ForCausalLMLoss`` computes.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    got = _supervised_logits(model, inputs)
+    if got is None:
+        return None
+    logits, target, _ = got
     total = F.cross_entropy(logits.float(), target, ignore_index=-100, reduction="sum")
-    count = num_items_in_batch if num_items_in_batch is not None else keep.sum()
+    count = num_items_in_batch if num_items_in_batch is not None else (inputs["labels"][:, 1:] != -100).sum()
     if torch.is_tensor(count):
         count = count.to(total.device)
     return total / count
 
 
+def supervised_token_losses(model: Any, inputs: dict[str, Any]) -> tuple[Any, Any] | None:
+    """Per example of ``inputs``: ``(sum of -log p(next token) over its supervised positions, their
+    number)``, each ``[batch]``, from the supervised positions' logits only (as :func:`supervised_loss`);
+    ``None`` when the model's head cannot be fed that way."""
+    import torch
+    import torch.nn.functional as F
+
+    got = _supervised_logits(model, inputs)
+    if got is None:
+        return None
+    logits, target, row = got
+    n = inputs["labels"].shape[0]
+    tok = F.cross_entropy(logits.float(), target, ignore_index=-100, reduction="none")
+    sums = torch.zeros(n, dtype=tok.dtype, device=tok.device).index_add(0, row, tok)
+    counts = torch.zeros(n, dtype=torch.long, device=tok.device).index_add(0, row, (target != -100).long())
+    return sums, counts
+
+
 def _make_trainer_class() -> type:
     from transformers import Trainer
 
+    from .callbacks import NestedRankCallback
+    from .recipe import NestedRecipe, lora_plus_param_groups, rank_token_counts, token_losses
+
     class NestedTrainer(Trainer):
-        """``transformers.Trainer`` with pickle-free checkpoints and the loss on supervised tokens only
-        (see the module docstring). ``checkpoint_record`` (a JSON-able dict) goes into each checkpoint's
-        :data:`~.checkpoint.MARKER`."""
+        """``transformers.Trainer`` with pickle-free checkpoints, the loss on supervised tokens only
+        and the recipe of ``nested`` (see the module docstring). With ``nested`` (a
+        :class:`~.model.NestedLoraModel`), ``model`` defaults to ``nested.model`` and
+        :class:`~.callbacks.NestedRankCallback` is added. ``checkpoint_record`` (a JSON-able dict)
+        goes into each checkpoint's :data:`~.checkpoint.MARKER`.
+
+        Example::
+
+            nested = add_nested_adapter(model, cfg, recipe=NestedRecipe(per_rank_loss=True))
+            nested_trainer_class()(nested, args=args, train_dataset=ds, data_collator=collate).train()
+        """
 
         checkpoint_record: dict[str, Any] = {}
 
+        def __init__(self, nested: Any = None, **kwargs: Any) -> None:
+            if nested is not None:
+                callbacks = list(kwargs.pop("callbacks", None) or [])
+                if not any(isinstance(c, NestedRankCallback) for c in callbacks):
+                    callbacks.insert(0, NestedRankCallback(nested))
+                kwargs["callbacks"] = callbacks
+                kwargs.setdefault("model", nested.model)
+            super().__init__(**kwargs)
+            self.nested = nested
+            self.recipe: NestedRecipe = nested.recipe if nested is not None else NestedRecipe()
+            #: the current optimisation step's supervised tokens per train rank, over all micro-batches and processes
+            self.rank_tokens: Any = None
+            if self.recipe.own_loss:
+                self.loss_is_scaled_for_ga = True  # normalised over the whole step: Trainer must not divide again
+
+        # -- the recipe: LoRA+ groups, the step's tokens per rank ------------------------------
+        def create_optimizer(self, model: Any = None) -> Any:
+            """Trainer's optimizer, with ``B`` in its own group at ``lr · lora_plus_ratio`` under LoRA+."""
+            ratio = self.recipe.lora_plus_ratio
+            if ratio is None or self.optimizer is not None:
+                return super().create_optimizer(model)
+            opt_model = self.model if model is None else model
+            if self.optimizer_cls_and_kwargs is not None:
+                optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
+            else:
+                optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            groups = lora_plus_param_groups(opt_model.named_parameters(), self.args.learning_rate, ratio, self.args.weight_decay)
+            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+            return self.optimizer
+
+        def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list, Any]:
+            batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+            if self.recipe.own_loss and batch_samples:
+                self.rank_tokens = self.step_rank_tokens(batch_samples)
+            return batch_samples, num_items
+
+        def step_rank_tokens(self, batches: list[dict[str, Any]]) -> Any:
+            """Supervised tokens per train rank of the optimisation step made of ``batches`` (this
+            process's micro-batches), summed over the processes: the ranks are those the forward hook
+            will assign (:meth:`~.model.NestedLoraModel.ranks_at` at the same global positions)."""
+            import torch
+
+            nested = self.nested
+            step = self.state.global_step
+            index, world = nested.layout()
+            counts = torch.zeros(len(nested.config.train_ranks), dtype=torch.float64)
+            seen = 0
+            for batch in batches:
+                labels = batch["labels"]
+                n = int(labels.shape[0])
+                start = seen * world + index * n
+                counts += rank_token_counts(labels, nested.ranks_at(step, range(start, start + n)), nested.config.train_ranks)
+                seen += n
+            if world > 1:
+                counts = self.accelerator.reduce(counts.to(self.args.device), reduction="sum").cpu()
+            return counts
+
         # -- the loss ------------------------------------------------------------------------
         def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None) -> Any:
+            if self.recipe.own_loss and model.training and "labels" in inputs:
+                return self._recipe_loss(model, inputs, return_outputs)
             if return_outputs or self.label_smoother is not None or self.compute_loss_func is not None:
                 return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
             given = num_items_in_batch if self.model_accepts_loss_kwargs else None  # as Trainer passes it to the model
@@ -116,6 +233,20 @@ def _make_trainer_class() -> type:
             if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and num_items_in_batch is not None:
                 loss = loss * self.accelerator.num_processes  # DDP averages gradients over processes; the count covers all
             return loss
+
+        def _recipe_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool) -> Any:
+            """The recipe's loss (per-rank, with loss-aware statistics): this micro-batch's exact
+            share of the step's loss, from the supervised positions' logits when the head allows."""
+            got = None if return_outputs else supervised_token_losses(model, inputs)
+            outputs = None
+            if got is None:
+                outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
+                logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+                got = token_losses(logits, inputs["labels"])
+            loss = self.nested.example_loss(*got, rank_tokens=self.rank_tokens)
+            # each process holds its share of the step's loss; DDP, FSDP and DeepSpeed average gradients over processes
+            loss = loss * self.accelerator.num_processes
+            return (loss, outputs) if return_outputs else loss
 
         # -- checkpoints ---------------------------------------------------------------------
         def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
@@ -167,4 +298,4 @@ def _make_trainer_class() -> type:
     return NestedTrainer
 
 
-__all__ = ["nested_trainer_class", "supervised_loss"]
+__all__ = ["nested_trainer_class", "supervised_loss", "supervised_token_losses"]

@@ -1,4 +1,4 @@
-"""Variant bundles (DESIGN.md §2): one folder holding the nested adapter and a PEFT slice per rank.
+"""Variant bundles (docs/design.md §2): one folder holding the nested adapter and a PEFT slice per rank.
 
 Layout (the same locally and in a Hub repo)::
 
@@ -21,6 +21,7 @@ re-pushing an unchanged bundle uploads nothing (:mod:`.push`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -43,7 +44,7 @@ from ...adapter import (
     write_json,
 )
 from ...adapter.config import EVALUATION_KEY, RecordedEvaluation, recorded_evaluations
-from ...adapter.ranks import check_scale_mode, resolve_ranks
+from ...adapter.ranks import SCALE_MODES, check_scale_mode, resolve_ranks
 from ...errors import (
     ConfigError,
     ExportError,
@@ -52,6 +53,8 @@ from ...errors import (
     RankError,
 )
 from ...fs import atomic_output_dir, check_free_space, check_output_path
+from ...io.jsonio import read_json
+from ...params import merge_legacy, param
 from ...progress import Progress
 from ...provenance import created_by
 from ...validate import ascii_int, is_finite_real, is_int
@@ -149,8 +152,6 @@ def read_manifest(path: Path) -> dict[str, Any]:
     Raises:
         InvalidAdapterError: missing, not JSON, another format, or missing fields.
     """
-    from ...fs import read_json
-
     if not path.exists():
         raise InvalidAdapterError(f"{path}: not found; is {str(path.parent)!r} a bundle written by `mlora-export bundle`?", path=path)
     return check_manifest(read_json(path, InvalidAdapterError, what="manifest"), str(path))
@@ -339,7 +340,7 @@ def choose_default_rank(ranks: Sequence[int], recorded: Mapping[str, RecordedEva
 
 def _portable_peft_config(path: Path, hub_base: str | None) -> None:
     """Set ``base_model_name_or_path`` of the ``adapter_config.json`` at ``path`` to ``hub_base`` (``None``: unset)."""
-    cfg = json.loads(path.read_text(encoding="utf-8"))
+    cfg = read_json(path, InvalidAdapterError, what="adapter config")
     cfg["base_model_name_or_path"] = hub_base
     write_json(path, cfg)
 
@@ -349,23 +350,24 @@ def _folder_files(root: Path, sub: str) -> list[Path]:
 
 
 def _exports(
-    adapter: NestedAdapter | str | os.PathLike[str], ranks: Iterable[int] | str, tmp: Path, onnx_base: Any, gguf_base: Any,
-    scale_mode: str, export_progress: Progress | None, onnx_dir: Any, gguf_dir: Any,
+    adapter: NestedAdapter | str | os.PathLike[str], ranks: Iterable[int] | str, tmp: Path, opts: BundleOptions, export_progress: Progress | None,
 ) -> tuple[Any, Any]:
-    """Run the exports a bundle was asked to carry into ``tmp``: an ONNX model (``onnx_base``), GGUF files (``gguf_base``)."""
-    if onnx_base is not None:
+    """Run the exports a bundle was asked to carry into ``tmp``: an ONNX model (``opts.onnx_base``),
+    GGUF files (``opts.gguf_base``); return the folders to carry (``opts.onnx_dir``/``gguf_dir`` otherwise)."""
+    onnx_dir, gguf_dir = opts.onnx_dir, opts.gguf_dir
+    if opts.onnx_base is not None:
         from ..onnx import export_onnx
 
         try:
-            onnx_dir = export_onnx(adapter, onnx_base, tmp / ONNX_DIR, progress=export_progress).path
+            onnx_dir = export_onnx(adapter, opts.onnx_base, tmp / ONNX_DIR, progress=export_progress).path
         except ExportError as e:
             e.option = None  # the opset is the export's default here, not an option of the bundle
             raise
-    if gguf_base is not None:
-        from ..gguf import export_gguf
+    if opts.gguf_base is not None:
+        from ..gguf import GgufOptions, export_gguf
 
         gguf_dir = tmp / "gguf"
-        export_gguf(adapter, ranks, gguf_dir, base_model=gguf_base, scale_mode=scale_mode)
+        export_gguf(adapter, ranks, gguf_dir, GgufOptions(scale_mode=opts.scale_mode), base_model=opts.gguf_base)
     return onnx_dir, gguf_dir
 
 
@@ -376,7 +378,7 @@ def _finish_rank(
     GGUF file, and return its manifest entry."""
     k, folder = res.rank, res.path
     # record the source relative to the bundle (deterministic; no local path on the Hub)
-    slice_cfg = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+    slice_cfg = read_json(folder / CONFIG_NAME, InvalidAdapterError, what="slice config")
     slice_cfg["source"]["path"] = f"../{NESTED_DIR}"
     write_json(folder / CONFIG_NAME, slice_cfg)
     _portable_peft_config(folder / PEFT_CONFIG_NAME, hub_base)
@@ -442,27 +444,53 @@ def _manifest(
     return manifest
 
 
+@dataclass(frozen=True)
+class BundleOptions:
+    """What a bundle carries besides its slices (:func:`write_bundle`, :func:`~.push.publish`): the
+    card's names, the default rank, the scale mode, and the exports (ONNX, GGUF) made or copied in."""
+
+    base_model_id: str | None = param(
+        None, flag="--base-model-id",
+        help="Hub id of the base model for the card (default: a Hub id given to --base-model, else the one recorded in "
+             "the adapter); only a name, nothing is read from it.")
+    license_id: str | None = param(None, flag="--license", help="License id for the card, e.g. apache-2.0.")
+    repo_id: str | None = param(None, flag="--repo-id", help="Repo id to show in the card's snippets (default: a placeholder).")
+    default_rank: int | None = param(
+        None, flag="--default-rank", min=1,
+        help="Rank also written at the bundle's root, for PeftModel.from_pretrained(base, repo).  "
+             "[default: the best by the recorded evaluation, else the largest]")
+    onnx_base: str | os.PathLike[str] | None = param(
+        None, flag="--with-onnx",
+        help="Also export a dynamic-rank ONNX model (verified in ONNX Runtime) into onnx/, built on --base-model.")
+    measure_latency: bool = param(
+        False, flag="--measure-latency", hint="see --measure-latency and --with-onnx",
+        help="With --with-onnx: time every rank in ONNX Runtime on this machine; record it (and the machine) in the manifest "
+             "for pull --max-latency-ms.")
+    scale_mode: str = param("baked", flag="--scale-mode", choices=SCALE_MODES, show_default=True,
+                            help="How the slices express s(k) (see `mlora-export slice --help`).")
+    gguf_base: str | os.PathLike[str] | None = param(
+        None, flag="--gguf",
+        help="Also write each rank's llama.cpp LoRA adapter, r{k}/adapter.gguf, for the architecture of --base-model "
+             "(its folder, its config.json, or a Hub id: only the config is read).")
+    onnx_dir: str | os.PathLike[str] | None = param(None, help="An existing ONNX export to carry in onnx/ (instead of onnx_base).")
+    gguf_dir: str | os.PathLike[str] | None = param(
+        None, help="Existing GGUF files at the bundle's ranks (export_gguf's r{k}.gguf) to carry as r{k}/adapter.gguf (instead of gguf_base).")
+    warn_local_base: bool = param(True, help="Warn when the card's base model is a local path (left out of the card).")
+
+
 def write_bundle(
     adapter: NestedAdapter | str | os.PathLike[str],
     ranks: Iterable[int] | str,
     output: str | os.PathLike[str],
+    options: BundleOptions | None = None,
     *,
-    scale_mode: str = "baked",
-    base_model_id: str | None = None,
-    license_id: str | None = None,
-    repo_id: str | None = None,
-    onnx_dir: str | os.PathLike[str] | None = None,
-    onnx_base: str | os.PathLike[str] | None = None,
-    default_rank: int | None = None,
-    measure_latency: bool = False,
     force: bool = False,
     progress: Progress | None = None,
     export_progress: Progress | None = None,
-    warn_local_base: bool = True,
-    gguf_dir: str | os.PathLike[str] | None = None,
-    gguf_base: str | os.PathLike[str] | None = None,
+    **legacy: Any,
 ) -> Bundle:
-    """Write the variant bundle of a nested ``adapter`` at ``ranks`` into the new folder ``output``.
+    """Write the variant bundle of a nested ``adapter`` at ``ranks`` into the new folder ``output``,
+    as ``options`` say (:class:`BundleOptions`).
 
     ``base_model_id`` overrides the base model recorded in the adapter (the card's ``base_model``
     must be a Hub repo id; a local path is left out of the card with a warning). ``repo_id`` is
@@ -478,9 +506,10 @@ def write_bundle(
     rank by the adapter's recorded evaluation, else the largest (:func:`choose_default_rank`).
     ``measure_latency`` times the ONNX export (a dynamic-rank one) in ONNX Runtime at every rank on
     this machine and records the milliseconds, with the machine, in the manifest (``latency``),
-    for ``pull_rank(..., max_latency_ms=...)``.
+    for ``pull_rank(..., RankBudget(max_latency_ms=...))``.
     ``warn_local_base=False`` silences the warning about a base model that is a local path.
-    The folder appears at once, complete (written in a temporary sibling, then renamed).
+    The folder appears at once, complete (written in a temporary sibling, then renamed). The
+    options passed as keywords of this function still work for one release, with a ``DeprecationWarning``.
 
     Raises:
         InvalidAdapterError: the adapter is invalid or a plain PEFT LoRA adapter.
@@ -491,59 +520,59 @@ def write_bundle(
         BaseModelError, UnsupportedArchitectureError: ``gguf_base`` has no readable ``config.json``,
             or llama.cpp cannot take its architecture or a target module (checked before any export runs).
     """
-    check_scale_mode(scale_mode)
-    check_license(license_id)
+    opts = merge_legacy(options, BundleOptions, legacy, "write_bundle")
+    check_scale_mode(opts.scale_mode)
+    check_license(opts.license_id)
     ranks = ranks if isinstance(ranks, str) else list(ranks)  # used more than once below
-    inputs = [adapter.path if isinstance(adapter, NestedAdapter) else adapter, onnx_dir, onnx_base, gguf_dir, gguf_base]
+    inputs = [adapter.path if isinstance(adapter, NestedAdapter) else adapter, opts.onnx_dir, opts.onnx_base, opts.gguf_dir, opts.gguf_base]
     check_output_path(output, force, inputs)
-    exporting = onnx_base is not None or gguf_base is not None
+    exporting = opts.onnx_base is not None or opts.gguf_base is not None
     if exporting:
-        _check_export_options(onnx_base, onnx_dir, gguf_base, gguf_dir)
+        _check_export_options(opts.onnx_base, opts.onnx_dir, opts.gguf_base, opts.gguf_dir)
     nested = _open_nested(adapter)
     ks = resolve_ranks(nested, ranks)
-    if gguf_base is not None:  # the GGUF base is read in a blink: refuse a bad one before the ONNX export runs
+    if opts.gguf_base is not None:  # the GGUF base is read in a blink: refuse a bad one before the ONNX export runs
         from ..gguf import check_gguf_export
 
-        check_gguf_export(nested, ks, base_model=gguf_base)
+        check_gguf_export(nested, ks, base_model=opts.gguf_base)
     with tempfile.TemporaryDirectory(prefix="mlora-bundle-exports-") if exporting else contextlib.nullcontext() as exports:
         if exports is not None:
-            onnx_dir, gguf_dir = _exports(adapter, ranks, Path(exports), onnx_base, gguf_base, scale_mode, export_progress, onnx_dir, gguf_dir)
-        _write_bundle(nested, ks, output, inputs, onnx_dir=onnx_dir, gguf_dir=gguf_dir, scale_mode=scale_mode, base_model_id=base_model_id,
-                      license_id=license_id, repo_id=repo_id, default_rank=default_rank, measure_latency=measure_latency, force=force,
-                      progress=progress, warn_local_base=warn_local_base)
+            onnx_dir, gguf_dir = _exports(adapter, ranks, Path(exports), opts, export_progress)
+            opts = dataclasses.replace(opts, onnx_dir=onnx_dir, gguf_dir=gguf_dir)
+        _write_bundle(nested, ks, output, inputs, opts, force=force, progress=progress)
     return Bundle.load(output, verify=False)
 
 
 def _write_bundle(
-    nested: NestedAdapter, ks: Sequence[int], output: str | os.PathLike[str], inputs: list[Any], *, onnx_dir: Any, gguf_dir: Any,
-    scale_mode: str, base_model_id: str | None, license_id: str | None, repo_id: str | None, default_rank: int | None,
-    measure_latency: bool, force: bool, progress: Progress | None, warn_local_base: bool,
+    nested: NestedAdapter, ks: Sequence[int], output: str | os.PathLike[str], inputs: list[Any], opts: BundleOptions, *,
+    force: bool, progress: Progress | None,
 ) -> None:
     """The writing half of :func:`write_bundle`, once its inputs are checked and its exports made
-    (``onnx_dir``, ``gguf_dir``): the room, the default rank and latency, then every file, the
-    card and the manifest last."""
-    base = base_model_id or nested.base_model
+    (``opts.onnx_dir``, ``opts.gguf_dir``): the room, the default rank and latency, then every file,
+    the card and the manifest last."""
+    default_rank, gguf_dir = opts.default_rank, opts.gguf_dir
+    base = opts.base_model_id or nested.base_model
     hub_base = hub_base_model(base)
-    onnx_src = Path(onnx_dir) if onnx_dir is not None else None
+    onnx_src = Path(opts.onnx_dir) if opts.onnx_dir is not None else None
     _check_bundle_room(output, nested, ks, onnx_src, gguf_dir)
     evaluation = recorded_evaluations(nested.config.extra.get(EVALUATION_KEY), str(nested.path / CONFIG_NAME))
     if default_rank is not None and default_rank not in ks:
         raise RankError(f"default rank {default_rank!r} is not one of the bundle's ranks {list(ks)}")
     root_rank, chosen_by = (default_rank, "option") if default_rank is not None else choose_default_rank(ks, evaluation)
-    latency = _measure_latency(onnx_src, ks) if measure_latency else None
+    latency = _measure_latency(onnx_src, ks) if opts.measure_latency else None
 
     with atomic_output_dir(output, force, inputs) as tmp:
         _copy_nested(tmp, nested, hub_base)
         folders = {k: tmp / rank_dir(k) for k in ks}
-        rank_entries = _write_ranks(tmp, nested, folders, scale_mode, progress, hub_base, gguf_dir, _metrics_by_rank(evaluation), latency)
+        rank_entries = _write_ranks(tmp, nested, folders, opts.scale_mode, progress, hub_base, gguf_dir, _metrics_by_rank(evaluation), latency)
         for name in (PEFT_CONFIG_NAME, WEIGHTS_NAME):  # the default rank at the root
             shutil.copyfile(folders[root_rank] / name, tmp / name)
         onnx_entries = _copy_onnx(tmp, onnx_src)
-        manifest = _manifest(nested, hub_base, scale_mode, rank_entries, (root_rank, chosen_by), evaluation,
+        manifest = _manifest(nested, hub_base, opts.scale_mode, rank_entries, (root_rank, chosen_by), evaluation,
                              sum(p.stat().st_size for p in _folder_files(tmp, NESTED_DIR)), onnx_entries, latency)
-        (tmp / README_NAME).write_text(render_card(manifest, repo_id=repo_id, license_id=license_id), encoding="utf-8")
+        (tmp / README_NAME).write_text(render_card(manifest, repo_id=opts.repo_id, license_id=opts.license_id), encoding="utf-8")
         _write_manifest(tmp, manifest)
-    if base and hub_base is None and warn_local_base:  # after the writing: an error stays the one line on stderr
+    if base and hub_base is None and opts.warn_local_base:  # after the writing: an error stays the one line on stderr
         logger.warning("base model %r is not a Hub repo id, so the model card leaves base_model out; give the Hub id of the base (base_model_id)", base)
     logger.info("bundle: wrote %s (ranks %s)", output, list(ks))
 
@@ -664,6 +693,6 @@ def is_bundle(path: str | os.PathLike[str]) -> bool:
 
 __all__ = [
     "BUNDLE_FORMAT", "MANIFEST_NAME", "README_NAME", "NESTED_DIR", "ONNX_DIR",
-    "Bundle", "BundleFile", "BundleRank", "check_file", "check_manifest", "is_bundle", "safe_relpath",
+    "Bundle", "BundleFile", "BundleOptions", "BundleRank", "check_file", "check_manifest", "is_bundle", "safe_relpath",
     "rank_dir", "read_manifest", "sha256_file", "write_bundle",
 ]

@@ -78,7 +78,7 @@ def check_license(license_id: str | None) -> str | None:
         raise ConfigError(
             f"license {license_id[:60]!r} is not a Hub license id; use one such as apache-2.0, mit or llama3.1, "
             "or 'other' for a license the Hub does not list",
-            option="license",
+            option="license_id",
         )
     return license_id
 
@@ -259,7 +259,7 @@ def validate_card(text: str) -> dict[str, Any]:
 
     try:
         card = ModelCard(text, ignore_metadata_errors=False)
-    except Exception as e:  # noqa: BLE001 - the card class raises ValueError or yaml errors
+    except Exception as e:  # the card class raises ValueError or yaml errors
         raise ExportError(f"model card: invalid YAML front matter ({e})") from e
     meta = card.data.to_dict()
     if meta.get("library_name") != "peft":

@@ -22,6 +22,7 @@ from typing import Any
 
 from ...adapter.config import RecordedEvaluation
 from ...errors import ConfigError, InvalidAdapterError, RankError
+from ...params import param
 from ...validate import ascii_int, is_finite_real, is_int
 from .bundle import BundleRank
 
@@ -33,12 +34,19 @@ PERCENT_METRICS = ("accuracy", "exact-match")
 class RankBudget:
     """What the chosen rank must satisfy (``None``: no limit)."""
 
-    max_bytes: int | None = None
-    max_params: int | None = None
-    max_latency_ms: float | None = None
-    min_score: float | None = None
-    within: float | None = None
-    metric: str | None = None
+    max_bytes: int | None = param(None, flag="--max-bytes", hint="see --max-bytes / --max-params",
+                                  help="With --rank auto: the download size limit (e.g. 50MB, 1GiB).")
+    max_params: int | None = param(None, flag="--max-params", min=1, help="With --rank auto: the parameter count limit.")
+    max_latency_ms: float | None = param(
+        None, flag="--max-latency-ms", min=0, min_open=True,
+        help="With --rank auto: the per-forward latency limit, as the bundle recorded it (bundle --measure-latency).")
+    min_score: float | None = param(
+        None, flag="--min-score",
+        help="With --rank auto: the smallest rank whose recorded score reaches this (percent for accuracy and exact-match).")
+    within: float | None = param(None, flag="--within", min=0,
+                                 help="With --rank auto: the smallest rank within this many points of the best recorded score.")
+    metric: str | None = param(None, flag="--metric",
+                               help="The recorded evaluation --min-score/--within judge by (default: the first recorded).")
 
     def check(self) -> "RankBudget":
         """Raise :class:`ConfigError` for a limit that is not a positive number, or for both quality demands at once."""
@@ -131,6 +139,21 @@ def choose_rank_by_budget(
     budget.check()
     if budget.empty:
         raise ConfigError("choosing a rank automatically needs a limit (bytes, parameters, latency) or a score to reach", option="budget")
+    fits, within = _fits_by_cost(ranks, budget, manifest)
+    if budget.min_score is None and budget.within is None:
+        chosen = fits[-1]
+        return RankChoice(chosen, f"rank {chosen.rank}: the largest rank {within}")
+    return _smallest_by_score(ranks, fits, within, budget, manifest, recorded, source)
+
+
+def _fits_by_cost(ranks: Sequence[BundleRank], budget: RankBudget, manifest: Mapping[str, Any]) -> tuple[list[BundleRank], str]:
+    """``(fits, within)``: the ranks that fit the budget's limits on cost (size, parameters, latency),
+    smallest first, and those limits in words.
+
+    Raises:
+        ConfigError: a latency limit for a bundle that records no latency.
+        RankError: no rank fits.
+    """
     latency = manifest.get("latency") if isinstance(manifest.get("latency"), Mapping) else None
     ms: dict[int, float] = {}
     if budget.max_latency_ms is not None:
@@ -165,13 +188,21 @@ def choose_rank_by_budget(
                 detail += f", {ms[smallest.rank]:.3g} ms"
         raise RankError(f"no rank fits {' and '.join(limits)}{detail}; raise the limit",
                         option="max_latency_ms" if budget.max_latency_ms is not None else "max_bytes")
-    within = f"within {' and '.join(limits)}" if limits else "with no limit on cost"
+    return fits, f"within {' and '.join(limits)}" if limits else "with no limit on cost"
 
-    if budget.min_score is None and budget.within is None:
-        chosen = fits[-1]
-        return RankChoice(chosen, f"rank {chosen.rank}: the largest rank {within}")
 
-    evaluation = manifest.get("evaluation") if isinstance(manifest.get("evaluation"), Mapping) else {}
+def _smallest_by_score(
+    ranks: Sequence[BundleRank], fits: list[BundleRank], within: str, budget: RankBudget, manifest: Mapping[str, Any],
+    recorded: Mapping[str, RecordedEvaluation] | None, source: str,
+) -> RankChoice:
+    """The smallest of ``fits`` whose recorded score meets the budget's ``min_score`` or ``within``.
+
+    Raises:
+        ConfigError: the bundle records no evaluation (or not the metric named), or no score of it.
+        RankError: no rank that fits meets the score.
+        InvalidAdapterError: the manifest's scores disagree with ``recorded``.
+    """
+    evaluation: Mapping[str, Any] = manifest["evaluation"] if isinstance(manifest.get("evaluation"), Mapping) else {}
     metric, higher = _pick_metric(evaluation, budget.metric)
     if recorded is not None:
         check_recorded_scores(ranks, metric, higher, recorded, source)

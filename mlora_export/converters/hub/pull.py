@@ -34,7 +34,9 @@ from ...errors import (
     RankError,
     RemoteIntegrityError,
 )
-from ...fs import atomic_output_dir, check_output_path, read_json
+from ...fs import atomic_output_dir, check_output_path
+from ...io.jsonio import read_json
+from ...params import merge_legacy
 from ...urls import redact_url
 from ...validate import is_int
 from .bundle import MANIFEST_NAME, BundleRank, check_file, check_manifest
@@ -86,31 +88,29 @@ def choose_rank(ranks: list[BundleRank], rank: int | str, budget: RankBudget, ma
         if r.rank == rank:
             return RankChoice(r, f"rank {rank}: asked for")
     available = ", ".join(str(r.rank) for r in ranks) or "none"
-    raise RankError(f"rank {rank} is not in the bundle {repo_id!r}; it has ranks {available}", rank=rank, option="rank")
+    raise RankError(f"rank {rank} is not in the bundle {repo_id!r}; it has ranks {available}", rank=int(rank), option="rank")
 
 
 def pull_rank(
     repo_id: str,
     rank: int | str,
     output: str | os.PathLike[str],
+    budget: RankBudget | None = None,
     *,
     revision: str = "main",
     endpoint: str | None = None,
     token: str | None = None,
-    max_bytes: int | None = None,
-    max_params: int | None = None,
-    max_latency_ms: float | None = None,
-    min_score: float | None = None,
-    within: float | None = None,
-    metric: str | None = None,
     force: bool = False,
+    **legacy: Any,
 ) -> PullResult:
     """Download rank ``rank`` (or ``"auto"``) of the bundle ``repo_id`` into the new folder ``output``.
 
-    With ``"auto"`` the rank is chosen by the budget (see :mod:`.choose`): the largest rank that
-    fits ``max_bytes``, ``max_params`` and ``max_latency_ms`` (per-rank latency the bundle
-    recorded), or, with ``min_score`` or ``within``, the smallest of those that reaches the
-    score (of ``metric``, as recorded by an evaluation). ``result.reason`` says why.
+    With ``"auto"`` the rank is chosen by the ``budget`` (:class:`~.choose.RankBudget`, see
+    :mod:`.choose`): the largest rank that fits ``max_bytes``, ``max_params`` and
+    ``max_latency_ms`` (per-rank latency the bundle recorded), or, with ``min_score`` or
+    ``within``, the smallest of those that reaches the score (of ``metric``, as recorded by an
+    evaluation). ``result.reason`` says why. The limits passed as keywords of this function
+    (``max_bytes=…``) still work for one release, with a ``DeprecationWarning``.
 
     Raises:
         ConfigError: an invalid repo id or endpoint, ``"auto"`` without a limit, or an invalid limit or rank.
@@ -120,7 +120,7 @@ def pull_rank(
         RemoteIntegrityError: a downloaded file does not match the manifest (names the file).
         HubError: unknown repo or revision, bad token, no permission, network down.
     """
-    budget = _check_pull_args(repo_id, rank, revision, RankBudget(max_bytes, max_params, max_latency_ms, min_score, within, metric))
+    budget = _check_pull_args(repo_id, rank, revision, merge_legacy(budget, RankBudget, legacy, "pull_rank"))
     check_output_path(output, force)
     url_endpoint = resolve_endpoint(endpoint)
     api = make_api(endpoint, token)
@@ -170,7 +170,7 @@ def _check_pull_args(repo_id: str, rank: int | str, revision: str, budget: RankB
     if rank == "auto":
         if budget.empty:
             raise ConfigError("rank 'auto' needs a limit (bytes, parameters, latency) or a score to reach to choose a rank", option="budget")
-    elif not is_int(rank) or rank < 1:
+    elif not is_int(rank) or int(rank) < 1:
         raise ConfigError(f"rank must be a positive integer or 'auto', got {rank!r}", option="rank")
     elif not budget.empty:
         raise ConfigError("limits and scores choose a rank only with rank 'auto'", option="rank")

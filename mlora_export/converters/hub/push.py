@@ -12,6 +12,7 @@ adapter (plus the model card), for tools that take ``repo@revision`` and no subf
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -24,9 +25,10 @@ from typing import TYPE_CHECKING, Any
 
 from ...adapter import CONFIG_NAME, PEFT_CONFIG_NAME, WEIGHTS_NAME
 from ...errors import ConfigError
+from ...params import fields_of, merge_legacy, param
 from ...progress import Progress
 from ...urls import redact_url
-from .bundle import README_NAME, Bundle, is_bundle, sha256_file, write_bundle
+from .bundle import README_NAME, Bundle, BundleOptions, is_bundle, sha256_file, write_bundle
 from .card import PLACEHOLDER_REPO
 from .remote import check_repo_id, hub_errors, make_api, resolve_endpoint
 
@@ -168,18 +170,30 @@ def ensure_repo(api: "HfApi", repo_id: str, private: bool) -> str:
     return f"{api.endpoint.rstrip('/')}/{repo_id}"
 
 
+@dataclass(frozen=True)
+class PushOptions:
+    """Where and how :func:`push_bundle` (and :func:`publish`) commit: the branch, the repo's
+    visibility, the rank branches, the Hub and the token."""
+
+    private: bool = param(False, flag="--private", help="Create the repo as private; refuses to push to an existing public repo.")
+    revision: str = param("main", flag="--revision", show_default=True, help="Branch to commit to (created from main if needed).")
+    branches: bool = param(False, flag="--branches", help="Also make a branch r{k} per rank whose root holds that rank's adapter.")
+    token: str | None = param(None, flag="--token", hint="or pass --token",
+                              help="Hub token (default: HF_TOKEN, then the `hf auth login` cache). Never printed.")
+    endpoint: str | None = param(None, flag="--endpoint",
+                                 help="Hub URL for private deployments and mirrors (default: HF_ENDPOINT, then huggingface.co).")
+    commit_message: str | None = param(None, flag="--commit-message", help="Commit summary (default: names the ranks).")
+
+
 def push_bundle(
     bundle_dir: str | os.PathLike[str],
     repo_id: str,
-    *,
-    private: bool = False,
-    revision: str = "main",
-    branches: bool = False,
-    token: str | None = None,
-    endpoint: str | None = None,
-    commit_message: str | None = None,
+    options: PushOptions | None = None,
+    **legacy: Any,
 ) -> PushResult:
-    """Push the bundle folder ``bundle_dir`` to ``repo_id`` (created if needed) as one commit on ``revision``.
+    """Push the bundle folder ``bundle_dir`` to ``repo_id`` (created if needed) as one commit on
+    ``options.revision`` (:class:`PushOptions`). The options passed as keywords of this function
+    still work for one release, with a ``DeprecationWarning``.
 
     Raises:
         InvalidAdapterError, IntegrityError: the bundle folder is invalid or was modified.
@@ -187,6 +201,8 @@ def push_bundle(
             ``private`` for an existing public repo.
         HubError: the Hub refused (token, permission) or could not be reached.
     """
+    opts = merge_legacy(options, PushOptions, legacy, "push_bundle")
+    revision, branches = opts.revision, opts.branches
     check_repo_id(repo_id)
     check_branch(revision)
     bundle = Bundle.load(bundle_dir, verify=True)
@@ -196,12 +212,12 @@ def push_bundle(
     sha = {f.path: f.sha256 for f in bundle.files}
     wanted = {p: (root / p, sha.get(p)) for p in bundle.all_paths()}
     ranks = [r.rank for r in bundle.ranks]
-    message = commit_message or f"Upload MatryoshkaLoRA bundle (ranks {', '.join(map(str, ranks))}) with mlora-export"
-    url_endpoint = resolve_endpoint(endpoint)
-    api = make_api(endpoint, token)
+    message = opts.commit_message or f"Upload MatryoshkaLoRA bundle (ranks {', '.join(map(str, ranks))}) with mlora-export"
+    url_endpoint = resolve_endpoint(opts.endpoint)
+    api = make_api(opts.endpoint, opts.token)
 
     with hub_errors("push-hub", repo_id, url_endpoint, revision):
-        url = ensure_repo(api, repo_id, private)
+        url = ensure_repo(api, repo_id, opts.private)
         refs = {b.name for b in api.list_repo_refs(repo_id).branches}
         if revision not in refs:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
@@ -255,27 +271,20 @@ class PublishResult:
 def publish(
     source: str | os.PathLike[str],
     repo_id: str,
-    *,
     ranks: Iterable[int] | str = "all",
-    scale_mode: str = "baked",
-    base_model_id: str | None = None,
-    license_id: str | None = None,
-    default_rank: int | None = None,
-    onnx_base: str | os.PathLike[str] | None = None,
-    measure_latency: bool = False,
-    private: bool = False,
-    revision: str = "main",
-    branches: bool = False,
+    bundle: BundleOptions | None = None,
+    push: PushOptions | None = None,
+    *,
     dry_run: bool = False,
-    token: str | None = None,
-    endpoint: str | None = None,
-    commit_message: str | None = None,
     progress: Progress | None = None,
     export_progress: Progress | None = None,
+    **legacy: Any,
 ) -> PublishResult:
     """Push ``source`` to ``repo_id``: a bundle folder as it is, or a nested adapter bundled on the fly
-    (in a temporary folder, with :func:`~.bundle.write_bundle`'s options). With ``dry_run``, list
-    what would be uploaded and send nothing.
+    at ``ranks`` (in a temporary folder, with :func:`~.bundle.write_bundle` and ``bundle``'s options;
+    the card's snippets name ``repo_id``), committed as ``push`` says. With ``dry_run``, list what
+    would be uploaded and send nothing. The options passed as keywords of this function still
+    work for one release, with a ``DeprecationWarning``.
 
     Everything that can be checked without the network (repo id, branch name, endpoint) is checked
     before a bundle is built. A bundle built on the fly lives in a temporary folder that is gone
@@ -284,26 +293,35 @@ def publish(
     Raises:
         see :func:`~.bundle.write_bundle` and :func:`push_bundle`.
     """
+    bundle_kw = {k: v for k, v in legacy.items() if k in fields_of(BundleOptions)}
+    bopts = merge_legacy(bundle, BundleOptions, bundle_kw, "publish")
+    popts = merge_legacy(push, PushOptions, {k: v for k, v in legacy.items() if k not in bundle_kw}, "publish")
     check_repo_id(repo_id)
-    check_branch(revision)
+    check_branch(popts.revision)
     if not dry_run:
-        resolve_endpoint(endpoint)  # a malformed endpoint fails before the bundle is built
+        resolve_endpoint(popts.endpoint)  # a malformed endpoint fails before the bundle is built
     with tempfile.TemporaryDirectory(prefix="mlora-bundle-") as tmp:
         ignored: list[str] = []
         if is_bundle(source):
-            ignored = [name for name, value in (("ranks", ranks != "all"), ("base_model_id", base_model_id), ("license_id", license_id),
-                                                ("default_rank", default_rank), ("onnx_base", onnx_base), ("measure_latency", measure_latency),
-                                                ("scale_mode", scale_mode != "baked")) if value]
-            bundle = Bundle.load(source, verify=True)
+            ignored = (["ranks"] if ranks != "all" else []) + _set_options(bopts)
+            built = Bundle.load(source, verify=True)
         else:
-            bundle = write_bundle(source, ranks, Path(tmp) / "bundle", scale_mode=scale_mode, base_model_id=base_model_id,
-                                  license_id=license_id, repo_id=repo_id, onnx_base=onnx_base, default_rank=default_rank,
-                                  measure_latency=measure_latency, progress=progress, export_progress=export_progress)
+            built = write_bundle(source, ranks, Path(tmp) / "bundle", dataclasses.replace(bopts, repo_id=repo_id),
+                                 progress=progress, export_progress=export_progress)
         if dry_run:
-            return PublishResult(bundle, True, listing=dry_run_listing(bundle, branches), ignored=ignored)
-        result = push_bundle(bundle.path, repo_id, private=private, revision=revision, branches=branches, token=token,
-                             endpoint=endpoint, commit_message=commit_message)
-        return PublishResult(bundle, False, push=result, ignored=ignored)
+            return PublishResult(built, True, listing=dry_run_listing(built, popts.branches), ignored=ignored)
+        result = push_bundle(built.path, repo_id, popts)
+        return PublishResult(built, False, push=result, ignored=ignored)
 
 
-__all__ = ["PushResult", "RefUpdate", "check_branch", "check_repo_id", "dry_run_listing", "ensure_repo", "git_blob_id", "publish", "PublishResult", "push_bundle"]
+def _set_options(options: BundleOptions) -> list[str]:
+    """The bundle-building options set away from their defaults, in declaration order (the card's
+    repo id aside: :func:`publish` sets it)."""
+    default = BundleOptions()
+    return [name for name in fields_of(BundleOptions) if name != "repo_id" and getattr(options, name) != getattr(default, name)]
+
+
+__all__ = [
+    "PublishResult", "PushOptions", "PushResult", "RefUpdate", "check_branch", "check_repo_id", "dry_run_listing", "ensure_repo",
+    "git_blob_id", "publish", "push_bundle",
+]

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from ...errors import ConfigError, HubError
+from ...hubio import transport_errors
 from ...urls import redact_url
 
 if TYPE_CHECKING:
@@ -68,23 +69,9 @@ def make_api(endpoint: str | None, token: str | None) -> "HfApi":
     return HfApi(endpoint=resolve_endpoint(endpoint), token=token, library_name="mlora-export")
 
 
-def _one_line(text: str, limit: int = 300) -> str:
+def _one_line(text: object, limit: int = 300) -> str:
     line = " ".join(str(text).split())
     return line if len(line) <= limit else line[: limit - 1] + "…"
-
-
-def _transport_errors() -> tuple[type[BaseException], ...]:
-    errs: list[type[BaseException]] = [ConnectionError, TimeoutError]
-    for mod in ("httpx2", "httpx", "requests"):
-        try:
-            m = __import__(mod)
-        except ImportError:
-            continue
-        for name in ("TransportError", "ConnectionError", "Timeout"):
-            cls = getattr(m, name, None)
-            if isinstance(cls, type) and issubclass(cls, BaseException):
-                errs.append(cls)
-    return tuple(errs)
 
 
 def _server_message(exc: Any) -> str:
@@ -103,7 +90,7 @@ def hub_errors(action: str, repo_id: str, endpoint: str, revision: str | None = 
         yield
     except HubError:
         raise
-    except Exception as e:  # noqa: BLE001 - mapped, and its text redacted, by _hub_error
+    except Exception as e:  # mapped, and its text redacted, by _hub_error
         mapped = _hub_error(e, action, repo_id, redact_url(endpoint), revision)
         if mapped is None:
             raise
@@ -152,7 +139,7 @@ def _hub_error(e: Exception, action: str, repo_id: str, endpoint: str, revision:
         return HubError(f"{action}: the Hub at {endpoint} answered HTTP {status} for {repo_id!r}{': ' + server if server else ''}")
     if isinstance(e, (OfflineModeIsEnabled, LocalEntryNotFoundError)):
         return HubError(f"{action}: cannot reach the Hub at {endpoint} ({_one_line(e, 160)}); check the network, HF_HUB_OFFLINE and the endpoint", option="endpoint")
-    if isinstance(e, _transport_errors()):
+    if isinstance(e, transport_errors()):
         return HubError(f"{action}: cannot reach the Hub at {endpoint} ({type(e).__name__}: {_one_line(e, 160)}); check the network and the endpoint", option="endpoint")
     # huggingface_hub wraps LFS upload failures: RuntimeError("Error while uploading 'x' to the Hub.") from cause
     if isinstance(e, RuntimeError) and "uploading" in str(e) and e.__cause__ is not None:

@@ -20,6 +20,7 @@ the whole sequence at every checked rank.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -34,9 +35,11 @@ from ...adapter import NestedAdapter, write_json
 from ...base import check_fits, check_float_targets, scan_base
 from ...errors import ConfigError
 from ...fs import atomic_output_dir
+from ...params import merge_legacy
 from ...progress import Progress, StepCounter
-from .export import (
+from .common import (
     MODEL_NAME,
+    OnnxExportOptions,
     OnnxExportResult,
     check_room,
     finish_model,
@@ -52,19 +55,9 @@ from .genai_graph import (
     past_names,
     present_names,
 )
-from .graph import (
-    DEFAULT_OPSET,
-    TASK_CAUSAL_LM,
-    load_export_model,
-)
+from .graph import TASK_CAUSAL_LM, load_export_model
 from .kinds import ExportKind
-from .verify import (
-    ATOL,
-    RTOL,
-    reference_logits,
-    sample_inputs,
-    verify_export,
-)
+from .verify import reference_logits, sample_inputs, verify_export
 
 if TYPE_CHECKING:
     import numpy as np
@@ -227,25 +220,17 @@ def _active(adapter_file: Path) -> tuple[Any, Any]:
     return ro, lora
 
 
-def export_genai(
-    adapter: str | os.PathLike[str] | NestedAdapter,
-    base_model: str | os.PathLike[str],
-    output: str | os.PathLike[str],
-    *,
-    adapters_per_rank: bool = False,
-    opset: int = DEFAULT_OPSET,
-    verify: bool = True,
-    force: bool = False,
-    provider: str = "CPUExecutionProvider",
-    atol: float = ATOL,
-    rtol: float = RTOL,
-    external_data: bool | None = None,
-    progress: Progress | None = None,
-) -> GenaiExportResult:
+def export_genai(adapter: str | os.PathLike[str] | NestedAdapter, base_model: str | os.PathLike[str], output: str | os.PathLike[str],
+                 options: OnnxExportOptions | None = None, *, force: bool = False, progress: Progress | None = None, **legacy: Any) -> GenaiExportResult:
     """Export ``adapter`` on the decoder ``base_model`` to a GenAI model folder ``output`` (module docstring).
 
+    ``options`` (:class:`~.common.OnnxExportOptions`, ``genai`` implied): ``adapters_per_rank``
+    chooses the ``genai-adapters`` kind; a fixed ``rank`` or ``merged`` is refused. The options
+    passed as keywords of this function still work for one release, with a ``DeprecationWarning``.
+
     Raises:
-        ConfigError: a bad opset, an unavailable provider, or an architecture GenAI export does not support.
+        ConfigError: a fixed rank or a merged export, a bad opset, an unavailable provider, or an
+            architecture GenAI export does not support.
         OutputExistsError: ``output`` exists without ``force`` or cannot be written.
         OutputPathError: ``output`` is, holds or lies inside the adapter or base model folder.
         InvalidAdapterError, BaseModelError, BaseModelMismatchError: bad inputs.
@@ -253,12 +238,13 @@ def export_genai(
     """
     import numpy as np
 
+    options = dataclasses.replace(merge_legacy(options, OnnxExportOptions, legacy, "export_genai"), genai=True)
     t0 = time.perf_counter()
-    kind = ExportKind.GENAI_ADAPTERS if adapters_per_rank else ExportKind.GENAI
-    graph_kind = ExportKind.ADAPTERS if adapters_per_rank else ExportKind.DYNAMIC  # how the decoder takes the LoRA
-    nested, sources = open_export_inputs(adapter, base_model, output, opset=opset, force=force, verify=verify, provider=provider)
-    adapter_ranks = list(nested.config.train_ranks) if adapters_per_rank else []
-    verify_ranks = [0, *nested.config.train_ranks] if verify else []
+    kind = options.kind()
+    graph_kind = ExportKind.ADAPTERS if options.adapters_per_rank else ExportKind.DYNAMIC  # how the decoder takes the LoRA
+    nested, sources = open_export_inputs(adapter, base_model, output, options, force)
+    adapter_ranks = list(nested.config.train_ranks) if options.adapters_per_rank else []
+    verify_ranks = [0, *nested.config.train_ranks] if options.verify else []
     tick = StepCounter(4 + len(adapter_ranks) + len(verify_ranks), progress, logger, "genai export")
     base = scan_base(base_model)
     check_float_targets(base, nested.modules)  # headers only: before the model loads
@@ -266,26 +252,26 @@ def export_genai(
     model, task, model_type = _load_decoder(nested, base_model)
     shape = kv_shape(model.config)  # (layers, kv_heads, head)
     layers = shape[0]
-    nbytes, external = graph_size(model, nested, nested.max_rank if graph_kind.rank_input else 0, external_data)
+    nbytes, external = graph_size(model, nested, nested.max_rank if graph_kind.rank_input else 0, options.external_data)
     tick("base model loaded")
     ids = sample_inputs(int(model.config.vocab_size), batch=2, seq=sum(STEPS))["input_ids"]
-    refs = reference_logits(model, task, nested, verify_ranks, {"input_ids": ids, "attention_mask": np.ones_like(ids)}) if verify else {}
+    refs = reference_logits(model, task, nested, verify_ranks, {"input_ids": ids, "attention_mask": np.ones_like(ids)}) if options.verify else {}
 
     check_room(output, nbytes, nested, adapter_ranks)
     with atomic_output_dir(output, force, sources) as tmp:
         top = build_decoder_top(model, nested, graph_kind)
         tick("model wrapped")
         path = tmp / MODEL_NAME
-        export_decoder(top, model.config, nested, graph_kind, path, opset=opset, external_data=external)
+        export_decoder(top, model.config, nested, graph_kind, path, opset=options.opset, external_data=external)
         files = finish_model(path, nested, graph_kind.factor_inputs, "dynamo", adapter_ranks, tick)
         names = input_names(layers, nested, graph_kind)
         shown = names if graph_kind.rank_input else names[: 3 + 2 * layers] + ["<module>.lora_A.weight", "<module>.lora_B.weight"]
-        result = GenaiExportResult(kind, Path(output), task, "dynamo", opset, None, shown, external,
+        result = GenaiExportResult(kind, Path(output), task, "dynamo", options.opset, None, shown, external,
                                    outputs=["logits", *present_names(layers)], model_type=model_type)
         result.adapter_files = files
-        if verify:
+        if options.verify:
             run = functools.partial(_run_decoder, graph_kind.rank_input, ids, shape, {k: tmp / f for k, f in files.items()})
-            result.checks = verify_export(path, provider, verify_ranks, refs, run, atol=atol, rtol=rtol, tick=tick,
+            result.checks = verify_export(path, options.provider, verify_ranks, refs, run, tolerance=(options.atol, options.rtol), tick=tick,
                                           what="ONNX Runtime (with its KV cache)")
         write_json(tmp / GENAI_CONFIG_NAME, genai_config(model.config, model_type))
         tokenizer_files = copy_tokenizer(base.root, tmp)

@@ -107,7 +107,7 @@ def build_decoder_top(model: "torch.nn.Module", adapter: NestedAdapter, kind: Ex
             super().__init__()
             self.model = model
 
-        def forward(self, input_ids, attention_mask, position_ids, past, lora_rank):  # type: ignore[no-untyped-def]
+        def forward(self, input_ids, attention_mask, position_ids, past, lora_rank):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202 - traced by torch.export
             kt = torch.clamp(lora_rank.reshape(()), 0, r)
             state.scale = scale_tensor(kt, scaling, alpha)
             k = kt.item()
@@ -121,7 +121,7 @@ def build_decoder_top(model: "torch.nn.Module", adapter: NestedAdapter, kind: Ex
             super().__init__()
             self.model = model
 
-        def forward(self, input_ids, attention_mask, position_ids, past, weights):  # type: ignore[no-untyped-def]
+        def forward(self, input_ids, attention_mask, position_ids, past, weights):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN202 - traced by torch.export
             state.weights = {n: (weights[2 * i], weights[2 * i + 1]) for i, n in enumerate(names)}
             return step(input_ids, attention_mask, position_ids, past)
 
@@ -191,7 +191,7 @@ def export_decoder(
                 opset_version=opset, optimize=True, verbose=False,
             )
             prog.save(str(path), external_data=external_data)
-    except Exception as e:  # noqa: BLE001 - any exporter failure is reported the same way
+    except Exception as e:  # any exporter failure is reported the same way
         for p in path.parent.glob(path.name + "*"):
             p.unlink()
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""

@@ -380,7 +380,7 @@ def export_graph(
             m = onnx.load(str(path))
             onnx.save_model(m, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + ".data")
         return "torchscript"
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         errors.append(f"torchscript: {type(e).__name__}: {e}")
         raise ExportError(f"ONNX export failed with both exporters: {' | '.join(x.splitlines()[0] for x in errors)}; run with MLORA_DEBUG=1 -vv for details") from e
     finally:

@@ -72,8 +72,7 @@ def measure_rank_latency(
     ranks: Sequence[int],
     *,
     vocab: int | None = None,
-    batch: int = DEFAULT_BATCH,
-    seq: int = DEFAULT_SEQ,
+    shape: tuple[int, int] = (DEFAULT_BATCH, DEFAULT_SEQ),
     warmup: int = DEFAULT_WARMUP,
     repeats: int = DEFAULT_REPEATS,
     provider: str = "CPUExecutionProvider",
@@ -81,7 +80,7 @@ def measure_rank_latency(
 ) -> LatencyReport:
     """Time ``model_path`` (a dynamic-rank export: it has a ``lora_rank`` input) at rank 0 and every rank of ``ranks``.
 
-    The input is ``batch × seq`` random token ids below ``vocab`` (default: all 3, valid in any model).
+    The input is ``shape`` (``batch × seq``) random token ids below ``vocab`` (default: all 3, valid in any model).
 
     Ranks are measured interleaved (round robin over the repeats), so that a change in the
     machine's load during the measurement shifts every rank alike.
@@ -89,6 +88,7 @@ def measure_rank_latency(
     Raises:
         ConfigError: the model has no ``lora_rank`` input, or a non-positive size or count.
     """
+    batch, seq = shape
     for name, value in (("batch", batch), ("seq", seq), ("repeats", repeats)):
         if not is_int(value) or value < 1:
             raise ConfigError(f"latency {name} must be a positive integer, got {value!r}")

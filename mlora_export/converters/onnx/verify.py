@@ -1,6 +1,6 @@
 """Check an exported model in ONNX Runtime against PyTorch, rank by rank.
 
-The reference at rank ``k`` is DESIGN.md §1 applied to the float32 base model:
+The reference at rank ``k`` is docs/design.md §1 applied to the float32 base model:
 ``W + s(k)·B[:, :k]·A[:k, :]`` written into the weights (then restored), independent of the
 wrappers that were exported. ``k = 0`` is the base model itself.
 """
@@ -167,7 +167,7 @@ def check_onnx_model(path: str | os.PathLike[str], default_opset: int) -> None:
 
     try:
         onnx.checker.check_model(str(path))
-    except Exception as e:  # noqa: BLE001 - onnx raises several types
+    except Exception as e:  # onnx raises several types
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ExportError(f"the exported model fails onnx.checker ({first}); try another opset (default {default_opset})", option="opset") from e
 
@@ -193,13 +193,13 @@ def verify_export(
     refs: dict[int, "np.ndarray"],
     run: Callable[["onnxruntime.InferenceSession", int], "np.ndarray"],
     *,
-    atol: float = ATOL,
-    rtol: float = RTOL,
+    tolerance: tuple[float, float] = (ATOL, RTOL),
     tick: Callable[[str], None] | None = None,
     what: str = "ONNX Runtime",
 ) -> list[RankCheck]:
     """Run the written model at each of ``ranks`` (``run(session, k)`` gives its logits) and compare
-    them with PyTorch's ``refs[k]``; log each rank's difference and ``tick`` after it.
+    them with PyTorch's ``refs[k]`` within ``tolerance`` (``(atol, rtol)``, :func:`compare`); log
+    each rank's difference and ``tick`` after it.
 
     One loop for every export kind, so each verifies, reports and fails alike; the session is
     closed before the check that raises, so the output folder can be removed.
@@ -211,7 +211,7 @@ def verify_export(
     session = make_session(path, provider)
     checks = []
     for k in ranks:
-        check = compare(k, run(session, k), refs[k], atol, rtol)
+        check = compare(k, run(session, k), refs[k], *tolerance)
         logger.info("rank %d: max abs diff %.3g (tolerance %.3g)", k, check.max_abs_diff, check.tolerance)
         checks.append(check)
         if tick is not None:
