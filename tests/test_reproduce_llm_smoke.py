@@ -68,6 +68,13 @@ def test_variants_are_rows_of_train_settings_fields(repro) -> None:
             repro.method_specs((("v", bad),))
     with pytest.raises(SystemExit, match="taken"):
         repro.method_specs((("nested-loss", "{}"),))
+    # a recipe variant (issue 26's options): a NestedRecipe built from the JSON object
+    specs = repro.method_specs((("nl-paper-init", '{"recipe": {"a_init": "paper", "lora_plus_ratio": 16}}'),))
+    s = repro.train_settings(repro.Settings(), 0, 1e-3, 80, **specs["nl-paper-init"].overrides)
+    assert s.recipe.a_init == "paper" and s.recipe.lora_plus_ratio == 16 and s.method == "nested-loss"
+    for bad in ('{"recipe": {"no_such_option": 1}}', '{"recipe": [1]}'):
+        with pytest.raises(SystemExit, match="NestedRecipe"):
+            repro.method_specs((("v", bad),))
 
 
 def test_selection_uses_validation_ties_break_on_loss_and_the_grid_chooses_per_rank(repro) -> None:

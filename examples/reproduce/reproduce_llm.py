@@ -112,7 +112,7 @@ def method_specs(variants: tuple[tuple[str, str], ...] = ()) -> dict[str, Method
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
-            raise SystemExit(f"error: --variant {name}: not JSON ({e}); give e.g. {name}='{{\"rank_weights\": [1, 1, 1, 1, 2]}}'") from None
+            raise SystemExit(f"error: --variant {name}: not JSON ({e}); give e.g. {name}='{{\"recipe\": {{\"a_init\": \"paper\"}}}}'") from None
         if not isinstance(obj, dict):
             raise SystemExit(f"error: --variant {name}: expected a JSON object of TrainSettings fields, got {type(obj).__name__}")
         if name in specs or name in BASE_LABELS:
@@ -124,6 +124,13 @@ def method_specs(variants: tuple[tuple[str, str], ...] = ()) -> dict[str, Method
             raise SystemExit(f"error: --variant {name}: TrainSettings has no field(s) {', '.join(unknown)}; fields: {', '.join(sorted(fields))}")
         if not isinstance(mult, int) or isinstance(mult, bool) or mult < 1:
             raise SystemExit(f"error: --variant {name}: steps_multiplier must be a positive integer, got {mult!r}")
+        recipe = obj.get("recipe")
+        if recipe is not None:
+            from mlora_export.training import NestedRecipe
+
+            known = {f.name for f in dataclasses.fields(NestedRecipe)}
+            if not isinstance(recipe, dict) or set(recipe) - known:
+                raise SystemExit(f"error: --variant {name}: recipe must be an object of NestedRecipe fields ({', '.join(sorted(known))})")
         specs[name] = MethodSpec(label, {"method": "nested-loss", **obj}, mult)
     return specs
 
@@ -304,7 +311,12 @@ def train_settings(cfg: Settings, seed: int, lr: float, steps: int, **overrides:
         warmup_steps=max(1, round(cfg.warmup_fraction * steps)), lr_scheduler="linear", max_grad_norm=1.0,
         weight_decay=0.0, dtype="float32", logging_steps=max(1, steps // 8),
     )
-    return TrainSettings(**{**common, **overrides})
+    merged = {**common, **overrides}
+    if isinstance(merged.get("recipe"), dict):  # a --variant's recipe, e.g. {"a_init": "paper"}
+        from mlora_export.training import NestedRecipe
+
+        merged["recipe"] = NestedRecipe(**merged["recipe"])
+    return TrainSettings(**merged)
 
 
 def train_run(cfg: Settings, output: Path, base: Path, regime: str, seed: int, lr: float, name: str,
