@@ -63,7 +63,7 @@ import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -305,12 +305,13 @@ def train_settings(cfg: Settings, seed: int, lr: float, steps: int, **overrides:
     """The one :class:`TrainSettings` every run shares, with a method's ``overrides``."""
     from mlora_export.training import TrainSettings
 
-    common = dict(
-        train_ranks=tuple(cfg.grid), scaling=cfg.scaling, alpha=cfg.alpha, target_modules=tuple(cfg.target_modules),
-        max_steps=steps, lr=lr, batch_size=cfg.batch_size, seed=seed, max_length=cfg.max_length,
-        warmup_steps=max(1, round(cfg.warmup_fraction * steps)), lr_scheduler="linear", max_grad_norm=1.0,
-        weight_decay=0.0, dtype="float32", logging_steps=max(1, steps // 8),
-    )
+    common: dict[str, Any] = {
+        "train_ranks": tuple(cfg.grid), "scaling": cfg.scaling, "alpha": cfg.alpha,
+        "target_modules": tuple(cfg.target_modules), "max_steps": steps, "lr": lr, "batch_size": cfg.batch_size,
+        "seed": seed, "max_length": cfg.max_length, "warmup_steps": max(1, round(cfg.warmup_fraction * steps)),
+        "lr_scheduler": "linear", "max_grad_norm": 1.0, "weight_decay": 0.0, "dtype": "float32",
+        "logging_steps": max(1, steps // 8),
+    }
     merged = {**common, **overrides}
     if isinstance(merged.get("recipe"), dict):  # a --variant's recipe, e.g. {"a_init": "paper"}
         from mlora_export.training import NestedRecipe
