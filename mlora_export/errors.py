@@ -111,6 +111,15 @@ class MissingDependencyError(MloraError, ImportError):
         self.package = package
 
 
+class MissingExtraError(MissingDependencyError):
+    """An optional dependency that one of the package's extras installs is missing; ``extra``
+    names it (``pip install 'mlora-export[<extra>]'``)."""
+
+    def __init__(self, message: str, *, package: str, extra: str, **fields: Any) -> None:
+        super().__init__(message, package=package, **fields)
+        self.extra = extra
+
+
 class UnsupportedArchitectureError(ConfigError):
     """A base architecture, or a target module of it, that the export target (llama.cpp's GGUF) cannot represent."""
 

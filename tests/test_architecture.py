@@ -28,7 +28,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("adapter", "base", "data"),
     ("method", "fs", "threads", "provenance", "safetensors_io", "direct_io"),
     ("io",),
-    ("errors", "validate", "params", "progress", "units", "urls", "hubio", "_version"),
+    ("errors", "validate", "params", "metric_names", "progress", "units", "urls", "hubio", "_version"),
 )
 LAYER = {unit: depth for depth, units in enumerate(LAYERS) for unit in units}
 

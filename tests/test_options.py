@@ -15,10 +15,10 @@ from mlora_export.cli.main import main
 from mlora_export.converters.gguf import GgufOptions
 from mlora_export.converters.hub import BundleOptions, PushOptions, RankBudget
 from mlora_export.converters.onnx import OnnxExportOptions
-from mlora_export.evaluation import EvalOptions
+from mlora_export.evaluation import EvalOptions, LmEvalTasks
 from mlora_export.params import fields_of, flag_hints, merge_legacy, param
 
-OPTION_CLASSES = (BundleOptions, PushOptions, RankBudget, OnnxExportOptions, EvalOptions, GgufOptions)
+OPTION_CLASSES = (BundleOptions, PushOptions, RankBudget, OnnxExportOptions, EvalOptions, LmEvalTasks, GgufOptions)
 
 
 @pytest.mark.parametrize("cls", OPTION_CLASSES, ids=lambda c: c.__name__)

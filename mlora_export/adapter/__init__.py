@@ -28,7 +28,7 @@ from .files import (
     lora_tensor_pairs,
     read_json,
 )
-from .folder import NestedAdapter, record_in_config, save_nested, write_json
+from .folder import NestedAdapter, record_in_config, record_many_in_config, save_nested, write_json
 from .peft_config import MAX_LORA_RANK, build_peft_config, peft_scaling
 from .reader import AdapterReader, orient_delta
 from .rounding import scratch_bytes
@@ -37,6 +37,6 @@ __all__ = [
     "BUNDLE_MANIFEST_NAME", "BUNDLE_NESTED_DIR", "CONFIG_NAME", "FLOAT_DTYPES", "KEY_PREFIX", "MAX_LORA_RANK",
     "NESTED_FORMAT", "PEFT_CONFIG_NAME", "PICKLE_WEIGHTS_NAME", "REQUIRED_FIELDS", "SLICE_FORMAT", "TENSOR_HINTS",
     "WEIGHTS_NAME", "AdapterReader", "LoraModule", "MatryoshkaConfig", "NestedAdapter", "adapter_files",
-    "build_peft_config", "lora_tensor_pairs", "orient_delta", "peft_scaling", "read_json", "record_in_config", "save_nested",
+    "build_peft_config", "lora_tensor_pairs", "orient_delta", "peft_scaling", "read_json", "record_in_config", "record_many_in_config", "save_nested",
     "scratch_bytes", "write_json",
 ]

@@ -318,12 +318,21 @@ def record_in_config(adapter_dir: str | os.PathLike[str], section: str, key: str
     Raises:
         InvalidAdapterError: the folder has no nested ``matryoshka_config.json`` (format ``mlora-nested/1``).
     """
+    return record_many_in_config(adapter_dir, section, {key: entry})
+
+
+def record_many_in_config(adapter_dir: str | os.PathLike[str], section: str, entries: dict[str, Any]) -> Path:
+    """Set ``section[key] = entry`` for every item of ``entries`` in one atomic rewrite (see :func:`record_in_config`).
+
+    Raises:
+        InvalidAdapterError: the folder has no nested ``matryoshka_config.json`` (format ``mlora-nested/1``).
+    """
     path = Path(adapter_dir) / CONFIG_NAME
     data = read_json(path)  # strict: a key twice, NaN, a pipe in its place... are refused
     if not isinstance(data, dict) or data.get("format") != NESTED_FORMAT:
         raise InvalidAdapterError(f"{path}: not a nested adapter config ({NESTED_FORMAT}); results are recorded for nested adapters only", path=path)
     current = data.get(section)
-    data[section] = {**(current if isinstance(current, dict) else {}), key: entry}
+    data[section] = {**(current if isinstance(current, dict) else {}), **entries}
     fd, tmp = tempfile.mkstemp(prefix=f".{CONFIG_NAME}.", suffix=".tmp", dir=path.parent)
     try:
         os.chmod(tmp, path.stat().st_mode & 0o777)

@@ -40,7 +40,7 @@ from ..converters.hub.bundle import BundleOptions
 from ..converters.hub.choose import RankBudget
 from ..converters.hub.push import PushOptions
 from ..converters.onnx.common import OnnxExportOptions
-from ..evaluation.options import EvalOptions
+from ..evaluation.options import EvalOptions, LmEvalTasks
 from ..params import flag_hints
 from ..training.recipe import NestedRecipe
 from ..urls import redact_url
@@ -84,12 +84,13 @@ _OTHER_HINTS: dict[str, str] = {
     "data_split": "see --data-split",
     "data_config": "see --data-config",
     "data_columns": "see --data-columns",
+    "data": "give --data, --tasks or both",
 }
 
 #: What to add to a message whose ``option`` names a library parameter: the flag(s) to use.
 #: An error of type :class:`OutputExistsError` with option ``force`` gets its own wording.
 FLAG_HINTS: dict[str, str] = {
-    **flag_hints(OnnxExportOptions, EvalOptions, RankBudget, BundleOptions, PushOptions, GgufOptions, NestedRecipe),
+    **flag_hints(OnnxExportOptions, EvalOptions, LmEvalTasks, RankBudget, BundleOptions, PushOptions, GgufOptions, NestedRecipe),
     **_OTHER_HINTS,
 }
 

@@ -102,6 +102,35 @@ class RankList(click.ParamType):
         return tuple(sorted(set(ranks)))
 
 
+class MetricName(click.ParamType):
+    """A metric: one of ours (``loss``, ``accuracy``, ``exact-match``) or an lm-eval task metric ``task:metric[:filter]``."""
+
+    name = "metric"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        from ..evaluation.scoring import METRICS
+        from ..metric_names import is_task_metric
+
+        text = str(value)
+        if text in METRICS or is_task_metric(text):
+            return text
+        self.fail(f"{text!r} is neither {', '.join(METRICS)} nor an lm-eval task metric such as gsm8k:exact_match or arc_easy:acc_norm", param, ctx)
+
+
+class NameList(click.ParamType):
+    """``--tasks gsm8k,arc_easy`` → ``("gsm8k", "arc_easy")``: comma-separated names, none empty."""
+
+    name = "names"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[str, ...]:
+        if isinstance(value, tuple):
+            return value
+        parts = tuple(t.strip() for t in str(value).split(","))
+        if not all(parts):
+            self.fail(f"{value!r} has an empty name; give comma-separated names such as gsm8k,arc_easy", param, ctx)
+        return parts
+
+
 class NumberList(click.ParamType):
     """``--rank-weights 1,1,2`` → ``(1.0, 1.0, 2.0)``."""
 
@@ -312,16 +341,18 @@ class DataArgs:
     """``--data`` with ``--data-split``, ``--data-config``, ``--data-columns`` and ``--chat-template``,
     read when the command asks (so that its own checks keep their order)."""
 
-    path: str
+    path: str | None
     split: str | None = None
     config: str | None = None
     columns: str | None = None
     chat_template_path: str | None = None
 
     def source(self) -> Any:
-        """The :class:`~mlora_export.data.DataSource` (``--data-columns`` parsed)."""
+        """The :class:`~mlora_export.data.DataSource` (``--data-columns`` parsed); ``None`` without ``--data``."""
         from ..data import DataSource, parse_columns
 
+        if self.path is None:
+            return None
         return DataSource(self.path, split=self.split, config=self.config, columns=parse_columns(self.columns))
 
     def chat_template(self) -> str | None:
@@ -331,10 +362,11 @@ class DataArgs:
         return read_chat_template(self.chat_template_path) if self.chat_template_path is not None else None
 
 
-def data_options(split_default: str) -> Callable[[F], F]:
+def data_options(split_default: str, *, required: bool = True, extra_help: str = "") -> Callable[[F], F]:
     """``--data`` (a local file or a Hub dataset id) with ``--data-split``, ``--data-config``,
     ``--data-columns``, and the chat-data options ``--chat-template``; the command gets them as one
-    ``data`` (:class:`DataArgs`)."""
+    ``data`` (:class:`DataArgs`). ``required=False`` where the command has other inputs
+    (``eval --tasks``); ``extra_help`` ends the help of ``--data``."""
 
     def decorate(func: F) -> F:
         @functools.wraps(func)
@@ -353,10 +385,10 @@ def data_options(split_default: str) -> Callable[[F], F]:
         f = click.option("--data-config", default=None, help="Config (subset) name of a Hub dataset.")(f)
         f = click.option("--data-split", default=None, help=f"Split of a Hub dataset.  [default: {split_default}]")(f)
         return click.option(  # type: ignore[no-any-return]
-            "--data", "data", required=True, type=click.Path(path_type=str),
+            "--data", "data", required=required, default=None, type=click.Path(path_type=str),
             help="A .jsonl, .json or .parquet file, or a Hub dataset id (org/name); one record kind per source: "
                  '{"text"}, {"prompt", "completion"} strings, {"messages": [{"role", "content"}, ...]}, or '
-                 '{"prompt": [messages], "completion": [messages]}.')(f)
+                 '{"prompt": [messages], "completion": [messages]}.' + extra_help)(f)
 
     return decorate
 

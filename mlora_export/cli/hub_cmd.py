@@ -18,12 +18,11 @@ from typing import TypeVar
 from ..converters.hub.bundle import BundleOptions
 from ..converters.hub.choose import RankBudget
 from ..converters.hub.push import PushOptions
-from ..evaluation.scoring import METRICS
 from ..params import fields_of
 from ..units import human_bytes
 from ..validate import ascii_int
 from ._errors import handle_errors
-from ._options import BarProgress, BaseModelArg, adapter_argument, base_model_option, collect, echo_json, echo_table
+from ._options import BarProgress, BaseModelArg, MetricName, adapter_argument, base_model_option, collect, echo_json, echo_table
 from ._options import field_help, field_option, field_options, force_option, json_option, output_option, ranks_option, revision_option
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -263,7 +262,7 @@ def _hub_access_options(func: F) -> F:
 @output_option("Folder to create: a plain PEFT adapter.")
 @revision_option("Branch, tag or commit to pull from.", default="main", show_default=True)
 @field_options(RankBudget, "max_bytes", "max_params", "max_latency_ms", "min_score", "within", "metric",
-               overrides={"max_bytes": {"type": ByteSize()}, "metric": {"type": click.Choice(list(METRICS))}})
+               overrides={"max_bytes": {"type": ByteSize()}, "metric": {"type": MetricName()}})
 @_hub_access_options
 @force_option
 @json_option

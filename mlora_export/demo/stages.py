@@ -114,14 +114,15 @@ def stage_evaluate(ctx: DemoContext) -> StageReport:
 
     def scores(model: Any) -> tuple[float, float]:
         s = score_model(model, tokenizer, data, metric="exact-match", batch_size=batch)
-        return s.loss, float(s.exact_match or 0.0)
+        return (math.nan if s.loss is None else s.loss), float(s.exact_match or 0.0)  # a data file's score always has a loss
 
     adapter = NestedAdapter.load(ctx.nested_dir)
     slice_losses: dict[int, float] = {}
     for k in ctx.slice_ranks:  # the loss is the check (a slice computes its rank exactly); no need to generate
         with quiet_peft():
             peft_model = PeftModel.from_pretrained(load_base_model(ctx.base_dir), str(ctx.slices_dir / f"r{k}"))
-        slice_losses[k] = score_model(peft_model, tokenizer, data, metric="loss", batch_size=batch).loss
+        loss = score_model(peft_model, tokenizer, data, metric="loss", batch_size=batch).loss
+        slice_losses[k] = math.nan if loss is None else loss
     ranks = (0, *adapter.config.train_ranks)
     # rank 0 is the base model whatever the adapter: scored once, with the first adapter
     todo = [(name, path) for name, path in (("nested", ctx.nested_dir), ("renested", ctx.renested_dir))

@@ -23,6 +23,11 @@ Scores and AURAC: the per-rank ``score`` is the chosen metric; AURAC v1/v2 are t
 the rank axis (linear / ``log2``). For ``accuracy`` and ``exact-match`` higher is better; for
 ``loss`` AURAC is a mean loss and **lower is better** (``higher_is_better`` in the result says so).
 
+lm-evaluation-harness tasks (:mod:`.lm_eval_tasks`, the ``lm-eval`` extra): every rank is also (or
+only) scored by lm-eval itself on its own task registry, through its ``HFLM`` wrapping the one
+loaded model; each task metric is named ``<task>:<metric>[:<filter>]``
+(:mod:`mlora_export.metric_names`) and gets its AURAC.
+
 Which ranks: a multi-rank adapter (nested ``matryoshka``/``dylora``) is evaluated at every
 requested rank up to its max rank (``"all"`` = its train ranks). A single-rank adapter (a plain
 PEFT LoRA folder, a slice, a nested adapter trained with method ``lora``) is evaluated at its own
@@ -36,13 +41,17 @@ curve, each member at its own rank.
 from __future__ import annotations
 
 from .data import EvalData, EvalExample, load_eval_data
+from .lm_eval_tasks import LM_EVAL_EXTRA, LmEvalTasks, TaskMetric, TaskSuite
 from .plan import SINGLE_RANK_LABEL, Curve, plan_curves
 from .report import (
     PLOT_NAME,
     RECORD_KEY,
     RESULTS_NAME,
+    record_entries,
     record_entry,
     record_evaluation,
+    record_evaluations,
+    task_record_entries,
     record_results,
     write_results,
 )
@@ -60,8 +69,9 @@ from .scoring import (
 )
 
 __all__ = [
-    "METRICS", "PLOT_NAME", "RECORD_KEY", "RESULTS_FORMAT", "RESULTS_NAME", "SINGLE_RANK_LABEL", "Curve", "EvalData",
-    "EvalExample", "EvalOptions", "EvalResult", "RankScore", "check_metric", "evaluate", "exact_match", "greedy_completions",
-    "load_eval_data", "plan_curves", "record_entry", "record_evaluation", "record_results", "score_model", "teacher_forced",
+    "LM_EVAL_EXTRA", "METRICS", "PLOT_NAME", "RECORD_KEY", "RESULTS_FORMAT", "RESULTS_NAME", "SINGLE_RANK_LABEL", "Curve",
+    "EvalData", "EvalExample", "EvalOptions", "EvalResult", "LmEvalTasks", "RankScore", "TaskMetric", "TaskSuite", "check_metric",
+    "evaluate", "exact_match", "greedy_completions", "load_eval_data", "plan_curves", "record_entries", "record_entry",
+    "record_evaluation", "record_evaluations", "record_results", "score_model", "task_record_entries", "teacher_forced",
     "write_results",
 ]

@@ -36,6 +36,8 @@ class Curve:
     members: list[tuple[NestedAdapter, tuple[int, ...]]]
     points: list[RankScore] = field(default_factory=list)
     aurac: dict[str, float] = field(default_factory=dict)
+    #: with lm-eval tasks: AURAC of every metric by name (``None`` where a rank has no finite value)
+    aurac_by_metric: dict[str, dict[str, float] | None] = field(default_factory=dict)
 
     @property
     def recordable(self) -> bool:
@@ -55,6 +57,7 @@ class Curve:
             "max_rank": self.max_rank,
             "ranks": [p.to_dict() for p in self.points],
             "aurac": self.aurac,
+            **({"aurac_by_metric": self.aurac_by_metric} if self.aurac_by_metric else {}),
         }
 
 
@@ -99,7 +102,8 @@ def plan_curves(adapters: Sequence[str | os.PathLike[str]], ranks: Sequence[int]
 
     Raises:
         InvalidAdapterError: a path is not an adapter folder nor a folder of adapter folders.
-        RankError: no requested rank fits an adapter, or one curve has two adapters of one rank.
+        RankError: no requested rank fits an adapter, a requested rank is above the max rank of every
+            multi-rank adapter given, or one curve has two adapters of one rank.
     """
     if not adapters:
         raise ConfigError("no adapter given: pass at least one adapter folder")
@@ -139,6 +143,13 @@ def plan_curves(adapters: Sequence[str | os.PathLike[str]], ranks: Sequence[int]
         curves.append(Curve(SINGLE_RANK_LABEL, ", ".join(str(a.path) for a in singles), SINGLE_RANK_LABEL,
                             "+".join(sorted({a.config.method for a in singles})), singles[-1].max_rank,
                             [(a, (a.max_rank,)) for a in singles]))
+    multi = [a for c in curves if c.kind == "adapter" for a, _ in c.members if len(a.config.train_ranks) > 1]
+    if multi and not isinstance(ranks, str):
+        top = max(a.max_rank for a in multi)
+        above = sorted(k for k in set(ranks) if k > top)
+        if above:
+            raise RankError(f"rank{'s' if len(above) > 1 else ''} {', '.join(map(str, above))} above the max rank of every adapter given "
+                            f"({top}): give ranks in [1, {top}] (rank 0, the base model, is scored with with_base)", option="ranks")
     labels: dict[str, int] = {}
     for c in curves:  # unique labels for the table and the plot legend
         n = labels.get(c.label, 0)

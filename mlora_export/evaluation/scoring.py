@@ -23,21 +23,30 @@ METRICS: tuple[str, ...] = ("loss", "accuracy", "exact-match")
 # -- scoring one model -------------------------------------------------------------------------
 @dataclass
 class RankScore:
-    """The numbers of one adapter at one rank (``rank = 0``: the base model without adapter)."""
+    """The numbers of one adapter at one rank (``rank = 0``: the base model without adapter).
+
+    ``score`` is the evaluation's metric. ``loss`` … ``target_tokens`` are those of the data file
+    (``None`` in a run on lm-eval tasks alone); ``tasks`` holds the lm-eval task metrics by name,
+    each ``{"value", "stderr"}`` (:mod:`~mlora_export.evaluation.lm_eval_tasks`), ``None`` without tasks.
+    """
 
     rank: int
     score: float
-    loss: float
-    perplexity: float
-    token_accuracy: float
+    loss: float | None
+    perplexity: float | None
+    token_accuracy: float | None
     exact_match: float | None
-    examples: int
-    target_tokens: int
+    examples: int | None
+    target_tokens: int | None
     seconds: float
     adapter: str | None = None
+    tasks: dict[str, dict[str, float | None]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if self.tasks is None:
+            del out["tasks"]
+        return out
 
 
 def _batches(examples: Sequence[EvalExample], batch_size: int) -> list[list[EvalExample]]:

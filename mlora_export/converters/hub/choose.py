@@ -8,10 +8,13 @@ taken. The choice comes with the reason, in words, so that a user sees why a ran
 Sizes are those the manifest lists (a rank's ``bytes`` is what its listed files add up to, each
 file's size checked on download; its ``params`` is checked against the downloaded tensors).
 Scores are those the bundle's manifest records from ``mlora-export eval --record``, checked
-against the evaluation recorded in the bundle's own ``matryoshka_config.json``. For
-``accuracy`` and ``exact-match`` (stored as fractions), ``min_score`` and ``within`` are in
-percent (``within=2``: at most 2 percentage points below the best); for ``loss`` (lower is
-better) they are in loss units (``within=0.05``: at most 0.05 above the lowest).
+against the evaluation recorded in the bundle's own ``matryoshka_config.json``. A metric is
+``loss``, ``accuracy``, ``exact-match`` or an lm-eval task metric (``gsm8k:exact_match``, see
+:mod:`mlora_export.metric_names`). For fractions (``accuracy``, ``exact-match``, lm-eval's
+``acc``, ``acc_norm``, ``exact_match``…: :func:`~mlora_export.metric_names.is_fraction`),
+``min_score`` and ``within`` are in percent (``within=2``: at most 2 percentage points below the
+best); otherwise in the metric's own units, e.g. for ``loss`` (lower is better) ``within=0.05``:
+at most 0.05 above the lowest.
 """
 
 from __future__ import annotations
@@ -22,12 +25,13 @@ from typing import Any
 
 from ...adapter.config import RecordedEvaluation
 from ...errors import ConfigError, InvalidAdapterError, RankError
+from ...metric_names import OWN_FRACTION_METRICS, is_fraction
 from ...params import param
 from ...validate import ascii_int, is_finite_real, is_int
 from .bundle import BundleRank
 
-#: Metrics whose recorded scores are fractions, shown and compared in percent.
-PERCENT_METRICS = ("accuracy", "exact-match")
+#: Our own metrics whose recorded scores are fractions, shown and compared in percent (lm-eval's: :func:`is_fraction`).
+PERCENT_METRICS = OWN_FRACTION_METRICS
 
 
 @dataclass(frozen=True)
@@ -42,11 +46,13 @@ class RankBudget:
         help="With --rank auto: the per-forward latency limit, as the bundle recorded it (bundle --measure-latency).")
     min_score: float | None = param(
         None, flag="--min-score",
-        help="With --rank auto: the smallest rank whose recorded score reaches this (percent for accuracy and exact-match).")
+        help="With --rank auto: the smallest rank whose recorded score reaches this (percent for accuracy, exact-match "
+             "and lm-eval's acc, acc_norm, exact_match, f1).")
     within: float | None = param(None, flag="--within", min=0,
                                  help="With --rank auto: the smallest rank within this many points of the best recorded score.")
     metric: str | None = param(None, flag="--metric",
-                               help="The recorded evaluation --min-score/--within judge by (default: the first recorded).")
+                               help="The recorded evaluation --min-score/--within judge by: loss, accuracy, exact-match, or an lm-eval "
+                                    "task metric task:metric[:filter] such as gsm8k:exact_match (default: the first recorded).")
 
     def check(self) -> "RankBudget":
         """Raise :class:`ConfigError` for a limit that is not a positive number, or for both quality demands at once."""
@@ -92,11 +98,11 @@ def _pick_metric(evaluation: Mapping[str, Any], wanted: str | None) -> tuple[str
 
 def _unit(metric: str) -> tuple[float, str]:
     """Factor from a recorded score to the unit of ``min_score``/``within``, and that unit's name."""
-    return (100.0, " points") if metric in PERCENT_METRICS else (1.0, "")
+    return (100.0, " points") if is_fraction(metric) else (1.0, "")
 
 
 def _fmt(metric: str, score: float) -> str:
-    return f"{score * 100:.1f}%" if metric in PERCENT_METRICS else f"{score:.4g}"
+    return f"{score * 100:.1f}%" if is_fraction(metric) else f"{score:.4g}"
 
 
 def check_recorded_scores(ranks: Sequence[BundleRank], metric: str, higher: bool, recorded: Mapping[str, RecordedEvaluation], source: str) -> None:
