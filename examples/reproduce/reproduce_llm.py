@@ -353,6 +353,13 @@ def curve_dirs(cfg: Settings, jd: Path) -> dict[str, Path]:
     return {m: jd / m for m in cfg.methods}
 
 
+def _eval_options(cfg: Settings) -> Any:
+    """Exact match after the chat template's generation prompt, float32 on the CPU, the harness's batch."""
+    from mlora_export.evaluation import EvalOptions
+
+    return EvalOptions(metric="exact-match", batch_size=cfg.eval_batch_size, dtype="float32", device="cpu")
+
+
 def _curves_by_method(result: Any, dirs: dict[str, Path]) -> dict[str, dict[str, Any]]:
     """``{method: {"ranks": {k: {"exact_match", "loss"}}, "seconds"}}`` from an :class:`EvalResult`."""
     from mlora_export.evaluation import SINGLE_RANK_LABEL
@@ -407,7 +414,7 @@ def run_job(cfg: Settings, output: Path, base: Path, regime: str, seed: int, lr:
     members = [jd / "grid" / f"r{k}" for k in cfg.grid] if GRID not in job["val"] else []
     t0 = time.perf_counter()
     res = evaluate([*(str(p) for p in dirs.values()), *(str(p) for p in members)], base, output / "data" / regime / "val.jsonl",
-                   list(cfg.grid), metric="exact-match", batch_size=cfg.eval_batch_size, dtype="float32", device="cpu")
+                   list(cfg.grid), _eval_options(cfg))
     job["val"].update(_curves_by_method(res, dirs))
     job.setdefault("eval_seconds", 0.0)
     job["eval_seconds"] += time.perf_counter() - t0
@@ -492,7 +499,7 @@ def run_tests(cfg: Settings, output: Path, base: Path, regime: str, seed: int, c
     if dirs or grid_members:
         t0 = time.perf_counter()
         res = evaluate([*(str(p) for p in dirs.values()), *(str(p) for p in grid_members)], base, data, list(cfg.grid),
-                       metric="exact-match", batch_size=cfg.eval_batch_size, dtype="float32", device="cpu")
+                       _eval_options(cfg))
         got = _curves_by_method(res, dirs)
         for key in dirs:
             done[key] = got[key]
