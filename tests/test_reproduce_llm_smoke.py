@@ -140,3 +140,39 @@ def test_smoke_run_resumes_and_reports(repro, tmp_path: Path) -> None:
     # other fixed settings are refused, naming them
     with pytest.raises(SystemExit, match="steps"):
         repro.run(repro.dataclasses.replace(cfg, steps=3), out)
+
+
+def test_confirmation_plans_train_each_method_at_its_chosen_lr_only(repro) -> None:
+    cfg = repro.Settings(grid=(1, 2, 4), methods=("nested-loss", "dylora", "svd", "truncated"))
+    choice = {"lora": {"lr": {1: 1.0, 2: 2.0, 4: 1.0}}, "nested-loss": {"lr": 2.0}, "dylora": {"lr": 3.0},
+              "svd": {"lr": 3.0}, "truncated": {"lr": 2.0}}
+    plans = repro.confirmation_plans(cfg, choice)
+    # the SVD and truncated baselines are derived from the grid's top rank at their own lr
+    assert plans == {1.0: {"grid": [1, 4], "methods": []}, 2.0: {"grid": [2, 4], "methods": ["nested-loss", "truncated"]},
+                     3.0: {"grid": [4], "methods": ["dylora", "svd"]}}
+    with pytest.raises(SystemExit, match="choice-seeds"):
+        repro._check_settings(repro.dataclasses.replace(repro.Settings.smoke(), choice_seeds=(5,)), Path("/nonexistent"))
+
+
+@pytest.mark.slow  # end to end: ~20 s on an idle 2-core machine
+def test_smoke_run_with_a_confirmation_seed(repro, tmp_path: Path) -> None:
+    """Seed 0 searches every lr; seed 1 trains each method at seed 0's choice only, and both are reported."""
+    cfg = repro.dataclasses.replace(repro.Settings.smoke(), seeds=(0, 1), choice_seeds=(0,), regimes=("spell",),
+                                    methods=("nested-loss", "svd"))
+    out = tmp_path / "repro"
+    summary = repro.run(cfg, out)
+    res = summary["regimes"]["spell"]
+    assert summary["partial"] == [] and res["seeds"] == [0, 1]
+    assert res["search_seeds"] == [0] and res["confirmation_seeds"] == [1]
+    chosen = {lr for lr in res["methods"]["lora"]["lr"].values()} | {res["methods"][m]["lr"] for m in cfg.methods}
+    seed1 = sorted(p.name for p in (out / "jobs").glob("spell-seed1-*.json"))
+    assert seed1 == sorted(f"spell-seed1-lr{lr:g}.json" for lr in chosen)
+    for name in seed1:
+        job = json.loads((out / "jobs" / name).read_text())
+        assert job["val"] == {} and job["plan"]  # no validation scoring on a confirmation seed
+        assert set(job["records"]) == {f"lora-r{k}" for k in job["plan"]["grid"]} | {m for m in job["plan"]["methods"] if m != "svd"}
+    tests = json.loads((out / "tests" / "spell-seed1.json").read_text())
+    nl = res["methods"]["nested-loss"]
+    assert f"nested-loss@{nl['lr']:g}" in tests and nl["ranks"][1]["n"] == 2
+    assert len(res["methods"]["lora"]["search_train_seconds"]) and res["methods"]["lora"]["search_train_seconds"]["n"] == 1
+    assert "trained at the chosen lrs only" in (out / "report.md").read_text()

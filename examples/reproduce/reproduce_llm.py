@@ -164,6 +164,10 @@ class Settings:
     model: str = "smollm2"  # "smollm2" (the real model) or "pico" (the smoke setting)
     grid: tuple[int, ...] = (1, 2, 4, 8, 16)
     seeds: tuple[int, ...] = (0, 1)
+    #: the seeds whose full lr search makes the validation choice (empty: every seed). The other
+    #: seeds train only what the choice needs (each method at its chosen lr) and are scored on test:
+    #: a second seed at a third of the cost of a second search.
+    choice_seeds: tuple[int, ...] = ()
     lrs: tuple[float, ...] = (2e-3, 4e-3, 8e-3)
     regimes: tuple[str, ...] = ("iso", "spell")
     methods: tuple[str, ...] = ("dylora", "matryoshka", "nested-loss", "nested-loss-2x", SVD, TRUNCATED)
@@ -193,7 +197,7 @@ class Settings:
 
 
 #: Settings a rerun into the same output may change (they only add or select jobs).
-_EXTENSIBLE = ("seeds", "lrs", "regimes", "methods", "variants", "workers", "threads")
+_EXTENSIBLE = ("seeds", "choice_seeds", "lrs", "regimes", "methods", "variants", "workers", "threads")
 
 
 # -- data --------------------------------------------------------------------------------------
@@ -377,9 +381,13 @@ def _curves_by_method(result: Any, dirs: dict[str, Path]) -> dict[str, dict[str,
     return out
 
 
-def run_job(cfg: Settings, output: Path, base: Path, regime: str, seed: int, lr: float) -> dict[str, Any]:
+def run_job(cfg: Settings, output: Path, base: Path, regime: str, seed: int, lr: float,
+            plan: dict[str, list[Any]] | None = None) -> dict[str, Any]:
     """Train every run of one (regime, seed, lr) that is missing, derive the SVD and truncated
-    baselines, score every curve not yet scored on validation; write ``jobs/…json``."""
+    baselines, score every curve not yet scored on validation; write ``jobs/…json``.
+
+    With a ``plan`` (a seed outside ``choice_seeds``, see :func:`confirmation_plans`): train only
+    ``plan["grid"]`` ranks and ``plan["methods"]``, and score nothing on validation."""
     import torch
 
     from mlora_export.converters.renest import renest_adapter
@@ -390,26 +398,36 @@ def run_job(cfg: Settings, output: Path, base: Path, regime: str, seed: int, lr:
     path = output / "jobs" / f"{regime}-seed{seed}-lr{_lr_key(lr)}.json"
     job = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {"regime": regime, "seed": seed, "lr": lr, "records": {}, "val": {}}
     wanted = [GRID, *cfg.methods]
-    if all(m in job["val"] for m in wanted):
+    if plan is None and all(m in job["val"] for m in wanted):
+        return job
+    if plan is not None and _plan_done(job, plan, job_dir(output, regime, seed, lr)):
         return job
     t_job = time.perf_counter()
     jd = job_dir(output, regime, seed, lr)
     specs = method_specs(cfg.variants)
     r_max = max(cfg.grid)
-    for k in cfg.grid:
+    methods = cfg.methods if plan is None else tuple(plan["methods"])
+    for k in cfg.grid if plan is None else plan["grid"]:
         job["records"][f"{GRID}-r{k}"] = train_run(cfg, output, base, regime, seed, lr, f"grid/r{k}",
                                                    {"method": "lora", "train_ranks": (k,)}, cfg.steps)
-    for m in cfg.methods:
+    for m in methods:
         if m in specs:
             s = specs[m]
             job["records"][m] = train_run(cfg, output, base, regime, seed, lr, m, s.overrides, cfg.steps * s.steps_multiplier)
     top = jd / "grid" / f"r{r_max}"
-    if SVD in cfg.methods and not (jd / SVD).exists():
+    if SVD in methods and not (jd / SVD).exists():
         t0 = time.perf_counter()
         renest_adapter(top, jd / SVD, workers=1)
         job["renest_seconds"] = time.perf_counter() - t0
-    if TRUNCATED in cfg.methods and not (jd / TRUNCATED).exists():
+    if TRUNCATED in methods and not (jd / TRUNCATED).exists():
         slice_adapter(top, list(cfg.grid), jd / TRUNCATED, workers=1)
+    if plan is not None:  # a confirmation seed: its lr was chosen on the search seeds' validation
+        job["plan"] = plan
+        job.setdefault("wall_seconds", 0.0)
+        job["wall_seconds"] += time.perf_counter() - t_job
+        _write_json(path, job)
+        logger.info("%s seed %d lr %g: trained %s at the chosen lr", regime, seed, lr, plan)
+        return job
     dirs = {m: p for m, p in curve_dirs(cfg, jd).items() if m not in job["val"]}
     members = [jd / "grid" / f"r{k}" for k in cfg.grid] if GRID not in job["val"] else []
     t0 = time.perf_counter()
@@ -420,18 +438,73 @@ def run_job(cfg: Settings, output: Path, base: Path, regime: str, seed: int, lr:
     job["eval_seconds"] += time.perf_counter() - t0
     job.setdefault("wall_seconds", 0.0)
     job["wall_seconds"] += time.perf_counter() - t_job
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(job, indent=1), encoding="utf-8")
-    tmp.replace(path)
+    _write_json(path, job)
     logger.info("%s seed %d lr %g: validation exact match %s", regime, seed, lr,
                 {m: [round(v["exact_match"] * 100) for v in c["ranks"].values()] for m, c in job["val"].items()})
     return job
 
 
-def _job(args: tuple[Settings, Path, Path, str, int, float]) -> dict[str, Any]:
+def _write_json(path: Path, obj: Any) -> None:
+    """Write through a temporary file, so a job cut short leaves no half-written record."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1), encoding="utf-8")
+    tmp.replace(path)
+
+
+def _plan_done(job: dict[str, Any], plan: dict[str, list[Any]], jd: Path) -> bool:
+    """Whether every run of a confirmation ``plan`` is trained (and the SVD/truncated folders derived)."""
+    names = [f"{GRID}-r{k}" for k in plan["grid"]] + [m for m in plan["methods"] if m not in (SVD, TRUNCATED)]
+    return all(n in job["records"] for n in names) and all((jd / m).exists() for m in plan["methods"] if m in (SVD, TRUNCATED))
+
+
+def confirmation_plans(cfg: Settings, choice: dict[str, Any]) -> dict[float, dict[str, list[Any]]]:
+    """What a seed outside ``choice_seeds`` trains, by lr: the grid ranks chosen there, the methods
+    chosen there (SVD and truncated need the grid's top rank at their lr)."""
+    plans: dict[float, dict[str, list[Any]]] = {}
+    for k, lr in choice[GRID]["lr"].items():
+        plans.setdefault(lr, {"grid": [], "methods": []})["grid"].append(k)
+    for m in cfg.methods:
+        plan = plans.setdefault(choice[m]["lr"], {"grid": [], "methods": []})
+        plan["methods"].append(m)
+        if m in (SVD, TRUNCATED) and max(cfg.grid) not in plan["grid"]:
+            plan["grid"].append(max(cfg.grid))
+    for plan in plans.values():
+        plan["grid"].sort()
+    return dict(sorted(plans.items()))
+
+
+def confirmed_seeds(cfg: Settings, output: Path, jobs: dict[tuple[str, int, float], dict[str, Any]], regime: str,
+                    choice: dict[str, Any]) -> list[int]:
+    """The seeds outside ``choice_seeds`` whose runs at the chosen lrs are all trained."""
+    plans = confirmation_plans(cfg, choice)
+    return [s for s in cfg.seeds if s not in _search_seeds(cfg)
+            and all((regime, s, lr) in jobs and _plan_done(jobs[(regime, s, lr)], plan, job_dir(output, regime, s, lr))
+                    for lr, plan in plans.items())]
+
+
+def _search_seeds(cfg: Settings) -> tuple[int, ...]:
+    return cfg.choice_seeds or cfg.seeds
+
+
+def _job(args: tuple[Any, ...]) -> dict[str, Any]:
     _quiet()
     return run_job(*args)
+
+
+def _test(args: tuple[Any, ...]) -> dict[str, Any]:
+    _quiet()
+    return run_tests(*args)
+
+
+def _map(cfg: Settings, fn: Any, todo: list[tuple[Any, ...]]) -> list[Any]:
+    """``fn`` over ``todo``, in ``cfg.workers`` processes when more than one."""
+    if cfg.workers > 1 and len(todo) > 1:
+        import multiprocessing
+
+        with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return list(pool.map(fn, todo))
+    return [fn(t) for t in todo]
 
 
 # -- selection on validation, test at the choice -----------------------------------------------
@@ -441,9 +514,9 @@ def _ms(values: list[float]) -> dict[str, float]:
 
 
 def complete_seeds(cfg: Settings, jobs: dict[tuple[str, int, float], dict[str, Any]], regime: str) -> list[int]:
-    """The seeds of ``regime`` whose validation search is complete (every lr, every method)."""
+    """The search seeds of ``regime`` whose validation search is complete (every lr, every method)."""
     wanted = [GRID, *cfg.methods]
-    return [s for s in cfg.seeds if all((regime, s, lr) in jobs and all(m in jobs[(regime, s, lr)]["val"] for m in wanted) for lr in cfg.lrs)]
+    return [s for s in _search_seeds(cfg) if all((regime, s, lr) in jobs and all(m in jobs[(regime, s, lr)]["val"] for m in wanted) for lr in cfg.lrs)]
 
 
 def choose(cfg: Settings, jobs: dict[tuple[str, int, float], dict[str, Any]], regime: str, seeds: list[int]) -> dict[str, Any]:
@@ -540,6 +613,7 @@ def summarise(cfg: Settings, jobs: dict[tuple[str, int, float], dict[str, Any]],
     regimes: dict[str, Any] = {}
     for regime, seeds in seeds_of.items():
         ch = choices[regime]
+        searched = [s for s in seeds if s in _search_seeds(cfg)]
         methods: dict[str, Any] = {}
         for m in [GRID, *cfg.methods]:
             if m == GRID:
@@ -547,14 +621,15 @@ def summarise(cfg: Settings, jobs: dict[tuple[str, int, float], dict[str, Any]],
                 recs = {s: [jobs[(regime, s, ch[GRID]["lr"][k])]["records"][f"{GRID}-r{k}"] for k in grid] for s in seeds}
                 steps = sum(r["steps"] for r in recs[seeds[0]])
                 secs = [sum(r["train_seconds"] for r in recs[s]) for s in seeds]
-                search = [sum(jobs[(regime, s, lr)]["records"][f"{GRID}-r{k}"]["train_seconds"] for k in grid for lr in cfg.lrs) for s in seeds]
+                search = [sum(jobs[(regime, s, lr)]["records"][f"{GRID}-r{k}"]["train_seconds"] for k in grid for lr in cfg.lrs)
+                          for s in searched]
             else:
                 lr = ch[m]["lr"]
                 key = f"{m}@{_lr_key(lr)}"
                 source = m if m in specs else f"{GRID}-r{max(grid)}"  # svd and truncated: the grid's top-rank run
                 steps = jobs[(regime, seeds[0], lr)]["records"][source]["steps"]
                 secs = [jobs[(regime, s, lr)]["records"][source]["train_seconds"] for s in seeds]
-                search = [sum(jobs[(regime, s, x)]["records"][source]["train_seconds"] for x in cfg.lrs) for s in seeds]
+                search = [sum(jobs[(regime, s, x)]["records"][source]["train_seconds"] for x in cfg.lrs) for s in searched]
             em = {s: [tests[(regime, s)][key]["ranks"][str(k)]["exact_match"] for k in grid] for s in seeds}
             loss = {s: [tests[(regime, s)][key]["ranks"][str(k)]["loss"] for k in grid] for s in seeds}
             au = {s: aurac(grid, em[s]) for s in seeds}
@@ -571,9 +646,11 @@ def summarise(cfg: Settings, jobs: dict[tuple[str, int, float], dict[str, Any]],
             if m == "matryoshka":
                 entry["training_diagonal_test"] = _ms([tests[(regime, s)][f"matryoshka-diagonal@{_lr_key(lr)}"]["exact_match"] for s in seeds])
             methods[m] = entry
-        regimes[regime] = {"seeds": seeds, "methods": methods,
-                           "search_wall_seconds": sum(jobs[(regime, s, lr)].get("wall_seconds", 0.0) for s in seeds for lr in cfg.lrs),
-                           "eval_seconds": sum(jobs[(regime, s, lr)].get("eval_seconds", 0.0) for s in seeds for lr in cfg.lrs)
+        present = [jobs[(regime, s, lr)] for s in seeds for lr in cfg.lrs if (regime, s, lr) in jobs]
+        regimes[regime] = {"seeds": seeds, "search_seeds": searched, "confirmation_seeds": [s for s in seeds if s not in searched],
+                           "methods": methods,
+                           "search_wall_seconds": sum(j.get("wall_seconds", 0.0) for j in present),
+                           "eval_seconds": sum(j.get("eval_seconds", 0.0) for j in present)
                            + sum(tests[(regime, s)].get("eval_seconds", 0.0) for s in seeds)}
     return {"settings": dataclasses.asdict(cfg), "labels": labels(cfg), "regimes": regimes}
 
@@ -636,7 +713,9 @@ def report_markdown(summary: dict[str, Any]) -> str:
         base = summary.get("base", {}).get(regime, {})
         b_test = base.get("test", {})
         lines += [f"### {REGIME_LABELS[regime]}", "",
-                  f"Test exact match (%), mean ± sd over seeds {res['seeds']}; base model: "
+                  f"Test exact match (%), mean ± sd over seeds {res['seeds']}"
+                  + (f" (lrs chosen on the validation search of seed(s) {res['search_seeds']}; seed(s) {res['confirmation_seeds']} "
+                     f"trained at the chosen lrs only)" if res.get("confirmation_seeds") else "") + "; base model: "
                   f"{b_test.get('exact_match', float('nan')) * 100:.1f}% (held-out loss {b_test.get('loss', float('nan')):.2f}).", "",
                   "| rank | " + " | ".join(lab[m] for m in order) + " |", "|---:|" + "---:|" * len(order)]
         for k in grid:
@@ -735,6 +814,9 @@ def _check_settings(cfg: Settings, output: Path) -> None:
         if old != fixed:
             changed = sorted(k for k in fixed if old.get(k) != fixed[k])
             raise SystemExit(f"error: {output} holds runs made with other settings ({', '.join(changed)}); pass --force to replace them")
+    stray = [s for s in cfg.choice_seeds if s not in cfg.seeds]
+    if stray:
+        raise SystemExit(f"error: --choice-seeds {stray} are not among --seeds {list(cfg.seeds)}: choose among the seeds that run")
     unknown = [m for m in cfg.methods if m not in method_specs(cfg.variants) and m not in (SVD, TRUNCATED)]
     if unknown:
         raise SystemExit(f"error: unknown method(s) {', '.join(unknown)}: expected {', '.join([*TRAINED, SVD, TRUNCATED])} or a --variant name")
@@ -773,33 +855,39 @@ def run(cfg: Settings, output: Path, *, force: bool = False, report_only: bool =
     logger.info("base exact match: %s", {r: {s: round(v["exact_match"] * 100, 1) for s, v in d.items()} for r, d in base_info.items()})
     # seed-major, then lr: after the first seed a one-seed report is possible, and before that
     # the first lr of every regime (a partial report with --report-only --seeds S --lrs LR)
-    todo = [(cfg, output, base, regime, seed, lr) for seed in cfg.seeds for lr in cfg.lrs for regime in cfg.regimes]
+    search = _search_seeds(cfg)
+    todo = [(cfg, output, base, regime, seed, lr) for seed in search for lr in cfg.lrs for regime in cfg.regimes]
     if not report_only:
-        if cfg.workers > 1:
-            import multiprocessing
-
-            with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-                list(pool.map(_job, todo))
-        else:
-            for t in todo:
-                run_job(*t)
+        _map(cfg, _job, todo)
     jobs = load_jobs(cfg, output)
     seeds_of: dict[str, list[int]] = {}
     choices: dict[str, Any] = {}
-    tests: dict[tuple[str, int], dict[str, Any]] = {}
     partial: list[str] = []
     for regime in cfg.regimes:
         seeds = complete_seeds(cfg, jobs, regime)
-        if len(seeds) < len(cfg.seeds):
-            missing = sorted({(s, lr) for s in cfg.seeds for lr in cfg.lrs} - {(s, lr) for s in seeds for lr in cfg.lrs})
-            partial.append(f"regime {regime}: the search is complete for seed(s) {seeds or 'none'} of {list(cfg.seeds)}; "
+        if len(seeds) < len(search):
+            missing = sorted({(s, lr) for s in search for lr in cfg.lrs} - {(s, lr) for s in seeds for lr in cfg.lrs})
+            partial.append(f"regime {regime}: the search is complete for seed(s) {seeds or 'none'} of {list(search)}; "
                            f"(seed, lr) jobs unfinished: {missing}; the lr choice and the tables use the complete seeds only.")
-        if not seeds:
-            continue
-        seeds_of[regime] = seeds
-        choices[regime] = choose(cfg, jobs, regime, seeds)
-        for s in seeds:
-            tests[(regime, s)] = run_tests(cfg, output, base, regime, s, choices[regime])
+        if seeds:
+            seeds_of[regime] = seeds
+            choices[regime] = choose(cfg, jobs, regime, seeds)
+    # the other seeds: each method only at its chosen lr (the search seeds must all be complete)
+    confirm = [s for s in cfg.seeds if s not in search]
+    if confirm and not report_only:
+        todo = [(cfg, output, base, regime, s, lr, plan) for s in confirm for regime in cfg.regimes
+                if regime in choices and seeds_of[regime] == list(search)
+                for lr, plan in confirmation_plans(cfg, choices[regime]).items()]
+        _map(cfg, _job, todo)
+        jobs = load_jobs(cfg, output)
+    for regime in choices:
+        done = confirmed_seeds(cfg, output, jobs, regime, choices[regime]) if seeds_of[regime] == list(search) else []
+        if len(done) < len(confirm):
+            partial.append(f"regime {regime}: seed(s) {[s for s in confirm if s not in done]} not yet trained at the chosen lrs; "
+                           f"the tables use seed(s) {seeds_of[regime] + done}.")
+        seeds_of[regime] = seeds_of[regime] + done
+    todo = [(cfg, output, base, regime, s, choices[regime]) for regime, seeds in seeds_of.items() for s in seeds]
+    tests = {(t[3], t[4]): r for t, r in zip(todo, _map(cfg, _test, todo))}
     summary = summarise(cfg, jobs, tests, choices, seeds_of)
     summary["base"] = base_info
     summary["data"] = {"pycountry": _version("pycountry"), "examples": {
@@ -818,6 +906,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output", type=Path, required=True, help="folder for data, runs/, jobs/, tests/, report.md, rank_curve.png")
     ap.add_argument("--smoke", action="store_true", help="a seconds-long setting on a pico model that exercises every step")
     ap.add_argument("--seeds", type=str, default=None, help="comma-separated seeds (default 0,1)")
+    ap.add_argument("--choice-seeds", type=str, default=None,
+                    help="comma-separated seeds whose full lr search chooses each method's lr; the other seeds train "
+                         "only at the chosen lrs (default: every seed searches)")
     ap.add_argument("--lrs", type=str, default=None, help="comma-separated learning rates (default 2e-3,4e-3,8e-3)")
     ap.add_argument("--regimes", type=str, default=None, help="comma-separated regimes (default iso,spell)")
     ap.add_argument("--methods", type=str, default=None,
@@ -836,6 +927,8 @@ def main(argv: list[str] | None = None) -> int:
     over: dict[str, Any] = {}
     if args.seeds:
         over["seeds"] = tuple(int(s) for s in args.seeds.split(","))
+    if args.choice_seeds:
+        over["choice_seeds"] = tuple(int(s) for s in args.choice_seeds.split(","))
     if args.lrs:
         over["lrs"] = tuple(float(s) for s in args.lrs.split(","))
     if args.regimes:
