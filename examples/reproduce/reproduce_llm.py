@@ -732,7 +732,7 @@ def report_markdown(summary: dict[str, Any]) -> str:
                   "| rank | " + " | ".join(lab[m] for m in order) + " |", "|---:|" + "---:|" * len(order)]
         for k in grid:
             lines.append(f"| {k} | " + " | ".join(f"{_k(ms[m]['loss'], k)['mean']:.3f}" for m in order) + " |")
-        lines += ["", f"Validation AURAC v2 (%) per lr (mean over seeds; the grid: validation exact match per rank "
+        lines += ["", f"Validation AURAC v2 (%) per lr (mean over seeds {res.get('search_seeds', res['seeds'])}; the grid: validation exact match per rank "
                   f"{'/'.join(map(str, grid))}); base model on validation: {base.get('val', {}).get('exact_match', float('nan')) * 100:.1f}%:", "",
                   "| lr | " + " | ".join(lab[m] for m in order if m != GRID) + " | " + lab[GRID] + " |", "|---:|" + "---:|" * len(order)]
         for lr in cfg["lrs"]:
