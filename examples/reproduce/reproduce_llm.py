@@ -166,7 +166,7 @@ class Settings:
     seeds: tuple[int, ...] = (0, 1)
     #: the seeds whose full lr search makes the validation choice (empty: every seed). The other
     #: seeds train only what the choice needs (each method at its chosen lr) and are scored on test:
-    #: a second seed at a third of the cost of a second search.
+    #: on the real model a second seed cost a quarter of a second search.
     choice_seeds: tuple[int, ...] = ()
     lrs: tuple[float, ...] = (2e-3, 4e-3, 8e-3)
     regimes: tuple[str, ...] = ("iso", "spell")
