@@ -398,12 +398,12 @@ def run_job(cfg: Settings, output: Path, base: Path, regime: str, seed: int, lr:
     path = output / "jobs" / f"{regime}-seed{seed}-lr{_lr_key(lr)}.json"
     job = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {"regime": regime, "seed": seed, "lr": lr, "records": {}, "val": {}}
     wanted = [GRID, *cfg.methods]
+    jd = job_dir(output, regime, seed, lr)
     if plan is None and all(m in job["val"] for m in wanted):
         return job
-    if plan is not None and _plan_done(job, plan, job_dir(output, regime, seed, lr)):
+    if plan is not None and _plan_done(job, plan, jd):
         return job
     t_job = time.perf_counter()
-    jd = job_dir(output, regime, seed, lr)
     specs = method_specs(cfg.variants)
     r_max = max(cfg.grid)
     methods = cfg.methods if plan is None else tuple(plan["methods"])
@@ -874,14 +874,14 @@ def run(cfg: Settings, output: Path, *, force: bool = False, report_only: bool =
             choices[regime] = choose(cfg, jobs, regime, seeds)
     # the other seeds: each method only at its chosen lr (the search seeds must all be complete)
     confirm = [s for s in cfg.seeds if s not in search]
+    searched = [r for r in choices if seeds_of[r] == list(search)]  # regimes whose search is complete
     if confirm and not report_only:
-        todo = [(cfg, output, base, regime, s, lr, plan) for s in confirm for regime in cfg.regimes
-                if regime in choices and seeds_of[regime] == list(search)
+        todo = [(cfg, output, base, regime, s, lr, plan) for s in confirm for regime in searched
                 for lr, plan in confirmation_plans(cfg, choices[regime]).items()]
         _map(cfg, _job, todo)
         jobs = load_jobs(cfg, output)
     for regime in choices:
-        done = confirmed_seeds(cfg, output, jobs, regime, choices[regime]) if seeds_of[regime] == list(search) else []
+        done = confirmed_seeds(cfg, output, jobs, regime, choices[regime]) if regime in searched else []
         if len(done) < len(confirm):
             partial.append(f"regime {regime}: seed(s) {[s for s in confirm if s not in done]} not yet trained at the chosen lrs; "
                            f"the tables use seed(s) {seeds_of[regime] + done}.")
