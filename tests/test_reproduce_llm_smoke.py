@@ -156,6 +156,23 @@ def test_smoke_run_resumes_and_reports(repro, tmp_path: Path) -> None:
         assert f"nested-loss@{ms['nested-loss']['lr']:g}" in tests and ms["nested-loss"]["ranks"][1]["n"] == 2
         assert ms["lora"]["search_train_seconds"]["n"] == 1  # the search's compute: seed 0's
     assert "trained at the chosen lrs only" in (out / "report.md").read_text()
+    # a --variant added to the finished output: only its runs are trained, the others' results stand,
+    # and the report compares it with nested-loss
+    stamp = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*.json")}
+    variant = ("nl-paper-init", '{"recipe": {"a_init": "paper"}}')
+    grown = repro.run(repro.dataclasses.replace(cfg, seeds=(0, 1), choice_seeds=(0,), variants=(variant,),
+                                                methods=(*cfg.methods, "nl-paper-init")), out)
+    assert grown["partial"] == []
+    assert {p: p.stat().st_mtime_ns for p in stamp} == stamp
+    for regime, res in grown["regimes"].items():
+        old = json.loads(json.dumps(confirmed["regimes"][regime]["methods"]))
+        assert {m: v for m, v in json.loads(json.dumps(res["methods"])).items() if m != "nl-paper-init"} == old
+        assert res["methods"]["nl-paper-init"]["ranks"][1]["n"] == 2
+        job = json.loads((out / "jobs" / f"{regime}-seed0-lr{cfg.lrs[0]:g}.json").read_text())
+        assert job["records"]["nl-paper-init"]["settings"]["recipe"]["a_init"] == "paper"
+    report = (out / "report.md").read_text()
+    assert "against `nested-loss`" in report and "- nl-paper-init (one run): iso: validation" in report
+    assert len(repro.variant_lines(grown)) == 1
     # other fixed settings are refused, naming them
     with pytest.raises(SystemExit, match="steps"):
         repro.run(repro.dataclasses.replace(cfg, steps=3), out)
@@ -171,3 +188,22 @@ def test_confirmation_plans_train_each_method_at_its_chosen_lr_only(repro) -> No
                      3.0: {"grid": [4], "methods": ["dylora", "svd"]}}
     with pytest.raises(SystemExit, match="choice-seeds"):
         repro._check_settings(repro.dataclasses.replace(repro.Settings.smoke(), choice_seeds=(5,)), Path("/nonexistent"))
+
+
+def test_variant_lines_compare_validation_at_each_ones_choice(repro) -> None:
+    def row(lr: float, val: float, per_seed: dict) -> dict:
+        return {"lr": lr, "val_search": {f"{lr:g}": val, "0.1": 0.99}, "aurac_per_seed": per_seed}
+
+    summary = {"labels": {"nested-loss": "nested-loss (one run)", "nl-x": "nested-loss + x"}, "settings": {"variants": [["nl-x", "{}"]]},
+               "regimes": {"iso": {"methods": {"nested-loss": row(0.002, 0.20, {"0": 0.20, "1": 0.22}),
+                                               "nl-x": row(0.004, 0.25, {"0": 0.21, "1": 0.25})}},
+                           "spell": {"methods": {"nested-loss": row(0.008, 0.40, {"0": 0.40, "1": 0.40}),
+                                                 "nl-x": row(0.008, 0.38, {"0": 0.45, "1": 0.45})}}}}
+    [line] = repro.variant_lines(summary)
+    assert "iso: validation 25.0 vs 20.0 (+5.0) at lr 0.004 vs 0.002, test +2.0 ± 1.4" in line
+    # a better test score does not count: the choice, and the rule, read validation
+    assert "spell: validation 38.0 vs 40.0 (-2.0)" in line and "test +5.0 ± 0.0" in line and "(better in: iso)" in line
+    summary["regimes"]["spell"]["methods"]["nl-x"]["val_search"]["0.008"] = 0.41
+    assert "Better than nested-loss on validation in every regime" in repro.variant_lines(summary)[0]
+    summary["settings"]["variants"] = []
+    assert repro.variant_lines(summary) == []

@@ -694,6 +694,30 @@ def verdict(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+def variant_lines(summary: dict[str, Any]) -> list[str]:
+    """One sentence per ``--variant`` row: its validation AURAC v2 at its chosen lr against
+    ``nested-loss``'s at its own (what issue 26's adoption rule reads), and the per-seed test
+    difference, in every regime; whether it is better on validation in all of them."""
+    lab = summary["labels"]
+    lines = []
+    for m in [n for n, _ in summary["settings"].get("variants", ())]:
+        parts, gains = [], {}
+        for regime, res in summary["regimes"].items():
+            ms = res["methods"]
+            if m not in ms or "nested-loss" not in ms:
+                continue
+            val = {x: ms[x]["val_search"][_lr_key(ms[x]["lr"])] * 100 for x in (m, "nested-loss")}
+            gains[regime] = val[m] - val["nested-loss"]
+            d, sd = _paired(ms, m, "nested-loss")
+            parts.append(f"{regime}: validation {val[m]:.1f} vs {val['nested-loss']:.1f} ({gains[regime]:+.1f}) at lr {ms[m]['lr']:g} vs "
+                         f"{ms['nested-loss']['lr']:g}, test {d:+.1f} ± {sd:.1f}")
+        if parts:
+            won = [r for r, g in gains.items() if g > 0]
+            lines.append(f"- {lab[m]}: " + "; ".join(parts) + (". Better than nested-loss on validation in every regime." if len(won) == len(gains)
+                         else f". Not better on validation in every regime (better in: {', '.join(won) or 'none'})."))
+    return lines
+
+
 def report_markdown(summary: dict[str, Any]) -> str:
     cfg = summary["settings"]
     grid = cfg["grid"]
@@ -743,6 +767,10 @@ def report_markdown(summary: dict[str, Any]) -> str:
         lines += ["", f"Search wall-clock of this regime (training, derivations and validation scoring of every job): "
                   f"{res['search_wall_seconds'] / 60:.0f} min; of which scoring {res['eval_seconds'] / 60:.0f} min (with the test scoring).", ""]
     lines += ["**Verdict (computed from the tables):**", "", *verdict(summary), ""]
+    versus = variant_lines(summary)
+    if versus:
+        lines += ["**The `--variant` rows against `nested-loss`** (validation AURAC v2 at each one's chosen lr, mean over the "
+                  "search seeds: what the choice reads; test: mean ± sd of the per-seed differences, in points):", "", *versus, ""]
     return "\n".join(lines) + "\n"
 
 
@@ -751,7 +779,10 @@ def _k(d: dict[Any, Any], k: int) -> Any:
 
 
 def plot_summary(summary: dict[str, Any], path: Path) -> None:
-    """Mean test exact match vs rank (log2 axis) per method and regime, min–max bands over seeds, the base dotted."""
+    """Mean test exact match vs rank (log2 axis) per method and regime, min–max bands over seeds, the
+    base dotted: one row of panels for the methods and, when there are ``--variant`` rows, one for
+    them (with the grid and ``nested-loss`` for reference)."""
+    from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import FixedLocator, NullLocator
@@ -760,31 +791,37 @@ def plot_summary(summary: dict[str, Any], path: Path) -> None:
     regimes = list(summary["regimes"])
     if not regimes:
         return
-    fig = Figure(figsize=(6.5 * len(regimes), 4.8), dpi=100)
+    variants = [n for n, _ in cfg.get("variants", ())]
+    labels = summary["labels"]
+    panels = [("methods", [m for m in labels if m not in variants])]
+    if variants:
+        panels.append(("nested-loss variants", [m for m in labels if m in (GRID, "nested-loss", *variants)]))
+    colour = {m: colormaps["tab20"](j % 20) for j, m in enumerate(labels)}
+    fig = Figure(figsize=(6.5 * len(regimes), 4.8 * len(panels)), dpi=100)
     FigureCanvasAgg(fig)
     ks = list(cfg["grid"])
-    for i, regime in enumerate(regimes):
-        ax = fig.add_subplot(1, len(regimes), i + 1)
-        ms = summary["regimes"][regime]["methods"]
-        for m, label in summary["labels"].items():
-            if m not in ms:
-                continue
-            pts = [_k(ms[m]["ranks"], k) for k in ks]
-            ax.plot(ks, [p["mean"] * 100 for p in pts], marker="o", label=f"{label} ({ms[m]['aurac']['v2']['mean'] * 100:.1f})")
-            if len(summary["regimes"][regime]["seeds"]) > 1:
-                ax.fill_between(ks, [p["min"] * 100 for p in pts], [p["max"] * 100 for p in pts], alpha=0.12)
-        base = summary.get("base", {}).get(regime, {}).get("test", {}).get("exact_match")
-        if base is not None:
-            ax.axhline(base * 100, color="gray", linestyle=":", label=f"base model ({base * 100:.1f}%)")
-        ax.set_xscale("log", base=2)
-        ax.xaxis.set_major_locator(FixedLocator(ks))
-        ax.xaxis.set_minor_locator(NullLocator())
-        ax.set_xticklabels([str(k) for k in ks])
-        ax.set_xlabel("rank (log2 scale)")
-        ax.set_ylabel("test exact match (%)")
-        ax.set_title(f"{REGIME_LABELS[regime]}; legend: AURAC v2", fontsize=9)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
+    for row, (title, methods) in enumerate(panels):
+        for i, regime in enumerate(regimes):
+            ax = fig.add_subplot(len(panels), len(regimes), row * len(regimes) + i + 1)
+            ms = summary["regimes"][regime]["methods"]
+            for m in [x for x in methods if x in ms]:
+                pts = [_k(ms[m]["ranks"], k) for k in ks]
+                ax.plot(ks, [p["mean"] * 100 for p in pts], marker="o", color=colour[m], linestyle="--" if m in variants else "-",
+                        label=f"{labels[m]} ({ms[m]['aurac']['v2']['mean'] * 100:.1f})")
+                if len(summary["regimes"][regime]["seeds"]) > 1:
+                    ax.fill_between(ks, [p["min"] * 100 for p in pts], [p["max"] * 100 for p in pts], color=colour[m], alpha=0.12)
+            base = summary.get("base", {}).get(regime, {}).get("test", {}).get("exact_match")
+            if base is not None:
+                ax.axhline(base * 100, color="gray", linestyle=":", label=f"base model ({base * 100:.1f}%)")
+            ax.set_xscale("log", base=2)
+            ax.xaxis.set_major_locator(FixedLocator(ks))
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.set_xticklabels([str(k) for k in ks])
+            ax.set_xlabel("rank (log2 scale)")
+            ax.set_ylabel("test exact match (%)")
+            ax.set_title(f"{REGIME_LABELS[regime]}: {title}; legend: AURAC v2", fontsize=9)
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(path, format="png")
 
