@@ -844,7 +844,8 @@ def plot_summary(summary: dict[str, Any], path: Path) -> None:
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.ticker import FixedLocator, NullLocator
+
+    from mlora_export.evaluation.plot import rank_axis
 
     cfg = summary["settings"]
     regimes = list(summary["regimes"])
@@ -871,11 +872,7 @@ def plot_summary(summary: dict[str, Any], path: Path) -> None:
             base = summary.get("base", {}).get("exact_match", {}).get(f"{regime} (test)")
             if base is not None:
                 ax.axhline(base * 100, color="gray", linestyle=":", label=f"base model ({base * 100:.1f}%)")
-            ax.set_xscale("log", base=2)
-            ax.xaxis.set_major_locator(FixedLocator(ks))
-            ax.xaxis.set_minor_locator(NullLocator())
-            ax.set_xticklabels([str(k) for k in ks])
-            ax.set_xlabel("rank (log2 scale)")
+            rank_axis(ax, ks)
             ax.set_ylabel("test exact match (%)")
             ax.set_title(f"{REGIME_LABELS[regime]}: {title}; legend: AURAC v2", fontsize=9)
             ax.grid(True, alpha=0.3)

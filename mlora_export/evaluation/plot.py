@@ -80,8 +80,6 @@ def plot_rank_curves(results: Mapping[str, Any], path: str | os.PathLike[str], *
 
 def _draw(ax: Any, results: Mapping[str, Any], metric: str, get: Getter, aurac_key: str | None, title: str | None) -> None:
     """One panel: every adapter's curve of ``metric`` and the base line."""
-    from matplotlib.ticker import FixedLocator, NullLocator
-
     all_ranks: set[int] = set()
     for curve in results.get("adapters", []):
         pts = [(p["rank"], get(p)) for p in sorted(curve.get("ranks", []), key=lambda p: p["rank"])]
@@ -99,15 +97,9 @@ def _draw(ax: Any, results: Mapping[str, Any], metric: str, get: Getter, aurac_k
     base = results.get("base")
     if base and _finite(get(base)):
         ax.axhline(get(base), color="gray", linestyle="--", linewidth=1, label=f"base model ({get(base):.3g})")
-    ax.set_xscale("log", base=2)
+    rank_axis(ax, sorted(all_ranks))
     if all_ranks:
-        ticks = sorted(all_ranks)
-        ax.xaxis.set_major_locator(FixedLocator(ticks))
-        ax.xaxis.set_minor_locator(NullLocator())
-        ax.set_xticklabels([str(t) for t in ticks])
-        lo, hi = min(ticks), max(ticks)
-        ax.set_xlim(lo / 1.3, hi * 1.3)
-    ax.set_xlabel("rank (log2 scale)")
+        ax.set_xlim(min(all_ranks) / 1.3, max(all_ranks) * 1.3)
     ax.set_ylabel(_METRIC_LABELS.get(metric, metric))
     ax.set_title(title or f"{metric} vs rank")
     ax.grid(True, alpha=0.3)
@@ -115,4 +107,17 @@ def _draw(ax: Any, results: Mapping[str, Any], metric: str, get: Getter, aurac_k
         ax.legend(fontsize=8)
 
 
-__all__ = ["MAX_PANELS", "plot_rank_curves"]
+def rank_axis(ax: Any, ranks: list[int]) -> None:
+    """Make ``ax``'s x axis the rank axis of every rank plot: log2 scale, a tick and label at each of
+    ``ranks`` (none between them), titled "rank (log2 scale)"."""
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    ax.set_xscale("log", base=2)
+    if ranks:
+        ax.xaxis.set_major_locator(FixedLocator(ranks))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xticklabels([str(k) for k in ranks])
+    ax.set_xlabel("rank (log2 scale)")
+
+
+__all__ = ["MAX_PANELS", "plot_rank_curves", "rank_axis"]
